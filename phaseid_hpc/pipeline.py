@@ -1,0 +1,572 @@
+"""The nightly job: store -> feeder blocks -> (quality, phase, transformer, validation) -> one output folder.
+
+One Dask task per block of whole feeders (~``config.job.block_bytes``); never one task per meter and never
+all-pairs across feeders. Each block's result is persisted as it finishes (``RESULTS/partitions/``), so a
+rerun with the same inputs and config skips finished blocks and an interrupted run resumes. The final
+tables are assembled in block order with stable sorts, so the output bytes do not depend on the number of
+workers or on which block finished first.
+"""
+
+from __future__ import annotations
+
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .config import RunConfig, config_fingerprint, config_to_dict
+from .contract import CLASS_INSUFFICIENT, METER_RESULT_COLUMNS, PHASE_CLASSES
+from .errors import PhaseIDError, StoreError
+from .logging_utils import get_run_logger, log_event
+
+__all__ = ["RunSummary", "run_job", "process_block", "store_fingerprint", "check_output_writable"]
+
+PARTITION_DIR = "partitions"
+_RESULT_FILES = ("meters.parquet", "corrections.csv", "transformers.parquet", "summary.json")
+
+
+@dataclass
+class RunSummary:
+    """What a run produced: where, how many, and how long."""
+
+    out_dir: Path
+    n_meters: int
+    n_blocks: int
+    n_blocks_reused: int
+    counts: dict[str, int]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fingerprints and the output folder
+# ----------------------------------------------------------------------------------------------------------
+def store_fingerprint(store: str | os.PathLike[str]) -> str:
+    """SHA-256 over the store's metadata documents and the names and sizes of its chunk files.
+
+    Cheap (no chunk is read) and changes whenever an ingest adds or rewrites data.
+    """
+    root = Path(store)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith("quarantine/") or rel.startswith("."):
+            continue
+        h.update(rel.encode())
+        if p.name in ("zarr.json", ".zattrs", ".zarray", ".zgroup"):
+            h.update(p.read_bytes())
+        else:
+            h.update(str(p.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def check_output_writable(out: str | os.PathLike[str]) -> Path:
+    """Create the output folder and prove it is writable, before any work starts.
+
+    Raises
+    ------
+    PhaseIDError
+        Naming the folder, when it cannot be created or written.
+    """
+    out_path = Path(out)
+    try:
+        out_path.mkdir(parents=True, exist_ok=True)
+        probe = out_path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise PhaseIDError(
+            f"output folder {str(out_path)!r} is not writable ({exc.strerror or exc}); "
+            "choose another --out or fix its permissions"
+        ) from exc
+    return out_path
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One block of whole feeders
+# ----------------------------------------------------------------------------------------------------------
+def _block_key(start: int, stop: int, feeders: Sequence[str], store_fp: str, config_fp: str) -> str:
+    h = hashlib.sha256(f"{start}:{stop}:{','.join(feeders)}:{store_fp}:{config_fp}".encode()).hexdigest()
+    return h[:16]
+
+
+def process_block(
+    store: str,
+    start: int,
+    stop: int,
+    config: RunConfig,
+) -> dict[str, Any]:
+    """Run quality, phase identification, transformer mapping and validation on meters ``start:stop``.
+
+    Parameters
+    ----------
+    store : str
+        Path of the Zarr store.
+    start, stop : int
+        Meter slice of a block of whole feeders.
+    config : RunConfig
+
+    Returns
+    -------
+    dict
+        ``meters`` (DataFrame, one row per meter), ``transformers`` (DataFrame), ``timings`` [s].
+    """
+    from ._compat import get_xp, to_numpy
+    from .phase_identification import identify_phases
+    from .quality import assess_quality
+    from .store import open_store
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ds = open_store(store)
+    blk = ds.isel(meter=slice(start, stop))
+    interval_s = float(ds.attrs["interval_s"])
+    voltage = np.asarray(blk["voltage"].values, dtype=np.float64)
+    kw = np.asarray(blk["kw"].values, dtype=np.float64) if "kw" in blk else None
+    kvar = np.asarray(blk["kvar"].values, dtype=np.float64) if "kvar" in blk else None
+    meter_coords = [c for c in blk.coords if blk[c].dims == ("meter",)]
+    meters = blk[meter_coords].to_dataframe().reset_index()
+    meters = meters.rename(columns={"meter": "meter_id"})
+    for col in ("service_type",):
+        if col not in meters:
+            meters[col] = None
+    for col in ("nominal_v", "sampling_interval_s", "off_grid_fraction", "lat", "lon"):
+        if col not in meters:
+            meters[col] = np.nan
+    feeders = sorted(meters["feeder_id"].unique().tolist())
+    references = None
+    if "reference_voltage" in ds:
+        sel = np.isin(ds["reference_feeder_id"].values, feeders)
+        if sel.any():
+            r = ds.isel(reference=np.flatnonzero(sel))
+            references = (
+                pd.DataFrame(
+                    {"feeder_id": r["reference_feeder_id"].values, "phase": r["reference_phase"].values}
+                ),
+                np.asarray(r["reference_voltage"].values, dtype=np.float64),
+            )
+    transformers = None
+    if "transformer" in ds.dims:
+        t = ds[[c for c in ds.coords if ds[c].dims == ("transformer",)]].to_dataframe().reset_index()
+        t = t.rename(columns={"transformer": "transformer_id", "transformer_feeder_id": "feeder_id"})
+        transformers = t[t["feeder_id"].isin(feeders)].reset_index(drop=True)
+    times = pd.DatetimeIndex(ds["time"].values)
+    timings["read"] = time.perf_counter() - t0
+
+    xp = get_xp(config.job.device)
+    t1 = time.perf_counter()
+    q = assess_quality(
+        xp.asarray(voltage),
+        xp.asarray(meters["nominal_v"].to_numpy(dtype=np.float64)),
+        xp.asarray(meters["sampling_interval_s"].to_numpy(dtype=np.float64)),
+        xp.asarray(meters["off_grid_fraction"].to_numpy(dtype=np.float64)),
+        interval_s,
+        config.quality,
+        meter_ids=meters["meter_id"].to_numpy(),
+        groups=meters["feeder_id"].to_numpy(),
+    )
+    clean = q.voltage
+    qt = q.table.reset_index(drop=True)
+    timings["quality"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    id_meters = pd.DataFrame(
+        {
+            "meter_id": meters["meter_id"],
+            "feeder_id": meters["feeder_id"],
+            "transformer_id": meters["transformer_id"],
+            "phase_gis": meters["phase_gis"],
+            "service_type": meters["service_type"],
+            "nominal_v": meters["nominal_v"],
+            "usable": qt["usable"].to_numpy(dtype=bool),
+        }
+    )
+    ph = identify_phases(clean, id_meters, config.phase, references=references, interval_s=interval_s)
+    timings["phase"] = time.perf_counter() - t2
+
+    out = pd.DataFrame(
+        {
+            "meter_id": meters["meter_id"].astype(str),
+            "feeder_id": meters["feeder_id"].astype(str),
+            "transformer_id": meters["transformer_id"].astype(str),
+            "phase_gis": meters["phase_gis"].astype(str),
+            "phase": ph["phase"].astype(object),
+            "phase_confidence": ph["phase_confidence"].astype(np.float64),
+            "phase_class": ph["phase_class"].astype(str),
+        }
+    )
+    out["changed"] = out["phase"].notna() & (out["phase"] != out["phase_gis"])
+    reasons = [sorted(set(list(a) + list(b))) for a, b in zip(qt["reasons"], ph["reasons"])]
+    out["reasons"] = ["; ".join(r) for r in reasons]
+    out["clock_offset_s"] = qt["clock_offset_s"].to_numpy(dtype=np.float64)
+    out["usable_fraction"] = qt["usable_fraction"].to_numpy(dtype=np.float64)
+
+    xf_table = pd.DataFrame()
+    if config.transformer.enabled:
+        t3 = time.perf_counter()
+        from .transformer_mapping import map_transformers
+
+        tm_meters = id_meters.assign(phase=out["phase"].to_numpy(), lat=meters["lat"], lon=meters["lon"])
+        mres, xf_table = map_transformers(
+            clean, tm_meters, config.transformer, kw=kw, kvar=kvar, interval_s=interval_s
+        )
+        out["transformer"] = mres["transformer"].astype(object).to_numpy()
+        out["transformer_confidence"] = mres["transformer_confidence"].to_numpy(dtype=np.float64)
+        out["transformer_class"] = mres["transformer_class"].astype(str).to_numpy()
+        out["transformer_changed"] = mres["transformer_changed"].to_numpy(dtype=bool)
+        out["reasons"] = [
+            "; ".join(sorted(set(filter(None, r.split("; "))) | set(m)))
+            for r, m in zip(out["reasons"], mres["reasons"])
+        ]
+        timings["transformer"] = time.perf_counter() - t3
+
+    if config.validation.enabled and kw is not None:
+        t4 = time.perf_counter()
+        from .validation import validate_transformers
+
+        v_meters = pd.DataFrame(
+            {
+                "meter_id": out["meter_id"],
+                "feeder_id": out["feeder_id"],
+                "transformer_id": out["transformer"] if "transformer" in out else out["transformer_id"],
+                "phase": out["phase"].where(out["phase"].notna(), out["phase_gis"]),
+            }
+        )
+        val = validate_transformers(
+            kw, kvar, to_numpy(clean), v_meters, transformers, times, config.validation, references=references
+        )
+        if len(xf_table):
+            xf_table = xf_table.merge(val, on=["transformer_id", "feeder_id"], how="outer", sort=False)
+        else:
+            xf_table = val
+        timings["validation"] = time.perf_counter() - t4
+
+    if len(xf_table):
+        xf_table = xf_table.sort_values(["feeder_id", "transformer_id"], kind="stable").reset_index(drop=True)
+    return {"meters": out, "transformers": xf_table, "timings": timings}
+
+
+def _run_block_to_file(store: str, start: int, stop: int, config: RunConfig, path: str) -> dict[str, Any]:
+    """Worker-side: process one block and persist its result atomically (the unit of resume)."""
+    res = process_block(store, start, stop, config)
+    p = Path(path)
+    _atomic_write_bytes(p.with_suffix(".transformers.parquet"), _parquet_bytes(_flatten(res["transformers"])))
+    _atomic_write_bytes(p, _parquet_bytes(res["meters"]))  # written last: its presence marks completion
+    return {"path": path, "timings": res["timings"], "n": stop - start}
+
+
+def _flatten(df: pd.DataFrame) -> pd.DataFrame:
+    """Lists in cells become '; '-joined strings so tables stay flat and byte-stable."""
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == object and len(out) and any(isinstance(v, (list, tuple)) for v in out[c]):
+            out[c] = ["; ".join(map(str, v)) if isinstance(v, (list, tuple)) else v for v in out[c]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------------------
+def run_job(
+    store: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    config: RunConfig | None = None,
+    client: Any = None,
+    progress: bool = False,
+    log_json: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> RunSummary:
+    """Identify every meter's phase (and transformer) in a store and write one output folder.
+
+    Parameters
+    ----------
+    store : path-like
+        Zarr store written by ``phaseid ingest`` or ``phaseid synth --store``.
+    out : path-like
+        Output folder: ``meters.parquet``, ``corrections.csv``, ``transformers.parquet``,
+        ``summary.json``, ``run.log`` and ``partitions/`` (per-block results used to resume).
+    config : RunConfig, optional
+        Defaults to :class:`RunConfig()`.
+    client : distributed.Client, optional
+        Where blocks run. ``None`` runs blocks in this process, one after the other.
+    progress : bool
+        Show a progress bar on the terminal.
+    log_json : bool
+        Write ``run.log`` as JSON lines instead of key=value text.
+    echo : callable, optional
+        Receives human-readable progress lines (the CLI passes ``print``).
+
+    Returns
+    -------
+    RunSummary
+    """
+    from .store import feeder_blocks, open_store
+
+    config = config or RunConfig()
+    say = echo or (lambda s: None)
+    t_start = time.perf_counter()
+    out_dir = check_output_writable(out)
+    part_dir = out_dir / PARTITION_DIR
+    part_dir.mkdir(exist_ok=True)
+    logger = get_run_logger(out_dir / "run.log", json_lines=log_json)
+    store = str(store)
+    if not Path(store).exists():
+        raise StoreError(f"store {store!r} does not exist; create it with 'phaseid ingest' or 'phaseid synth'")
+
+    ds = open_store(store)
+    n_meters = int(ds.sizes["meter"])
+    meter_table = ds[[c for c in ds.coords if ds[c].dims == ("meter",)]].to_dataframe().reset_index()
+    blocks = feeder_blocks(ds, config.job.block_bytes)
+    store_fp = store_fingerprint(store)
+    config_fp = config_fingerprint(config)
+    log_event(logger, "run_start", store=store, meters=n_meters, blocks=len(blocks), store_fingerprint=store_fp,
+              config_fingerprint=config_fp, device=config.job.device)
+    if client is not None:
+        say(f"Dask dashboard: {getattr(client, 'dashboard_link', 'n/a')}")
+        log_event(logger, "dask_client", dashboard=getattr(client, "dashboard_link", ""),
+                  workers=len(client.scheduler_info().get("workers", {})))
+
+    todo: list[tuple[int, int, int, str]] = []
+    reused = 0
+    paths: list[Path] = []
+    for i, b in enumerate(blocks):
+        start, stop, feeders = b.start, b.stop, list(b.feeder_ids)
+        key = _block_key(start, stop, feeders, store_fp, config_fp)
+        path = part_dir / f"block-{i:05d}-{key}.parquet"
+        paths.append(path)
+        if path.exists() and path.with_suffix(".transformers.parquet").exists():
+            reused += 1
+            log_event(logger, "block_reused", block=i, feeders=",".join(feeders))
+        else:
+            todo.append((i, start, stop, str(path)))
+    valid = {p.name for p in paths} | {p.with_suffix(".transformers.parquet").name for p in paths}
+    for stale in part_dir.iterdir():  # results of another store or config are never mixed in
+        if stale.name not in valid:
+            stale.unlink()
+
+    t_blocks = time.perf_counter()
+    block_timings: dict[str, float] = {}
+    if todo:
+        say(f"Processing {len(todo)} of {len(blocks)} blocks ({reused} reused from an earlier run)")
+    results = _execute(todo, store, config, client, progress)
+    for i, r in sorted(results.items()):
+        for k, v in r["timings"].items():
+            block_timings[k] = block_timings.get(k, 0.0) + float(v)
+        log_event(logger, "block_done", block=i, meters=r["n"],
+                  **{f"{k}_s": round(float(v), 3) for k, v in r["timings"].items()})
+    t_blocks = time.perf_counter() - t_blocks
+
+    t_cons = time.perf_counter()
+    meters = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else pd.DataFrame(
+        columns=list(METER_RESULT_COLUMNS)
+    )
+    meters = meters.sort_values(["feeder_id", "transformer_id", "meter_id"], kind="stable").reset_index(drop=True)
+    xfs = [pd.read_parquet(p.with_suffix(".transformers.parquet")) for p in paths]
+    xfs = [x for x in xfs if len(x)]
+    transformers = pd.concat(xfs, ignore_index=True) if xfs else pd.DataFrame()
+    if len(transformers):
+        transformers = transformers.sort_values(["feeder_id", "transformer_id"], kind="stable").reset_index(
+            drop=True
+        )
+    for _, row in meters.iterrows() if len(meters) <= 200_000 else []:
+        if row["reasons"]:
+            log_event(logger, "meter_finding", logging.WARNING, feeder=row["feeder_id"], meter=row["meter_id"],
+                      reason=row["reasons"])
+    files = _write_outputs(out_dir, meters, transformers)
+    t_cons = time.perf_counter() - t_cons
+
+    counts = {c: int((meters["phase_class"] == c).sum()) for c in PHASE_CLASSES}
+    counts["meters"] = int(len(meters))
+    counts["phase_changed"] = int(meters["changed"].sum())
+    if "transformer_changed" in meters:
+        counts["transformer_changed"] = int(meters["transformer_changed"].sum())
+    timings = {
+        "total": time.perf_counter() - t_start,
+        "blocks_wall": t_blocks,
+        "consolidate": t_cons,
+        **{f"block_{k}_sum": v for k, v in block_timings.items()},
+    }
+    summary = _summary(meters, transformers, counts, config, store, store_fp, config_fp, len(blocks), reused,
+                       meter_table)
+    summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    files["summary"] = str(out_dir / "summary.json")
+    files["run_log"] = str(out_dir / "run.log")
+    log_event(logger, "run_done", meters=len(meters), confident=counts.get("confident", 0),
+              changed=counts["phase_changed"], total_s=round(timings["total"], 3))
+    return RunSummary(out_dir, len(meters), len(blocks), reused, counts, timings, files)
+
+
+def _execute(
+    todo: list[tuple[int, int, int, str]], store: str, config: RunConfig, client: Any, progress: bool
+) -> dict[int, dict[str, Any]]:
+    results: dict[int, dict[str, Any]] = {}
+    if not todo:
+        return results
+    if client is None:
+        bar = _TextProgress(len(todo)) if progress else None
+        for i, start, stop, path in todo:
+            results[i] = _run_block_to_file(store, start, stop, config, path)
+            if bar:
+                bar.update()
+        if bar:
+            bar.close()
+        return results
+    from distributed import as_completed
+
+    futures = {}
+    for i, start, stop, path in todo:
+        fut = client.submit(_run_block_to_file, store, start, stop, config, path,
+                            key=f"phaseid-block-{Path(path).stem}", pure=False, retries=2)
+        futures[fut] = i
+    bar = _TextProgress(len(todo)) if progress else None
+    for fut in as_completed(list(futures)):
+        results[futures[fut]] = fut.result()
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    return results
+
+
+class _TextProgress:
+    """A dependency-free terminal progress bar (stderr)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self._draw()
+
+    def update(self) -> None:
+        self.done += 1
+        self._draw()
+
+    def _draw(self) -> None:
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        el = time.perf_counter() - self.t0
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} blocks {el:6.1f} s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _write_outputs(out_dir: Path, meters: pd.DataFrame, transformers: pd.DataFrame) -> dict[str, str]:
+    _atomic_write_bytes(out_dir / "meters.parquet", _parquet_bytes(meters))
+    corr = meters[meters["changed"]].copy()
+    kind = np.where(corr["changed"], "phase", "")
+    if "transformer_changed" in meters:
+        corr = meters[meters["changed"] | meters["transformer_changed"]].copy()
+        ph = corr["changed"].to_numpy()
+        tr = corr["transformer_changed"].to_numpy()
+        kind = np.where(ph & tr, "phase+transformer", np.where(ph, "phase", "transformer"))
+    corr.insert(0, "correction", kind)
+    cols = ["feeder_id", "transformer_id", "meter_id", "correction", "phase_gis", "phase", "phase_confidence",
+            "phase_class"]
+    if "transformer" in corr:
+        cols += ["transformer", "transformer_confidence", "transformer_class"]
+    cols += ["reasons"]
+    corr = corr[cols].sort_values(["feeder_id", "transformer_id", "meter_id"], kind="stable")
+    _atomic_write_bytes(out_dir / "corrections.csv", corr.to_csv(index=False, float_format="%.4f").encode())
+    files = {"meters": str(out_dir / "meters.parquet"), "corrections": str(out_dir / "corrections.csv")}
+    if len(transformers):
+        _atomic_write_bytes(out_dir / "transformers.parquet", _parquet_bytes(transformers))
+        files["transformers"] = str(out_dir / "transformers.parquet")
+    return files
+
+
+def _summary(
+    meters: pd.DataFrame,
+    transformers: pd.DataFrame,
+    counts: dict[str, int],
+    config: RunConfig,
+    store: str,
+    store_fp: str,
+    config_fp: str,
+    n_blocks: int,
+    reused: int,
+    meter_table: pd.DataFrame,
+) -> dict[str, Any]:
+    import dask
+    import xarray
+    import zarr
+
+    per_feeder = {}
+    for fid, g in meters.groupby("feeder_id", sort=True):
+        d = {c: int((g["phase_class"] == c).sum()) for c in PHASE_CLASSES}
+        d["meters"] = int(len(g))
+        d["phase_changed"] = int(g["changed"].sum())
+        if "transformer_changed" in g:
+            d["transformer_changed"] = int(g["transformer_changed"].sum())
+        per_feeder[str(fid)] = d
+    reason_counts: dict[str, int] = {}
+    for r in meters["reasons"]:
+        for code in filter(None, str(r).split("; ")):
+            reason_counts[code] = reason_counts.get(code, 0) + 1
+    out: dict[str, Any] = {
+        "phaseid_hpc_version": __version__,
+        "counts": counts,
+        "per_feeder": per_feeder,
+        "reasons": dict(sorted(reason_counts.items())),
+        "inputs": {"store": os.path.abspath(store), "store_fingerprint": store_fp},
+        "config": config_to_dict(config),
+        "config_fingerprint": config_fp,
+        "blocks": {"total": n_blocks, "reused": reused},
+        "versions": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
+            "dask": dask.__version__,
+            "xarray": xarray.__version__,
+            "zarr": zarr.__version__,
+        },
+    }
+    if len(transformers) and "flags" in transformers:
+        flag_counts: dict[str, int] = {}
+        for f in transformers["flags"]:
+            for code in filter(None, str(f).split("; ")):
+                flag_counts[code] = flag_counts.get(code, 0) + 1
+        out["transformer_flags"] = dict(sorted(flag_counts.items()))
+        out["counts"]["transformers"] = int(len(transformers))
+    return out
+
+
+def clear_partitions(out: str | os.PathLike[str]) -> None:
+    """Remove persisted block results (forces a full recompute)."""
+    shutil.rmtree(Path(out) / PARTITION_DIR, ignore_errors=True)
+
+
