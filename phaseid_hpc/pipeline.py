@@ -308,6 +308,8 @@ def run_job(
     progress: bool = False,
     log_json: bool = False,
     echo: Callable[[str], None] | None = None,
+    feeders: Sequence[str] | None = None,
+    previous: str | os.PathLike[str] | None = None,
 ) -> RunSummary:
     """Identify every meter's phase (and transformer) in a store and write one output folder.
 
@@ -328,6 +330,11 @@ def run_job(
         Write ``run.log`` as JSON lines instead of key=value text.
     echo : callable, optional
         Receives human-readable progress lines (the CLI passes ``print``).
+    feeders : sequence of str, optional
+        Delta run: recompute only the blocks holding these feeders; every other feeder's rows are copied
+        from ``previous``.
+    previous : path-like, optional
+        Results folder of an earlier run (needed with ``feeders``).
 
     Returns
     -------
@@ -359,17 +366,27 @@ def run_job(
         log_event(logger, "dask_client", dashboard=getattr(client, "dashboard_link", ""),
                   workers=len(client.scheduler_info().get("workers", {})))
 
+    delta = feeders is not None
+    wanted = set(map(str, feeders or ()))
+    if delta:
+        if previous is None:
+            raise PhaseIDError("a delta run (feeders=...) needs the previous results folder")
+        unknown = sorted(wanted - set(meter_table["feeder_id"].astype(str)))
+        if unknown:
+            raise PhaseIDError(f"delta run: feeder(s) {unknown[:5]} are not in the store {store!r}")
+        blocks = [b for b in blocks if wanted & set(map(str, b.feeder_ids))]
+        log_event(logger, "delta_plan", feeders=",".join(sorted(wanted)), blocks=len(blocks))
     todo: list[tuple[int, int, int, str]] = []
     reused = 0
     paths: list[Path] = []
     for i, b in enumerate(blocks):
-        start, stop, feeders = b.start, b.stop, list(b.feeder_ids)
-        key = _block_key(start, stop, feeders, store_fp, config_fp)
-        path = part_dir / f"block-{i:05d}-{key}.parquet"
+        start, stop, b_feeders = b.start, b.stop, list(map(str, b.feeder_ids))
+        key = _block_key(start, stop, b_feeders, store_fp, config_fp)
+        path = part_dir / f"block-{start:09d}-{key}.parquet"
         paths.append(path)
         if path.exists() and path.with_suffix(".transformers.parquet").exists():
             reused += 1
-            log_event(logger, "block_reused", block=i, feeders=",".join(feeders))
+            log_event(logger, "block_reused", block=i, feeders=",".join(b_feeders))
         else:
             todo.append((i, start, stop, str(path)))
     valid = {p.name for p in paths} | {p.with_suffix(".transformers.parquet").name for p in paths}
@@ -397,6 +414,9 @@ def run_job(
     xfs = [pd.read_parquet(p.with_suffix(".transformers.parquet")) for p in paths]
     xfs = [x for x in xfs if len(x)]
     transformers = pd.concat(xfs, ignore_index=True) if xfs else pd.DataFrame()
+    if delta:
+        meters, transformers = _merge_previous(Path(previous), wanted, meters, transformers)
+        n_meters = len(meters)
     if len(transformers):
         transformers = transformers.sort_values(["feeder_id", "transformer_id"], kind="stable").reset_index(
             drop=True
@@ -421,6 +441,8 @@ def run_job(
     }
     summary = _summary(meters, transformers, counts, config, store, store_fp, config_fp, len(blocks), reused,
                        meter_table)
+    if delta:
+        summary["delta"] = {"previous": os.path.abspath(previous), "recomputed_feeders": sorted(wanted)}
     summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     files["summary"] = str(out_dir / "summary.json")
@@ -428,6 +450,25 @@ def run_job(
     log_event(logger, "run_done", meters=len(meters), confident=counts.get("confident", 0),
               changed=counts["phase_changed"], total_s=round(timings["total"], 3))
     return RunSummary(out_dir, len(meters), len(blocks), reused, counts, timings, files)
+
+
+def _merge_previous(
+    previous: Path, feeders: set[str], meters: pd.DataFrame, transformers: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Delta run: recomputed rows for ``feeders``, every other feeder's rows copied from ``previous``."""
+    prev_m = previous / "meters.parquet"
+    if not prev_m.is_file():
+        raise PhaseIDError(f"delta run: previous results {str(previous)!r} have no meters.parquet")
+    old = pd.read_parquet(prev_m)
+    keep = ~old["feeder_id"].astype(str).isin(feeders)
+    new = meters[meters["feeder_id"].astype(str).isin(feeders)]
+    merged = pd.concat([old[keep], new], ignore_index=True)
+    prev_x = previous / "transformers.parquet"
+    if prev_x.is_file():
+        oldx = pd.read_parquet(prev_x)
+        newx = transformers[transformers["feeder_id"].astype(str).isin(feeders)] if len(transformers) else transformers
+        transformers = pd.concat([oldx[~oldx["feeder_id"].astype(str).isin(feeders)], newx], ignore_index=True)
+    return merged, transformers
 
 
 def _execute(

@@ -1,0 +1,111 @@
+"""End-to-end scale benchmark: `phaseid run` wall time and peak memory vs utility size.
+
+For each size, a synthetic utility of N meters x D days at 15 minutes is written straight into a store (no
+readings export), then the job runs on a LocalCluster of this machine's cores. Reported per size: wall time,
+time per meter, peak resident memory of the client and of the workers (sampled), and the share of summed
+block time spent reading (I/O), in quality, phase, transformer and validation kernels; the rest of the wall
+time (wall x workers - summed block time) is scheduling and idle.
+
+Usage::
+
+    python benchmarks/scale.py --sizes 10000 100000 --days 30 [--workers 2] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+def _sample_peak(stop: threading.Event, peak: dict) -> None:
+    me = psutil.Process()
+    while not stop.is_set():
+        rss = me.memory_info().rss
+        kids = 0
+        for c in me.children(recursive=True):
+            try:
+                kids += c.memory_info().rss
+            except psutil.Error:
+                pass
+        peak["client"] = max(peak.get("client", 0), rss)
+        peak["total"] = max(peak.get("total", 0), rss + kids)
+        time.sleep(0.2)
+
+
+def run_size(n_meters: int, days: float, workers: int | None, root: Path) -> dict:
+    from phaseid_hpc.cluster import ClusterSpec
+    from phaseid_hpc.jobs import run_with_cluster
+    from phaseid_hpc.synth import generate_utility
+
+    export, store, out = root / f"export-{n_meters}", root / f"store-{n_meters}.zarr", root / f"out-{n_meters}"
+    t0 = time.perf_counter()
+    if not store.exists():
+        generate_utility(export, n_meters=n_meters, days=days, seed=1, write_readings=False, store=store)
+    t_gen = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    peak: dict = {}
+    stop = threading.Event()
+    th = threading.Thread(target=_sample_peak, args=(stop, peak), daemon=True)
+    th.start()
+    t1 = time.perf_counter()
+    s = run_with_cluster(store, out, spec=ClusterSpec(kind="local", n_workers=workers, dashboard_address=None),
+                         progress=False, echo=lambda m: None)
+    wall = time.perf_counter() - t1
+    stop.set()
+    th.join()
+    tim = s.timings_s
+    block_sum = sum(v for k, v in tim.items() if k.startswith("block_") and k.endswith("_sum"))
+    n_workers = workers or psutil.cpu_count()
+    shares = {k[len("block_"):-len("_sum")]: v / max(block_sum, 1e-9) for k, v in tim.items()
+              if k.startswith("block_") and k.endswith("_sum")}
+    return {
+        "meters": n_meters,
+        "days": days,
+        "generate_s": round(t_gen, 1),
+        "run_wall_s": round(wall, 1),
+        "us_per_meter": round(1e6 * wall / n_meters, 1),
+        "blocks": s.n_blocks,
+        "peak_rss_client_gib": round(peak.get("client", 0) / 2**30, 2),
+        "peak_rss_total_gib": round(peak.get("total", 0) / 2**30, 2),
+        "share_of_block_time": {k: round(v, 3) for k, v in sorted(shares.items())},
+        "scheduling_idle_share": round(max(0.0, 1 - block_sum / max(wall * n_workers, 1e-9)), 3),
+        "consolidate_s": round(tim.get("consolidate", 0.0), 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--days", type=float, default=30)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--keep", default=None, help="folder to keep stores in (reused across invocations)")
+    args = ap.parse_args()
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="phaseid-scale-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in args.sizes:
+        r = run_size(n, args.days, args.workers, root)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print("\n| meters | days | run wall [s] | per meter [us] | peak RSS total [GiB] | read | quality | phase "
+          "| transformer | validation | sched/idle |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        sh = r["share_of_block_time"]
+        print(f"| {r['meters']:,} | {r['days']:g} | {r['run_wall_s']} | {r['us_per_meter']} | "
+              f"{r['peak_rss_total_gib']} | {sh.get('read', 0):.0%} | {sh.get('quality', 0):.0%} | "
+              f"{sh.get('phase', 0):.0%} | {sh.get('transformer', 0):.0%} | {sh.get('validation', 0):.0%} | "
+              f"{r['scheduling_idle_share']:.0%} |")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
