@@ -195,7 +195,7 @@ def process_block(
         interval_s,
         config.quality,
         meter_ids=meters["meter_id"].to_numpy(),
-        groups=meters["feeder_id"].to_numpy(),
+        feeder_ids=meters["feeder_id"].to_numpy(),
     )
     clean = q.voltage
     qt = q.table.reset_index(drop=True)

@@ -1,0 +1,783 @@
+"""Per-meter data-quality kernels: units, plausibility, flat lines, gap filling, clock offsets.
+
+Pure functions of ``(n_meters, n_time)`` arrays. The array namespace is taken from the inputs
+(NumPy, CuPy or any array-API namespace such as array-api-strict); nothing here imports pandas,
+xarray or CuPy. Every function is vectorised over meters; the only Python loops run over a few
+lags, gap lengths or feeders.
+
+The labelled entry point is :func:`phaseid_hpc.quality.assess_quality`; :func:`quality_block` is what it
+calls for a block of whole feeders.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._compat import array_namespace
+
+__all__ = [
+    "STANDARD_BASES_V",
+    "UNITS_DOUBLE_BASE",
+    "UNITS_HALF_BASE",
+    "UNITS_KV",
+    "UNITS_LINE_TO_LINE",
+    "UNITS_LINE_TO_NEUTRAL",
+    "UNITS_NAMES",
+    "UNITS_OK",
+    "UNITS_UNKNOWN",
+    "QualityArrays",
+    "detect_units",
+    "estimate_clock_offsets",
+    "fill_short_gaps",
+    "flat_run_mask",
+    "nanmedian",
+    "quality_block",
+    "shift_rows",
+]
+
+#: Unit findings of :func:`detect_units` (integer codes, one per meter).
+UNITS_OK = 0  #: readings agree with the nominal voltage
+UNITS_KV = 1  #: readings are in kV; rescaled by 1000
+UNITS_LINE_TO_LINE = 2  #: readings ~sqrt(3) above a line-to-neutral nominal (line-to-line values)
+UNITS_LINE_TO_NEUTRAL = 3  #: readings ~sqrt(3) below a line-to-line nominal (line-to-neutral values)
+UNITS_DOUBLE_BASE = 4  #: readings ~2x the nominal (240 V on a 120 V base)
+UNITS_HALF_BASE = 5  #: readings ~0.5x the nominal (120 V on a 240 V base)
+UNITS_UNKNOWN = 6  #: no plausible base found
+UNITS_NAMES: tuple[str, ...] = (
+    "V",
+    "kV",
+    "line-to-line",
+    "line-to-neutral",
+    "double-base",
+    "half-base",
+    "unknown",
+)
+
+#: Service voltages tried when a meter's nominal voltage is unknown [V].
+STANDARD_BASES_V: tuple[float, ...] = (120.0, 208.0, 240.0, 277.0, 480.0)
+
+_SQRT3 = math.sqrt(3.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small array-API helpers
+
+
+def _shift(x: Any, k: int, fill: Any, xp: Any) -> Any:
+    """``y[:, n] = x[:, n - k]`` along the last axis (a delay by ``k`` samples), ``fill`` outside."""
+    n = x.shape[-1]
+    if k == 0:
+        return x
+    if abs(k) >= n:
+        return xp.full(x.shape, fill, dtype=x.dtype)
+    pad = xp.full((*x.shape[:-1], abs(k)), fill, dtype=x.dtype)
+    if k > 0:
+        return xp.concat([pad, x[..., : n - k]], axis=-1)
+    return xp.concat([x[..., -k:], pad], axis=-1)
+
+
+def _host(x: Any) -> np.ndarray:
+    """A small array (group labels, per-meter flags) on the host as NumPy."""
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return np.from_dlpack(x)
+
+
+def _count(mask: Any, axis: int) -> Any:
+    """Number of True along ``axis`` as int64 (without materialising an integer copy of the mask)."""
+    xp = array_namespace(mask)
+    return xp.astype(xp.count_nonzero(mask, axis=axis), xp.int64)
+
+
+def nanmedian(x: Any, axis: int = -1) -> Any:
+    """Median along ``axis`` ignoring NaN; NaN where a slice has no finite value.
+
+    Parameters
+    ----------
+    x : array, shape (..., n)
+        Values; NaN or +-inf are ignored.
+    axis : int
+        Axis to reduce.
+
+    Returns
+    -------
+    array
+        The median, shape of ``x`` without ``axis``.
+    """
+    xp = array_namespace(x)
+    x = xp.moveaxis(x, axis, -1)
+    ok = xp.isfinite(x)
+    s = xp.sort(xp.where(ok, x, xp.asarray(xp.inf, dtype=x.dtype)), axis=-1)
+    n = _count(ok, -1)
+    lo = xp.clip((n - 1) // 2, 0, None)
+    hi = xp.clip(n // 2, 0, None)
+    a = xp.take_along_axis(s, lo[..., None], axis=-1)[..., 0]
+    b = xp.take_along_axis(s, hi[..., None], axis=-1)[..., 0]
+    med = (a + b) / 2
+    return xp.where(n > 0, med, xp.asarray(xp.nan, dtype=x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# units and nominal voltage
+
+
+def detect_units(median_v: Any, nominal_v: Any, *, min_pu: float, max_pu: float) -> tuple[Any, Any, Any, Any]:
+    """Find each meter's unit scale and the voltage base its readings are consistent with.
+
+    Parameters
+    ----------
+    median_v : array, shape (n_meters,)
+        Median of each meter's readings, NaN if none. [V as reported]
+    nominal_v : array, shape (n_meters,)
+        Nominal voltage from the GIS, NaN where unknown. [V]
+    min_pu, max_pu : float
+        Plausible band. [pu]
+
+    Returns
+    -------
+    scale : array, shape (n_meters,)
+        Factor applied to the readings (1000 for kV, else 1). [-]
+    base_v : array, shape (n_meters,)
+        Voltage base the (scaled) readings are judged against; NaN where none fits. [V]
+    code : array of int, shape (n_meters,)
+        One of the ``UNITS_*`` codes.
+    inferred : array of bool, shape (n_meters,)
+        True where ``nominal_v`` was unknown and the base was inferred from the median.
+
+    Notes
+    -----
+    With a known nominal ``N`` and median ``m``, in order: ``m/N`` in band -> OK; ``1000 m/N`` in band ->
+    kV (the only case rescaled, since it is unambiguous); otherwise, among the bases ``sqrt(3) N``,
+    ``N/sqrt(3)``, ``2N`` and ``N/2`` whose band holds ``m``, the one closest to 1 pu in log terms is taken
+    (line-to-line / line-to-neutral / 120-vs-240 base confusions). The readings are then kept as they are and
+    judged against that base, because the per-unit series (all that identification uses) is the same either
+    way. With unknown ``N`` the nearest of :data:`STANDARD_BASES_V` (and the same bases for ``1000 m``,
+    i.e. kV) is taken when it lies in band.
+    """
+    xp = array_namespace(median_v, nominal_v)
+    dt = median_v.dtype
+    m = median_v
+    nom = nominal_v
+    known = xp.isfinite(nom) & (nom > 0)
+    has = xp.isfinite(m) & (m > 0)
+    one = xp.ones_like(m)
+    nan = xp.full_like(m, xp.nan)
+    nom = xp.where(known, nom, nan)  # a zero or negative nominal is unknown
+
+    def in_band(pu: Any) -> Any:
+        return xp.isfinite(pu) & (pu >= min_pu) & (pu <= max_pu)
+
+    # known nominal
+    scale = one
+    base = xp.where(known, nom, nan)
+    code = xp.full(m.shape, UNITS_OK, dtype=xp.int64)
+    ok1 = in_band(m / nom)
+    kv = ~ok1 & in_band(1000.0 * m / nom)
+    scale = xp.where(kv, 1000.0 * one, scale)
+    code = xp.where(kv, UNITS_KV, code)
+    best_err = xp.full_like(m, xp.inf)
+    best_code = xp.full(m.shape, UNITS_UNKNOWN, dtype=xp.int64)
+    best_base = nan
+    for c, f in (
+        (UNITS_LINE_TO_LINE, _SQRT3),
+        (UNITS_LINE_TO_NEUTRAL, 1.0 / _SQRT3),
+        (UNITS_DOUBLE_BASE, 2.0),
+        (UNITS_HALF_BASE, 0.5),
+    ):
+        pu = m / (nom * f)
+        err = xp.abs(xp.log(xp.where(in_band(pu), pu, one)))
+        better = in_band(pu) & (err < best_err)
+        best_err = xp.where(better, err, best_err)
+        best_code = xp.where(better, c, best_code)
+        best_base = xp.where(better, nom * f, best_base)
+    other = ~ok1 & ~kv
+    code = xp.where(other, best_code, code)
+    base = xp.where(other, best_base, base)
+
+    # unknown nominal: nearest standard base, in V or in kV
+    inf_err = xp.full_like(m, xp.inf)
+    inf_base = nan
+    inf_scale = one
+    for s in (1.0, 1000.0):
+        for b in STANDARD_BASES_V:
+            pu = s * m / b
+            err = xp.abs(xp.log(xp.where(in_band(pu), pu, one)))
+            better = in_band(pu) & (err < inf_err)
+            inf_err = xp.where(better, err, inf_err)
+            inf_base = xp.where(better, xp.asarray(b, dtype=dt), inf_base)
+            inf_scale = xp.where(better, xp.asarray(s, dtype=dt), inf_scale)
+    inf_code = xp.where(
+        xp.isfinite(inf_base),
+        xp.where(inf_scale > 1.0, xp.asarray(UNITS_KV), xp.asarray(UNITS_OK)),
+        UNITS_UNKNOWN,
+    )
+    scale = xp.where(known, scale, inf_scale)
+    base = xp.where(known, base, inf_base)
+    code = xp.where(known, code, inf_code)
+    # no readings: nothing to say
+    code = xp.where(has, code, UNITS_OK)
+    scale = xp.where(has, scale, one)
+    base = xp.where(has | known, base, nan)
+    inferred = ~known & has & xp.isfinite(base)
+    return scale, base, code, inferred
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flat lines
+
+
+def flat_run_mask(voltage: Any, max_flat_run: int) -> tuple[Any, Any]:
+    """Samples inside runs of identical consecutive readings longer than ``max_flat_run``.
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Readings, NaN = missing (a NaN breaks a run). [V]
+    max_flat_run : int
+        Longest allowed run of identical readings; ``<= 0`` disables the run check. [samples]
+
+    Returns
+    -------
+    mask : array of bool, shape (n_meters, n_time)
+        True for samples in a run of more than ``max_flat_run`` identical readings.
+    constant : array of bool, shape (n_meters,)
+        True where a meter has at least two readings and all of them are equal (zero variance).
+
+    Notes
+    -----
+    ``eq[n] = v[n] == v[n-1]``; a run of more than ``R`` samples holds ``R`` consecutive true ``eq``,
+    found from a cumulative sum; the samples it covers are then marked with a second cumulative sum.
+    """
+    xp = array_namespace(voltage)
+    n_m, n_t = voltage.shape
+    ok = ~xp.isnan(voltage)
+    n_ok = _count(ok, 1)
+    big = xp.asarray(xp.inf, dtype=voltage.dtype)
+    vmin = xp.min(xp.where(ok, voltage, big), axis=1)
+    vmax = xp.max(xp.where(ok, voltage, -big), axis=1)
+    constant = (n_ok >= 2) & (vmin == vmax)
+    R = int(max_flat_run)
+    if R <= 0 or n_t <= R:
+        return xp.zeros(voltage.shape, dtype=xp.bool), constant
+    eq = voltage[:, 1:] == voltage[:, :-1]  # eq[:, n - 1]: v[n] == v[n-1]
+    n_eq = _count(eq, 1)
+    if not bool(xp.any(n_eq >= R)):  # no row has R equal pairs at all
+        return xp.zeros(voltage.shape, dtype=xp.bool), constant
+    eq = xp.concat([xp.zeros((n_m, 1), dtype=xp.bool), eq], axis=1)  # eq[n]: v[n] == v[n-1]
+    S = xp.cumulative_sum(xp.astype(eq, xp.int32), axis=1, include_initial=True)  # S[:, n] = sum eq[:n]
+    win = S[:, R:] - S[:, : n_t + 1 - R]  # win[:, j] = sum eq[j : j + R], window ending at n = j + R - 1
+    full = win == R
+    if not bool(xp.any(full)):
+        return xp.zeros(voltage.shape, dtype=xp.bool), constant
+    full = xp.concat([xp.zeros((n_m, R - 1), dtype=xp.int32), xp.astype(full, xp.int32)], axis=1)
+    F = xp.cumulative_sum(full, axis=1, include_initial=True)  # (n_m, n_t + 1)
+    F_hi = xp.concat([F[:, R + 1 :], xp.broadcast_to(F[:, n_t:], (n_m, min(R + 1, n_t)))], axis=1)
+    mask = (F_hi[:, :n_t] - F[:, :n_t]) > 0  # a full window ends in [k, min(k + R, n_t - 1)]
+    return mask, constant
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gaps
+
+
+def fill_short_gaps(voltage: Any, max_gap: int) -> tuple[Any, Any, Any, Any]:
+    """Linearly interpolate interior gaps of at most ``max_gap`` missing samples.
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Readings, NaN = missing. [V]
+    max_gap : int
+        Longest gap filled. [samples]
+
+    Returns
+    -------
+    filled : array, shape (n_meters, n_time)
+        Readings with short interior gaps interpolated; longer gaps and gaps at either end stay NaN. [V]
+    n_filled : array of int, shape (n_meters,)
+        Samples filled.
+    n_gaps_filled : array of int, shape (n_meters,)
+        Gaps filled.
+    n_long_gaps : array of int, shape (n_meters,)
+        Runs of more than ``max_gap`` missing samples (anywhere, ends included).
+
+    Notes
+    -----
+    A missing sample with nearest valid neighbours ``dp`` samples before and ``dn`` after lies in a gap of
+    ``dp + dn - 1`` samples; it is filled with ``v[n-dp] + (v[n+dn] - v[n-dp]) dp / (dp + dn)`` when that
+    length is at most ``max_gap``. ``dp`` and ``dn`` are found with ``max_gap`` shifted comparisons.
+    """
+    xp = array_namespace(voltage)
+    n_m, n_t = voltage.shape
+    miss = xp.isnan(voltage)
+    G = int(max_gap)
+    zeros_i = xp.zeros((n_m,), dtype=xp.int64)
+    flat = xp.reshape(voltage, (-1,))
+    flat_miss = xp.reshape(miss, (-1,))
+    idx = xp.nonzero(flat_miss)[0]  # only the missing samples are looked at
+    if idx.shape[0] == 0:
+        return voltage, zeros_i, zeros_i, zeros_i
+    col = idx % n_t
+    size = n_m * n_t
+
+    def valid_at(k: int) -> tuple[Any, Any]:
+        """(inside the row and not missing, value) at offset ``k`` from each missing sample."""
+        inside = (col + k >= 0) & (col + k < n_t)
+        j = xp.clip(idx + k, 0, size - 1)
+        return inside & ~xp.take(flat_miss, j), xp.take(flat, j)
+
+    zi = xp.zeros(idx.shape, dtype=xp.int64)
+    dp, dn = zi, zi
+    pv = xp.zeros(idx.shape, dtype=voltage.dtype)
+    nv = pv
+    for k in range(1, G + 1):
+        okp, vp = valid_at(-k)
+        have = (dp == 0) & okp
+        dp = xp.where(have, k, dp)
+        pv = xp.where(have, vp, pv)
+        okn, vn = valid_at(k)
+        have = (dn == 0) & okn
+        dn = xp.where(have, k, dn)
+        nv = xp.where(have, vn, nv)
+    fill = (dp > 0) & (dn > 0) & ((dp + dn - 1) <= G)
+    dpf = xp.astype(dp, voltage.dtype)
+    w = dpf / xp.where(fill, dpf + xp.astype(dn, voltage.dtype), xp.ones_like(dpf))
+    vals = xp.where(fill, pv + (nv - pv) * w, xp.full_like(pv, xp.nan))
+    out = xp.reshape(xp.asarray(voltage, copy=True), (-1,))
+    out[flat_miss] = vals
+    filled = xp.reshape(out, (n_m, n_t))
+    # events at missing samples, summed per row through a boolean image of the block
+    starts = (col == 0) | ~xp.take(flat_miss, xp.clip(idx - 1, 0, size - 1))  # a gap starts here
+    long_start = starts
+    for k in range(1, G + 1):  # ... and its next G samples are missing too
+        inside = col + k < n_t
+        long_start = long_start & inside & xp.take(flat_miss, xp.clip(idx + k, 0, size - 1))
+
+    def per_row(event: Any) -> Any:
+        img = xp.zeros((size,), dtype=xp.bool)
+        img[flat_miss] = event
+        return _count(xp.reshape(img, (n_m, n_t)), 1)
+
+    n_filled = per_row(fill)
+    n_gaps_filled = per_row(fill & starts)
+    n_long = per_row(long_start)
+    return filled, n_filled, n_gaps_filled, n_long
+
+
+# ---------------------------------------------------------------------------------------------------------
+# clock offsets
+
+
+def _group_rows(groups: Any) -> list[np.ndarray]:
+    """Row indices (host) of each group, in ascending label order."""
+    g = _host(groups)
+    labels, inv = np.unique(g, return_inverse=True)
+    if labels.size <= 1:
+        return [np.arange(g.size)]
+    order = np.argsort(inv, kind="stable")
+    bounds = np.cumsum(np.bincount(inv, minlength=labels.size))[:-1]
+    return np.split(order, bounds)
+
+
+def estimate_clock_offsets(
+    voltage_pu: Any,
+    groups: Any,
+    *,
+    max_lag: int,
+    include: Any | None = None,
+    min_pairs: int = 96,
+    min_correlation: float = 0.2,
+    min_meters: int = 3,
+    max_common_meters: int = 256,
+    exclude_above: float | None = None,
+    n_refine: int = 1,
+) -> tuple[Any, Any]:
+    """Clock offset of each meter against its feeder's common signal, at sub-interval resolution.
+
+    Parameters
+    ----------
+    voltage_pu : array, shape (n_meters, n_time)
+        Per-unit voltage, NaN = missing. [pu]
+    groups : array of int, shape (n_meters,)
+        Feeder index per row; a block of several feeders is handled in one call.
+    max_lag : int
+        Integer lags searched, ``-max_lag .. max_lag``. [samples]
+    include : array of bool, shape (n_meters,), optional
+        Meters that form the common signal (default: all).
+    min_pairs : int
+        Fewest valid differenced samples for an estimate.
+    min_correlation : float
+        Lowest correlation with the common signal at the best lag for an estimate. [-]
+    min_meters : int
+        Fewest contributing meters on a feeder for its common signal to be trusted.
+    max_common_meters : int
+        The common signal is the median over at most this many contributing meters, evenly spaced in row
+        order (a robust statistic needs no more; it bounds the sort). [meters]
+    exclude_above : float, optional
+        If given, a second pass rebuilds each common signal without the meters whose first-pass
+        ``|offset|`` exceeds this (or is not estimable), so that offset meters do not smear the reference;
+        rows the second pass cannot estimate keep their first-pass value. [samples]
+    n_refine : int
+        Number of such passes (each costs as much as the first).
+
+    Returns
+    -------
+    offset_samples : array, shape (n_meters,)
+        Estimated delay, positive = the meter's series is late (its clock lags), NaN where not
+        estimable. [samples]
+    correlation : array, shape (n_meters,)
+        Correlation of the meter's differenced series with the common signal at the best integer lag. [-]
+
+    Notes
+    -----
+    With ``d`` the meter's first-differenced per-unit series and ``c`` the feeder's common mode (median over
+    meters of the differenced series), the integer lag ``L`` maximises the normalised cross-correlation
+    ``sum d[n] c[n-L]``. A three-tap least-squares fractional-delay filter is then fitted,
+    ``d[n] ~ h_- c[n-L+1] + h_0 c[n-L] + h_+ c[n-L-1]``, and the offset is its centroid
+    ``L + (h_+ - h_-) / (h_- + h_0 + h_+)``. For a series delayed by linear interpolation (the measurement
+    model, and the exact effect of a shifted interval-average on piecewise-constant load) the filter is
+    exactly ``(1-f, f)`` on two taps, so the centroid recovers the delay without bias; unrelated local
+    variation and noise only add variance. A symmetric difference in smoothing between the meter and the
+    common signal (a zero-phase filter) leaves the centroid at zero; maximising the correlation with a
+    linearly interpolated template instead would read such smoothing as a delay of about half an interval
+    (and would not return ~0 after a correction). The Gram matrix uses each meter's own missing-data mask. All
+    products are computed per feeder as one matrix product of the block with the few shifted common
+    signals (BLAS), so the cost is a few passes over the block.
+
+    The median is robust to a minority of offset meters at each time, but they still blur the common signal
+    (a net delay of the offset meters' mix biases every meter's estimate), hence ``exclude_above``.
+    """
+    xp = array_namespace(voltage_pu)
+    kw = {
+        "max_lag": max_lag,
+        "min_pairs": min_pairs,
+        "min_correlation": min_correlation,
+        "min_meters": min_meters,
+        "max_common_meters": max_common_meters,
+    }
+    n_m, n_t = voltage_pu.shape
+    if n_m == 0 or n_t < 3:
+        nan = xp.full((n_m,), xp.nan, dtype=voltage_pu.dtype)
+        return nan, nan
+    d = voltage_pu[:, 1:] - voltage_pu[:, :-1]
+    md = ~xp.isnan(d)
+    d0 = xp.where(md, d, xp.zeros_like(d))
+    diffs = (d, d0, xp.astype(md, d.dtype), _count(md, 1), xp.sum(d0 * d0, axis=1))
+    off, corr = _clock_offsets_once(diffs, groups, include=include, **kw)
+    if exclude_above is None:
+        return off, corr
+    inc = xp.ones(off.shape, dtype=xp.bool) if include is None else include
+    for _ in range(n_refine):
+        inc2 = inc & xp.isfinite(off) & (xp.abs(off) <= exclude_above)
+        off2, corr2 = _clock_offsets_once(diffs, groups, include=inc2, **kw)
+        keep = xp.isfinite(off2)
+        off, corr = xp.where(keep, off2, off), xp.where(keep, corr2, corr)
+    return off, corr
+
+
+def _clock_offsets_once(
+    diffs: tuple[Any, ...],
+    groups: Any,
+    *,
+    max_lag: int,
+    include: Any | None,
+    min_pairs: int,
+    min_correlation: float,
+    min_meters: int,
+    max_common_meters: int,
+) -> tuple[Any, Any]:
+    """One pass of :func:`estimate_clock_offsets` with a fixed set of contributing meters."""
+    d, d0, mf, n_pairs, dd = diffs
+    xp = array_namespace(d)
+    dt = d.dtype
+    n_m, n_t = d.shape[0], d.shape[1] + 1
+    K = max(int(max_lag), 0)
+    lags = list(range(-K - 1, K + 2))  # taps needed: integer search -K..K, refinement one either side
+    nl = len(lags)
+    inc_h = np.ones(n_m, dtype=bool) if include is None else _host(include).astype(bool)
+    Xs, Es, P1s, P2s, ncs = [], [], [], [], []
+    for rows in _group_rows(groups):
+        blk = slice(int(rows[0]), int(rows[-1]) + 1) if rows[-1] - rows[0] + 1 == rows.size else None
+        contrib = rows[inc_h[rows]]
+        if contrib.size > max_common_meters:  # evenly spaced, deterministic subset
+            contrib = contrib[np.linspace(0, contrib.size - 1, max_common_meters).round().astype(np.int64)]
+        if contrib.size:
+            c = nanmedian(xp.take(d, xp.asarray(contrib), axis=0), axis=0)
+            c = xp.where(xp.isnan(c), xp.zeros_like(c), c)[None, :]
+        else:
+            c = xp.zeros((1, n_t - 1), dtype=dt)
+        S = [_shift(c, j, 0.0, xp)[0, :] for j in lags]  # S[i][n] = c[n - lags[i]]
+        Cs = xp.stack(S, axis=1)  # (n_t - 1, nl)
+        Q = xp.concat(
+            [Cs * Cs, Cs[:, :-1] * Cs[:, 1:], Cs[:, :-2] * Cs[:, 2:]], axis=1
+        )  # (n_t - 1, 3 nl - 3)
+        if blk is not None:
+            Dg, Mg = d0[blk, :], mf[blk, :]
+        else:
+            ix = xp.asarray(rows)
+            Dg, Mg = xp.take(d0, ix, axis=0), xp.take(mf, ix, axis=0)
+        Xs.append(Dg @ Cs)
+        Gg = Mg @ Q
+        Es.append(Gg[:, :nl])
+        P1s.append(Gg[:, nl : 2 * nl - 1])
+        P2s.append(Gg[:, 2 * nl - 1 :])
+        ncs.append(np.full(rows.size, int(np.count_nonzero(inc_h[rows])), dtype=np.int64))
+    order = np.concatenate(_group_rows(groups))
+    if np.array_equal(order, np.arange(n_m)):
+        back = None
+    else:
+        back = xp.asarray(np.argsort(order, kind="stable"))
+    X, E, P1, P2 = (xp.concat(a, axis=0) for a in (Xs, Es, P1s, P2s))
+    n_contrib = np.concatenate(ncs)
+    if back is not None:
+        X, E, P1, P2 = (xp.take(a, back, axis=0) for a in (X, E, P1, P2))
+        n_contrib = n_contrib[np.argsort(order, kind="stable")]
+    n_contrib = xp.asarray(n_contrib)
+    # integer lag: columns 1 .. nl-2 of X are lags -K .. K
+    tiny = xp.asarray(1e-300 if dt == xp.float64 else 1e-30, dtype=dt)
+    r = X[:, 1:-1] / xp.sqrt(xp.maximum(E[:, 1:-1] * dd[:, None], tiny))
+    best = xp.argmax(r, axis=1)  # lag = best - K; the taps L-1, L, L+1 are columns best, best+1, best+2
+
+    def col(A: Any, j: Any) -> Any:
+        return xp.take_along_axis(A, j[:, None], axis=1)[:, 0]
+
+    rbest = col(r, best)
+    x0, x1, x2 = col(X, best), col(X, best + 1), col(X, best + 2)
+    g00, g11, g22 = col(E, best), col(E, best + 1), col(E, best + 2)
+    g01, g12, g02 = col(P1, best), col(P1, best + 1), col(P2, best)
+    # Cramer's rule for the symmetric 3x3 normal equations G h = x
+    m00 = g11 * g22 - g12 * g12
+    m01 = g01 * g22 - g12 * g02
+    m02 = g01 * g12 - g11 * g02
+    det = g00 * m00 - g01 * m01 + g02 * m02
+    ok_det = xp.abs(det) > tiny
+    det = xp.where(ok_det, det, xp.ones_like(det))
+    h_m = (x0 * m00 - g01 * (x1 * g22 - g12 * x2) + g02 * (x1 * g12 - g11 * x2)) / det
+    h_0 = (g00 * (x1 * g22 - x2 * g12) - x0 * m01 + g02 * (g01 * x2 - x1 * g02)) / det
+    h_p = (g00 * (g11 * x2 - g12 * x1) - g01 * (g01 * x2 - x1 * g02) + x0 * m02) / det
+    gain = h_m + h_0 + h_p
+    ok_gain = gain > tiny
+    frac = (h_p - h_m) / xp.where(ok_gain, gain, xp.ones_like(gain))
+    off = xp.astype(best, dt) - K + frac
+    valid = (
+        ok_det
+        & ok_gain
+        & (xp.abs(frac) <= 1.0)
+        & (n_pairs >= min_pairs)
+        & (rbest >= min_correlation)
+        & (n_contrib >= min_meters)
+    )
+    nan = xp.full_like(off, xp.nan)
+    return xp.where(valid, off, nan), xp.where(n_pairs > 0, rbest, nan)
+
+
+def shift_rows(voltage: Any, delay_samples: Any, *, max_shift: int) -> Any:
+    """Undo a per-row delay: ``y[:, n] = v[:, n + delay]`` by linear interpolation (NaN outside).
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Readings. [V]
+    delay_samples : array, shape (n_meters,)
+        Delay to remove (positive: series late), NaN or 0 leaves a row unchanged. [samples]
+    max_shift : int
+        Bound on ``|delay|`` (rows beyond it are left unchanged). [samples]
+
+    Returns
+    -------
+    array, shape (n_meters, n_time)
+        Shifted readings. [V]
+    """
+    xp = array_namespace(voltage)
+    dt = voltage.dtype
+    dly = xp.where(xp.isfinite(delay_samples), delay_samples, xp.zeros_like(delay_samples))
+    dly = xp.where(xp.abs(dly) <= max_shift, dly, xp.zeros_like(dly))
+    base = xp.floor(dly)
+    f = (dly - base)[:, None]
+    Li = xp.astype(base, xp.int64)
+    out = voltage
+    M = int(max_shift) + 1
+    for L in range(-M, M + 1):
+        a = _shift(voltage, -L, xp.nan, xp)  # v[n + L]
+        b = _shift(voltage, -L - 1, xp.nan, xp)  # v[n + L + 1]
+        y = xp.where(f == 0, a, (1 - f) * a + f * b)
+        out = xp.where(((Li == L) & (dly != 0))[:, None], y, out)
+    return xp.astype(out, dt)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole block
+
+
+class QualityArrays(NamedTuple):
+    """Arrays returned by :func:`quality_block` (per meter unless noted)."""
+
+    voltage: Any  #: (n_meters, n_time) cleaned voltage [V]
+    usable: Any  #: bool
+    usable_fraction: Any  #: [-]
+    n_readings: Any  #: raw finite readings
+    n_implausible: Any  #: samples outside the band (set to NaN)
+    n_flat: Any  #: samples in over-long flat runs (set to NaN)
+    n_filled: Any  #: samples interpolated
+    n_gaps_filled: Any
+    n_long_gaps: Any
+    units_code: Any  #: ``UNITS_*``
+    unit_scale: Any  #: factor applied [-]
+    base_v: Any  #: base used for per-unit checks [V]
+    nominal_inferred: Any  #: bool
+    no_readings: Any  #: bool
+    sampling_bad: Any  #: bool
+    implausible: Any  #: bool (meter mostly outside the band)
+    flat_line: Any  #: bool
+    insufficient: Any  #: bool
+    long_gaps: Any  #: bool
+    clock_offset_s: Any  #: [s], NaN where not estimable
+    clock_correlation: Any  #: [-]
+    clock_flag: Any  #: bool
+    clock_corrected: Any  #: bool
+
+
+def quality_block(
+    voltage: Any,
+    nominal_v: Any,
+    sampling_interval_s: Any,
+    off_grid_fraction: Any,
+    groups: Any,
+    *,
+    interval_s: float,
+    max_interp_gap: int = 3,
+    min_usable_fraction: float = 0.5,
+    min_usable_samples: int = 96,
+    min_pu: float = 0.8,
+    max_pu: float = 1.1,
+    max_flat_run: int = 96,
+    max_clock_offset_s: float = 60.0,
+    max_off_grid_fraction: float = 0.05,
+    sampling_rel_tol: float = 0.01,
+    inconsistent_sampling_unusable: bool = True,
+    max_implausible_fraction: float = 0.5,
+    clock_search_s: float = 900.0,
+    clock_min_correlation: float = 0.2,
+    clock_min_meters: int = 3,
+    correct_clock_offset: bool = False,
+    units_sample: int = 128,
+) -> QualityArrays:
+    """All quality checks for a block of whole feeders (see :func:`phaseid_hpc.quality.assess_quality`).
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Readings, NaN = missing. [V]
+    nominal_v, sampling_interval_s, off_grid_fraction : array, shape (n_meters,)
+        Nominal voltage [V], median raw sampling interval [s], share of off-grid reads [-]; NaN = unknown.
+    groups : array of int, shape (n_meters,)
+        Feeder index per row.
+    interval_s : float
+        Grid step. [s]
+    **params
+        Thresholds, as in :class:`phaseid_hpc.config.QualityConfig`.
+
+    Returns
+    -------
+    QualityArrays
+    """
+    xp = array_namespace(voltage)
+    dt = voltage.dtype if voltage.dtype in (xp.float32, xp.float64) else xp.float64
+    v = xp.astype(voltage, dt)
+    v = xp.where(xp.isfinite(v), v, xp.asarray(xp.nan, dtype=dt))
+    n_m, n_t = v.shape
+    nominal_v = xp.astype(nominal_v, dt)
+    raw_ok = ~xp.isnan(v)
+    n_readings = _count(raw_ok, 1)
+    no_readings = n_readings == 0
+
+    # sampling
+    si = xp.astype(sampling_interval_s, xp.float64)
+    og = xp.astype(off_grid_fraction, xp.float64)
+    bad_interval = xp.isfinite(si) & (xp.abs(si - interval_s) > sampling_rel_tol * interval_s)
+    bad_grid = xp.isfinite(og) & (og > max_off_grid_fraction)
+    sampling_bad = (bad_interval | bad_grid) & ~no_readings
+
+    # units (median of an evenly strided subsample of columns is plenty for a scale decision)
+    step = max(1, n_t // max(int(units_sample), 1))
+    med = nanmedian(v[:, ::step], axis=1)
+    scale, base, units_code, inferred = detect_units(med, nominal_v, min_pu=min_pu, max_pu=max_pu)
+    v = v * scale[:, None]
+
+    # flat lines on the readings as reported
+    flat_mask, constant = flat_run_mask(v, max_flat_run)
+    flat_mask = flat_mask | (constant[:, None] & raw_ok)
+    n_flat = _count(flat_mask, 1)
+    flat_line = n_flat > 0
+
+    # plausibility
+    pu = v / base[:, None]
+    implaus_s = raw_ok & ~((pu >= min_pu) & (pu <= max_pu))  # NaN base: every reading implausible
+    n_implausible = _count(implaus_s, 1)
+    denom = xp.astype(xp.maximum(n_readings, xp.ones_like(n_readings)), xp.float64)
+    implausible = ~no_readings & (xp.astype(n_implausible, xp.float64) / denom > max_implausible_fraction)
+
+    # remove, then fill short gaps (a short spike or dropout is interpolated like a gap)
+    v = xp.where(implaus_s | flat_mask, xp.asarray(xp.nan, dtype=dt), v)
+    v, n_filled, n_gaps_filled, n_long_gaps = fill_short_gaps(v, max_interp_gap)
+    n_ok = _count(~xp.isnan(v), 1)
+    usable_fraction = xp.astype(n_ok, xp.float64) / max(n_t, 1)
+    insufficient = ~no_readings & ((usable_fraction < min_usable_fraction) | (n_ok < min_usable_samples))
+    usable = ~no_readings & ~insufficient & ~implausible & ~constant
+    if inconsistent_sampling_unusable:
+        usable = usable & ~sampling_bad
+
+    # clock offsets against the feeder's common mode formed by usable meters
+    K = max(1, math.ceil(clock_search_s / interval_s)) if interval_s > 0 else 1
+    base_safe = xp.where(xp.isfinite(base), base, xp.ones_like(base))
+    off, corr = estimate_clock_offsets(
+        v / base_safe[:, None],
+        groups,
+        max_lag=K,
+        include=usable,
+        min_pairs=min_usable_samples,
+        min_correlation=clock_min_correlation,
+        min_meters=clock_min_meters,
+        exclude_above=max_clock_offset_s / interval_s,
+        n_refine=2,
+    )
+    off = xp.where(no_readings, xp.full_like(off, xp.nan), off)
+    clock_offset_s = xp.astype(off, xp.float64) * interval_s
+    clock_flag = xp.isfinite(clock_offset_s) & (xp.abs(clock_offset_s) > max_clock_offset_s)
+    clock_corrected = xp.zeros((n_m,), dtype=xp.bool)
+    if correct_clock_offset:
+        dly = xp.where(clock_flag, off, xp.zeros_like(off))
+        v = shift_rows(v, dly, max_shift=K + 1)
+        clock_corrected = clock_flag
+
+    long_gaps = n_long_gaps > 0
+    return QualityArrays(
+        voltage=v,
+        usable=usable,
+        usable_fraction=usable_fraction,
+        n_readings=n_readings,
+        n_implausible=n_implausible,
+        n_flat=n_flat,
+        n_filled=n_filled,
+        n_gaps_filled=n_gaps_filled,
+        n_long_gaps=n_long_gaps,
+        units_code=units_code,
+        unit_scale=scale,
+        base_v=base,
+        nominal_inferred=inferred,
+        no_readings=no_readings,
+        sampling_bad=sampling_bad,
+        implausible=implausible,
+        flat_line=flat_line,
+        insufficient=insufficient,
+        long_gaps=long_gaps & ~no_readings,
+        clock_offset_s=clock_offset_s,
+        clock_correlation=corr,
+        clock_flag=clock_flag,
+        clock_corrected=clock_corrected,
+    )
