@@ -119,11 +119,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest_service(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .ingest_service import main_from_cli
 
-    cfg = load_config(args.config)
-    return main_from_cli(args, cfg)
+    return main_from_cli(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -206,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None)
     s.add_argument("--batch-reads", type=int, default=None)
     s.add_argument("--batch-seconds", type=float, default=None)
+    s.add_argument("--stop-when-idle", type=float, default=None, help="exit after this many idle seconds")
     s.set_defaults(func=_cmd_ingest_service)
 
     s = sub.add_parser("demo", help="generate a synthetic utility, ingest it, run the job, score it")

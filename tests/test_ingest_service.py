@@ -1,0 +1,523 @@
+"""Tests of phaseid_hpc/ingest_service.py: payload parsing, credentials, config, and (against a real RabbitMQ at
+127.0.0.1:5672, guest/guest) batching, dead-lettering, SIGTERM and crash-redelivery with exactly-once results."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from phaseid_hpc.errors import ConfigError, ContractError, StoreError
+from phaseid_hpc.ingest_service import (
+    BrokerError,
+    IngestServiceConfig,
+    MalformedMessageError,
+    load_service_config,
+    parse_message,
+    resolve_amqp_url,
+    run_ingest_service,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+T0 = pd.Timestamp("2026-01-01 00:15:00")
+
+
+def _broker_reason() -> str | None:
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError as exc:
+        return f"no RabbitMQ broker reachable at 127.0.0.1:5672 ({exc}); start one with `rabbitmq-server -detached`"
+    try:
+        import pika
+
+        pika.BlockingConnection(pika.URLParameters(BROKER_URL)).close()
+    except Exception as exc:  # noqa: BLE001 - any failure means: skip
+        return f"RabbitMQ at 127.0.0.1:5672 refuses guest/guest ({exc!r})"
+    return None
+
+
+_BROKER_SKIP = _broker_reason()
+requires_rabbitmq = [
+    pytest.mark.requires_rabbitmq,
+    pytest.mark.skipif(_BROKER_SKIP is not None, reason=_BROKER_SKIP or ""),
+]
+
+
+def _reads(meters: list[str], n_times: int, start: int = 0) -> pd.DataFrame:
+    """Long-format reads; voltage encodes (meter, interval) so a wrong cell is detectable."""
+    m = np.repeat(np.arange(len(meters)), n_times)
+    k = np.tile(np.arange(start, start + n_times), len(meters))
+    return pd.DataFrame({
+        "meter_id": np.asarray(meters, dtype=object)[m],
+        "timestamp": T0 + pd.to_timedelta(k * 900, unit="s"),
+        "voltage_v": 200.0 + m + k / 1000.0,
+    })
+
+
+def _json_batch(df: pd.DataFrame) -> bytes:
+    out = df.assign(timestamp=df["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return json.dumps(out.to_dict(orient="records")).encode()
+
+
+def _csv_batch(df: pd.DataFrame) -> bytes:
+    out = df.assign(timestamp=df["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return out.to_csv(index=False).encode()
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+def test_parse_json_forms_agree():
+    df = _reads(["M1", "M2"], 3)
+    records = _json_batch(df)
+    forms = {
+        "list": records,
+        "envelope": json.dumps({"source": "headend-1", "reads": json.loads(records)}).encode(),
+        "columnar": json.dumps({
+            "meter_id": df["meter_id"].tolist(),
+            "timestamp": [t.isoformat() + "Z" for t in df["timestamp"]],
+            "voltage_v": df["voltage_v"].tolist(),
+        }).encode(),
+        "csv": _csv_batch(df),
+        "csv_gzip": gzip.compress(_csv_batch(df)),
+    }
+    for name, body in forms.items():
+        ctype = "text/csv" if name.startswith("csv") else "application/json"
+        enc = "gzip" if name.endswith("gzip") else None
+        got = parse_message(body, ctype, enc)
+        pd.testing.assert_frame_equal(
+            got[["meter_id", "timestamp", "voltage_v"]].astype({"meter_id": object}),
+            df.astype({"meter_id": object}),
+            check_dtype=False,
+            obj=name,
+        )
+        assert got["timestamp"].dtype == "datetime64[ns]"
+
+
+def test_parse_single_read_offset_to_utc_and_optional_columns():
+    body = b'{"meter_id": 17, "timestamp": "2026-01-01T01:15:00+01:00", "voltage_v": "240.5", "kw": null, "x": 1}'
+    got = parse_message(body)  # no content_type: sniffed as JSON
+    assert got["meter_id"].tolist() == ["17"]
+    assert got["timestamp"].iloc[0] == pd.Timestamp("2026-01-01 00:15:00")
+    assert got["voltage_v"].iloc[0] == 240.5
+    assert np.isnan(got["kw"].iloc[0])
+    assert "x" not in got.columns
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "reason"),
+    [
+        (b"{not json", "application/json", "not valid JSON"),
+        (b"[1, 2]", "application/json", "read 0 is a int"),
+        (b'{"meter_id": "M1", "voltage_v": 1}', "application/json", "missing required field(s) ['timestamp']"),
+        (b'{"meter_id": "M1", "timestamp": "yesterday", "voltage_v": 1}', None, "timestamp 'yesterday'"),
+        (b'[{"meter_id": "M1", "timestamp": "2026-01-01T00:00Z", "voltage_v": "high"}]', None, "voltage_v 'high'"),
+        (b'{"meter_id": "", "timestamp": "2026-01-01T00:00Z", "voltage_v": 1}', None, "empty meter_id"),
+        (b"[]", "application/json", "no reads"),
+        (b"meter_id,voltage_v\nM1,240\n", "text/csv", "missing required column(s) ['timestamp']"),
+        (b"meter_id,timestamp,voltage_v\nM1,2026-01-01T00:00Z,abc\n", "text/csv", "invalid value 'abc'"),
+        (b"\x1f\x8b garbage", "text/csv", "cannot decompress"),
+        (b"<xml/>", "application/xml", "unsupported content_type"),
+    ],
+)
+def test_malformed_messages_raise_with_reason(body, ctype, reason):
+    enc = "gzip" if body.startswith(b"\x1f\x8b") else None
+    with pytest.raises(MalformedMessageError) as info:
+        parse_message(body, ctype, enc)
+    assert reason in info.value.reason
+    assert isinstance(info.value, ContractError)
+
+
+def test_oversized_message_is_malformed():
+    with pytest.raises(MalformedMessageError, match="exceeds max_message_bytes"):
+        parse_message(_json_batch(_reads(["M1"], 10)), max_bytes=100)
+
+
+# ----------------------------------------------------------------------------------- credentials, config
+
+
+def test_url_from_env_and_restricted_file(tmp_path):
+    assert resolve_amqp_url(environ={"PHASEID_AMQP_URL": "amqp://a:b@h/v"}) == "amqp://a:b@h/v"
+    f = tmp_path / "url"
+    f.write_text("amqp://u:secret@h:5672/v\n")
+    f.chmod(0o600)
+    assert resolve_amqp_url(environ={"PHASEID_AMQP_URL_FILE": str(f)}) == "amqp://u:secret@h:5672/v"
+    f.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        resolve_amqp_url(url_file=f, environ={})
+    with pytest.raises(ConfigError, match="no broker URL"):
+        resolve_amqp_url(environ={})
+
+
+def test_example_config_loads_and_unknown_keys_fail(tmp_path):
+    run, svc = load_service_config(REPO / "configs" / "ingest-service.example.toml", environ={})
+    assert svc == IngestServiceConfig()
+    assert run.ingest.voltage_encoding == "float32"
+    _, svc = load_service_config(None, environ={"PHASEID__SERVICE__PREFETCH_COUNT": "7"})
+    assert svc.prefetch_count == 7
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[service]\nprefetch = 3\n")
+    with pytest.raises(ConfigError, match="service.prefetch"):
+        load_service_config(bad, environ={})
+    bad.write_text("[service]\nbatch_max_reads = 0\n")
+    with pytest.raises(ConfigError, match="batch_max_reads"):
+        load_service_config(bad, environ={})
+
+
+def test_systemd_unit_keeps_credentials_off_the_command_line():
+    unit = (REPO / "configs" / "voltage-ingest.service").read_text()
+    exec_start = unit.split("ExecStart=", 1)[1].split("\n\n", 1)[0]
+    assert "--amqp " not in exec_start and "amqp://" not in exec_start
+    assert "LoadCredential=" in unit and "PHASEID_AMQP_URL_FILE" in unit
+
+
+# ------------------------------------------------------------------------------------------ broker
+
+
+@pytest.fixture
+def queue():
+    name = f"phaseid-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    if _BROKER_SKIP is None:
+        import pika
+
+        conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+        ch = conn.channel()
+        for q in (name, name + ".dlq"):
+            ch.queue_delete(q)
+        conn.close()
+
+
+def _publish(queue: str, bodies: list[tuple[bytes, str | None]]) -> None:
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    ch = conn.channel()
+    ch.queue_declare(queue, durable=True)
+    ch.confirm_delivery()
+    for body, ctype in bodies:
+        ch.basic_publish("", queue, body, pika.BasicProperties(
+            content_type=ctype, delivery_mode=2, timestamp=int(time.time())))
+    conn.close()
+
+
+def _drain(queue: str) -> list[tuple[bytes, dict]]:
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    ch = conn.channel()
+    out = []
+    while True:
+        method, props, body = ch.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        out.append((body, props.headers or {}))
+    conn.close()
+    return out
+
+
+def _depth(queue: str) -> int:
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    n = conn.channel().queue_declare(queue, passive=True).method.message_count
+    conn.close()
+    return n
+
+
+class DictSink:
+    """A fake store: upsert keyed by (meter_id, timestamp); remembers each call's size."""
+
+    def __init__(self, fail_on: str | None = None, error: type[Exception] = ContractError) -> None:
+        self.cells: dict[tuple[str, pd.Timestamp], float] = {}
+        self.calls: list[int] = []
+        self.fail_on, self.error = fail_on, error
+
+    def __call__(self, store, reads, *, config, source):
+        if self.fail_on is not None and (self.fail_on == "*" or (reads["meter_id"] == self.fail_on).any()):
+            raise self.error(f"meter {self.fail_on!r} cannot be stored")
+        self.calls.append(len(reads))
+        self.cells.update(zip(zip(reads["meter_id"], reads["timestamp"]), reads["voltage_v"]))
+
+
+@pytest.mark.usefixtures("queue")
+class TestBroker:
+    pytestmark = requires_rabbitmq
+
+    def test_batches_by_count_and_dead_letters_malformed(self, queue):
+        good = [_reads([f"M{i}"], 100) for i in range(10)]
+        bodies = [(_json_batch(d), "application/json") for d in good[:5]]
+        bodies += [(b"{broken", "application/json"), (b'{"meter_id": "M1"}', None), (b"<x/>", "application/xml")]
+        bodies += [(_csv_batch(d), "text/csv") for d in good[5:]]
+        _publish(queue, bodies)
+        sink = DictSink()
+        svc = IngestServiceConfig(prefetch_count=50, batch_max_reads=300, batch_max_seconds=30.0)
+        stats = run_ingest_service(BROKER_URL, queue, "unused", service_config=svc, sink=sink,
+                                   stop_when_idle_s=0.5)
+        assert len(sink.cells) == 1000 and stats.reads_written == 1000
+        assert sink.calls[:-1] and all(n >= 300 for n in sink.calls[:-1])  # count-triggered batches
+        assert stats.messages == 13 and stats.messages_dead_lettered == 3
+        dead = _drain(queue + ".dlq")
+        reasons = sorted(h["reason"] for _, h in dead)
+        assert len(dead) == 3 and all(h["source_queue"] == queue for _, h in dead)
+        assert any("not valid JSON" in r for r in reasons)
+        assert any("missing required field(s)" in r for r in reasons)
+        assert any("unsupported content_type" in r for r in reasons)
+        assert {b for b, _ in dead} == {b"{broken", b'{"meter_id": "M1"}', b"<x/>"}
+        assert _depth(queue) == 0  # everything acknowledged
+
+    def test_time_based_flush(self, queue):
+        _publish(queue, [(_json_batch(_reads([f"M{i}"], 10)), "application/json") for i in range(3)])
+        stop = threading.Event()
+        sink = DictSink()
+        t0 = time.monotonic()
+        flushed_after: list[float] = []
+
+        def sink_then_stop(*a, **k):
+            flushed_after.append(time.monotonic() - t0)
+            sink(*a, **k)
+            stop.set()
+
+        guard = threading.Timer(15.0, stop.set)  # only if the time trigger fails
+        guard.start()
+        svc = IngestServiceConfig(batch_max_reads=10_000, batch_max_seconds=0.3)
+        try:
+            run_ingest_service(BROKER_URL, queue, "unused", service_config=svc, sink=sink_then_stop, stop_event=stop)
+        finally:
+            guard.cancel()
+        assert flushed_after and flushed_after[0] < 10.0
+        assert sink.calls == [30]  # one batch, closed by time, well before the count limit
+
+    @pytest.mark.parametrize("error", [ContractError, IndexError])
+    def test_store_rejection_isolates_the_poison_message(self, queue, error):
+        _publish(queue, [(_json_batch(_reads([m], 5)), "application/json") for m in ("A", "POISON", "B")])
+        sink = DictSink(fail_on="POISON", error=error)
+        stats = run_ingest_service(BROKER_URL, queue, "unused", sink=sink, stop_when_idle_s=0.5,
+                                   service_config=IngestServiceConfig(batch_max_seconds=0.5))
+        assert {m for m, _ in sink.cells} == {"A", "B"}
+        dead = _drain(queue + ".dlq")
+        assert len(dead) == 1 and "rejected by store" in dead[0][1]["reason"]
+        assert stats.messages_dead_lettered == 1 and _depth(queue) == 0
+
+    def test_broker_errors_name_the_problem_and_hide_the_password(self, queue):
+        svc = IngestServiceConfig(declare_queue=False)
+        with pytest.raises(BrokerError, match="NOT_FOUND") as info:
+            run_ingest_service(BROKER_URL, queue, "unused", sink=DictSink(), service_config=svc, stop_when_idle_s=0.2)
+        with pytest.raises(BrokerError, match="refused the credentials") as info:
+            run_ingest_service(BROKER_URL.replace("guest:guest", "guest:s3cret"), queue, "unused", sink=DictSink(),
+                               stop_when_idle_s=0.2)
+        assert "s3cret" not in str(info.value) and "guest:***@" in str(info.value)
+
+    @pytest.mark.parametrize("error", [ValueError, StoreError])
+    def test_systemic_store_failure_stops_without_ack_or_dead_letter(self, queue, error):
+        _publish(queue, [(_json_batch(_reads([m], 5)), "application/json") for m in ("A", "B")])
+        with pytest.raises(error):
+            run_ingest_service(BROKER_URL, queue, "unused", sink=DictSink(fail_on="*", error=error),
+                               stop_when_idle_s=0.5, service_config=IngestServiceConfig(batch_max_seconds=0.3))
+        assert _depth(queue) == 2 and _depth(queue + ".dlq") == 0  # both back in the queue, none dead
+
+
+# ---------------------------------------------------------------- real processes: SIGTERM and SIGKILL
+
+_CONSUMER = textwrap.dedent(
+    """
+    import os, signal, sqlite3, sys, threading
+    from phaseid_hpc.ingest_service import IngestServiceConfig, run_ingest_service, stop_on_signals
+    from phaseid_hpc.logging_utils import get_run_logger
+    get_run_logger(None, echo=True)
+    url, queue, target, kill_after, idle = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+    calls = 0
+
+    if target.endswith(".zarr"):  # the real store
+        from phaseid_hpc.ingest import ingest_frame as write
+    else:  # a fake store: durable sqlite upsert keyed by (meter, timestamp), counting every row written
+        con = sqlite3.connect(target, check_same_thread=False)  # the service writes from its writer thread
+        con.execute("create table if not exists reads (meter text, ts text, v real, primary key (meter, ts))")
+        con.execute("create table if not exists writes (n integer)")
+
+        def write(store, reads, *, config, source):
+            rows = list(zip(reads["meter_id"], reads["timestamp"].astype(str), reads["voltage_v"].astype(float)))
+            with con:
+                con.execute("insert into writes values (?)", (len(rows),))
+                con.executemany("insert into reads values (?, ?, ?) on conflict do update set v = excluded.v", rows)
+
+    def sink(store, reads, *, config, source):
+        global calls
+        report = write(store, reads, config=config, source=source)
+        calls += 1
+        with open(target + ".progress", "a") as f:
+            f.write(f"{len(reads)}\\n")
+        if calls == kill_after:  # die between the durable write and the ack
+            os.kill(os.getpid(), signal.SIGKILL)
+        return report
+
+    stop = threading.Event()
+    stop_on_signals(stop)
+    svc = IngestServiceConfig(prefetch_count=32, batch_max_reads=2000, batch_max_seconds=0.2)
+    stats = run_ingest_service(url, queue, target, service_config=svc, sink=sink, stop_event=stop,
+                               stop_when_idle_s=idle if idle > 0 else None)
+    print("STATS", stats.reads_written, stats.rows_quarantined, stats.messages_dead_lettered)
+    """
+)
+
+
+def _finish(p: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """Wait for a consumer subprocess; return its exit code and output (closing its pipe)."""
+    out = p.communicate(timeout=timeout)[0].decode()
+    return p.returncode, out
+
+
+def _progress(target: Path) -> int:
+    """Reads the consumer subprocess has written so far (all runs, redeliveries included)."""
+    f = Path(str(target) + ".progress")
+    return sum(int(x) for x in f.read_text().split()) if f.exists() else 0
+
+
+def _start_consumer(tmp_path: Path, queue: str, db: Path, kill_after: int = 0, idle: float = 0.0):
+    script = tmp_path / "consumer.py"
+    script.write_text(_CONSUMER)
+    return subprocess.Popen(
+        [sys.executable, str(script), BROKER_URL, queue, str(db), str(kill_after), str(idle)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def _db_counts(db: Path) -> tuple[int, int]:
+    if not db.exists():
+        return 0, 0
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("select count(*) from reads").fetchone()[0]
+        written = con.execute("select coalesce(sum(n), 0) from writes").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0, 0
+    finally:
+        con.close()
+    return rows, written
+
+
+def _wait_for(pred, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the consumer")
+
+
+@pytest.mark.requires_rabbitmq
+@pytest.mark.skipif(_BROKER_SKIP is not None, reason=_BROKER_SKIP or "")
+def test_sigkill_mid_stream_then_restart_is_exactly_once(tmp_path, queue):
+    meters = [f"M{i:04d}" for i in range(120)]
+    df = _reads(meters, 100)  # 12,000 reads in 60 messages
+    _publish(queue, [(_csv_batch(df.iloc[i : i + 200]), "text/csv") for i in range(0, len(df), 200)])
+    db = tmp_path / "store.sqlite"
+
+    # 1) dies by its own SIGKILL right after the 3rd durable write, before acknowledging it
+    p = _start_consumer(tmp_path, queue, db, kill_after=3)
+    rc, out = _finish(p, 30)
+    assert rc == -signal.SIGKILL, out
+    # 2) killed from outside mid-stream
+    p = _start_consumer(tmp_path, queue, db)
+    _wait_for(lambda: _progress(db) > 7_000, timeout=30)
+    p.send_signal(signal.SIGKILL)
+    _finish(p, 10)
+    rows_mid, _ = _db_counts(db)
+    assert rows_mid < len(df), "the consumer finished before it could be killed mid-stream"
+    # 3) restarted: drains the rest
+    p = _start_consumer(tmp_path, queue, db, idle=1.0)
+    rc, out = _finish(p, 60)
+    assert rc == 0, out
+
+    con = sqlite3.connect(db)
+    got = pd.read_sql("select meter, ts, v from reads", con)
+    written = con.execute("select sum(n) from writes").fetchone()[0]
+    con.close()
+    assert len(got) == len(df)  # every read, once
+    assert written > len(df)  # some reads were redelivered and rewritten, yet counted once
+    expect = dict(zip(zip(df["meter_id"], df["timestamp"].astype(str)), df["voltage_v"]))
+    assert all(abs(expect[(m, t)] - v) < 1e-9 for m, t, v in got.itertuples(index=False))
+    assert _depth(queue) == 0
+
+
+@pytest.mark.requires_rabbitmq
+@pytest.mark.skipif(_BROKER_SKIP is not None, reason=_BROKER_SKIP or "")
+def test_sigterm_writes_and_acks_the_open_batch(tmp_path, queue):
+    df = _reads([f"M{i}" for i in range(100)], 100)  # 10,000 reads in 100 messages
+    _publish(queue, [(_json_batch(df.iloc[i : i + 100]), "application/json") for i in range(0, len(df), 100)])
+    db = tmp_path / "store.sqlite"
+    p = _start_consumer(tmp_path, queue, db)
+    _wait_for(lambda: _progress(db) > 0, timeout=30)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=15)[0].decode()
+    assert p.returncode == 0, out
+    assert "stop requested" in out and "ingest-service stopped" in out
+    rows, written = _db_counts(db)
+    assert rows == written  # nothing was written twice: every written batch was acknowledged
+    assert rows + 100 * _depth(queue) == len(df)  # the rest is back in the queue, nothing lost
+
+
+@pytest.mark.slow
+@pytest.mark.requires_rabbitmq
+@pytest.mark.skipif(_BROKER_SKIP is not None, reason=_BROKER_SKIP or "")
+def test_real_store_survives_sigkill_exactly_once_with_quarantine_and_dead_letters(tmp_path, queue):
+    store_mod = pytest.importorskip("phaseid_hpc.store", reason="phaseid_hpc/store.py not available")
+    pytest.importorskip("phaseid_hpc.ingest", reason="phaseid_hpc/ingest.py not available")
+    import xarray as xr
+
+    meters = [f"M{i:03d}" for i in range(120)]
+    n_times = 96
+    table = pd.DataFrame({"meter_id": meters, "feeder_id": "F1",
+                          "transformer_id": [f"T{i // 4:02d}" for i in range(120)], "phase": "A"})
+    store = tmp_path / "store.zarr"
+    store_mod.initialize_store(store, table, pd.date_range(T0, periods=n_times, freq="15min"), interval_s=900)
+    df = _reads(meters, n_times)  # 11,520 reads, 96 per message
+    df["kw"] = np.round(df["voltage_v"] / 100.0, 3)  # optional column: stored too
+    bodies = [(_csv_batch(df.iloc[i : i + 96]), "text/csv") if (i // 96) % 2 else
+              (_json_batch(df.iloc[i : i + 96]), "application/json") for i in range(0, len(df), 96)]
+    bodies.insert(10, (_json_batch(_reads(["UNKNOWN"], 2)), "application/json"))  # rows -> quarantine
+    bodies.insert(20, (b'{"meter_id": "M001", "timestamp": "soon", "voltage_v": 1}', None))  # -> dead letter
+    _publish(queue, bodies)
+
+    p = _start_consumer(tmp_path, queue, store, kill_after=2)  # dies after a durable write, before its ack
+    rc, out = _finish(p, 40)
+    assert rc == -signal.SIGKILL, out
+    p = _start_consumer(tmp_path, queue, store)
+    _wait_for(lambda: _progress(store) > 5_000, timeout=40)
+    p.send_signal(signal.SIGKILL)  # killed from outside, mid-stream
+    _finish(p, 10)
+    assert _depth(queue) > 0, "the consumer finished before it could be killed mid-stream"
+    p = _start_consumer(tmp_path, queue, store, idle=1.0)
+    out = p.communicate(timeout=60)[0].decode()
+    assert p.returncode == 0, out
+
+    assert _progress(store) > len(df)  # some reads were written twice (redelivered) ...
+    ds = xr.open_zarr(store, consolidated=False)
+    v = ds["voltage"].values
+    assert int(np.isfinite(v).sum()) == len(df)  # ... yet every read is in the store exactly once
+    expect = df.pivot(index="meter_id", columns="timestamp", values="voltage_v")
+    got = pd.DataFrame(v, index=ds["meter"].values, columns=ds["time"].values).loc[expect.index, expect.columns]
+    np.testing.assert_allclose(got.to_numpy(), expect.to_numpy(), rtol=1e-6)
+    kw = pd.DataFrame(ds["kw"].values, index=ds["meter"].values, columns=ds["time"].values)
+    expect_kw = df.pivot(index="meter_id", columns="timestamp", values="kw")
+    np.testing.assert_allclose(kw.loc[expect_kw.index, expect_kw.columns].to_numpy(), expect_kw.to_numpy(), rtol=1e-6)
+    assert list((store / "quarantine").glob("*.parquet")), "the UNKNOWN meter's rows were not quarantined"
+    dead = _drain(queue + ".dlq")
+    assert len(dead) >= 1 and all("timestamp 'soon'" in h["reason"] for _, h in dead)
+    assert _depth(queue) == 0
