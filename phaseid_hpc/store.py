@@ -1,0 +1,838 @@
+"""The Zarr v3 store: schema, creation, block writes, opening, validation, feeder partitions, transactions.
+
+Layout of a store directory ``STORE``::
+
+    STORE/zarr.json                 root group (consolidated metadata, attrs interval_s, phaseid_store_version)
+    STORE/voltage, kw, kvar         (meter, time) data arrays
+    STORE/meter, time, ...          coordinates (see docs/ARCHITECTURE.md "Store schema")
+    STORE/quarantine/*.parquet      rows the ingest could not use, with a ``reason`` column
+    STORE/_phaseid/                 bookkeeping (per-meter sampling statistics, seen batches, lock, staging)
+
+``quarantine`` and ``_phaseid`` carry an empty Zarr group ``zarr.json`` so that Zarr and xarray walk past
+them silently; ``xarray.open_zarr(STORE)`` sees only the schema variables.
+
+Chunking
+--------
+Zarr v3 has only regular chunk grids, so storage chunks along ``meter`` cannot follow feeder boundaries.
+The storage chunk is therefore small along ``meter`` (``meter_chunk`` meters, a power of two, about
+``min(block_bytes, 4 MB)`` per chunk) and fixed along ``time`` (``time_chunk`` samples). Feeder alignment
+lives one level up: :func:`open_store` chunks the Dask arrays along ``meter`` by :func:`feeder_blocks`
+(whole feeders, about ``block_bytes`` each), so every Dask task holds whole feeders and reads at most two
+partial storage chunks at its edges. Sharding was not used: chunks of a few MB already keep the file count
+low (1 M meters x 35 days: ~8 k files per variable) and a sharded partial write rewrites the whole shard,
+which would make :func:`~phaseid_hpc.ingest.ingest_frame` upserts slower.
+
+Transactions
+------------
+Every change after creation goes through :class:`StoreTransaction`: new chunk files, metadata and
+side files are written to ``STORE/_phaseid/txn-<id>/`` (mirroring the store's paths), fsynced, then a
+``COMMITTED`` marker is renamed into place (the commit point), then each staged file is moved over its
+target with :func:`os.replace`. A crash before the marker leaves the old store (the staging folder is
+deleted on the next open); a crash after it is rolled forward by :func:`recover_store` (called by every
+writer and by :func:`open_store`). Writers hold an exclusive ``flock`` on ``STORE/_phaseid/lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import threading
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple, Self
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+
+from . import contract
+from .errors import ContractError, StoreError
+
+__all__ = [
+    "DATA_VARIABLES",
+    "STORE_VERSION",
+    "FeederBlock",
+    "StoreTransaction",
+    "encode_voltage",
+    "feeder_blocks",
+    "initialize_store",
+    "open_store",
+    "recover_store",
+    "sort_meters",
+    "validate_store",
+    "write_meter_block",
+]
+
+#: Version of the store layout written into the root attributes.
+STORE_VERSION = 1
+#: (meter, time) data variables a store may hold.
+DATA_VARIABLES: tuple[str, ...] = ("voltage", "kw", "kvar")
+#: Coordinates along ``meter`` holding strings / floats.
+METER_STR_COORDS: tuple[str, ...] = ("feeder_id", "transformer_id", "phase_gis", "service_type")
+METER_FLOAT_COORDS: tuple[str, ...] = ("nominal_v", "lat", "lon", "sampling_interval_s", "off_grid_fraction")
+#: int16 deci-volt encoding.
+DECIVOLT_SCALE = 0.1
+INT16_FILL = -32768
+_SIDE_GROUPS = ("quarantine", "_phaseid")
+_GROUP_JSON = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+_UNITS = {"voltage": "V", "kw": "kW", "kvar": "kvar", "reference_voltage": "V"}
+_EPOCH_UNITS = "seconds since 1970-01-01"
+
+
+# --------------------------------------------------------------------------------------------- meters
+def sort_meters(meters: pd.DataFrame, *, source: str = "meters") -> pd.DataFrame:
+    """Check a contract meter table and sort it by feeder, transformer, meter id (stable).
+
+    Parameters
+    ----------
+    meters : DataFrame
+        Columns ``meter_id, feeder_id, transformer_id, phase`` and optionally ``service_type, nominal_v
+        [V], lat, lon [deg]``.
+    source : str
+        Name used in error messages (the file).
+
+    Returns
+    -------
+    DataFrame
+        All contract columns (optional ones filled: ``""`` / NaN), string ids, a fresh RangeIndex.
+
+    Raises
+    ------
+    ContractError
+        Missing column, empty or duplicated meter id, unknown phase label (message names row and column).
+    """
+    missing = [c for c in contract.METERS_REQUIRED if c not in meters.columns]
+    if missing:
+        raise ContractError(f"{source}: missing required column(s) {missing}; found {list(meters.columns)}")
+    out = pd.DataFrame(index=pd.RangeIndex(len(meters)))
+    for c in ("meter_id", "feeder_id", "transformer_id", "phase", "service_type"):
+        col = meters[c] if c in meters.columns else pd.Series([""] * len(meters))
+        vals = col.to_numpy(dtype=object)
+        bad = pd.isna(vals) if c != "service_type" else np.zeros(len(vals), bool)
+        if c != "service_type" and bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ContractError(
+                f"{source}: row {row + 2}, column {c!r}: empty value (expected an identifier)"
+            )
+        out[c] = np.array(["" if pd.isna(v) else str(v) for v in vals], dtype=object)
+    for c in ("nominal_v", "lat", "lon"):
+        if c in meters.columns:
+            v = pd.to_numeric(meters[c], errors="coerce").to_numpy(np.float64)
+            bad = np.flatnonzero(meters[c].notna().to_numpy() & np.isnan(v))
+            if len(bad):
+                raise ContractError(
+                    f"{source}: row {bad[0] + 2}, column {c!r}: expected a number, got {meters[c].iloc[bad[0]]!r}"
+                )
+            out[c] = v
+        else:
+            out[c] = np.nan
+    bad_phase = ~out["phase"].isin(contract.PHASE_LABELS)
+    if bad_phase.any():
+        row = int(np.flatnonzero(bad_phase.to_numpy())[0])
+        raise ContractError(
+            f"{source}: row {row + 2}, column 'phase': expected one of {list(contract.PHASE_LABELS)}, "
+            f"got {out['phase'].iloc[row]!r}"
+        )
+    dup = out["meter_id"].duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise ContractError(
+            f"{source}: row {row + 2}, column 'meter_id': duplicate id {out['meter_id'].iloc[row]!r}"
+        )
+    out = out.sort_values(["feeder_id", "transformer_id", "meter_id"], kind="stable").reset_index(drop=True)
+    return out
+
+
+def _meter_chunk(block_bytes: float, time_chunk: int, itemsize: int = 4) -> int:
+    """Storage chunk length along ``meter``: a power of two, ~min(block_bytes, 4 MB) per chunk."""
+    target = min(float(block_bytes), 4e6) / max(1, time_chunk * itemsize)
+    return int(2 ** max(0, int(np.floor(np.log2(max(target, 1.0))))))
+
+
+# --------------------------------------------------------------------------------------------- encoding
+def encode_voltage(values: np.ndarray, encoding: str) -> np.ndarray:
+    """Encode voltages [V] (NaN = missing) to the stored dtype.
+
+    ``"float32"``: float32 with NaN. ``"int16_decivolt"``: ``round(v / 0.1)`` as int16, NaN -> -32768.
+    Values outside +-3276.7 V cannot be stored as deci-volts: the caller must quarantine them first
+    (they are stored as the fill value, i.e. missing).
+    """
+    values = np.asarray(values)
+    if encoding == "float32":
+        return values.astype(np.float32)
+    if encoding == "int16_decivolt":
+        q = np.rint(values.astype(np.float64) / DECIVOLT_SCALE)
+        bad = ~np.isfinite(q) | (q < -32767) | (q > 32767)
+        q[bad] = INT16_FILL
+        return q.astype(np.int16)
+    raise StoreError(f"unknown voltage encoding {encoding!r}: expected 'float32' or 'int16_decivolt'")
+
+
+def _compressors(dtype: np.dtype) -> tuple[Any, ...]:
+    # Byte shuffle + zstd level 3: level 5 compresses 3-5% better but encodes ~3x slower (ingest rewrites
+    # chunks), plain zstd is bigger on full-precision float32 (benchmarks/store_encoding.py).
+    return (
+        zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize),
+    )
+
+
+# --------------------------------------------------------------------------------------------- creation
+def _write_group_markers(path: Path) -> None:
+    for g in _SIDE_GROUPS:
+        (path / g).mkdir(parents=True, exist_ok=True)
+        (path / g / "zarr.json").write_text(json.dumps(_GROUP_JSON))
+
+
+def _consolidate(path: Path) -> None:
+    with warnings.catch_warnings():
+        # zarr warns that consolidated metadata is not (yet) part of the v3 spec; xarray relies on it.
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
+def _str_array(values: Sequence[Any]) -> np.ndarray:
+    return np.array(["" if pd.isna(v) else str(v) for v in values], dtype=object)
+
+
+def initialize_store(
+    path: str | os.PathLike[str],
+    meters: pd.DataFrame,
+    times: Sequence[Any] | pd.DatetimeIndex,
+    *,
+    interval_s: int,
+    transformers: pd.DataFrame | None = None,
+    references: pd.DataFrame | None = None,
+    variables: Sequence[str] = ("voltage", "kw"),
+    block_bytes: float = 100e6,
+    voltage_encoding: str = "float32",
+    time_chunk: int = 2976,
+    overwrite: bool = False,
+) -> None:
+    """Create an empty store (all data NaN) with the schema of docs/ARCHITECTURE.md.
+
+    Parameters
+    ----------
+    path : path-like
+        Store directory (must not exist unless ``overwrite``).
+    meters : DataFrame
+        Contract meter table (``meter_id, feeder_id, transformer_id, phase[, service_type, nominal_v [V],
+        lat, lon]``); sorted here by feeder, transformer, meter id.
+    times : sequence of datetime-like, shape (n_time,)
+        The regular UTC grid (interval ends); tz-aware values are converted to UTC, naive ones are UTC.
+    interval_s : int
+        Grid step [s]; ``times`` must be spaced by exactly this.
+    transformers : DataFrame, optional
+        ``transformer_id, feeder_id, kva_rating [kVA], n_phases``.
+    references : DataFrame, optional
+        Long format ``feeder_id, phase, timestamp, voltage_v [V]``; reads off the grid are dropped.
+    variables : sequence of str
+        Subset of ``("voltage", "kw", "kvar")``; ``voltage`` is always created.
+    block_bytes : float
+        Target bytes of one feeder block [bytes]; sets the storage chunk along ``meter``.
+    voltage_encoding : {"float32", "int16_decivolt"}
+        Stored dtype of ``voltage`` (decoded to float32 [V] either way).
+    time_chunk : int
+        Storage chunk length along ``time`` [samples].
+    overwrite : bool
+        Replace an existing directory.
+
+    Notes
+    -----
+    Data arrays are created empty: chunks that were never written read as NaN and take no space.
+    """
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise StoreError(f"store {str(path)!r} already exists (pass overwrite=True to replace it)")
+        shutil.rmtree(path)
+    if voltage_encoding not in ("float32", "int16_decivolt"):
+        raise StoreError(
+            f"unknown voltage encoding {voltage_encoding!r}: expected 'float32' or 'int16_decivolt'"
+        )
+    m = sort_meters(meters)
+    t = _to_utc_naive(times)
+    if len(t) > 1 and not (np.diff(t.asi8) == int(interval_s) * 10**9).all():
+        raise StoreError(f"initialize_store: times are not a regular grid of {interval_s} s")
+    variables = ["voltage"] + [v for v in variables if v != "voltage"]
+    unknown = sorted(set(variables) - set(DATA_VARIABLES))
+    if unknown:
+        raise StoreError(f"initialize_store: unknown variable(s) {unknown}; allowed {list(DATA_VARIABLES)}")
+
+    coords: dict[str, Any] = {
+        "meter": ("meter", _str_array(m["meter_id"])),
+        "feeder_id": ("meter", _str_array(m["feeder_id"])),
+        "transformer_id": ("meter", _str_array(m["transformer_id"])),
+        "phase_gis": ("meter", _str_array(m["phase"])),
+        "service_type": ("meter", _str_array(m["service_type"])),
+        "time": ("time", t.values),
+    }
+    for c in ("nominal_v", "lat", "lon"):
+        coords[c] = ("meter", m[c].to_numpy(np.float64))
+    coords["sampling_interval_s"] = ("meter", np.full(len(m), np.nan))
+    coords["off_grid_fraction"] = ("meter", np.full(len(m), np.nan))
+    data_vars: dict[str, Any] = {}
+    if transformers is not None:
+        tr = transformers
+        miss = [c for c in contract.TRANSFORMERS_REQUIRED if c not in tr.columns]
+        if miss:
+            raise ContractError(f"transformers: missing required column(s) {miss}; found {list(tr.columns)}")
+        tr = tr.sort_values(["feeder_id", "transformer_id"], kind="stable")
+        coords["transformer"] = ("transformer", _str_array(tr["transformer_id"]))
+        coords["kva_rating"] = (
+            "transformer",
+            pd.to_numeric(tr["kva_rating"], errors="coerce").to_numpy(np.float64),
+        )
+        coords["n_phases"] = ("transformer", pd.to_numeric(tr["n_phases"]).to_numpy(np.int64))
+        coords["transformer_feeder_id"] = ("transformer", _str_array(tr["feeder_id"]))
+    ref_values = None
+    if references is not None:
+        miss = [c for c in contract.REFERENCES_REQUIRED if c not in references.columns]
+        if miss:
+            raise ContractError(
+                f"references: missing required column(s) {miss}; found {list(references.columns)}"
+            )
+        r = references.copy()
+        r["timestamp"] = _to_utc_naive(r["timestamp"])
+        r["feeder_id"] = r["feeder_id"].astype(str)
+        r["phase"] = r["phase"].astype(str)
+        keys = r[["feeder_id", "phase"]].drop_duplicates().sort_values(["feeder_id", "phase"], kind="stable")
+        coords["reference"] = ("reference", _str_array(keys["feeder_id"] + "/" + keys["phase"]))
+        coords["reference_feeder_id"] = ("reference", _str_array(keys["feeder_id"]))
+        coords["reference_phase"] = ("reference", _str_array(keys["phase"]))
+        ref_values = np.full((len(keys), len(t)), np.nan, np.float32)
+        row = pd.Index(keys["feeder_id"] + "/" + keys["phase"]).get_indexer(r["feeder_id"] + "/" + r["phase"])
+        col = pd.Index(t).get_indexer(pd.DatetimeIndex(r["timestamp"]))
+        ok = col >= 0
+        ref_values[row[ok], col[ok]] = pd.to_numeric(r["voltage_v"], errors="coerce").to_numpy(np.float32)[ok]
+        data_vars["reference_voltage"] = (("reference", "time"), ref_values, {"units": "V"})
+
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.attrs = {"interval_s": int(interval_s), "phaseid_store_version": STORE_VERSION}
+    n_time_chunk = max(1, int(time_chunk))
+    encoding: dict[str, Any] = {
+        "time": {
+            "units": _EPOCH_UNITS,
+            "dtype": "int64",
+            "calendar": "proleptic_gregorian",
+            "chunks": (max(n_time_chunk * 16, 1),),
+        },
+    }
+    for c in ("sampling_interval_s", "off_grid_fraction"):
+        encoding[c] = {"chunks": (max(len(m), 1),)}
+    if ref_values is not None:
+        encoding["reference_voltage"] = {"chunks": (max(len(ref_values), 1), n_time_chunk)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.to_zarr(str(path), zarr_format=3, encoding=encoding, mode="w", consolidated=False)
+
+    group = zarr.open_group(str(path), mode="a")
+    mchunk = _meter_chunk(block_bytes, n_time_chunk)
+    for var in variables:
+        if var == "voltage" and voltage_encoding == "int16_decivolt":
+            dtype, fill = np.int16, INT16_FILL
+            attrs: dict[str, Any] = {"scale_factor": DECIVOLT_SCALE, "_FillValue": INT16_FILL}
+        else:
+            dtype, fill = np.float32, np.nan
+            # xarray reads a float _FillValue attribute of a v3 array as base64 of a float64.
+            from xarray.backends.zarr import FillValueCoder
+
+            attrs = {"_FillValue": FillValueCoder.encode(np.nan, np.dtype(np.float32))}
+        attrs["units"] = _UNITS[var]
+        attrs["coordinates"] = (
+            "feeder_id transformer_id phase_gis service_type nominal_v lat lon "
+            "sampling_interval_s off_grid_fraction"
+        )
+        group.create_array(
+            var,
+            shape=(len(m), len(t)),
+            chunks=(min(mchunk, max(len(m), 1)), n_time_chunk),
+            dtype=dtype,
+            fill_value=fill,
+            dimension_names=("meter", "time"),
+            attributes=attrs,
+            compressors=_compressors(np.dtype(dtype)),
+        )
+    _write_group_markers(path)
+    _consolidate(path)
+
+
+def _strings(values: Any) -> np.ndarray:
+    """Any string array (NumPy StringDType, unicode, object) as an object array of ``str``."""
+    return np.asarray(values).astype(object)
+
+
+def _to_utc_naive(values: Any) -> pd.DatetimeIndex:
+    """Datetime-likes to a naive UTC ``DatetimeIndex`` [ns] (naive input is taken as UTC)."""
+    idx = pd.DatetimeIndex(
+        pd.to_datetime(values, utc=True, format="ISO8601")
+        if not isinstance(values, pd.DatetimeIndex) or values.tz is not None
+        else values
+    )
+    if idx.tz is not None:
+        idx = idx.tz_convert("UTC").tz_localize(None)
+    return idx.as_unit("ns")
+
+
+# --------------------------------------------------------------------------------------------- block writes
+def write_meter_block(
+    path: str | os.PathLike[str],
+    meter_start: int,
+    meter_stop: int,
+    arrays: Mapping[str, np.ndarray],
+) -> None:
+    """Write whole meter rows ``[meter_start, meter_stop)`` of data variables (all times).
+
+    Parameters
+    ----------
+    path : path-like
+        A store made by :func:`initialize_store`.
+    meter_start, meter_stop : int
+        Row range in store order (see :func:`feeder_blocks`).
+    arrays : mapping of str to ndarray, shape (meter_stop - meter_start, n_time)
+        ``voltage`` [V], ``kw`` [kW], ``kvar`` [kvar], decoded (NaN = missing); encoded here.
+
+    Notes
+    -----
+    Used by the synthetic generator to fill a fresh store block by block; not transactional (the store is
+    being built). Rows that do not cover whole storage chunks are read-modify-written by Zarr, so blocks
+    must be written one after another (not concurrently) unless they start and stop on storage-chunk
+    boundaries (``ds.voltage.encoding["preferred_chunks"]``).
+    """
+    path = Path(path)
+    group = _open_group(path)
+    for name, values in arrays.items():
+        if name not in group.array_keys():
+            raise StoreError(
+                f"store {str(path)!r} has no variable {name!r} (has {sorted(group.array_keys())})"
+            )
+        arr = group[name]
+        values = np.asarray(values)
+        expected = (meter_stop - meter_start, arr.shape[1])
+        if values.shape != expected or not 0 <= meter_start <= meter_stop <= arr.shape[0]:
+            raise StoreError(
+                f"write_meter_block({name!r}): expected shape {expected} within {arr.shape[0]} meters, "
+                f"got {values.shape} for rows [{meter_start}, {meter_stop})"
+            )
+        enc = "int16_decivolt" if arr.dtype == np.int16 else "float32"
+        arr[meter_start:meter_stop, :] = (
+            encode_voltage(values, enc) if name == "voltage" else values.astype(np.float32)
+        )
+
+
+def _open_group(path: Path) -> zarr.Group:
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"no Zarr store at {str(path)!r} (missing zarr.json)")
+    return zarr.open_group(str(path), mode="r+", use_consolidated=False)
+
+
+# --------------------------------------------------------------------------------------------- opening
+def open_store(
+    path: str | os.PathLike[str],
+    *,
+    block_bytes: float | None = 100e6,
+    recover: bool = True,
+) -> xr.Dataset:
+    """Open a store as a lazy, Dask-backed Dataset.
+
+    Parameters
+    ----------
+    path : path-like
+        Store directory.
+    block_bytes : float or None
+        Dask chunks along ``meter`` are :func:`feeder_blocks` of about this size [bytes] (whole feeders);
+        ``None`` keeps the storage chunks.
+    recover : bool
+        Finish or discard an interrupted transaction first (see :func:`recover_store`).
+
+    Returns
+    -------
+    Dataset
+        ``voltage`` (and ``kw``, ``kvar``) as float32 [V] with NaN for missing data.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"no Zarr store at {str(path)!r} (missing zarr.json)")
+    if recover:
+        recover_store(path)
+    ds = xr.open_zarr(str(path), consolidated=True, chunks={})
+    # Zarr v3 strings load as NumPy StringDType, which ``.astype(str)`` and many libraries reject: use
+    # plain object arrays of ``str`` (the tables are 1-D and small next to the data).
+    strings = {
+        k: (v.dims, _strings(v.values), v.attrs) for k, v in ds.variables.items() if v.dtype.kind == "T"
+    }
+    if strings:
+        ds = ds.assign_coords(strings)
+    for v in DATA_VARIABLES:
+        if v in ds and ds[v].dtype != np.float32:
+            enc = ds[v].encoding
+            ds[v] = ds[v].astype(np.float32)
+            ds[v].encoding = enc
+    if block_bytes is not None and ds.sizes.get("meter", 0) > 0:
+        blocks = feeder_blocks(ds, block_bytes)
+        ds = ds.chunk({"meter": tuple(b.stop - b.start for b in blocks)})
+    return ds
+
+
+# --------------------------------------------------------------------------------------------- partitions
+class FeederBlock(NamedTuple):
+    """A block of whole feeders: rows ``[start, stop)`` of the store's ``meter`` dimension."""
+
+    start: int
+    stop: int
+    feeder_ids: tuple[str, ...]
+
+
+def feeder_blocks(
+    ds_or_meter_table: xr.Dataset | pd.DataFrame,
+    target_bytes: float,
+    *,
+    bytes_per_meter: float | None = None,
+) -> list[FeederBlock]:
+    """Partition the meters into consecutive blocks of whole feeders of about ``target_bytes``.
+
+    Parameters
+    ----------
+    ds_or_meter_table : Dataset or DataFrame
+        A store Dataset, or a meter table in store order (column ``feeder_id``; feeders contiguous).
+    target_bytes : float
+        Target size of one block [bytes]. Feeders are packed greedily; a feeder larger than the target
+        is a block of its own.
+    bytes_per_meter : float, optional
+        [bytes]; default ``4 * n_time`` for a Dataset (float32 voltage), ``4 * 2976`` for a table.
+
+    Returns
+    -------
+    list of FeederBlock
+        ``(start, stop, feeder_ids)`` covering ``[0, n_meters)`` without gaps or overlaps.
+
+    Raises
+    ------
+    StoreError
+        A feeder's meters are not contiguous.
+    """
+    if isinstance(ds_or_meter_table, xr.Dataset):
+        feeders = _strings(ds_or_meter_table["feeder_id"].values)
+        if bytes_per_meter is None:
+            bytes_per_meter = 4.0 * max(1, ds_or_meter_table.sizes.get("time", 1))
+    else:
+        feeders = _strings(ds_or_meter_table["feeder_id"].astype(str).to_numpy())
+        if bytes_per_meter is None:
+            bytes_per_meter = 4.0 * 2976
+    n = len(feeders)
+    if n == 0:
+        return []
+    change = np.flatnonzero(feeders[1:] != feeders[:-1]) + 1
+    starts = np.concatenate([[0], change])
+    stops = np.concatenate([change, [n]])
+    run_ids = feeders[starts]
+    if len(set(run_ids)) != len(run_ids):
+        dup = pd.Series(run_ids)[pd.Series(run_ids).duplicated()].iloc[0]
+        raise StoreError(f"feeder {dup!r} is not a contiguous slice of meters (store not sorted by feeder)")
+    per_block = max(1.0, float(target_bytes) / float(bytes_per_meter))
+    blocks: list[FeederBlock] = []
+    cur_start, cur_ids = int(starts[0]), []
+    for s, e, f in zip(starts, stops, run_ids):
+        if cur_ids and (e - cur_start) > per_block:
+            blocks.append(FeederBlock(cur_start, int(s), tuple(cur_ids)))
+            cur_start, cur_ids = int(s), []
+        cur_ids.append(str(f))
+    blocks.append(FeederBlock(cur_start, n, tuple(cur_ids)))
+    return blocks
+
+
+# --------------------------------------------------------------------------------------------- validation
+def validate_store(path: str | os.PathLike[str], *, raise_on_error: bool = False) -> list[str]:
+    """Check a store against the schema; return the list of problems (empty: valid).
+
+    Checks: the store opens; attributes ``interval_s`` and ``phaseid_store_version``; every schema variable
+    present with the right dimensions; meter ids unique and sorted by feeder, transformer, meter (so each
+    feeder is a contiguous slice); Dask chunks of :func:`open_store` made of whole feeders; storage chunks
+    of all data variables identical; the time axis strictly increasing on a regular ``interval_s`` grid;
+    no interrupted transaction left in ``_phaseid``.
+
+    Parameters
+    ----------
+    path : path-like
+    raise_on_error : bool
+        Raise :class:`StoreError` listing every problem instead of returning them.
+    """
+    path = Path(path)
+    problems: list[str] = []
+    try:
+        pending = [p.name for p in _txn_root(path).glob("txn-*")] if (path / "_phaseid").is_dir() else []
+        if pending:
+            problems.append(f"interrupted transaction(s) {sorted(pending)} in _phaseid (run recover_store)")
+        ds = open_store(path, recover=False, block_bytes=None)
+    except Exception as exc:  # noqa: BLE001 - reported as a problem
+        problems.append(f"store {str(path)!r} does not open: {exc}")
+        return _finish(problems, path, raise_on_error)
+    for a in ("interval_s", "phaseid_store_version"):
+        if a not in ds.attrs:
+            problems.append(f"missing attribute {a!r}")
+    expected = {
+        "voltage": ("meter", "time"),
+        "meter": ("meter",),
+        "time": ("time",),
+        **{c: ("meter",) for c in METER_STR_COORDS + METER_FLOAT_COORDS},
+    }
+    optional = {
+        "kw": ("meter", "time"),
+        "kvar": ("meter", "time"),
+        "reference_voltage": ("reference", "time"),
+        "reference_feeder_id": ("reference",),
+        "reference_phase": ("reference",),
+        "kva_rating": ("transformer",),
+        "n_phases": ("transformer",),
+        "transformer_feeder_id": ("transformer",),
+    }
+    for name, dims in expected.items():
+        if name not in ds.variables:
+            problems.append(f"missing variable {name!r} (expected dims {dims})")
+        elif ds[name].dims != dims:
+            problems.append(f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
+    for name, dims in optional.items():
+        if name in ds.variables and ds[name].dims != dims:
+            problems.append(f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
+    if "voltage" in ds and not np.issubdtype(ds["voltage"].dtype, np.floating):
+        problems.append(f"voltage decodes to {ds['voltage'].dtype}, expected float32")
+    if all(c in ds.variables for c in ("meter", "feeder_id", "transformer_id")):
+        table = pd.DataFrame({c: _strings(ds[c].values) for c in ("meter", "feeder_id", "transformer_id")})
+        if table["meter"].duplicated().any():
+            problems.append(
+                f"duplicate meter id(s) {table['meter'][table['meter'].duplicated()].head(3).tolist()}"
+            )
+        order = table.sort_values(["feeder_id", "transformer_id", "meter"], kind="stable").index.to_numpy()
+        if not (order == np.arange(len(order))).all():
+            row = int(np.flatnonzero(order != np.arange(len(order)))[0])
+            problems.append(
+                f"meters not sorted by feeder, transformer, meter id: first out of place at row {row} "
+                f"(meter {table['meter'].iloc[row]!r})"
+            )
+        else:
+            try:
+                blocks = feeder_blocks(ds, 100e6)
+                dask_ds = ds.chunk({"meter": tuple(b.stop - b.start for b in blocks)}) if len(table) else ds
+                bounds = np.cumsum((0,) + tuple(dask_ds.chunks.get("meter", ())))
+                feeders = table["feeder_id"].to_numpy()
+                for b in bounds[1:-1]:
+                    if feeders[b - 1] == feeders[b]:
+                        problems.append(
+                            f"chunks not aligned to feeders: boundary at row {b} splits feeder {feeders[b]!r}"
+                        )
+                        break
+            except StoreError as exc:
+                problems.append(str(exc))
+    data_vars = [v for v in DATA_VARIABLES if v in ds]
+    storage_chunks = {
+        v: ds[v].encoding.get("chunks") or ds[v].encoding.get("preferred_chunks") for v in data_vars
+    }
+    if len({str(c) for c in storage_chunks.values()}) > 1:
+        problems.append(f"data variables have different storage chunks: {storage_chunks}")
+    if "time" in ds.variables:
+        t = pd.DatetimeIndex(ds["time"].values)
+        if t.tz is not None:
+            problems.append("time coordinate carries a time zone (expected naive UTC)")
+        if len(t) > 1:
+            d = np.diff(t.asi8)
+            step = int(ds.attrs.get("interval_s", 0)) * 10**9
+            if (d <= 0).any():
+                problems.append(f"time not strictly increasing at index {int(np.flatnonzero(d <= 0)[0]) + 1}")
+            elif step and (d != step).any():
+                i = int(np.flatnonzero(d != step)[0])
+                problems.append(
+                    f"non-regular time grid: step {d[i] / 1e9:g} s at index {i + 1}, expected interval_s={step // 10**9}"
+                )
+    return _finish(problems, path, raise_on_error)
+
+
+def _finish(problems: list[str], path: Path, raise_on_error: bool) -> list[str]:
+    if problems and raise_on_error:
+        raise StoreError(f"store {str(path)!r} is not valid:\n  - " + "\n  - ".join(problems))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- transactions
+def _txn_root(path: Path) -> Path:
+    return path / "_phaseid"
+
+
+@contextlib.contextmanager
+def _store_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    root = _txn_root(path)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fsync_path(p: Path, directory: bool = False) -> None:
+    fd = os.open(p, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(path: Path, stage: Path) -> None:
+    """Move every staged file over its target (idempotent: already-moved files are skipped)."""
+    manifest = json.loads((stage / "COMMITTED").read_text())
+    dirs: set[Path] = set()
+    for i, rel in enumerate(manifest["files"]):
+        src, dst = stage / "files" / rel, path / rel
+        if _FAULT_HOOK is not None:
+            _FAULT_HOOK("publish", i)
+        if src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+            dirs.add(dst.parent)
+    for d in dirs:
+        _fsync_path(d, directory=True)
+    # The stage is empty now; one rename retires it (removing its folders is slow on some file systems
+    # and not needed for consistency: recovery ignores ``done-*``, the next transaction deletes them).
+    done = stage.with_name("done-" + stage.name[len("txn-") :])
+    os.replace(stage, done)
+    threading.Thread(target=shutil.rmtree, args=(done,), kwargs={"ignore_errors": True}, daemon=True).start()
+
+
+def recover_store(path: str | os.PathLike[str]) -> list[str]:
+    """Finish committed and discard uncommitted transactions left by a crash.
+
+    Returns the actions taken (``"rolled forward txn-..."`` / ``"rolled back txn-..."``). Does nothing
+    while another process holds the store's write lock.
+    """
+    path = Path(path)
+    actions: list[str] = []
+    root = _txn_root(path)
+    if not root.is_dir() or not any(root.glob("txn-*")):
+        return actions
+    with _store_lock(path, blocking=False) as locked:
+        if not locked:
+            return actions
+        actions = _recover_locked(path)
+    return actions
+
+
+def _recover_locked(path: Path) -> list[str]:
+    actions = []
+    for done in _txn_root(path).glob("done-*"):
+        shutil.rmtree(done, ignore_errors=True)
+    for stage in sorted(_txn_root(path).glob("txn-*")):
+        if (stage / "COMMITTED").is_file():
+            _publish(path, stage)
+            actions.append(f"rolled forward {stage.name}")
+        else:
+            shutil.rmtree(stage, ignore_errors=True)
+            actions.append(f"rolled back {stage.name}")
+    return actions
+
+
+#: Test hook: called as ``hook(stage_name, index)`` at each step of a publish; raise to simulate a crash.
+_FAULT_HOOK: Any = None
+
+
+class StoreTransaction:
+    """All-or-nothing change of a store: stage files, commit, publish.
+
+    Use as a context manager; inside, :meth:`array` gives a Zarr array in the staging area whose metadata
+    is a copy of the store's (resize it, write whole chunks to it), and :meth:`write_file` stages any side
+    file. Leaving the block without an exception commits and publishes; an exception discards the stage.
+
+    Writes to staged arrays must cover whole storage chunks (the stage holds no copy of the old chunks).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.stage = _txn_root(self.path) / f"txn-{uuid.uuid4().hex}"
+        self.files = self.stage / "files"
+        self._lock: Any = None
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def __enter__(self) -> Self:
+        if not (self.path / "zarr.json").is_file():
+            raise StoreError(f"no Zarr store at {str(self.path)!r} (missing zarr.json)")
+        self._lock = _store_lock(self.path)
+        self._lock.__enter__()
+        _recover_locked(self.path)
+        self.files.mkdir(parents=True)
+        # Mirror every metadata document so that the staged hierarchy opens and consolidates on its own.
+        # The hierarchy is flat (root group + one level of arrays and side groups).
+        metas = [self.path / "zarr.json"] + [
+            d / "zarr.json" for d in self.path.iterdir() if (d / "zarr.json").is_file()
+        ]
+        for meta in metas:
+            rel = meta.relative_to(self.path)
+            (self.files / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(meta, self.files / rel)
+        return self
+
+    def array(self, name: str) -> zarr.Array:
+        """The staged Zarr array ``name`` (writes land in the stage; unwritten chunks read as fill)."""
+        if name not in self._arrays:
+            self._arrays[name] = zarr.open_array(
+                str(self.files / name), mode="r+", config={"write_empty_chunks": True}
+            )
+        return self._arrays[name]
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        """Stage a side file at ``STORE/rel``."""
+        p = self.files / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """Update root attributes."""
+        meta = json.loads((self.files / "zarr.json").read_text())
+        meta.setdefault("attributes", {}).update(attrs)
+        (self.files / "zarr.json").write_text(json.dumps(meta))
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.stage, ignore_errors=True)
+                return
+            try:
+                self._commit()
+            except BaseException:
+                if not (self.stage / "COMMITTED").is_file():
+                    shutil.rmtree(self.stage, ignore_errors=True)
+                raise
+        finally:
+            self._lock.__exit__(None, None, None)
+
+    def _commit(self) -> None:
+        _consolidate(self.files)
+        files = []
+        for p in sorted(self.files.rglob("*")):
+            if not p.is_file():
+                continue
+            rel = str(p.relative_to(self.files))
+            target = self.path / rel
+            if p.name == "zarr.json" and target.is_file() and target.read_bytes() == p.read_bytes():
+                continue
+            files.append(rel)
+        with ThreadPoolExecutor(max_workers=8) as pool:  # fsync releases the GIL
+            list(pool.map(_fsync_path, [self.files / rel for rel in files]))
+        tmp = self.stage / "COMMITTED.tmp"
+        tmp.write_text(json.dumps({"files": files}))
+        _fsync_path(tmp)
+        if _FAULT_HOOK is not None:
+            _FAULT_HOOK("commit", 0)
+        os.replace(tmp, self.stage / "COMMITTED")
+        _fsync_path(self.stage, directory=True)
+        _publish(self.path, self.stage)

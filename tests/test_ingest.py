@@ -1,0 +1,356 @@
+"""Tests of phaseid_hpc/ingest.py: files and frames into the store."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from phaseid_hpc import store as S
+from phaseid_hpc.config import IngestConfig
+from phaseid_hpc.errors import ContractError, StoreError
+from phaseid_hpc.ingest import QUARANTINE_REASONS, IngestReport, ingest_files, ingest_frame
+
+CKT5 = Path(__file__).parents[1] / ".." / "shared" / "data" / "epri-ckt5"
+T0 = pd.Timestamp("2026-03-07 00:15", tz="UTC")
+N_T = 16
+
+
+def meters_table() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "meter_id": ["b2", "a1", "c1", "a2", "b1"],
+            "feeder_id": ["F2", "F1", "F2", "F1", "F2"],
+            "transformer_id": ["T3", "T1", "T2", "T1", "T3"],
+            "phase": ["B", "A", "C", "A", "B"],
+            "service_type": ["1ph-240"] * 5,
+            "nominal_v": [240.0, 240.0, 240.0, np.nan, 240.0],
+        }
+    )
+
+
+def readings_table(n_t: int = N_T, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    ids = meters_table()["meter_id"].tolist()
+    times = pd.date_range(T0, periods=n_t, freq="15min")
+    df = pd.DataFrame(
+        {
+            "meter_id": np.repeat(ids, n_t),
+            "timestamp": np.tile(times, len(ids)),
+            "voltage_v": np.round(240 + rng.normal(0, 2, len(ids) * n_t), 3),
+            "kw": np.round(rng.uniform(0, 3, len(ids) * n_t), 3),
+        }
+    )
+    return df
+
+
+@pytest.fixture
+def files(tmp_path):
+    meters = tmp_path / "meters.csv"
+    meters_table().to_csv(meters, index=False)
+    readings = tmp_path / "readings.parquet"
+    readings_table().to_parquet(readings)
+    return readings, meters
+
+
+def load(path) -> dict[str, np.ndarray]:
+    ds = S.open_store(path).load()
+    return {k: np.asarray(v.values) for k, v in ds.variables.items()}
+
+
+def assert_same_store(a, b):
+    la, lb = load(a), load(b)
+    assert la.keys() == lb.keys()
+    for k in la:
+        np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
+
+
+def files_of(store: Path) -> dict[Path, bytes]:
+    """Every file of a store except the lock and retired stages (``_phaseid/done-*``, garbage)."""
+    return {
+        p: p.read_bytes()
+        for p in store.rglob("*")
+        if p.is_file() and p.name != "lock" and "done-" not in str(p.relative_to(store))
+    }
+
+
+def check_counts(r: IngestReport):
+    assert r.rows_accepted + r.rows_quarantined + r.duplicates_identical == r.rows_read, r.summary()
+
+
+def test_contract_round_trip(files, tmp_path):
+    readings, meters = files
+    store = tmp_path / "s.zarr"
+    r = ingest_files(readings, meters, store)
+    check_counts(r)
+    assert r.rows_written == r.rows_read == 5 * N_T and r.rows_quarantined == 0
+    assert S.validate_store(store) == []
+    ds = S.open_store(store)
+    assert list(ds["meter"].values) == ["a1", "a2", "c1", "b1", "b2"]  # feeder, transformer, meter
+    assert ds.sizes["time"] == N_T and ds.attrs["interval_s"] == 900
+    assert pd.Timestamp(ds["time"].values[0]) == T0.tz_localize(None)
+    src = readings_table().set_index(["meter_id", "timestamp"])
+    got = ds["voltage"].sel(meter="b1").values
+    want = src.loc["b1"]["voltage_v"].to_numpy(np.float32)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(ds["kw"].sel(meter="a2").values, src.loc["a2"]["kw"].to_numpy(np.float32))
+    assert (ds["sampling_interval_s"].values == 900).all() and (ds["off_grid_fraction"].values == 0).all()
+
+
+def test_ingest_twice_is_idempotent(files, tmp_path):
+    readings, meters = files
+    store = tmp_path / "s.zarr"
+    ingest_files(readings, meters, store)
+    before = load(store)
+    r = ingest_files(readings, meters, store)
+    assert r.rows_written == 0 and r.rows_unchanged == r.rows_read
+    after = load(store)
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+
+
+def test_multi_batch_streaming_equals_single_batch(files, tmp_path):
+    readings, meters = files
+    csv = tmp_path / "readings.csv"
+    readings_table().to_csv(csv, index=False)
+    ingest_files(readings, meters, tmp_path / "one.zarr", config=IngestConfig(batch_rows=1_000_000))
+    r = ingest_files(csv, meters, tmp_path / "many.zarr", config=IngestConfig(batch_rows=23))
+    assert len(r.quarantine_files) == 0 and r.rows_read == 5 * N_T
+    assert_same_store(tmp_path / "one.zarr", tmp_path / "many.zarr")
+
+
+def test_extend_time_and_failed_append_rolls_back(files, tmp_path, monkeypatch):
+    readings, meters = files
+    store = tmp_path / "s.zarr"
+    ingest_files(readings, meters, store)
+    more = readings_table(n_t=N_T + 40, seed=1)
+    more = more[pd.DatetimeIndex(more["timestamp"]) >= T0 + pd.Timedelta(minutes=15 * N_T)]
+    snapshot = files_of(store)
+    before = load(store)
+
+    def crash(stage, index):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(S, "_FAULT_HOOK", crash)
+    with pytest.raises(OSError, match="injected"):
+        ingest_frame(store, more, source="more")
+    monkeypatch.setattr(S, "_FAULT_HOOK", None)
+    assert files_of(store) == snapshot
+    after = load(store)
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    r = ingest_frame(store, more, source="more")
+    assert r.time_steps_added == 40 and r.rows_written == len(more)
+    ds = S.open_store(store)
+    assert ds.sizes["time"] == N_T + 40 and S.validate_store(store) == []
+    assert not np.isnan(ds["voltage"].values).any()
+
+
+def test_quarantine_reasons(files, tmp_path):
+    readings, meters = files
+    store = tmp_path / "s.zarr"
+    ingest_files(readings, meters, store)
+    t = (T0 + pd.Timedelta(minutes=30)).isoformat()
+    bad = pd.DataFrame(
+        {
+            "meter_id": ["zz", "a1", "a1", "a1", "a1", "a2", "a2", "b1", "b1", "c1", None],
+            "timestamp": [
+                t,
+                "not a time",
+                t,
+                t,
+                (T0 + pd.Timedelta(minutes=7)).isoformat(),
+                t,
+                t,
+                t,
+                t,
+                (T0 - pd.Timedelta(days=1)).isoformat(),
+                t,
+            ],
+            "voltage_v": ["240", "240", "abc", "inf", "240", "241.5", "241.5", "239", "238", "240", "240"],
+        }
+    )
+    r = ingest_frame(store, bad, source="bad feed")
+    check_counts(r)
+    assert r.quarantined == {
+        "unknown_meter": 2,
+        "invalid_timestamp": 1,
+        "invalid_value": 2,
+        "off_grid": 1,
+        "conflicting_duplicate": 2,
+        "before_store_start": 1,
+    }
+    assert r.duplicates_identical == 1 and r.rows_written == 1
+    q = pd.read_parquet(store / r.quarantine_files[0])
+    assert set(q["reason"]) <= set(QUARANTINE_REASONS) and len(q) == r.rows_quarantined
+    assert list(q.loc[q["reason"] == "off_grid", "row"]) == [4]
+    assert r.quarantine_files[0].startswith("quarantine/bad_feed-")
+    ds = S.open_store(store)
+    assert ds["voltage"].sel(meter="a2").values[2] == np.float32(241.5)
+    assert ds["off_grid_fraction"].sel(meter="a1").values > 0
+
+
+def test_kv_detection_scales_meter(files, tmp_path):
+    _, meters = files
+    store = tmp_path / "s.zarr"
+    df = readings_table()
+    kv = df["meter_id"].isin(["a2", "c1"])  # a2 has no nominal_v: falls back to the 60..1000 V band
+    df.loc[kv, "voltage_v"] = df.loc[kv, "voltage_v"] / 1000.0
+    p = tmp_path / "kv.parquet"
+    df.to_parquet(p)
+    r = ingest_files(p, meters, store)
+    assert sorted(r.kv_scaled_meters) == ["a2", "c1"]
+    assert any("looks like kV" in n and "c1" in n for n in r.notes)
+    v = S.open_store(store)["voltage"].sel(meter="c1").values
+    assert np.nanmedian(v) == pytest.approx(240, abs=5)
+
+
+def test_time_zones_and_dst(files, tmp_path):
+    _, meters = files
+    df = readings_table(n_t=24)
+    # 2026-03-08 is the US spring-forward day: local offsets change from -05:00 to -04:00.
+    df["timestamp"] = pd.date_range("2026-03-08 05:15", periods=24, freq="15min", tz="UTC").tolist() * 5
+    utc = tmp_path / "utc.parquet"
+    df.to_parquet(utc)
+    local = df.copy()
+    local["timestamp"] = pd.DatetimeIndex(df["timestamp"]).tz_convert("America/New_York")
+    loc_csv = tmp_path / "local.csv"
+    local.assign(timestamp=[t.isoformat() for t in local["timestamp"]]).to_csv(loc_csv, index=False)
+    naive = tmp_path / "naive.csv"
+    df.assign(timestamp=pd.DatetimeIndex(df["timestamp"]).tz_localize(None).astype(str)).to_csv(
+        naive, index=False
+    )
+    r = ingest_files(utc, meters, tmp_path / "a.zarr")
+    ingest_files(loc_csv, meters, tmp_path / "b.zarr")
+    ingest_files(naive, meters, tmp_path / "c.zarr")
+    assert r.rows_written == len(df)
+    assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    assert_same_store(tmp_path / "a.zarr", tmp_path / "c.zarr")
+
+
+def test_column_map_snapping_and_errors(files, tmp_path):
+    _, meters = files
+    df = readings_table().rename(columns={"meter_id": "MeterNo", "voltage_v": "V"})
+    df["timestamp"] = pd.DatetimeIndex(df["timestamp"]) + pd.Timedelta(seconds=20)
+    p = tmp_path / "mapped.parquet"
+    df.to_parquet(p)
+    with pytest.raises(ContractError, match=r"mapped.parquet.*missing required column"):
+        ingest_files(p, meters, tmp_path / "x.zarr")
+    cfg = IngestConfig(
+        column_map={"MeterNo": "meter_id", "V": "voltage_v"}, snap_tolerance_s=30, interval_s=900
+    )
+    r = ingest_files(p, meters, tmp_path / "s.zarr", config=cfg)
+    assert r.snapped == r.rows_written == len(df)
+    with pytest.raises(ContractError, match="does not exist"):
+        ingest_files(tmp_path / "nope.parquet", meters, tmp_path / "s.zarr")
+
+
+def test_new_meters_are_rejected_with_a_clear_error(files, tmp_path):
+    readings, meters = files
+    store = tmp_path / "s.zarr"
+    ingest_files(readings, meters, store)
+    m = pd.concat([meters_table(), meters_table().iloc[:1].assign(meter_id="new1")])
+    p = tmp_path / "meters2.csv"
+    m.to_csv(p, index=False)
+    with pytest.raises(StoreError, match=r"1 meter\(s\) not in store.*new1"):
+        ingest_files(readings, p, store)
+
+
+row = st.fixed_dictionaries(
+    {
+        "meter_id": st.sampled_from(["a1", "a2", "b1", "b2", "c1", "zz", "", None]),
+        "timestamp": st.one_of(
+            st.integers(-4, N_T + 4).map(lambda k: (T0 + pd.Timedelta(minutes=15 * k)).isoformat()),
+            st.integers(0, 3000).map(lambda s: (T0 + pd.Timedelta(seconds=s)).isoformat()),
+            st.sampled_from(["", "garbage", "2026-13-45T99:00:00", None, "2026-03-07T01:00:00+01:00"]),
+        ),
+        "voltage_v": st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True).map(str),
+            st.sampled_from(["240.0", "0.24", "x", "", None, "1e30"]),
+        ),
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def template_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("template") / "s.zarr"
+    S.initialize_store(
+        store,
+        meters_table(),
+        pd.date_range(T0, periods=4, freq="15min"),
+        interval_s=900,
+        variables=("voltage",),
+        voltage_encoding="int16_decivolt",
+    )
+    return store
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(row, min_size=0, max_size=30))
+def test_malformed_readings_never_crash(rows, tmp_path_factory, template_store):
+    store = tmp_path_factory.mktemp("h") / "s.zarr"
+    shutil.copytree(template_store, store)
+    df = pd.DataFrame(rows, columns=["meter_id", "timestamp", "voltage_v"])
+    r = ingest_frame(store, df, source="fuzz")
+    check_counts(r)
+    if r.rows_quarantined:
+        q = pd.read_parquet(store / r.quarantine_files[0])
+        assert len(q) == r.rows_quarantined and q["reason"].isin(QUARANTINE_REASONS).all()
+    assert S.validate_store(store) == []
+
+
+@pytest.mark.requires_shared
+def test_ckt5_subset(tmp_path):
+    if not (CKT5 / "readings.parquet").is_file():
+        pytest.skip(f"../shared/data/epri-ckt5 is absent ({CKT5})")
+    import pyarrow.parquet as pq
+
+    meters = pd.read_csv(CKT5 / "meters.csv")
+    keep = set(meters["meter_id"].iloc[:60])
+    batch = next(pq.ParquetFile(CKT5 / "readings.parquet").iter_batches(batch_size=200_000))
+    df = batch.to_pandas()
+    df = df[df["meter_id"].isin(keep) & (df["timestamp"] < df["timestamp"].min() + pd.Timedelta(days=3))]
+    p = tmp_path / "sub.parquet"
+    df.to_parquet(p)
+    r = ingest_files(
+        p,
+        CKT5 / "meters.csv",
+        tmp_path / "s.zarr",
+        transformers_path=CKT5 / "transformers.csv",
+        references_path=CKT5 / "references.parquet",
+        config=IngestConfig(batch_rows=6000),
+    )
+    check_counts(r)
+    ds = S.open_store(tmp_path / "s.zarr")
+    assert ds.sizes["meter"] == len(meters) and ds.sizes["time"] == 3 * 96
+    assert S.validate_store(tmp_path / "s.zarr") == []
+    order = pd.DataFrame(
+        {"f": ds["feeder_id"].values, "t": ds["transformer_id"].values, "m": ds["meter"].values}
+    )
+    assert order.equals(order.sort_values(["f", "t", "m"]))
+    n_obs = (~np.isnan(ds["voltage"].values)).sum(axis=1)
+    assert (n_obs[ds["meter"].isin(list(keep)).values] == 3 * 96).all() and n_obs.sum() == len(df)
+    assert ds.sizes["reference"] == 3 and ds.sizes["transformer"] > 0
+
+
+def test_ingest_frame_keeps_coordinates_of_meters_it_has_not_seen(tmp_path):
+    store = tmp_path / "s.zarr"
+    S.initialize_store(store, meters_table(), pd.date_range(T0, periods=8, freq="15min"), interval_s=900)
+    import zarr
+
+    zarr.open_array(str(store / "sampling_interval_s"), mode="r+")[:] = np.full(5, 900.0)
+    zarr.open_array(str(store / "off_grid_fraction"), mode="r+")[:] = np.zeros(5)
+    df = readings_table(n_t=8)
+    df = df[df["meter_id"] == "a1"].iloc[::2]  # a1 every 30 min
+    r = ingest_frame(store, df, source="one meter")
+    assert r.rows_written == 4
+    ds = S.open_store(store)
+    assert float(ds["sampling_interval_s"].sel(meter="a1")) == 1800.0
+    assert (ds["sampling_interval_s"].drop_sel(meter="a1").values == 900.0).all()
+    assert (ds["off_grid_fraction"].values == 0).all()
