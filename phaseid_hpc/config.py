@@ -46,10 +46,19 @@ class IngestConfig:
     batch_rows: int = 2_000_000
     #: Target size of one feeder block (chunk along ``meter``) [bytes].
     block_bytes: int = 100_000_000
-    #: Time chunk length [samples]; ``0`` means one chunk per ingest batch of time.
+    #: Storage chunk length along time [samples] (``0``: the default 2976, 31 days of 15-min data).
     time_chunk: int = 2976
-    #: Voltage encoding in the store: ``"float32"`` or ``"int16_decivolt"``.
+    #: Voltage encoding in the store: ``"float32"`` (lossless) or ``"int16_decivolt"`` (0.1 V steps, ~25%
+    #: smaller on ckt5, reads no faster; see benchmarks/store_encoding.py). Use int16 only for 0.1 V meters.
     voltage_encoding: Literal["float32", "int16_decivolt"] = "float32"
+    #: Store grid step [s]; ``0`` means the dominant spacing of the readings.
+    interval_s: int = 0
+    #: Reads within this distance of a grid point are snapped to it [s]; farther ones are quarantined.
+    snap_tolerance_s: float = 0.0
+    #: Detect meters reporting kV instead of V (median ~1000x below nominal) and scale them.
+    kv_detection: bool = True
+    #: Reads more than this many grid steps after the store's last time are quarantined [samples].
+    max_extend_steps: int = 35136
 
 
 @dataclass(frozen=True)
@@ -71,21 +80,51 @@ class QualityConfig:
     max_clock_offset_s: float = 60.0
     #: Fraction of reads off the store's time grid above which sampling is called inconsistent [-].
     max_off_grid_fraction: float = 0.05
+    #: Relative difference between a meter's sampling interval and the grid step that is inconsistent [-].
+    sampling_rel_tol: float = 0.01
+    #: Meters with inconsistent sampling are excluded from identification (``usable`` False).
+    inconsistent_sampling_unusable: bool = True
+    #: Share of a meter's readings outside [min_pu, max_pu] above which it is implausible [-].
+    max_implausible_fraction: float = 0.5
+    #: Clock offsets are searched over +- this span (at least one interval; estimates reach one more) [s].
+    clock_search_s: float = 900.0
+    #: Lowest correlation with the feeder's common signal for a clock offset to be estimated [-].
+    clock_min_correlation: float = 0.2
+    #: Fewest usable meters on a feeder for its common signal (and so any clock offset) [meters].
+    clock_min_meters: int = 3
+    #: Shift meters whose offset exceeds ``max_clock_offset_s`` back onto the grid in the cleaned voltage.
+    correct_clock_offset: bool = False
 
 
 @dataclass(frozen=True)
 class PhaseConfig:
-    """Phase identification."""
+    """Phase identification (``phaseid_hpc.phase_identification.identify_phases``).
+
+    ``phase_confidence`` is an evidence score on a log scale of the estimated error probability
+    ``p_err`` (see ``confidence_decades``): ``confidence = min(1, -log10(p_err) / confidence_decades)``.
+    With the defaults, ``confident`` (>= 0.85) means ``p_err <= 4e-4`` and ``suspect`` (>= 0.70) means
+    ``p_err <= 1.6e-3``, so the confident class keeps a precision of 99.9% or better.
+    """
 
     #: Confidence at or above which a meter is ``confident`` [-].
     confident_threshold: float = 0.85
     #: Confidence at or above which a meter is ``suspect`` (below it: ``low``) [-].
     suspect_threshold: float = 0.70
-    #: Correlation below which a meter "matches no phase" [-].
+    #: Correlation of a meter's voltage level with its best phase's mean level below which it
+    #: "matches no phase" (reason ``Low Correlation Coefficient``, class ``low``) [-].
     low_correlation: float = 0.6
-    #: Length of one window of the window ensemble [days].
-    window_days: float = 4.0
-    #: Use the feeder-head references to name phases where they are trustworthy.
+    #: Decades of error probability spanned by confidence 0..1: confidence 1 means p_err <= 10**-decades [-].
+    confidence_decades: float = 4.0
+    #: Fewest observed (differenced) samples for a meter to be identified [samples].
+    min_samples: int = 48
+    #: A phase needs at least this many single-phase meters after refinement, and this share of the
+    #: feeder's single-phase meters, to be kept; otherwise the feeder is re-clustered with one phase fewer
+    #: (a cluster of a few wrong GIS labels is spurious). A real phase smaller than this is lost.
+    min_phase_meters: int = 3
+    min_phase_share: float = 0.01
+    #: k-means++ restarts of the phase clustering (run as one batch, plus one start from GIS labels).
+    n_init: int = 8
+    #: Use the feeder-head references to name phases where GIS gives no majority and they are separable.
     use_references: bool = True
     #: Seed of every random choice in identification.
     random_state: int = 0
@@ -96,19 +135,80 @@ class TransformerConfig:
     """Meter-to-transformer verification."""
 
     enabled: bool = True
+    #: Confidence at or above which an assignment is ``confident`` [-].
     confident_threshold: float = 0.85
+    #: Confidence at or above which an assignment is ``suspect`` (below it: ``low``) [-].
     suspect_threshold: float = 0.70
+    #: Fewest valid differenced samples for a meter to be checked [samples].
+    min_samples: int = 288
+    #: Fisher-z margin of the best other transformer over the GIS one needed to move a meter [std. errors].
+    flag_margin_se: float = 6.0
+    #: The same margin when the GIS label is already in doubt: the meter's phase differs from its GIS
+    #: transformer's, or it does not move with an otherwise coherent GIS group [std. errors].
+    weak_gis_margin_se: float = 4.0
+    #: Fisher-z of a target transformer's correlation must exceed this [std. errors].
+    min_corr_se: float = 6.0
+    #: Best target must beat the runner-up by this much (else ambiguous, not moved) [std. errors].
+    ambiguity_se: float = 2.0
+    #: Own-group Fisher-z below this: the meter does not move with its GIS group [std. errors].
+    unrelated_se: float = 3.0
+    #: A meter alone on its GIS transformer moves only if it fits the target like the target's own
+    #: members do: its Fisher-z may fall short of theirs (mean) by at most this [std. errors].
+    singleton_fit_se: float = 4.0
+    #: A meter moves to a transformer with one meter only if it correlates with it at least this fraction of
+    #: the feeder's median same-transformer pair (Fisher-z) [-].
+    pair_fit_fraction: float = 0.4
+    #: Level check: residual at the target may exceed the reference residual by at most this factor [-].
+    level_tolerance: float = 1.5
+    #: Reactance-to-resistance ratio of a service drop, for kvar in the level model [-].
+    service_x_over_r: float = 0.5
+    #: Candidate transformers farther than this from the meter are ruled out (needs lat/lon) [m].
+    max_distance_m: float = 3000.0
+    #: Restrict candidates to transformers serving the meter's phase.
+    use_phase: bool = True
+    #: Propose transformers missing from GIS for meters that move with no GIS group.
+    propose_new_groups: bool = True
+    #: Most rounds of re-pooling after moving meters (stops early when nothing changes) [-].
+    n_iterations: int = 10
+    #: Seed of every random choice (none at present; kept for the contract).
+    random_state: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.suspect_threshold <= self.confident_threshold <= 1:
+            raise ConfigError(
+                "config keys transformer.suspect_threshold <= transformer.confident_threshold must lie in "
+                f"[0, 1], got {self.suspect_threshold} and {self.confident_threshold}"
+            )
+        if self.n_iterations < 1:
+            raise ConfigError(f"config key transformer.n_iterations must be >= 1, got {self.n_iterations}")
 
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Transformer loading, imbalance and thermal model."""
+    """Transformer loading, imbalance, thermal model, ageing and health flags (``validate_transformers``)."""
 
     enabled: bool = True
     #: Ambient temperature when no series is given [degC].
     ambient_c: float = 30.0
     #: Thermal model standard: ``"iec"`` (IEC 60076-7) or ``"ieee"`` (IEEE C57.91 Clause 7).
     thermal_standard: Literal["iec", "ieee"] = "iec"
+    #: Top-oil rise over ambient at rated load [K] (ONAN distribution: 55).
+    top_oil_rise_k: float = 55.0
+    #: Hot-spot rise over top oil at rated load, ``H g_r`` [K]; ``None``: 23 (IEC distribution, 98 degC at
+    #: 20 degC ambient) or 25 (IEEE 65 degC-rise unit, 80 K hot-spot rise over ambient).
+    hot_spot_gradient_k: float | None = None
+    #: Ratio of load losses at rated current to no-load losses, ``R`` [-].
+    loss_ratio: float = 5.0
+    #: Oil exponent ``x`` (IEC) / ``n`` (IEEE) [-].
+    oil_exponent: float = 0.8
+    #: Winding exponent ``y`` (IEC) / ``2 m`` (IEEE) [-].
+    winding_exponent: float = 1.6
+    #: Oil and winding time constants [min] (IEC 60076-7 Table 4, distribution ONAN).
+    oil_time_constant_min: float = 180.0
+    winding_time_constant_min: float = 4.0
+    #: Insulation ageing law: ``"thermally_upgraded"`` (F_AA = 1 at 110 degC, IEEE C57.91 / IEC 60076-7 eq. 3)
+    #: or ``"normal"`` Kraft paper (IEC 60076-7 eq. 2, V = 2^((theta_h - 98)/6)).
+    insulation: Literal["thermally_upgraded", "normal"] = "thermally_upgraded"
     #: Hot-spot limit for normal cyclic loading [degC].
     hot_spot_normal_c: float = 120.0
     #: Hot-spot limit for emergency loading [degC].
@@ -117,6 +217,35 @@ class ValidationConfig:
     max_imbalance: float = 0.3
     #: Power factor assumed when no kvar is given [-].
     default_power_factor: float = 0.95
+    #: Loading that the mapping may imply before it contradicts the rating: the 99th percentile of the load
+    #: above this [pu] means the meters cannot all be on this unit (manual audit, not acceptance).
+    max_plausible_loading_pu: float = 2.0
+    #: ... or a mean load above this [pu].
+    max_plausible_mean_loading_pu: float = 1.0
+    #: Transformer voltage health: one tap step [pu] and the step size, in tap steps, that is flagged.
+    tap_step_pu: float = 0.00625
+    tap_fault_steps: float = 2.0
+    #: Length of each of the two windows compared by the step detector [samples] (96 = 1 day at 15 min).
+    health_window: int = 96
+    #: Correlation (differenced voltage vs the feeder reference) below which a meter has lost it, in a window.
+    health_min_correlation: float = 0.3
+    #: Fewest meters on a transformer for the health checks (a lone meter's change is the meter's) [-].
+    health_min_meters: int = 2
+    #: Fewest windows in which all its meters lose correlation together before ``correlation_loss`` [-].
+    health_min_lost_windows: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 < self.default_power_factor <= 1:
+            raise ConfigError(
+                f"config key 'validation.default_power_factor' must lie in (0, 1], got {self.default_power_factor}"
+            )
+        if not self.hot_spot_normal_c <= self.hot_spot_emergency_c:
+            raise ConfigError(
+                "config keys 'validation.hot_spot_normal_c' <= 'validation.hot_spot_emergency_c' expected, "
+                f"got {self.hot_spot_normal_c} and {self.hot_spot_emergency_c}"
+            )
+        if self.health_window < 2:
+            raise ConfigError(f"config key 'validation.health_window' must be >= 2, got {self.health_window}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +338,11 @@ def _validate(obj: Any, prefix: str) -> None:
             raise ConfigError(
                 f"config keys {prefix}suspect_threshold <= {prefix}confident_threshold must lie in [0, 1], "
                 f"got {obj.suspect_threshold} and {obj.confident_threshold}"
+            )
+        if obj.confidence_decades <= 0 or obj.min_samples < 2 or obj.n_init < 1:
+            raise ConfigError(
+                f"config keys {prefix}confidence_decades > 0, {prefix}min_samples >= 2 and {prefix}n_init >= 1 "
+                f"required, got {obj.confidence_decades}, {obj.min_samples} and {obj.n_init}"
             )
     if isinstance(obj, QualityConfig):
         if obj.max_interp_gap < 0:
