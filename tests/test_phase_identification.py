@@ -1,0 +1,176 @@
+"""identify_phases on a small simulated feeder (built here), and on ckt5 when ../shared is present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from phaseid_hpc import contract
+from phaseid_hpc.config import PhaseConfig
+from phaseid_hpc.phase_identification import RESULT_COLUMNS, identify_phases
+
+PHASES = np.array(["A", "B", "C"])
+
+
+def simulated_feeder(seed=0, n_tr=50, days=7, feeder="F1", phases=(0, 1, 2), wrong_phase=0.12,
+                     wrong_tr=0.03, noise_pct=0.07, resolution=0.1, n_pairs=0):
+    """A toy feeder: voltage = source + phase drop + transformer drop + own drop + meter noise.
+
+    Returns meters (contract columns, GIS view), truth phase, voltage (n, t) [V], references table and
+    reference voltage (A, B, C rows) [V].
+    """
+    rng = np.random.default_rng(seed)
+    t = 96 * days
+    walk = lambda *shape: np.cumsum(rng.standard_normal(shape), axis=-1)
+    source = 0.3 * walk(t) / np.sqrt(t) * 5
+    phase_sig = 0.004 * walk(3, t) / np.sqrt(96)
+    rows = []
+    for k in range(n_tr):
+        p = phases[k % len(phases)]
+        tr_sig = 0.004 * walk(t) / np.sqrt(96)
+        for j in range(int(rng.integers(1, 5))):
+            own = 0.003 * walk(t) / np.sqrt(96)
+            pu = 1 + source / 100 + phase_sig[p] * rng.uniform(0.5, 1.5) + tr_sig + own
+            rows.append((f"{feeder}-T{k:03d}", PHASES[p], "1ph-240", 240 * pu))
+    for k in range(n_pairs):
+        a, b = [(0, 1), (1, 2), (2, 0)][k % 3]
+        pu = 1 + source / 100 + 0.5 * (phase_sig[a] + phase_sig[b]) + 0.003 * walk(t) / np.sqrt(96)
+        rows.append((f"{feeder}-P{k:03d}", PHASES[a] + PHASES[b], "2ph-208", 208 * pu))
+    n = len(rows)
+    v = np.stack([r[3] for r in rows])
+    v = v * (1 + noise_pct / 100 * rng.standard_normal(v.shape))
+    v = np.round(v / resolution) * resolution
+    truth = np.array([r[1] for r in rows])
+    gis = truth.copy()
+    single = np.array([len(p) == 1 for p in truth])
+    flip = single & (rng.random(n) < wrong_phase)
+    gis[flip] = [PHASES[(list(PHASES).index(p) + int(rng.integers(1, 3))) % 3] for p in truth[flip]]
+    trs = np.array([r[0] for r in rows], dtype=object)
+    moved = rng.random(n) < wrong_tr
+    trs[moved] = rng.choice(trs, moved.sum())
+    meters = pd.DataFrame({
+        "meter_id": [f"{feeder}-M{i:04d}" for i in range(n)], "feeder_id": feeder, "transformer_id": trs,
+        "phase_gis": gis, "service_type": [r[2] for r in rows], "nominal_v": [240.0 if r[2] == "1ph-240" else 208.0
+                                                                              for r in rows],
+        "usable": True,
+    })
+    ref_v = 7200 * (1 + source / 100 + 0.5 * phase_sig)
+    refs = pd.DataFrame({"feeder_id": feeder, "phase": list(PHASES)})
+    return meters, truth, v, refs, ref_v
+
+
+def accuracy(res, truth):
+    return float((res["phase"].to_numpy() == truth).mean())
+
+
+@pytest.fixture(scope="module")
+def feeder():
+    return simulated_feeder()
+
+
+def test_high_accuracy_and_corrects_wrong_labels(feeder):
+    meters, truth, v, _, _ = feeder
+    res = identify_phases(v, meters)
+    assert list(res.columns) == list(RESULT_COLUMNS)
+    assert res.index.equals(meters.index)
+    assert accuracy(res, truth) >= 0.98
+    wrong_gis = meters["phase_gis"].to_numpy() != truth
+    assert wrong_gis.sum() >= 10
+    assert (res["phase"].to_numpy()[wrong_gis] == truth[wrong_gis]).mean() >= 0.9
+    conf = (res["phase_class"] == contract.CLASS_CONFIDENT).to_numpy()
+    assert conf.mean() > 0.5 and (res["phase"].to_numpy()[conf] == truth[conf]).all()
+    assert res["phase_confidence"].between(0, 1).all()
+
+
+def test_deterministic(feeder):
+    meters, _, v, _, _ = feeder
+    a = identify_phases(v, meters, PhaseConfig(random_state=3))
+    b = identify_phases(v.copy(), meters.copy(), PhaseConfig(random_state=3))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_insufficient_data_and_low_correlation(feeder):
+    meters, truth, v, _, _ = feeder
+    meters = meters.copy()
+    v = v.copy()
+    meters.loc[0, "usable"] = False
+    v[1] = np.nan
+    v[2, 30:] = np.nan  # too few samples
+    v[3] = 240 + np.random.default_rng(9).standard_normal(v.shape[1])  # matches no phase
+    res = identify_phases(v, meters)
+    for i in (0, 1, 2):
+        assert res.loc[i, "phase"] is None
+        assert res.loc[i, "phase_class"] == contract.CLASS_INSUFFICIENT
+        assert contract.REASON_INSUFFICIENT_DATA in res.loc[i, "reasons"]
+    assert contract.REASON_LOW_CORRELATION in res.loc[3, "reasons"]
+    assert res.loc[3, "phase_class"] == contract.CLASS_LOW
+    assert accuracy(res.iloc[4:], truth[4:]) >= 0.98
+
+
+def test_phase_to_phase_services_get_their_pair():
+    meters, truth, v, _, _ = simulated_feeder(seed=1, n_pairs=9)
+    res = identify_phases(v, meters)
+    pair = meters["service_type"].eq("2ph-208").to_numpy()
+    assert (res["phase"].to_numpy()[pair] == truth[pair]).mean() >= 8 / 9
+    assert accuracy(res[~pair], truth[~pair]) >= 0.97
+
+
+def test_two_phase_feeder_gets_no_third_phase():
+    meters, truth, v, _, _ = simulated_feeder(seed=2, phases=(0, 1))
+    res = identify_phases(v, meters)
+    assert set(res["phase"]) <= {"A", "B"}
+    assert accuracy(res, truth) >= 0.97
+
+
+def test_feeders_are_independent_in_a_block():
+    m1, _, v1, _, _ = simulated_feeder(seed=4, n_tr=20, feeder="F1")
+    m2, _, v2, _, _ = simulated_feeder(seed=5, n_tr=20, feeder="F2")
+    block = identify_phases(np.vstack([v1, v2]), pd.concat([m1, m2], ignore_index=True))
+    alone = identify_phases(v2, m2)
+    pd.testing.assert_frame_equal(block.iloc[len(m1):].reset_index(drop=True), alone)
+
+
+def test_references_name_phases_without_gis():
+    meters, truth, v, refs, ref_v = simulated_feeder(seed=6)
+    meters = meters.assign(phase_gis=None)
+    res = identify_phases(v, meters, references=(refs, ref_v))
+    assert accuracy(res, truth) >= 0.97
+
+
+def test_array_api_strict_matches_numpy():
+    xps = pytest.importorskip("array_api_strict")
+    meters, _, v, _, _ = simulated_feeder(seed=7, n_tr=20, days=3)
+    a = identify_phases(v, meters)
+    b = identify_phases(xps.asarray(v), meters)
+    assert a["phase"].tolist() == b["phase"].tolist()
+    np.testing.assert_allclose(a["phase_confidence"], b["phase_confidence"], atol=1e-9)
+
+
+def test_contract_errors_name_the_problem(feeder):
+    meters, _, v, refs, ref_v = feeder
+    with pytest.raises(ValueError, match="phase_gis"):
+        identify_phases(v, meters.drop(columns="phase_gis"))
+    with pytest.raises(ValueError, match="n_meters"):
+        identify_phases(v[1:], meters)
+    with pytest.raises(ValueError, match="reference_voltage"):
+        identify_phases(v, meters, references=(refs, ref_v[:, 1:]))
+
+
+@pytest.mark.requires_shared
+def test_ckt5_seven_days_class_05(ckt5):
+    from phaseid_hpc.synth.measurement import MeasurementModel, apply_measurement_model
+
+    meters = pd.read_csv(ckt5 / "meters.csv").rename(columns={"phase": "phase_gis"})
+    truth = pd.read_csv(ckt5 / "truth.csv").set_index("meter_id").loc[meters["meter_id"], "phase"].to_numpy()
+    first_week = [("timestamp", "<=", pd.Timestamp("2026-06-16 00:00", tz="UTC"))]  # keeps the test fast
+    reads = pd.read_parquet(ckt5 / "readings.parquet", columns=["meter_id", "timestamp", "voltage_v"],
+                            filters=first_week)
+    wide = reads.pivot(index="meter_id", columns="timestamp", values="voltage_v").reindex(meters["meter_id"])
+    assert wide.shape[1] >= 7 * 96
+    v, _ = apply_measurement_model(wide.to_numpy()[:, : 7 * 96], MeasurementModel(0.5, 0.1), interval_s=900,
+                                   random_state=0)
+    res = identify_phases(v, meters.assign(usable=True))
+    assert accuracy(res, truth) >= 0.99
+    conf = (res["phase_class"] == contract.CLASS_CONFIDENT).to_numpy()
+    assert (res["phase"].to_numpy()[conf] == truth[conf]).mean() >= 0.999
