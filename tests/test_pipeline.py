@@ -150,7 +150,7 @@ def test_worker_killed_mid_run_still_completes_identically(utility, tmp_path):
     run_job(utility["store"], reference, config=cfg)
     n_blocks = len(list((reference / "partitions").glob("block-*[0-9a-f].parquet")))
     out = tmp_path / "faulty"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         result: dict = {}
         th = threading.Thread(target=lambda: result.update(s=run_job(utility["store"], out, config=cfg,

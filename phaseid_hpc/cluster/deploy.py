@@ -46,7 +46,7 @@ class ClusterSpec:
     tls : dict
         ``ca_file``, ``cert``, ``key`` paths; enables TLS when present.
     dashboard_address : str
-        Local dashboard address (``":0"`` picks a free port; ``None`` disables it).
+        Local dashboard address (``":0"`` or ``None`` picks a free port, so two runs never collide).
     """
 
     kind: Literal["local", "scheduler", "slurm", "gpu"] = "local"
@@ -131,7 +131,7 @@ def get_client(spec: ClusterSpec | None = None, *, timeout_s: float = 60.0) -> I
                 threads_per_worker=spec.threads_per_worker,
                 processes=True,
                 memory_limit=spec.memory_limit,
-                dashboard_address=spec.dashboard_address,
+                dashboard_address=spec.dashboard_address or ":0",
             )
             if security is not None:
                 kwargs.update(security=security, protocol="tls")
@@ -158,7 +158,7 @@ def get_client(spec: ClusterSpec | None = None, *, timeout_s: float = 60.0) -> I
             client = Client(cluster, security=security, timeout=timeout_s)
         elif spec.kind == "gpu":
             dask_cuda = require("dask_cuda", "gpu")
-            kwargs = dict(dashboard_address=spec.dashboard_address)
+            kwargs = dict(dashboard_address=spec.dashboard_address or ":0")
             if spec.n_workers:
                 kwargs["n_workers"] = spec.n_workers
             cluster = dask_cuda.LocalCUDACluster(**kwargs)
