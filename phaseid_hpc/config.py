@@ -76,8 +76,13 @@ class QualityConfig:
     max_pu: float = 1.1
     #: Longest run of identical readings before the meter is called stuck [samples].
     max_flat_run: int = 96
-    #: Clock offsets above this are flagged [s].
+    #: Clock offsets above this are flagged, when they exceed it by ``clock_flag_z`` standard errors [s].
     max_clock_offset_s: float = 60.0
+    #: Margin, in standard errors of the estimate, by which ``|clock_offset_s|`` must exceed
+    #: ``max_clock_offset_s`` to be flagged (0: flag every estimate above the limit) [-].
+    clock_flag_z: float = 1.5
+    #: Measure clock offsets against the feeder-head references where given (else the feeder median).
+    clock_use_references: bool = True
     #: Fraction of reads off the store's time grid above which sampling is called inconsistent [-].
     max_off_grid_fraction: float = 0.05
     #: Relative difference between a meter's sampling interval and the grid step that is inconsistent [-].
@@ -349,6 +354,11 @@ def _validate(obj: Any, prefix: str) -> None:
             raise ConfigError(f"config key {prefix}max_interp_gap must be >= 0, got {obj.max_interp_gap}")
         if not 0 < obj.min_pu < obj.max_pu:
             raise ConfigError(f"config keys {prefix}min_pu < {prefix}max_pu must be positive")
+        if not obj.clock_flag_z >= 0 or not obj.max_clock_offset_s >= 0:
+            raise ConfigError(
+                f"config keys {prefix}clock_flag_z and {prefix}max_clock_offset_s must be >= 0, "
+                f"got {obj.clock_flag_z} and {obj.max_clock_offset_s}"
+            )
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

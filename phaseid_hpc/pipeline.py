@@ -196,6 +196,7 @@ def process_block(
         config.quality,
         meter_ids=meters["meter_id"].to_numpy(),
         feeder_ids=meters["feeder_id"].to_numpy(),
+        references=references,
     )
     clean = q.voltage
     qt = q.table.reset_index(drop=True)

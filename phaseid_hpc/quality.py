@@ -24,18 +24,26 @@ Checks, in the order they are applied
    (``REASON_LONG_GAPS``, informational). ``usable_fraction`` = finite samples of the cleaned series / n_time
    (interpolated samples count). Below ``min_usable_fraction`` or ``min_usable_samples`` ->
    ``REASON_INSUFFICIENT_DATA``, not usable. No finite reading at all -> ``REASON_NO_READINGS`` only.
-6. **Clock offset.** Estimated against the feeder's common mode (median over the feeder's usable meters of the
-   differenced per-unit voltage) with a three-tap fractional-delay least-squares fit (see
-   :func:`~phaseid_hpc.kernels.quality.estimate_clock_offsets`; two more passes rebuild the common signal
-   without meters whose offset exceeds ``max_clock_offset_s``). ``clock_offset_s`` > 0 means the meter's clock
-   is late (its series is delayed), the convention of :func:`phaseid_hpc.synth.measurement.apply_measurement_model`.
-   NaN where not estimable (too few samples, correlation below ``clock_min_correlation``, fewer than
-   ``clock_min_meters`` usable meters on the feeder). ``|offset| > max_clock_offset_s`` ->
-   ``REASON_CLOCK_OFFSET``; informational (the meter stays usable). With ``correct_clock_offset`` such meters are
-   shifted back in ``.voltage`` by linear interpolation (``clock_corrected`` True; samples shifted in from beyond
-   the ends are NaN). Accuracy on ckt5 (15-min, class 0.5, 0.1 V, 30% of meters offset in +-300 s): median
-   absolute error 61 s at 7 days, 44 s at 14 days, 35 s at 35 days, so at 15-minute resolution a limit
-   below ~120 s flags many clean meters (at 120 s and 14 days: 90% of meters offset by more, 9% of clean ones).
+6. **Clock offset.** Each meter's lag against its feeder's common signal, with a three-tap fractional-delay
+   least-squares fit of the differenced per-unit series (see :func:`~phaseid_hpc.kernels.quality.estimate_clock_offsets`).
+   The common signal is the feeder-head reference where ``references`` holds a row for the feeder (each meter
+   against the reference phase it correlates with best; ``clock_use_references``), else the median over the
+   feeder's usable meters (two more passes rebuild it without meters whose offset exceeds
+   ``max_clock_offset_s``). The series are interval means: a clock offset shifts the averaging window, which on
+   piecewise-constant load is a linear interpolation between neighbouring intervals, exactly the two-tap filter
+   the fit's centroid recovers. ``clock_offset_s`` > 0 means the meter's clock is late (its series is delayed),
+   the convention of :func:`phaseid_hpc.synth.measurement.apply_measurement_model`; ``clock_offset_se_s`` is its
+   standard error from the fit's residual. NaN where not estimable (too few samples, correlation below
+   ``clock_min_correlation``, fewer than ``clock_min_meters`` usable meters on a feeder without reference).
+   ``|offset| - max_clock_offset_s > clock_flag_z * clock_offset_se_s`` -> ``REASON_CLOCK_OFFSET``: the offset is
+   above the limit by a significant margin. Informational (the meter stays usable). With
+   ``correct_clock_offset`` flagged meters are shifted back in ``.voltage`` by linear interpolation
+   (``clock_corrected`` True; samples shifted in from beyond the ends are NaN). Accuracy at 15-minute data
+   (class 0.5, 0.1 V, 30% of meters offset in +-300 s, limit 60 s, ``benchmarks/clock_offset.py``): on ckt5
+   with its references the median absolute error is 42 / 30 / 22 s at 7 / 14 / 35 days (61 / 44 / 35 s against
+   the median), and 1.3% / 0.1% / 0.1% of clean meters (< 30 s) are flagged (51% / 36% / 21% before the
+   reference and the margin) while 48% / 66% / 78% of meters offset by more than 90 s are caught; estimates
+   there run ~35% short of the truth, so an offset is rather under- than over-stated.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ QUALITY_COLUMNS: tuple[str, ...] = (
     "usable_fraction",
     "clock_offset_s",
     "reasons",
+    "clock_offset_se_s",
     "clock_correlation",
     "clock_corrected",
     "detected_units",
@@ -115,6 +124,38 @@ def _codes(labels: Any, n: int) -> np.ndarray:
     return inv.astype(np.int64)
 
 
+def _reference_rows(references: Any, feeder_ids: Any, n_time: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Reference rows of this block's feeders and their feeder codes (those of :func:`_codes`)."""
+    if references is None:
+        return None
+    try:
+        ref_meta, ref_v = references
+    except (TypeError, ValueError):
+        raise ValueError(
+            "references must be a pair (DataFrame with column feeder_id, array (n_refs, n_time) [V])"
+        ) from None
+    arr = np.asarray(to_numpy(ref_v), dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != n_time or arr.shape[0] != len(ref_meta):
+        raise ValueError(
+            f"references voltage must have shape ({len(ref_meta)}, {n_time}) (one row per reference, "
+            f"voltage's time axis), got {arr.shape}"
+        )
+    if feeder_ids is None:  # the block is one feeder: every reference row is its reference
+        return arr, np.zeros(arr.shape[0], dtype=np.int64)
+    lab = np.asarray(to_numpy(feeder_ids))
+    lab = lab.astype(str) if lab.dtype == object else lab
+    labels = np.unique(lab)
+    rf = np.asarray(ref_meta["feeder_id"].to_numpy())
+    rf = rf.astype(str) if rf.dtype == object or labels.dtype.kind == "U" else rf
+    if labels.size == 0:
+        return None
+    pos = np.clip(np.searchsorted(labels, rf), 0, labels.size - 1)
+    hit = labels[pos] == rf  # reference rows of feeders outside the block are dropped
+    if not hit.any():
+        return None
+    return arr[hit], pos[hit].astype(np.int64)
+
+
 def assess_quality(
     voltage: Any,
     nominal_v: Any,
@@ -125,6 +166,7 @@ def assess_quality(
     *,
     meter_ids: Any = None,
     feeder_ids: Any = None,
+    references: Any = None,
     xp: Any = None,
 ) -> QualityResult:
     """Run the per-meter data-quality checks on a block of whole feeders.
@@ -148,6 +190,11 @@ def assess_quality(
     feeder_ids : array-like, shape (n_meters,), optional
         Feeder of each row; clock offsets are measured against each feeder's own common signal.
         ``None`` treats the block as one feeder.
+    references : tuple of (pandas.DataFrame, array of shape (n_refs, n_time)), optional
+        Feeder-head voltages as the pipeline passes them: a table with column ``feeder_id`` (and ``phase``)
+        and the voltages, rows aligned, on ``voltage``'s time axis [V]. A feeder with references has its
+        clock offsets measured against them (each meter against the phase it follows best), which halves
+        the error; other feeders use their median. Ignored when ``config.clock_use_references`` is False.
     xp : module, optional
         Array namespace; default that of ``voltage``.
 
@@ -182,6 +229,7 @@ def assess_quality(
 
     groups = xp.asarray(_codes(feeder_ids, n_m))
     c = config
+    refs = _reference_rows(references, feeder_ids, v.shape[1]) if c.clock_use_references else None
     r = kq.quality_block(
         v,
         per_meter(nominal_v, "nominal_v"),
@@ -204,6 +252,9 @@ def assess_quality(
         clock_min_correlation=c.clock_min_correlation,
         clock_min_meters=c.clock_min_meters,
         correct_clock_offset=c.correct_clock_offset,
+        clock_flag_z=c.clock_flag_z,
+        references=None if refs is None else xp.asarray(refs[0]),
+        reference_groups=None if refs is None else xp.asarray(refs[1]),
     )
     h = {k: to_numpy(val) for k, val in r._asdict().items() if k != "voltage"}
 
@@ -228,6 +279,7 @@ def assess_quality(
             "usable_fraction": h["usable_fraction"].astype(np.float64),
             "clock_offset_s": h["clock_offset_s"].astype(np.float64),
             "reasons": reasons,
+            "clock_offset_se_s": h["clock_offset_se_s"].astype(np.float64),
             "clock_correlation": h["clock_correlation"].astype(np.float64),
             "clock_corrected": h["clock_corrected"].astype(bool),
             "detected_units": np.asarray(kq.UNITS_NAMES, dtype=object)[h["units_code"].astype(np.int64)],

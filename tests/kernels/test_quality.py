@@ -103,7 +103,7 @@ def test_clock_offsets_recovered_on_synthetic_feeder():
         accuracy_class=0.2, resolution_v=0.0, clock_offset_fraction=0.4, clock_offset_max_s=800.0
     )
     meas, true = apply_measurement_model(v, model, interval_s=900.0, random_state=3)
-    off, corr = kq.estimate_clock_offsets(
+    off, corr, _ = kq.estimate_clock_offsets(
         meas / 240.0, np.zeros(40, dtype=np.int64), max_lag=1, exclude_above=60.0 / 900.0, n_refine=2
     )
     err = off * 900.0 - true
@@ -117,7 +117,7 @@ def test_clock_offsets_positive_means_series_late():
     meas = v.copy()
     t = np.arange(960, dtype=np.float64)
     meas[0] = np.interp(t - 0.5, t, v[0])  # meter 0 reads what happened half an interval earlier
-    off, _ = kq.estimate_clock_offsets(meas / 240.0, np.zeros(20, dtype=np.int64), max_lag=1)
+    off, _, _ = kq.estimate_clock_offsets(meas / 240.0, np.zeros(20, dtype=np.int64), max_lag=1)
     assert 0.4 < off[0] < 0.6
 
 
@@ -126,19 +126,19 @@ def test_groups_in_one_call_equal_separate_calls():
     b = feeder_voltage(9, 500, seed=6, base=120.0) / 120.0 * 240.0
     both = np.concatenate([a, b]) / 240.0
     groups = np.array([3] * 12 + [7] * 9)
-    off, _ = kq.estimate_clock_offsets(both, groups, max_lag=1)
-    off_a, _ = kq.estimate_clock_offsets(a / 240.0, np.zeros(12, dtype=np.int64), max_lag=1)
-    off_b, _ = kq.estimate_clock_offsets(b / 240.0, np.zeros(9, dtype=np.int64), max_lag=1)
+    off, _, _ = kq.estimate_clock_offsets(both, groups, max_lag=1)
+    off_a, _, _ = kq.estimate_clock_offsets(a / 240.0, np.zeros(12, dtype=np.int64), max_lag=1)
+    off_b, _, _ = kq.estimate_clock_offsets(b / 240.0, np.zeros(9, dtype=np.int64), max_lag=1)
     np.testing.assert_allclose(off, np.concatenate([off_a, off_b]), rtol=1e-9, atol=1e-9)
     # interleaved rows give the same per-row answers
     perm = np.random.default_rng(0).permutation(21)
-    off_p, _ = kq.estimate_clock_offsets(both[perm], groups[perm], max_lag=1)
+    off_p, _, _ = kq.estimate_clock_offsets(both[perm], groups[perm], max_lag=1)
     np.testing.assert_allclose(off_p, off[perm], rtol=1e-9, atol=1e-9)
 
 
 def test_clock_offset_needs_enough_meters():
     v = feeder_voltage(2, 500, seed=7) / 240.0
-    off, _ = kq.estimate_clock_offsets(v, np.zeros(2, dtype=np.int64), max_lag=1, min_meters=3)
+    off, _, _ = kq.estimate_clock_offsets(v, np.zeros(2, dtype=np.int64), max_lag=1, min_meters=3)
     assert np.isnan(off).all()
 
 
@@ -177,17 +177,24 @@ def _block_inputs(seed: int = 9):
     return v, nominal, sampling, off_grid, groups
 
 
-@pytest.mark.parametrize("correct", [False, True])
-def test_quality_block_on_array_api_strict_matches_numpy(correct):
+@pytest.mark.parametrize(("correct", "with_refs"), [(False, False), (True, False), (False, True)])
+def test_quality_block_on_array_api_strict_matches_numpy(correct, with_refs):
     args = _block_inputs()
     kw = {
         "interval_s": 900.0,
         "min_usable_samples": 50,
         "correct_clock_offset": correct,
         "max_clock_offset_s": 10.0,
+        "clock_flag_z": 0.0,
     }
-    ref = kq.quality_block(*args, **kw)
-    got = kq.quality_block(*(xps.asarray(a) for a in args), **kw)
+    refs = {}
+    if with_refs:  # feeder 1 has a reference row, feeder 0 keeps its median
+        r = np.nanmedian(args[0][8:], axis=0)[None, :] * 30.0
+        refs = {"references": r, "reference_groups": np.array([1])}
+    ref = kq.quality_block(*args, **kw, **refs)
+    got = kq.quality_block(
+        *(xps.asarray(a) for a in args), **kw, **{k: xps.asarray(a) for k, a in refs.items()}
+    )
     for name, want in ref._asdict().items():
         have = np.from_dlpack(getattr(got, name))
         np.testing.assert_allclose(have, want, rtol=1e-10, atol=1e-10, equal_nan=True, err_msg=name)
