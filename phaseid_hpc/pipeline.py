@@ -280,8 +280,15 @@ def process_block(
 
 
 def _run_block_to_file(store: str, start: int, stop: int, config: RunConfig, path: str) -> dict[str, Any]:
-    """Worker-side: process one block and persist its result atomically (the unit of resume)."""
-    res = process_block(store, start, stop, config)
+    """Worker-side: process one block and persist its result atomically (the unit of resume).
+
+    BLAS runs single-threaded inside a block: a multi-threaded GEMM sums in an order that depends on the
+    thread count, and results must not depend on where a block ran. Parallelism comes from blocks.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        res = process_block(store, start, stop, config)
     p = Path(path)
     _atomic_write_bytes(p.with_suffix(".transformers.parquet"), _parquet_bytes(_flatten(res["transformers"])))
     _atomic_write_bytes(p, _parquet_bytes(res["meters"]))  # written last: its presence marks completion
