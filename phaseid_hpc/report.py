@@ -159,7 +159,8 @@ def write_report(
         parts.append(f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>")
     parts.append("</table>")
     if summary.get("reasons"):
-        parts.append("<h3>Data-quality findings</h3><table><tr><th>reason</th><th>meters</th></tr>")
+        parts.append("<h3>Findings per meter (quality, phase, transformer)</h3>"
+                     "<table><tr><th>reason</th><th>meters</th></tr>")
         for k, v in summary["reasons"].items():
             parts.append(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>")
         parts.append("</table>")
@@ -188,7 +189,7 @@ def write_report(
 
     corr_path = rdir / "corrections.csv"
     if corr_path.exists():
-        corr = pd.read_csv(corr_path)
+        corr = pd.read_csv(corr_path, keep_default_na=False)
         parts.append(f"<h2>Corrections worklist ({len(corr)} meters)</h2>")
         if len(corr) > max_rows:
             parts.append(f"<p>First {max_rows} rows; the full list is corrections.csv.</p>")

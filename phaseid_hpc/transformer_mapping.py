@@ -471,8 +471,8 @@ def _map_feeder(
                 reasons.append(REASON_TX_UNRELATED)
             elif sig_b[i] and zb[i] >= zo[i]:
                 reasons.append(REASON_TX_AMBIGUOUS)
-            else:
-                reasons.append(REASON_TX_CONSISTENT)
+            # a meter that moves with its GIS group is a clean result: no reason code (the code stays
+            # exported for readers of older outputs)
             d = (zo[i] - (zb[i] if np.isfinite(zb[i]) else 0.0)) / se[i]
         else:
             reasons.append(REASON_TX_SINGLETON)
