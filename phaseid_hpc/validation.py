@@ -40,7 +40,6 @@ filled the same way; with no ``kvar`` array, or for a meter without any kvar sam
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -76,47 +75,349 @@ _PHASE_WEIGHTS: dict[str, tuple[float, float, float]] = {
 _UNKNOWN_PHASE = (1 / 3, 1 / 3, 1 / 3)
 #: Default configuration (frozen, so one shared instance is safe as an argument default).
 _DEFAULT_CONFIG = ValidationConfig()
-# Transformers per call of the thermal kernel: bounds memory to ~6 arrays of chunk x n_time float64.
-_THERMAL_CHUNK = 4096
+# Transformers per call of the thermal kernel (float32; bounds the temporaries to ~12 MB each).
+_THERMAL_CHUNK = 1024
+
+
+# Meters per chunk of the per-meter passes (whole transformers; keeps the temporaries in cache).
+_METER_CHUNK = 512
+_PHASES_ON_NAMES = np.array(["", "A", "B", "AB", "C", "AC", "BC", "ABC"], dtype=object)
 
 
 def _fill_time_gaps(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Linear interpolation along time of NaN samples, constant at the ends, 0 for rows without data.
 
-    Returns the filled array and the boolean mask of real samples, both (n_rows, n_time).
+    Works on the runs of consecutive NaN samples (O(number of holes) after one ``isnan`` pass) and keeps
+    the input's float dtype. Returns the filled copy, shape (n_rows, n_time), and the number of real
+    samples per row, shape (n_rows,).
     """
-    valid = ~np.isnan(x)
-    if valid.all():
-        return x, valid
-    n_t = x.shape[1]
-    flat = x.ravel()
-    good = np.flatnonzero(valid)
-    holes = np.flatnonzero(~valid)
-    row = holes // n_t
-    pos = np.searchsorted(good, holes)
-    prev = good[np.clip(pos - 1, 0, max(good.size - 1, 0))] if good.size else np.zeros_like(holes)
-    nxt = good[np.clip(pos, 0, max(good.size - 1, 0))] if good.size else np.zeros_like(holes)
-    has_prev = (pos > 0) & (prev // n_t == row) if good.size else np.zeros(holes.size, bool)
-    has_next = (pos < good.size) & (nxt // n_t == row) if good.size else np.zeros(holes.size, bool)
+    n, n_t = x.shape
+    out = np.array(x, dtype=x.dtype if x.dtype in (np.float32, np.float64) else np.float64, copy=True)
+    holes = np.flatnonzero(np.isnan(out))
+    row = holes // max(n_t, 1)
+    n_valid = n_t - np.bincount(row, minlength=n)
+    if holes.size == 0:
+        return out, n_valid
+    flat = out.reshape(-1)
+    new_run = np.ones(holes.size, dtype=bool)
+    new_run[1:] = (np.diff(holes) != 1) | (row[1:] != row[:-1])
+    run = np.cumsum(new_run) - 1
+    first = holes[new_run]
+    last = holes[np.append(new_run[1:], True)]
+    has_prev = (first % n_t) != 0
+    has_next = (last % n_t) != n_t - 1
+    prev = np.where(has_prev, first - 1, 0)
+    nxt = np.where(has_next, last + 1, 0)
+    x_prev, x_next = flat[prev], flat[nxt]
     both = has_prev & has_next
     span = np.where(both, nxt - prev, 1)
-    x_prev, x_next = flat[prev] if good.size else 0.0, flat[nxt] if good.size else 0.0
+    hp, hn, hb = has_prev[run], has_next[run], both[run]
+    xp_, xn = x_prev[run], x_next[run]
     fill = np.where(
-        both,
-        x_prev + (x_next - x_prev) * (holes - prev) / span,
-        np.where(has_prev, x_prev, np.where(has_next, x_next, 0.0)),
+        hb,
+        xp_ + (xn - xp_) * ((holes - prev[run]) / span[run]),
+        np.where(hp, xp_, np.where(hn, xn, 0.0)),
     )
-    out = flat.copy()
-    out[holes] = fill
-    return out.reshape(x.shape), valid
+    flat[holes] = fill
+    return out, n_valid
 
 
-def _indicator(rows: np.ndarray, n_rows: int, weights: np.ndarray | None = None) -> sparse.csr_array:
-    """Sparse (n_rows, n_items) matrix with a 1 (or the weight) at (rows[j], j); rows < 0 are dropped."""
-    keep = rows >= 0
-    cols = np.flatnonzero(keep)
-    data = np.ones(cols.size) if weights is None else weights[keep]
-    return sparse.csr_array((data, (rows[keep], cols)), shape=(n_rows, rows.size))
+def _chunks(group_start: np.ndarray, n_items: int, size: int) -> list[tuple[int, int, int, int]]:
+    """Split contiguous groups (``group_start``: first item of each non-empty group, ascending) into chunks
+    of about ``size`` items made of whole groups: ``(item_start, item_stop, group_start, group_stop)``."""
+    out = []
+    g = 0
+    n_g = group_start.size
+    while g < n_g:
+        i0 = int(group_start[g])
+        g1 = int(np.searchsorted(group_start, i0 + size, side="left"))
+        g1 = max(g1, g + 1)
+        i1 = int(group_start[g1]) if g1 < n_g else n_items
+        out.append((i0, i1, g, g1))
+        g = g1
+    return out
+
+
+def _indicator(rows: np.ndarray, n_rows: int, dtype: Any) -> sparse.csr_array:
+    """Sparse one-hot ``(n_rows, rows.size)`` matrix with a 1 at ``(rows[j], j)``: ``M @ x`` sums rows of
+    ``x`` into groups (scipy's CSR product reads ``x`` once, row by row; ``np.add.reduceat`` along axis 0
+    is several times slower)."""
+    return sparse.csr_array(
+        (np.ones(rows.size, dtype=dtype), (rows, np.arange(rows.size))), shape=(n_rows, rows.size)
+    )
+
+
+def _rows(x: np.ndarray, order: np.ndarray, identity: bool, i0: int, i1: int) -> np.ndarray:
+    """Rows ``order[i0:i1]`` of ``x`` (a view when the order is the identity)."""
+    return x[i0:i1] if identity else x[order[i0:i1]]
+
+
+def _thermal_summary(
+    loading: np.ndarray,
+    ok: np.ndarray,
+    ambient: np.ndarray | float,
+    interval_min: float,
+    config: ValidationConfig,
+) -> dict[str, np.ndarray]:
+    """Max top oil / hot spot, hours above the limits, F_EQA and loss of life for the rows ``ok`` of ``loading``."""
+    model = thermal.iec_temperatures if config.thermal_standard == "iec" else thermal.ieee_temperatures
+    params = _thermal_parameters(config)
+    n, n_t = loading.shape
+    out = {k: np.full(n, np.nan) for k in ("max_top_oil_c", "max_hot_spot_c", "f_eqa", "loss_of_life_h")}
+    out["hours_above_normal"] = np.zeros(n)
+    out["hours_above_emergency"] = np.zeros(n)
+    ok = np.flatnonzero(ok)
+    interval_h = interval_min / 60.0
+    for start in range(0, ok.size, _THERMAL_CHUNK):
+        rows = ok[start : start + _THERMAL_CHUNK]
+        # float32 halves the memory traffic; temperatures stay within ~1e-4 degC of float64 (tests check 0.01)
+        k = np.ascontiguousarray(loading[rows], dtype=np.float32)
+        amb = ambient[rows] if isinstance(ambient, np.ndarray) and ambient.ndim == 2 else ambient
+        top_oil, hot_spot = model(k, amb, interval_min, **params)
+        out["max_top_oil_c"][rows] = top_oil.max(axis=1)
+        hot_max = hot_spot.max(axis=1)
+        out["max_hot_spot_c"][rows] = hot_max
+        for key, limit in (
+            ("hours_above_normal", config.hot_spot_normal_c),
+            ("hours_above_emergency", config.hot_spot_emergency_c),
+        ):
+            hot = np.flatnonzero(hot_max > limit)  # only units that get there need the count
+            if hot.size:
+                out[key][rows[hot]] = (hot_spot[hot] > limit).sum(axis=1) * interval_h
+        rate = thermal.relative_aging_rate(hot_spot, config.insulation)
+        f_eqa = rate.mean(axis=1, dtype=np.float64)
+        bad = np.isnan(f_eqa)
+        if bad.any():  # NaN-aware mean where a sample is NaN
+            f_eqa[bad] = thermal.equivalent_aging_factor(rate[bad])
+        out["f_eqa"][rows] = f_eqa
+        out["loss_of_life_h"][rows] = f_eqa * (n_t * interval_h)
+    return out
+
+
+def _level_step(offset: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Largest difference between the means of two adjacent windows of ``w`` samples (two-window detector).
+
+    Window sums come from one float64 cumulative sum per row. Returns the absolute step [pu] (NaN where
+    too few samples) and the index of the first sample after it.
+    """
+    n, n_t = offset.shape
+    if n_t < 2 * w:
+        return np.full(n, np.nan), np.full(n, -1)
+    valid = np.isfinite(offset)
+    all_valid = bool(valid.all())
+    cs = np.zeros((n, n_t + 1))
+    np.cumsum(offset if all_valid else np.where(valid, offset, 0.0), axis=1, dtype=np.float64, out=cs[:, 1:])
+    if all_valid:  # every window full: |S(i, i+w) - S(i-w, i)| = |2 cs[i] - cs[i-w] - cs[i+w]|, scaled once
+        d = cs[:, w : n_t + 1 - w] * 2.0
+        d -= cs[:, : n_t + 1 - 2 * w]
+        d -= cs[:, 2 * w :]
+        np.abs(d, out=d)
+        split = np.argmax(d, axis=1)
+        return d[np.arange(n), split] / w, split + w
+    cn = np.zeros((n, n_t + 1), dtype=np.int64)
+    np.cumsum(valid, axis=1, out=cn[:, 1:])
+    s, c = cs[:, w:] - cs[:, :-w], cn[:, w:] - cn[:, :-w]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.where(c >= w // 2, s / c, np.nan)
+    d = np.abs(m[:, w:] - m[:, : m.shape[1] - w])  # window ending at split vs window starting at split
+    fin = np.isfinite(d)
+    any_ok = fin.any(axis=1)
+    split = np.argmax(np.where(fin, d, -1.0), axis=1)
+    step = np.where(any_ok, d[np.arange(n), split], np.nan)
+    return step, np.where(any_ok, split + w, -1)
+
+
+def _row_quantile(x: np.ndarray, q: float, nan_rows: np.ndarray) -> np.ndarray:
+    """``np.quantile(x, q, axis=1)`` (linear method) from one ``np.partition`` on the two order statistics;
+    NaN for the rows ``nan_rows`` (those holding a NaN)."""
+    n_t = x.shape[1]
+    pos = q * (n_t - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n_t - 1)
+    part = np.partition(x, sorted({lo, hi}), axis=1)
+    a, b = part[:, lo].astype(np.float64), part[:, hi].astype(np.float64)
+    return np.where(nan_rows, np.nan, a + (b - a) * (pos - lo))
+
+
+def _nanmedian_rows(r: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(r, axis=1)`` without warnings (NaN for rows without a finite value) via one sort."""
+    n, k = r.shape
+    if k == 0:
+        return np.full(n, np.nan)
+    s = np.sort(r, axis=1)  # NaN last
+    nv = (~np.isnan(r)).sum(axis=1)
+    lo, hi = np.maximum(nv - 1, 0) // 2, nv // 2
+    rows = np.arange(n)
+    hi = np.minimum(hi, k - 1)
+    return np.where(nv > 0, 0.5 * (s[rows, lo] + s[rows, hi]), np.nan)
+
+
+def _health(
+    voltage: np.ndarray,
+    order: np.ndarray,
+    identity: bool,
+    group_start: np.ndarray,
+    group_tx: np.ndarray,
+    n_meters: np.ndarray,
+    feeder_of_tx: np.ndarray,
+    ref_of_meter: np.ndarray,
+    ref_pu: list[np.ndarray],
+    config: ValidationConfig,
+) -> dict[str, np.ndarray]:
+    """Voltage-level step and correlation loss per transformer (see module docstring).
+
+    ``order`` lists the mapped meters sorted by transformer (``group_start``/``group_tx``: first position
+    and transformer of each non-empty group); ``ref_of_meter`` (aligned with ``order``) is the row of
+    ``ref_pu`` (feeder-head reference in pu) of each meter, -1 where the rest of its feeder is the reference.
+    Per-meter work runs in chunks of whole transformers in float32; sums over a feeder in float64.
+    """
+    n_t = voltage.shape[1]
+    n_tx = n_meters.size
+    n_map = order.size
+    w = config.health_window
+    f32 = np.float32
+    empty = {
+        "voltage_step_pu": np.full(n_tx, np.nan),
+        "voltage_step_index": np.full(n_tx, -1),
+        "correlation_lost_windows": np.zeros(n_tx, dtype=int),
+        "correlation_first_lost": np.full(n_tx, -1),
+    }
+    if n_tx == 0 or n_t == 0:
+        return empty
+    chunks = _chunks(group_start, n_map, _METER_CHUNK)
+
+    # Pass 1: each meter's level (mean of valid samples) and the per-transformer sums of v_pu.
+    codes, _ = pd.factorize(feeder_of_tx)  # transformers are sorted by feeder
+    n_f = int(codes.max()) + 1
+    tx_sum = np.zeros((n_tx, n_t), dtype=f32)
+    tx_cnt = np.zeros((n_tx, n_t), dtype=f32)
+    fd_sum = np.zeros((n_f, n_t))
+    fd_cnt = np.zeros((n_f, n_t))  # feeder sums of v_pu and of valid samples (float64)
+    inv_level = np.zeros(n_map)
+    sizes = np.diff(np.append(group_start, n_map))
+    clean = []  # per chunk: every sample valid (then the masks below are skipped)
+    for i0, i1, g0, g1 in chunks:
+        m_tx = _indicator(np.repeat(np.arange(g1 - g0), sizes[g0:g1]), g1 - g0, f32)
+        fc = codes[group_tx[g0:g1]]
+        f0, f1 = int(fc[0]), int(fc[-1]) + 1
+        m_fd = _indicator(fc - f0, f1 - f0, np.float64)
+        v = _rows(voltage, order, identity, i0, i1)
+        ok_all = bool(v.size) and bool(v.min() > 0) and bool(np.isfinite(v.max()))
+        clean.append(ok_all)
+        if ok_all:
+            inv = n_t / v.sum(axis=1).astype(np.float64)
+            vpu0 = (v * inv.astype(v.dtype)[:, None]).astype(f32, copy=False)
+            tx_part = m_tx @ vpu0
+            tx_cnt[group_tx[g0:g1]] = sizes[g0:g1, None]
+            fd_cnt[f0:f1] += m_fd @ sizes[g0:g1, None].astype(np.float64)
+        else:
+            valid = (v > 0) & (v < np.inf)
+            v0 = np.where(valid, v, 0.0)
+            n_ok = valid.sum(axis=1)
+            total = v0.sum(axis=1).astype(np.float64)
+            inv = np.where(n_ok > 0, n_ok / np.where(n_ok > 0, total, 1.0), 0.0)
+            vpu0 = (v0 * inv.astype(v0.dtype)[:, None]).astype(f32, copy=False)
+            tx_part = m_tx @ vpu0
+            valid_f = valid.astype(f32)
+            cnt_part = m_tx @ valid_f
+            tx_cnt[group_tx[g0:g1]] = cnt_part
+            fd_cnt[f0:f1] += m_fd @ cnt_part.astype(np.float64)
+        inv_level[i0:i1] = inv
+        tx_sum[group_tx[g0:g1]] = tx_part
+        fd_sum[f0:f1] += m_fd @ tx_part.astype(np.float64)  # float64 sums over a feeder
+
+    # Per transformer: its mean and the mean of the rest of its feeder.
+    f_start = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    enough = n_meters >= config.health_min_meters
+    step = np.full(n_tx, np.nan)
+    split = np.full(n_tx, -1)
+    # differenced references: rows 0..n_tx-1 the rest of the transformer's feeder, then the feeder heads
+    table = np.empty((n_tx + len(ref_pu), max(n_t - 1, 0)), dtype=f32)
+    for k, series in enumerate(ref_pu):
+        table[n_tx + k] = np.diff(series)
+    # float32 from here: the feeder totals were accumulated in float64, their difference with the
+    # transformer's own sum keeps ~1e-7 relative precision.
+    fd32, fdc32 = fd_sum.astype(f32), fd_cnt.astype(f32)
+    all_clean = all(clean)
+    n_fd = np.bincount(codes, weights=n_meters, minlength=n_f)
+    for a in range(0, n_tx, _METER_CHUNK):
+        b = min(a + _METER_CHUNK, n_tx)
+        ts, c = tx_sum[a:b], codes[a:b]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if all_clean:  # counts are the meter counts: one scale per row
+                n_here, n_rest = n_meters[a:b], n_fd[c] - n_meters[a:b]
+                tx_mean = ts * np.where(n_here > 0, 1.0 / n_here, np.nan).astype(f32)[:, None]
+                rest_mean = (fd32[c] - ts) * np.where(n_rest > 0, 1.0 / n_rest, np.nan).astype(f32)[:, None]
+            else:
+                tc = tx_cnt[a:b]
+                rest_cnt = fdc32[c] - tc
+                tx_mean = np.where(tc > 0, ts / tc, f32(np.nan))
+                rest_mean = np.where(rest_cnt > 0, (fd32[c] - ts) / rest_cnt, f32(np.nan))
+        table[a:b] = np.diff(rest_mean, axis=1)
+        e = np.flatnonzero(enough[a:b])
+        if e.size == b - a:
+            tx_mean -= rest_mean
+            step[a:b], split[a:b] = _level_step(tx_mean, w)
+        elif e.size:
+            step[a + e], split[a + e] = _level_step(tx_mean[e] - rest_mean[e], w)
+
+    # Pass 2: correlation of each meter's differenced v_pu with its reference in windows of w samples.
+    n_win = (n_t - 1) // w
+    span = n_win * w
+    r = np.full((n_map, n_win), np.nan)
+    ref_row = np.where(ref_of_meter >= 0, n_tx + ref_of_meter, 0)
+    if n_win:
+        tx_sorted = np.repeat(group_tx, np.diff(np.append(group_start, n_map)))
+        ref_row = np.where(ref_of_meter >= 0, n_tx + ref_of_meter, tx_sorted)
+        row_finite = np.isfinite(table).all(axis=1)
+        for ci, (i0, i1, _, _) in enumerate(chunks):
+            v = _rows(voltage, order, identity, i0, i1)[:, : span + 1]
+            rows = ref_row[i0:i1]
+            b = table[rows, :span]
+            if clean[ci]:
+                a = np.diff(v, axis=1)
+            else:
+                a = np.diff(np.where((v > 0) & (v < np.inf), v, np.nan), axis=1)
+            a = a.astype(f32, copy=False)
+            a *= inv_level[i0:i1, None].astype(f32)
+            if clean[ci] and row_finite[rows].all():
+                cnt = np.float64(w)
+            else:
+                both = np.isfinite(a)
+                both &= np.isfinite(b)
+                a = np.where(both, a, f32(0))
+                b = np.where(both, b, f32(0))
+                cnt = both.reshape(-1, w).sum(axis=1).astype(np.float64)
+            A, B = a.reshape(-1, w), b.reshape(-1, w)
+            sa, sb = A.sum(axis=1).astype(np.float64), B.sum(axis=1).astype(np.float64)
+            sab = np.einsum("ij,ij->i", A, B).astype(np.float64)
+            saa = np.einsum("ij,ij->i", A, A).astype(np.float64)
+            sbb = np.einsum("ij,ij->i", B, B).astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rc = (cnt * sab - sa * sb) / np.sqrt((cnt * saa - sa * sa) * (cnt * sbb - sb * sb))
+            r[i0:i1] = np.where(cnt >= w // 2, rc, np.nan).reshape(i1 - i0, n_win)
+    baseline_ok = _nanmedian_rows(r) >= config.health_min_correlation
+    ok_valid = baseline_ok[:, None] & np.isfinite(r)
+    lost = ok_valid & (r < config.health_min_correlation)
+    c_ok = np.zeros((n_tx, n_win))
+    c_lost = np.zeros((n_tx, n_win))
+    if n_map and n_win:
+        m_all = _indicator(np.repeat(group_tx, sizes), n_tx, np.float64)
+        c_ok, c_lost = m_all @ ok_valid.astype(np.float64), m_all @ lost.astype(np.float64)
+    f_ok = np.add.reduceat(c_ok, f_start, axis=0) if n_win else c_ok[f_start]
+    f_lost = np.add.reduceat(c_lost, f_start, axis=0) if n_win else c_lost[f_start]
+    rest_ok, rest_lost = f_ok[codes] - c_ok, f_lost[codes] - c_lost
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rest_frac = np.where(rest_ok > 0, rest_lost / rest_ok, 0.0)
+    win_lost = (c_ok >= config.health_min_meters) & (c_lost == c_ok) & (rest_frac < 0.5)
+    return {
+        "voltage_step_pu": np.where(enough, step, np.nan),
+        "voltage_step_index": np.where(enough, split, -1),
+        "correlation_lost_windows": np.where(enough, win_lost.sum(axis=1), 0),
+        "correlation_first_lost": (
+            np.where(win_lost.any(axis=1), np.argmax(win_lost, axis=1), -1) if n_win else np.full(n_tx, -1)
+        ),
+    }
 
 
 def _ambient_series(ambient_c: Any, times: np.ndarray, default: float) -> np.ndarray | float:
@@ -153,82 +454,6 @@ def _thermal_parameters(config: ValidationConfig) -> dict[str, float]:
     return base
 
 
-def _thermal_summary(
-    loading: np.ndarray, ambient: np.ndarray | float, interval_min: float, config: ValidationConfig
-) -> dict[str, np.ndarray]:
-    """Max top oil / hot spot, hours above the limits, F_EQA and loss of life per row of ``loading``."""
-    model = thermal.iec_temperatures if config.thermal_standard == "iec" else thermal.ieee_temperatures
-    params = _thermal_parameters(config)
-    n = loading.shape[0]
-    out = {k: np.full(n, np.nan) for k in ("max_top_oil_c", "max_hot_spot_c", "f_eqa", "loss_of_life_h")}
-    out["hours_above_normal"] = np.zeros(n)
-    out["hours_above_emergency"] = np.zeros(n)
-    ok = np.flatnonzero(np.isfinite(loading).all(axis=1))
-    interval_h = interval_min / 60.0
-    for start in range(0, ok.size, _THERMAL_CHUNK):
-        rows = ok[start : start + _THERMAL_CHUNK]
-        # float32 halves the memory traffic; temperatures stay within ~1e-4 degC of float64 (tests check 0.01)
-        k = np.ascontiguousarray(loading[rows], dtype=np.float32)
-        amb = ambient[rows] if isinstance(ambient, np.ndarray) and ambient.ndim == 2 else ambient
-        top_oil, hot_spot = model(k, amb, interval_min, **params)
-        rate = thermal.relative_aging_rate(hot_spot, config.insulation)
-        out["max_top_oil_c"][rows] = top_oil.max(axis=1)
-        out["max_hot_spot_c"][rows] = hot_spot.max(axis=1)
-        out["f_eqa"][rows] = thermal.equivalent_aging_factor(rate)
-        out["loss_of_life_h"][rows] = thermal.loss_of_life_hours(rate, interval_h)
-        out["hours_above_normal"][rows] = (hot_spot > config.hot_spot_normal_c).sum(axis=1) * interval_h
-        out["hours_above_emergency"][rows] = (hot_spot > config.hot_spot_emergency_c).sum(axis=1) * interval_h
-    return out
-
-
-def _window_sums(x: np.ndarray, valid: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sums and counts of the valid samples of every length-``w`` window start, shape (n, n_time - w + 1)."""
-    cs = np.concatenate([np.zeros((x.shape[0], 1)), np.cumsum(np.where(valid, x, 0.0), axis=1)], axis=1)
-    cn = np.concatenate([np.zeros((x.shape[0], 1)), np.cumsum(valid, axis=1)], axis=1)
-    return cs[:, w:] - cs[:, :-w], cn[:, w:] - cn[:, :-w]
-
-
-def _level_step(offset: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Largest difference between the means of two adjacent windows of ``w`` samples (two-window detector).
-
-    Returns the absolute step [pu] (NaN where too few samples) and the index of the first sample after it.
-    """
-    n, n_t = offset.shape
-    if n_t < 2 * w:
-        return np.full(n, np.nan), np.full(n, -1)
-    valid = np.isfinite(offset)
-    s, c = _window_sums(offset, valid, w)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m = np.where(c >= w // 2, s / c, np.nan)
-    d = np.abs(m[:, w:] - m[:, : m.shape[1] - w])  # window ending at split vs window starting at split
-    any_ok = np.isfinite(d).any(axis=1)
-    split = np.argmax(np.where(np.isfinite(d), d, -1.0), axis=1)
-    step = np.where(any_ok, d[np.arange(n), split], np.nan)
-    return step, np.where(any_ok, split + w, -1)
-
-
-def _windowed_correlation(a: np.ndarray, b: np.ndarray, w: int) -> np.ndarray:
-    """Pearson correlation of rows of ``a`` and ``b`` in consecutive windows of ``w`` samples, NaN-aware.
-
-    Shapes (n, n_time) -> (n, n_time // w); NaN where a window has fewer than w/2 common samples.
-    """
-    n, n_t = a.shape
-    nw = n_t // w
-    a = a[:, : nw * w].reshape(n, nw, w)
-    b = b[:, : nw * w].reshape(n, nw, w)
-    valid = np.isfinite(a) & np.isfinite(b)
-    a0 = np.where(valid, a, 0.0)
-    b0 = np.where(valid, b, 0.0)
-    cnt = valid.sum(axis=2)
-    sa, sb = a0.sum(axis=2), b0.sum(axis=2)
-    sab = np.einsum("ijk,ijk->ij", a0, b0)
-    saa = np.einsum("ijk,ijk->ij", a0, a0)
-    sbb = np.einsum("ijk,ijk->ij", b0, b0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (cnt * sab - sa * sb) / np.sqrt((cnt * saa - sa * sa) * (cnt * sbb - sb * sb))
-    return np.where(cnt >= w // 2, r, np.nan)
-
-
 def _reference_pu(references: Any, times: np.ndarray, feeders: pd.Index) -> dict[tuple[str, str], np.ndarray]:
     """Feeder-head references -> {(feeder_id, phase): voltage / its mean}.
 
@@ -260,82 +485,6 @@ def _reference_pu(references: Any, times: np.ndarray, feeders: pd.Index) -> dict
         ok = np.isfinite(v) & (v > 0)
         out[key] = v / np.mean(v[ok]) if ok.any() else np.full(v.shape, np.nan)
     return out
-
-
-def _health(
-    voltage: np.ndarray,
-    tx_of_meter: np.ndarray,
-    feeder_of_tx: np.ndarray,
-    n_tx: int,
-    meters: pd.DataFrame,
-    ref_pu: dict[tuple[str, str], np.ndarray],
-    config: ValidationConfig,
-) -> dict[str, np.ndarray]:
-    """Voltage-level step and correlation loss per transformer (see module docstring)."""
-    v = np.asarray(voltage, dtype=np.float64)
-    valid = np.isfinite(v) & (v > 0)
-    n_ok = valid.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        level = np.where(n_ok > 0, np.where(valid, v, 0.0).sum(axis=1) / n_ok, np.nan)
-        vpu = np.where(valid, v / level[:, None], np.nan)
-    valid = np.isfinite(vpu)
-    v0 = np.where(valid, vpu, 0.0)
-    w = config.health_window
-    n_m = v.shape[0]
-
-    # Level: transformer mean minus the rest of its feeder (leave-this-transformer-out mean).
-    M = _indicator(tx_of_meter, n_tx)
-    tx_sum, tx_cnt = M @ v0, M @ valid.astype(np.float64)
-    feeder_codes, feeder_names = pd.factorize(feeder_of_tx)
-    F = _indicator(feeder_codes, len(feeder_names))  # (n_feeders, n_tx)
-    fd_sum, fd_cnt = F @ tx_sum, F @ tx_cnt
-    rest_cnt = fd_cnt[feeder_codes] - tx_cnt
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tx_mean = np.where(tx_cnt > 0, tx_sum / tx_cnt, np.nan)
-        rest_mean = np.where(rest_cnt > 0, (fd_sum[feeder_codes] - tx_sum) / rest_cnt, np.nan)
-    n_meters = np.bincount(tx_of_meter[tx_of_meter >= 0], minlength=n_tx)
-    step, split = _level_step(tx_mean - rest_mean, w)
-
-    # Correlation: each meter's differenced voltage vs its feeder-head reference (its phase), else vs the
-    # mean of the other transformers' meters on its feeder.
-    dv = np.diff(vpu, axis=1)
-    ref_rows = np.full((n_m, v.shape[1]), np.nan)
-    feeder_m = meters["feeder_id"].astype(str).to_numpy()
-    phase_m = meters["phase"].astype(str).to_numpy()
-    have_ref = np.zeros(n_m, dtype=bool)
-    for (fid, ph), series in ref_pu.items():
-        sel = (feeder_m == fid) & (phase_m == ph)
-        ref_rows[sel] = series
-        have_ref |= sel
-    tx_safe = np.clip(tx_of_meter, 0, None)
-    fallback = rest_mean[tx_safe]
-    ref_rows = np.where(have_ref[:, None], ref_rows, fallback)
-    r = _windowed_correlation(dv, np.diff(ref_rows, axis=1), w)  # (n_m, n_win)
-    usable = tx_of_meter >= 0
-    with warnings.catch_warnings():  # meters without any valid window: NaN baseline, not usable
-        warnings.simplefilter("ignore", RuntimeWarning)
-        baseline = np.nanmedian(r, axis=1) if r.shape[1] else np.full(n_m, np.nan)
-    baseline_ok = baseline >= config.health_min_correlation
-    baseline_ok &= usable
-    ok_valid = baseline_ok[:, None] & np.isfinite(r)
-    lost = ok_valid & (r < config.health_min_correlation)
-    c_ok, c_lost = M @ ok_valid.astype(np.float64), M @ lost.astype(np.float64)  # (n_tx, n_win)
-    f_ok, f_lost = F @ c_ok, F @ c_lost
-    rest_ok, rest_lost = f_ok[feeder_codes] - c_ok, f_lost[feeder_codes] - c_lost
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rest_frac = np.where(rest_ok > 0, rest_lost / rest_ok, 0.0)
-    win_lost = (c_ok >= config.health_min_meters) & (c_lost == c_ok) & (rest_frac < 0.5)
-    enough = n_meters >= config.health_min_meters
-    return {
-        "voltage_step_pu": np.where(enough, step, np.nan),
-        "voltage_step_index": np.where(enough, split, -1),
-        "correlation_lost_windows": np.where(enough, win_lost.sum(axis=1), 0),
-        "correlation_first_lost": (
-            np.where(win_lost.any(axis=1), np.argmax(win_lost, axis=1), -1)
-            if win_lost.shape[1]
-            else np.full(n_tx, -1)
-        ),
-    }
 
 
 def validate_transformers(
@@ -418,7 +567,11 @@ def validate_transformers(
     tx_table["transformer_id"] = tx_table["transformer_id"].astype(str)
     mapped = meters["transformer_id"].notna().to_numpy()
     meter_tx = meters["transformer_id"].astype(str).where(mapped, None)
-    unknown = mapped & ~meter_tx.isin(tx_table["transformer_id"]).to_numpy()
+    table_ids = pd.Index(tx_table["transformer_id"])
+    if table_ids.is_unique:
+        unknown = mapped & (table_ids.get_indexer(meter_tx) < 0)
+    else:
+        unknown = mapped & ~meter_tx.isin(table_ids).to_numpy()
     extra = meters.loc[unknown, ["transformer_id", "feeder_id"]].astype(str).drop_duplicates("transformer_id")
     tx = pd.concat([tx_table, extra], ignore_index=True)
     tx["feeder_id"] = tx["feeder_id"].astype(str)
@@ -427,62 +580,118 @@ def validate_transformers(
     tx_pos = pd.Index(tx["transformer_id"])
     tx_of_meter = np.where(mapped, tx_pos.get_indexer(meter_tx.fillna("")), -1)
 
-    # Power per meter, gaps filled; kvar from the power factor where missing.
-    p, p_valid = _fill_time_gaps(np.asarray(kw, dtype=np.float64))
+    # Mapped meters sorted by transformer (already so, up to the inferred mapping, in a store block): every
+    # per-meter pass below reads them in chunks of whole transformers and aggregates with reduceat.
+    key = np.where(tx_of_meter >= 0, tx_of_meter, n_tx)
+    n_map = int((tx_of_meter >= 0).sum())
+    order = np.argsort(key, kind="stable")[:n_map]
+    identity = bool(np.array_equal(order, np.arange(n_map)))
+    tx_sorted = key[order]
+    n_meters = np.bincount(tx_sorted, minlength=n_tx)[:n_tx]
+    group_tx = np.flatnonzero(n_meters)
+    group_start = (np.cumsum(n_meters) - n_meters)[group_tx]
+    chunks = _chunks(group_start, n_map, _METER_CHUNK)
+
+    # Phase weights per meter and the (transformer, phase) pairs that carry load: row 3 * transformer + phase.
+    codes, names = pd.factorize(meters["phase"])  # missing: code -1, the last (unknown) row of the table
+    lut = np.array([_PHASE_WEIGHTS.get(str(ph), _UNKNOWN_PHASE) for ph in names] + [_UNKNOWN_PHASE])
+    weights = lut[codes][order] if n_map else np.zeros((0, 3))  # aligned with the sorted mapped meters
+    m_idx, ph_idx = np.nonzero(weights > 0)
+    pair_code_all = 3 * tx_sorted[m_idx] + ph_idx
+    pair_codes, pair_row = np.unique(pair_code_all, return_inverse=True)
+    n_pairs = pair_codes.size
+    pair_tx, pair_ph = pair_codes // 3, pair_codes % 3
+
+    # Power per meter, gaps filled; kvar from the power factor where missing; summed per pair, per chunk.
+    work = np.float32 if kw.dtype == np.float32 else np.float64
     tan_phi = math.tan(math.acos(config.default_power_factor))
-    if kvar is None:
-        q = p * tan_phi
+    W = sparse.csr_array((weights[m_idx, ph_idx].astype(work), (pair_row, m_idx)), shape=(n_pairs, n_map))
+    p_pair = np.zeros((n_pairs, n_t), dtype=work)
+    q_pair = None if kvar is None else np.zeros((n_pairs, n_t), dtype=work)
+    kw_real = np.zeros(n_map)
+    for i0, i1, g0, g1 in chunks:
+        p0, p1 = np.searchsorted(pair_codes, [3 * group_tx[g0], 3 * (group_tx[g1 - 1] + 1)])
+        Wc = W[p0:p1][:, i0:i1]
+        p, kw_real[i0:i1] = _fill_time_gaps(_rows(kw, order, identity, i0, i1).astype(work, copy=False))
+        p_pair[p0:p1] = Wc @ p
+        if q_pair is not None:
+            kv = _rows(np.asarray(kvar), order, identity, i0, i1).astype(work, copy=False)
+            has_q = np.isfinite(kv).any(axis=1)
+            q, _ = _fill_time_gaps(kv)
+            q_pair[p0:p1] = Wc @ np.where(has_q[:, None], q, p * work(tan_phi))
+    # Units with several loaded pairs (3-phase banks, 2-phase meters): their total P (and Q) before |.|.
+    n_pairs_tx = np.bincount(pair_tx, minlength=n_tx)[:n_tx]
+    multi = np.flatnonzero(n_pairs_tx > 1)
+    sub = np.flatnonzero(n_pairs_tx[pair_tx] > 1)
+    local = np.cumsum(n_pairs_tx[multi]) - n_pairs_tx[multi]
+    if multi.size and n_t:
+        p_sum = np.add.reduceat(p_pair[sub], local, axis=0)
+        q_sum = p_sum * work(tan_phi) if q_pair is None else np.add.reduceat(q_pair[sub], local, axis=0)
+    if q_pair is None:  # Q = P tan(phi) on every meter: S = |P| / cos(phi), in place
+        s_pair = np.abs(p_pair, out=p_pair)
+        s_pair *= work(math.hypot(1.0, tan_phi))
     else:
-        kvar = np.asarray(kvar, dtype=np.float64)
-        has_q = np.isfinite(kvar).any(axis=1)
-        q, _ = _fill_time_gaps(kvar)
-        q = np.where(has_q[:, None], q, p * tan_phi)
+        s_pair = np.hypot(p_pair, q_pair)
 
-    # Per-phase sums by sparse aggregation: row 3 * transformer + phase.
-    weights = np.array([_PHASE_WEIGHTS.get(str(ph), _UNKNOWN_PHASE) for ph in meters["phase"]]).reshape(
-        n_m, 3
-    )
-    rows = np.repeat(tx_of_meter[:, None] * 3, 3, axis=1) + np.arange(3)
-    rows = np.where(tx_of_meter[:, None] >= 0, rows, -1)
-    W = sparse.csr_array(
-        (weights[rows >= 0], (rows[rows >= 0], np.repeat(np.arange(n_m), 3)[rows.ravel() >= 0])),
-        shape=(3 * n_tx, n_m),
-    )
-    p_ph = (W @ p).reshape(n_tx, 3, n_t)
-    q_ph = (W @ q).reshape(n_tx, 3, n_t)
-    s_ph = np.hypot(p_ph, q_ph)
-    s_tot = np.hypot(p_ph.sum(axis=1), q_ph.sum(axis=1))
-
-    M = _indicator(tx_of_meter, n_tx)
-    n_meters = np.bincount(tx_of_meter[tx_of_meter >= 0], minlength=n_tx)
     with np.errstate(invalid="ignore", divide="ignore"):
-        kw_coverage = (M @ p_valid.sum(axis=1).astype(np.float64)) / (n_meters * n_t)
-    phases_on = (M @ (weights > 0).astype(np.float64)) > 0  # (n_tx, 3)
+        kw_coverage = np.bincount(tx_sorted, weights=kw_real, minlength=n_tx)[:n_tx] / (n_meters * n_t)
+    phases_on = np.zeros((n_tx, 3), dtype=bool)
+    phases_on[pair_tx, pair_ph] = True
+    mean_ph = np.zeros((n_tx, 3))
+    pair_mean = s_pair.mean(axis=1, dtype=np.float64) if n_t else np.zeros(n_pairs)
+    pair_max = s_pair.max(axis=1).astype(np.float64) if n_t and n_pairs else np.zeros(n_pairs)
+    mean_ph[pair_tx, pair_ph] = pair_mean
 
     rating = pd.to_numeric(tx.get("kva_rating"), errors="coerce").to_numpy(dtype=np.float64)
     rating = np.where(rating > 0, rating, np.nan)
     n_ph = pd.to_numeric(tx.get("n_phases"), errors="coerce").to_numpy(dtype=np.float64)
     three = np.where(np.isfinite(n_ph), n_ph == 3, phases_on.sum(axis=1) >= 2) if n_tx else np.zeros(0, bool)
-    loading = np.where(
-        three[:, None], 3.0 * s_ph.max(axis=1) / rating[:, None], s_tot / rating[:, None]
-    )  # NaN rows where no rating
 
-    mean_ph = s_ph.mean(axis=2)
+    # Transformer load S = |sum P + j sum Q|; loading = S / rating (1-phase) or 3 max_p S_p / rating (bank).
+    pair_first = np.searchsorted(pair_tx, np.arange(n_tx))
+    peak_kva = np.zeros(n_tx)
+    mean_kva = np.zeros(n_tx)
+    scale = np.where(three, 3.0, 1.0) / rating
+    one = np.flatnonzero(n_pairs_tx == 1)  # one pair: S is that pair's S_p
+    peak_kva[one], mean_kva[one] = pair_max[pair_first[one]], pair_mean[pair_first[one]]
+    if one.size == n_tx:  # every unit has one loaded pair (single-phase feeders): scale S in place
+        loading = s_pair
+        loading *= scale.astype(work)[:, None]
+    else:
+        loading = np.zeros((n_tx, n_t), dtype=work)
+        loading[one] = s_pair[pair_first[one]] * scale[one, None].astype(work)
+    if multi.size and n_t:
+        s_tot = np.hypot(p_sum, q_sum)
+        peak_kva[multi], mean_kva[multi] = s_tot.max(axis=1), s_tot.mean(axis=1, dtype=np.float64)
+        s_max = np.maximum.reduceat(s_pair[sub], local, axis=0)
+        loading[multi] = np.where(three[multi, None], s_max, s_tot) * scale[multi, None].astype(work)
+    loading[np.isnan(rating)] = np.nan
+
     with np.errstate(invalid="ignore", divide="ignore"):
         mbar = mean_ph.mean(axis=1)
         imbalance = np.where(three & (mbar > 0), np.abs(mean_ph - mbar[:, None]).max(axis=1) / mbar, np.nan)
+    mean_loading = loading.mean(axis=1, dtype=np.float64) if n_t else np.full(n_tx, np.nan)
 
     ambient = _ambient_series(ambient_c, times, config.ambient_c)
-    th = _thermal_summary(loading, ambient, interval_min, config)
+    th = _thermal_summary(loading, np.isfinite(mean_loading), ambient, interval_min, config)
 
-    if voltage is not None:
+    if voltage is not None and n_map:
+        ref_pu = _reference_pu(references, times, pd.Index(tx["feeder_id"].unique()))
+        ref_of_meter = np.full(n_map, -1)
+        if ref_pu:
+            sel = meters.iloc[order] if not identity else meters.iloc[:n_map]
+            wanted = pd.MultiIndex.from_arrays([sel["feeder_id"].astype(str), sel["phase"].astype(str)])
+            ref_of_meter = pd.MultiIndex.from_tuples(list(ref_pu)).get_indexer(wanted)
         hl = _health(
             np.asarray(voltage),
-            tx_of_meter,
+            order,
+            identity,
+            group_start,
+            group_tx,
+            n_meters,
             tx["feeder_id"].to_numpy(),
-            n_tx,
-            meters,
-            _reference_pu(references, times, pd.Index(tx["feeder_id"].unique())),
+            ref_of_meter,
+            list(ref_pu.values()),
             config,
         )
     else:
@@ -493,23 +702,29 @@ def validate_transformers(
             "correlation_first_lost": np.full(n_tx, -1),
         }
 
+    step_idx = hl["voltage_step_index"]
+    step_time = np.where(
+        step_idx >= 0,
+        times[np.clip(step_idx, 0, max(n_t - 1, 0))] if n_t else np.datetime64("NaT"),
+        np.datetime64("NaT"),
+    ).astype("datetime64[ns]")
     out = pd.DataFrame(
         {
             "transformer_id": tx["transformer_id"].to_numpy(),
             "feeder_id": tx["feeder_id"].to_numpy(),
-            "phases": ["".join(c for c, on in zip("ABC", row) if on) for row in phases_on],
+            "phases": _PHASES_ON_NAMES[phases_on @ np.array([1, 2, 4])] if n_tx else [],
             "n_phases": np.where(three, 3, 1),
             "n_meters": n_meters,
             "kva_rating": rating,
             "kw_coverage": kw_coverage,
-            "peak_kva": s_tot.max(axis=1) if n_t else np.nan,
-            "mean_kva": s_tot.mean(axis=1) if n_t else np.nan,
+            "peak_kva": peak_kva if n_t else np.nan,
+            "mean_kva": mean_kva if n_t else np.nan,
             "mean_kva_a": mean_ph[:, 0],
             "mean_kva_b": mean_ph[:, 1],
             "mean_kva_c": mean_ph[:, 2],
-            "peak_loading_pu": loading.max(axis=1),
-            "p99_loading_pu": np.quantile(loading, 0.99, axis=1) if n_t else np.nan,
-            "mean_loading_pu": loading.mean(axis=1),
+            "peak_loading_pu": loading.max(axis=1).astype(np.float64) if n_t else np.nan,
+            "p99_loading_pu": _row_quantile(loading, 0.99, np.isnan(mean_loading)) if n_t else np.nan,
+            "mean_loading_pu": mean_loading,
             "imbalance": imbalance,
             **{
                 k: th[k]
@@ -523,73 +738,90 @@ def validate_transformers(
                 )
             },
             "voltage_step_pu": hl["voltage_step_pu"],
-            "voltage_step_time": pd.DatetimeIndex(
-                [times[i] if i >= 0 else np.datetime64("NaT") for i in hl["voltage_step_index"]]
-            ),
+            "voltage_step_time": pd.DatetimeIndex(step_time),
             "correlation_lost_windows": hl["correlation_lost_windows"].astype(int),
         }
     )
-    flags: list[list[str]] = []
-    reasons: list[list[str]] = []
-    step_limit = config.tap_fault_steps * config.tap_step_pu
-    for i, r in enumerate(out.itertuples(index=False)):
-        f: list[str] = []
-        why: list[str] = []
-        if not np.isfinite(r.kva_rating):
+    out["flags"], out["flag_reasons"] = _flags(out, hl["correlation_first_lost"], times, config)
+    return out
+
+
+def _flags(
+    out: pd.DataFrame, first_lost: np.ndarray, times: np.ndarray, config: ValidationConfig
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Flags and their reasons per row; masks are vectorised, strings are built for flagged rows only."""
+    n = len(out)
+    n_t = times.size
+    col = {c: out[c].to_numpy() for c in out.columns if c not in ("voltage_step_time",)}
+    step_time = out["voltage_step_time"]
+    hot = col["max_hot_spot_c"]
+    with np.errstate(invalid="ignore"):
+        masks = {
+            "no_rating": ~np.isfinite(col["kva_rating"].astype(float)),
+            "no_load_data": (col["n_meters"] > 0) & ~(col["kw_coverage"] > 0),
+            "overload": hot > config.hot_spot_normal_c,
+            "emergency_overload": hot > config.hot_spot_emergency_c,
+            "mapping_contradicts_rating": (col["p99_loading_pu"] > config.max_plausible_loading_pu)
+            | (col["mean_loading_pu"] > config.max_plausible_mean_loading_pu),
+            "high_imbalance": col["imbalance"] > config.max_imbalance,
+            "voltage_level_step": col["voltage_step_pu"] > config.tap_fault_steps * config.tap_step_pu,
+            "correlation_loss": col["correlation_lost_windows"] >= max(config.health_min_lost_windows, 1),
+        }
+    flags: list[list[str]] = [[] for _ in range(n)]
+    reasons: list[list[str]] = [[] for _ in range(n)]
+    any_flag = np.zeros(n, dtype=bool)
+    for m in masks.values():
+        any_flag |= m
+    for i in np.flatnonzero(any_flag):  # flagged units only (a handful per block)
+        f, why = flags[i], reasons[i]
+        if masks["no_rating"][i]:
             f.append("no_rating")
             why.append("no usable kva_rating: loading and thermal model not computed")
-        if r.n_meters > 0 and not r.kw_coverage > 0:
+        if masks["no_load_data"][i]:
             f.append("no_load_data")
             why.append("none of its meters has a kW sample")
-        if r.max_hot_spot_c > config.hot_spot_normal_c:
+        if masks["overload"][i]:
             f.append("overload")
             why.append(
-                f"hot spot {r.max_hot_spot_c:.1f} degC above the normal-cyclic limit "
-                f"{config.hot_spot_normal_c:g} degC for {r.hours_above_normal:.2f} h "
-                f"(peak loading {r.peak_loading_pu:.2f} pu)"
+                f"hot spot {hot[i]:.1f} degC above the normal-cyclic limit "
+                f"{config.hot_spot_normal_c:g} degC for {col['hours_above_normal'][i]:.2f} h "
+                f"(peak loading {col['peak_loading_pu'][i]:.2f} pu)"
             )
-        if r.max_hot_spot_c > config.hot_spot_emergency_c:
+        if masks["emergency_overload"][i]:
             f.append("emergency_overload")
             why.append(
-                f"hot spot {r.max_hot_spot_c:.1f} degC above the emergency limit "
-                f"{config.hot_spot_emergency_c:g} degC for {r.hours_above_emergency:.2f} h"
+                f"hot spot {hot[i]:.1f} degC above the emergency limit "
+                f"{config.hot_spot_emergency_c:g} degC for {col['hours_above_emergency'][i]:.2f} h"
             )
-        if (
-            r.p99_loading_pu > config.max_plausible_loading_pu
-            or r.mean_loading_pu > config.max_plausible_mean_loading_pu
-        ):
+        if masks["mapping_contradicts_rating"][i]:
             f.append("mapping_contradicts_rating")
             why.append(
-                f"the inferred mapping puts {r.n_meters} meters with mean {r.mean_kva:.1f} kVA "
-                f"(99th percentile {r.p99_loading_pu:.2f} pu, mean {r.mean_loading_pu:.2f} pu) on a "
-                f"{r.kva_rating:g} kVA unit: impossible, send to manual audit"
+                f"the inferred mapping puts {col['n_meters'][i]} meters with mean {col['mean_kva'][i]:.1f} kVA "
+                f"(99th percentile {col['p99_loading_pu'][i]:.2f} pu, mean {col['mean_loading_pu'][i]:.2f} pu) on a "
+                f"{col['kva_rating'][i]:g} kVA unit: impossible, send to manual audit"
             )
-        if r.imbalance > config.max_imbalance:
+        if masks["high_imbalance"][i]:
             f.append("high_imbalance")
             why.append(
-                f"phase imbalance {r.imbalance:.2f} above {config.max_imbalance:g} (mean kVA A/B/C "
-                f"{r.mean_kva_a:.1f}/{r.mean_kva_b:.1f}/{r.mean_kva_c:.1f})"
+                f"phase imbalance {col['imbalance'][i]:.2f} above {config.max_imbalance:g} (mean kVA A/B/C "
+                f"{col['mean_kva_a'][i]:.1f}/{col['mean_kva_b'][i]:.1f}/{col['mean_kva_c'][i]:.1f})"
             )
-        if r.voltage_step_pu > step_limit:
+        if masks["voltage_level_step"][i]:
             f.append("voltage_level_step")
             why.append(
-                f"common voltage level of its meters steps by {100 * r.voltage_step_pu:.2f}% "
+                f"common voltage level of its meters steps by {100 * col['voltage_step_pu'][i]:.2f}% "
                 f"(> {config.tap_fault_steps:g} tap steps of {100 * config.tap_step_pu:g}%) at "
-                f"{r.voltage_step_time}: check tap position and windings"
+                f"{step_time.iloc[i]}: check tap position and windings"
             )
-        if r.correlation_lost_windows >= max(config.health_min_lost_windows, 1):
-            first = hl["correlation_first_lost"][i]
+        if masks["correlation_loss"][i]:
+            first = first_lost[i]
             why_t = times[min(first * config.health_window, n_t - 1)] if first >= 0 else None
             f.append("correlation_loss")
             why.append(
                 f"all its meters lost correlation with the feeder reference together in "
-                f"{r.correlation_lost_windows} window(s) from {why_t}: check windings and connections"
+                f"{col['correlation_lost_windows'][i]} window(s) from {why_t}: check windings and connections"
             )
-        flags.append(f)
-        reasons.append(why)
-    out["flags"] = flags
-    out["flag_reasons"] = reasons
-    return out
+    return flags, reasons
 
 
 def feeder_phase_imbalance(table: pd.DataFrame) -> pd.DataFrame:

@@ -325,3 +325,52 @@ def test_ckt5_tap_faults_found_and_no_false_health_flags(ckt5):
     assert out["mean_loading_pu"].max() < 1.0 and not any(
         "mapping_contradicts_rating" in f for f in out["flags"]
     )
+
+
+def test_fill_time_gaps_is_linear_interpolation_per_row():
+    from phaseid_hpc.validation import _fill_time_gaps
+
+    rng = np.random.default_rng(2)
+    x = rng.random((6, 50))
+    x[rng.random(x.shape) < 0.3] = np.nan
+    x[0, :7] = np.nan  # leading run: constant extrapolation
+    x[1, -9:] = np.nan  # trailing run
+    x[2] = np.nan  # no data: 0
+    x[3, 10:40] = np.nan  # long gap
+    filled, n_real = _fill_time_gaps(x)
+    t = np.arange(50)
+    for i in range(6):
+        ok = ~np.isnan(x[i])
+        expected = np.interp(t, t[ok], x[i, ok]) if ok.any() else np.zeros(50)
+        np.testing.assert_allclose(filled[i], expected, rtol=1e-12)
+        assert n_real[i] == ok.sum()
+    assert np.isnan(x).any()  # the input is left alone
+
+
+def test_meter_order_does_not_change_the_table(block, clean):
+    """Meters not grouped by transformer (an inferred mapping moves meters) give the same table."""
+    perm = np.random.default_rng(4).permutation(len(block["meters"]))
+    shuffled = dict(
+        block,
+        kw=block["kw"][perm],
+        voltage=block["voltage"][perm],
+        meters=block["meters"].iloc[perm].reset_index(drop=True),
+    )
+    out = _run(shuffled)
+    num = clean.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(out[num], clean[num], rtol=1e-6, atol=1e-6)  # float32 sums, other order
+    assert list(out["flags"]) == list(clean["flags"])
+    assert (out["voltage_step_time"].isna() | (out["voltage_step_time"] == clean["voltage_step_time"])).all()
+
+
+def test_bank_load_sums_signed_power_before_the_magnitude(block):
+    """A meter exporting (negative kW) on a 3-phase bank lowers the bank's total S: S = |sum P| / pf."""
+    kw = block["kw"].copy()
+    rows = np.flatnonzero((block["meters"]["transformer_id"] == "T_bank").to_numpy())
+    kw[rows[-1]] = -2.0  # the C-phase meter exports 2 kW
+    out = validate_transformers(
+        kw, None, None, block["meters"], block["transformers"], block["times"]
+    ).set_index("transformer_id")
+    expected = np.abs(kw[rows].sum(axis=0)) / 0.95
+    assert out.loc["T_bank", "peak_kva"] == pytest.approx(expected.max(), rel=1e-9)
+    assert out.loc["T_bank", "mean_kva_c"] == pytest.approx(2.0 / 0.95, rel=1e-9)

@@ -177,3 +177,22 @@ def test_array_api_strict_matches_numpy(profiles):
             [110.0, 134.08],
             atol=0.01,
         )
+
+
+# --- blocked scan ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(("n_time", "f"), [(1, 0.5), (31, 0.08), (200, 0.08), (2880, 0.847), (97, 1.0)])
+def test_first_order_lag_matches_the_sequential_recurrence(dtype, n_time, f):
+    """The blocked-GEMM scan equals y[i] = y[i-1] + f (x[i] - y[i-1]), y[0] = x[0], also across block edges."""
+    rng = np.random.default_rng(1)
+    x = (50.0 + 30.0 * rng.standard_normal((5, n_time))).astype(dtype)
+    expected = np.empty(x.shape)
+    expected[:, 0] = x[:, 0]
+    for i in range(1, n_time):
+        expected[:, i] = expected[:, i - 1] + f * (x[:, i].astype(np.float64) - expected[:, i - 1])
+    got = thermal._first_order_lag(x, f)
+    assert got.dtype == dtype and got.shape == x.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 if dtype == np.float64 else 2e-3)
+    np.testing.assert_allclose(thermal._first_order_lag(x, f, gain=2.0), 2.0 * expected, atol=4e-3)
