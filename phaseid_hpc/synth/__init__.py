@@ -1,5 +1,13 @@
 """Synthetic utilities with ground truth, and the seeded measurement model of an AMI meter."""
 
+from .generator import FeederSimulation, SynthResult, generate_utility, simulate_feeder
 from .measurement import MeasurementModel, apply_measurement_model
 
-__all__ = ["MeasurementModel", "apply_measurement_model"]
+__all__ = [
+    "FeederSimulation",
+    "MeasurementModel",
+    "SynthResult",
+    "apply_measurement_model",
+    "generate_utility",
+    "simulate_feeder",
+]

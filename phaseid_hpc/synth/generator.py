@@ -1,0 +1,814 @@
+"""Synthetic utility with ground truth, written in the data contract, substation by substation on Dask.
+
+The unit of work is a *substation*: its feeders share the bus, whose voltage (sub-transmission AR(1)
+variation, substation transformer drop, discrete LTC tap steps with a deadband) is the head voltage of
+every feeder on it. A block of substations is one ``dask.delayed`` task; a task holds one substation's
+arrays at a time (bounded memory) and writes its readings part file itself.
+
+Random streams are keyed by ``numpy.random.SeedSequence(seed, spawn_key=...)`` on (stream, substation or
+feeder index), so a feeder's data do not depend on the number of workers, the blocking, or which other
+feeders are generated: the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..contract import TRUTH_COLUMNS
+from .gis_errors import corrupt_labels
+from .loads import ar1_filter, customer_loads, weather_temperature
+from .measurement import MeasurementModel, apply_measurement_model
+from .powerflow import V_LN_MV, feeder_drops, substation_bus_voltage
+from .topology import FeederTopology, build_feeder_topology, xy_to_latlon
+
+__all__ = [
+    "FeederSimulation",
+    "SynthResult",
+    "generate_utility",
+    "plan_utility",
+    "simulate_feeder",
+    "simulate_substation",
+]
+
+#: Stream keys of the SeedSequence tree.
+_S_PLAN, _S_REGION, _S_SUB, _S_FEEDER, _S_GIS, _S_MEAS = range(6)
+#: Local standard time of the synthetic utility relative to UTC [h].
+_UTC_OFFSET_H = -5.0
+_LAT0, _LON0 = 35.0, -90.0
+#: Default meter model: class 0.5, 0.1 V (immutable, so a safe default argument).
+_DEFAULT_MODEL = MeasurementModel()
+#: Above this many meters the readings are written as a directory of part files by default.
+_PARTITION_ABOVE = 200_000
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=tuple(key)))
+
+
+@dataclass(frozen=True)
+class TimeGrid:
+    """The regular time grid: ``times`` are interval ENDs, UTC."""
+
+    start: pd.Timestamp
+    interval_s: float
+    n_time: int
+
+    @property
+    def times(self) -> pd.DatetimeIndex:
+        step = pd.Timedelta(seconds=self.interval_s)
+        return pd.date_range(self.start + step, periods=self.n_time, freq=step, tz="UTC")
+
+    def local_calendar(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Local hour of the interval midpoint [h], day index and weekday (0 = Monday)."""
+        mid = self.times - pd.Timedelta(seconds=self.interval_s / 2) + pd.Timedelta(hours=_UTC_OFFSET_H)
+        hours = (mid.hour + mid.minute / 60 + mid.second / 3600).to_numpy(dtype=float)
+        day0 = mid[0].normalize()
+        day = ((mid.normalize() - day0).days).to_numpy()
+        return hours, day, mid.day_of_week.to_numpy()
+
+
+def _make_grid(start: str | pd.Timestamp, days: float, interval: str | pd.Timedelta) -> TimeGrid:
+    ts = pd.Timestamp(start)
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    step = pd.Timedelta(interval).total_seconds()
+    return TimeGrid(ts, step, round(days * 86400 / step))
+
+
+@dataclass
+class _Region:
+    temperature: np.ndarray
+    irradiance: np.ndarray
+    upstream: np.ndarray
+
+
+def _region(seed: int, grid: TimeGrid) -> _Region:
+    """Series shared by the whole utility: weather, sun, transmission voltage."""
+    rng = _rng(seed, _S_REGION)
+    hours, day, _ = grid.local_calendar()
+    temp = weather_temperature(rng, hours, day)
+    clear = np.clip(np.sin(np.pi * (hours - 6.0) / 14.0), 0, None)
+    n_days = int(day.max()) + 1
+    cloud = np.clip(rng.uniform(0.3, 1.0, n_days)[day] + 0.15 * rng.standard_normal(grid.n_time), 0, 1)
+    # Transmission voltage: slow AR(1), time constant 8 h, s.d. 0.3%.
+    up = _ar1(rng, grid.n_time, np.exp(-grid.interval_s / (8 * 3600)), 0.003)
+    return _Region(temp, clear * cloud, up)
+
+
+def _ar1(rng: np.random.Generator, n: int, phi: float, sd: float, rows: int | None = None) -> np.ndarray:
+    """Stationary AR(1) series with marginal s.d. ``sd``; shape (n,) or (rows, n)."""
+    shape = (n,) if rows is None else (rows, n)
+    e = rng.standard_normal(shape) * sd * np.sqrt(1 - phi**2)
+    e[..., 0] = rng.standard_normal(shape[:-1]) * sd
+    return ar1_filter(e, phi)
+
+
+def plan_utility(n_meters: int, seed: int) -> list[list[tuple[int, int]]]:
+    """Split ``n_meters`` into substations of 1-4 feeders of ~300-4000 meters.
+
+    Returns
+    -------
+    list of substations, each a list of ``(feeder_index, n_meters_on_feeder)``.
+    """
+    rng = _rng(seed, _S_PLAN)
+    sizes: list[int] = []
+    left = n_meters
+    while left > 0:
+        k = int(np.clip(rng.lognormal(np.log(1500), 0.45), 300, 4000))
+        if left - k < 150:
+            k = left
+        sizes.append(k)
+        left -= k
+    subs: list[list[tuple[int, int]]] = []
+    i = 0
+    while i < len(sizes):
+        k = int(rng.choice([1, 2, 3, 4], p=[0.15, 0.35, 0.35, 0.15]))
+        subs.append([(j, sizes[j]) for j in range(i, min(i + k, len(sizes)))])
+        i += k
+    return subs
+
+
+@dataclass
+class FeederSimulation:
+    """One simulated feeder, rows in output order (feeder, GIS transformer, meter id).
+
+    Attributes
+    ----------
+    meters : DataFrame
+        Contract ``meters.csv`` columns (GIS view) plus ``true_transformer_id``, ``true_phase``.
+    truth : DataFrame
+        ``truth.csv`` columns.
+    transformers : DataFrame
+        ``transformers.csv`` columns.
+    references : DataFrame
+        Index phase ``A/B/C``; feeder-head line-to-neutral voltage, shape (3, n_time) [V].
+    voltage : ndarray, shape (n_meters, n_time), float32
+        True interval-mean voltage [V].
+    measured : ndarray, shape (n_meters, n_time), float32
+        Reported voltage after the measurement model, NaN where missing [V].
+    kw, kvar : ndarray, shape (n_meters, n_time), float32
+        Meter load [kW], [kvar].
+    clock_offset_s : ndarray, shape (n_meters,)
+        True clock offset of each meter [s].
+    tap : ndarray, shape (n_time,), int
+        Substation LTC tap position.
+    times : DatetimeIndex
+    """
+
+    feeder_id: str
+    meters: pd.DataFrame
+    truth: pd.DataFrame
+    transformers: pd.DataFrame
+    references: pd.DataFrame
+    voltage: np.ndarray
+    measured: np.ndarray
+    kw: np.ndarray
+    kvar: np.ndarray
+    clock_offset_s: np.ndarray
+    tap: np.ndarray
+    times: pd.DatetimeIndex
+    topology: FeederTopology = field(repr=False, default=None)
+    #: Row ``i`` of the tables is row ``order[i]`` of the topology's meter arrays.
+    order: np.ndarray = field(repr=False, default=None)
+
+
+def _feeder_id(i: int) -> str:
+    return f"F{i:05d}"
+
+
+def _tables(
+    top: FeederTopology,
+    fid: str,
+    seed: int,
+    fidx: int,
+    phase_error_rate: float,
+    transformer_error_rate: float,
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """Meters (GIS + truth) and transformers tables, and the output order of the meters."""
+    rng = _rng(seed, _S_GIS, fidx)
+    n, n_x = top.n_meters, len(top.xfmr_kva)
+    x_ids = np.array([f"{fid}-T{k:05d}" for k in rng.permutation(n_x)])
+    m_ids = np.array([f"{fid}-M{k:06d}" for k in rng.permutation(n)])
+    gis_x, gis_ph = corrupt_labels(top, rng, phase_error_rate, transformer_error_rate)
+    lat, lon = xy_to_latlon(top.meter_xy + 40_000 * np.array([fidx % 50, fidx // 50]), _LAT0, _LON0)
+    meters = pd.DataFrame(
+        {
+            "meter_id": m_ids,
+            "feeder_id": fid,
+            "transformer_id": x_ids[gis_x],
+            "phase": gis_ph,
+            "service_type": top.meter_service,
+            "nominal_v": top.meter_nominal_v,
+            "lat": np.round(lat, 6),
+            "lon": np.round(lon, 6),
+            "true_transformer_id": x_ids[top.meter_xfmr],
+            "true_phase": top.meter_phase,
+        }
+    )
+    order = np.lexsort((meters.meter_id.to_numpy(), meters.transformer_id.to_numpy()))
+    meters = meters.iloc[order].reset_index(drop=True)
+    xf = (
+        pd.DataFrame(
+            {
+                "transformer_id": x_ids,
+                "feeder_id": fid,
+                "kva_rating": top.xfmr_kva,
+                "n_phases": np.where(top.xfmr_phase == "ABC", 3, 1),
+            }
+        )
+        .sort_values("transformer_id", kind="stable")
+        .reset_index(drop=True)
+    )
+    return meters, xf, order
+
+
+def simulate_substation(
+    sub_index: int,
+    feeders: list[tuple[int, int]],
+    grid: TimeGrid,
+    *,
+    seed: int,
+    measurement: MeasurementModel | None,
+    phase_error_rate: float,
+    transformer_error_rate: float,
+    pv_fraction: float,
+    region: _Region | None = None,
+    keep_topology: bool = False,
+) -> list[FeederSimulation]:
+    """Simulate every feeder of one substation (pure, in memory).
+
+    Parameters
+    ----------
+    sub_index : int
+        Substation number (keys its random stream).
+    feeders : list of (feeder_index, n_meters)
+    grid : TimeGrid
+    seed : int
+    measurement : MeasurementModel or None
+        ``None`` reports the true voltages (no noise, no rounding, nothing missing).
+    phase_error_rate, transformer_error_rate, pv_fraction : float
+        Shares of meters [-].
+    region : _Region, optional
+        Shared series (computed from ``seed`` when omitted).
+
+    Returns
+    -------
+    list of FeederSimulation
+    """
+    region = region if region is not None else _region(seed, grid)
+    hours, _, weekday = grid.local_calendar()
+    interval_h = grid.interval_s / 3600
+    rng_sub = _rng(seed, _S_SUB, sub_index)
+    parts = []
+    tot_p = np.zeros((3, grid.n_time))
+    tot_q = np.zeros((3, grid.n_time))
+    for fidx, n_m in feeders:
+        rng = _rng(seed, _S_FEEDER, fidx)
+        top = build_feeder_topology(rng, _feeder_id(fidx), n_m)
+        commercial = top.meter_service != "1ph-240"
+        pv = np.where(rng.random(n_m) < pv_fraction, rng.uniform(3, 9, n_m), 0.0) * ~commercial
+        kw, kvar = customer_loads(
+            rng,
+            hours,
+            weekday,
+            region.temperature,
+            commercial,
+            interval_h,
+            pv_kw=pv if pv_fraction > 0 else None,
+            irradiance=region.irradiance,
+        )
+        w, drop, fp, fq = feeder_drops(top, kw, kvar, rng)
+        tot_p += fp
+        tot_q += fq
+        parts.append((fidx, top, kw.astype(np.float32), kvar.astype(np.float32), w, drop))
+        del kw, kvar
+    # Sub-transmission: regional component + this substation's own AR(1) (2 h, 0.15%) + small
+    # per-phase unbalance (1 h, 0.05%) + a fixed per-phase offset.
+    up = (
+        1.0
+        + region.upstream[None, :]
+        + _ar1(rng_sub, grid.n_time, np.exp(-grid.interval_s / 7200), 0.0015)[None, :]
+        + _ar1(rng_sub, grid.n_time, np.exp(-grid.interval_s / 3600), 0.0005, rows=3)
+        + rng_sub.normal(0, 0.004, (3, 1))
+    )
+    v_bus, tap = substation_bus_voltage(rng_sub, up, tot_p, tot_q, interval_s=grid.interval_s)
+    out = []
+    for fidx, top, kw, kvar, w, drop in parts:
+        fid = _feeder_id(fidx)
+        tap_x = top.xfmr_tap[top.meter_xfmr]
+        v = (top.meter_nominal_v * tap_x)[:, None] * (w @ v_bus) - drop
+        meters, xf, order = _tables(top, fid, seed, fidx, phase_error_rate, transformer_error_rate)
+        v = v[order].astype(np.float32)
+        kw, kvar = np.round(kw[order], 3), np.round(kvar[order], 3)  # what a meter register reports [kW]
+        if measurement is not None:
+            meas, off = apply_measurement_model(
+                v, measurement, interval_s=grid.interval_s, random_state=_rng(seed, _S_MEAS, fidx)
+            )
+            meas = meas.astype(np.float32)
+        else:
+            meas, off = v, np.zeros(len(v))
+        truth = pd.DataFrame(
+            {
+                "meter_id": meters.meter_id,
+                "feeder_id": fid,
+                "transformer_id": meters.true_transformer_id,
+                "phase": meters.true_phase,
+                "phase_label_corrupted": meters.phase != meters.true_phase,
+                "transformer_label_corrupted": meters.transformer_id != meters.true_transformer_id,
+            }
+        )[list(TRUTH_COLUMNS)]
+        refs = pd.DataFrame((v_bus * V_LN_MV).astype(np.float32), index=pd.Index(list("ABC"), name="phase"))
+        out.append(
+            FeederSimulation(
+                fid,
+                meters,
+                truth,
+                xf,
+                refs,
+                v,
+                meas,
+                kw,
+                kvar,
+                off,
+                tap,
+                grid.times,
+                top if keep_topology else None,
+                order,
+            )
+        )
+    return out
+
+
+def simulate_feeder(
+    n_meters: int = 300,
+    days: float = 7,
+    *,
+    interval: str = "15min",
+    seed: int = 0,
+    start: str = "2026-06-01",
+    measurement: MeasurementModel | None = None,
+    phase_error_rate: float = 0.08,
+    transformer_error_rate: float = 0.03,
+    pv_fraction: float = 0.0,
+) -> FeederSimulation:
+    """One feeder alone on its substation, in memory (for tests and notebooks).
+
+    ``measurement=None`` returns the true voltages also as ``measured``.
+
+    Examples
+    --------
+    >>> sim = simulate_feeder(60, days=2, seed=1)
+    >>> sim.voltage.shape
+    (60, 192)
+    """
+    grid = _make_grid(start, days, interval)
+    return simulate_substation(
+        0,
+        [(0, n_meters)],
+        grid,
+        seed=seed,
+        measurement=measurement,
+        phase_error_rate=phase_error_rate,
+        transformer_error_rate=transformer_error_rate,
+        pv_fraction=pv_fraction,
+        keep_topology=True,
+    )[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+
+def _readings_table(sim: FeederSimulation) -> pa.Table:
+    n, n_t = sim.measured.shape
+    t_us = sim.times.as_unit("us").asi8
+    valid = ~np.isnan(sim.measured).ravel()
+    idx = np.repeat(np.arange(n, dtype=np.int32), n_t)[valid]
+    # Dictionary of the meters present, in order of appearance (what re-encoding the column gives).
+    has = np.bincount(idx, minlength=n) > 0
+    present = np.flatnonzero(has)
+    idx = (np.cumsum(has) - 1)[idx]
+    ids = pa.array(sim.meters.meter_id.to_numpy()[present], pa.string())
+    cols = {
+        "meter_id": pa.DictionaryArray.from_arrays(idx.astype(np.int32), ids),
+        "timestamp": pa.array(np.tile(t_us, n)[valid], pa.timestamp("us", tz="UTC")),
+        "voltage_v": pa.array(sim.measured.ravel()[valid], pa.float32()),
+        "kw": pa.array(np.round(sim.kw, 3).ravel()[valid], pa.float32()),
+        "kvar": pa.array(np.round(sim.kvar, 3).ravel()[valid], pa.float32()),
+    }
+    return pa.table(cols)
+
+
+#: Rows per Parquet row group of ``readings.parquet``.
+_ROW_GROUP = 4_000_000
+
+
+class _Sink:
+    """A Parquet file written table by table (opened at the first table)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writer: pq.ParquetWriter | None = None
+
+    def write(self, tab: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, tab.schema, compression="zstd", store_schema=False)
+        self.writer.write_table(tab, row_group_size=_ROW_GROUP)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _run_block(
+    block: int,
+    subs: list[tuple[int, list[tuple[int, int]]]],
+    grid: TimeGrid,
+    params: dict,
+    parts_dir: str | None,
+    store: dict | None,
+    sink: _Sink | None = None,
+) -> dict[str, Any]:
+    """One Dask task: simulate some substations, write their readings part file, return the tables.
+
+    With a store, rows of the block that fill whole storage chunks are written here; the rows in the
+    partial chunks at the block's two edges are returned (``edges``) for the caller to write one after
+    another, since Zarr read-modify-writes partial chunks and concurrent tasks would race on them.
+    """
+    region = _region(params["seed"], grid)
+    meters, truth, xfs, refs, edges = [], [], [], [], []
+    if store is not None:
+        fids = [_feeder_id(f) for _, feeders in subs for f, _ in feeders]
+        b0 = store["offsets"][fids[0]]
+        b1 = store["offsets"][fids[-1]] + store["sizes"][fids[-1]]
+        c = store["meter_chunk"]
+        in0, in1 = -(-b0 // c) * c, (b1 // c) * c
+        if in1 <= in0:
+            in0 = in1 = b1
+    path = None if parts_dir is None else Path(parts_dir) / f"part-{block:05d}.parquet"
+    if sink is None and path is not None:
+        sink = _Sink(path)
+        own_sink = True
+    else:
+        own_sink = False
+    for sub_index, feeders in subs:
+        for sim in simulate_substation(sub_index, feeders, grid, region=region, **params):
+            meters.append(sim.meters)
+            truth.append(sim.truth)
+            xfs.append(sim.transformers)
+            r = sim.references
+            refs.append(
+                pd.DataFrame(
+                    {
+                        "feeder_id": sim.feeder_id,
+                        "phase": np.repeat(r.index.to_numpy(), grid.n_time),
+                        "timestamp": np.tile(grid.times, 3),
+                        "voltage_v": r.to_numpy().ravel(),
+                    }
+                )
+            )
+            if sink is not None:
+                sink.write(_readings_table(sim))
+            if store is not None:
+                edges += _write_store_rows(store["path"], sim, store["offsets"][sim.feeder_id], in0, in1)
+            del sim
+    if own_sink:
+        sink.close()
+    return {
+        "meters": pd.concat(meters, ignore_index=True),
+        "truth": pd.concat(truth, ignore_index=True),
+        "transformers": pd.concat(xfs, ignore_index=True),
+        "references": pd.concat(refs, ignore_index=True),
+        "edges": edges,
+    }
+
+
+def _write_store_rows(store: str, sim: FeederSimulation, lo: int, in0: int, in1: int) -> list:
+    """Write the feeder's rows inside ``[in0, in1)`` (whole storage chunks); return the others."""
+    from ..store import write_meter_block
+
+    hi = lo + len(sim.meters)
+    arrays = {"voltage": sim.measured, "kw": sim.kw}
+    a, b = max(lo, in0), min(hi, in1)
+    if a < b:
+        write_meter_block(store, a, b, {k: v[a - lo : b - lo] for k, v in arrays.items()})
+    out = []
+    for r0, r1 in ((lo, min(hi, in0)), (max(lo, in1), hi)):
+        if r0 < r1:
+            out.append((r0, r1, {k: v[r0 - lo : r1 - lo].copy() for k, v in arrays.items()}))
+    return out
+
+
+@dataclass
+class SynthResult:
+    """What :func:`generate_utility` wrote.
+
+    Attributes
+    ----------
+    out_dir : Path
+    paths : dict
+        ``readings``, ``meters``, ``transformers``, ``references``, ``truth`` (and ``store``) paths.
+    n_meters, n_feeders, n_substations, n_transformers, n_time : int
+    n_phase_corrupted, n_transformer_corrupted : int
+        GIS labels made wrong on purpose.
+    interval_s : float
+    """
+
+    out_dir: Path
+    paths: dict[str, Path]
+    n_meters: int
+    n_feeders: int
+    n_substations: int
+    n_transformers: int
+    n_time: int
+    n_phase_corrupted: int
+    n_transformer_corrupted: int
+    interval_s: float
+
+
+def generate_utility(
+    out_dir: str | Path,
+    *,
+    n_meters: int,
+    days: float,
+    interval: str = "15min",
+    seed: int = 0,
+    start: str = "2026-06-01",
+    measurement: MeasurementModel | None = _DEFAULT_MODEL,
+    phase_error_rate: float = 0.08,
+    transformer_error_rate: float = 0.03,
+    pv_fraction: float = 0.0,
+    write_readings: bool = True,
+    store: str | Path | None = None,
+    client: Any = None,
+    readings_layout: str = "auto",
+    meters_per_block: int = 20_000,
+) -> SynthResult:
+    """Generate a synthetic utility with ground truth and write it in the data contract.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Created if needed; receives ``readings.parquet``, ``meters.csv``, ``transformers.csv``,
+        ``references.parquet``, ``truth.csv``.
+    n_meters : int
+        Total meters (split into feeders of ~300-4000 and substations of 1-4 feeders).
+    days : float
+        Length of the series [days].
+    interval : str
+        Interval, a pandas Timedelta string (``"15min"``, ``"1h"``, ``"5min"``).
+    seed : int
+        Seed of everything; the same seed gives byte-identical files.
+    start : str
+        First interval start (UTC).
+    measurement : MeasurementModel or None
+        Meter measurement model (accuracy class, resolution, missing data, clock offsets); ``None``
+        writes the true voltages.
+    phase_error_rate, transformer_error_rate : float
+        Share of meters whose GIS phase / transformer label is wrong [-].
+    pv_fraction : float
+        Share of residential customers with rooftop PV [-].
+    write_readings : bool
+        Write ``readings.parquet`` (turn off when writing only the store at scale).
+    store : path-like, optional
+        Also write a Zarr store (``voltage``, ``kw``, references, transformers) directly with
+        ``phaseid_hpc.store.initialize_store`` / ``write_meter_block``; voltage as lossless int16
+        deci-volts when the resolution is a multiple of 0.1 V. Replaced if it exists.
+    client : distributed.Client, optional
+        Run the substation blocks on this cluster; ``None`` runs them one after the other here.
+    readings_layout : {"auto", "file", "partitioned"}
+        One ``readings.parquet`` file, or a ``readings.parquet/`` directory of part files (one per
+        block of substations); ``auto`` partitions above 200,000 meters.
+    meters_per_block : int
+        Approximate meters per Dask task [-].
+
+    Returns
+    -------
+    SynthResult
+    """
+    import dask
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = _make_grid(start, days, interval)
+    subs = list(enumerate(plan_utility(n_meters, seed)))
+    blocks: list[list[tuple[int, list[tuple[int, int]]]]] = [[]]
+    size = 0
+    for s in subs:
+        if size >= meters_per_block:
+            blocks.append([])
+            size = 0
+        blocks[-1].append(s)
+        size += sum(n for _, n in s[1])
+    params = {
+        "seed": seed,
+        "measurement": measurement,
+        "phase_error_rate": phase_error_rate,
+        "transformer_error_rate": transformer_error_rate,
+        "pv_fraction": pv_fraction,
+    }
+    layout = readings_layout
+    if layout == "auto":
+        layout = "partitioned" if n_meters > _PARTITION_ABOVE else "file"
+    readings = out / "readings.parquet"
+    parts_dir = None
+    if write_readings:
+        if readings.is_dir():
+            shutil.rmtree(readings)
+        elif readings.exists():
+            readings.unlink()
+        parts_dir = readings if layout == "partitioned" else out / ".readings_parts"
+    # One file without a cluster: blocks run here in order and append to it (no merge pass).
+    direct = write_readings and layout == "file" and client is None
+    if write_readings and not direct:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+    store_path = None
+    store_info = None
+    if store is not None:
+        store_path = str(store)
+        lossless_decivolt = (
+            measurement is not None
+            and measurement.resolution_v > 0
+            and abs(measurement.resolution_v / 0.1 - round(measurement.resolution_v / 0.1)) < 1e-9
+        )
+        store_info = _initialize_store(
+            store_path, grid, subs, params, "int16_decivolt" if lossless_decivolt else "float32"
+        )
+    if client is not None:
+        tasks = [
+            dask.delayed(_run_block, pure=False)(
+                b, blk, grid, params, None if parts_dir is None else str(parts_dir), store_info
+            )
+            for b, blk in enumerate(blocks)
+        ]
+        results = client.gather(client.compute(tasks))
+    else:
+        sink = _Sink(readings) if direct else None
+        results = [
+            _run_block(
+                b,
+                blk,
+                grid,
+                params,
+                None if (parts_dir is None or direct) else str(parts_dir),
+                store_info,
+                sink,
+            )
+            for b, blk in enumerate(blocks)
+        ]
+        if sink is not None:
+            sink.close()
+    meters = pd.concat([r["meters"] for r in results], ignore_index=True)
+    truth = pd.concat([r["truth"] for r in results], ignore_index=True)
+    xfs = pd.concat([r["transformers"] for r in results], ignore_index=True)
+    refs = pd.concat([r["references"] for r in results], ignore_index=True)
+    if store_info is not None:
+        _finish_store(store_path, [e for r in results for e in r["edges"]], refs, grid)
+    del results
+
+    paths = {
+        "meters": out / "meters.csv",
+        "transformers": out / "transformers.csv",
+        "references": out / "references.parquet",
+        "truth": out / "truth.csv",
+    }
+    meters.drop(columns=["true_transformer_id", "true_phase"]).to_csv(paths["meters"], index=False)
+    truth.to_csv(paths["truth"], index=False)
+    xfs.to_csv(paths["transformers"], index=False)
+    ref_tab = pa.table(
+        {
+            "feeder_id": pa.array(refs.feeder_id.to_numpy(), pa.string()),
+            "phase": pa.array(refs.phase.to_numpy(), pa.string()),
+            "timestamp": pa.array(
+                refs.timestamp.dt.as_unit("us").astype("int64").to_numpy(), pa.timestamp("us", tz="UTC")
+            ),
+            "voltage_v": pa.array(refs.voltage_v.to_numpy(np.float32), pa.float32()),
+        }
+    )
+    pq.write_table(ref_tab, paths["references"], compression="zstd", store_schema=False)
+    if write_readings:
+        if layout == "file" and not direct:
+            _merge_parts(parts_dir, readings)
+            shutil.rmtree(parts_dir)
+        paths["readings"] = readings
+    if store_path is not None:
+        paths["store"] = Path(store_path)
+    return SynthResult(
+        out_dir=out,
+        paths=paths,
+        n_meters=len(meters),
+        n_feeders=meters.feeder_id.nunique(),
+        n_substations=len(subs),
+        n_transformers=len(xfs),
+        n_time=grid.n_time,
+        n_phase_corrupted=int(truth.phase_label_corrupted.sum()),
+        n_transformer_corrupted=int(truth.transformer_label_corrupted.sum()),
+        interval_s=grid.interval_s,
+    )
+
+
+def _merge_parts(parts_dir: Path, dest: Path) -> None:
+    """Concatenate part files (in block order) into one Parquet file, row group by row group."""
+    writer = None
+    for part in sorted(parts_dir.glob("part-*.parquet")):
+        f = pq.ParquetFile(part)
+        for i in range(f.num_row_groups):
+            rg = f.read_row_group(i)
+            # Back to the dictionary-typed column the direct path writes, so the bytes are the same.
+            rg = rg.set_column(0, "meter_id", pc.dictionary_encode(rg.column("meter_id")))
+            if writer is None:
+                writer = pq.ParquetWriter(dest, rg.schema, compression="zstd", store_schema=False)
+            writer.write_table(rg, row_group_size=_ROW_GROUP)
+    if writer is not None:
+        writer.close()
+
+
+def _initialize_store(
+    store: str, grid: TimeGrid, subs, params: dict, voltage_encoding: str
+) -> dict[str, Any]:
+    """Create the store from the meter tables (topology and GIS only: cheap) before the blocks run.
+
+    Voltage is stored as int16 deci-volts when the meters' resolution is a multiple of 0.1 V (lossless),
+    else float32; the store holds ``voltage`` and ``kw`` (kvar stays in the readings file).
+
+    Returns the row offset and size of each feeder in store order and the storage chunk along ``meter``.
+    """
+    from ..store import initialize_store
+
+    meters, xfs = [], []
+    for _, feeders in subs:
+        for fidx, n_m in feeders:
+            top = build_feeder_topology(_rng(params["seed"], _S_FEEDER, fidx), _feeder_id(fidx), n_m)
+            m, x, _ = _tables(
+                top,
+                _feeder_id(fidx),
+                params["seed"],
+                fidx,
+                params["phase_error_rate"],
+                params["transformer_error_rate"],
+            )
+            meters.append(m.drop(columns=["true_transformer_id", "true_phase"]))
+            xfs.append(x)
+    meters = pd.concat(meters, ignore_index=True)
+    fids = sorted(meters.feeder_id.unique())
+    # Reference rows are created empty (one NaN read per feeder and phase) and filled after the run.
+    refs = pd.DataFrame(
+        {
+            "feeder_id": np.repeat(fids, 3),
+            "phase": np.tile(list("ABC"), len(fids)),
+            "timestamp": grid.times[0],
+            "voltage_v": np.nan,
+        }
+    )
+    initialize_store(
+        store,
+        meters,
+        grid.times,
+        interval_s=int(grid.interval_s),
+        transformers=pd.concat(xfs, ignore_index=True),
+        references=refs,
+        variables=("voltage", "kw"),
+        voltage_encoding=voltage_encoding,
+        overwrite=True,
+    )
+    del xfs
+    import zarr
+
+    chunk = int(zarr.open_group(store, mode="r")["voltage"].chunks[0])
+    sizes = meters.groupby("feeder_id", sort=True).size()
+    starts = sizes.cumsum() - sizes
+    return {
+        "path": store,
+        "meter_chunk": chunk,
+        "offsets": {k: int(v) for k, v in starts.items()},
+        "sizes": {k: int(v) for k, v in sizes.items()},
+    }
+
+
+def _finish_store(store: str, edges: list, refs: pd.DataFrame, grid: TimeGrid) -> None:
+    """Write the block-edge rows one after another, the references and the per-meter sampling stats."""
+    import zarr
+
+    from ..store import write_meter_block
+
+    for r0, r1, arrays in sorted(edges, key=lambda e: e[0]):
+        write_meter_block(store, r0, r1, arrays)
+    group = zarr.open_group(store, mode="a")
+    keys = pd.Index([str(k) for k in group["reference"][:]])
+    wide = refs.assign(key=refs.feeder_id + "/" + refs.phase).pivot(
+        index="key", columns="timestamp", values="voltage_v"
+    )
+    group["reference_voltage"][:] = wide.reindex(keys).to_numpy(np.float32)
+    # Every read of a generated meter falls on the grid.
+    n = group["sampling_interval_s"].shape[0]
+    group["sampling_interval_s"][:] = np.full(n, grid.interval_s)
+    group["off_grid_fraction"][:] = np.zeros(n)
