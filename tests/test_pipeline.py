@@ -30,7 +30,7 @@ def utility(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("utility")
     export = root / "export"
-    generate_utility(export, n_meters=400, days=7, seed=3)
+    generate_utility(export, n_meters=600, days=7, seed=3, feeder_meters=(100, 200))
     store = root / "store.zarr"
     ingest_files(
         sorted(str(p) for p in export.glob("readings*.parquet")),
@@ -156,11 +156,15 @@ def test_worker_killed_mid_run_still_completes_identically(utility, tmp_path):
         th = threading.Thread(target=lambda: result.update(s=run_job(utility["store"], out, config=cfg,
                                                                       client=client)))
         th.start()
+        # kill a worker while it is running a block: that block must be recomputed elsewhere
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not list((out / "partitions").glob("block-*[0-9a-f].parquet")):
-            time.sleep(0.01)
+        victim = None
+        while time.monotonic() < deadline and victim is None:
+            busy = {w: ts for w, ts in client.processing().items() if ts}
+            victim = sorted(busy)[0] if busy else None
+            time.sleep(0.005)
+        assert victim is not None, "no block ever started"
         done_at_kill = len(list((out / "partitions").glob("block-*[0-9a-f].parquet")))
-        victim = sorted(client.scheduler_info()["workers"])[0]
         pid = client.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)
         th.join(timeout=240)
@@ -203,3 +207,31 @@ def test_report_renders_offline(utility, tmp_path):
     assert text.count("data:image/png;base64,") >= 2
     assert "http://" not in text and "https://" not in text  # nothing fetched from the network
     assert "Corrections worklist" in text
+
+
+def test_report_screenshot_in_headless_chromium(utility, tmp_path):
+    """The page renders in a real browser (Debian package chromium); skipped where none is installed."""
+    import shutil as _shutil
+
+    from phaseid_hpc.report import write_report
+
+    browser = _shutil.which("chromium") or _shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium not installed (Debian package 'chromium')")
+    out = tmp_path / "r"
+    run_job(utility["store"], out, config=_small_blocks())
+    page = write_report(out, store=utility["store"])
+    png = tmp_path / "report.png"
+    subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", f"--screenshot={png}",
+         page.as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    from matplotlib.image import imread
+
+    img = imread(png)
+    assert img.shape[0] >= 1000 and img.shape[1] >= 1000
+    # a rendered page with plots is far from a blank screen: many distinct colours
+    assert len({tuple(px) for px in (img[::8, ::8, :3] * 255).astype(int).reshape(-1, 3)}) > 50

@@ -111,8 +111,10 @@ def _ar1(rng: np.random.Generator, n: int, phi: float, sd: float, rows: int | No
     return ar1_filter(e, phi)
 
 
-def plan_utility(n_meters: int, seed: int) -> list[list[tuple[int, int]]]:
-    """Split ``n_meters`` into substations of 1-4 feeders of ~300-4000 meters.
+def plan_utility(
+    n_meters: int, seed: int, feeder_meters: tuple[int, int] = (300, 4000)
+) -> list[list[tuple[int, int]]]:
+    """Split ``n_meters`` into substations of 1-4 feeders of ``feeder_meters`` (default ~300-4000) meters.
 
     Returns
     -------
@@ -122,8 +124,9 @@ def plan_utility(n_meters: int, seed: int) -> list[list[tuple[int, int]]]:
     sizes: list[int] = []
     left = n_meters
     while left > 0:
-        k = int(np.clip(rng.lognormal(np.log(1500), 0.45), 300, 4000))
-        if left - k < 150:
+        lo, hi = feeder_meters
+        k = int(np.clip(rng.lognormal(np.log(np.sqrt(lo * hi) if (lo, hi) != (300, 4000) else 1500), 0.45), lo, hi))
+        if left - k < lo // 2:
             k = left
         sizes.append(k)
         left -= k
@@ -552,6 +555,7 @@ def generate_utility(
     client: Any = None,
     readings_layout: str = "auto",
     meters_per_block: int = 20_000,
+    feeder_meters: tuple[int, int] = (300, 4000),
 ) -> SynthResult:
     """Generate a synthetic utility with ground truth and write it in the data contract.
 
@@ -590,6 +594,8 @@ def generate_utility(
         block of substations); ``auto`` partitions above 200,000 meters.
     meters_per_block : int
         Approximate meters per Dask task [-].
+    feeder_meters : (int, int)
+        Smallest and largest feeder [meters] (small feeders make many partitions in tests).
 
     Returns
     -------
@@ -600,7 +606,7 @@ def generate_utility(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = _make_grid(start, days, interval)
-    subs = list(enumerate(plan_utility(n_meters, seed)))
+    subs = list(enumerate(plan_utility(n_meters, seed, feeder_meters)))
     blocks: list[list[tuple[int, list[tuple[int, int]]]]] = [[]]
     size = 0
     for s in subs:
