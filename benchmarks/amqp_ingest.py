@@ -15,6 +15,8 @@ Usage::
     .venv/bin/python benchmarks/amqp_ingest.py                       # 1M reads, JSON records, real store
     .venv/bin/python benchmarks/amqp_ingest.py --format csv --sink null   # consumer ceiling, no store
     .venv/bin/python benchmarks/amqp_ingest.py --profile              # cProfile of the store writes
+    .venv/bin/python benchmarks/amqp_ingest.py --format csv --meters 100000 --intervals 10 \
+        --batch-max-reads 100000 --time-chunk 96                      # head-end stream: one interval a batch
 
 ``--concurrent`` publishes from a second process while the service consumes (publish and consume compete
 for the same CPUs and broker); by default the queue is filled first.
@@ -86,7 +88,7 @@ def publish(url: str, queue: str, bodies: list[tuple[bytes, str]]) -> float:
     return dt
 
 
-def make_store(path: Path, n_meters: int, n_intervals: int) -> None:
+def make_store(path: Path, n_meters: int, n_intervals: int, time_chunk: int = 2976) -> None:
     from phaseid_hpc.store import initialize_store
 
     ids = [f"M{i:07d}" for i in range(n_meters)]
@@ -97,7 +99,7 @@ def make_store(path: Path, n_meters: int, n_intervals: int) -> None:
         "phase": [("A", "B", "C")[(i // 8) % 3] for i in range(n_meters)],
     })
     times = pd.date_range(T0, periods=n_intervals, freq="15min")
-    initialize_store(path, meters, times, interval_s=900, variables=("voltage", "kw"))
+    initialize_store(path, meters, times, interval_s=900, variables=("voltage", "kw"), time_chunk=time_chunk)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-kw", action="store_true", help="publish voltage only (no kw column)")
     p.add_argument("--profile", action="store_true", help="cProfile the store writes (top 25 by cumtime)")
     p.add_argument("--keep", default=None, help="build the store here and keep it")
+    p.add_argument("--time-chunk", type=int, default=2976,
+                   help="storage chunk along time of the store (96 = one day: the streaming layout, see ingest.py)")
     args = p.parse_args(argv)
 
     n = args.meters * args.intervals
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="phaseid-bench-")) / "store.zarr"
     if args.sink == "store":
         t = time.perf_counter()
-        make_store(tmp, args.meters, args.intervals)
+        make_store(tmp, args.meters, args.intervals, args.time_chunk)
         print(f"store {tmp} ({args.meters:,} meters x {args.intervals} intervals) created in "
               f"{time.perf_counter() - t:.1f} s")
         from phaseid_hpc.ingest import ingest_frame as real_sink

@@ -27,20 +27,43 @@ the readings when a store is created). Off-grid reads are never moved silently: 
 ``snap_tolerance_s`` they are snapped and counted (``snapped``); beyond it they are quarantined
 (``off_grid``). Per meter the store records ``off_grid_fraction`` (reads beyond the tolerance / raw reads)
 and ``sampling_interval_s`` (median spacing of the meter's distinct raw timestamps, accumulated across
-calls as a spacing histogram, including the spacing across consecutive calls); a batch seen before (same
-content fingerprint) does not count twice.
+calls as a spacing histogram, including the spacing across consecutive calls). Each raw read counts once
+per (meter, raw timestamp), however a feed is split into batches or redelivered: an accepted read counts
+when it fills a missing ``voltage`` cell; a read that fills no cell (off grid, rejected) counts when its key
+is not in a log of such keys kept in ``_phaseid/meter_stats.npz`` (the latest ``_UNPLACED_KEYS_MAX``).
+No per-batch list is kept (earlier versions appended every batch's fingerprint to
+``_phaseid/seen_batches.txt``, read and rewritten in full on every call; that file is no longer used).
 
 kV detection: per meter and call, if the median voltage x 1000 lies within [0.5, 2] x ``nominal_v`` (or
 60..1000 V where ``nominal_v`` is unknown) the meter's reads of that call are scaled by 1000 and a note
 is added to the report.
 
 Throughput: the cost of a call is dominated by the storage chunks it touches (each is read, merged,
-re-encoded, fsynced and renamed), not by the number of reads. With the default ``time_chunk`` = 2976 a
-chunk holds 256 meters, so a batch of one timestamp for 100k meters rewrites ~400 chunks per variable
-(~6k reads/s); batches spanning several timestamps, or a store created with a short ``time_chunk`` for
-broker ingest (96: ~8k meters per chunk, 60-120k reads/s for 100k-400k read batches of 100k meters),
-amortise it. On ckt5 (1,379 meters) time-ordered 100k-read batches run at ~150-170k reads/s
-(``benchmarks/store_encoding.py``).
+re-encoded and fsynced, then renamed into place), not by the number of reads. Touched chunks are decoded
+and encoded with the store's Blosc codec directly on the chunk files in a thread pool, each staged chunk
+fsynced by its encoder (the commit only fsyncs the metadata), and published by parallel renames.
+Measured on a shared 2-core machine (medians, ``benchmarks/amqp_ingest.py``; noisy, +-30%):
+
+* 10k meters x 100 intervals, 200k-read batches (default ``time_chunk`` = 2976): ``ingest_frame``
+  ~240k reads/s (was ~110k);
+* a head-end stream, one interval of 100k meters per batch: with ``time_chunk`` = 2976 (256 meters a
+  chunk) each batch rewrites ~400 chunks per variable: ~15k reads/s (was ~7k). With ``time_chunk`` = 96
+  (one day of 15-minute reads; ~8k meters a chunk, same ~3 MB per chunk) it rewrites ~13: ~140k reads/s
+  through the broker (was ~93k); 1M meters, one interval a batch: ``ingest_frame`` ~220-240k reads/s
+  (was ~200k: at this size the layout, not the code, is the lever).
+
+Create stores that a broker feeds interval by interval with ``time_chunk=96`` (``IngestConfig.time_chunk``
+or :func:`~phaseid_hpc.store.initialize_store`). Trade-off: a batch of one interval still rewrites each
+touched chunk in full (write amplification ~96x in bytes, bounded by the chunk, not the store length),
+and the wider meter chunk (~8k meters against ~8.4k-meter feeder blocks of 100 MB) means a feeder block
+reads up to two partly-used chunks at its edges (at most ~2x read amplification for analysis; the file
+count stays ~8k per variable for 1M meters x 35 days since chunks keep ~3 MB). The alternative, a
+write-ahead landing log (append-only Parquet of accepted reads, compacted into Zarr later), writes each
+read once but leaves the store behind the feed until compaction and needs every reader to merge the log;
+it is not implemented.
+Per-call costs that scale with the store, not the batch, remain: the statistics file
+(``_phaseid/meter_stats.npz``, ~50 bytes a meter) and the two per-meter coordinates are read and
+rewritten on each call that brings new reads (~0.1 s at 100k meters, ~0.8 s at 1M).
 
 New meters: a store's meter order is fixed at creation (feeders are contiguous slices). Reads of meters
 the store does not know are quarantined (``unknown_meter``); :func:`ingest_files` given a meters file
@@ -56,6 +79,7 @@ import io
 import json
 import os
 import re
+import sys
 import time as _time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -67,6 +91,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
@@ -98,10 +123,11 @@ QUARANTINE_REASONS: tuple[str, ...] = (
 _R = {r: i + 1 for i, r in enumerate(QUARANTINE_REASONS)}
 _NAT = np.iinfo(np.int64).min
 _STATS = "_phaseid/meter_stats.npz"
+#: Keys (meter, raw timestamp) of counted reads that wrote no cell, kept to count each once [keys].
+_UNPLACED_KEYS_MAX = 1_000_000
 #: Voltages beyond this are quarantined as ``out_of_range`` [V] (no meter reads 1 MV; keeps float32 finite).
 _MAX_ABS_V = 1e6
 _WRITE_THREADS = 4
-_SEEN = "_phaseid/seen_batches.txt"
 
 
 @dataclass
@@ -198,10 +224,11 @@ class _StoreState:
     n_meters: int
     meter_index: pd.Index
     nominal_v: np.ndarray
+    meter_ids: pa.Array  # the same ids as Arrow strings (hash lookups of large batches in C++)
     arrays: dict[str, dict[str, Any]]  # name -> zarr metadata of (meter|reference, time) arrays
 
 
-_INDEX_CACHE: dict[tuple[str, int, int], tuple[pd.Index, np.ndarray]] = {}
+_INDEX_CACHE: dict[tuple[str, int, int], tuple[pd.Index, np.ndarray, pa.Array]] = {}
 
 
 def _store_state(path: Path) -> _StoreState:
@@ -223,8 +250,8 @@ def _store_state(path: Path) -> _StoreState:
         ids = _strings(zarr.open_array(str(path / "meter"), mode="r")[:])
         nominal = zarr.open_array(str(path / "nominal_v"), mode="r")[:].astype(np.float64)
         _INDEX_CACHE.clear()
-        _INDEX_CACHE[key] = (pd.Index(ids), nominal)
-    index, nominal = _INDEX_CACHE[key]
+        _INDEX_CACHE[key] = (pd.Index(ids), nominal, pa.array(ids, type=pa.string()))
+    index, nominal, ids_arrow = _INDEX_CACHE[key]
     t0 = None
     if n_time:
         t0 = int(zarr.open_array(str(path / "time"), mode="r")[0]) * 10**9
@@ -233,7 +260,9 @@ def _store_state(path: Path) -> _StoreState:
         for k, v in arrays.items()
         if v.get("dimension_names", [None, None])[-1] == "time" and len(v["shape"]) == 2
     }
-    return _StoreState(int(attrs["interval_s"]) * 10**9, t0, n_time, n_meters, index, nominal, time_arrays)
+    return _StoreState(
+        int(attrs["interval_s"]) * 10**9, t0, n_time, n_meters, index, nominal, ids_arrow, time_arrays
+    )
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -269,15 +298,34 @@ def _parse_numbers(s: pd.Series) -> np.ndarray:
     return np.array(pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan), copy=True)
 
 
-def _fingerprint(df: pd.DataFrame, cols: Sequence[str]) -> str:
-    hasher = hashlib.sha256()
-    for c in cols:
+def _meter_positions(meter_id: pd.Series, index: pd.Index, ids: pa.Array | None = None) -> np.ndarray:
+    """Store row of each meter id (-1: unknown or missing), as int64.
+
+    String columns (Arrow-backed ``str`` from the parsers) never become per-row Python strings: a batch
+    of at least a quarter as many rows as the store has meters is looked up with Arrow's hash join
+    (``index_in`` against ``ids``, the store's ids); a smaller one is dictionary-encoded and only its
+    distinct ids are looked up in ``index``.
+    """
+    if isinstance(meter_id.dtype, pd.StringDtype) or meter_id.dtype == object:
         try:
-            h = pd.util.hash_pandas_object(df[c], index=False).to_numpy()
-        except TypeError:  # unhashable cells (lists, dicts): hash their text
-            h = pd.util.hash_pandas_object(df[c].astype(str), index=False).to_numpy()
-        hasher.update(str(c).encode() + str(df[c].dtype).encode() + h.tobytes())
-    return hasher.hexdigest()[:32]
+            arr = pa.array(meter_id, from_pandas=True)
+        except (pa.ArrowException, TypeError, ValueError):
+            arr = None
+        if arr is not None and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            if isinstance(arr, pa.ChunkedArray):
+                arr = arr.combine_chunks()
+            if ids is not None and 4 * len(arr) >= len(ids):
+                arr = arr.cast(pa.string()) if pa.types.is_large_string(arr.type) else arr
+                found = pc.index_in(arr, value_set=ids)
+                return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+            enc = pc.dictionary_encode(arr)
+            codes = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+            uniq = enc.dictionary.to_numpy(zero_copy_only=False)
+            pos = np.append(index.get_indexer(uniq), -1).astype(np.int64)  # code -1 -> the trailing -1
+            return pos[codes]
+    mi = index.get_indexer(meter_id.astype(str).to_numpy(dtype=object)).astype(np.int64)
+    mi[meter_id.isna().to_numpy()] = -1
+    return mi
 
 
 def _safe_name(source: str) -> str:
@@ -334,9 +382,7 @@ def ingest_frame(
     reason = np.zeros(n, np.int8)
 
     # meters
-    mid = df["meter_id"]
-    mi = st.meter_index.get_indexer(mid.astype(str).to_numpy(dtype=object))
-    mi[mid.isna().to_numpy()] = -1
+    mi = _meter_positions(df["meter_id"], st.meter_index, st.meter_ids)
     reason[mi < 0] = _R["unknown_meter"]
     # timestamps
     ts = _parse_timestamps(df["timestamp"])
@@ -432,12 +478,10 @@ def ingest_frame(
         report.duplicates_identical = int(dup.sum())
         keep = acc[~conflict & ~dup]
 
-    fp = _fingerprint(df, [c for c in df.columns])
     with StoreTransaction(path) as tx:
-        seen_path = path / _SEEN
-        seen = set(seen_path.read_text().split()) if seen_path.is_file() else set()
+        new_read = np.zeros(n, bool)  # accepted rows whose voltage cell was missing: reads not seen before
         if len(keep):
-            n_changed, n_same = _write_cells(
+            changed, was_empty = _write_cells(
                 path,
                 tx,
                 st,
@@ -447,16 +491,20 @@ def ingest_frame(
                 {c: v[keep] for c, v in extra.items()},
                 n_time_new,
             )
-            report.rows_written, report.rows_unchanged = n_changed, n_same
+            new_read[keep] = was_empty
+            report.rows_written = int(changed.sum())
+            report.rows_unchanged = len(keep) - report.rows_written
             report.meters = int((np.bincount(mi[keep], minlength=1) > 0).sum())
             report.time_start = pd.Timestamp(t0 + int(ti[keep].min()) * iv)
             report.time_end = pd.Timestamp(t0 + int(ti[keep].max()) * iv)
         if n_time_new != st.n_time or st.t0_ns is None:
             _extend_time(tx, st, t0, n_time_new)
             report.time_steps_added = n_time_new - st.n_time
-        if fp not in seen:
-            _update_sampling_stats(path, tx, st, mi[raw], ts[raw], off[raw])
-            tx.write_file(_SEEN, ("\n".join(sorted(seen | {fp})) + "\n").encode())
+        # Raw reads that wrote no cell (off grid, rejected values, conflicts): counted once per (meter, raw
+        # timestamp) via the bounded key log of the statistics file; rows identical to a kept row are not
+        # reads of their own.
+        unplaced = raw & (reason > 0)
+        _update_sampling_stats(path, tx, st, mi, ts, off, new_read, unplaced)
         bad = np.flatnonzero(reason > 0)
         if len(bad):
             names = np.array(("",) + QUARANTINE_REASONS, dtype=object)
@@ -485,8 +533,24 @@ def _write_cells(
     venc: np.ndarray,
     extra: dict[str, np.ndarray],
     n_time_new: int,
-) -> tuple[int, int]:
-    """Read-modify-write the storage chunks holding the cells; return (rows changed, rows unchanged)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read-modify-write the storage chunks holding the cells.
+
+    Returns
+    -------
+    changed : ndarray of bool, shape (n,)
+        The row set a new or changed cell (of any variable).
+    was_empty : ndarray of bool, shape (n,)
+        The row's ``voltage`` cell was missing before this call (a read the store has not seen).
+
+    Notes
+    -----
+    Only the touched chunks are read, merged and re-encoded, in a thread pool (Blosc releases the GIL).
+    For the store's own codec chain (little-endian bytes + Blosc) a chunk is decoded and encoded with
+    Zarr's own Blosc codec object directly on the chunk files, skipping Zarr's per-call machinery (the
+    bytes are identical to what Zarr writes); each staged chunk is fsynced by the worker that wrote it, so
+    the I/O overlaps the encoding of other chunks. Other codec chains go through the Zarr array API.
+    """
     meta = st.arrays["voltage"]
     cm, ct = meta["chunk_grid"]["configuration"]["chunk_shape"]
     cid = (mi // cm).astype(np.int64) * (n_time_new // ct + 2) + ti // ct
@@ -498,12 +562,15 @@ def _write_cells(
     starts = np.concatenate([[0], bounds])
     stops = np.concatenate([bounds, [len(cid)]])
     changed_row = np.zeros(len(mi), bool)
+    was_empty = np.zeros(len(mi), bool)
     for name, values in [("voltage", venc)] + list(extra.items()):
         main = zarr.open_array(str(path / name), mode="r")
         staged = tx.array(name)
         if staged.shape[1] != n_time_new:
             staged.resize((staged.shape[0], n_time_new))
+        codec = _direct_codec(main)
         fill = main.fill_value
+        dtype = main.dtype
 
         def update_chunk(
             s: int,
@@ -512,15 +579,28 @@ def _write_cells(
             values: np.ndarray = values,
             main: Any = main,
             staged: Any = staged,
+            codec: Any = codec,
             fill: Any = fill,
+            dtype: Any = dtype,
         ) -> None:
-            m0 = int(mi[s] // cm) * cm
-            t0 = int(ti[s] // ct) * ct
+            ci, cj = int(mi[s] // cm), int(ti[s] // ct)
+            m0, t0 = ci * cm, cj * ct
             m1, t1 = min(m0 + cm, st.n_meters), min(t0 + ct, n_time_new)
-            block = np.full((m1 - m0, t1 - t0), fill, dtype=main.dtype)
             old_t1 = min(t1, st.n_time)
-            if old_t1 > t0:
-                block[:, : old_t1 - t0] = main[m0:m1, t0:old_t1]
+            key = main.metadata.encode_chunk_key((ci, cj))
+            if codec is not None:  # the whole (padded) chunk, decoded in place
+                block = np.empty((cm, ct), dtype=dtype)
+                src = path / name / key
+                if old_t1 > t0 and src.is_file():
+                    codec.decode(src.read_bytes(), out=block)
+                    if old_t1 < t0 + ct:  # beyond the old end of the array: fill (never trust padding)
+                        block[:, old_t1 - t0 :] = fill
+                else:
+                    block[...] = fill
+            else:
+                block = np.full((m1 - m0, t1 - t0), fill, dtype=dtype)
+                if old_t1 > t0:
+                    block[:, : old_t1 - t0] = main[m0:m1, t0:old_t1]
             lm, lt = mi[s:e] - m0, ti[s:e] - t0
             new = values[s:e]
             if name != "voltage":  # optional variables: a missing value never erases a stored one
@@ -530,19 +610,44 @@ def _write_cells(
                 idx = np.arange(s, e)
             cur = block[lm, lt]
             if block.dtype.kind == "f":
-                diff = ~((cur == new) | (np.isnan(cur) & np.isnan(new)))
+                empty = np.isnan(cur)
+                diff = ~((cur == new) | (empty & np.isnan(new)))
             else:
+                empty = cur == fill
                 diff = cur != new
+            if name == "voltage":
+                was_empty[idx] = empty
             if diff.any():
                 block[lm[diff], lt[diff]] = new[diff]
-                staged[m0:m1, t0:t1] = block
+                if codec is not None:
+                    tx.write_synced(f"{name}/{key}", codec.encode(block))
+                else:
+                    staged[m0:m1, t0:t1] = block
                 changed_row[idx[diff]] = True
 
         # Chunks are independent: decode, merge and encode them in parallel (codecs release the GIL).
         with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
             list(pool.map(update_chunk, starts.tolist(), stops.tolist()))
-    n_changed = int(changed_row.sum())
-    return n_changed, len(mi) - n_changed
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return changed_row[inverse], was_empty[inverse]
+
+
+def _direct_codec(arr: zarr.Array) -> Any:
+    """The numcodecs Blosc object of ``arr`` when its chunks are ``bytes(little) -> blosc`` (else None)."""
+    from zarr.codecs import BloscCodec, BytesCodec
+
+    codecs = getattr(arr.metadata, "codecs", ())
+    if (
+        sys.byteorder == "little"
+        and len(codecs) == 2
+        and isinstance(codecs[0], BytesCodec)
+        and str(getattr(codecs[0].endian, "value", codecs[0].endian)) in ("little", "None")
+        and isinstance(codecs[1], BloscCodec)
+        and getattr(arr.metadata, "chunk_key_encoding", None) is not None
+    ):
+        return codecs[1]._blosc_codec
+    return None
 
 
 def _extend_time(tx: StoreTransaction, st: _StoreState, t0: int, n_time_new: int) -> None:
@@ -565,22 +670,56 @@ def _unique_pairs(mi: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def _update_sampling_stats(
-    path: Path, tx: StoreTransaction, st: _StoreState, mi: np.ndarray, ts: np.ndarray, off: np.ndarray
+    path: Path,
+    tx: StoreTransaction,
+    st: _StoreState,
+    mi: np.ndarray,
+    ts: np.ndarray,
+    off: np.ndarray,
+    new_read: np.ndarray,
+    unplaced: np.ndarray,
 ) -> None:
-    """Accumulate raw-read counts and the spacing histogram; rewrite the two per-meter coordinates."""
+    """Accumulate raw-read counts and the spacing histogram; rewrite the two per-meter coordinates.
+
+    A raw read is counted once per (meter, raw timestamp), however batches are split or redelivered:
+    rows that wrote a missing ``voltage`` cell (``new_read``) are new by construction; rows that wrote no
+    cell (``unplaced``: off grid, rejected values, conflicts) are looked up in a log of the keys already
+    counted, kept in the statistics file and bounded to the latest :data:`_UNPLACED_KEYS_MAX` keys.
+
+    Parameters
+    ----------
+    mi, ts, off, new_read, unplaced : ndarray, shape (n_rows,)
+        Store row of the meter, raw timestamp [ns since epoch, UTC], off grid (beyond the snap tolerance),
+        and the two masks above.
+    """
     n = st.n_meters
     f = path / _STATS
     if f.is_file():
         with np.load(f) as z:
             n_raw, n_off, last = z["n_raw"].copy(), z["n_off"].copy(), z["last_ns"].copy()
             h_m, h_s, h_c = z["h_meter"], z["h_spacing"], z["h_count"]
+            u_m = z["u_meter"] if "u_meter" in z.files else np.zeros(0, np.int64)
+            u_t = z["u_ts"] if "u_ts" in z.files else np.zeros(0, np.int64)
     else:
         n_raw, n_off, last = np.zeros(n, np.int64), np.zeros(n, np.int64), np.full(n, _NAT, np.int64)
         h_m, h_s, h_c = (np.zeros(0, np.int64),) * 3
-    n_raw += np.bincount(mi, minlength=n)
-    n_off += np.bincount(mi[off], minlength=n)
-    # distinct raw timestamps per meter, sorted
-    km, kt = _unique_pairs(mi, ts)
+        u_m = u_t = np.zeros(0, np.int64)
+    rows_u = np.flatnonzero(unplaced)
+    if len(rows_u) and len(u_m):
+        known = pd.MultiIndex.from_arrays([u_m, u_t])
+        rows_u = rows_u[~pd.MultiIndex.from_arrays([mi[rows_u], ts[rows_u]]).isin(known)]
+    rows = np.concatenate([np.flatnonzero(new_read), rows_u])
+    if not len(rows):  # nothing this store has not counted already (e.g. a redelivered batch)
+        return
+    # distinct (meter, raw timestamp) pairs, sorted by meter then time
+    order = np.lexsort((ts[rows], mi[rows]))
+    rows = rows[order]
+    km, kt = mi[rows].astype(np.int64), ts[rows]
+    keep = np.ones(len(rows), bool)
+    keep[1:] = (km[1:] != km[:-1]) | (kt[1:] != kt[:-1])
+    rows, km, kt = rows[keep], km[keep], kt[keep]
+    n_raw += np.bincount(km, minlength=n)
+    n_off += np.bincount(km[off[rows]], minlength=n)
     first = np.ones(len(km), bool)
     first[1:] = km[1:] != km[:-1]
     sp_m = km[~first]
@@ -590,19 +729,25 @@ def _update_sampling_stats(
     cross = (last[fm] != _NAT) & (ft > last[fm])
     sp_m = np.concatenate([sp_m, fm[cross]])
     sp_s = np.concatenate([sp_s, ft[cross] - last[fm[cross]]])
-    if len(km):
-        lastm = np.ones(len(km), bool)
-        lastm[:-1] = km[1:] != km[:-1]
-        last[km[lastm]] = np.maximum(last[km[lastm]], kt[lastm])
-    hist = pd.DataFrame(
-        {
-            "m": np.concatenate([h_m, sp_m]),
-            "s": np.concatenate([h_s, sp_s]),
-            "c": np.concatenate([h_c, np.ones(len(sp_m), np.int64)]),
-        }
-    )
-    hist = hist.groupby(["m", "s"], sort=True)["c"].sum().reset_index()
-    h_m, h_s, h_c = (hist[c].to_numpy(np.int64) for c in ("m", "s", "c"))
+    lastm = np.ones(len(km), bool)
+    lastm[:-1] = km[1:] != km[:-1]
+    last[km[lastm]] = np.maximum(last[km[lastm]], kt[lastm])
+    if len(sp_m):
+        # Merge into the histogram (sorted by meter, spacing; one row per pair) without re-sorting it:
+        # spacings take few distinct values, so (meter, rank of spacing) packs into one sorted int64 key.
+        values = np.unique(np.concatenate([np.unique(h_s), np.unique(sp_s)]))
+        width = np.int64(len(values))
+        old_key = h_m * width + np.searchsorted(values, h_s)
+        new_key, new_count = np.unique(sp_m * width + np.searchsorted(values, sp_s), return_counts=True)
+        pos = np.searchsorted(old_key, new_key)
+        found = pos < len(old_key)
+        found[found] = old_key[pos[found]] == new_key[found]
+        h_c = h_c.copy()
+        np.add.at(h_c, pos[found], new_count[found])
+        ins = ~found
+        all_key = np.insert(old_key, pos[ins], new_key[ins])
+        h_c = np.insert(h_c, pos[ins], new_count[ins])
+        h_m, h_s = all_key // width, values[all_key % width]
     # median spacing per meter from the histogram (mean of the two middle values, as numpy.median)
     interval = np.full(n, np.nan)
     if len(h_m):
@@ -621,8 +766,14 @@ def _update_sampling_stats(
     frac = np.where(n_raw > 0, n_off / np.maximum(n_raw, 1), old_frac)
     tx.array("sampling_interval_s")[:] = interval
     tx.array("off_grid_fraction")[:] = frac
+    if len(rows_u):
+        u_m = np.concatenate([u_m, mi[rows_u].astype(np.int64)])[-_UNPLACED_KEYS_MAX:]
+        u_t = np.concatenate([u_t, ts[rows_u]])[-_UNPLACED_KEYS_MAX:]
     buf = io.BytesIO()
-    np.savez(buf, n_raw=n_raw, n_off=n_off, last_ns=last, h_meter=h_m, h_spacing=h_s, h_count=h_c)
+    np.savez(
+        buf, n_raw=n_raw, n_off=n_off, last_ns=last, h_meter=h_m, h_spacing=h_s, h_count=h_c,
+        u_meter=u_m, u_ts=u_t,
+    )
     tx.write_file(_STATS, buf.getvalue())
 
 

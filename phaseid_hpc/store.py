@@ -25,9 +25,10 @@ which would make :func:`~phaseid_hpc.ingest.ingest_frame` upserts slower.
 Transactions
 ------------
 Every change after creation goes through :class:`StoreTransaction`: new chunk files, metadata and
-side files are written to ``STORE/_phaseid/txn-<id>/`` (mirroring the store's paths), fsynced, then a
+side files are written to ``STORE/_phaseid/txn-<id>/`` (mirroring the store's paths), fsynced (chunk files
+by the thread that wrote them, :meth:`StoreTransaction.write_synced`; the rest at commit), then a
 ``COMMITTED`` marker is renamed into place (the commit point), then each staged file is moved over its
-target with :func:`os.replace`. A crash before the marker leaves the old store (the staging folder is
+target with :func:`os.replace` (in a thread pool: order does not matter after the commit point). A crash before the marker leaves the old store (the staging folder is
 deleted on the next open); a crash after it is rolled forward by :func:`recover_store` (called by every
 writer and by :func:`open_store`). Writers hold an exclusive ``flock`` on ``STORE/_phaseid/lock``.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -690,17 +692,24 @@ def _fsync_path(p: Path, directory: bool = False) -> None:
 def _publish(path: Path, stage: Path) -> None:
     """Move every staged file over its target (idempotent: already-moved files are skipped)."""
     manifest = json.loads((stage / "COMMITTED").read_text())
-    dirs: set[Path] = set()
-    for i, rel in enumerate(manifest["files"]):
+    files = manifest["files"]
+    dirs = sorted({(path / rel).parent for rel in files})
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+
+    def move(i: int) -> None:
+        rel = files[i]
         src, dst = stage / "files" / rel, path / rel
         if _FAULT_HOOK is not None:
             _FAULT_HOOK("publish", i)
         if src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
-            dirs.add(dst.parent)
-    for d in dirs:
-        _fsync_path(d, directory=True)
+
+    # Renames (and the directory fsyncs) are independent and wait on the file system: run them in a pool.
+    # Order does not matter: the COMMITTED marker is the commit point and a re-run skips moved files.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(move, range(len(files))))
+        list(pool.map(functools.partial(_fsync_path, directory=True), dirs))
     # The stage is empty now; one rename retires it (removing its folders is slow on some file systems
     # and not needed for consistency: recovery ignores ``done-*``, the next transaction deletes them).
     done = stage.with_name("done-" + stage.name[len("txn-") :])
@@ -760,6 +769,8 @@ class StoreTransaction:
         self.files = self.stage / "files"
         self._lock: Any = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._synced: set[str] = set()
+        self._synced_lock = threading.Lock()
 
     def __enter__(self) -> Self:
         if not (self.path / "zarr.json").is_file():
@@ -792,6 +803,25 @@ class StoreTransaction:
         p = self.files / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
+
+    def write_synced(self, rel: str, data: bytes) -> None:
+        """Stage a file at ``STORE/rel`` and fsync it now (thread-safe; the commit skips its fsync).
+
+        Used for chunk files written from a pool of encoders, so that the fsyncs overlap the encoding
+        instead of queueing up at the commit.
+        """
+        p = self.files / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self._synced_lock:
+            self._synced.add(rel)
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update root attributes."""
@@ -826,8 +856,10 @@ class StoreTransaction:
             if p.name == "zarr.json" and target.is_file() and target.read_bytes() == p.read_bytes():
                 continue
             files.append(rel)
-        with ThreadPoolExecutor(max_workers=8) as pool:  # fsync releases the GIL
-            list(pool.map(_fsync_path, [self.files / rel for rel in files]))
+        # Files staged by ``write_synced`` are already durable; fsync the rest (fsync releases the GIL).
+        todo = [self.files / rel for rel in files if rel not in self._synced]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(_fsync_path, todo))
         tmp = self.stage / "COMMITTED.tmp"
         tmp.write_text(json.dumps({"files": files}))
         _fsync_path(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -71,12 +72,18 @@ def assert_same_store(a, b):
 
 
 def files_of(store: Path) -> dict[Path, bytes]:
-    """Every file of a store except the lock and retired stages (``_phaseid/done-*``, garbage)."""
-    return {
-        p: p.read_bytes()
-        for p in store.rglob("*")
-        if p.is_file() and p.name != "lock" and "done-" not in str(p.relative_to(store))
-    }
+    """Every file of a store except the lock and retired stages (``_phaseid/done-*``, garbage).
+
+    Retired stages are pruned from the walk, not filtered after it: a background thread may be deleting
+    them while we walk (``rglob`` would then fail on a vanished folder).
+    """
+    out = {}
+    for root, dirs, names in os.walk(store):
+        dirs[:] = [d for d in dirs if not d.startswith("done-")]
+        for n in names:
+            if n != "lock":
+                out[Path(root) / n] = (Path(root) / n).read_bytes()
+    return out
 
 
 def check_counts(r: IngestReport):
@@ -354,3 +361,113 @@ def test_ingest_frame_keeps_coordinates_of_meters_it_has_not_seen(tmp_path):
     assert float(ds["sampling_interval_s"].sel(meter="a1")) == 1800.0
     assert (ds["sampling_interval_s"].drop_sel(meter="a1").values == 900.0).all()
     assert (ds["off_grid_fraction"].values == 0).all()
+
+
+def _stats(store: Path) -> dict[str, np.ndarray]:
+    with np.load(store / "_phaseid" / "meter_stats.npz") as z:
+        return {k: z[k].copy() for k in z.files}
+
+
+def test_redelivery_split_differently_is_not_counted_twice(tmp_path):
+    """A redelivered stream (other batch boundaries, other row order) leaves the store and its statistics."""
+    df = readings_table()
+    df.loc[3, "timestamp"] = pd.Timestamp(df.loc[3, "timestamp"]) + pd.Timedelta(minutes=7)  # one off-grid read
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    S.initialize_store(a, meters_table(), pd.date_range(T0, periods=N_T, freq="15min"), interval_s=900)
+    shutil.copytree(a, b)
+    for part in np.array_split(np.arange(len(df)), 3):
+        ingest_frame(a, df.iloc[part], source="feed")
+    ingest_frame(b, df, source="feed")
+    once = _stats(a)
+    # redeliver everything, split and ordered differently
+    shuffled = df.sample(frac=1.0, random_state=1)
+    for part in np.array_split(np.arange(len(df)), 4):
+        r = ingest_frame(a, shuffled.iloc[part], source="feed")
+        assert r.rows_written == 0
+    again = _stats(a)
+    for k in once:
+        np.testing.assert_array_equal(once[k], again[k], err_msg=k)
+    np.testing.assert_array_equal(once["n_raw"], _stats(b)["n_raw"])
+    np.testing.assert_array_equal(once["n_off"], _stats(b)["n_off"])
+    assert once["n_raw"].sum() == len(df) and once["n_off"].sum() == 1
+    ds = S.open_store(a)
+    assert ds["off_grid_fraction"].sel(meter=df.loc[3, "meter_id"]).values == pytest.approx(1 / N_T)
+    assert (ds["sampling_interval_s"].values == 900).all()
+
+
+def test_bookkeeping_does_not_grow_with_batches(tmp_path):
+    """Re-ingesting many batches writes no per-batch log (the old seen-batches list grew forever)."""
+    store = tmp_path / "s.zarr"
+    S.initialize_store(store, meters_table(), pd.date_range(T0, periods=N_T, freq="15min"), interval_s=900)
+    df = readings_table()
+    ingest_frame(store, df, source="feed")
+    size = sum(p.stat().st_size for p in (store / "_phaseid").glob("*") if p.is_file())
+    for i in range(6):
+        r = ingest_frame(store, df.iloc[i::6], source=f"feed{i}")
+        assert r.rows_unchanged == len(df.iloc[i::6])
+    assert not (store / "_phaseid" / "seen_batches.txt").exists()
+    assert sum(p.stat().st_size for p in (store / "_phaseid").glob("*") if p.is_file()) == size
+
+
+def test_unplaced_key_log_is_bounded(tmp_path, monkeypatch):
+    import phaseid_hpc.ingest as I
+
+    monkeypatch.setattr(I, "_UNPLACED_KEYS_MAX", 3)
+    store = tmp_path / "s.zarr"
+    S.initialize_store(store, meters_table(), pd.date_range(T0, periods=N_T, freq="15min"), interval_s=900)
+    off = pd.DataFrame(
+        {
+            "meter_id": ["a1"] * 5,
+            "timestamp": [T0 + pd.Timedelta(minutes=15 * k + 7) for k in range(5)],
+            "voltage_v": [240.0] * 5,
+        }
+    )
+    r = ingest_frame(store, off, source="off")
+    assert r.quarantined == {"off_grid": 5}
+    st = _stats(store)
+    assert len(st["u_meter"]) == len(st["u_ts"]) == 3 and st["n_off"].sum() == 5
+    ingest_frame(store, off.iloc[2:], source="off")  # the 3 newest keys are remembered: not counted again
+    assert _stats(store)["n_off"].sum() == 5
+
+
+def test_meter_ids_of_any_dtype_map_to_the_same_rows():
+    import pyarrow as pa
+
+    from phaseid_hpc.ingest import _meter_positions
+
+    index = pd.Index(["a1", "a2", "c1", "b1", "b2"])
+    want = np.array([3, -1, 0, -1, 4, -1])
+    vals = ["b1", "zz", "a1", None, "b2", ""]
+    for s in (
+        pd.Series(vals, dtype="str"),
+        pd.Series(vals, dtype=object),
+        pd.Series(vals, dtype="string[pyarrow]"),
+        pd.Series(vals, dtype="string[python]"),
+    ):
+        np.testing.assert_array_equal(_meter_positions(s, index), want, err_msg=str(s.dtype))
+        ids = pa.array(index.to_numpy(dtype=object), type=pa.string())
+        np.testing.assert_array_equal(_meter_positions(s, index, ids), want, err_msg=f"arrow {s.dtype}")
+        np.testing.assert_array_equal(_meter_positions(s.iloc[:1], index, ids), want[:1])  # small batch
+    np.testing.assert_array_equal(_meter_positions(pd.Series([1, 2]), pd.Index(["2", "1"])), [1, 0])
+
+
+def test_chunk_fast_path_equals_zarr_api(tmp_path, monkeypatch):
+    """The direct Blosc chunk path writes the same store as the Zarr array API (also int16, time growth)."""
+    import phaseid_hpc.ingest as I
+
+    df = readings_table(n_t=N_T + 8, seed=3)
+    for enc in ("float32", "int16_decivolt"):
+        a, b = tmp_path / f"a-{enc}.zarr", tmp_path / f"b-{enc}.zarr"
+        for s in (a, b):
+            S.initialize_store(
+                s, meters_table(), pd.date_range(T0, periods=N_T, freq="15min"), interval_s=900,
+                voltage_encoding=enc, time_chunk=5,
+            )
+        for part in np.array_split(np.arange(len(df)), 3):
+            ingest_frame(a, df.iloc[part], source="x")
+        monkeypatch.setattr(I, "_direct_codec", lambda arr: None)
+        for part in np.array_split(np.arange(len(df)), 3):
+            ingest_frame(b, df.iloc[part], source="x")
+        monkeypatch.undo()
+        assert_same_store(a, b)
+        assert S.open_store(a).sizes["time"] == N_T + 8 and S.validate_store(a) == []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -140,11 +142,15 @@ def test_validate_store_missing_variable(store):
 
 
 def _snapshot(path):
-    return {
-        str(p.relative_to(path)): p.read_bytes()
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and "lock" != p.name and "done-" not in str(p.relative_to(path))
-    }
+    # Retired stages (``_phaseid/done-*``) are pruned from the walk: a background thread may be deleting them.
+    out = {}
+    for root, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith("done-")]
+        for n in names:
+            if n != "lock":
+                p = Path(root) / n
+                out[str(p.relative_to(path))] = p.read_bytes()
+    return dict(sorted(out.items()))
 
 
 def _grow(path):
