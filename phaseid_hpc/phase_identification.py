@@ -5,7 +5,9 @@ Method (per feeder; no cross-feeder pairs are ever formed):
 1. **Features.** Per-unit voltage, first difference (removes the shared daily shape), row
    standardisation with outlier clipping, and removal of the feeder-wide common mode (source / LTC
    variations shared by all phases) by per-meter least squares.
-2. **Clustering.** Batched spherical k-means (k = 3) of the single-phase meters' unit-norm signals, with
+2. **Clustering.** Batched spherical k-means (k = 3) of the single-phase meters' unit-norm signals (in the
+   coordinates of their top principal subspace plus the GIS phase templates: a few GEMMs, then k-means
+   on ~15 columns instead of the full time series), with
    seeded k-means++ restarts (lowest inertia) and one start from the GIS labels' phase templates; the
    partition that agrees best with GIS after naming wins (inertia breaks ties). k drops to 2 (1) when two
    clusters share a GIS majority (a feeder with fewer phases).
@@ -19,6 +21,8 @@ Method (per feeder; no cross-feeder pairs are ever formed):
    own GIS transformer group (no self-bias). Meters of one GIS transformer are pooled robustly: a meter joins its
    group's pooled signal only when it correlates with the leave-one-out mean of the group more than with
    its best phase template (a wrongly labelled meter on another phase does not). Repeated to a fixed point.
+   All pooled and leave-group-out cosines are computed from dot products (template sums, and the Gram
+   matrix within each transformer, computed once), so an iteration costs two passes over the signals.
 5. **Phase-to-phase and 3-phase services** (GIS ``AB/BC/CA`` or service type ``2ph*``; ``ABC`` or
    ``3ph*``) are scored against the sums of two templates; three-phase services keep ``ABC``.
 6. **Confidence.** ``p_err`` is the probability that white residual noise alone made the best template
@@ -47,14 +51,19 @@ from .errors import ContractError
 from .kernels.correlation import nan_corr_counts
 from .kernels.kmeans import batched_kmeans
 from .kernels.phase_clustering import (
-    leave_group_out_scores,
     margin_error_probability,
     one_hot,
     phase_templates,
-    pool_by_transformer,
-    template_scores,
+    within_group_gram,
 )
-from .kernels.preprocess import per_unit_differences, remove_common_mode, standardize_rows, unit_rows
+from .kernels.preprocess import (
+    common_mode_residual,
+    per_unit_differences,
+    remove_common_mode,
+    standardize_rows,
+    standardized_differences,
+    unit_rows,
+)
 
 __all__ = ["RESULT_COLUMNS", "identify_phases"]
 
@@ -63,15 +72,10 @@ _PHASES = contract.SINGLE_PHASES
 #: Candidate labels of a phase-to-phase service, as pairs of template indices.
 _PAIRS = ((0, 1), (1, 2), (2, 0))
 _REQUIRED = ("meter_id", "feeder_id", "transformer_id", "phase_gis")
-
-
-def _service_kind(phase_gis: Any, service_type: Any) -> str:
-    st = str(service_type).lower() if isinstance(service_type, str) else ""
-    if phase_gis == contract.THREE_PHASE or st.startswith("3ph"):
-        return "three"
-    if phase_gis in contract.PAIR_PHASES or st.startswith("2ph"):
-        return "pair"
-    return "single"
+#: Principal coordinates kept for the k-means of the phase clustering.
+_KMEANS_RANK = 12
+#: Power iterations of the randomized range finder of that subspace.
+_POWER_ITERATIONS = 1
 
 
 def identify_phases(
@@ -148,8 +152,9 @@ def identify_phases(
                 rv = xp.asarray(reference_voltage, dtype=xp.float64)
                 ref_v = xp.stack([rv[i, :] for i in order], axis=0)
         res = _identify_feeder(xp, _take_rows(xp, v, rows), meters.iloc[rows], config, ref_v)
+        out_phase[rows], out_conf[rows], out_class[rows] = res[0], res[1], res[2]
         for j, i in enumerate(rows):
-            out_phase[i], out_conf[i], out_class[i], out_reasons[i] = res[0][j], res[1][j], res[2][j], res[3][j]
+            out_reasons[i] = res[3][j]
     return pd.DataFrame(
         {
             "phase": pd.Series(out_phase, index=meters.index, dtype=object),  # None stays None
@@ -171,7 +176,12 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     n = len(meters)
     gis = meters["phase_gis"].to_numpy(dtype=object)
     st = meters["service_type"].to_numpy(dtype=object) if "service_type" in meters else np.full(n, None)
-    kind = np.array([_service_kind(g, s) for g, s in zip(gis, st)])
+    st_low = pd.Series(st, dtype=object).where(pd.Series(st, dtype=object).map(type) == str, "").str.lower()
+    kind = np.where(
+        (gis == contract.THREE_PHASE) | st_low.str.startswith("3ph").to_numpy(dtype=bool), "three",
+        np.where(np.isin(gis, list(contract.PAIR_PHASES)) | st_low.str.startswith("2ph").to_numpy(dtype=bool),
+                 "pair", "single"),
+    )
     usable = meters["usable"].to_numpy(dtype=bool) if "usable" in meters else np.ones(n, dtype=bool)
     nominal = (
         meters["nominal_v"].to_numpy(dtype=np.float64) if "nominal_v" in meters else np.full(n, np.nan)
@@ -187,8 +197,8 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
             reasons[i].append(contract.REASON_INSUFFICIENT_DATA)
         return phase, conf, cls, reasons
 
-    x = per_unit_differences(v, xp.asarray(nominal))
-    z, n_obs = standardize_rows(x)
+    # per_unit_differences + standardize_rows + remove_common_mode, kept zero-filled with the mask
+    z, observed, n_obs = standardized_differences(v, xp.asarray(nominal))
     n_obs_h = to_numpy(n_obs)
     ok = usable & (n_obs_h >= config.min_samples)
     single = ok & (kind == "single")
@@ -201,27 +211,35 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         return phase, conf, cls, reasons
 
     w_single = xp.asarray(single.astype(np.float64))
-    feat, _ = remove_common_mode(z, w_single)
-    u = unit_rows(feat)
+    feat, _ = common_mode_residual(z, observed, w_single)  # zero where missing
+    norm = xp.sqrt(xp.vecdot(feat, feat, axis=-1))
+    u = feat / xp.where(norm > 0, norm, xp.ones_like(norm))[:, None]  # = unit_rows(features)
 
     # --- 2-4. clustering of single-phase meters, naming, refinement. k drops while two clusters share a
     # GIS majority, or while a phase keeps fewer than min_phase_meters after refinement (a spurious
     # cluster of a few wrong GIS labels dissolves once templates exclude the scored meters).
     s_idx = np.flatnonzero(single)
     us = xp.take(u, xp.asarray(s_idx), axis=0)
-    gis_code = np.array([_PHASES.index(g) if g in _PHASES else -1 for g in gis])
+    gis_code = pd.Series(gis, dtype=object).map({p: i for i, p in enumerate(_PHASES)}).fillna(-1).to_numpy(np.int64)
     tr_codes, _ = pd.factorize(meters["transformer_id"].astype(str), sort=True)
     tr_codes = np.where(single, tr_codes, -1)
-    n_groups = int(tr_codes.max()) + 1 if (tr_codes >= 0).any() else 1
+    refine_inputs = _RefineInputs(xp, feat, observed, u, tr_codes)
+    # k-means runs on the top principal coordinates of the unit signals (the phase structure lives in a
+    # few dimensions); refinement below works on the full-length signals.
+    # GIS phase templates (3, T) of the unit signals (zero row: no label); = phase_templates(us, W_gis)
+    gis_templates = unit_rows(xp.permute_dims(one_hot(xp.asarray(gis_code[s_idx]), 3), (1, 0)) @ us)
+    basis = _principal_basis(xp, us, _KMEANS_RANK, config.random_state, gis_templates)
+    coords = us @ basis
     min_size = max(config.min_phase_meters, int(np.ceil(config.min_phase_share * s_idx.size)))
     for k in (3, 2, 1):
-        labels, name, decided = _cluster_and_name(xp, us, gis_code[s_idx], k, config, ref_v)
+        labels, name, decided = _cluster_and_name(xp, us, coords, gis_templates @ basis, gis_code[s_idx], k,
+                                                   config, ref_v)
         if not decided:
             continue
         present = np.unique(name)  # phase indices that exist on this feeder, ascending
         code = np.full(n, -1, dtype=np.int64)
         code[s_idx] = name[labels]
-        code, templates, scores, span_scores = _refine(xp, feat, code, present, single, tr_codes, n_groups)
+        code, templates, scores, span_scores = _refine(xp, refine_inputs, code, present, single)
         sizes = np.array([(code == p).sum() for p in present])
         if k == 1 or sizes.min() >= min_size:
             break
@@ -253,10 +271,13 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     # level correlation: does the meter match any phase at all?
     level = v / xp.asarray(np.where(nominal > 0, nominal, 1.0))[:, None]
     lw = one_hot(xp.asarray(np.where(single, best_h, -1)), 3)  # global phase index
-    lvl0 = xp.where(xp.isnan(level), xp.zeros_like(level), level)
-    lobs = xp.astype(~xp.isnan(level), xp.float64)
-    lsum = xp.permute_dims(lw, (1, 0)) @ lvl0
-    lcnt = xp.permute_dims(lw, (1, 0)) @ lobs
+    lobs = ~xp.isnan(level)
+    if bool(xp.all(lobs)):  # fully observed: no mask GEMM
+        lsum = xp.permute_dims(lw, (1, 0)) @ level
+        lcnt = xp.sum(lw, axis=0)[:, None] * xp.ones((1, level.shape[1]), dtype=xp.float64)
+    else:
+        lsum = xp.permute_dims(lw, (1, 0)) @ xp.where(lobs, level, xp.zeros((), dtype=xp.float64))
+        lcnt = xp.permute_dims(lw, (1, 0)) @ xp.astype(lobs, xp.float64)
     nanv = xp.full_like(lsum, float("nan"))
     ltemp = xp.where(lcnt > 0, lsum / xp.where(lcnt > 0, lcnt, xp.ones_like(lcnt)), nanv)
     lpair = xp.stack([ltemp[a, :] + ltemp[b, :] for a, b in _PAIRS], axis=0)
@@ -266,69 +287,199 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     lcorr_h = to_numpy(lcorr)
     lcorr_h = np.where(np.isnan(lcorr_h), -1.0, lcorr_h)
 
-    for i in np.flatnonzero(ok):
-        if kind[i] == "single":
-            phase[i], p, lc = _PHASES[best_h[i]], p_err_h[i], lcorr_h[i, :3].max()
-        elif kind[i] == "pair":
-            if not pairs:
-                phase[i], conf[i], cls[i] = gis[i], 0.0, contract.CLASS_LOW
-                continue
-            a, b = pairs[pbest_h[i]]
-            phase[i], p, lc = _PHASES[a] + _PHASES[b], pp_err_h[i], lcorr_h[i, 3 + _PAIRS.index((a, b))]
-        else:
-            phase[i], p, lc = contract.THREE_PHASE, 0.0, lcorr_h[i, 6]
-        conf[i] = _confidence(p, config.confidence_decades)
-        if lc < config.low_correlation:
-            reasons[i].append(contract.REASON_LOW_CORRELATION)
-            conf[i] = min(conf[i], 0.0)
-        if conf[i] >= config.confident_threshold:
-            cls[i] = contract.CLASS_CONFIDENT
-        elif conf[i] >= config.suspect_threshold:
-            cls[i] = contract.CLASS_SUSPECT
-        else:
-            cls[i] = contract.CLASS_LOW
+    names = np.array(_PHASES, dtype=object)
+    p_all = np.zeros(n)
+    lc_all = lcorr_h[:, 6].copy()  # three-phase services
+    is_single, is_pair = ok & (kind == "single"), ok & (kind == "pair")
+    phase[ok & (kind == "three")] = contract.THREE_PHASE
+    phase[is_single] = names[best_h[is_single]]
+    p_all[is_single] = p_err_h[is_single]
+    lc_all[is_single] = lcorr_h[is_single, :3].max(axis=1)
+    if pairs:
+        pair_names = np.array([_PHASES[a] + _PHASES[b] for a, b in pairs], dtype=object)
+        pair_cols = np.array([3 + _PAIRS.index(ab) for ab in pairs])
+        phase[is_pair] = pair_names[pbest_h[is_pair]]
+        p_all[is_pair] = pp_err_h[is_pair]
+        lc_all[is_pair] = lcorr_h[is_pair, pair_cols[pbest_h[is_pair]]]
+    scored = ok & ((kind != "pair") | bool(pairs))
+    conf[scored] = _confidence(p_all[scored], config.confidence_decades)
+    low_corr = scored & (lc_all < config.low_correlation)
+    conf[low_corr] = np.minimum(conf[low_corr], 0.0)
+    cls[scored] = np.where(conf[scored] >= config.confident_threshold, contract.CLASS_CONFIDENT,
+                           np.where(conf[scored] >= config.suspect_threshold, contract.CLASS_SUSPECT,
+                                    contract.CLASS_LOW))
+    for i in np.flatnonzero(low_corr):
+        reasons[i].append(contract.REASON_LOW_CORRELATION)
+    unpaired = is_pair & ~scored  # pair services on a feeder without two phases: keep GIS, low
+    phase[unpaired], conf[unpaired], cls[unpaired] = gis[unpaired], 0.0, contract.CLASS_LOW
     return phase, conf, cls, reasons
 
 
-def _refine(xp: Any, feat: Any, code: np.ndarray, present: np.ndarray, single: np.ndarray,
-            tr_codes: np.ndarray, n_groups: int):
+class _RefineInputs:
+    """What the refinement needs of the features, computed once per feeder (independent of k).
+
+    ``u`` (n, T) unit-norm zero-filled features; per-row moments of the zero-filled features for the
+    NaN-aware correlation with (NaN-free) templates; the observation mask of the rows with missing
+    samples only; and the within-transformer Gram of ``u`` as pairs (``within_group_gram``).
+    """
+
+    def __init__(self, xp: Any, feat: Any, observed: Any, u: Any, tr_codes: np.ndarray):
+        """``feat`` (n, T): features, 0 where missing; ``observed`` (n, T) bool; ``u = unit_rows(feat)``."""
+        obs = observed
+        self.n_obs = to_numpy(xp.astype(xp.count_nonzero(obs, axis=1), xp.float64))
+        self.sx = to_numpy(xp.sum(feat, axis=1))
+        self.sxx = to_numpy(xp.vecdot(feat, feat, axis=-1))
+        self.xnorm = np.sqrt(self.sxx)
+        self.partial = np.flatnonzero(self.n_obs < feat.shape[1])
+        self.mask_partial = (
+            xp.astype(xp.take(obs, xp.asarray(self.partial), axis=0), xp.float64) if self.partial.size else None
+        )
+        self.u = u
+        self.group = tr_codes
+        self.n_groups = int(tr_codes.max()) + 1 if (tr_codes >= 0).any() else 1
+        self.rows, self.cols, self.gram = within_group_gram(u, tr_codes)
+        self.diag = np.bincount(self.rows, weights=self.gram * (self.rows == self.cols), minlength=u.shape[0])
+        self.diag = np.where(tr_codes >= 0, self.diag, (self.xnorm > 0).astype(np.float64))
+
+
+def _refine(xp: Any, inp: _RefineInputs, code: np.ndarray, present: np.ndarray, single: np.ndarray):
     """Templates, robust transformer pooling and leave-group-out scores, iterated to a fixed point.
 
     Returns ``(code, templates, scores, span_scores)``: phase index per meter (-1: not single-phase), unit
     templates (k, n_samples) of the ``present`` phases, the final leave-group-out scores (n_meters, k) and
     the scores of the same (pooled) signals against ``templates`` themselves (for R^2).
+
+    Notes
+    -----
+    Computes what ``template_scores``, ``pool_by_transformer`` and ``leave_group_out_scores`` compute, but
+    every group sum enters only through dot products: with ``S = W^T u`` (template sums), ``Q = u S^T`` and
+    the within-transformer Gram ``B``, all pooled and leave-group-out cosines are sums of ``Q`` and ``B``
+    over group members. One iteration costs two passes over ``u`` (``S`` and ``Q``) plus O(n_pairs) on the
+    host, instead of dense (n_meters x n_transformers) one-hot GEMMs over full-length signals.
     """
+    u, grp, G = inp.u, inp.group, inp.n_groups
+    n = u.shape[0]
     k = present.size
     local = np.full(3, -1, dtype=np.int64)
     local[present] = np.arange(k)
-    s_mask = xp.astype(xp.asarray(single), xp.float64)
-    group = xp.asarray(tr_codes)
+    rows, cols, gram, diag = inp.rows, inp.cols, inp.gram, inp.diag
+    grouped = grp >= 0
+    gi = np.where(grouped, grp, 0)
+    pair_g = grp[rows]
+
+    def per_group(weights: np.ndarray) -> np.ndarray:  # sum over each group's members, (G,)
+        return np.bincount(gi[grouped], weights=weights[grouped], minlength=G)
+
+    def pair_group_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # (sum_j a_j u_j).(sum_l b_l u_l), (G,)
+        return np.bincount(pair_g, weights=a[rows] * b[cols] * gram, minlength=G)
+
+    def row_dot_group(b: np.ndarray) -> np.ndarray:  # u_i . (sum_{l in g(i)} b_l u_l), (n,)
+        return np.bincount(rows, weights=b[cols] * gram, minlength=n)
+
+    def safe_div(num: np.ndarray, sq: np.ndarray) -> np.ndarray:
+        return np.where(sq > 1e-12, num / np.sqrt(np.where(sq > 1e-12, sq, 1.0)), num)
+
     for _ in range(5):
-        w = one_hot(xp.asarray(np.where(code >= 0, local[np.maximum(code, 0)], -1)), k) * s_mask[:, None]
-        templates = phase_templates(feat, w)
-        own, _ = template_scores(feat, templates)
-        _, _, pooled = pool_by_transformer(feat, group, n_groups, xp.max(own, axis=1))
-        scores = leave_group_out_scores(pooled, feat, w, group, n_groups)
-        new = present[to_numpy(xp.argmax(scores, axis=1)).astype(np.int64)]
+        lab = np.where(code >= 0, local[np.maximum(code, 0)], -1)
+        w = ((lab[:, None] == np.arange(k)[None, :]) & single[:, None]).astype(np.float64)
+        s_sum = xp.permute_dims(xp.asarray(w), (1, 0)) @ u  # (k, T)
+        s_sq = to_numpy(xp.sum(s_sum * s_sum, axis=1))
+        s_norm = np.where(s_sq > 0, np.sqrt(s_sq), 1.0)
+        q = to_numpy(u @ xp.permute_dims(s_sum, (1, 0)))  # (n, k): u_i . S_p
+        templates = s_sum / xp.asarray(s_norm)[:, None]
+
+        # template_scores: NaN-aware correlation of the features with the (NaN-free) templates
+        sy = np.broadcast_to(to_numpy(xp.sum(templates, axis=1)), (n, k)).copy()
+        syy = np.broadcast_to(to_numpy(xp.sum(templates * templates, axis=1)), (n, k)).copy()
+        if inp.partial.size:
+            sy[inp.partial] = to_numpy(inp.mask_partial @ xp.permute_dims(templates, (1, 0)))
+            syy[inp.partial] = to_numpy(inp.mask_partial @ xp.permute_dims(templates * templates, (1, 0)))
+        nn, sx, sxx = inp.n_obs[:, None], inp.sx[:, None], inp.sxx[:, None]
+        sxy = inp.xnorm[:, None] * q / s_norm[None, :]
+        vx, vy, cov = nn * sxx - sx * sx, nn * syy - sy * sy, nn * sxy - sx * sy
+        good = (nn >= 3) & (vx > 0) & (vy > 0)
+        r = np.clip(cov / np.sqrt(np.where(good, vx, 1.0) * np.where(good, vy, 1.0)), -1.0, 1.0)
+        own_best = np.where(good, r, 0.0).max(axis=1)
+
+        # pool_by_transformer (two screening passes, then membership)
+        active = np.ones(n)
+        for _ in range(2):
+            dot_g = row_dot_group(active)  # u_i . gsum_g
+            g_sq = pair_group_sum(active, active)
+            size = per_group(active)
+            loo_dot = dot_g - active * diag
+            loo_sq = g_sq[gi] - 2.0 * active * dot_g + active * active * diag
+            in_group = grouped & (active > 0) & (size[gi] - active >= 1)
+            loo_corr = np.where(in_group & (loo_sq > 1e-12), loo_dot / np.sqrt(np.where(loo_sq > 1e-12, loo_sq, 1.0)),
+                                0.0)
+            active = (in_group & (loo_corr > 0.5 * own_best)).astype(np.float64)
+        member = in_group & (loo_corr > own_best)
+        m = member.astype(np.float64)
+        m_sq = pair_group_sum(m, m)[gi]  # |msum_g|^2 for members
+
+        # leave_group_out_scores of the pooled signals
+        scores = np.empty((n, k))
+        span = np.empty((n, k))
+        for p in range(k):
+            wp, qp = w[:, p], q[:, p]
+            pooled_s = np.where(member, safe_div(per_group(m * qp)[gi], m_sq), qp)  # pooled_i . S_p
+            s_own = np.where(grouped, per_group(wp * qp)[gi], wp * qp)  # S_p . own_ip
+            own_sq = np.where(grouped, pair_group_sum(wp, wp)[gi], wp * wp * diag)
+            pooled_own = np.where(
+                member, safe_div(pair_group_sum(m, wp)[gi], m_sq), np.where(grouped, row_dot_group(wp), wp * diag)
+            )
+            excl_sq = s_sq[p] - 2.0 * s_own + own_sq
+            scores[:, p] = safe_div(pooled_s - pooled_own, excl_sq)
+            span[:, p] = pooled_s / s_norm[p]
+        new = present[np.argmax(scores, axis=1).astype(np.int64)]
         new = np.where(single, new, -1)
         if np.array_equal(new, code):
             break
         code = new
-    return code, templates, scores, pooled @ xp.permute_dims(templates, (1, 0))
+    return code, templates, xp.asarray(scores), xp.asarray(span)
 
 
-def _cluster_and_name(xp: Any, us: Any, gis_code: np.ndarray, k: int, config: PhaseConfig, ref_v: Any | None):
+def _principal_basis(xp: Any, x: Any, rank: int, random_state: int, extra: Any) -> Any:
+    """Orthonormal basis (T, rank + m) of the top-``rank`` right singular subspace of ``x`` (n, T) and of
+    the ``extra`` directions (m, T) (e.g. the GIS phase templates, so that the GIS start of k-means lies
+    exactly in the subspace).
+
+    Randomized range finder (Halko, Martinsson & Tropp 2011) with ``_POWER_ITERATIONS`` power iterations
+    and a seeded Gaussian test matrix drawn on the host: a few thin GEMMs over ``x``, deterministic for a
+    given seed.
+    """
+    n, t = x.shape
+    ell = min(rank + 8, n, t)
+    omega = np.random.default_rng(random_state).standard_normal((t, ell))
+    xt = xp.permute_dims(x, (1, 0))
+    q, _ = xp.linalg.qr(x @ xp.asarray(omega))
+    for _ in range(_POWER_ITERATIONS):
+        z, _ = xp.linalg.qr(xt @ q)
+        q, _ = xp.linalg.qr(x @ z)
+    small = xp.permute_dims(q, (1, 0)) @ x  # (ell, T)
+    _, _, vt = xp.linalg.svd(small, full_matrices=False)
+    r = min(rank, ell)
+    basis = xp.concat([vt[:r, :], extra], axis=0) if extra is not None else vt[:r, :]
+    basis, _ = xp.linalg.qr(xp.permute_dims(basis, (1, 0)))
+    return basis
+
+
+def _cluster_and_name(xp: Any, us: Any, coords: Any, gis_start: Any, gis_code: np.ndarray, k: int,
+                      config: PhaseConfig, ref_v: Any | None):
     """k-means of unit-norm single-phase signals and cluster names (global phase indices).
+
+    ``us`` (n, T) are the signals, ``coords = us @ basis`` (n, r) their coordinates in an orthonormal
+    basis (T, r) of their principal subspace plus the GIS phase templates, and ``gis_start`` (3, r) the
+    GIS phase templates in the same coordinates (exact: they lie in the basis' span).
 
     Returns ``(labels, name, decided)``: ``decided`` is False when two clusters have the same GIS majority
     (one phase split in two: the caller retries with k - 1).
     """
-    gis_w = one_hot(xp.asarray(gis_code), 3)
     support = np.bincount(gis_code[gis_code >= 0], minlength=3)
-    candidates = [batched_kmeans(us, k, random_state=config.random_state, n_init=config.n_init)]
+    candidates = [batched_kmeans(coords, k, random_state=config.random_state, n_init=config.n_init)]
     if k == 3 and np.all(support > 0):
-        init = phase_templates(us, gis_w)[None, :, :]
-        candidates.insert(0, batched_kmeans(us, k, random_state=config.random_state, n_init=0, init=init))
+        init = gis_start[None, :, :]
+        candidates.insert(0, batched_kmeans(coords, k, random_state=config.random_state, n_init=0, init=init))
     # Among the GIS start and the k-means++ restarts, keep the partition that agrees best with GIS after
     # naming (inertia breaks ties): a small phase (a few % of meters) is otherwise lost to a split of a
     # large one, which has lower inertia.
@@ -343,9 +494,7 @@ def _cluster_and_name(xp: Any, us: Any, gis_code: np.ndarray, k: int, config: Ph
             best = (key, cand_labels)
     labels = best[1]
     counts = np.zeros((k, 3))
-    for c, g in zip(labels, gis_code):
-        if g >= 0:
-            counts[c, g] += 1
+    np.add.at(counts, (labels[gis_code >= 0], gis_code[gis_code >= 0]), 1)
     if k == 3 and ref_v is not None and config.use_references:
         frac = counts.max(axis=1) / np.maximum(counts.sum(axis=1), 1)
         if np.any(frac < 0.5):
@@ -360,9 +509,9 @@ def _cluster_and_name(xp: Any, us: Any, gis_code: np.ndarray, k: int, config: Ph
     return labels, majority, True
 
 
-def _confidence(p_err: float, decades: float) -> float:
+def _confidence(p_err: np.ndarray, decades: float) -> np.ndarray:
     """Evidence score ``min(1, -log10(p_err) / decades)`` in [0, 1]."""
-    return float(np.clip(-np.log10(max(p_err, 1e-300)) / decades, 0.0, 1.0))
+    return np.clip(-np.log10(np.maximum(p_err, 1e-300)) / decades, 0.0, 1.0)
 
 
 def _name_by_references(xp: Any, ref_v: Any, us: Any, labels: np.ndarray) -> np.ndarray | None:

@@ -46,16 +46,27 @@ def nan_corr_counts(x: Any, y: Any | None = None, *, min_periods: int = 3) -> tu
     y = x if y is None else xp.asarray(y, dtype=xp.float64)
     mx = ~xp.isnan(x)
     my = ~xp.isnan(y)
-    x0 = xp.where(mx, x, xp.zeros_like(x))
-    y0 = xp.where(my, y, xp.zeros_like(y))
-    mxf = xp.astype(mx, x0.dtype)
+    zero = xp.zeros((), dtype=x.dtype)
+    y0 = xp.where(my, y, zero)
     myf = xp.astype(my, y0.dtype)
-    n = mxf @ myf.T
-    sx = x0 @ myf.T
-    sy = mxf @ y0.T
-    sxx = (x0 * x0) @ myf.T
-    syy = mxf @ (y0 * y0).T
-    sxy = x0 @ y0.T
+    m = y0.shape[0]
+    if bool(xp.all(mx)):  # fully observed x (the common case): no mask GEMMs over x
+        x0 = x
+        row = xp.ones((1, x.shape[0]), dtype=x.dtype).T
+        n = row @ xp.sum(myf, axis=1)[None, :]
+        sy = row @ xp.sum(y0, axis=1)[None, :]
+        syy = row @ xp.sum(y0 * y0, axis=1)[None, :]
+    else:
+        x0 = xp.where(mx, x, zero)
+        by_mask = xp.astype(mx, x0.dtype) @ xp.concat([myf, y0, y0 * y0], axis=0).T  # (n, 3m)
+        n, sy, syy = by_mask[:, :m], by_mask[:, m : 2 * m], by_mask[:, 2 * m :]
+    # Stacked right-hand sides: each (n, n_samples) operand is read once.
+    by_data = x0 @ xp.concat([myf, y0], axis=0).T  # (n, 2m)
+    sx, sxy = by_data[:, :m], by_data[:, m:]
+    if bool(xp.all(my)):
+        sxx = xp.vecdot(x0, x0, axis=-1)[:, None] * xp.ones((1, m), dtype=x.dtype)
+    else:
+        sxx = (x0 * x0) @ myf.T
     vx = n * sxx - sx * sx
     vy = n * syy - sy * sy
     cov = n * sxy - sx * sy

@@ -10,12 +10,19 @@ from typing import Any
 
 from .._compat import array_namespace
 
-__all__ = ["per_unit_differences", "remove_common_mode", "standardize_rows", "unit_rows"]
+__all__ = [
+    "common_mode_residual",
+    "per_unit_differences",
+    "remove_common_mode",
+    "standardize_rows",
+    "standardized_differences",
+    "unit_rows",
+]
 
 
 def _nan_to_zero(xp: Any, x: Any) -> tuple[Any, Any]:
     observed = ~xp.isnan(x)
-    return xp.where(observed, x, xp.zeros_like(x)), observed
+    return xp.where(observed, x, xp.zeros((), dtype=x.dtype)), observed
 
 
 def per_unit_differences(voltage: Any, nominal_v: Any) -> Any:
@@ -74,12 +81,13 @@ def standardize_rows(x: Any, clip: float = 6.0) -> tuple[Any, Any]:
     n_obs = xp.sum(obs_f, axis=1)
     denom = xp.where(n_obs > 0, n_obs, xp.ones_like(n_obs))
     mean = xp.sum(x0, axis=1) / denom
-    dev = (x0 - mean[:, None]) * obs_f
-    sd = xp.sqrt(xp.sum(dev * dev, axis=1) / denom)
+    dev = x0 - mean[:, None]
+    dev *= obs_f
+    sd = xp.sqrt(xp.vecdot(dev, dev, axis=-1) / denom)
     sd = xp.where(sd > 0, sd, xp.ones_like(sd))
-    z = xp.clip(dev / sd[:, None], -clip, clip)
-    nan = xp.full_like(z, float("nan"))
-    return xp.where(obs, z, nan), n_obs
+    dev /= sd[:, None]
+    z = xp.clip(dev, -clip, clip)
+    return xp.where(obs, z, xp.full((), float("nan"), dtype=z.dtype)), n_obs
 
 
 def remove_common_mode(x: Any, weights: Any | None = None) -> tuple[Any, Any]:
@@ -109,13 +117,13 @@ def remove_common_mode(x: Any, weights: Any | None = None) -> tuple[Any, Any]:
     x0, obs = _nan_to_zero(xp, x)
     obs_f = xp.astype(obs, x0.dtype)
     w = xp.ones(x0.shape[0], dtype=x0.dtype) if weights is None else xp.asarray(weights, dtype=x0.dtype)
-    wsum = xp.sum(obs_f * w[:, None], axis=0)
-    common = xp.sum(x0 * w[:, None], axis=0) / xp.where(wsum > 0, wsum, xp.ones_like(wsum))
-    cm = common[None, :] * obs_f
-    cc = xp.sum(cm * cm, axis=1)
-    beta = xp.sum(x0 * cm, axis=1) / xp.where(cc > 0, cc, xp.ones_like(cc))
-    resid = x0 - beta[:, None] * cm
-    return xp.where(obs, resid, xp.full_like(resid, float("nan"))), common
+    wsum = w @ obs_f
+    common = (w @ x0) / xp.where(wsum > 0, wsum, xp.ones_like(wsum))
+    cc = obs_f @ (common * common)  # |common * obs_i|^2
+    beta = (x0 @ common) / xp.where(cc > 0, cc, xp.ones_like(cc))  # x0 is zero where unobserved
+    resid = beta[:, None] * common[None, :]
+    resid = x0 - resid
+    return xp.where(obs, resid, xp.full((), float("nan"), dtype=resid.dtype)), common
 
 
 def unit_rows(x: Any) -> Any:
@@ -131,5 +139,94 @@ def unit_rows(x: Any) -> Any:
     """
     xp = array_namespace(x)
     x0, _ = _nan_to_zero(xp, x)
-    norm = xp.sqrt(xp.sum(x0 * x0, axis=1))
-    return x0 / xp.where(norm > 0, norm, xp.ones_like(norm))[:, None]
+    norm = xp.sqrt(xp.vecdot(x0, x0, axis=-1))
+    x0 /= xp.where(norm > 0, norm, xp.ones_like(norm))[:, None]
+    return x0
+
+
+def standardized_differences(voltage: Any, nominal_v: Any, clip: float = 6.0) -> tuple[Any, Any, Any]:
+    """``standardize_rows(per_unit_differences(voltage, nominal_v), clip)`` in few passes, zero-filled.
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Meter voltage magnitude, NaN where missing. [V]
+    nominal_v : array, shape (n_meters,)
+        Nominal voltage; NaN or <= 0 uses the meter's own mean voltage. [V]
+    clip : float
+        Clipping of the standardised differences. [-]
+
+    Returns
+    -------
+    z : array, shape (n_meters, n_time - 1)
+        Standardised differences with 0 (not NaN) where missing. [-]
+    observed : array of bool, shape (n_meters, n_time - 1)
+    n_obs : array, shape (n_meters,)
+        Observed samples per row.
+
+    Notes
+    -----
+    The same arithmetic as the two-step version (equal results), but the pipeline of phase
+    identification keeps zero-filled data and the mask instead of re-inserting NaN and re-deriving the
+    mask at every step; a fully observed block skips the masking passes altogether.
+    """
+    xp = array_namespace(voltage)
+    v = xp.asarray(voltage, dtype=xp.float64)
+    nom = xp.asarray(nominal_v, dtype=xp.float64)
+    good_nom = (~xp.isnan(nom)) & (nom > 0)
+    if not bool(xp.all(good_nom)):  # the own mean voltage only where the nominal is unusable
+        v0, obs_v = _nan_to_zero(xp, v)
+        cnt = xp.astype(xp.count_nonzero(obs_v, axis=1), xp.float64)
+        own_mean = xp.sum(v0, axis=1) / xp.where(cnt > 0, cnt, xp.ones_like(cnt))
+        nom = xp.where(good_nom, nom, own_mean)
+        nom = xp.where(nom > 0, nom, xp.ones_like(nom))
+    pu = v / nom[:, None]
+    x = pu[:, 1:] - pu[:, :-1]
+    obs = ~xp.isnan(x)
+    complete = bool(xp.all(obs))
+    if complete:
+        n_obs = xp.full(x.shape[0], float(x.shape[1]), dtype=x.dtype)
+        denom = n_obs
+        dev = x - (xp.sum(x, axis=1) / denom)[:, None]
+    else:
+        x0 = xp.where(obs, x, xp.zeros((), dtype=x.dtype))
+        n_obs = xp.astype(xp.count_nonzero(obs, axis=1), x.dtype)
+        denom = xp.where(n_obs > 0, n_obs, xp.ones_like(n_obs))
+        dev = x0 - (xp.sum(x0, axis=1) / denom)[:, None]
+        dev = xp.where(obs, dev, xp.zeros((), dtype=x.dtype))
+    sd = xp.sqrt(xp.vecdot(dev, dev, axis=-1) / denom)
+    sd = xp.where(sd > 0, sd, xp.ones_like(sd))
+    dev /= sd[:, None]
+    return xp.clip(dev, -clip, clip), obs, n_obs
+
+
+def common_mode_residual(z: Any, observed: Any, weights: Any | None = None) -> tuple[Any, Any]:
+    """:func:`remove_common_mode` on zero-filled data with its mask; returns the zero-filled residual.
+
+    Parameters
+    ----------
+    z : array, shape (n_meters, n_samples)
+        Standardised features, 0 where missing (as from :func:`standardized_differences`).
+    observed : array of bool, shape (n_meters, n_samples)
+    weights : array, shape (n_meters,), optional
+        Row weights of the common-mode estimate.
+
+    Returns
+    -------
+    residual : array, shape (n_meters, n_samples)
+        ``z - beta_i * c`` where observed, 0 elsewhere.
+    common : array, shape (n_samples,)
+    """
+    xp = array_namespace(z)
+    w = xp.ones(z.shape[0], dtype=z.dtype) if weights is None else xp.asarray(weights, dtype=z.dtype)
+    complete = bool(xp.all(observed))
+    obs_f = None if complete else xp.astype(observed, z.dtype)
+    wsum = w @ obs_f if obs_f is not None else xp.full(z.shape[1], float(xp.sum(w)), dtype=z.dtype)
+    common = (w @ z) / xp.where(wsum > 0, wsum, xp.ones_like(wsum))
+    cc = obs_f @ (common * common) if obs_f is not None else xp.full(z.shape[0], float(xp.sum(common * common)), dtype=z.dtype)
+    beta = (z @ common) / xp.where(cc > 0, cc, xp.ones_like(cc))
+    resid = beta[:, None] * common[None, :]
+    resid = z - resid
+    if not complete:
+        resid = xp.where(observed, resid, xp.zeros((), dtype=z.dtype))
+    return resid, common

@@ -112,3 +112,48 @@ def test_leave_group_out_scores_equal_brute_force(xp):
         t = (w * keep[:, None]).T @ u
         t /= np.linalg.norm(t, axis=1, keepdims=True)
         np.testing.assert_allclose(got[i], t @ sig[i], atol=1e-12)
+
+
+@BACKENDS
+def test_within_group_gram_matches_direct_dot_products(xp):
+    from phaseid_hpc.kernels.phase_clustering import group_pairs, within_group_gram
+
+    rng = np.random.default_rng(3)
+    group = np.array([2, 0, -1, 2, 1, 0, 2, 3, 3, 3, 3, 3, -1, 1, 2])  # sizes 1..5 and ungrouped rows
+    u = rng.standard_normal((group.size, 40))
+    rows, cols, gram = within_group_gram(xp.asarray(u), group)
+    r2, c2 = group_pairs(group)
+    assert np.array_equal(rows, r2) and np.array_equal(cols, c2)
+    expected = {(i, j) for i in range(group.size) for j in range(group.size) if group[i] >= 0 and group[i] == group[j]}
+    assert set(zip(rows.tolist(), cols.tolist())) == expected
+    np.testing.assert_allclose(gram, np.einsum("pt,pt->p", u[rows], u[cols]), rtol=1e-12, atol=1e-12)
+
+
+def test_gram_refinement_equals_reference_kernels():
+    """The fast refinement (dot products only) gives the scores of the full-length reference kernels."""
+    from phaseid_hpc.kernels.preprocess import unit_rows
+    from phaseid_hpc.phase_identification import _refine, _RefineInputs
+
+    x, truth = _three_phase(seed=4, t=300, per=40, noise=3.0)
+    rng = np.random.default_rng(5)
+    x[rng.random(x.shape) < 0.05] = np.nan  # some missing samples
+    n = truth.size
+    group = np.repeat(np.arange(n // 4), 4)[rng.permutation(n)]
+    group[:3] = -1  # ungrouped (e.g. not single-phase) rows
+    single = group >= 0
+    code = np.where(single, truth, -1)
+    code[single & (rng.random(n) < 0.1)] = 0  # some wrong labels
+    present = np.arange(3)
+    obs = ~np.isnan(x)
+    inp = _RefineInputs(np, np.where(obs, x, 0.0), obs, unit_rows(x), group)
+    new, templates, scores, span = _refine(np, inp, code.copy(), present, single)
+    # one reference iteration from the last labels gives the same scores
+    w = one_hot(np.where(single, new, -1), 3)
+    t_ref = phase_templates(x, w)
+    own, _ = template_scores(x, t_ref)
+    _, _, pooled = pool_by_transformer(x, group, int(group.max()) + 1, own.max(axis=1))
+    ref_scores = leave_group_out_scores(pooled, x, w, group, int(group.max()) + 1)
+    np.testing.assert_allclose(templates, t_ref, atol=1e-12)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-9)
+    np.testing.assert_allclose(span, pooled @ t_ref.T, atol=1e-9)
+    assert (np.where(single, ref_scores.argmax(axis=1), -1) == new).all()

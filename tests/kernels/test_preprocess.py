@@ -59,3 +59,30 @@ def test_unit_rows(xp):
     x = np.array([[3.0, np.nan, 4.0], [0.0, 0.0, 0.0]])
     u = to_np(unit_rows(xp.asarray(x)))
     np.testing.assert_allclose(u, [[0.6, 0.0, 0.8], [0, 0, 0]])
+
+
+@BACKENDS
+@pytest.mark.parametrize("missing", [0.0, 0.05], ids=["complete", "missing"])
+@pytest.mark.parametrize("bad_nominal", [False, True], ids=["nominal", "own_mean"])
+def test_zero_filled_pipeline_equals_nan_kernels(xp, missing, bad_nominal):
+    from phaseid_hpc.kernels.preprocess import common_mode_residual, standardized_differences
+
+    rng = np.random.default_rng(7)
+    v = 240 + np.cumsum(rng.standard_normal((12, 200)), axis=1) * 0.3
+    v[:, 50] += 40  # an outlier step, clipped
+    v[rng.random(v.shape) < missing] = np.nan
+    nominal = np.full(12, 240.0)
+    if bad_nominal:
+        nominal[[1, 4]] = [np.nan, -1.0]
+    w = (np.arange(12) % 3 != 0).astype(float)
+    z_ref, n_ref = standardize_rows(per_unit_differences(xp.asarray(v), xp.asarray(nominal)))
+    f_ref, c_ref = remove_common_mode(z_ref, xp.asarray(w))
+    z, obs, n_obs = standardized_differences(xp.asarray(v), xp.asarray(nominal))
+    f, c = common_mode_residual(z, obs, xp.asarray(w))
+    nan = np.isnan(to_np(z_ref))
+    assert np.array_equal(~to_np(obs), nan) and nan.any() == (missing > 0)
+    np.testing.assert_allclose(to_np(n_obs), to_np(n_ref))
+    np.testing.assert_allclose(to_np(z), np.where(nan, 0.0, to_np(z_ref)), atol=1e-12)
+    np.testing.assert_allclose(to_np(f), np.where(nan, 0.0, to_np(f_ref)), atol=1e-12)
+    np.testing.assert_allclose(to_np(c), to_np(c_ref), atol=1e-12)
+    assert np.abs(to_np(z)).max() == 6.0  # the step was clipped
