@@ -168,3 +168,102 @@ def test_partial_correlations_remove_the_shared_lateral(xp):
         )
     )
     assert abs(r0[0] - np.corrcoef(member, target)[0, 1]) < 0.05
+
+
+@pytest.mark.parametrize("xp", BACKENDS)
+def test_differenced_signals_row_blocks_and_float32(xp):
+    v, _, _, phase = _data()
+    w = np.linspace(0.5, 1.5, len(phase))
+    z64, n64 = tg.differenced_signals(
+        xp.asarray(v), xp.asarray(phase), 3, weights=xp.asarray(w), block_rows=None
+    )
+    zb, nb = tg.differenced_signals(xp.asarray(v), xp.asarray(phase), 3, weights=xp.asarray(w), block_rows=5)
+    np.testing.assert_array_equal(to_numpy(nb), to_numpy(n64))
+    np.testing.assert_allclose(to_numpy(zb), to_numpy(z64), atol=1e-12)
+    z32, n32 = tg.differenced_signals(
+        xp.asarray(v), xp.asarray(phase), 3, weights=xp.asarray(w), dtype=xp.float32, block_rows=5
+    )
+    assert z32.dtype == xp.float32
+    np.testing.assert_array_equal(to_numpy(n32), to_numpy(n64))
+    # float32 differences of ~240 V readings: good to ~1e-5 of a unit-norm row
+    np.testing.assert_allclose(to_numpy(z32), to_numpy(z64), atol=2e-5)
+
+
+@pytest.mark.parametrize("xp", BACKENDS)
+def test_group_sums_chunked_and_by_column_match_the_one_hot_gemm(xp):
+    v, _, groups, phase = _data()
+    z, _ = tg.differenced_signals(xp.asarray(v), xp.asarray(phase), 3)
+    w = np.array([1, 1, 0, 1, 1, 1, 1, 0.5, 1, 1, 1, 1.0])
+    full = to_numpy(tg.pool_by_transformer(z, xp.asarray(groups), 5, xp.asarray(w))).T  # (g, T)
+    np.testing.assert_allclose(
+        to_numpy(tg.group_sums(z, xp.asarray(groups), 5, xp.asarray(w), chunk=2)), full, atol=1e-12
+    )
+    cols = np.array([1, 3, 4])
+    part = to_numpy(tg.group_sums(z, xp.asarray(groups), 5, xp.asarray(w), columns=xp.asarray(cols)))
+    np.testing.assert_allclose(part, full[cols], atol=1e-12)
+    # a group without members sums to 0; meter 11 (group -1) enters no sum
+    assert (to_numpy(tg.group_sums(z, xp.asarray(groups), 6, columns=xp.asarray([5]))) == 0).all()
+
+
+@pytest.mark.parametrize("xp", BACKENDS)
+def test_pair_dots_and_loo_correlations_match_group_correlations(xp):
+    v, _, groups, phase = _data()
+    z, _ = tg.differenced_signals(xp.asarray(v), xp.asarray(phase), 3)
+    w = np.array([1, 1, 0, 1, 1, 1, 1, 0.5, 1, 1, 1, 1.0])
+    ref = to_numpy(tg.group_correlations(z, xp.asarray(groups), 5, xp.asarray(w)))
+    sums = tg.group_sums(z, xp.asarray(groups), 5, xp.asarray(w))
+    pn2 = to_numpy(xp.vecdot(sums, sums, axis=-1))
+    zz = to_numpy(xp.vecdot(z, z, axis=-1))
+    rows = np.array([0, 0, 3, 5, 6, 7, 10, 11])
+    cols = np.array([0, 3, 1, 2, 3, 3, 0, 4])
+    dots = to_numpy(tg.pair_dots(z, sums, xp.asarray(rows), xp.asarray(cols), block=3))
+    np.testing.assert_allclose(dots, (to_numpy(z) @ to_numpy(sums).T)[rows, cols], atol=1e-12)
+    corr = to_numpy(
+        tg.loo_correlations(
+            xp.asarray(dots),
+            xp.asarray(pn2[cols]),
+            xp.asarray(groups[rows] == cols),
+            xp.asarray(w[rows]),
+            xp.asarray(zz[rows]),
+        )
+    )
+    np.testing.assert_allclose(corr, ref[rows, cols], atol=1e-12, equal_nan=True)
+    assert np.isnan(corr[3])  # meter 5 alone on group 2
+
+
+@pytest.mark.parametrize("xp", BACKENDS)
+@pytest.mark.parametrize("with_current", [True, False])
+def test_level_pairs_match_level_consistency(xp, with_current):
+    v, cur, groups, _ = _data()
+    w = np.array([1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1.0])
+    kw = cur * v / 1000.0  # so that 1000 kW / V is the current proxy
+    rms, _ = tg.level_consistency(
+        xp.asarray(v),
+        xp.asarray(kw * 1000.0 / v) if with_current else None,
+        xp.asarray(groups),
+        5,
+        xp.asarray(w),
+    )
+    vc, ic, stats = tg.level_signals(
+        xp.asarray(v), xp.asarray(kw) if with_current else None, x_over_r=0.0, block_rows=5
+    )
+    lsum = tg.group_sums(vc, xp.asarray(groups), 5, xp.asarray(w))
+    cnt = np.bincount(groups[groups >= 0], weights=w[groups >= 0], minlength=5)
+    rows = np.array([0, 0, 6, 10, 11, 3, 5])
+    cols = np.array([0, 3, 3, 0, 3, 1, 2])
+    for a, b_ in zip(stats, tg.level_row_stats(vc, ic)):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b_), rtol=1e-12)
+    for row_stats in (None, stats):
+        got, _ = tg.level_consistency_pairs(
+            vc,
+            ic,
+            lsum,
+            xp.asarray(cnt),
+            xp.asarray(rows),
+            xp.asarray(cols),
+            xp.asarray(groups[rows] == cols),
+            xp.asarray(w),
+            row_stats=row_stats,
+        )
+        np.testing.assert_allclose(to_numpy(got), to_numpy(rms)[rows, cols], rtol=1e-7, equal_nan=True)
+    assert np.isnan(to_numpy(got)[-2:]).all()

@@ -1,0 +1,126 @@
+"""CPU time of meter-to-transformer verification (``map_transformers``) on one simulated feeder.
+
+The nightly budget is ~600 CPU-us per meter for the whole job at 30 days x 15 min; transformer mapping's share
+is ~150 CPU-us per meter. BLAS runs single-threaded (as in a Dask worker): set ``OPENBLAS_NUM_THREADS=1``
+before running. The machine is shared: the median of ``--repeat`` runs of ``time.process_time`` is reported.
+
+Run::
+
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/transformer_speed.py --meters 3000 --days 30
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/transformer_speed.py --meters 3000 --days 30 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from phaseid_hpc.config import TransformerConfig
+from phaseid_hpc.synth import simulate_feeder
+from phaseid_hpc.transformer_mapping import map_transformers
+
+
+def load_feeder(n_meters: int, days: float, seed: int, cache: Path | None, error_rate: float = 0.03) -> dict:
+    """A simulated feeder (``simulate_feeder``, default measurement model), cached as .npz + .parquet."""
+    if cache is not None:
+        stem = cache / f"feeder_{n_meters}_{days:g}_{seed}_{error_rate:g}".replace(".", "p")
+        if stem.with_suffix(".npz").exists():
+            arr = np.load(stem.with_suffix(".npz"))
+            return {
+                "voltage": arr["voltage"],
+                "kw": arr["kw"],
+                "kvar": arr["kvar"],
+                "meters": pd.read_parquet(stem.with_suffix(".parquet")),
+            }
+    from phaseid_hpc.synth.measurement import MeasurementModel
+
+    sim = simulate_feeder(
+        n_meters, days, seed=seed, measurement=MeasurementModel(0.5, 0.1), transformer_error_rate=error_rate
+    )
+    mt = sim.meters
+    meters = pd.DataFrame(
+        {
+            "meter_id": mt["meter_id"].to_numpy(),
+            "feeder_id": sim.feeder_id,
+            "transformer_id": mt["transformer_id"].to_numpy(),
+            "phase": mt["true_phase"].to_numpy(),
+            "phase_gis": mt["phase"].to_numpy(),
+            "usable": True,
+            "true_transformer_id": mt["true_transformer_id"].to_numpy(),
+        }
+    )
+    for c in ("lat", "lon"):
+        if c in mt.columns:
+            meters[c] = mt[c].to_numpy()
+    out = {"voltage": sim.measured, "kw": sim.kw, "kvar": sim.kvar, "meters": meters}
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(stem.with_suffix(".npz"), voltage=sim.measured, kw=sim.kw, kvar=sim.kvar)
+        meters.to_parquet(stem.with_suffix(".parquet"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--meters", type=int, default=3000)
+    ap.add_argument("--days", type=float, default=30.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--error-rate", type=float, default=0.03, help="share of wrong GIS transformer labels")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/phaseid-transformer-speed"))
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of one run")
+    ap.add_argument("--sort", default="cumulative", help="cProfile sort key (cumulative, tottime)")
+    args = ap.parse_args(argv)
+    d = load_feeder(args.meters, args.days, args.seed, args.cache, args.error_rate)
+    m = d["meters"]
+    n = len(m)
+    cfg = TransformerConfig()
+
+    def once():
+        return map_transformers(
+            d["voltage"], m.drop(columns="true_transformer_id"), cfg, kw=d["kw"], kvar=d["kvar"]
+        )
+
+    if args.profile:
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile(time.process_time)
+        pr.enable()
+        once()
+        pr.disable()
+        pstats.Stats(pr).sort_stats(args.sort).print_stats(35)
+    cpu, wall = [], []
+    for _ in range(args.repeat):
+        c0, w0 = time.process_time(), time.perf_counter()
+        res, _tx = once()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    truth = m["true_transformer_id"].astype(object).to_numpy()
+    gis = m["transformer_id"].astype(object).to_numpy()
+    changed = res["transformer_changed"].to_numpy(bool)
+    wrong = gis != truth
+    out = {
+        "n_meters": n,
+        "n_time": d["voltage"].shape[1],
+        "n_transformers": int(pd.Series(gis).nunique()),
+        "cpu_s_median": round(statistics.median(cpu), 3),
+        "wall_s_median": round(statistics.median(wall), 3),
+        "cpu_us_per_meter": round(1e6 * statistics.median(cpu) / n, 1),
+        "n_wrong": int(wrong.sum()),
+        "n_flagged": int(changed.sum()),
+        "flag_precision": float((changed & wrong).sum() / max(changed.sum(), 1)),
+        "flag_recall": float((changed & wrong).sum() / max(wrong.sum(), 1)),
+        "on_right": float((res["transformer"].astype(object).to_numpy() == truth).mean()),
+    }
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
