@@ -235,3 +235,11 @@ def test_report_screenshot_in_headless_chromium(utility, tmp_path):
     assert img.shape[0] >= 1000 and img.shape[1] >= 1000
     # a rendered page with plots is far from a blank screen: many distinct colours
     assert len({tuple(px) for px in (img[::8, ::8, :3] * 255).astype(int).reshape(-1, 3)}) > 50
+
+
+def test_output_under_a_file_fails_at_start_with_the_path(utility, tmp_path):
+    """Works as root too: nothing can create a folder below a regular file."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(PhaseIDError, match="not-a-folder.*not writable"):
+        run_job(utility["store"], blocker / "out")

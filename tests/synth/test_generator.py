@@ -53,7 +53,7 @@ def test_same_seed_gives_byte_identical_files(utility, tmp_path):
 def test_partitioned_layout_and_dask_client_give_same_rows(utility, tmp_path):
     distributed = pytest.importorskip("distributed")
     out, _ = utility
-    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as c:
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
         generate_utility(
             tmp_path / "p",
             n_meters=700,
@@ -222,7 +222,7 @@ def test_store_matches_readings(tmp_path):
 def test_single_file_is_the_same_with_a_dask_client(utility, tmp_path):
     distributed = pytest.importorskip("distributed")
     out, _ = utility
-    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as c:
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
         generate_utility(
             tmp_path / "c", n_meters=700, days=2, seed=5, measurement=MODEL, client=c, meters_per_block=300
         )
