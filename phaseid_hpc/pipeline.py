@@ -122,11 +122,83 @@ def _block_key(start: int, stop: int, feeders: Sequence[str], store_fp: str, con
     return h[:16]
 
 
+@dataclass(frozen=True)
+class StoreTables:
+    """The store's small tables, read once by the client and sliced per block.
+
+    Attributes
+    ----------
+    meters : DataFrame
+        One row per meter in store order (``meter_id``, ``feeder_id``, ``transformer_id``, ``phase_gis``,
+        ``service_type``, ``nominal_v``, ``sampling_interval_s``, ``off_grid_fraction``, ``lat``, ``lon``).
+    references : tuple of (DataFrame, ndarray) or None
+        Reference rows (``feeder_id``, ``phase``) and their voltages, shape (n_refs, n_time) [V].
+    transformers : DataFrame or None
+        ``transformer_id``, ``feeder_id``, ``kva_rating``, ``n_phases``.
+    times : DatetimeIndex
+        The store's time grid (UTC, interval ends).
+    interval_s : float
+        Grid step [s].
+    """
+
+    meters: pd.DataFrame
+    references: tuple[pd.DataFrame, np.ndarray] | None
+    transformers: pd.DataFrame | None
+    times: pd.DatetimeIndex
+    interval_s: float
+
+    @classmethod
+    def from_dataset(cls, ds: Any) -> "StoreTables":
+        """Collect the tables of an opened store (see :func:`phaseid_hpc.store.open_store`)."""
+        meter_coords = [c for c in ds.coords if ds[c].dims == ("meter",)]
+        meters = pd.DataFrame({c: np.asarray(ds[c].values) for c in meter_coords})
+        meters = meters.rename(columns={"meter": "meter_id"})
+        for col in ("service_type",):
+            if col not in meters:
+                meters[col] = None
+        for col in ("nominal_v", "sampling_interval_s", "off_grid_fraction", "lat", "lon"):
+            if col not in meters:
+                meters[col] = np.nan
+        references = None
+        if "reference_voltage" in ds:
+            references = (
+                pd.DataFrame({"feeder_id": np.asarray(ds["reference_feeder_id"].values, dtype=object),
+                              "phase": np.asarray(ds["reference_phase"].values, dtype=object)}),
+                np.asarray(ds["reference_voltage"].values, dtype=np.float64),
+            )
+        transformers = None
+        if "transformer" in ds.dims:
+            cols = [c for c in ds.coords if ds[c].dims == ("transformer",)]
+            transformers = pd.DataFrame({c: np.asarray(ds[c].values) for c in cols})
+            transformers = transformers.rename(
+                columns={"transformer": "transformer_id", "transformer_feeder_id": "feeder_id"}
+            )
+        return cls(meters, references, transformers, pd.DatetimeIndex(ds["time"].values),
+                   float(ds.attrs["interval_s"]))
+
+    def block(self, start: int, stop: int) -> "StoreTables":
+        """The tables restricted to meters ``start:stop`` and their feeders."""
+        meters = self.meters.iloc[start:stop].reset_index(drop=True)
+        feeders = set(meters["feeder_id"].astype(str))
+        references = None
+        if self.references is not None:
+            sel = self.references[0]["feeder_id"].astype(str).isin(feeders).to_numpy()
+            if sel.any():
+                references = (self.references[0][sel].reset_index(drop=True), self.references[1][sel])
+        transformers = None
+        if self.transformers is not None:
+            transformers = self.transformers[
+                self.transformers["feeder_id"].astype(str).isin(feeders)
+            ].reset_index(drop=True)
+        return StoreTables(meters, references, transformers, self.times, self.interval_s)
+
+
 def process_block(
     store: str,
     start: int,
     stop: int,
     config: RunConfig,
+    tables: StoreTables | None = None,
 ) -> dict[str, Any]:
     """Run quality, phase identification, transformer mapping and validation on meters ``start:stop``.
 
@@ -137,6 +209,8 @@ def process_block(
     start, stop : int
         Meter slice of a block of whole feeders.
     config : RunConfig
+    tables : StoreTables, optional
+        The block's tables (:meth:`StoreTables.block`); read from the store when not given.
 
     Returns
     -------
@@ -146,43 +220,19 @@ def process_block(
     from ._compat import get_xp, to_numpy
     from .phase_identification import identify_phases
     from .quality import assess_quality
-    from .store import open_store
+    from .store import open_store, read_meter_block
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ds = open_store(store)
-    blk = ds.isel(meter=slice(start, stop))
-    interval_s = float(ds.attrs["interval_s"])
-    voltage = np.asarray(blk["voltage"].values, dtype=np.float64)
-    kw = np.asarray(blk["kw"].values, dtype=np.float64) if "kw" in blk else None
-    kvar = np.asarray(blk["kvar"].values, dtype=np.float64) if "kvar" in blk else None
-    meter_coords = [c for c in blk.coords if blk[c].dims == ("meter",)]
-    meters = blk[meter_coords].to_dataframe().reset_index()
-    meters = meters.rename(columns={"meter": "meter_id"})
-    for col in ("service_type",):
-        if col not in meters:
-            meters[col] = None
-    for col in ("nominal_v", "sampling_interval_s", "off_grid_fraction", "lat", "lon"):
-        if col not in meters:
-            meters[col] = np.nan
-    feeders = sorted(meters["feeder_id"].unique().tolist())
-    references = None
-    if "reference_voltage" in ds:
-        sel = np.isin(ds["reference_feeder_id"].values, feeders)
-        if sel.any():
-            r = ds.isel(reference=np.flatnonzero(sel))
-            references = (
-                pd.DataFrame(
-                    {"feeder_id": r["reference_feeder_id"].values, "phase": r["reference_phase"].values}
-                ),
-                np.asarray(r["reference_voltage"].values, dtype=np.float64),
-            )
-    transformers = None
-    if "transformer" in ds.dims:
-        t = ds[[c for c in ds.coords if ds[c].dims == ("transformer",)]].to_dataframe().reset_index()
-        t = t.rename(columns={"transformer": "transformer_id", "transformer_feeder_id": "feeder_id"})
-        transformers = t[t["feeder_id"].isin(feeders)].reset_index(drop=True)
-    times = pd.DatetimeIndex(ds["time"].values)
+    if tables is None:
+        tables = StoreTables.from_dataset(open_store(store, block_bytes=None, recover=False)).block(start, stop)
+    arrays = read_meter_block(store, start, stop)
+    voltage = arrays["voltage"].astype(np.float64)
+    kw = arrays["kw"].astype(np.float64) if "kw" in arrays else None
+    kvar = arrays["kvar"].astype(np.float64) if "kvar" in arrays else None
+    meters = tables.meters
+    references, transformers, times, interval_s = (tables.references, tables.transformers, tables.times,
+                                                   tables.interval_s)
     timings["read"] = time.perf_counter() - t0
 
     xp = get_xp(config.job.device)
@@ -279,7 +329,9 @@ def process_block(
     return {"meters": out, "transformers": xf_table, "timings": timings}
 
 
-def _run_block_to_file(store: str, start: int, stop: int, config: RunConfig, path: str) -> dict[str, Any]:
+def _run_block_to_file(
+    store: str, start: int, stop: int, config: RunConfig, path: str, tables: StoreTables | None = None
+) -> dict[str, Any]:
     """Worker-side: process one block and persist its result atomically (the unit of resume).
 
     BLAS runs single-threaded inside a block: a multi-threaded GEMM sums in an order that depends on the
@@ -288,7 +340,7 @@ def _run_block_to_file(store: str, start: int, stop: int, config: RunConfig, pat
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        res = process_block(store, start, stop, config)
+        res = process_block(store, start, stop, config, tables)
     p = Path(path)
     _atomic_write_bytes(p.with_suffix(".transformers.parquet"), _parquet_bytes(_flatten(res["transformers"])))
     _atomic_write_bytes(p, _parquet_bytes(res["meters"]))  # written last: its presence marks completion
@@ -406,7 +458,8 @@ def run_job(
     block_timings: dict[str, float] = {}
     if todo:
         say(f"Processing {len(todo)} of {len(blocks)} blocks ({reused} reused from an earlier run)")
-    results = _execute(todo, store, config, client, progress)
+    tables = StoreTables.from_dataset(ds) if todo else None
+    results = _execute(todo, store, config, client, progress, tables)
     for i, r in sorted(results.items()):
         for k, v in r["timings"].items():
             block_timings[k] = block_timings.get(k, 0.0) + float(v)
@@ -429,10 +482,9 @@ def run_job(
         transformers = transformers.sort_values(["feeder_id", "transformer_id"], kind="stable").reset_index(
             drop=True
         )
-    for _, row in meters.iterrows() if len(meters) <= 200_000 else []:
-        if row["reasons"]:
-            log_event(logger, "meter_finding", logging.WARNING, feeder=row["feeder_id"], meter=row["meter_id"],
-                      reason=row["reasons"])
+    found = meters[meters["reasons"].astype(str).str.len() > 0]
+    for fid, mid, reason in zip(found["feeder_id"], found["meter_id"], found["reasons"]):
+        log_event(logger, "meter_finding", logging.WARNING, feeder=fid, meter=mid, reason=reason)
     files = _write_outputs(out_dir, meters, transformers)
     t_cons = time.perf_counter() - t_cons
 
@@ -480,7 +532,12 @@ def _merge_previous(
 
 
 def _execute(
-    todo: list[tuple[int, int, int, str]], store: str, config: RunConfig, client: Any, progress: bool
+    todo: list[tuple[int, int, int, str]],
+    store: str,
+    config: RunConfig,
+    client: Any,
+    progress: bool,
+    tables: StoreTables | None,
 ) -> dict[int, dict[str, Any]]:
     results: dict[int, dict[str, Any]] = {}
     if not todo:
@@ -488,7 +545,8 @@ def _execute(
     if client is None:
         bar = _TextProgress(len(todo)) if progress else None
         for i, start, stop, path in todo:
-            results[i] = _run_block_to_file(store, start, stop, config, path)
+            results[i] = _run_block_to_file(store, start, stop, config, path,
+                                            tables.block(start, stop) if tables else None)
             if bar:
                 bar.update()
         if bar:
@@ -499,6 +557,7 @@ def _execute(
     futures = {}
     for i, start, stop, path in todo:
         fut = client.submit(_run_block_to_file, store, start, stop, config, path,
+                            tables.block(start, stop) if tables else None,
                             key=f"phaseid-block-{Path(path).stem}", pure=False, retries=2)
         futures[fut] = i
     bar = _TextProgress(len(todo)) if progress else None
