@@ -23,12 +23,12 @@ from .errors import (
 )
 
 __all__ = [
-    "__version__",
-    "RunConfig",
-    "load_config",
-    "PhaseIDError",
+    "ClusterError",
     "ConfigError",
     "ContractError",
+    "PhaseIDError",
+    "RunConfig",
     "StoreError",
-    "ClusterError",
+    "__version__",
+    "load_config",
 ]

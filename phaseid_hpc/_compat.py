@@ -15,14 +15,14 @@ import numpy as np
 
 from .errors import BackendUnavailableError
 
-__all__ = ["array_namespace", "gpu_available", "get_xp", "to_numpy", "require"]
+__all__ = ["array_namespace", "get_xp", "gpu_available", "require", "to_numpy"]
 
 
 @functools.cache
 def gpu_available() -> bool:
     """Return True when CuPy is installed *and* a CUDA device can run a kernel."""
     try:
-        import cupy  # noqa: F401
+        import cupy
 
         if not cupy.cuda.is_available():
             return False

@@ -16,23 +16,24 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from .errors import ConfigError
 
 __all__ = [
     "IngestConfig",
-    "QualityConfig",
+    "JobConfig",
     "PhaseConfig",
+    "QualityConfig",
+    "RunConfig",
     "TransformerConfig",
     "ValidationConfig",
-    "JobConfig",
-    "RunConfig",
-    "load_config",
-    "config_to_dict",
     "config_fingerprint",
+    "config_to_dict",
+    "load_config",
 ]
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 from .errors import ContractError
 from .pipeline import RunSummary, run_job
 
-__all__ = ["read_events", "affected_feeders", "run_delta"]
+__all__ = ["affected_feeders", "read_events", "run_delta"]
 
 EVENT_COLUMNS = ("meter_id", "timestamp", "event")
 

@@ -9,7 +9,6 @@ workers or on which block finished first.
 
 from __future__ import annotations
 
-
 import hashlib
 import json
 import logging
@@ -18,20 +17,21 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from . import __version__
 from .config import RunConfig, config_fingerprint, config_to_dict
-from .contract import CLASS_INSUFFICIENT, METER_RESULT_COLUMNS, PHASE_CLASSES
+from .contract import METER_RESULT_COLUMNS, PHASE_CLASSES
 from .errors import PhaseIDError, StoreError
 from .logging_utils import get_run_logger, log_event
 
-__all__ = ["RunSummary", "run_job", "process_block", "store_fingerprint", "check_output_writable"]
+__all__ = ["RunSummary", "check_output_writable", "process_block", "run_job", "store_fingerprint"]
 
 PARTITION_DIR = "partitions"
 _RESULT_FILES = ("meters.parquet", "corrections.csv", "transformers.parquet", "summary.json")
@@ -148,7 +148,7 @@ class StoreTables:
     interval_s: float
 
     @classmethod
-    def from_dataset(cls, ds: Any) -> "StoreTables":
+    def from_dataset(cls, ds: Any) -> StoreTables:
         """Collect the tables of an opened store (see :func:`phaseid_hpc.store.open_store`)."""
         meter_coords = [c for c in ds.coords if ds[c].dims == ("meter",)]
         meters = pd.DataFrame({c: np.asarray(ds[c].values) for c in meter_coords})
@@ -176,7 +176,7 @@ class StoreTables:
         return cls(meters, references, transformers, pd.DatetimeIndex(ds["time"].values),
                    float(ds.attrs["interval_s"]))
 
-    def block(self, start: int, stop: int) -> "StoreTables":
+    def block(self, start: int, stop: int) -> StoreTables:
         """The tables restricted to meters ``start:stop`` and their feeders."""
         meters = self.meters.iloc[start:stop].reset_index(drop=True)
         feeders = set(meters["feeder_id"].astype(str))
@@ -489,7 +489,7 @@ def run_job(
     t_cons = time.perf_counter() - t_cons
 
     counts = {c: int((meters["phase_class"] == c).sum()) for c in PHASE_CLASSES}
-    counts["meters"] = int(len(meters))
+    counts["meters"] = len(meters)
     counts["phase_changed"] = int(meters["changed"].sum())
     if "transformer_changed" in meters:
         counts["transformer_changed"] = int(meters["transformer_changed"].sum())
@@ -636,7 +636,7 @@ def _summary(
     per_feeder = {}
     for fid, g in meters.groupby("feeder_id", sort=True):
         d = {c: int((g["phase_class"] == c).sum()) for c in PHASE_CLASSES}
-        d["meters"] = int(len(g))
+        d["meters"] = len(g)
         d["phase_changed"] = int(g["changed"].sum())
         if "transformer_changed" in g:
             d["transformer_changed"] = int(g["transformer_changed"].sum())
@@ -669,7 +669,7 @@ def _summary(
             for code in filter(None, str(f).split("; ")):
                 flag_counts[code] = flag_counts.get(code, 0) + 1
         out["transformer_flags"] = dict(sorted(flag_counts.items()))
-        out["counts"]["transformers"] = int(len(transformers))
+        out["counts"]["transformers"] = len(transformers)
     return out
 
 

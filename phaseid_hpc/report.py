@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["write_report", "feeder_projection"]
+__all__ = ["feeder_projection", "write_report"]
 
 _PHASE_COLOURS = {"A": "#d62728", "B": "#2ca02c", "C": "#1f77b4", "AB": "#9467bd", "BC": "#17becf",
                   "CA": "#ff7f0e", "ABC": "#7f7f7f"}

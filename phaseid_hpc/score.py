@@ -13,7 +13,7 @@ import pandas as pd
 from .contract import CLASS_CONFIDENT, PHASE_CLASSES, TRUTH_COLUMNS
 from .errors import ContractError
 
-__all__ = ["score_results", "score_frames", "format_score_table"]
+__all__ = ["format_score_table", "score_frames", "score_results"]
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -55,7 +55,7 @@ def score_frames(results: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any]:
     gis_wrong = gis != true_phase
     changed = r["changed"].to_numpy(dtype=bool)
     phase: dict[str, Any] = {
-        "meters": int(len(r)),
+        "meters": len(r),
         "accuracy": _ratio(int(correct.sum()), len(r)),
         "accuracy_identified": _ratio(int(correct.sum()), int(identified.sum())),
         "coverage": _ratio(int(identified.sum()), len(r)),
@@ -83,7 +83,7 @@ def score_frames(results: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any]:
         gis_x_wrong = r["transformer_id"].astype(str).to_numpy() != true_x
         flagged = r["transformer_changed"].to_numpy(dtype=bool)
         out["transformer"] = {
-            "meters": int(len(r)),
+            "meters": len(r),
             "accuracy": _ratio(int(ok.sum()), len(r)),
             "gis_accuracy": _ratio(int((~gis_x_wrong).sum()), len(r)),
             "flags": int(flagged.sum()),

@@ -15,14 +15,15 @@ from __future__ import annotations
 import contextlib
 import os
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from .._compat import require
 from ..errors import ClusterError, ConfigError
 
-__all__ = ["ClusterSpec", "load_cluster_spec", "get_client", "make_security"]
+__all__ = ["ClusterSpec", "get_client", "load_cluster_spec", "make_security"]
 
 
 @dataclass(frozen=True)

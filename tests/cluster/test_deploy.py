@@ -67,6 +67,5 @@ def test_tls_local_cluster_with_self_signed_certificates(tmp_path):
 
 def test_tls_missing_file_is_named(tmp_path):
     spec = ClusterSpec(kind="local", tls={"ca_file": str(tmp_path / "ca.pem"), "cert": "x", "key": "y"})
-    with pytest.raises(ConfigError, match="ca_file"):
-        with get_client(spec):
-            pass
+    with pytest.raises(ConfigError, match="ca_file"), get_client(spec):
+        pass
