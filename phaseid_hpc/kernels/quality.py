@@ -231,7 +231,30 @@ def detect_units(median_v: Any, nominal_v: Any, *, min_pu: float, max_pu: float)
 # flat lines
 
 
-def flat_run_mask(voltage: Any, max_flat_run: int) -> tuple[Any, Any]:
+def _window_reduce(a: Any, width: int, op: Any) -> Any:
+    """``out[..., j] = op-reduce(a[..., j : j + width])`` for ``j = 0 .. n - width`` (boolean and / or).
+
+    Built by doubling (``log2(width)`` elementwise ops on shifted views), not a cumulative sum.
+    """
+    n = a.shape[-1]
+    L = n - width + 1
+    out = None
+    pos = 0  # out[j] reduces a[j : j + pos]
+    p, w = a, 1  # p[j] reduces a[j : j + w]
+    r = int(width)
+    while True:
+        if r & 1:
+            part = p[..., pos : pos + L]
+            out = part if out is None else op(out, part)
+            pos += w
+        r >>= 1
+        if not r:
+            return out
+        p = op(p[..., : p.shape[-1] - w], p[..., w:])
+        w *= 2
+
+
+def flat_run_mask(voltage: Any, max_flat_run: int, *, ok: Any | None = None) -> tuple[Any, Any]:
     """Samples inside runs of identical consecutive readings longer than ``max_flat_run``.
 
     Parameters
@@ -240,6 +263,8 @@ def flat_run_mask(voltage: Any, max_flat_run: int) -> tuple[Any, Any]:
         Readings, NaN = missing (a NaN breaks a run). [V]
     max_flat_run : int
         Longest allowed run of identical readings; ``<= 0`` disables the run check. [samples]
+    ok : array of bool, shape (n_meters, n_time), optional
+        ``~isnan(voltage)`` when the caller has it already.
 
     Returns
     -------
@@ -250,34 +275,55 @@ def flat_run_mask(voltage: Any, max_flat_run: int) -> tuple[Any, Any]:
 
     Notes
     -----
-    ``eq[n] = v[n] == v[n-1]``; a run of more than ``R`` samples holds ``R`` consecutive true ``eq``,
-    found from a cumulative sum; the samples it covers are then marked with a second cumulative sum.
+    ``eq[n] = v[n] == v[n-1]``; a run of more than ``R`` samples holds ``R`` consecutive true ``eq``
+    (a sliding AND of width ``R``); the samples such windows cover are marked with a sliding OR of
+    width ``R + 1``. Both are built by doubling; on NumPy only the rows with such a window are marked.
     """
     xp = array_namespace(voltage)
     n_m, n_t = voltage.shape
-    ok = ~xp.isnan(voltage)
+    is_np = isinstance(voltage, np.ndarray)
+    if ok is None:
+        ok = ~xp.isnan(voltage)
     n_ok = _count(ok, 1)
-    big = xp.asarray(xp.inf, dtype=voltage.dtype)
-    vmin = xp.min(xp.where(ok, voltage, big), axis=1)
-    vmax = xp.max(xp.where(ok, voltage, -big), axis=1)
+    if is_np:  # fmin/fmax skip NaN; an all-NaN row gives NaN (and n_ok < 2)
+        with np.errstate(invalid="ignore"):
+            vmin = np.fmin.reduce(voltage, axis=1) if n_t else np.full(n_m, np.nan)
+            vmax = np.fmax.reduce(voltage, axis=1) if n_t else np.full(n_m, np.nan)
+    else:
+        big = xp.asarray(xp.inf, dtype=voltage.dtype)
+        vmin = xp.min(xp.where(ok, voltage, big), axis=1)
+        vmax = xp.max(xp.where(ok, voltage, -big), axis=1)
     constant = (n_ok >= 2) & (vmin == vmax)
     R = int(max_flat_run)
     if R <= 0 or n_t <= R:
         return xp.zeros(voltage.shape, dtype=xp.bool), constant
     eq = voltage[:, 1:] == voltage[:, :-1]  # eq[:, n - 1]: v[n] == v[n-1]
     n_eq = _count(eq, 1)
-    if not bool(xp.any(n_eq >= R)):  # no row has R equal pairs at all
+    cand = n_eq >= R
+    if not bool(xp.any(cand)):  # no row has R equal pairs at all
         return xp.zeros(voltage.shape, dtype=xp.bool), constant
-    eq = xp.concat([xp.zeros((n_m, 1), dtype=xp.bool), eq], axis=1)  # eq[n]: v[n] == v[n-1]
-    S = xp.cumulative_sum(xp.astype(eq, xp.int32), axis=1, include_initial=True)  # S[:, n] = sum eq[:n]
-    win = S[:, R:] - S[:, : n_t + 1 - R]  # win[:, j] = sum eq[j : j + R], window ending at n = j + R - 1
-    full = win == R
+    rows = None
+    if is_np and not bool(np.all(cand)):
+        rows = np.flatnonzero(cand)
+        eq = eq[rows]
+    # full[:, j]: eq[:, j : j + R] all true, i.e. samples j .. j + R identical (j = 0 .. n_t - 1 - R)
+    full = _window_reduce(eq, R, xp.logical_and)
     if not bool(xp.any(full)):
         return xp.zeros(voltage.shape, dtype=xp.bool), constant
-    full = xp.concat([xp.zeros((n_m, R - 1), dtype=xp.int32), xp.astype(full, xp.int32)], axis=1)
-    F = xp.cumulative_sum(full, axis=1, include_initial=True)  # (n_m, n_t + 1)
-    F_hi = xp.concat([F[:, R + 1 :], xp.broadcast_to(F[:, n_t:], (n_m, min(R + 1, n_t)))], axis=1)
-    mask = (F_hi[:, :n_t] - F[:, :n_t]) > 0  # a full window ends in [k, min(k + R, n_t - 1)]
+    if is_np:
+        has = np.any(full, axis=1)
+        if not bool(np.all(has)):
+            sel = np.flatnonzero(has)
+            full = full[sel]
+            rows = sel if rows is None else rows[sel]
+    m = full.shape[0]
+    # sample k is marked iff a full window starts at j with j <= k <= j + R: OR of full[k - R .. k]
+    fp = xp.concat([xp.zeros((m, R), dtype=xp.bool), full, xp.zeros((m, R), dtype=xp.bool)], axis=1)
+    sub = _window_reduce(fp, R + 1, xp.logical_or)  # (m, n_t)
+    if rows is None:
+        return sub, constant
+    mask = np.zeros(voltage.shape, dtype=bool)
+    mask[rows] = sub
     return mask, constant
 
 
@@ -398,6 +444,7 @@ def estimate_clock_offsets(
     n_refine: int = 1,
     references: Any | None = None,
     reference_groups: Any | None = None,
+    diff: Any | None = None,
 ) -> tuple[Any, Any, Any]:
     """Clock offset of each meter against its feeder's common signal, at sub-interval resolution.
 
@@ -432,6 +479,9 @@ def estimate_clock_offsets(
         correlates with best. Feeders without a reference row keep the median common mode. [pu]
     reference_groups : array of int, shape (n_refs,), optional
         Feeder index (same codes as ``groups``) of each reference row; required with ``references``.
+    diff : array, shape (n_meters, n_time - 1), optional
+        ``voltage_pu[:, 1:] - voltage_pu[:, :-1]`` where the caller has it already (then only the shape
+        and dtype of ``voltage_pu`` are used). [pu]
 
     Returns
     -------
@@ -484,10 +534,38 @@ def estimate_clock_offsets(
     if n_m == 0 or n_t < 3:
         nan = xp.full((n_m,), xp.nan, dtype=voltage_pu.dtype)
         return nan, nan, nan
-    d = voltage_pu[:, 1:] - voltage_pu[:, :-1]
-    md = ~xp.isnan(d)
-    d0 = xp.where(md, d, xp.zeros_like(d))
-    diffs = (d, d0, xp.astype(md, d.dtype), _count(md, 1), xp.sum(d0 * d0, axis=1))
+    d = voltage_pu[:, 1:] - voltage_pu[:, :-1] if diff is None else diff
+    if isinstance(d, np.ndarray):
+        # row sums find the rows that may hold a NaN (a NaN always propagates); d0 * d0 row sums in
+        # cache-sized chunks (the same pairwise sums as a whole-block product, without the temporary)
+        suspect = np.flatnonzero(~np.isfinite(d.sum(axis=1)))
+        n_pairs = np.full(n_m, n_t - 1, dtype=np.int64)
+        if suspect.size:
+            md = ~np.isnan(d)
+            d0 = np.where(md, d, 0.0).astype(d.dtype, copy=False)
+            mf = md.astype(d.dtype)
+            n_pairs[suspect] = _count(md[suspect], 1)
+            del md
+        else:
+            d0, mf = d, None
+        dd = np.empty(n_m, dtype=d.dtype)
+        ch = max(1, (1 << 18) // max(n_t, 1))
+        tmp = np.empty((min(ch, n_m), n_t - 1), dtype=d.dtype)
+        for i in range(0, n_m, ch):
+            blk = d0[i : i + ch]
+            t = tmp[: blk.shape[0]]
+            np.multiply(blk, blk, out=t)
+            dd[i : i + ch] = t.sum(axis=1)
+        diffs = (d, d0, mf, n_pairs, dd)
+    else:
+        md = ~xp.isnan(d)
+        if bool(xp.all(md)):  # nothing missing: d0 is d and every meter's mask is all ones (mf None)
+            d0, mf = d, None
+        else:
+            d0 = xp.where(md, d, xp.zeros_like(d))
+            mf = xp.astype(md, d.dtype)
+        diffs = (d, d0, mf, _count(md, 1), xp.sum(d0 * d0, axis=1))
+        del md
     rows_list = _group_rows(groups)
     labels = np.unique(_host(groups))
     ref_rows: list[list[int]] = [[] for _ in rows_list]
@@ -574,12 +652,17 @@ def _clock_offsets_once(
             [Cs * Cs, Cs[:, :-1] * Cs[:, 1:], Cs[:, :-2] * Cs[:, 2:]], axis=1
         )  # (n_t - 1, 3 nl - 3)
         if blk is not None:
-            Dg, Mg = d0[blk, :], mf[blk, :]
+            Dg = d0[blk, :]
+            Mg = None if mf is None else mf[blk, :]
         else:
             ix = xp.asarray(rows)
-            Dg, Mg = xp.take(d0, ix, axis=0), xp.take(mf, ix, axis=0)
+            Dg = xp.take(d0, ix, axis=0)
+            Mg = None if mf is None else xp.take(mf, ix, axis=0)
         Xs.append(Dg @ Cs)
-        Gg = Mg @ Q
+        if Mg is None:  # all-ones masks: one Gram row for the whole group
+            Gg = xp.broadcast_to(xp.ones((1, n_t - 1), dtype=dt) @ Q, (rows.size, Q.shape[1]))
+        else:
+            Gg = Mg @ Q
         Es.append(Gg[:, :nl])
         P1s.append(Gg[:, nl : 2 * nl - 1])
         P2s.append(Gg[:, 2 * nl - 1 :])
@@ -767,11 +850,19 @@ def quality_block(
     """
     xp = array_namespace(voltage)
     dt = voltage.dtype if voltage.dtype in (xp.float32, xp.float64) else xp.float64
-    v = xp.astype(voltage, dt)
-    v = xp.where(xp.isfinite(v), v, xp.asarray(xp.nan, dtype=dt))
-    n_m, n_t = v.shape
+    is_np = isinstance(voltage, np.ndarray)
+    n_m, n_t = voltage.shape
+    if is_np:  # one private copy, cleaned in place (fewer full-block passes and temporaries)
+        v = np.array(voltage, dtype=dt, copy=True)
+        buf = np.isfinite(v)
+        if not buf.all():
+            v[~buf] = np.nan
+        raw_ok = buf
+    else:
+        v = xp.astype(voltage, dt)
+        v = xp.where(xp.isfinite(v), v, xp.asarray(xp.nan, dtype=dt))
+        raw_ok = ~xp.isnan(v)
     nominal_v = xp.astype(nominal_v, dt)
-    raw_ok = ~xp.isnan(v)
     n_readings = _count(raw_ok, 1)
     no_readings = n_readings == 0
 
@@ -786,25 +877,66 @@ def quality_block(
     step = max(1, n_t // max(int(units_sample), 1))
     med = nanmedian(v[:, ::step], axis=1)
     scale, base, units_code, inferred = detect_units(med, nominal_v, min_pu=min_pu, max_pu=max_pu)
-    v = v * scale[:, None]
+    if is_np:
+        if not bool(np.all(scale == 1)):
+            v *= scale[:, None]
+    else:
+        v = v * scale[:, None]
 
     # flat lines on the readings as reported
-    flat_mask, constant = flat_run_mask(v, max_flat_run)
-    flat_mask = flat_mask | (constant[:, None] & raw_ok)
+    flat_mask, constant = flat_run_mask(v, max_flat_run, ok=raw_ok)
+    if is_np:
+        if bool(constant.any()):
+            flat_mask[constant] |= raw_ok[constant]
+    else:
+        flat_mask = flat_mask | (constant[:, None] & raw_ok)
     n_flat = _count(flat_mask, 1)
     flat_line = n_flat > 0
 
     # plausibility
-    pu = v / base[:, None]
-    implaus_s = raw_ok & ~((pu >= min_pu) & (pu <= max_pu))  # NaN base: every reading implausible
+    if is_np:
+        # a NaN sample fails both comparisons; a row with NaN base has every reading implausible
+        # in row chunks through a cache-sized buffer (no whole-block per-unit temporary)
+        ch = max(1, (1 << 16) // max(n_t, 1))
+        implaus_s = np.empty((n_m, n_t), dtype=bool)
+        tpu = np.empty((min(ch, n_m), n_t), dtype=dt)
+        tb = np.empty((min(ch, n_m), n_t), dtype=bool)
+        for i in range(0, n_m, ch):
+            k = min(ch, n_m - i)
+            np.divide(v[i : i + k], base[i : i + k, None], out=tpu[:k])
+            np.less(tpu[:k], min_pu, out=implaus_s[i : i + k])
+            np.greater(tpu[:k], max_pu, out=tb[:k])
+            implaus_s[i : i + k] |= tb[:k]
+        nb = np.isnan(base)
+        if bool(nb.any()):
+            implaus_s[nb] = raw_ok[nb]
+    else:
+        pu = v / base[:, None]
+        implaus_s = raw_ok & ~((pu >= min_pu) & (pu <= max_pu))  # NaN base: every reading implausible
     n_implausible = _count(implaus_s, 1)
     denom = xp.astype(xp.maximum(n_readings, xp.ones_like(n_readings)), xp.float64)
     implausible = ~no_readings & (xp.astype(n_implausible, xp.float64) / denom > max_implausible_fraction)
 
     # remove, then fill short gaps (a short spike or dropout is interpolated like a gap)
-    v = xp.where(implaus_s | flat_mask, xp.asarray(xp.nan, dtype=dt), v)
-    v, n_filled, n_gaps_filled, n_long_gaps = fill_short_gaps(v, max_interp_gap)
-    n_ok = _count(~xp.isnan(v), 1)
+    if is_np:
+        implaus_s |= flat_mask
+        if bool(implaus_s.any()):
+            v[implaus_s] = np.nan
+        del flat_mask, implaus_s
+        # gaps are filled only on rows that have a missing sample
+        miss_rows = np.flatnonzero(np.isnan(v).any(axis=1)) if n_t else np.zeros(0, dtype=np.int64)
+        zi = np.zeros(n_m, dtype=np.int64)
+        n_filled, n_gaps_filled, n_long_gaps = zi, zi.copy(), zi.copy()
+        n_ok = np.full(n_m, n_t, dtype=np.int64)
+        if miss_rows.size:
+            sub, f1, f2, f3 = fill_short_gaps(v[miss_rows], max_interp_gap)
+            v[miss_rows] = sub
+            n_filled[miss_rows], n_gaps_filled[miss_rows], n_long_gaps[miss_rows] = f1, f2, f3
+            n_ok[miss_rows] = _count(~np.isnan(sub), 1)
+    else:
+        v = xp.where(implaus_s | flat_mask, xp.asarray(xp.nan, dtype=dt), v)
+        v, n_filled, n_gaps_filled, n_long_gaps = fill_short_gaps(v, max_interp_gap)
+        n_ok = _count(~xp.isnan(v), 1)
     usable_fraction = xp.astype(n_ok, xp.float64) / max(n_t, 1)
     insufficient = ~no_readings & ((usable_fraction < min_usable_fraction) | (n_ok < min_usable_samples))
     usable = ~no_readings & ~insufficient & ~implausible & ~constant
@@ -821,9 +953,21 @@ def quality_block(
         rmed = nanmedian(refs[:, ::step], axis=1)
         rmed = xp.where(xp.isfinite(rmed) & (rmed != 0), rmed, xp.ones_like(rmed))
         refs_pu = refs / rmed[:, None]
+    d_pu = None
+    if is_np:  # the differenced per-unit series straight from v, in row chunks (no per-unit copy)
+        v_pu = v
+        if n_t >= 3 and n_m:
+            d_pu = np.empty((n_m, n_t - 1), dtype=dt)
+            for i in range(0, n_m, ch):
+                k = min(ch, n_m - i)
+                np.divide(v[i : i + k], base_safe[i : i + k, None], out=tpu[:k])
+                np.subtract(tpu[:k, 1:], tpu[:k, :-1], out=d_pu[i : i + k])
+    else:
+        v_pu = v / base_safe[:, None]
     off, corr, se = estimate_clock_offsets(
-        v / base_safe[:, None],
+        v_pu,
         groups,
+        diff=d_pu,
         max_lag=K,
         include=usable,
         min_pairs=min_usable_samples,

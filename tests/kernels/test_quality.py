@@ -216,3 +216,53 @@ def test_quality_block_float32_keeps_dtype():
     args[0] = args[0].astype(np.float32)
     r = kq.quality_block(*args, interval_s=900.0)
     assert r.voltage.dtype == np.float32
+
+
+def _flat_mask_brute(v: np.ndarray, R: int) -> np.ndarray:
+    """Samples in runs of more than ``R`` identical (non-NaN) consecutive readings, by walking the runs."""
+    mask = np.zeros(v.shape, dtype=bool)
+    for i, row in enumerate(v):
+        n = 0
+        while n < row.size:
+            e = n + 1
+            while e < row.size and row[e] == row[n]:
+                e += 1
+            if R > 0 and e - n > R:
+                mask[i, n:e] = True
+            n = e
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flat_run_mask_matches_walking_the_runs(seed):
+    rng = np.random.default_rng(seed)
+    for R in (1, 2, 3, 5, 8):
+        v = rng.integers(0, 2, (6, 41)).astype(np.float64)
+        v[rng.random(v.shape) < 0.05] = np.nan
+        v[5] = 1.0  # constant row
+        want = _flat_mask_brute(v, R)
+        for mod in (np, xps):
+            mask, constant = kq.flat_run_mask(mod.asarray(v), R)
+            np.testing.assert_array_equal(np.asarray(mask), want, err_msg=f"R={R} {mod.__name__}")
+            assert np.asarray(constant).tolist() == [False] * 5 + [True]
+
+
+def test_quality_block_complete_rows_and_inf_match_array_api_strict():
+    """NumPy's fast paths (no missing samples, in-place cleaning, Gram row per feeder) agree with the generic path."""
+    v, nominal, sampling, off_grid, groups = _block_inputs(seed=12)
+    v = np.round(feeder_voltage(16, 400, seed=12), 1)  # complete, quantised like a meter
+    v[4] /= 1000.0
+    nominal[5] = 1e-9  # no plausible base
+    args = (v, nominal, sampling, off_grid, groups)
+    kw = {"interval_s": 900.0, "min_usable_samples": 50, "max_flat_run": 4}
+    for extra in (None, (3, 100, np.inf)):
+        a = [x.copy() for x in args]
+        if extra is not None:
+            a[0][extra[0], extra[1]] = extra[2]
+        before = a[0].copy()
+        ref = kq.quality_block(*a, **kw)
+        np.testing.assert_array_equal(a[0], before)  # the input is not modified
+        got = kq.quality_block(*(xps.asarray(x) for x in a), **kw)
+        for name, want in ref._asdict().items():
+            have = np.from_dlpack(getattr(got, name))
+            np.testing.assert_allclose(have, want, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=name)
