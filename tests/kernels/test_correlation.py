@@ -1,17 +1,8 @@
 import numpy as np
 import pandas as pd
-import pytest
 
-from phaseid_hpc._compat import to_numpy
 from phaseid_hpc.kernels.correlation import nan_corr_counts, nan_corrcoef
-
-array_api_strict = pytest.importorskip("array_api_strict")
-#: Every kernel runs on NumPy and on the array-API reference namespace.
-BACKENDS = pytest.mark.parametrize("xp", [np, array_api_strict], ids=["numpy", "array_api_strict"])
-
-
-def to_np(x) -> np.ndarray:
-    return np.asarray(to_numpy(x))
+from tests.kernels.backends import BACKENDS, array_api_strict, to_np  # noqa: F401
 
 
 def _data(seed=0, n=6, t=200):

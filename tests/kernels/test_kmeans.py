@@ -1,16 +1,8 @@
 import numpy as np
 import pytest
 
-from phaseid_hpc._compat import to_numpy
 from phaseid_hpc.kernels.kmeans import batched_kmeans, kmeans_plusplus
-
-array_api_strict = pytest.importorskip("array_api_strict")
-#: Every kernel runs on NumPy and on the array-API reference namespace.
-BACKENDS = pytest.mark.parametrize("xp", [np, array_api_strict], ids=["numpy", "array_api_strict"])
-
-
-def to_np(x) -> np.ndarray:
-    return np.asarray(to_numpy(x))
+from tests.kernels.backends import BACKENDS, array_api_strict, to_np  # noqa: F401
 
 
 def _blobs(seed=0, k=3, per=40, d=5):

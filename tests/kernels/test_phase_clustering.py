@@ -1,7 +1,5 @@
 import numpy as np
-import pytest
 
-from phaseid_hpc._compat import to_numpy
 from phaseid_hpc.kernels.phase_clustering import (
     leave_group_out_scores,
     margin_error_probability,
@@ -10,15 +8,7 @@ from phaseid_hpc.kernels.phase_clustering import (
     pool_by_transformer,
     template_scores,
 )
-
-array_api_strict = pytest.importorskip("array_api_strict")
-#: Every kernel runs on NumPy and on the array-API reference namespace.
-BACKENDS = pytest.mark.parametrize("xp", [np, array_api_strict], ids=["numpy", "array_api_strict"])
-
-
-def to_np(x) -> np.ndarray:
-    return np.asarray(to_numpy(x))
-
+from tests.kernels.backends import BACKENDS, array_api_strict, to_np  # noqa: F401
 
 
 def _three_phase(seed=0, t=600, per=10, noise=2.0):
