@@ -34,6 +34,8 @@ __all__ = [
     "config_fingerprint",
     "config_to_dict",
     "load_config",
+    "read_config_file",
+    "build_section",
 ]
 
 
@@ -315,6 +317,11 @@ def _check_value(key: str, hint: Any, value: Any) -> Any:
     return value
 
 
+def build_section(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """Build and validate a config dataclass from a table; errors name ``prefix + key``."""
+    return _build(cls, data, prefix)
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -389,6 +396,44 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_config_file(
+    path: str | os.PathLike[str], *, what: str = "config file", toml_only: bool = False
+) -> dict[str, Any]:
+    """Parse a TOML (or YAML) configuration file into nested dicts.
+
+    Parameters
+    ----------
+    path : path-like
+        The file. ``.toml`` is read as TOML, ``.yaml``/``.yml`` as YAML.
+    what : str
+        How the file is named in error messages (``"cluster config"``, ...).
+    toml_only : bool
+        Read the file as TOML whatever its suffix (deployment and service configs).
+
+    Raises
+    ------
+    ConfigError
+        Naming the file: missing, unparsable, or of an unknown kind.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
+    text = p.read_text()
+    if toml_only or p.suffix == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{what} {str(p)!r} is not valid TOML: {exc}") from exc
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {exc}") from exc
+    raise ConfigError(f"{what} {str(p)!r}: expected a .toml, .yaml or .yml file")
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -410,26 +455,7 @@ def load_config(
     -------
     RunConfig
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        text = p.read_text()
-        if p.suffix == ".toml":
-            try:
-                data = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
-        elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                data = yaml.safe_load(text) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
-        else:
-            raise ConfigError(f"config file {str(p)!r}: expected a .toml, .yaml or .yml file")
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, overrides)

@@ -86,7 +86,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import RunConfig, _build, load_config
+from .config import RunConfig, build_section, load_config, read_config_file
 from .contract import READINGS_OPTIONAL, READINGS_REQUIRED
 from .errors import ConfigError, ContractError, PhaseIDError, StoreError
 from .logging_utils import log_event
@@ -389,13 +389,7 @@ def load_service_config(path: str | os.PathLike[str] | None = None, *,
     """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+        data = read_config_file(path, toml_only=True)
     env = dict(os.environ if environ is None else environ)
     service = dict(data.pop("service", {}) or {})
     for k, v in env.items():
@@ -406,7 +400,7 @@ def load_service_config(path: str | os.PathLike[str] | None = None, *,
                 service[k[len("PHASEID__SERVICE__"):].lower()] = v
     run_env = {k: v for k, v in env.items() if not k.startswith("PHASEID__SERVICE__")}
     run = load_config(None, overrides=data, environ=run_env)
-    svc = _build(IngestServiceConfig, service, "service.")
+    svc = build_section(IngestServiceConfig, service, "service.")
     _validate_service_config(svc)
     return run, svc
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from .._compat import require
+from ..config import read_config_file
 from ..errors import ClusterError, ConfigError
 
 __all__ = ["ClusterSpec", "get_client", "load_cluster_spec", "make_security"]
@@ -67,12 +67,7 @@ def load_cluster_spec(path: str | os.PathLike[str]) -> ClusterSpec:
     ``[cluster.slurm]`` and ``[cluster.tls]`` tables.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"cluster config {str(p)!r} does not exist")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"cluster config {str(p)!r} is not valid TOML: {exc}") from exc
+    data = read_config_file(p, what="cluster config", toml_only=True)
     table = data.get("cluster", {})
     allowed = set(ClusterSpec.__dataclass_fields__)
     unknown = sorted(set(table) - allowed)
