@@ -108,32 +108,38 @@ class QualityConfig:
 class PhaseConfig:
     """Phase identification (``phaseid_hpc.phase_identification.identify_phases``).
 
-    ``phase_confidence`` is an evidence score on a log scale of the estimated error probability
-    ``p_err`` (see ``confidence_decades``): ``confidence = min(1, -log10(p_err) / confidence_decades)``.
-    With the defaults, ``confident`` (>= 0.85) means ``p_err <= 4e-4`` and ``suspect`` (>= 0.70) means
-    ``p_err <= 1.6e-3``, so the confident class keeps a precision of 99.9% or better.
+    ``phase_confidence`` is the winning phase's share of the neighbour votes above chance (1: every
+    neighbour agrees), scaled down where the meter does not correlate significantly with the neighbours
+    that voted for it. A meter's recommended phase differs from GIS only when its class is ``confident``;
+    the thresholds were set on the shared feeders and the generator's scenarios so that the confident class
+    keeps a precision of 99.9% or better (``benchmarks/feeders.py``).
     """
 
     #: Confidence at or above which a meter is ``confident`` [-].
     confident_threshold: float = 0.85
     #: Confidence at or above which a meter is ``suspect`` (below it: ``low``) [-].
     suspect_threshold: float = 0.70
-    #: Correlation of a meter's voltage level with its best phase's mean level below which it
-    #: "matches no phase" (reason ``Low Correlation Coefficient``, class ``low``) [-].
-    low_correlation: float = 0.6
-    #: Decades of error probability spanned by confidence 0..1: confidence 1 means p_err <= 10**-decades [-].
-    confidence_decades: float = 4.0
     #: Fewest observed (differenced) samples for a meter to be identified [samples].
     min_samples: int = 48
-    #: A phase needs at least this many single-phase meters after refinement, and this share of the
-    #: feeder's single-phase meters, to be kept; otherwise the feeder is re-clustered with one phase fewer
-    #: (a cluster of a few wrong GIS labels is spurious). A real phase smaller than this is lost.
-    min_phase_meters: int = 3
-    min_phase_share: float = 0.01
-    #: k-means++ restarts of the phase clustering (run as one batch, plus one start from GIS labels).
-    n_init: int = 8
-    #: Use the feeder-head references to name phases where GIS gives no majority and they are separable.
-    use_references: bool = True
+    #: Most correlated meters (outside the meter's own GIS transformer-and-phase group) that vote [-].
+    n_neighbours: int = 20
+    #: Vote rounds: the first with GIS labels, each further one with the previous round's answers [-].
+    vote_rounds: int = 2
+    #: GIS groups (transformer and phase) larger than this are not pooled and do not exclude each other
+    #: from the vote: one three-phase transformer serving a whole LV feeder has no local structure [meters].
+    max_group_size: int = 30
+    #: A meter is averaged with its GIS group when its denoised similarity with the rest of the group
+    #: exceeds this (virtual meters); below it, it keeps its own signal. 1.0 (default) turns pooling off:
+    #: on EPRI M1 and ckt7 it lowered the confident share (benchmarks/feeders.py) [-].
+    pool_similarity: float = 1.0
+    #: Principal directions kept to denoise the signals before the neighbour search [-].
+    denoise_rank: int = 20
+    #: Correlation with the voting neighbours' pooled signal, in standard errors (1 / sqrt(n_samples)),
+    #: below which the evidence is scaled down (and reason ``Low Correlation Coefficient`` given) [-].
+    min_strength_se: float = 4.0
+    #: A meter's series is shifted by whole intervals when its correlation with the feeder's common
+    #: signal at the best lag beats lag 0 by this many standard errors; 0 turns the check off [-].
+    clock_lag_se: float = 6.0
     #: Seed of every random choice in identification.
     random_state: int = 0
 
@@ -352,10 +358,16 @@ def _validate(obj: Any, prefix: str) -> None:
                 f"config keys {prefix}suspect_threshold <= {prefix}confident_threshold must lie in [0, 1], "
                 f"got {obj.suspect_threshold} and {obj.confident_threshold}"
             )
-        if obj.confidence_decades <= 0 or obj.min_samples < 2 or obj.n_init < 1:
+        if obj.min_samples < 2 or obj.n_neighbours < 1 or obj.vote_rounds < 1 or obj.denoise_rank < 2:
             raise ConfigError(
-                f"config keys {prefix}confidence_decades > 0, {prefix}min_samples >= 2 and {prefix}n_init >= 1 "
-                f"required, got {obj.confidence_decades}, {obj.min_samples} and {obj.n_init}"
+                f"config keys {prefix}min_samples >= 2, {prefix}n_neighbours >= 1, {prefix}vote_rounds >= 1 and "
+                f"{prefix}denoise_rank >= 2 required, got {obj.min_samples}, {obj.n_neighbours}, "
+                f"{obj.vote_rounds} and {obj.denoise_rank}"
+            )
+        if obj.min_strength_se <= 0 or obj.clock_lag_se < 0:
+            raise ConfigError(
+                f"config keys {prefix}min_strength_se > 0 and {prefix}clock_lag_se >= 0 required, got "
+                f"{obj.min_strength_se} and {obj.clock_lag_se}"
             )
     if isinstance(obj, QualityConfig):
         if obj.max_interp_gap < 0:

@@ -49,6 +49,9 @@ REASON_INCONSISTENT_SAMPLING = "Inconsistent Sampling Frequency"
 REASON_LOW_CORRELATION = "Low Correlation Coefficient (< 0.6)"
 REASON_INSUFFICIENT_DATA = "Insufficient Usable Data"
 REASON_CLOCK_OFFSET = "Clock Offset Above Limit"
+#: The meter's series was a whole number of intervals off the others' and was shifted back before
+#: identification (e.g. a meter that stamps the start instead of the end of each interval).
+REASON_CLOCK_SHIFTED = "Clock Shifted By Whole Intervals"
 REASON_IMPLAUSIBLE_VOLTAGE = "Implausible Voltage"
 REASON_FLAT_LINE = "Flat-Lined Or Stuck Readings"
 REASON_WRONG_UNITS = "Wrong Units"

@@ -1,39 +1,31 @@
 """Phase identification of smart meters from AMI voltage: one block of whole feeders at a time.
 
-Method (per feeder; no cross-feeder pairs are ever formed):
+Method (per feeder; no cross-feeder pairs are ever formed). One function per step:
 
-1. **Features.** Per-unit voltage, first difference (removes the shared daily shape), row
-   standardisation with outlier clipping, and removal of the feeder-wide common mode (source / LTC
-   variations shared by all phases) by per-meter least squares.
-2. **Clustering.** Batched spherical k-means (k = 3) of the single-phase meters' unit-norm signals (in the
-   coordinates of their top principal subspace plus the GIS phase templates: a few GEMMs, then k-means
-   on ~15 columns instead of the full time series), with
-   seeded k-means++ restarts (lowest inertia) and one start from the GIS labels' phase templates; the
-   partition that agrees best with GIS after naming wins (inertia breaks ties). k drops to 2 (1) when two
-   clusters share a GIS majority (a feeder with fewer phases).
-3. **Naming.** Clusters get phase names by the majority of GIS labels (an assignment on the count
-   matrix: robust while each phase keeps a plurality of correct labels). Feeder-head references name the
-   clusters instead when GIS gives no majority and the references are separable (their common-mode-free
-   differenced signals must each match one cluster; with an LTC all three correlate 0.995+ and carry no
-   phase information, so they are not trusted).
-4. **Refinement.** Phase templates (unit-norm cluster means) are rebuilt and every meter is scored by
-   NaN-aware correlation with them. Each meter is finally scored against templates built without its
-   own GIS transformer group (no self-bias). Meters of one GIS transformer are pooled robustly: a meter joins its
-   group's pooled signal only when it correlates with the leave-one-out mean of the group more than with
-   its best phase template (a wrongly labelled meter on another phase does not). Repeated to a fixed point.
-   All pooled and leave-group-out cosines are computed from dot products (template sums, and the Gram
-   matrix within each transformer, computed once), so an iteration costs two passes over the signals.
-5. **Phase-to-phase and 3-phase services** (GIS ``AB/BC/CA`` or service type ``2ph*``; ``ABC`` or
-   ``3ph*``) are scored against the sums of two templates; three-phase services keep ``ABC``.
-6. **Confidence.** ``p_err`` is the probability that white residual noise alone made the best template
-   beat another one (margin over its standard error, union bound; on ckt5 it is calibrated within a
-   factor ~1.5 from 1e-3 to 0.5). ``phase_confidence = min(1, -log10(p_err) / config.confidence_decades)``:
-   one decade of error odds per 0.25 by default. A meter whose voltage level correlates below
-   ``low_correlation`` with every phase's mean level matches no phase (reason code, confidence 0).
+1. **Features** (:func:`_align_clocks`, then the ``preprocess`` kernels). Meters whose series is a whole
+   number of intervals off the feeder's common signal (a clock that stamps the start of the interval) are
+   shifted back first. Then per-unit voltage, first difference, robust row standardisation and removal of
+   the feeder-wide common mode (source and LTC variations shared by all phases).
+2. **Denoising** (:func:`_denoised_coordinates`). The unit signals are projected on the top
+   ``denoise_rank`` principal directions of the feeder's single-phase meters (randomized range finder).
+3. **Neighbour votes** (``kernels.neighbours``). Each single-phase meter's ``n_neighbours`` most
+   correlated meters, other than those of its own GIS transformer-and-phase group, vote with their GIS
+   labels weighted by similarity; a second round votes with the first round's answers. No assumption of
+   three global clusters: a regulator zone, a long branch or an LTC shapes which meters are close, and
+   the vote is local (one three-phase transformer serving every phase is just three groups).
+4. **Evidence** (:func:`_vote_confidence`). Confidence is the winning label's vote share above chance,
+   scaled down where the meter does not correlate significantly (``min_strength_se`` standard errors)
+   with the pooled signal of the neighbours that voted for it: a dead, misaligned or foreign meter is
+   reported with ``Low Correlation Coefficient``, never guessed.
+5. **Multi-phase services** (:func:`_identify_pairs`). Phase-to-phase services take the two phases with
+   most votes among their single-phase neighbours; three-phase services keep ``ABC``.
 
-References: Olivier et al., "Phase identification of smart meters by clustering voltage measurements",
-PSCC 2018; Blakely & Reno, "Phase identification using co-association matrix ensemble clustering",
-IET SMT 2020 (ckt5 figures).
+The result is the raw inference. The decision policy (GIS stays unless the evidence against it is
+confident) is applied by :func:`recommend`.
+
+References: Blakely & Reno, "Phase identification using co-association matrix ensemble clustering",
+IET Smart Grid 2020 (clusters named by the majority of the existing labels); Zaragoza & Rao (SVD
+denoising); Olivier et al., PSCC 2018 (local structure of LV networks).
 """
 
 from __future__ import annotations
@@ -42,40 +34,29 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import linear_sum_assignment
 
 from . import contract
 from ._compat import array_namespace, to_numpy
 from .config import PhaseConfig
 from .errors import ContractError
-from .kernels.correlation import nan_corr_counts
-from .kernels.kmeans import batched_kmeans
-from .kernels.phase_clustering import (
-    margin_error_probability,
-    one_hot,
-    phase_templates,
-    within_group_gram,
+from .kernels.neighbours import (
+    clock_lag,
+    neighbour_votes,
+    pooled_neighbour_correlation,
+    principal_basis,
+    top_k_neighbours,
 )
-from .kernels.preprocess import (
-    common_mode_residual,
-    per_unit_differences,
-    remove_common_mode,
-    standardize_rows,
-    standardized_differences,
-    unit_rows,
-)
+from .kernels.preprocess import common_mode_residual, standardized_differences, unit_rows
 
-__all__ = ["RESULT_COLUMNS", "identify_phases"]
+__all__ = ["RESULT_COLUMNS", "identify_phases", "recommend"]
 
 RESULT_COLUMNS: tuple[str, ...] = ("phase", "phase_confidence", "phase_class", "reasons")
 _PHASES = contract.SINGLE_PHASES
 #: Candidate labels of a phase-to-phase service, as pairs of template indices.
 _PAIRS = ((0, 1), (1, 2), (2, 0))
 _REQUIRED = ("meter_id", "feeder_id", "transformer_id", "phase_gis")
-#: Principal coordinates kept for the k-means of the phase clustering.
-_KMEANS_RANK = 12
-#: Power iterations of the randomized range finder of that subspace.
-_POWER_ITERATIONS = 1
+#: Largest whole-interval clock error undone before identification [samples].
+_MAX_CLOCK_LAG = 2
 
 
 def identify_phases(
@@ -101,7 +82,10 @@ def identify_phases(
     references : (DataFrame, array of shape (n_refs, n_time)), optional
         Feeder-head references: a table with one row per reference (columns ``feeder_id, phase``) and
         the line-to-neutral voltages, rows aligned with the table, on the time grid of ``voltage``. [V]
-        Used only to name clusters where GIS gives no majority and the references are separable.
+        Used only on a feeder without any GIS phase label: each meter is first labelled by the reference
+        it correlates with best (where that is significant), and those labels vote as GIS labels would.
+        With GIS labels present they are not used: a feeder-head reference upstream of line regulators,
+        or moved by an LTC, does not separate phases reliably.
     interval_s : float
         Sampling interval. [s] (kept for the record; the method is scale-free in time.)
     xp : module, optional
@@ -144,13 +128,12 @@ def identify_phases(
     for feeder in sorted(set(feeders)):
         rows = np.flatnonzero(feeders == feeder)
         ref_v = None
-        if references is not None and config.use_references:
+        if references is not None:
             rsel = np.flatnonzero(ref_table["feeder_id"].astype(str).to_numpy() == feeder)
-            phases = ref_table["phase"].to_numpy()[rsel]
-            if sorted(phases.tolist()) == sorted(_PHASES):
-                order = [int(rsel[list(phases).index(p)]) for p in _PHASES]
+            phases = ref_table["phase"].to_numpy()[rsel].tolist()
+            if sorted(phases) == sorted(_PHASES):
                 rv = xp.asarray(reference_voltage, dtype=xp.float64)
-                ref_v = xp.stack([rv[i, :] for i in order], axis=0)
+                ref_v = xp.stack([rv[int(rsel[phases.index(p)]), :] for p in _PHASES], axis=0)
         res = _identify_feeder(xp, _take_rows(xp, v, rows), meters.iloc[rows], config, ref_v)
         out_phase[rows], out_conf[rows], out_class[rows] = res[0], res[1], res[2]
         for j, i in enumerate(rows):
@@ -172,364 +155,277 @@ def _take_rows(xp: Any, v: Any, rows: np.ndarray) -> Any:
     return xp.take(v, xp.asarray(rows), axis=0)
 
 
-def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, ref_v: Any | None):
+def _service_kinds(meters: pd.DataFrame) -> np.ndarray:
+    """``single``, ``pair`` or ``three`` per meter, from the GIS phase and the service type."""
+    gis = meters["phase_gis"].to_numpy(dtype=object)
+    st = meters["service_type"] if "service_type" in meters else pd.Series([None] * len(meters))
+    st_low = pd.Series(st.to_numpy(dtype=object), dtype=object)
+    st_low = st_low.where(st_low.map(type) == str, "").str.lower()
+    three = (gis == contract.THREE_PHASE) | st_low.str.startswith("3ph").to_numpy(dtype=bool)
+    pair = np.isin(gis, list(contract.PAIR_PHASES)) | st_low.str.startswith("2ph").to_numpy(dtype=bool)
+    return np.where(three, "three", np.where(pair, "pair", "single"))
+
+
+def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, ref_v: Any | None = None):
+    """Phase of every meter of one feeder: the named steps of the module docstring.
+
+    Returns ``(phase, confidence, class, reasons)`` arrays of the raw inference (no decision policy).
+    """
     n = len(meters)
     gis = meters["phase_gis"].to_numpy(dtype=object)
-    st = meters["service_type"].to_numpy(dtype=object) if "service_type" in meters else np.full(n, None)
-    st_low = pd.Series(st, dtype=object).where(pd.Series(st, dtype=object).map(type) == str, "").str.lower()
-    kind = np.where(
-        (gis == contract.THREE_PHASE) | st_low.str.startswith("3ph").to_numpy(dtype=bool), "three",
-        np.where(np.isin(gis, list(contract.PAIR_PHASES)) | st_low.str.startswith("2ph").to_numpy(dtype=bool),
-                 "pair", "single"),
-    )
+    kind = _service_kinds(meters)
     usable = meters["usable"].to_numpy(dtype=bool) if "usable" in meters else np.ones(n, dtype=bool)
     nominal = (
         meters["nominal_v"].to_numpy(dtype=np.float64) if "nominal_v" in meters else np.full(n, np.nan)
     )
-    # Pair services measure line-to-line voltage: the nominal rescales it; nothing else changes.
     phase = np.full(n, None, dtype=object)
     conf = np.zeros(n)
     cls = np.full(n, contract.CLASS_INSUFFICIENT, dtype=object)
     reasons: list[list[str]] = [[] for _ in range(n)]
-
     if v.shape[1] < 2:
         for i in range(n):
             reasons[i].append(contract.REASON_INSUFFICIENT_DATA)
         return phase, conf, cls, reasons
 
-    # per_unit_differences + standardize_rows + remove_common_mode, kept zero-filled with the mask
+    # Step 1: features, with whole-interval clock errors undone first
+    v, lag = _align_clocks(xp, v, nominal, usable & (kind == "single"), config)
     z, observed, n_obs = standardized_differences(v, xp.asarray(nominal))
     n_obs_h = to_numpy(n_obs)
     ok = usable & (n_obs_h >= config.min_samples)
     single = ok & (kind == "single")
     for i in np.flatnonzero(~ok):
         reasons[i].append(contract.REASON_INSUFFICIENT_DATA)
-    if single.sum() < 3:
-        # Too few meters to form phase clusters: keep GIS, flag low confidence.
+    for i in np.flatnonzero(ok & (lag != 0)):
+        reasons[i].append(contract.REASON_CLOCK_SHIFTED)
+    gis_code = pd.Series(gis, dtype=object).map({p: i for i, p in enumerate(_PHASES)}).fillna(-1)
+    gis_code = gis_code.to_numpy(np.int64)
+    feat, _ = common_mode_residual(z, observed, xp.asarray(single.astype(np.float64)))
+    u = unit_rows(feat)
+    if not (gis_code[single] >= 0).any() and ref_v is not None:
+        gis_code = np.where(single, _reference_labels(xp, ref_v, u, n_obs_h), -1)
+    if single.sum() < 3 or not (gis_code[single] >= 0).any():
+        # Too few meters (or no labels) to vote: keep GIS, unverified.
         for i in np.flatnonzero(ok):
             phase[i], conf[i], cls[i] = gis[i], 0.0, contract.CLASS_LOW
         return phase, conf, cls, reasons
 
-    w_single = xp.asarray(single.astype(np.float64))
-    feat, _ = common_mode_residual(z, observed, w_single)  # zero where missing
-    norm = xp.sqrt(xp.vecdot(feat, feat, axis=-1))
-    u = feat / xp.where(norm > 0, norm, xp.ones_like(norm))[:, None]  # = unit_rows(features)
-
-    # --- 2-4. clustering of single-phase meters, naming, refinement. k drops while two clusters share a
-    # GIS majority, or while a phase keeps fewer than min_phase_meters after refinement (a spurious
-    # cluster of a few wrong GIS labels dissolves once templates exclude the scored meters).
+    # Step 2: denoised coordinates (principal subspace of the single-phase meters)
     s_idx = np.flatnonzero(single)
-    us = xp.take(u, xp.asarray(s_idx), axis=0)
-    gis_code = pd.Series(gis, dtype=object).map({p: i for i, p in enumerate(_PHASES)}).fillna(-1).to_numpy(np.int64)
-    tr_codes, _ = pd.factorize(meters["transformer_id"].astype(str), sort=True)
-    tr_codes = np.where(single, tr_codes, -1)
-    refine_inputs = _RefineInputs(xp, feat, observed, u, tr_codes)
-    # k-means runs on the top principal coordinates of the unit signals (the phase structure lives in a
-    # few dimensions); refinement below works on the full-length signals.
-    # GIS phase templates (3, T) of the unit signals (zero row: no label); = phase_templates(us, W_gis)
-    gis_templates = unit_rows(xp.permute_dims(one_hot(xp.asarray(gis_code[s_idx]), 3), (1, 0)) @ us)
-    basis = _principal_basis(xp, us, _KMEANS_RANK, config.random_state, gis_templates)
-    coords = us @ basis
-    min_size = max(config.min_phase_meters, int(np.ceil(config.min_phase_share * s_idx.size)))
-    for k in (3, 2, 1):
-        labels, name, decided = _cluster_and_name(xp, us, coords, gis_templates @ basis, gis_code[s_idx], k,
-                                                   config, ref_v)
-        if not decided:
-            continue
-        present = np.unique(name)  # phase indices that exist on this feeder, ascending
-        code = np.full(n, -1, dtype=np.int64)
-        code[s_idx] = name[labels]
-        code, templates, scores, span_scores = _refine(xp, refine_inputs, code, present, single)
-        sizes = np.array([(code == p).sum() for p in present])
-        if k == 1 or sizes.min() >= min_size:
-            break
-    k = present.size
-    local = np.full(3, -1, dtype=np.int64)
-    local[present] = np.arange(k)
+    y = _denoised_coordinates(xp, u, s_idx, config)
 
-    gram = templates @ xp.permute_dims(templates, (1, 0))
-    n_eff = xp.asarray(n_obs_h)
-    if k > 1:
-        best, p_err, _ = margin_error_probability(scores, gram, n_eff, span_scores)
-        p_err_h = to_numpy(p_err)
-        best_h = present[to_numpy(best)]
-    else:  # one phase on the feeder: nothing to tell apart, GIS-consistent but unverifiable
-        p_err_h = np.full(n, 0.5)
-        best_h = np.full(n, present[0])
+    # Step 3: votes of the neighbours' labels: GIS first, then the first round's answers
+    group = _gis_groups(meters, gis, s_idx, config)
+    y_s = _pool_groups(xp, xp.take(y, xp.asarray(s_idx), axis=0), group, config)
+    idx, sim = top_k_neighbours(y_s, xp.asarray(group), config.n_neighbours)
+    labels = gis_code[s_idx]
+    for _ in range(config.vote_rounds):
+        votes = to_numpy(neighbour_votes(idx, sim, xp.asarray(labels), 3))
+        labels = np.where(votes.sum(axis=1) > 0, np.argmax(votes, axis=1), labels)
 
-    # phase-to-phase services: templates are sums of two phase templates
-    pairs = [(a, b) for a, b in _PAIRS if a in present and b in present]
-    if pairs:
-        pair_t = unit_rows(xp.stack([templates[int(local[a]), :] + templates[int(local[b]), :] for a, b in pairs]))
-        pscores = u @ xp.permute_dims(pair_t, (1, 0))
-        if len(pairs) > 1:
-            pbest, pp_err, _ = margin_error_probability(pscores, pair_t @ xp.permute_dims(pair_t, (1, 0)), n_eff)
-            pbest_h, pp_err_h = to_numpy(pbest), to_numpy(pp_err)
-        else:
-            pbest_h, pp_err_h = np.zeros(n, dtype=np.int64), np.full(n, 0.5)
+    # Step 4: evidence: vote share, and the raw (not denoised) correlation with the voting neighbours
+    idx_h = to_numpy(idx)
+    w = np.where(labels[idx_h] == labels[:, None], np.maximum(to_numpy(sim), 0.0), 0.0)
+    u_s = xp.take(u, xp.asarray(s_idx), axis=0)
+    strength = to_numpy(pooled_neighbour_correlation(u_s, idx, xp.asarray(w)))
+    z_strength = strength * np.sqrt(n_obs_h[s_idx])
+    share = votes.max(axis=1) / np.maximum(votes.sum(axis=1), 1e-12)
+    c = _vote_confidence(share, z_strength, 3, config)
+    phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
+    conf[s_idx] = c
+    weak = z_strength < config.min_strength_se
+    for j in np.flatnonzero(weak):
+        reasons[s_idx[j]].append(contract.REASON_LOW_CORRELATION)
 
-    # level correlation: does the meter match any phase at all?
-    level = v / xp.asarray(np.where(nominal > 0, nominal, 1.0))[:, None]
-    lw = one_hot(xp.asarray(np.where(single, best_h, -1)), 3)  # global phase index
-    lobs = ~xp.isnan(level)
-    if bool(xp.all(lobs)):  # fully observed: no mask GEMM
-        lsum = xp.permute_dims(lw, (1, 0)) @ level
-        lcnt = xp.sum(lw, axis=0)[:, None] * xp.ones((1, level.shape[1]), dtype=xp.float64)
-    else:
-        lsum = xp.permute_dims(lw, (1, 0)) @ xp.where(lobs, level, xp.zeros((), dtype=xp.float64))
-        lcnt = xp.permute_dims(lw, (1, 0)) @ xp.astype(lobs, xp.float64)
-    nanv = xp.full_like(lsum, float("nan"))
-    ltemp = xp.where(lcnt > 0, lsum / xp.where(lcnt > 0, lcnt, xp.ones_like(lcnt)), nanv)
-    lpair = xp.stack([ltemp[a, :] + ltemp[b, :] for a, b in _PAIRS], axis=0)
-    lthree = xp.sum(xp.where(xp.isnan(ltemp), xp.zeros_like(ltemp), ltemp), axis=0)[None, :]  # present phases
-    lall = xp.concat([ltemp, lpair, lthree], axis=0)
-    lcorr, _ = nan_corr_counts(level, lall)
-    lcorr_h = to_numpy(lcorr)
-    lcorr_h = np.where(np.isnan(lcorr_h), -1.0, lcorr_h)
+    # Step 5: phase-to-phase services vote among their single-phase neighbours (two phases win);
+    # three-phase services keep ABC
+    _identify_pairs(xp, y, u, ok & (kind == "pair"), s_idx, labels, n_obs_h, config, phase, conf, reasons)
+    three = ok & (kind == "three")
+    phase[three], conf[three] = contract.THREE_PHASE, 1.0
 
-    names = np.array(_PHASES, dtype=object)
-    p_all = np.zeros(n)
-    lc_all = lcorr_h[:, 6].copy()  # three-phase services
-    is_single, is_pair = ok & (kind == "single"), ok & (kind == "pair")
-    phase[ok & (kind == "three")] = contract.THREE_PHASE
-    phase[is_single] = names[best_h[is_single]]
-    p_all[is_single] = p_err_h[is_single]
-    lc_all[is_single] = lcorr_h[is_single, :3].max(axis=1)
-    if pairs:
-        pair_names = np.array([_PHASES[a] + _PHASES[b] for a, b in pairs], dtype=object)
-        pair_cols = np.array([3 + _PAIRS.index(ab) for ab in pairs])
-        phase[is_pair] = pair_names[pbest_h[is_pair]]
-        p_all[is_pair] = pp_err_h[is_pair]
-        lc_all[is_pair] = lcorr_h[is_pair, pair_cols[pbest_h[is_pair]]]
-    scored = ok & ((kind != "pair") | bool(pairs))
-    conf[scored] = _confidence(p_all[scored], config.confidence_decades)
-    low_corr = scored & (lc_all < config.low_correlation)
-    conf[low_corr] = np.minimum(conf[low_corr], 0.0)
-    cls[scored] = np.where(conf[scored] >= config.confident_threshold, contract.CLASS_CONFIDENT,
-                           np.where(conf[scored] >= config.suspect_threshold, contract.CLASS_SUSPECT,
-                                    contract.CLASS_LOW))
-    for i in np.flatnonzero(low_corr):
-        reasons[i].append(contract.REASON_LOW_CORRELATION)
-    unpaired = is_pair & ~scored  # pair services on a feeder without two phases: keep GIS, low
-    phase[unpaired], conf[unpaired], cls[unpaired] = gis[unpaired], 0.0, contract.CLASS_LOW
+    scored = ok & (phase != None)  # noqa: E711 - elementwise on an object array
+    cls[scored] = _confidence_class(conf[scored], config)
     return phase, conf, cls, reasons
 
 
-class _RefineInputs:
-    """What the refinement needs of the features, computed once per feeder (independent of k).
+def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, single: np.ndarray, config: PhaseConfig):
+    """Undo whole-interval clock errors: ``(voltage, lag)`` with each late or early row shifted back.
 
-    ``u`` (n, T) unit-norm zero-filled features; per-row moments of the zero-filled features for the
-    NaN-aware correlation with (NaN-free) templates; the observation mask of the rows with missing
-    samples only; and the within-transformer Gram of ``u`` as pairs (``within_group_gram``).
+    A meter that stamps the start instead of the end of each interval is one sample late; its differenced
+    voltage then correlates with the feeder's common signal at lag +1, not 0. Rows whose best lag beats
+    lag 0 by ``config.clock_lag_se`` standard errors (``1 / sqrt(n_time)``) are shifted (NaN fills the
+    edge). The common signal is the mean over the feeder's single-phase meters: late meters (a minority)
+    barely move it.
     """
+    n = v.shape[0]
+    lag = np.zeros(n, dtype=np.int64)
+    if config.clock_lag_se <= 0 or single.sum() < 3 or v.shape[1] < 8:
+        return v, lag
+    z, _, _ = standardized_differences(v, xp.asarray(nominal))
+    ref = xp.mean(xp.take(z, xp.asarray(np.flatnonzero(single)), axis=0), axis=0)
+    corr, lags = clock_lag(z, ref, max_lag=_MAX_CLOCK_LAG)
+    corr_h = to_numpy(corr)
+    best = np.argmax(corr_h, axis=1)
+    zero = _MAX_CLOCK_LAG
+    se = 1.0 / np.sqrt(v.shape[1])
+    shift = (best != zero) & (corr_h[np.arange(n), best] - corr_h[:, zero] > config.clock_lag_se * se)
+    shift &= corr_h[np.arange(n), best] > config.clock_lag_se * se
+    if not shift.any():
+        return v, lag
+    lag[shift] = to_numpy(lags)[best[shift]]
+    v_h = np.array(to_numpy(v), dtype=np.float64, copy=True)
+    for i in np.flatnonzero(shift):
+        s = int(lag[i])  # row is s samples late: x_aligned(t) = x(t + s)
+        row = v_h[i].copy()
+        v_h[i, :] = np.nan
+        if s > 0:
+            v_h[i, :-s] = row[s:]
+        else:
+            v_h[i, -s:] = row[:s]
+    return xp.asarray(v_h), lag
 
-    def __init__(self, xp: Any, feat: Any, observed: Any, u: Any, tr_codes: np.ndarray):
-        """``feat`` (n, T): features, 0 where missing; ``observed`` (n, T) bool; ``u = unit_rows(feat)``."""
-        obs = observed
-        self.n_obs = to_numpy(xp.astype(xp.count_nonzero(obs, axis=1), xp.float64))
-        self.sx = to_numpy(xp.sum(feat, axis=1))
-        self.sxx = to_numpy(xp.vecdot(feat, feat, axis=-1))
-        self.xnorm = np.sqrt(self.sxx)
-        self.partial = np.flatnonzero(self.n_obs < feat.shape[1])
-        self.mask_partial = (
-            xp.astype(xp.take(obs, xp.asarray(self.partial), axis=0), xp.float64) if self.partial.size else None
-        )
-        self.u = u
-        self.group = tr_codes
-        self.n_groups = int(tr_codes.max()) + 1 if (tr_codes >= 0).any() else 1
-        self.rows, self.cols, self.gram = within_group_gram(u, tr_codes)
-        self.diag = np.bincount(self.rows, weights=self.gram * (self.rows == self.cols), minlength=u.shape[0])
-        self.diag = np.where(tr_codes >= 0, self.diag, (self.xnorm > 0).astype(np.float64))
 
+def _reference_labels(xp: Any, ref_v: Any, u: Any, n_obs: np.ndarray) -> np.ndarray:
+    """Phase code (0, 1, 2; -1: undecided) of each row of ``u`` by the feeder-head reference it follows.
 
-def _refine(xp: Any, inp: _RefineInputs, code: np.ndarray, present: np.ndarray, single: np.ndarray):
-    """Templates, robust transformer pooling and leave-group-out scores, iterated to a fixed point.
-
-    Returns ``(code, templates, scores, span_scores)``: phase index per meter (-1: not single-phase), unit
-    templates (k, n_samples) of the ``present`` phases, the final leave-group-out scores (n_meters, k) and
-    the scores of the same (pooled) signals against ``templates`` themselves (for R^2).
-
-    Notes
-    -----
-    Computes what ``template_scores``, ``pool_by_transformer`` and ``leave_group_out_scores`` compute, but
-    every group sum enters only through dot products: with ``S = W^T u`` (template sums), ``Q = u S^T`` and
-    the within-transformer Gram ``B``, all pooled and leave-group-out cosines are sums of ``Q`` and ``B``
-    over group members. One iteration costs two passes over ``u`` (``S`` and ``Q``) plus O(n_pairs) on the
-    host, instead of dense (n_meters x n_transformers) one-hot GEMMs over full-length signals.
+    The references (rows A, B, C) get the same features as the meters (differences, standardisation,
+    common mode removed); a meter is labelled where its best reference beats the second by 3 standard
+    errors (``1 / sqrt(n_obs)``). With an LTC the three heads move together and few meters are labelled.
     """
-    u, grp, G = inp.u, inp.group, inp.n_groups
-    n = u.shape[0]
-    k = present.size
-    local = np.full(3, -1, dtype=np.int64)
-    local[present] = np.arange(k)
-    rows, cols, gram, diag = inp.rows, inp.cols, inp.gram, inp.diag
-    grouped = grp >= 0
-    gi = np.where(grouped, grp, 0)
-    pair_g = grp[rows]
-
-    def per_group(weights: np.ndarray) -> np.ndarray:  # sum over each group's members, (G,)
-        return np.bincount(gi[grouped], weights=weights[grouped], minlength=G)
-
-    def pair_group_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # (sum_j a_j u_j).(sum_l b_l u_l), (G,)
-        return np.bincount(pair_g, weights=a[rows] * b[cols] * gram, minlength=G)
-
-    def row_dot_group(b: np.ndarray) -> np.ndarray:  # u_i . (sum_{l in g(i)} b_l u_l), (n,)
-        return np.bincount(rows, weights=b[cols] * gram, minlength=n)
-
-    def safe_div(num: np.ndarray, sq: np.ndarray) -> np.ndarray:
-        return np.where(sq > 1e-12, num / np.sqrt(np.where(sq > 1e-12, sq, 1.0)), num)
-
-    for _ in range(5):
-        lab = np.where(code >= 0, local[np.maximum(code, 0)], -1)
-        w = ((lab[:, None] == np.arange(k)[None, :]) & single[:, None]).astype(np.float64)
-        s_sum = xp.permute_dims(xp.asarray(w), (1, 0)) @ u  # (k, T)
-        s_sq = to_numpy(xp.sum(s_sum * s_sum, axis=1))
-        s_norm = np.where(s_sq > 0, np.sqrt(s_sq), 1.0)
-        q = to_numpy(u @ xp.permute_dims(s_sum, (1, 0)))  # (n, k): u_i . S_p
-        templates = s_sum / xp.asarray(s_norm)[:, None]
-
-        # template_scores: NaN-aware correlation of the features with the (NaN-free) templates
-        sy = np.broadcast_to(to_numpy(xp.sum(templates, axis=1)), (n, k)).copy()
-        syy = np.broadcast_to(to_numpy(xp.sum(templates * templates, axis=1)), (n, k)).copy()
-        if inp.partial.size:
-            sy[inp.partial] = to_numpy(inp.mask_partial @ xp.permute_dims(templates, (1, 0)))
-            syy[inp.partial] = to_numpy(inp.mask_partial @ xp.permute_dims(templates * templates, (1, 0)))
-        nn, sx, sxx = inp.n_obs[:, None], inp.sx[:, None], inp.sxx[:, None]
-        sxy = inp.xnorm[:, None] * q / s_norm[None, :]
-        vx, vy, cov = nn * sxx - sx * sx, nn * syy - sy * sy, nn * sxy - sx * sy
-        good = (nn >= 3) & (vx > 0) & (vy > 0)
-        r = np.clip(cov / np.sqrt(np.where(good, vx, 1.0) * np.where(good, vy, 1.0)), -1.0, 1.0)
-        own_best = np.where(good, r, 0.0).max(axis=1)
-
-        # pool_by_transformer (two screening passes, then membership)
-        active = np.ones(n)
-        for _ in range(2):
-            dot_g = row_dot_group(active)  # u_i . gsum_g
-            g_sq = pair_group_sum(active, active)
-            size = per_group(active)
-            loo_dot = dot_g - active * diag
-            loo_sq = g_sq[gi] - 2.0 * active * dot_g + active * active * diag
-            in_group = grouped & (active > 0) & (size[gi] - active >= 1)
-            loo_corr = np.where(in_group & (loo_sq > 1e-12), loo_dot / np.sqrt(np.where(loo_sq > 1e-12, loo_sq, 1.0)),
-                                0.0)
-            active = (in_group & (loo_corr > 0.5 * own_best)).astype(np.float64)
-        member = in_group & (loo_corr > own_best)
-        m = member.astype(np.float64)
-        m_sq = pair_group_sum(m, m)[gi]  # |msum_g|^2 for members
-
-        # leave_group_out_scores of the pooled signals
-        scores = np.empty((n, k))
-        span = np.empty((n, k))
-        for p in range(k):
-            wp, qp = w[:, p], q[:, p]
-            pooled_s = np.where(member, safe_div(per_group(m * qp)[gi], m_sq), qp)  # pooled_i . S_p
-            s_own = np.where(grouped, per_group(wp * qp)[gi], wp * qp)  # S_p . own_ip
-            own_sq = np.where(grouped, pair_group_sum(wp, wp)[gi], wp * wp * diag)
-            pooled_own = np.where(
-                member, safe_div(pair_group_sum(m, wp)[gi], m_sq), np.where(grouped, row_dot_group(wp), wp * diag)
-            )
-            excl_sq = s_sq[p] - 2.0 * s_own + own_sq
-            scores[:, p] = safe_div(pooled_s - pooled_own, excl_sq)
-            span[:, p] = pooled_s / s_norm[p]
-        new = present[np.argmax(scores, axis=1).astype(np.int64)]
-        new = np.where(single, new, -1)
-        if np.array_equal(new, code):
-            break
-        code = new
-    return code, templates, xp.asarray(scores), xp.asarray(span)
+    rz, robs, _ = standardized_differences(ref_v, xp.asarray(np.full(3, np.nan)))
+    rfeat, _ = common_mode_residual(rz, robs, None)
+    corr = to_numpy(u @ xp.permute_dims(unit_rows(rfeat), (1, 0)))
+    top = np.sort(corr, axis=1)
+    sep = (top[:, -1] - top[:, -2]) * np.sqrt(np.maximum(n_obs, 1)) > 3.0
+    return np.where(sep, np.argmax(corr, axis=1), -1).astype(np.int64)
 
 
-def _principal_basis(xp: Any, x: Any, rank: int, random_state: int, extra: Any) -> Any:
-    """Orthonormal basis (T, rank + m) of the top-``rank`` right singular subspace of ``x`` (n, T) and of
-    the ``extra`` directions (m, T) (e.g. the GIS phase templates, so that the GIS start of k-means lies
-    exactly in the subspace).
+def _gis_groups(meters: pd.DataFrame, gis: np.ndarray, s_idx: np.ndarray, config: PhaseConfig) -> np.ndarray:
+    """Group code per single-phase meter (rows ``s_idx``): its GIS transformer and GIS phase.
 
-    Randomized range finder (Halko, Martinsson & Tropp 2011) with ``_POWER_ITERATIONS`` power iterations
-    and a seeded Gaussian test matrix drawn on the host: a few thin GEMMs over ``x``, deterministic for a
-    given seed.
+    Groups of more than ``config.max_group_size`` meters (one three-phase transformer serving a whole LV
+    feeder) carry no local information: each of their meters gets a group of its own.
     """
-    n, t = x.shape
-    ell = min(rank + 8, n, t)
-    omega = np.random.default_rng(random_state).standard_normal((t, ell))
-    xt = xp.permute_dims(x, (1, 0))
-    q, _ = xp.linalg.qr(x @ xp.asarray(omega))
-    for _ in range(_POWER_ITERATIONS):
-        z, _ = xp.linalg.qr(xt @ q)
-        q, _ = xp.linalg.qr(x @ z)
-    small = xp.permute_dims(q, (1, 0)) @ x  # (ell, T)
-    _, _, vt = xp.linalg.svd(small, full_matrices=False)
-    r = min(rank, ell)
-    basis = xp.concat([vt[:r, :], extra], axis=0) if extra is not None else vt[:r, :]
-    basis, _ = xp.linalg.qr(xp.permute_dims(basis, (1, 0)))
-    return basis
+    key = meters["transformer_id"].astype(str).to_numpy()[s_idx] + "|" + gis[s_idx].astype(str)
+    code, uniq = pd.factorize(key, sort=True)
+    size = np.bincount(code, minlength=len(uniq))
+    return np.where(size[code] > config.max_group_size, len(uniq) + np.arange(code.size), code).astype(np.int64)
 
 
-def _cluster_and_name(xp: Any, us: Any, coords: Any, gis_start: Any, gis_code: np.ndarray, k: int,
-                      config: PhaseConfig, ref_v: Any | None):
-    """k-means of unit-norm single-phase signals and cluster names (global phase indices).
+def _pool_groups(xp: Any, y: Any, group: np.ndarray, config: PhaseConfig) -> Any:
+    """Average each meter with the members of its group that move with the group (virtual meters).
 
-    ``us`` (n, T) are the signals, ``coords = us @ basis`` (n, r) their coordinates in an orthonormal
-    basis (T, r) of their principal subspace plus the GIS phase templates, and ``gis_start`` (3, r) the
-    GIS phase templates in the same coordinates (exact: they lie in the basis' span).
-
-    Returns ``(labels, name, decided)``: ``decided`` is False when two clusters have the same GIS majority
-    (one phase split in two: the caller retries with k - 1).
+    A member whose similarity with the rest of its group (leave-one-out mean direction) is below
+    ``config.pool_similarity`` keeps its own signal: a meter on another phase than its GIS siblings
+    is not averaged into them and votes on its own evidence. Rows: unit vectors (n, r).
     """
-    support = np.bincount(gis_code[gis_code >= 0], minlength=3)
-    candidates = [batched_kmeans(coords, k, random_state=config.random_state, n_init=config.n_init)]
-    if k == 3 and np.all(support > 0):
-        init = gis_start[None, :, :]
-        candidates.insert(0, batched_kmeans(coords, k, random_state=config.random_state, n_init=0, init=init))
-    # Among the GIS start and the k-means++ restarts, keep the partition that agrees best with GIS after
-    # naming (inertia breaks ties): a small phase (a few % of meters) is otherwise lost to a split of a
-    # large one, which has lower inertia.
-    best = None
-    for cand_labels, _, inertia in candidates:
-        cand_labels = to_numpy(cand_labels)
-        cnt = np.zeros((k, 3))
-        np.add.at(cnt, (cand_labels[gis_code >= 0], gis_code[gis_code >= 0]), 1)
-        row, col = linear_sum_assignment(-cnt)
-        key = (-cnt[row, col].sum(), inertia)
-        if best is None or key < best[0]:
-            best = (key, cand_labels)
-    labels = best[1]
-    counts = np.zeros((k, 3))
-    np.add.at(counts, (labels[gis_code >= 0], gis_code[gis_code >= 0]), 1)
-    if k == 3 and ref_v is not None and config.use_references:
-        frac = counts.max(axis=1) / np.maximum(counts.sum(axis=1), 1)
-        if np.any(frac < 0.5):
-            ref_name = _name_by_references(xp, ref_v, us, labels)
-            if ref_name is not None:
-                return labels, ref_name, True
-    if counts.sum() == 0:  # no GIS labels and no usable references: canonical names A, B, C
-        return labels, np.arange(k), True
-    majority = counts.argmax(axis=1)
-    if k > 1 and np.unique(majority).size < k:
-        return labels, majority, False
-    return labels, majority, True
+    n_groups = int(group.max()) + 1
+    w = xp.asarray((group[:, None] == np.arange(n_groups)[None, :]).astype(np.float64)) if n_groups * y.shape[0] < 5e7 \
+        else None
+    if w is None:  # very large feeders: sums by sorting instead of a dense one-hot
+        return y
+    gsum = xp.permute_dims(w, (1, 0)) @ y
+    own = xp.take(gsum, xp.asarray(group), axis=0)
+    loo = own - y
+    loo_norm = xp.sqrt(xp.vecdot(loo, loo, axis=-1))
+    cos = xp.where(loo_norm > 0, xp.vecdot(y, loo, axis=-1) / xp.where(loo_norm > 0, loo_norm, 1.0), 0.0)
+    member = xp.astype(cos > config.pool_similarity, xp.float64)
+    msum = xp.permute_dims(w, (1, 0)) @ (member[:, None] * y)
+    pooled = xp.take(msum, xp.asarray(group), axis=0)
+    return unit_rows(xp.where(member[:, None] > 0, pooled, y))
 
 
-def _confidence(p_err: np.ndarray, decades: float) -> np.ndarray:
-    """Evidence score ``min(1, -log10(p_err) / decades)`` in [0, 1]."""
-    return np.clip(-np.log10(np.maximum(p_err, 1e-300)) / decades, 0.0, 1.0)
+def _denoised_coordinates(xp: Any, u: Any, s_idx: np.ndarray, config: PhaseConfig) -> Any:
+    """Unit rows of ``u`` projected on the top principal subspace of its single-phase rows, (n, rank)."""
+    us = xp.take(u, xp.asarray(s_idx), axis=0)
+    rank = max(2, min(config.denoise_rank, s_idx.size - 1, u.shape[1] - 1))
+    basis = principal_basis(us, rank, random_state=config.random_state)
+    return unit_rows(u @ basis)
 
 
-def _name_by_references(xp: Any, ref_v: Any, us: Any, labels: np.ndarray) -> np.ndarray | None:
-    """Cluster names from feeder-head references (A, B, C rows), or None when they are not separable."""
-    nominal = xp.asarray(np.full(3, np.nan))
-    rz, _ = standardize_rows(per_unit_differences(ref_v, nominal))
-    raw = to_numpy(nan_corr_counts(rz)[0])
-    if np.nanmax(raw - 2 * np.eye(3)) > 0.995:  # an LTC makes the three heads move together
-        return None
-    rfeat, _ = remove_common_mode(rz)
-    w = one_hot(xp.asarray(labels), 3)
-    templates = phase_templates(us, w)
-    r = to_numpy(nan_corr_counts(rfeat, templates)[0])  # (ref phase, cluster)
-    if np.isnan(r).any():
-        return None
-    row, col = linear_sum_assignment(-r)
-    if r[row, col].min() < 0.3:
-        return None
-    name = np.empty(3, dtype=np.int64)
-    name[col] = row
-    return name
+def _vote_confidence(share: np.ndarray, z_strength: np.ndarray, n_choices: int, config: PhaseConfig):
+    """Confidence in [0, 1]: the vote share above chance, scaled down where the evidence is weak.
+
+    ``share`` is the winning label's share of the neighbour votes (1 / n_choices: chance); ``z_strength``
+    the correlation with the voting neighbours' pooled signal in standard errors: below
+    ``config.min_strength_se`` the neighbours are not shown to be related at all (a dead, noisy or
+    misaligned meter) and the confidence falls in proportion.
+    """
+    base = np.clip((share - 1.0 / n_choices) / (1.0 - 1.0 / n_choices), 0.0, 1.0)
+    return base * np.clip(z_strength / config.min_strength_se, 0.0, 1.0)
+
+
+def _confidence_class(conf: np.ndarray, config: PhaseConfig) -> np.ndarray:
+    """``confident`` / ``suspect`` / ``low`` by the thresholds of ``config``."""
+    return np.where(conf >= config.confident_threshold, contract.CLASS_CONFIDENT,
+                    np.where(conf >= config.suspect_threshold, contract.CLASS_SUSPECT, contract.CLASS_LOW))
+
+
+def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray, labels: np.ndarray,
+                    n_obs: np.ndarray, config: PhaseConfig, phase: np.ndarray, conf: np.ndarray,
+                    reasons: list[list[str]]) -> None:
+    """Phase-to-phase services: the two phases with most votes among their single-phase neighbours.
+
+    A line-to-line voltage moves with both of its phases, so its nearest single-phase meters come from
+    two phases; the pair is confident when those two hold the votes (share of the third near zero).
+    Fills ``phase``, ``conf`` and ``reasons`` in place for the rows of ``pair``.
+    """
+    p_idx = np.flatnonzero(pair)
+    if p_idx.size == 0:
+        return
+    y_all = xp.concat([xp.take(y, xp.asarray(s_idx), axis=0), xp.take(y, xp.asarray(p_idx), axis=0)], axis=0)
+    group = np.concatenate([np.zeros(s_idx.size, dtype=np.int64), np.ones(p_idx.size, dtype=np.int64)])
+    k = 2 * config.n_neighbours
+    idx, sim = top_k_neighbours(y_all, xp.asarray(group), k)  # pairs never vote for pairs
+    idx, sim = idx[s_idx.size :, :], sim[s_idx.size :, :]
+    votes = to_numpy(neighbour_votes(idx, sim, xp.asarray(labels), 3))
+    order = np.argsort(-votes, axis=1, kind="stable")
+    top2 = np.sort(order[:, :2], axis=1)
+    names = {(0, 1): "AB", (1, 2): "BC", (0, 2): "CA"}
+    share = votes[np.arange(p_idx.size)[:, None], order[:, :2]].sum(axis=1) / np.maximum(votes.sum(axis=1), 1e-12)
+    second = votes[np.arange(p_idx.size), order[:, 1]] / np.maximum(votes[np.arange(p_idx.size), order[:, 0]], 1e-12)
+    u_all = xp.concat([xp.take(u, xp.asarray(s_idx), axis=0), xp.take(u, xp.asarray(p_idx), axis=0)], axis=0)
+    strength = _pair_strength(xp, u_all, s_idx.size, idx, np.maximum(to_numpy(sim), 0.0))
+    z_strength = strength * np.sqrt(n_obs[p_idx])
+    c = _vote_confidence(share, z_strength, 1.5, config) * np.clip(second / 0.25, 0.0, 1.0)
+    for j, i in enumerate(p_idx):
+        phase[i] = names[(int(top2[j, 0]), int(top2[j, 1]))]
+        conf[i] = c[j]
+        if z_strength[j] < config.min_strength_se:
+            reasons[i].append(contract.REASON_LOW_CORRELATION)
+
+
+def _pair_strength(xp: Any, u_all: Any, n_single: int, idx: Any, w: np.ndarray) -> np.ndarray:
+    """Correlation of each pair service (rows ``n_single:`` of ``u_all``) with its neighbours' sum."""
+    u_p = u_all[n_single:, :]
+    acc = xp.zeros_like(u_p)
+    for m in range(idx.shape[1]):
+        acc = acc + xp.asarray(w[:, m : m + 1]) * xp.take(u_all, idx[:, m], axis=0)
+    num = to_numpy(xp.vecdot(u_p, acc, axis=-1))
+    den = np.sqrt(to_numpy(xp.vecdot(acc, acc, axis=-1)))
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def recommend(gis: Any, inferred: Any, phase_class: Any) -> np.ndarray:
+    """The decision policy: the GIS label stays unless the evidence against it is confident.
+
+    Parameters
+    ----------
+    gis : array of str, shape (n_meters,)
+        GIS phase labels.
+    inferred : array of str or None, shape (n_meters,)
+        Raw inference (``identify_phases(...)["phase"]``); None where not identified.
+    phase_class : array of str, shape (n_meters,)
+        Class of the inference.
+
+    Returns
+    -------
+    ndarray of object, shape (n_meters,)
+        ``inferred`` where it is ``confident`` (or where GIS has no valid label), else ``gis``.
+        A low or suspect disagreement never replaces the GIS label: it goes to the review list.
+    """
+    gis = np.asarray(gis, dtype=object)
+    inferred = np.asarray(inferred, dtype=object)
+    cls = np.asarray(phase_class, dtype=object)
+    valid_gis = np.isin(gis, list(contract.SINGLE_PHASES) + list(contract.PAIR_PHASES) + [contract.THREE_PHASE])
+    take = pd.notna(inferred) & ((cls == contract.CLASS_CONFIDENT) | ~valid_gis)
+    return np.where(take, inferred, gis)

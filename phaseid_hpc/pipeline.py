@@ -217,12 +217,8 @@ def process_block(
     dict
         ``meters`` (DataFrame, one row per meter), ``transformers`` (DataFrame), ``timings`` [s].
     """
-    from ._compat import get_xp, to_numpy
-    from .phase_identification import identify_phases
-    from .quality import assess_quality
     from .store import open_store, read_meter_block
 
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if tables is None:
         tables = StoreTables.from_dataset(open_store(store, block_bytes=None, recover=False)).block(start, stop)
@@ -230,10 +226,44 @@ def process_block(
     voltage = arrays["voltage"].astype(np.float64)
     kw = arrays["kw"].astype(np.float64) if "kw" in arrays else None
     kvar = arrays["kvar"].astype(np.float64) if "kvar" in arrays else None
+    read_s = time.perf_counter() - t0
+    res = process_arrays(voltage, kw, kvar, tables, config)
+    res["timings"] = {"read": read_s, **res["timings"]}
+    return res
+
+
+def process_arrays(
+    voltage: np.ndarray,
+    kw: np.ndarray | None,
+    kvar: np.ndarray | None,
+    tables: StoreTables,
+    config: RunConfig,
+) -> dict[str, Any]:
+    """Quality, phase identification, transformer mapping and validation of in-memory arrays.
+
+    Parameters
+    ----------
+    voltage : ndarray, shape (n_meters, n_time)
+        Meter voltage on the grid of ``tables.times``, NaN where missing. [V]
+    kw, kvar : ndarray, shape (n_meters, n_time), optional
+        Active [kW] and reactive [kvar] power.
+    tables : StoreTables
+        The meters (rows aligned with ``voltage``; whole feeders), references and transformers.
+    config : RunConfig
+
+    Returns
+    -------
+    dict
+        ``meters`` (DataFrame, one row per meter), ``transformers`` (DataFrame), ``timings`` [s].
+    """
+    from ._compat import get_xp, to_numpy
+    from .phase_identification import identify_phases, recommend
+    from .quality import assess_quality
+
+    timings: dict[str, float] = {}
     meters = tables.meters
     references, transformers, times, interval_s = (tables.references, tables.transformers, tables.times,
                                                    tables.interval_s)
-    timings["read"] = time.perf_counter() - t0
 
     xp = get_xp(config.job.device)
     t1 = time.perf_counter()
@@ -273,7 +303,9 @@ def process_block(
             "feeder_id": meters["feeder_id"].astype(str),
             "transformer_id": meters["transformer_id"].astype(str),
             "phase_gis": meters["phase_gis"].astype(str),
-            "phase": ph["phase"].astype(object),
+            "phase": recommend(meters["phase_gis"].astype(str).to_numpy(), ph["phase"].to_numpy(dtype=object),
+                               ph["phase_class"].to_numpy(dtype=object)),
+            "phase_inferred": ph["phase"].astype(object),
             "phase_confidence": ph["phase_confidence"].astype(np.float64),
             "phase_class": ph["phase_class"].astype(str),
         }
