@@ -184,6 +184,11 @@ class TransformerConfig:
     propose_new_groups: bool = True
     #: Most rounds of re-pooling after moving meters (stops early when nothing changes) [-].
     n_iterations: int = 10
+    #: A feeder's transformer corrections are recommended only when at least this share of its meters
+    #: have a GIS sibling (another meter on their GIS transformer): without siblings (every meter alone,
+    #: IEEE 8500, EPRI K1) neighbouring transformers on one lateral correlate like siblings and nothing
+    #: calibrates a move, so the GIS label stays and the inference goes to the review list [-].
+    min_sibling_share: float = 0.5
     #: Seed of every random choice (none at present; kept for the contract).
     random_state: int = 0
 

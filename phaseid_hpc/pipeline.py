@@ -34,7 +34,7 @@ from .logging_utils import get_run_logger, log_event
 __all__ = ["RunSummary", "check_output_writable", "process_block", "run_job", "store_fingerprint"]
 
 PARTITION_DIR = "partitions"
-_RESULT_FILES = ("meters.parquet", "corrections.csv", "transformers.parquet", "summary.json")
+_RESULT_FILES = ("meters.parquet", "corrections.csv", "review.csv", "transformers.parquet", "summary.json")
 
 
 @dataclass
@@ -319,16 +319,19 @@ def process_arrays(
     xf_table = pd.DataFrame()
     if config.transformer.enabled:
         t3 = time.perf_counter()
-        from .transformer_mapping import map_transformers
+        from .transformer_mapping import map_transformers, recommend_transformers
 
         tm_meters = id_meters.assign(phase=out["phase"].to_numpy(), lat=meters["lat"], lon=meters["lon"])
         mres, xf_table = map_transformers(
             clean, tm_meters, config.transformer, kw=kw, kvar=kvar, interval_s=interval_s
         )
-        out["transformer"] = mres["transformer"].astype(object).to_numpy()
+        out["transformer"] = recommend_transformers(tm_meters, mres["transformer"].to_numpy(dtype=object),
+                                                    mres["transformer_class"].to_numpy(dtype=object),
+                                                    config.transformer)
+        out["transformer_inferred"] = mres["transformer"].astype(object).to_numpy()
         out["transformer_confidence"] = mres["transformer_confidence"].to_numpy(dtype=np.float64)
         out["transformer_class"] = mres["transformer_class"].astype(str).to_numpy()
-        out["transformer_changed"] = mres["transformer_changed"].to_numpy(dtype=bool)
+        out["transformer_changed"] = out["transformer"].to_numpy() != out["transformer_id"].to_numpy()
         out["reasons"] = [
             "; ".join(sorted(set(filter(None, r.split("; "))) | set(m)))
             for r, m in zip(out["reasons"], mres["reasons"])
@@ -625,24 +628,54 @@ class _TextProgress:
         sys.stderr.flush()
 
 
-def _write_outputs(out_dir: Path, meters: pd.DataFrame, transformers: pd.DataFrame) -> dict[str, str]:
-    _atomic_write_bytes(out_dir / "meters.parquet", _parquet_bytes(meters))
-    corr = meters[meters["changed"]].copy()
-    kind = np.where(corr["changed"], "phase", "")
-    if "transformer_changed" in meters:
-        corr = meters[meters["changed"] | meters["transformer_changed"]].copy()
-        ph = corr["changed"].to_numpy()
-        tr = corr["transformer_changed"].to_numpy()
-        kind = np.where(ph & tr, "phase+transformer", np.where(ph, "phase", "transformer"))
-    corr.insert(0, "correction", kind)
-    cols = ["feeder_id", "transformer_id", "meter_id", "correction", "phase_gis", "phase", "phase_confidence",
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _safe_csv_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Text cells a spreadsheet would evaluate (first character ``= + - @``, tab, CR) get a leading ``'``."""
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == object:
+            out[c] = [("'" + v) if isinstance(v, str) and v.startswith(_FORMULA_START) else v for v in out[c]]
+    return out
+
+
+def _worklist(meters: pd.DataFrame, rows: np.ndarray, phase_col: str, tx_col: str) -> pd.DataFrame:
+    """Rows of ``meters`` whose ``phase_col`` / ``tx_col`` differ from GIS, in worklist columns and order."""
+    sel = meters[rows].copy()
+    ph = (sel[phase_col].notna() & (sel[phase_col] != sel["phase_gis"])).to_numpy()
+    tr = np.zeros(len(sel), dtype=bool)
+    if tx_col in sel:
+        tr = (sel[tx_col].notna() & (sel[tx_col] != sel["transformer_id"])).to_numpy()
+    sel.insert(0, "correction", np.where(ph & tr, "phase+transformer", np.where(ph, "phase", "transformer")))
+    cols = ["feeder_id", "transformer_id", "meter_id", "correction", "phase_gis", phase_col, "phase_confidence",
             "phase_class"]
-    if "transformer" in corr:
-        cols += ["transformer", "transformer_confidence", "transformer_class"]
+    if tx_col in sel:
+        cols += [tx_col, "transformer_confidence", "transformer_class"]
     cols += ["reasons"]
-    corr = corr[cols].sort_values(["feeder_id", "transformer_id", "meter_id"], kind="stable")
+    out = sel[cols].rename(columns={phase_col: "phase", tx_col: "transformer"})
+    return _safe_csv_cells(out.sort_values(["feeder_id", "transformer_id", "meter_id"], kind="stable"))
+
+
+def _write_outputs(out_dir: Path, meters: pd.DataFrame, transformers: pd.DataFrame) -> dict[str, str]:
+    """``meters.parquet``, the field worklist ``corrections.csv`` (confident changes only: the recommended
+    phase or transformer differs from GIS) and ``review.csv`` (the inference disagrees with GIS but is not
+    confident: GIS kept, worth a look), and ``transformers.parquet``."""
+    _atomic_write_bytes(out_dir / "meters.parquet", _parquet_bytes(meters))
+    changed = meters["changed"].to_numpy(dtype=bool)
+    if "transformer_changed" in meters:
+        changed = changed | meters["transformer_changed"].to_numpy(dtype=bool)
+    corr = _worklist(meters, changed, "phase", "transformer")
     _atomic_write_bytes(out_dir / "corrections.csv", corr.to_csv(index=False, float_format="%.4f").encode())
-    files = {"meters": str(out_dir / "meters.parquet"), "corrections": str(out_dir / "corrections.csv")}
+    disagree = meters["phase_inferred"].notna() & (meters["phase_inferred"] != meters["phase_gis"])
+    if "transformer_inferred" in meters:
+        disagree = disagree | (meters["transformer_inferred"].notna()
+                               & (meters["transformer_inferred"] != meters["transformer_id"]))
+    disagree = disagree.to_numpy(dtype=bool)
+    review = _worklist(meters, disagree & ~changed, "phase_inferred", "transformer_inferred")
+    _atomic_write_bytes(out_dir / "review.csv", review.to_csv(index=False, float_format="%.4f").encode())
+    files = {"meters": str(out_dir / "meters.parquet"), "corrections": str(out_dir / "corrections.csv"),
+             "review": str(out_dir / "review.csv")}
     if len(transformers):
         _atomic_write_bytes(out_dir / "transformers.parquet", _parquet_bytes(transformers))
         files["transformers"] = str(out_dir / "transformers.parquet")

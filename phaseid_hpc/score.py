@@ -66,6 +66,15 @@ def score_frames(results: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any]:
         "gis_errors": int(gis_wrong.sum()),
         "classes": {},
     }
+    # never below GIS as given: the recommendation against the labels it started from
+    phase["gain_over_gis"] = None if not len(r) else (int(correct.sum()) - int((~gis_wrong).sum())) / len(r)
+    if "phase_inferred" in r:
+        raw = r["phase_inferred"].astype(object).to_numpy()
+        raw_ok = pd.notna(raw) & (raw.astype(str) == true_phase)
+        review = pd.notna(raw) & (raw.astype(str) != gis) & ~changed
+        phase["inferred_accuracy"] = _ratio(int(raw_ok.sum()), len(r))
+        phase["review"] = int(review.sum())
+        phase["review_precision"] = _ratio(int((review & raw_ok).sum()), int(review.sum()))
     cls = r["phase_class"].astype(str).to_numpy()
     for c in PHASE_CLASSES:
         sel = cls == c
@@ -91,6 +100,7 @@ def score_frames(results: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any]:
             "flag_recall": _ratio(int((flagged & gis_x_wrong).sum()), int(gis_x_wrong.sum())),
             "correction_precision": _ratio(int((flagged & ok).sum()), int(flagged.sum())),
             "gis_errors": int(gis_x_wrong.sum()),
+            "gain_over_gis": (int(ok.sum()) - int((~gis_x_wrong).sum())) / len(r) if len(r) else None,
         }
     return out
 
@@ -129,10 +139,14 @@ def format_score_table(score: dict[str, Any]) -> str:
         ("GIS phase labels correct", p["gis_accuracy"]),
         ("confident-class precision", p["confident_precision"]),
         ("confident share", p["classes"][CLASS_CONFIDENT]["share"]),
-        ("phase corrections", p["corrections"]),
-        ("correction precision", p["correction_precision"]),
+        ("phase corrections (corrections.csv)", p["corrections"]),
+        ("correction precision (worklist rows right)", p["correction_precision"]),
         ("correction recall", p["correction_recall"]),
+        ("accuracy gain over GIS as given", p["gain_over_gis"]),
     ]
+    if "review" in p:
+        rows += [("phase review items (review.csv)", p["review"]),
+                 ("review items right", p["review_precision"])]
     if "transformer" in score:
         x = score["transformer"]
         rows += [
@@ -141,6 +155,7 @@ def format_score_table(score: dict[str, Any]) -> str:
             ("transformer flags", x["flags"]),
             ("transformer flag precision", x["flag_precision"]),
             ("transformer flag recall", x["flag_recall"]),
+            ("transformer accuracy gain over GIS", x["gain_over_gis"]),
         ]
     lines = ["| metric | value |", "| --- | --- |"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
     return "\n".join(lines)

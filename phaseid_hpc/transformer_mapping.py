@@ -66,6 +66,7 @@ from .config import TransformerConfig
 from .kernels import transformer_grouping as tg
 
 __all__ = [
+    "recommend_transformers",
     "REASON_TX_AMBIGUOUS",
     "REASON_TX_CONSISTENT",
     "REASON_TX_MOVED",
@@ -910,3 +911,37 @@ def _final_coherence(z, final_id: np.ndarray, usable: np.ndarray, xp) -> dict[st
     zcnt = np.bincount(gi[ok], minlength=len(ids))
     mean = np.where(zcnt > 0, np.tanh(zsum / np.maximum(zcnt, 1)), np.nan)
     return {tid: float(mean[g]) for g, tid in enumerate(ids)}
+
+
+def recommend_transformers(
+    meters: pd.DataFrame, inferred: Any, transformer_class: Any, config: TransformerConfig
+) -> np.ndarray:
+    """The decision policy for transformers: the GIS label stays unless the evidence is confident.
+
+    Parameters
+    ----------
+    meters : DataFrame
+        ``feeder_id``, ``transformer_id`` (GIS) per meter.
+    inferred : array of str, shape (n_meters,)
+        Inferred transformer per meter (``map_transformers(...)["transformer"]``).
+    transformer_class : array of str, shape (n_meters,)
+        Class of that inference.
+    config : TransformerConfig
+        ``min_sibling_share``: feeders where fewer meters than this share a GIS transformer with another
+        meter get no transformer corrections at all.
+
+    Returns
+    -------
+    ndarray of object, shape (n_meters,)
+        The recommended transformer: ``inferred`` where it is ``confident`` on a feeder with siblings,
+        else the GIS transformer.
+    """
+    gis = meters["transformer_id"].astype(object).to_numpy()
+    feeder = meters["feeder_id"].astype(str).to_numpy()
+    size = meters.groupby(["feeder_id", "transformer_id"], sort=False)["transformer_id"].transform("size")
+    has_sibling = pd.Series(size.to_numpy() >= 2, index=meters.index)
+    share = has_sibling.groupby(feeder).transform("mean").to_numpy()
+    inferred = np.asarray(inferred, dtype=object)
+    take = (np.asarray(transformer_class, dtype=object) == contract.CLASS_CONFIDENT) & pd.notna(inferred)
+    take &= share >= config.min_sibling_share
+    return np.where(take, inferred, gis)

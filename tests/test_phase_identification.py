@@ -174,3 +174,73 @@ def test_ckt5_seven_days_class_05(ckt5):
     assert accuracy(res, truth) >= 0.99
     conf = (res["phase_class"] == contract.CLASS_CONFIDENT).to_numpy()
     assert (res["phase"].to_numpy()[conf] == truth[conf]).mean() >= 0.999
+
+
+# --- issue 10: the cases that broke the three-cluster method ------------------------------------------
+
+
+def test_policy_low_confidence_disagreement_never_replaces_gis():
+    from phaseid_hpc.phase_identification import recommend
+
+    gis = np.array(["A", "B", "C", "A", "ABC"], dtype=object)
+    inferred = np.array(["B", "C", "C", None, "ABC"], dtype=object)
+    cls = np.array([contract.CLASS_CONFIDENT, contract.CLASS_SUSPECT, contract.CLASS_LOW,
+                    contract.CLASS_INSUFFICIENT, contract.CLASS_CONFIDENT], dtype=object)
+    np.testing.assert_array_equal(recommend(gis, inferred, cls), ["B", "B", "C", "A", "ABC"])
+
+
+def test_late_clocks_are_shifted_back_and_do_not_change_the_others():
+    meters, truth, v, _, _ = simulated_feeder(seed=11, n_tr=90, days=7)
+    base = identify_phases(v, meters)
+    late = np.zeros(len(meters), dtype=bool)
+    late[::10] = True  # 10% of meters stamp the start of the interval: one sample late
+    v_late = v.copy()
+    v_late[late, 1:] = v[late, :-1]
+    v_late[late, 0] = np.nan
+    res = identify_phases(v_late, meters)
+    shifted = np.array([contract.REASON_CLOCK_SHIFTED in r for r in res["reasons"]])
+    assert shifted[late].mean() >= 0.9 and not shifted[~late].any()
+    on_time = ~late
+    assert accuracy(res[on_time], truth[on_time]) >= accuracy(base[on_time], truth[on_time]) - 0.01
+    conf = (res["phase_class"] == contract.CLASS_CONFIDENT).to_numpy()
+    assert (res["phase"].to_numpy()[conf] == truth[conf]).all()  # late ones identified or not confident
+
+
+def test_one_three_phase_transformer_serving_every_phase():
+    meters, truth, v, _, _ = simulated_feeder(seed=12, n_tr=60)
+    one = meters.assign(transformer_id="F1-T3PH")  # European LV: one MV/LV transformer, all phases
+    res = identify_phases(v, one)
+    assert accuracy(res, truth) >= 0.97
+    conf = (res["phase_class"] == contract.CLASS_CONFIDENT).to_numpy()
+    assert conf.mean() > 0.5 and (res["phase"].to_numpy()[conf] == truth[conf]).all()
+
+
+def test_regulator_tap_steps_on_one_phase_branch():
+    """Meters below a single-phase line regulator jump together at every tap change: local structure that
+    three global clusters mistake for a phase; the neighbour vote keeps them on their phase."""
+    meters, truth, v, _, _ = simulated_feeder(seed=13, n_tr=90, days=7)
+    rng = np.random.default_rng(13)
+    on_a = np.flatnonzero(truth == "A")
+    below = on_a[: len(on_a) // 2]
+    taps = np.cumsum(rng.choice([-1, 0, 0, 0, 0, 0, 0, 0, 1], v.shape[1]))  # steps of 0.625 %
+    v = v.copy()
+    v[below] *= (1 + 0.00625 * taps)[None, :]
+    res = identify_phases(v, meters)
+    assert accuracy(res, truth) >= 0.98
+    conf = (res["phase_class"] == contract.CLASS_CONFIDENT).to_numpy()
+    assert (res["phase"].to_numpy()[conf] == truth[conf]).all()
+
+
+def test_single_meter_transformers_keep_gis_transformer():
+    from phaseid_hpc.config import TransformerConfig
+    from phaseid_hpc.transformer_mapping import recommend_transformers
+
+    m = pd.DataFrame({"feeder_id": ["F1"] * 4 + ["F2"] * 4,
+                      "transformer_id": ["T1", "T2", "T3", "T4", "U1", "U1", "U2", "U2"]})
+    inferred = np.array(["T2", "T2", "T3", "T4", "U2", "U1", "U2", "U2"], dtype=object)
+    cls = np.array([contract.CLASS_CONFIDENT] * 8, dtype=object)
+    rec = recommend_transformers(m, inferred, cls, TransformerConfig())
+    # F1: every meter alone, nothing calibrates a move; F2: siblings, the confident move stands
+    np.testing.assert_array_equal(rec, ["T1", "T2", "T3", "T4", "U2", "U1", "U2", "U2"])
+    cls[4] = contract.CLASS_SUSPECT
+    assert recommend_transformers(m, inferred, cls, TransformerConfig())[4] == "U1"

@@ -69,6 +69,12 @@ def test_run_in_process_writes_every_output(utility, tmp_path):
     assert list(corr[["feeder_id", "transformer_id", "meter_id"]].itertuples(index=False)) == sorted(
         corr[["feeder_id", "transformer_id", "meter_id"]].itertuples(index=False)
     )
+    # the worklist holds confident changes only; disagreements that are not confident go to review.csv
+    assert set(corr.loc[corr["correction"].str.contains("phase"), "phase_class"]) <= {"confident"}
+    review = pd.read_csv(out / "review.csv")
+    assert not set(review["meter_id"]) & set(corr["meter_id"])
+    rec = meters.set_index("meter_id")
+    assert (rec.loc[review["meter_id"], "phase"] == rec.loc[review["meter_id"], "phase_gis"]).all()
     summary_json = json.loads((out / "summary.json").read_text())
     assert summary_json["counts"]["meters"] == len(meters)
     assert summary_json["inputs"]["store_fingerprint"]
