@@ -70,7 +70,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 def _cmd_validate_store(args: argparse.Namespace) -> int:
     from .store import validate_store
 
-    problems = validate_store(args.store)
+    problems = validate_store(args.store, deep=args.deep)
     if problems:
         for p in problems:
             print(f"- {p}")
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate-store", help="check a store against the schema; list every problem")
     s.add_argument("--store", required=True)
+    s.add_argument("--deep", action="store_true",
+                   help="also read every chunk: checksums, missing and corrupt chunks (names each bad chunk)")
     s.set_defaults(func=_cmd_validate_store)
 
     s = sub.add_parser("run", help="identify phases (and transformers) for every meter of a store")

@@ -30,3 +30,10 @@ class ClusterError(PhaseIDError):
 
 class BackendUnavailableError(PhaseIDError, ImportError):
     """An optional backend (CuPy, dask-cuda, dask-jobqueue) was asked for but cannot be used here."""
+
+
+class DataError(ContractError):
+    """An input's content is unusable: an empty, garbage or truncated file, a column of the wrong type.
+
+    The command line exits with status 2 for it (as for every :class:`PhaseIDError`), distinct from a crash.
+    """

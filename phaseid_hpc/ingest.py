@@ -74,12 +74,13 @@ them: ingest everything into a new store to add meters.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import io
 import json
 import os
 import re
-import sys
+import shutil
 import time as _time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -97,15 +98,20 @@ import zarr
 
 from . import contract
 from .config import IngestConfig
-from .errors import ContractError, StoreError
+from .errors import ContractError, DataError, PhaseIDError, StoreError
 from .store import (
     DECIVOLT_SCALE,
     INT16_FILL,
+    ChunkCodec,
     StoreTransaction,
+    _damaged,
+    _fsync_path,
+    _line,
     _strings,
+    exclusive_lock,
     initialize_store,
-    recover_store,
     sort_meters,
+    write_fill_chunks,
 )
 
 __all__ = ["QUARANTINE_REASONS", "IngestReport", "ingest_files", "ingest_frame"]
@@ -122,6 +128,8 @@ QUARANTINE_REASONS: tuple[str, ...] = (
 )
 _R = {r: i + 1 for i, r in enumerate(QUARANTINE_REASONS)}
 _NAT = np.iinfo(np.int64).min
+#: Accepted timestamps [UTC]: anything outside is ``invalid_timestamp`` (never wrapped onto the grid).
+_TS_RANGE = ("1900-01-01", "2200-01-01")
 _STATS = "_phaseid/meter_stats.npz"
 #: Keys (meter, raw timestamp) of counted reads that wrote no cell, kept to count each once [keys].
 _UNPLACED_KEYS_MAX = 1_000_000
@@ -226,6 +234,8 @@ class _StoreState:
     nominal_v: np.ndarray
     meter_ids: pa.Array  # the same ids as Arrow strings (hash lookups of large batches in C++)
     arrays: dict[str, dict[str, Any]]  # name -> zarr metadata of (meter|reference, time) arrays
+    n_time_main: int = 0  # time steps of the committed store (``n_time`` grows with staged batches)
+    complete_chunks: bool = False  # store version >= 2: every data chunk exists (a missing one is damage)
 
 
 _INDEX_CACHE: dict[tuple[str, int, int], tuple[pd.Index, np.ndarray, pa.Array]] = {}
@@ -235,10 +245,16 @@ def _store_state(path: Path) -> _StoreState:
     root = path / "zarr.json"
     if not root.is_file():
         raise StoreError(f"no Zarr store at {str(path)!r} (missing zarr.json); create it with ingest_files")
-    meta = json.loads(root.read_text())
-    attrs = meta.get("attributes", {})
-    if "interval_s" not in attrs:
-        raise StoreError(f"store {str(path)!r}: root attribute 'interval_s' missing (not a phaseid store)")
+    try:
+        meta = json.loads(root.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"store {str(path)!r}: zarr.json cannot be read ({_line(exc)})") from None
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+    if "interval_s" not in attrs or "phaseid_store_version" not in attrs:
+        raise StoreError(
+            f"{str(path)!r} is a Zarr store but not a phaseid store (root attributes 'interval_s' and "
+            "'phaseid_store_version' missing): give a store made by 'phaseid ingest' or a new path"
+        )
     nodes = (meta.get("consolidated_metadata") or {}).get("metadata", {})
     arrays = {k: v for k, v in nodes.items() if v.get("node_type") == "array" and "/" not in k}
     if "voltage" not in arrays or "meter" not in arrays:
@@ -261,7 +277,8 @@ def _store_state(path: Path) -> _StoreState:
         if v.get("dimension_names", [None, None])[-1] == "time" and len(v["shape"]) == 2
     }
     return _StoreState(
-        int(attrs["interval_s"]) * 10**9, t0, n_time, n_meters, index, nominal, ids_arrow, time_arrays
+        int(attrs["interval_s"]) * 10**9, t0, n_time, n_meters, index, nominal, ids_arrow, time_arrays,
+        n_time_main=n_time, complete_chunks=int(attrs["phaseid_store_version"]) >= 2,
     )
 
 
@@ -279,23 +296,59 @@ def _apply_column_map(df: pd.DataFrame, column_map: dict[str, str], source: str)
 
 
 def _parse_timestamps(s: pd.Series) -> np.ndarray:
-    """UTC epoch [ns] as int64; unparsable -> ``_NAT``. Naive values are UTC."""
+    """UTC epoch [ns] as int64; unparsable or outside [1900, 2200) -> ``_NAT``. Naive values are UTC.
+
+    The range is checked in the parsed values' own resolution, before any conversion to nanoseconds, so a
+    far-future date (``9999-12-31``, year 2610) is refused instead of wrapping around onto a real time.
+    """
     if isinstance(s.dtype, pd.DatetimeTZDtype):
         out = s.dt.tz_convert("UTC").dt.tz_localize(None)
     elif pd.api.types.is_datetime64_dtype(s.dtype):
         out = s
-    elif pd.api.types.is_numeric_dtype(s.dtype):
+    elif pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype):
         return np.full(len(s), _NAT, np.int64)
     else:
-        out = pd.to_datetime(s, utc=True, errors="coerce", format="ISO8601").dt.tz_localize(None)
-    arr = np.asarray(out.to_numpy(dtype="datetime64[ns]"))
-    return arr.view(np.int64).copy()
+        try:
+            out = pd.to_datetime(s, utc=True, errors="coerce", format="ISO8601")
+        except (TypeError, ValueError, OverflowError):  # objects pandas refuses outright (lists, dicts, ...)
+            out = pd.to_datetime(s.astype(str), utc=True, errors="coerce", format="ISO8601")
+        out = out.dt.tz_localize(None)
+    arr = np.asarray(out.to_numpy())
+    if arr.dtype.kind != "M":
+        return np.full(len(s), _NAT, np.int64)
+    unit = np.datetime_data(arr.dtype)[0]
+    raw = arr.view(np.int64)
+    lo, hi = (np.datetime64(d, unit).astype(np.int64) for d in _TS_RANGE)
+    ok = ~np.isnat(arr) & (raw >= lo) & (raw < hi)
+    res = np.full(len(s), _NAT, np.int64)
+    res[ok] = arr[ok].astype("datetime64[ns]").view(np.int64)
+    return res
 
 
 def _parse_numbers(s: pd.Series) -> np.ndarray:
-    if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
+    """Numbers as float64; anything else (text, booleans, objects) -> NaN."""
+    if pd.api.types.is_bool_dtype(s.dtype):
+        return np.full(len(s), np.nan)
+    if pd.api.types.is_numeric_dtype(s.dtype):
         return np.array(s.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64, copy=True)
-    return np.array(pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan), copy=True)
+    if s.dtype == object and pd.api.types.infer_dtype(s, skipna=True) not in ("string", "floating", "integer",
+                                                                              "empty", "decimal"):
+        # mixed objects (e.g. JSON true/false among numbers): booleans and containers are not numbers
+        vals = s.to_numpy()
+        bad = np.fromiter((isinstance(v, (bool, np.bool_, list, dict, tuple, set)) for v in vals), bool, len(vals))
+        s = pd.Series(np.where(bad, None, vals), dtype=object)
+    try:
+        num = pd.to_numeric(s, errors="coerce")
+    except (TypeError, ValueError):
+        num = pd.to_numeric(s.astype(str), errors="coerce")
+    return np.array(pd.Series(num).to_numpy(dtype=np.float64, na_value=np.nan), copy=True)
+
+
+def _check_value_types(df: pd.DataFrame, source: str) -> None:
+    """Refuse a whole value column of booleans (a Parquet bool column would otherwise read as 1.0 V)."""
+    for c in ("voltage_v",) + contract.READINGS_OPTIONAL:
+        if c in df.columns and pd.api.types.is_bool_dtype(df[c].dtype):
+            raise DataError(f"{source}: column {c!r} holds booleans, expected numbers; nothing was written")
 
 
 def _meter_positions(meter_id: pd.Series, index: pd.Index, ids: pa.Array | None = None) -> np.ndarray:
@@ -340,6 +393,7 @@ def ingest_frame(
     config: IngestConfig | None = None,
     source: str = "frame",
     row_offset: int = 0,
+    lock_timeout_s: float | None = None,
 ) -> IngestReport:
     """Upsert long-format reads into an existing store (one all-or-nothing transaction).
 
@@ -356,6 +410,9 @@ def ingest_frame(
         Name of the input (file, queue) used in the report, the quarantine file name and messages.
     row_offset : int
         Row number of the frame's first row in its source (quarantine ``row`` column).
+    lock_timeout_s : float, optional
+        Wait at most this long [s] for another writer of the store (then :class:`StoreError` naming it);
+        ``None``: wait as long as it takes.
 
     Returns
     -------
@@ -364,21 +421,44 @@ def ingest_frame(
     Raises
     ------
     ContractError
-        A required column is missing.
+        A required column is missing; :class:`DataError`: a value column of booleans.
     StoreError
-        The path is not a store.
+        The path is not a phaseid store, a chunk it must rewrite is damaged, or the lock timed out.
     """
     t_start = _time.perf_counter()
     config = IngestConfig() if config is None else config
     path = Path(path)
     df = _apply_column_map(readings, config.column_map, source)
+    _check_value_types(df, source)
     report = IngestReport(store=str(path), sources=[source], rows_read=len(df))
-    recover_store(path)
-    st = _store_state(path)
-    n = len(df)
-    if n == 0:
+    if len(df) == 0:
+        _store_state(path)  # still a clear error for a path that is not a store
         report.elapsed_s = _time.perf_counter() - t_start
         return report
+    # The lock is taken before the store's state is read: a concurrent writer's commit is never overwritten.
+    with StoreTransaction(path, lock_timeout_s=lock_timeout_s) as tx:
+        _ingest_batch(tx, _store_state(path), df, report, config, source, row_offset)
+    report.elapsed_s = _time.perf_counter() - t_start
+    return report
+
+
+def _ingest_batch(
+    tx: StoreTransaction,
+    st: _StoreState,
+    df: pd.DataFrame,
+    report: IngestReport,
+    config: IngestConfig,
+    source: str,
+    row_offset: int,
+) -> _StoreState:
+    """Stage one batch of reads (columns mapped) into ``tx``; fill ``report``; return the state after it.
+
+    ``st`` is the store as this transaction sees it (earlier batches of the same transaction included).
+    """
+    path = tx.path
+    n = len(df)
+    if n == 0:
+        return st
     reason = np.zeros(n, np.int8)
 
     # meters
@@ -478,50 +558,49 @@ def ingest_frame(
         report.duplicates_identical = int(dup.sum())
         keep = acc[~conflict & ~dup]
 
-    with StoreTransaction(path) as tx:
-        new_read = np.zeros(n, bool)  # accepted rows whose voltage cell was missing: reads not seen before
-        if len(keep):
-            changed, was_empty = _write_cells(
-                path,
-                tx,
-                st,
-                mi[keep],
-                ti[keep],
-                venc[keep],
-                {c: v[keep] for c, v in extra.items()},
-                n_time_new,
-            )
-            new_read[keep] = was_empty
-            report.rows_written = int(changed.sum())
-            report.rows_unchanged = len(keep) - report.rows_written
-            report.meters = int((np.bincount(mi[keep], minlength=1) > 0).sum())
-            report.time_start = pd.Timestamp(t0 + int(ti[keep].min()) * iv)
-            report.time_end = pd.Timestamp(t0 + int(ti[keep].max()) * iv)
-        if n_time_new != st.n_time or st.t0_ns is None:
-            _extend_time(tx, st, t0, n_time_new)
-            report.time_steps_added = n_time_new - st.n_time
-        # Raw reads that wrote no cell (off grid, rejected values, conflicts): counted once per (meter, raw
-        # timestamp) via the bounded key log of the statistics file; rows identical to a kept row are not
-        # reads of their own.
-        unplaced = raw & (reason > 0)
-        _update_sampling_stats(path, tx, st, mi, ts, off, new_read, unplaced)
-        bad = np.flatnonzero(reason > 0)
-        if len(bad):
-            names = np.array(("",) + QUARANTINE_REASONS, dtype=object)
-            q = df.iloc[bad].astype(str).reset_index(drop=True)
-            q.insert(0, "row", bad + row_offset)
-            q["reason"] = names[reason[bad]]
-            q["source"] = source
-            buf = io.BytesIO()
-            pq.write_table(pa.Table.from_pandas(q, preserve_index=False), buf)
-            data = buf.getvalue()
-            rel = f"quarantine/{_safe_name(source)}-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
-            tx.write_file(rel, data)
-            report.quarantine_files.append(rel)
-            counts = np.bincount(reason[bad], minlength=len(names))
-            report.quarantined = {names[i]: int(counts[i]) for i in range(1, len(names)) if counts[i]}
-    report.elapsed_s = _time.perf_counter() - t_start
-    return report
+    new_read = np.zeros(n, bool)  # accepted rows whose voltage cell was missing: reads not seen before
+    if len(keep):
+        changed, was_empty = _write_cells(
+            path,
+            tx,
+            st,
+            mi[keep],
+            ti[keep],
+            venc[keep],
+            {c: v[keep] for c, v in extra.items()},
+            n_time_new,
+        )
+        new_read[keep] = was_empty
+        report.rows_written = int(changed.sum())
+        report.rows_unchanged = len(keep) - report.rows_written
+        report.meters = int((np.bincount(mi[keep], minlength=1) > 0).sum())
+        report.time_start = pd.Timestamp(t0 + int(ti[keep].min()) * iv)
+        report.time_end = pd.Timestamp(t0 + int(ti[keep].max()) * iv)
+    if n_time_new != st.n_time or st.t0_ns is None:
+        _extend_time(tx, st, t0, n_time_new)
+        report.time_steps_added = n_time_new - st.n_time
+    # Raw reads that wrote no cell (off grid, rejected values, conflicts): counted once per (meter, raw
+    # timestamp) via the bounded key log of the statistics file; rows identical to a kept row are not
+    # reads of their own.
+    unplaced = raw & (reason > 0)
+    _update_sampling_stats(path, tx, st, mi, ts, off, new_read, unplaced)
+    bad = np.flatnonzero(reason > 0)
+    if len(bad):
+        names = np.array(("",) + QUARANTINE_REASONS, dtype=object)
+        q = df.iloc[bad].astype(str).reset_index(drop=True)
+        q.insert(0, "row", bad + row_offset)
+        q["reason"] = names[reason[bad]]
+        q["source"] = source
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(q, preserve_index=False), buf)
+        data = buf.getvalue()
+        rel = f"quarantine/{_safe_name(source)}-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
+        tx.write_file(rel, data)
+        report.quarantine_files.append(rel)
+        counts = np.bincount(reason[bad], minlength=len(names))
+        report.quarantined = {names[i]: int(counts[i]) for i in range(1, len(names)) if counts[i]}
+    t0_new = st.t0_ns if st.t0_ns is not None or n_time_new == 0 else t0
+    return dataclasses.replace(st, n_time=n_time_new, t0_ns=t0_new)
 
 
 def _write_cells(
@@ -586,21 +665,30 @@ def _write_cells(
             ci, cj = int(mi[s] // cm), int(ti[s] // ct)
             m0, t0 = ci * cm, cj * ct
             m1, t1 = min(m0 + cm, st.n_meters), min(t0 + ct, n_time_new)
-            old_t1 = min(t1, st.n_time)
             key = main.metadata.encode_chunk_key((ci, cj))
-            if codec is not None:  # the whole (padded) chunk, decoded in place
-                block = np.empty((cm, ct), dtype=dtype)
-                src = path / name / key
-                if old_t1 > t0 and src.is_file():
-                    codec.decode(src.read_bytes(), out=block)
-                    if old_t1 < t0 + ct:  # beyond the old end of the array: fill (never trust padding)
-                        block[:, old_t1 - t0 :] = fill
+            # The chunk as this transaction sees it: staged by an earlier batch, or the committed one (whose
+            # content is trusted up to the committed end of the array only).
+            staged_file = tx.files / name / key
+            in_stage = staged_file.is_file()
+            src = staged_file if in_stage else path / name / key
+            old_t1 = min(t1, st.n_time if in_stage else st.n_time_main)
+            if not in_stage and old_t1 > t0 and st.complete_chunks and not src.is_file():
+                raise StoreError(_damaged(path, f"chunk {name}/{key} is missing"))
+            try:
+                if codec is not None:  # the whole (padded) chunk, decoded in place
+                    block = np.empty((cm, ct), dtype=dtype)
+                    if old_t1 > t0 and src.is_file():
+                        codec.decode(src.read_bytes(), out=block)
+                        if old_t1 < t0 + ct:  # beyond the old end of the array: fill (never trust padding)
+                            block[:, old_t1 - t0 :] = fill
+                    else:
+                        block[...] = fill
                 else:
-                    block[...] = fill
-            else:
-                block = np.full((m1 - m0, t1 - t0), fill, dtype=dtype)
-                if old_t1 > t0:
-                    block[:, : old_t1 - t0] = main[m0:m1, t0:old_t1]
+                    block = np.full((m1 - m0, t1 - t0), fill, dtype=dtype)
+                    if old_t1 > t0:
+                        block[:, : old_t1 - t0] = (staged if in_stage else main)[m0:m1, t0:old_t1]
+            except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: name it, write nothing
+                raise StoreError(_damaged(path, f"chunk {name}/{key} is corrupt ({_line(exc)})")) from None
             lm, lt = mi[s:e] - m0, ti[s:e] - t0
             new = values[s:e]
             if name != "voltage":  # optional variables: a missing value never erases a stored one
@@ -633,24 +721,14 @@ def _write_cells(
     return changed_row[inverse], was_empty[inverse]
 
 
-def _direct_codec(arr: zarr.Array) -> Any:
-    """The numcodecs Blosc object of ``arr`` when its chunks are ``bytes(little) -> blosc`` (else None)."""
-    from zarr.codecs import BloscCodec, BytesCodec
-
-    codecs = getattr(arr.metadata, "codecs", ())
-    if (
-        sys.byteorder == "little"
-        and len(codecs) == 2
-        and isinstance(codecs[0], BytesCodec)
-        and str(getattr(codecs[0].endian, "value", codecs[0].endian)) in ("little", "None")
-        and isinstance(codecs[1], BloscCodec)
-        and getattr(arr.metadata, "chunk_key_encoding", None) is not None
-    ):
-        return codecs[1]._blosc_codec
-    return None
+def _direct_codec(arr: zarr.Array) -> ChunkCodec | None:
+    """Whole-chunk codec of ``arr`` when its chunks are ``bytes(little) -> blosc [-> crc32c]`` (else None)."""
+    return ChunkCodec.of(arr)
 
 
 def _extend_time(tx: StoreTransaction, st: _StoreState, t0: int, n_time_new: int) -> None:
+    """Grow the time axis to ``n_time_new`` steps; stage fill chunks for every new chunk column that no
+    write of this transaction created (every chunk of a store exists, so a deleted one is detectable)."""
     times = tx.array("time")
     times.resize((n_time_new,))
     times[:] = (t0 + np.arange(n_time_new, dtype=np.int64) * st.interval_ns) // 10**9
@@ -658,6 +736,31 @@ def _extend_time(tx: StoreTransaction, st: _StoreState, t0: int, n_time_new: int
         arr = tx.array(name)
         if arr.shape[1] != n_time_new:
             arr.resize((arr.shape[0], n_time_new))
+        ct = arr.chunks[1]
+        new_cols = range(-(-st.n_time // ct), -(-n_time_new // ct))
+        todo = [
+            (ci, cj)
+            for cj in new_cols
+            for ci in range(arr.cdata_shape[0])
+            if not (tx.files / name / arr.metadata.encode_chunk_key((ci, cj))).is_file()
+        ]
+        if not todo:
+            continue
+        codec = _direct_codec(arr)
+        if codec is None:
+            write_fill_chunks(tx.files / name, arr, todo)
+            continue
+        data = codec.encode(np.full(arr.chunks, arr.fill_value, dtype=arr.dtype))
+        with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
+            list(pool.map(lambda idx, name=name, arr=arr: tx.write_synced(
+                f"{name}/{arr.metadata.encode_chunk_key(idx)}", data), todo))
+
+
+def _current_array(tx: StoreTransaction, name: str) -> np.ndarray:
+    """A one-chunk array as this transaction sees it (staged by an earlier batch, or committed)."""
+    if (tx.files / name / "c").exists():
+        return tx.array(name)[:]
+    return zarr.open_array(str(tx.path / name), mode="r")[:]
 
 
 def _unique_pairs(mi: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -693,7 +796,7 @@ def _update_sampling_stats(
         and the two masks above.
     """
     n = st.n_meters
-    f = path / _STATS
+    f = tx.current(_STATS)
     if f.is_file():
         with np.load(f) as z:
             n_raw, n_off, last = z["n_raw"].copy(), z["n_off"].copy(), z["last_ns"].copy()
@@ -760,8 +863,8 @@ def _update_sampling_stats(
         hi = np.searchsorted(cum, before + total // 2, side="right")
         interval[meters] = (h_s[lo] + h_s[hi]) / 2.0 / 1e9
     # Meters this ingest has never seen keep what the store holds (e.g. written by the generator).
-    old_interval = zarr.open_array(str(path / "sampling_interval_s"), mode="r")[:]
-    old_frac = zarr.open_array(str(path / "off_grid_fraction"), mode="r")[:]
+    old_interval = _current_array(tx, "sampling_interval_s")
+    old_frac = _current_array(tx, "off_grid_fraction")
     interval = np.where(np.isnan(interval), old_interval, interval)
     frac = np.where(n_raw > 0, n_off / np.maximum(n_raw, 1), old_frac)
     tx.array("sampling_interval_s")[:] = interval
@@ -826,7 +929,7 @@ def _scan_grid(paths: Sequence[Path], meter_ids: pd.Index, config: IngestConfig)
     tmin, tmax = None, None
     stamps: list[np.ndarray] = []
     for p in paths:
-        for b in _iter_batches(p, config, columns=("meter_id", "timestamp")):
+        for b in _batches(p, config, columns=("meter_id", "timestamp")):
             if "timestamp" not in b.columns or "meter_id" not in b.columns:
                 raise ContractError(
                     f"{p}: missing required column(s) ['meter_id', 'timestamp']; found {list(b.columns)}"
@@ -871,6 +974,99 @@ def _scan_grid(paths: Sequence[Path], meter_ids: pd.Index, config: IngestConfig)
     return iv // 10**9, tmin, tmax
 
 
+def _check_readings_file(path: Path, config: IngestConfig) -> None:
+    """Cheap first look at a readings file (Parquet footer and schema / CSV header) before any write.
+
+    Raises :class:`DataError` with one line naming the file: empty, not Parquet/CSV (garbage, truncated),
+    no rows, a required column missing, a value column of booleans.
+    """
+    name = str(path)
+    if not path.is_file():
+        raise ContractError(f"readings file {name!r} does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"readings file {name!r} is empty (0 bytes)")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            meta = pq.ParquetFile(path)
+            schema, n_rows = meta.schema_arrow, meta.metadata.num_rows
+        except Exception as exc:  # noqa: BLE001 - any failure to read the footer: garbage or truncated
+            raise DataError(f"readings file {name!r} is not a readable Parquet file ({_line(exc)})") from None
+        columns = [config.column_map.get(c, c) for c in schema.names]
+        types = {config.column_map.get(f.name, f.name): f.type for f in schema}
+        if n_rows == 0:
+            raise DataError(f"readings file {name!r} holds no rows")
+        for c in ("voltage_v",) + contract.READINGS_OPTIONAL:
+            if c in types and pa.types.is_boolean(types[c]):
+                raise DataError(f"readings file {name!r}: column {c!r} is of type bool, expected numbers")
+    else:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(1 << 16)
+            if b"\x00" in head:
+                raise ValueError("it holds NUL bytes (binary data)")
+            columns = [config.column_map.get(c, c) for c in pd.read_csv(path, nrows=0).columns]
+        except Exception as exc:  # noqa: BLE001 - any failure to read the header: not a CSV file
+            raise DataError(f"readings file {name!r} is not a readable CSV file ({_line(exc)})") from None
+    missing = [c for c in contract.READINGS_REQUIRED if c not in columns]
+    if missing:
+        raise DataError(
+            f"readings file {name!r}: missing required column(s) {missing}; found {columns[:20]} "
+            "(map other names with [ingest] column_map)"
+        )
+
+
+def _batches(path: Path, config: IngestConfig, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
+    """:func:`_iter_batches`, with any failure to read the file turned into one :class:`DataError` line."""
+    it = _iter_batches(path, config, columns)
+    rows = 0
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except PhaseIDError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a truncated or garbled file fails in many ways
+            raise DataError(
+                f"readings file {str(path)!r} cannot be read after row {rows} ({_line(exc)}); nothing was written"
+            ) from None
+        rows += len(batch)
+        yield batch
+
+
+def _creation_lock(store: Path) -> Path:
+    """The lock file beside ``store`` that serialises its creation (the store folder does not exist yet)."""
+    return store.parent / f".{store.name}.phaseid-create.lock"
+
+
+def _remove_creation_leftovers(store: Path) -> list[str]:
+    """Delete ``STORE.init-*`` folders of killed creations (call with the creation lock held)."""
+    gone = []
+    for q in sorted(store.parent.glob(f"{glob.escape(store.name)}.init-*")):
+        shutil.rmtree(q, ignore_errors=True)
+        gone.append(q.name)
+    return gone
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (retired transaction stages, being deleted, skipped)."""
+    files, dirs = [], [root]
+    for d, dn, fn in os.walk(root):
+        dn[:] = [x for x in dn if not x.startswith("done-")]
+        files += [Path(d) / f for f in fn]
+        dirs += [Path(d) / x for x in dn]
+
+    def sync(p: Path, directory: bool = False) -> None:
+        try:
+            _fsync_path(p, directory=directory)
+        except FileNotFoundError:
+            pass
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(sync, files))
+        list(pool.map(lambda d: sync(d, directory=True), dirs))
+
+
 def ingest_files(
     readings_paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     meters_path: str | os.PathLike[str],
@@ -879,8 +1075,16 @@ def ingest_files(
     transformers_path: str | os.PathLike[str] | None = None,
     references_path: str | os.PathLike[str] | None = None,
     config: IngestConfig | None = None,
+    lock_timeout_s: float | None = None,
 ) -> IngestReport:
-    """Build a store from contract files, or upsert more readings into an existing one.
+    """Build a store from contract files, or upsert more readings into an existing one: one transaction.
+
+    All files and all their batches form one transaction: every file is checked (Parquet footer and schema,
+    CSV header) before anything is staged, every batch is staged, and the store changes only when the
+    last batch is in (kill -9 at any moment leaves the old store or the new one). A new store is built and
+    filled beside its path (``STORE.init-<id>``) and renamed into place at the end; creations of one path
+    serialise on ``.STORE.phaseid-create.lock`` beside it, and the next writer removes the leftovers of a
+    killed creation. Writers of an existing store serialise on its lock (see :mod:`phaseid_hpc.store`).
 
     Parameters
     ----------
@@ -889,11 +1093,13 @@ def ingest_files(
     meters_path : path-like
         Meter table (CSV or Parquet).
     store : path-like
-        Store directory; created (atomically: built beside it, then renamed) when absent.
+        Store directory; created when absent.
     transformers_path, references_path : path-like, optional
         Transformer table and feeder-head references; used when the store is created.
     config : IngestConfig, optional
         Defaults to ``IngestConfig()``.
+    lock_timeout_s : float, optional
+        Wait at most this long [s] for another writer (then :class:`StoreError` naming it); ``None``: wait.
 
     Returns
     -------
@@ -903,9 +1109,11 @@ def ingest_files(
     Raises
     ------
     ContractError
-        A file is missing, unreadable or lacks a required column (message names the file and column).
+        A file is missing or lacks a required column (message names the file and column);
+        :class:`DataError`: a file is empty, garbage, truncated or has a value column of booleans.
     StoreError
-        The meters file has meters the existing store lacks, or a meter changed feeder or transformer.
+        The path holds something that is not a phaseid store, the meters file has meters the existing
+        store lacks, or a meter changed feeder or transformer.
     """
     t_start = _time.perf_counter()
     config = IngestConfig() if config is None else config
@@ -913,88 +1121,137 @@ def ingest_files(
         readings_paths = [readings_paths]
     paths = [Path(p) for p in readings_paths]
     for p in paths:
-        if not p.is_file():
-            raise ContractError(f"readings file {str(p)!r} does not exist")
+        _check_readings_file(p, config)
     store = Path(store)
     meters = sort_meters(_read_table(Path(meters_path), "meters"), source=str(meters_path))
     report = IngestReport(store=str(store))
-    if (store / "zarr.json").is_file():
-        recover_store(store)
-        ids = _strings(zarr.open_array(str(store / "meter"), mode="r")[:])
-        have = pd.DataFrame(
-            {
-                "meter_id": ids,
-                "feeder_id": _strings(zarr.open_array(str(store / "feeder_id"), mode="r")[:]),
-                "transformer_id": _strings(zarr.open_array(str(store / "transformer_id"), mode="r")[:]),
-            }
-        ).set_index("meter_id")
-        new = meters.loc[~meters["meter_id"].isin(have.index), "meter_id"]
-        if len(new):
+    if not (store / "zarr.json").is_file():
+        if store.exists() and (not store.is_dir() or any(store.iterdir())):
             raise StoreError(
-                f"{meters_path}: {len(new)} meter(s) not in store {str(store)!r} (first: {new.head(3).tolist()}); "
-                "a store's meter order is fixed at creation: ingest all files into a new store to add meters"
+                f"{str(store)!r} exists but is not a Zarr store (no zarr.json): give a store or a new path"
             )
-        if transformers_path or references_path:
-            report.notes.append(
-                f"store {str(store)!r} exists: transformers/references files are used only when a store is created"
-            )
-        cur = have.loc[meters["meter_id"]]
-        moved = (cur["feeder_id"].to_numpy() != meters["feeder_id"].to_numpy()) | (
-            cur["transformer_id"].to_numpy() != meters["transformer_id"].to_numpy()
-        )
-        if moved.any():
-            raise StoreError(
-                f"{meters_path}: {int(moved.sum())} meter(s) changed feeder or transformer (first: "
-                f"{meters['meter_id'][moved].head(3).tolist()}); rebuild the store from all files"
-            )
-    else:
-        interval_s, tmin, tmax = _scan_grid(paths, pd.Index(meters["meter_id"]), config)
-        times = pd.date_range(pd.Timestamp(tmin), pd.Timestamp(tmax), freq=pd.Timedelta(seconds=interval_s))
-        cols = set().union(*(_columns_of(p, config) for p in paths))
-        variables = ["voltage"] + [c for c in contract.READINGS_OPTIONAL if c in cols]
-        tr = _read_table(Path(transformers_path), "transformers") if transformers_path else None
-        ref = _read_table(Path(references_path), "references") if references_path else None
-        tmp = store.with_name(f"{store.name}.init-{uuid.uuid4().hex[:8]}")
-        try:
-            initialize_store(
-                tmp,
-                meters,
-                times,
-                interval_s=interval_s,
-                transformers=tr,
-                references=ref,
-                variables=variables,
-                block_bytes=config.block_bytes,
-                voltage_encoding=config.voltage_encoding,
-                time_chunk=config.time_chunk or 2976,
-            )
-            os.rename(tmp, store)
-        finally:
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
-        report.new_meters = len(meters)
+        with exclusive_lock(_creation_lock(store), f"creation of store {str(store)!r}", timeout_s=lock_timeout_s):
+            _remove_creation_leftovers(store)
+            if not (store / "zarr.json").is_file():
+                _create_store(paths, meters, store, report, config, transformers_path, references_path)
+                report.meters = int(_count_meters_with_data(store))
+                report.elapsed_s = _time.perf_counter() - t_start
+                return report
+        # another process created it while this one waited: extend it like any existing store
+    elif any(store.parent.glob(f"{glob.escape(store.name)}.init-*")):
+        with exclusive_lock(_creation_lock(store), "", blocking=False) as held:
+            if held:  # no creation is running: what is there was left by a killed one
+                _remove_creation_leftovers(store)
+    if transformers_path or references_path:
         report.notes.append(
-            f"created store {str(store)!r}: {len(meters)} meters, {len(times)} steps of {interval_s} s "
-            f"from {times[0]} to {times[-1]} (UTC), variables {variables}, voltage {config.voltage_encoding}"
+            f"store {str(store)!r} exists: transformers/references files are used only when a store is created"
         )
-    for p in paths:
-        offset = 0
-        for i, batch in enumerate(_iter_batches(p, config)):
-            r = ingest_frame(
-                store,
-                batch,
-                config=dataclasses.replace(config, column_map={}),
-                source=f"{p.name}.{i}",
-                row_offset=offset,
-            )
-            r.sources = [p.name]
-            report.merge(r)
-            offset += len(batch)
+    with StoreTransaction(store, lock_timeout_s=lock_timeout_s) as tx:
+        st = _store_state(store)
+        _check_meters_match(store, meters, meters_path)
+        _stage_files(tx, st, paths, report, config)
     report.meters = int(_count_meters_with_data(store))
     report.elapsed_s = _time.perf_counter() - t_start
     return report
+
+
+def _check_meters_match(store: Path, meters: pd.DataFrame, meters_path: Any) -> None:
+    """The meters file must not add meters nor move one to another feeder or transformer."""
+    have = pd.DataFrame(
+        {
+            "meter_id": _strings(zarr.open_array(str(store / "meter"), mode="r")[:]),
+            "feeder_id": _strings(zarr.open_array(str(store / "feeder_id"), mode="r")[:]),
+            "transformer_id": _strings(zarr.open_array(str(store / "transformer_id"), mode="r")[:]),
+        }
+    ).set_index("meter_id")
+    new = meters.loc[~meters["meter_id"].isin(have.index), "meter_id"]
+    if len(new):
+        raise StoreError(
+            f"{meters_path}: {len(new)} meter(s) not in store {str(store)!r} (first: {new.head(3).tolist()}); "
+            "a store's meter order is fixed at creation: ingest all files into a new store to add meters"
+        )
+    cur = have.loc[meters["meter_id"]]
+    moved = (cur["feeder_id"].to_numpy() != meters["feeder_id"].to_numpy()) | (
+        cur["transformer_id"].to_numpy() != meters["transformer_id"].to_numpy()
+    )
+    if moved.any():
+        raise StoreError(
+            f"{meters_path}: {int(moved.sum())} meter(s) changed feeder or transformer (first: "
+            f"{meters['meter_id'][moved].head(3).tolist()}); rebuild the store from all files"
+        )
+
+
+def _stage_files(
+    tx: StoreTransaction, st: _StoreState, paths: Sequence[Path], report: IngestReport, config: IngestConfig
+) -> None:
+    """Stage every batch of every file into ``tx`` (one transaction), merging counts into ``report``."""
+    batch_config = dataclasses.replace(config, column_map={})
+    for p in paths:
+        offset = 0
+        for i, batch in enumerate(_batches(p, config)):
+            source = f"{p.name}.{i}"
+            df = _apply_column_map(batch, {}, str(p))
+            _check_value_types(df, str(p))
+            r = IngestReport(store=report.store, sources=[p.name], rows_read=len(df))
+            st = _ingest_batch(tx, st, df, r, batch_config, source, offset)
+            report.merge(r)
+            offset += len(batch)
+        if offset == 0:
+            raise DataError(f"readings file {str(p)!r} holds no readings (a header only); nothing was written")
+        if _FAULT_HOOK is not None:
+            _FAULT_HOOK("file", p.name)
+
+
+#: Test hook: called as ``hook(step, detail)`` between the steps of :func:`ingest_files`.
+_FAULT_HOOK: Any = None
+
+
+def _create_store(
+    paths: Sequence[Path],
+    meters: pd.DataFrame,
+    store: Path,
+    report: IngestReport,
+    config: IngestConfig,
+    transformers_path: Any,
+    references_path: Any,
+) -> None:
+    """Build the store beside ``store``, stage every reading into it, and rename it into place."""
+    interval_s, tmin, tmax = _scan_grid(paths, pd.Index(meters["meter_id"]), config)
+    times = pd.date_range(pd.Timestamp(tmin), pd.Timestamp(tmax), freq=pd.Timedelta(seconds=interval_s))
+    cols = set().union(*(_columns_of(p, config) for p in paths))
+    variables = ["voltage"] + [c for c in contract.READINGS_OPTIONAL if c in cols]
+    tr = _read_table(Path(transformers_path), "transformers") if transformers_path else None
+    ref = _read_table(Path(references_path), "references") if references_path else None
+    tmp = store.with_name(f"{store.name}.init-{uuid.uuid4().hex[:8]}")
+    try:
+        initialize_store(
+            tmp,
+            meters,
+            times,
+            interval_s=interval_s,
+            transformers=tr,
+            references=ref,
+            variables=variables,
+            block_bytes=config.block_bytes,
+            voltage_encoding=config.voltage_encoding,
+            time_chunk=config.time_chunk or 2976,
+        )
+        with StoreTransaction(tmp) as tx:
+            _stage_files(tx, _store_state(tmp), paths, report, config)
+        _fsync_tree(tmp)
+        if _FAULT_HOOK is not None:
+            _FAULT_HOOK("create", store.name)
+        os.rename(tmp, store)  # the commit point of a creation
+        _fsync_path(store.parent, directory=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    report.store = str(store)
+    report.new_meters = len(meters)
+    report.notes.append(
+        f"created store {str(store)!r}: {len(meters)} meters, {len(times)} steps of {interval_s} s "
+        f"from {times[0]} to {times[-1]} (UTC), variables {variables}, voltage {config.voltage_encoding}"
+    )
 
 
 def _count_meters_with_data(store: Path) -> int:

@@ -30,7 +30,21 @@ by the thread that wrote them, :meth:`StoreTransaction.write_synced`; the rest a
 ``COMMITTED`` marker is renamed into place (the commit point), then each staged file is moved over its
 target with :func:`os.replace` (in a thread pool: order does not matter after the commit point). A crash before the marker leaves the old store (the staging folder is
 deleted on the next open); a crash after it is rolled forward by :func:`recover_store` (called by every
-writer and by :func:`open_store`). Writers hold an exclusive ``flock`` on ``STORE/_phaseid/lock``.
+writer and by :func:`open_store`).
+
+Writers serialise on an exclusive ``flock`` of ``STORE/_phaseid/lock`` (mode 0644), taken *before* a
+transaction reads anything of the store, so two writers never merge into stale state: the second waits
+(or, given ``lock_timeout_s``, fails with a :class:`~phaseid_hpc.errors.StoreError` naming the holder,
+whose pid, host and start time the lock file holds). On Linux NFS clients ``flock`` is emulated with
+byte-range locks, so writers on several hosts of one shared file system serialise too.
+
+Integrity
+---------
+Stores of version 2 (:data:`STORE_VERSION`) end every chunk of every array with a CRC-32C (the Zarr v3
+``crc32c`` codec) and hold every chunk of the (meter, time) data variables (chunks of fill values
+included), so a flipped byte, a truncated or garbage chunk and a deleted chunk are all detectable:
+:func:`read_meter_block` raises a one-line :class:`StoreError` naming the chunk, and
+``validate_store(deep=True)`` (``phaseid validate-store --deep``) reads every chunk and names each bad one.
 """
 
 from __future__ import annotations
@@ -38,10 +52,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import glob
 import json
 import os
 import shutil
+import socket
+import struct
+import sys
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -73,8 +92,9 @@ __all__ = [
     "write_meter_block",
 ]
 
-#: Version of the store layout written into the root attributes.
-STORE_VERSION = 1
+#: Version of the store layout written into the root attributes (2: CRC-32C on every chunk, every data
+#: chunk present; 1: neither).
+STORE_VERSION = 2
 #: (meter, time) data variables a store may hold.
 DATA_VARIABLES: tuple[str, ...] = ("voltage", "kw", "kvar")
 #: Coordinates along ``meter`` holding strings / floats.
@@ -180,10 +200,115 @@ def encode_voltage(values: np.ndarray, encoding: str) -> np.ndarray:
 
 def _compressors(dtype: np.dtype) -> tuple[Any, ...]:
     # Byte shuffle + zstd level 3: level 5 compresses 3-5% better but encodes ~3x slower (ingest rewrites
-    # chunks), plain zstd is bigger on full-precision float32 (benchmarks/store_encoding.py).
+    # chunks), plain zstd is bigger on full-precision float32 (benchmarks/store_encoding.py). The CRC-32C
+    # (4 bytes a chunk) makes any corruption of a chunk file detectable.
     return (
         zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize),
+        zarr.codecs.Crc32cCodec(),
     )
+
+
+def _coordinate_compressors() -> tuple[Any, ...]:
+    return (zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec())
+
+
+class ChunkChecksumError(ValueError):
+    """A chunk's stored CRC-32C does not match its bytes."""
+
+
+class ChunkCodec:
+    """Encode and decode whole chunks of a ``bytes(little) -> blosc [-> crc32c]`` array without Zarr's
+    per-call machinery (the bytes are identical to what Zarr writes and reads).
+
+    Use :meth:`of` to get one for an array (``None`` for any other codec chain).
+    """
+
+    def __init__(self, blosc: Any, crc32c: bool) -> None:
+        self.blosc = blosc
+        self.crc32c = crc32c
+
+    @classmethod
+    def of(cls, arr: zarr.Array) -> ChunkCodec | None:
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+
+        codecs = tuple(getattr(arr.metadata, "codecs", ()))
+        crc = len(codecs) == 3 and isinstance(codecs[2], Crc32cCodec)
+        if (
+            sys.byteorder == "little"
+            and len(codecs) in (2, 3)
+            and (len(codecs) == 2 or crc)
+            and isinstance(codecs[0], BytesCodec)
+            and str(getattr(codecs[0].endian, "value", codecs[0].endian)) in ("little", "None")
+            and isinstance(codecs[1], BloscCodec)
+            and getattr(arr.metadata, "chunk_key_encoding", None) is not None
+        ):
+            return cls(codecs[1]._blosc_codec, crc)
+        return None
+
+    def encode(self, block: np.ndarray) -> bytes:
+        """Chunk file bytes of ``block`` (a whole chunk, C order)."""
+        data = bytes(self.blosc.encode(np.ascontiguousarray(block)))
+        if self.crc32c:
+            import google_crc32c
+
+            data += struct.pack("<I", google_crc32c.value(data))
+        return data
+
+    def decode(self, data: bytes, out: np.ndarray) -> None:
+        """Decode chunk file bytes into ``out`` (a whole chunk); :class:`ChunkChecksumError` on a bad CRC."""
+        if self.crc32c:
+            import google_crc32c
+
+            if len(data) < 4:
+                raise ChunkChecksumError(f"chunk of {len(data)} bytes is shorter than its 4-byte checksum")
+            stored = struct.unpack("<I", data[-4:])[0]
+            data = bytes(data[:-4])
+            if google_crc32c.value(data) != stored:
+                raise ChunkChecksumError("stored and computed CRC-32C differ")
+        try:
+            self.blosc.decode(data, out=out)
+        except Exception as exc:  # noqa: BLE001 - blosc raises RuntimeError/ValueError on any bad input
+            raise ChunkChecksumError(f"blosc cannot decode it ({exc})") from None
+
+
+def write_fill_chunks(
+    directory: Path, arr: zarr.Array, chunks: Sequence[tuple[int, ...]], *, synced: bool = False
+) -> None:
+    """Write chunk files of fill values for the chunk indices ``chunks`` of ``arr`` under ``directory``.
+
+    ``directory`` is the array's folder (in the store or in a transaction's stage); ``arr`` gives the
+    metadata (open on either). ``synced``: fsync each file.
+    """
+    if not len(chunks):
+        return
+    codec = ChunkCodec.of(arr)
+    if codec is None:  # any other codec chain: through Zarr, forcing the write of all-fill chunks
+        target = zarr.open_array(str(directory), mode="r+", config={"write_empty_chunks": True})
+        shape = target.chunks
+        for idx in chunks:
+            sel = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, shape, target.shape))
+            target[sel] = target.fill_value
+        return
+    data = codec.encode(np.full(arr.chunks, arr.fill_value, dtype=arr.dtype))
+
+    def write(idx: tuple[int, ...]) -> None:
+        _write_file(directory / arr.metadata.encode_chunk_key(idx), data, synced=synced)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(write, [tuple(int(i) for i in idx) for idx in chunks]))
+
+
+def _write_file(p: Path, data: bytes, *, synced: bool = False, mode: int = 0o644) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if synced:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------- creation
@@ -331,6 +456,8 @@ def initialize_store(
         encoding[c] = {"chunks": (max(len(m), 1),)}
     if ref_values is not None:
         encoding["reference_voltage"] = {"chunks": (max(len(ref_values), 1), n_time_chunk)}
+    for name in list(ds.variables):
+        encoding.setdefault(str(name), {})["compressors"] = _coordinate_compressors()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.to_zarr(str(path), zarr_format=3, encoding=encoding, mode="w", consolidated=False)
 
@@ -361,6 +488,10 @@ def initialize_store(
             attributes=attrs,
             compressors=_compressors(np.dtype(dtype)),
         )
+        # Every chunk exists from the start (fill values compress to a few bytes), so that a deleted chunk
+        # file is detectable instead of reading as missing data.
+        arr = group[var]
+        write_fill_chunks(path / var, arr, list(np.ndindex(*arr.cdata_shape)))
     _write_group_markers(path)
     _consolidate(path)
 
@@ -414,7 +545,7 @@ def write_meter_block(
             raise StoreError(
                 f"store {str(path)!r} has no variable {name!r} (has {sorted(group.array_keys())})"
             )
-        arr = group[name]
+        arr = zarr.open_array(str(path / name), mode="r+", config={"write_empty_chunks": True})
         values = np.asarray(values)
         expected = (meter_stop - meter_start, arr.shape[1])
         if values.shape != expected or not 0 <= meter_start <= meter_stop <= arr.shape[0]:
@@ -507,14 +638,28 @@ def read_meter_block(
     dict of str to ndarray, shape (meter_stop - meter_start, n_time), float32
         Voltage [V], kw [kW], kvar [kvar], NaN where missing.
     """
+    path = Path(path)
     group = zarr.open_group(str(path), mode="r")
     names = set(group.array_keys())
+    complete = int(group.attrs.get("phaseid_store_version", 1)) >= 2
     out: dict[str, np.ndarray] = {}
     for name in variables:
         if name not in names:
             continue
         arr = group[name]
-        raw = arr[meter_start:meter_stop]
+        chunks = _row_chunks(arr, meter_start, meter_stop)
+        if complete:
+            for idx in chunks:
+                key = arr.metadata.encode_chunk_key(idx)
+                if not (path / name / key).is_file():
+                    raise StoreError(_damaged(path, f"chunk {name}/{key} is missing"))
+        try:
+            raw = arr[meter_start:meter_stop]
+        except Exception as exc:  # noqa: BLE001 - named below: which chunk, what is wrong
+            bad = _bad_chunks(path, name, arr, chunks, require=complete, first_only=True)
+            raise StoreError(
+                _damaged(path, bad[0] if bad else f"{name} rows {meter_start}:{meter_stop} cannot be read ({_line(exc)})")
+            ) from None
         scale = arr.attrs.get("scale_factor")
         if raw.dtype.kind in "iu":
             fill = arr.attrs.get("_FillValue", arr.fill_value)
@@ -530,6 +675,62 @@ def read_meter_block(
         else:
             data = raw.astype(np.float32, copy=False)
         out[name] = data
+    return out
+
+
+def _line(exc: BaseException) -> str:
+    """An exception as one short line (type and the first line of its message)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+def _damaged(path: Path, what: str) -> str:
+    return (
+        f"store {str(path)!r} is damaged: {what}; restore the store from a backup or rebuild it from the "
+        "readings (phaseid validate-store --deep lists every bad chunk)"
+    )
+
+
+def _row_chunks(arr: zarr.Array, start: int, stop: int) -> list[tuple[int, ...]]:
+    """Chunk indices of ``arr`` holding rows ``[start, stop)`` of its first dimension (all of the others)."""
+    if arr.ndim == 0 or stop <= start:
+        return []
+    c0 = arr.chunks[0]
+    rows = range(start // c0, -(-stop // c0))
+    return [(i, *rest) for i in rows for rest in np.ndindex(*arr.cdata_shape[1:])]
+
+
+def _bad_chunks(
+    path: Path,
+    name: str,
+    arr: zarr.Array,
+    chunks: Sequence[tuple[int, ...]],
+    *,
+    require: bool,
+    first_only: bool = False,
+) -> list[str]:
+    """Problems of chunks ``chunks`` of array ``name``: missing (when ``require``), corrupt (any decoding
+    error, a CRC-32C mismatch included). Each problem names the chunk file relative to the store."""
+    codec = ChunkCodec.of(arr)
+    out: list[str] = []
+    buf = np.empty(arr.chunks, dtype=arr.dtype) if codec is not None else None
+    for idx in chunks:
+        idx = tuple(int(i) for i in idx)
+        key = arr.metadata.encode_chunk_key(idx)
+        f = path / name / key
+        if not f.is_file():
+            if require:
+                out.append(f"chunk {name}/{key} is missing")
+        else:
+            try:
+                if codec is not None:
+                    codec.decode(f.read_bytes(), buf)
+                else:
+                    arr.blocks[idx]
+            except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt chunk
+                out.append(f"chunk {name}/{key} is corrupt ({_line(exc)})")
+        if out and first_only:
+            break
     return out
 
 
@@ -601,23 +802,35 @@ def feeder_blocks(
 
 
 # --------------------------------------------------------------------------------------------- validation
-def validate_store(path: str | os.PathLike[str], *, raise_on_error: bool = False) -> list[str]:
+def validate_store(
+    path: str | os.PathLike[str], *, deep: bool = False, raise_on_error: bool = False
+) -> list[str]:
     """Check a store against the schema; return the list of problems (empty: valid).
 
     Checks: the store opens; attributes ``interval_s`` and ``phaseid_store_version``; every schema variable
     present with the right dimensions; meter ids unique and sorted by feeder, transformer, meter (so each
     feeder is a contiguous slice); Dask chunks of :func:`open_store` made of whole feeders; storage chunks
     of all data variables identical; the time axis strictly increasing on a regular ``interval_s`` grid;
-    no interrupted transaction left in ``_phaseid``.
+    no interrupted transaction left in ``_phaseid``; no leftover of a killed store creation beside it.
 
     Parameters
     ----------
     path : path-like
+    deep : bool
+        Also read and decode every chunk of every array (CRC-32C checked in version-2 stores) and, in
+        version-2 stores, require every chunk of the data variables: one problem per bad chunk, naming it.
     raise_on_error : bool
         Raise :class:`StoreError` listing every problem instead of returning them.
     """
     path = Path(path)
     problems: list[str] = []
+    leftovers = sorted(q.name for q in path.parent.glob(f"{glob.escape(path.name)}.init-*"))
+    if leftovers:
+        problems.append(f"leftover(s) of a killed store creation beside the store: {leftovers} "
+                        "(removed by the next ingest)")
+    if not (path / "zarr.json").is_file():
+        problems.append(f"store {str(path)!r} does not open: no Zarr store there (missing zarr.json)")
+        return _finish(problems, path, raise_on_error)
     try:
         pending = [p.name for p in _txn_root(path).glob("txn-*")] if (path / "_phaseid").is_dir() else []
         if pending:
@@ -702,7 +915,21 @@ def validate_store(path: str | os.PathLike[str], *, raise_on_error: bool = False
                 problems.append(
                     f"non-regular time grid: step {d[i] / 1e9:g} s at index {i + 1}, expected interval_s={step // 10**9}"
                 )
+    if deep:
+        problems += _deep_chunk_problems(path, int(ds.attrs.get("phaseid_store_version", 1)))
     return _finish(problems, path, raise_on_error)
+
+
+def _deep_chunk_problems(path: Path, version: int) -> list[str]:
+    group = zarr.open_group(str(path), mode="r")
+    problems: list[str] = []
+    for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
+        chunks = list(np.ndindex(*arr.cdata_shape))
+        problems += _bad_chunks(path, name, arr, chunks, require=version >= 2 and name in DATA_VARIABLES)
+    if version < 2:
+        problems.append(f"store version {version} has no chunk checksums: a flipped byte may go undetected "
+                        "(rebuild the store with this version of phaseid-hpc to add them)")
+    return problems
 
 
 def _finish(problems: list[str], path: Path, raise_on_error: bool) -> list[str]:
@@ -716,20 +943,75 @@ def _txn_root(path: Path) -> Path:
     return path / "_phaseid"
 
 
+#: Bytes of holder information at the start of a lock file (fixed, so the file's size never changes).
+_LOCK_INFO_BYTES = 256
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, _LOCK_INFO_BYTES, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "an unknown process"
+
+
 @contextlib.contextmanager
-def _store_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
-    root = _txn_root(path)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "lock", "a+") as fh:
+def exclusive_lock(
+    lock_file: Path, what: str, *, blocking: bool = True, timeout_s: float | None = None
+) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (created with mode 0644); yield whether it is held.
+
+    ``blocking=False``: yield ``False`` at once when another process holds it. ``timeout_s``: wait at most
+    this long [s], then raise :class:`StoreError` naming ``what`` and the holder (pid, host, program and
+    start time, written into the file by every holder). ``None``: wait as long as it takes.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        writable = True
+    except PermissionError:  # another user's store: locking works on a read-only descriptor too
+        fd, writable = os.open(lock_file, os.O_RDONLY), False
+    try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
-            return
+            if not blocking:
+                yield False
+                return
+            if timeout_s is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                deadline, pause = time.monotonic() + float(timeout_s), 0.02
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise StoreError(
+                                f"{what} is locked by another writer ({_lock_holder(fd)}); waited "
+                                f"{float(timeout_s):g} s: retry when it has finished"
+                            ) from None
+                        time.sleep(pause)
+                        pause = min(0.5, pause * 2)
         try:
+            if writable:
+                info = (
+                    f"pid {os.getpid()} on {socket.gethostname()} ({os.path.basename(sys.argv[0] or 'python')}) "
+                    f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+                )
+                os.pwrite(fd, info.encode()[:_LOCK_INFO_BYTES].ljust(_LOCK_INFO_BYTES), 0)
             yield True
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _store_lock(path: Path, *, blocking: bool = True, timeout_s: float | None = None) -> contextlib.AbstractContextManager[bool]:
+    return exclusive_lock(
+        _txn_root(path) / "lock", f"store {str(path)!r}", blocking=blocking, timeout_s=timeout_s
+    )
 
 
 def _fsync_path(p: Path, directory: bool = False) -> None:
@@ -814,8 +1096,9 @@ class StoreTransaction:
     Writes to staged arrays must cover whole storage chunks (the stage holds no copy of the old chunks).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lock_timeout_s: float | None = None) -> None:
         self.path = Path(path)
+        self.lock_timeout_s = lock_timeout_s
         self.stage = _txn_root(self.path) / f"txn-{uuid.uuid4().hex}"
         self.files = self.stage / "files"
         self._lock: Any = None
@@ -826,9 +1109,19 @@ class StoreTransaction:
     def __enter__(self) -> Self:
         if not (self.path / "zarr.json").is_file():
             raise StoreError(f"no Zarr store at {str(self.path)!r} (missing zarr.json)")
-        self._lock = _store_lock(self.path)
+        # The lock comes first: everything this transaction reads of the store is read while it is held.
+        self._lock = _store_lock(self.path, timeout_s=self.lock_timeout_s)
         self._lock.__enter__()
-        _recover_locked(self.path)
+        try:
+            _recover_locked(self.path)
+            self._stage_metadata()
+        except BaseException:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def _stage_metadata(self) -> None:
         self.files.mkdir(parents=True)
         # Mirror every metadata document so that the staged hierarchy opens and consolidates on its own.
         # The hierarchy is flat (root group + one level of arrays and side groups).
@@ -839,7 +1132,11 @@ class StoreTransaction:
             rel = meta.relative_to(self.path)
             (self.files / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(meta, self.files / rel)
-        return self
+
+    def current(self, rel: str) -> Path:
+        """Where ``STORE/rel`` reads as of now inside this transaction: the staged file if there is one."""
+        staged = self.files / rel
+        return staged if staged.exists() else self.path / rel
 
     def array(self, name: str) -> zarr.Array:
         """The staged Zarr array ``name`` (writes land in the stage; unwritten chunks read as fill)."""
@@ -850,10 +1147,8 @@ class StoreTransaction:
         return self._arrays[name]
 
     def write_file(self, rel: str, data: bytes) -> None:
-        """Stage a side file at ``STORE/rel``."""
-        p = self.files / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
+        """Stage a side file at ``STORE/rel`` (mode 0644)."""
+        _write_file(self.files / rel, data)
 
     def write_synced(self, rel: str, data: bytes) -> None:
         """Stage a file at ``STORE/rel`` and fsync it now (thread-safe; the commit skips its fsync).
@@ -861,16 +1156,7 @@ class StoreTransaction:
         Used for chunk files written from a pool of encoders, so that the fsyncs overlap the encoding
         instead of queueing up at the commit.
         """
-        p = self.files / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_file(self.files / rel, data, synced=True)
         with self._synced_lock:
             self._synced.add(rel)
 
