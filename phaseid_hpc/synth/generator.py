@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from ..contract import TRUTH_COLUMNS
 from .gis_errors import corrupt_labels
 from .loads import ar1_filter, customer_loads, weather_temperature
-from .measurement import MeasurementModel, apply_measurement_model
+from .measurement import MeasurementModel, apply_measurement_model, collector_distance_m
 from .powerflow import V_LN_MV, feeder_drops, substation_bus_voltage
 from .topology import FeederTopology, build_feeder_topology, xy_to_latlon
 
@@ -312,8 +312,15 @@ def simulate_substation(
         v = v[order].astype(np.float32)
         kw, kvar = np.round(kw[order], 3), np.round(kvar[order], 3)  # what a meter register reports [kW]
         if measurement is not None:
+            dist = None
+            if measurement.missing_hop_m > 0:  # RF-mesh loss grows with the hops to the collector
+                dist = collector_distance_m(top.meter_xy[order], random_state=_rng(seed, _S_MEAS, fidx, 1))
             meas, off = apply_measurement_model(
-                v, measurement, interval_s=grid.interval_s, random_state=_rng(seed, _S_MEAS, fidx)
+                v,
+                measurement,
+                interval_s=grid.interval_s,
+                random_state=_rng(seed, _S_MEAS, fidx),
+                distance_m=dist,
             )
             meas = meas.astype(np.float32)
         else:

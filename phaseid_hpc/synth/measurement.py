@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MeasurementModel", "apply_measurement_model"]
+__all__ = ["MeasurementModel", "apply_measurement_model", "collector_distance_m"]
 
 #: One-sigma relative error per accuracy class [-]. A class-c meter's error limit is c% of reading;
 #: taking that as a 3-sigma bound and rounding gives class 0.5 ~ 0.07% (one sigma), per shared/README.
@@ -37,6 +37,11 @@ class MeasurementModel:
         Largest clock offset, drawn uniformly in [-max, max] for offset meters [s].
     interval_averaged : bool
         Kept for the record: the simulated series are already interval means when True.
+    missing_hop_m : float
+        RF-mesh hop length [m]. ``0``: every meter misses the same share. ``> 0``: a meter's share of
+        missing samples grows in proportion to its hop count ``1 + floor(distance / hop)`` from the
+        collector (packet loss compounds over hops), the mean staying ``missing_fraction``; needs
+        ``distance_m`` (see :func:`collector_distance_m`).
     """
 
     accuracy_class: float = 0.5
@@ -46,6 +51,7 @@ class MeasurementModel:
     clock_offset_fraction: float = 0.0
     clock_offset_max_s: float = 300.0
     interval_averaged: bool = True
+    missing_hop_m: float = 0.0
 
     @property
     def sigma(self) -> float:
@@ -74,12 +80,51 @@ def _shift(voltage: np.ndarray, shift_samples: np.ndarray) -> np.ndarray:
     return out
 
 
+def _missing_rate(model: MeasurementModel, n_meters: int, distance_m: np.ndarray | None) -> np.ndarray:
+    """Share of missing samples of each meter [-], shape (n_meters,); mean ``model.missing_fraction``."""
+    if model.missing_hop_m <= 0:
+        return np.full(n_meters, model.missing_fraction)
+    if distance_m is None or len(distance_m) != n_meters:
+        raise ValueError(
+            f"missing_hop_m={model.missing_hop_m} needs distance_m, one distance per meter ({n_meters})"
+        )
+    hops = 1.0 + np.floor(np.asarray(distance_m, dtype=float) / model.missing_hop_m)
+    return np.minimum(model.missing_fraction * hops / hops.mean(), 0.95)
+
+
+def collector_distance_m(
+    xy_m: np.ndarray, *, meters_per_collector: int = 1500, random_state: int | np.random.Generator = 0
+) -> np.ndarray:
+    """Distance of each meter to the nearest data collector of an RF mesh [m].
+
+    Collectors are put on ``ceil(n / meters_per_collector)`` meters' sites chosen at random (seeded).
+
+    Parameters
+    ----------
+    xy_m : ndarray, shape (n_meters, 2)
+        Meter positions east/north [m] (from lat/lon: ``(lon - lon0) * 111320 * cos(lat0)``,
+        ``(lat - lat0) * 111320``).
+    meters_per_collector : int
+    random_state : int or numpy.random.Generator
+
+    Returns
+    -------
+    ndarray, shape (n_meters,)
+    """
+    rng = np.random.default_rng(random_state)
+    xy = np.asarray(xy_m, dtype=float)
+    k = max(1, -(-len(xy) // meters_per_collector))
+    sites = xy[rng.choice(len(xy), k, replace=False)]
+    return np.min(np.hypot(*(xy[:, None, :] - sites[None, :, :]).transpose(2, 0, 1)), axis=1)
+
+
 def apply_measurement_model(
     voltage: np.ndarray,
     model: MeasurementModel,
     *,
     interval_s: float,
     random_state: int | np.random.Generator,
+    distance_m: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Turn true voltages into what meters report.
 
@@ -93,6 +138,8 @@ def apply_measurement_model(
         Sampling interval. [s]
     random_state : int or numpy.random.Generator
         Seed or generator; the same seed gives the same output.
+    distance_m : ndarray, shape (n_meters,), optional
+        Distance of each meter from its data collector [m]; needed when ``model.missing_hop_m > 0``.
 
     Returns
     -------
@@ -113,8 +160,9 @@ def apply_measurement_model(
     if model.resolution_v > 0:
         out = np.round(out / model.resolution_v) * model.resolution_v
     if model.missing_fraction > 0:
-        mask = rng.random((n_m, n_t)) < model.missing_fraction / 2
-        n_bursts = rng.poisson(model.missing_fraction / 2 * n_t / max(model.burst_mean_len, 1), n_m)
+        rate = _missing_rate(model, n_m, distance_m)
+        mask = rng.random((n_m, n_t)) < (rate / 2)[:, None]
+        n_bursts = rng.poisson(rate / 2 * n_t / max(model.burst_mean_len, 1), n_m)
         owner = np.repeat(np.arange(n_m), n_bursts)
         starts = rng.integers(0, n_t, len(owner))
         stops = np.minimum(starts + rng.geometric(1.0 / max(model.burst_mean_len, 1), len(owner)), n_t)

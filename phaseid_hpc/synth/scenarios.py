@@ -32,6 +32,16 @@ itself. Only the late clocks are in the files, as a meter would export them; ``t
 ``clock_shift_intervals`` column (1: the meter's timestamps are one interval early). A
 ``scenario.json`` records the parameters and the equipment's activity (tap changes, capacitor
 switchings).
+
+Applying the meter model, with missing data that grows with the hops from the RF-mesh collector::
+
+    from phaseid_hpc.synth.measurement import MeasurementModel, apply_measurement_model, collector_distance_m
+    from phaseid_hpc.synth.topology import latlon_to_xy
+
+    xy = latlon_to_xy(meters.lat, meters.lon, meters.lat.mean(), meters.lon.mean())  # [m]
+    model = MeasurementModel(accuracy_class=0.5, resolution_v=0.1, missing_fraction=0.05, missing_hop_m=400)
+    dist = collector_distance_m(xy, random_state=seed)
+    measured, _ = apply_measurement_model(voltage, model, interval_s=900, random_state=seed, distance_m=dist)
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ __all__ = [
     "add_line_regulators",
     "build_feeder_topology",
     "build_lv_network",
+    "latlon_to_xy",
     "node_distance_km",
 ]
 
@@ -386,6 +387,12 @@ def build_feeder_topology(
         meter_service_ohm=m_serv_ohm,
         meter_xy=m_xy,
     )
+
+
+def latlon_to_xy(lat: np.ndarray, lon: np.ndarray, lat0: float, lon0: float) -> np.ndarray:
+    """Latitude/longitude [deg] to east/north offsets [m] around (lat0, lon0), shape (n, 2)."""
+    lat, lon = np.asarray(lat, dtype=float), np.asarray(lon, dtype=float)
+    return np.column_stack([(lon - lon0) * _M_PER_DEG * np.cos(np.deg2rad(lat0)), (lat - lat0) * _M_PER_DEG])
 
 
 def xy_to_latlon(xy: np.ndarray, lat0: float, lon0: float) -> tuple[np.ndarray, np.ndarray]:
