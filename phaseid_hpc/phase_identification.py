@@ -48,7 +48,7 @@ from .kernels.neighbours import (
 )
 from .kernels.preprocess import common_mode_residual, standardized_differences, unit_rows
 
-__all__ = ["RESULT_COLUMNS", "identify_phases", "recommend"]
+__all__ = ["RESULT_COLUMNS", "align_clocks", "identify_phases", "recommend", "shift_rows"]
 
 RESULT_COLUMNS: tuple[str, ...] = ("phase", "phase_confidence", "phase_class", "reasons")
 _PHASES = contract.SINGLE_PHASES
@@ -149,6 +149,69 @@ def identify_phases(
     )
 
 
+def align_clocks(
+    voltage: Any,
+    meters: pd.DataFrame,
+    config: PhaseConfig = PhaseConfig(),  # noqa: B008 - frozen dataclass, safe as a default
+    *,
+    xp: Any | None = None,
+) -> tuple[Any, np.ndarray]:
+    """Undo whole-interval clock errors, feeder by feeder (step 1 of identification, on its own).
+
+    The pipeline runs it once before phase identification and transformer mapping, so that both stages
+    (and the level check's kW) see a late meter where it belongs.
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Meter voltage, NaN where missing. [V]
+    meters : DataFrame, n_meters rows
+        ``feeder_id``, ``phase_gis``; optional ``service_type``, ``nominal_v`` [V], ``usable``.
+    config : PhaseConfig
+        ``clock_lag_se`` (0: nothing is shifted).
+
+    Returns
+    -------
+    voltage : array, shape (n_meters, n_time)
+        Shifted rows (NaN where shifted out), other rows unchanged. [V]
+    lag : ndarray of int, shape (n_meters,)
+        Intervals each row was late (positive) or early (negative) [samples].
+    """
+    xp = array_namespace(voltage) if xp is None else xp
+    v = xp.asarray(voltage, dtype=xp.float64)
+    n = len(meters)
+    lag = np.zeros(n, dtype=np.int64)
+    usable = meters["usable"].to_numpy(dtype=bool) if "usable" in meters else np.ones(n, dtype=bool)
+    nominal = meters["nominal_v"].to_numpy(dtype=np.float64) if "nominal_v" in meters else np.full(n, np.nan)
+    single = usable & (_service_kinds(meters) == "single")
+    feeders = meters["feeder_id"].astype(str).to_numpy()
+    parts = []
+    for feeder in sorted(set(feeders)):
+        rows = np.flatnonzero(feeders == feeder)
+        vf, lag[rows] = _align_clocks(xp, _take_rows(xp, v, rows), nominal[rows], single[rows], config)
+        parts.append((rows, vf))
+    if not lag.any():
+        return v, lag
+    out = np.array(to_numpy(v), dtype=np.float64, copy=True)
+    for rows, vf in parts:
+        if lag[rows].any():
+            out[rows] = to_numpy(vf)
+    return xp.asarray(out), lag
+
+
+def shift_rows(x: np.ndarray, lag: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` (n, T) moved back by ``lag`` samples (as :func:`align_clocks` does), NaN-filled."""
+    out = np.array(x, dtype=np.float64, copy=True)
+    for i in np.flatnonzero(lag):
+        s = int(lag[i])
+        out[i, :] = np.nan
+        if s > 0:
+            out[i, :-s] = x[i, s:]
+        else:
+            out[i, -s:] = x[i, :s]
+    return out
+
+
 def _take_rows(xp: Any, v: Any, rows: np.ndarray) -> Any:
     if rows.size and np.all(np.diff(rows) == 1):
         return v[int(rows[0]) : int(rows[-1]) + 1, :]
@@ -216,7 +279,9 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     # Step 3: votes of the neighbours' labels: GIS first, then the first round's answers
     group = _gis_groups(meters, gis, s_idx, config)
     y_s = _pool_groups(xp, xp.take(y, xp.asarray(s_idx), axis=0), group, config)
-    idx, sim = top_k_neighbours(y_s, xp.asarray(group), config.n_neighbours)
+    # small feeders (an LV network of a dozen customers): a few meters per phase, so fewer voters
+    k = min(config.n_neighbours, max(3, s_idx.size // 6))
+    idx, sim = top_k_neighbours(y_s, xp.asarray(group), k)
     labels = gis_code[s_idx]
     for _ in range(config.vote_rounds):
         votes = to_numpy(neighbour_votes(idx, sim, xp.asarray(labels), 3))
@@ -271,17 +336,8 @@ def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, single: np.ndarray, conf
     shift &= corr_h[np.arange(n), best] > config.clock_lag_se * se
     if not shift.any():
         return v, lag
-    lag[shift] = to_numpy(lags)[best[shift]]
-    v_h = np.array(to_numpy(v), dtype=np.float64, copy=True)
-    for i in np.flatnonzero(shift):
-        s = int(lag[i])  # row is s samples late: x_aligned(t) = x(t + s)
-        row = v_h[i].copy()
-        v_h[i, :] = np.nan
-        if s > 0:
-            v_h[i, :-s] = row[s:]
-        else:
-            v_h[i, -s:] = row[:s]
-    return xp.asarray(v_h), lag
+    lag[shift] = to_numpy(lags)[best[shift]]  # a row s samples late: x_aligned(t) = x(t + s)
+    return xp.asarray(shift_rows(to_numpy(v), lag)), lag
 
 
 def _reference_labels(xp: Any, ref_v: Any, u: Any, n_obs: np.ndarray) -> np.ndarray:
@@ -302,13 +358,17 @@ def _reference_labels(xp: Any, ref_v: Any, u: Any, n_obs: np.ndarray) -> np.ndar
 def _gis_groups(meters: pd.DataFrame, gis: np.ndarray, s_idx: np.ndarray, config: PhaseConfig) -> np.ndarray:
     """Group code per single-phase meter (rows ``s_idx``): its GIS transformer and GIS phase.
 
-    Groups of more than ``config.max_group_size`` meters (one three-phase transformer serving a whole LV
-    feeder) carry no local information: each of their meters gets a group of its own.
+    Groups of more than ``config.max_group_size`` meters, or of more than a quarter of the feeder's meters
+    with that GIS phase (one three-phase transformer serving a whole LV network), carry no local
+    information: each of their meters gets a group of its own (else a phase would vote only for others).
     """
-    key = meters["transformer_id"].astype(str).to_numpy()[s_idx] + "|" + gis[s_idx].astype(str)
+    labels = gis[s_idx].astype(str)
+    key = meters["transformer_id"].astype(str).to_numpy()[s_idx] + "|" + labels
     code, uniq = pd.factorize(key, sort=True)
-    size = np.bincount(code, minlength=len(uniq))
-    return np.where(size[code] > config.max_group_size, len(uniq) + np.arange(code.size), code).astype(np.int64)
+    size = np.bincount(code, minlength=len(uniq))[code]
+    per_label = pd.Series(labels).map(pd.Series(labels).value_counts()).to_numpy()
+    large = (size > config.max_group_size) | (size > 0.25 * per_label)
+    return np.where(large, len(uniq) + np.arange(code.size), code).astype(np.int64)
 
 
 def _pool_groups(xp: Any, y: Any, group: np.ndarray, config: PhaseConfig) -> Any:

@@ -9,6 +9,7 @@ workers or on which block finished first.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__
+from . import __version__, contract
 from .config import RunConfig, config_fingerprint, config_to_dict
 from .contract import METER_RESULT_COLUMNS, PHASE_CLASSES
 from .errors import PhaseIDError, StoreError
@@ -257,7 +258,7 @@ def process_arrays(
         ``meters`` (DataFrame, one row per meter), ``transformers`` (DataFrame), ``timings`` [s].
     """
     from ._compat import get_xp, to_numpy
-    from .phase_identification import identify_phases, recommend
+    from .phase_identification import align_clocks, identify_phases, recommend, shift_rows
     from .quality import assess_quality
 
     timings: dict[str, float] = {}
@@ -294,7 +295,13 @@ def process_arrays(
             "usable": qt["usable"].to_numpy(dtype=bool),
         }
     )
-    ph = identify_phases(clean, id_meters, config.phase, references=references, interval_s=interval_s)
+    # whole-interval clock errors undone once, for every later stage (voltage and power alike)
+    clean, lag = align_clocks(clean, id_meters, config.phase)
+    if lag.any():
+        kw = None if kw is None else shift_rows(kw, lag)
+        kvar = None if kvar is None else shift_rows(kvar, lag)
+    ph = identify_phases(clean, id_meters, dataclasses.replace(config.phase, clock_lag_se=0.0),
+                         references=references, interval_s=interval_s)
     timings["phase"] = time.perf_counter() - t2
 
     out = pd.DataFrame(
@@ -311,7 +318,8 @@ def process_arrays(
         }
     )
     out["changed"] = out["phase"].notna() & (out["phase"] != out["phase_gis"])
-    reasons = [sorted(set(list(a) + list(b))) for a, b in zip(qt["reasons"], ph["reasons"])]
+    reasons = [sorted(set(list(a) + list(b) + ([contract.REASON_CLOCK_SHIFTED] if s else [])))
+               for a, b, s in zip(qt["reasons"], ph["reasons"], lag)]
     out["reasons"] = ["; ".join(r) for r in reasons]
     out["clock_offset_s"] = qt["clock_offset_s"].to_numpy(dtype=np.float64)
     out["usable_fraction"] = qt["usable_fraction"].to_numpy(dtype=np.float64)
