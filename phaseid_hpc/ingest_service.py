@@ -36,12 +36,17 @@ Malformed messages, quarantine and the dead-letter queue
   ``source_queue`` and ``rejected_at``, and then acknowledged with its batch. Never a crash, never a drop.
 * A typed row that the store cannot take (unknown meter, timestamp outside the store's time axis or off its
   grid, ...) is quarantined by ``ingest_frame`` with a reason and counted in ``ServiceStats.rows_quarantined``.
-* If ``ingest_frame`` raises for a batch, the batch is retried one message at a time. Messages that fail with a
-  ``ContractError``, or with any other exception while other messages of the batch succeed (a poison
-  message), are dead-lettered with reason ``rejected by store: <exception>``. If every message fails with the
-  same non-contract exception, or the error is a ``StoreError``/``OSError``/``ConfigError``, the failure is
-  systemic: the service stops with the error and acknowledges nothing unwritten (the broker redelivers
-  after a restart; nothing is dead-lettered because of a bug or a full disk).
+* Any exception while decoding or parsing a message (not only the expected ones) dead-letters it with the
+  exception as the reason. Bodies are bounded (``max_message_bytes``, after decompression; gzip bodies are
+  decompressed only up to that bound) and so is JSON nesting (:data:`MAX_JSON_DEPTH` levels: the schema needs
+  three). Timestamps outside [1900, 2200) and booleans where numbers belong are malformed.
+* If ``ingest_frame`` raises for a batch, the batch is retried one message at a time. Every message that
+  fails is dead-lettered with reason ``rejected by store: <exception>``, so one bad message can never stop
+  the service (no crash loop under ``Restart=on-failure``). Two cases are systemic instead: a
+  ``StoreError``/``OSError``/``ConfigError`` (the store, the disk, the setup), and two or more messages that
+  all fail with the very same error (a bug or an outage, not the data). Then the service stops with the
+  error and acknowledges nothing unwritten (the broker redelivers after a restart; nothing is
+  dead-lettered because of a bug or a full disk).
 
 Batching, backpressure, metrics, shutdown
 ----------------------------------------
@@ -65,7 +70,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
-import gzip
 import io
 import json
 import logging
@@ -76,6 +80,7 @@ import threading
 import time
 import tomllib
 import urllib.parse
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -114,6 +119,10 @@ ENV_AMQP_URL = "PHASEID_AMQP_URL"
 ENV_AMQP_URL_FILE = "PHASEID_AMQP_URL_FILE"
 
 _READ_COLUMNS = READINGS_REQUIRED + READINGS_OPTIONAL
+#: Deepest JSON nesting accepted (the envelope ``{"reads": [{...}]}`` has three levels).
+MAX_JSON_DEPTH = 8
+#: Accepted timestamps [UTC]; outside, a message is malformed (never wrapped onto another time).
+_TS_RANGE = ("1900-01-01", "2200-01-01")
 
 
 class MalformedMessageError(ContractError):
@@ -199,6 +208,8 @@ def _typed_reads(df: pd.DataFrame, what: str) -> pd.DataFrame:
     out["meter_id"] = meter.to_numpy(dtype=object)
 
     ts_raw = df["timestamp"]
+    if ts_raw.dtype.kind in "biuf":
+        raise MalformedMessageError(f"{what}: timestamps are numbers, expected ISO 8601 strings")
     try:
         ts = pd.to_datetime(ts_raw, utc=True, format="ISO8601", errors="coerce")
     except (TypeError, ValueError, OverflowError) as exc:  # mixed types that pandas refuses outright
@@ -209,7 +220,16 @@ def _typed_reads(df: pd.DataFrame, what: str) -> pd.DataFrame:
         raise MalformedMessageError(
             f"{what}: read {i}: timestamp {_plain(ts_raw.iloc[i])!r} is not an ISO 8601 date-time"
         )
-    out["timestamp"] = ts.dt.tz_convert(None).astype("datetime64[ns]").to_numpy()
+    local = np.asarray(ts.dt.tz_convert(None).to_numpy())
+    unit = np.datetime_data(local.dtype)[0]
+    lo, hi = (np.datetime64(d, unit) for d in _TS_RANGE)
+    bad = (local < lo) | (local >= hi)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise MalformedMessageError(
+            f"{what}: read {i}: timestamp {_plain(ts_raw.iloc[i])!r} is outside {_TS_RANGE[0]} .. {_TS_RANGE[1]}"
+        )
+    out["timestamp"] = local.astype("datetime64[ns]")
 
     for name in ("voltage_v",) + READINGS_OPTIONAL:
         if name not in df.columns:
@@ -218,6 +238,15 @@ def _typed_reads(df: pd.DataFrame, what: str) -> pd.DataFrame:
         if raw.dtype.kind in "fiu":
             out[name] = raw.to_numpy(dtype=np.float64)
             continue
+        if raw.dtype.kind == "b":
+            raise MalformedMessageError(f"{what}: {name} holds booleans, expected numbers")
+        if raw.dtype == object:
+            is_bad = np.fromiter(
+                (isinstance(v, (bool, np.bool_, list, dict)) for v in raw.to_numpy()), bool, len(raw)
+            )
+            if is_bad.any():
+                i = int(np.flatnonzero(is_bad)[0])
+                raise MalformedMessageError(f"{what}: read {i}: {name} {_plain(raw.iloc[i])!r} is not a number")
         num = pd.to_numeric(raw, errors="coerce")
         bad = (num.isna() & raw.notna()).to_numpy()
         if bad.any():
@@ -225,6 +254,35 @@ def _typed_reads(df: pd.DataFrame, what: str) -> pd.DataFrame:
             raise MalformedMessageError(f"{what}: read {i}: {name} {_plain(raw.iloc[i])!r} is not a number")
         out[name] = num.to_numpy(dtype=np.float64)
     return pd.DataFrame(out)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+def _json_depth(body: bytes | str) -> int:
+    """Deepest bracket nesting of a JSON text, brackets inside strings excluded (no parse, no recursion)."""
+    data = np.frombuffer(body.encode() if isinstance(body, str) else bytes(body), dtype=np.uint8)
+    pos = np.flatnonzero(np.isin(data, np.frombuffer(b'"[]{}', dtype=np.uint8)))
+    if not len(pos):
+        return 0
+    ch = data[pos]
+    quote = ch == ord('"')
+    qpos = pos[quote]
+    after_backslash = qpos[(qpos > 0) & (data[np.maximum(qpos - 1, 0)] == ord("\\"))]
+    escaped = []
+    for q in after_backslash.tolist():  # rare: a quote escaped by an odd run of backslashes
+        k = q - 1
+        while k >= 0 and data[k] == ord("\\"):
+            k -= 1
+        if (q - 1 - k) % 2:
+            escaped.append(q)
+    real = quote & ~np.isin(pos, np.asarray(escaped, dtype=pos.dtype))
+    in_string = (np.cumsum(real) % 2 == 1) | quote  # after an opening quote, up to its closing one
+    step = np.where((ch == ord("[")) | (ch == ord("{")), 1, np.where((ch == ord("]")) | (ch == ord("}")), -1, 0))
+    step[in_string] = 0
+    return int(np.cumsum(step).max(initial=0))
 
 
 def parse_json_reads(body: bytes | str) -> pd.DataFrame:
@@ -241,10 +299,13 @@ def parse_json_reads(body: bytes | str) -> pd.DataFrame:
     MalformedMessageError
         With a reason naming the read and the field.
     """
+    depth = _json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise MalformedMessageError(f"JSON message: nested {depth} levels deep, more than {MAX_JSON_DEPTH}")
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedMessageError(f"JSON message: not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MalformedMessageError(f"JSON message: not valid JSON ({_one_line(exc)})") from None
     if isinstance(doc, dict) and "reads" in doc:
         doc = doc["reads"]
     if isinstance(doc, dict):
@@ -319,12 +380,45 @@ def parse_message(body: bytes, content_type: str | None = None, content_encoding
     Raises
     ------
     MalformedMessageError
+        For any problem with the message, whatever the exception behind it (its type and first line are
+        the reason).
     """
+    try:
+        return _parse_message(body, content_type, content_encoding, max_bytes=max_bytes)
+    except MalformedMessageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a message must never stop the service: it is malformed
+        raise MalformedMessageError(f"message cannot be parsed ({_one_line(exc)})") from None
+
+
+def _gunzip(body: bytes, max_bytes: int | None) -> bytes:
+    """Decompress gzip members, never producing more than ``max_bytes`` + 1 bytes (zip bombs stay small)."""
+    limit = (max_bytes + 1) if max_bytes is not None else -1
+    out, rest = [], body
+    size = 0
+    while rest:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        chunk = d.decompress(rest, max(0, limit - size) if limit > 0 else 0)
+        out.append(chunk)
+        size += len(chunk)
+        if limit > 0 and size >= limit:
+            break
+        if not d.eof:
+            raise MalformedMessageError("content_encoding gzip: cannot decompress (truncated gzip data)")
+        rest = d.unused_data
+    return b"".join(out)
+
+
+def _parse_message(body: bytes, content_type: str | None, content_encoding: str | None,
+                   *, max_bytes: int | None) -> pd.DataFrame:
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise MalformedMessageError(f"message body is a {type(body).__name__}, expected bytes")
+    body = bytes(body)
     enc = (content_encoding or "identity").strip().lower()
     if enc == "gzip":
         try:
-            body = gzip.decompress(body)
-        except (OSError, EOFError) as exc:
+            body = _gunzip(body, max_bytes)
+        except (OSError, EOFError, zlib.error) as exc:
             raise MalformedMessageError(f"content_encoding gzip: cannot decompress ({exc})") from None
     elif enc not in ("identity", "utf-8", "utf8"):
         raise MalformedMessageError(f"unsupported content_encoding {content_encoding!r}; expected gzip or none")
@@ -600,9 +694,10 @@ class _Consumer:
     def isolate(self, batch: _Batch, exc: Exception) -> tuple[int, int]:
         """The sink raised for a batch: write it message by message and dead-letter the messages that fail.
 
-        A ``ContractError`` is about the data, so failing messages are dead-lettered. Any other exception is
-        only blamed on a message when some other message of the batch was written; if every message fails,
-        the failure is systemic (a bug, the store) and is re-raised with nothing acknowledged.
+        Every failing message is dead-lettered with the exception as the reason, except when the failure is
+        systemic: a ``StoreError``/``OSError``/``ConfigError``, or two or more messages that all fail with
+        the very same error and none succeeds (a bug or an outage). That is re-raised with nothing
+        acknowledged.
         """
         log_event(_LOGGER, "batch rejected by store; retrying message by message", logging.WARNING,
                   queue=self.queue, messages=len(batch.items), error=repr(exc))
@@ -621,11 +716,13 @@ class _Consumer:
             else:
                 any_ok = True
                 written, quarantined = written + w, quarantined + q
+        signatures = {(type(e), str(e)) for _, e in failed if not isinstance(e, ContractError)}
+        if not any_ok and len(failed) >= 2 and len(signatures) == 1 and len(failed) == len(
+            [e for _, e in failed if not isinstance(e, ContractError)]
+        ):
+            raise failed[0][1]
         for it, exc1 in failed:
-            if not (isinstance(exc1, ContractError) or any_ok):
-                raise exc1
-        for it, exc1 in failed:
-            self.dead_letter(it, f"rejected by store: {type(exc1).__name__}: {exc1}")
+            self.dead_letter(it, f"rejected by store: {_one_line(exc1)}")
         return written, quarantined
 
     def wait_inflight(self) -> None:
@@ -670,7 +767,11 @@ class _Consumer:
                                                max_bytes=svc.max_message_bytes)
                     self.stats.reads_received += len(item.reads)
                 except MalformedMessageError as exc:
+                    item.reads = None
                     self.dead_letter(item, exc.reason)
+                except Exception as exc:  # noqa: BLE001 - never a crash (loop) over one message
+                    item.reads = None
+                    self.dead_letter(item, f"message cannot be parsed ({_one_line(exc)})")
                 batch.add(item, now)
             unacked = len(batch.items) + (len(self.inflight[1].items) if self.inflight else 0)
             if batch.items and (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,33 @@ __all__ = ["get_run_logger", "log_event"]
 _LOGGER_NAME = "phaseid_hpc.run"
 
 
+#: Characters that make a text-log value ambiguous (field separators, quotes) or forge lines (controls).
+_NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _text_value(value: Any) -> str:
+    """A field value for a text log line: quoted and escaped (JSON string) if it holds a space, a quote,
+    ``=``, a backslash or any control character, so that one event is always exactly one line."""
+    text = value if isinstance(value, str) else str(value)
+    if text == "" and isinstance(value, str):
+        return '""'
+    return json.dumps(text) if _NEEDS_QUOTES.search(text) else text
+
+
+def _escape_controls(text: str) -> str:
+    """Control characters of a message as ``\\uXXXX`` (line breaks included)."""
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 class _KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
-        head = f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')}Z {record.levelname:<7} {record.getMessage()}"
-        tail = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}" for k, v in fields.items())
+        head = (f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')}Z {record.levelname:<7} "
+                f"{_escape_controls(record.getMessage())}")
+        tail = " ".join(f"{_escape_controls(str(k))}={_text_value(v)}" for k, v in fields.items())
+        if record.exc_info:
+            tail += " exception=" + _text_value(self.formatException(record.exc_info))
         return f"{head} {tail}".rstrip()
 
 

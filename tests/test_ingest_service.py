@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from phaseid_hpc.errors import ConfigError, ContractError, StoreError
 from phaseid_hpc.ingest_service import (
@@ -146,6 +148,65 @@ def test_malformed_messages_raise_with_reason(body, ctype, reason):
 def test_oversized_message_is_malformed():
     with pytest.raises(MalformedMessageError, match="exceeds max_message_bytes"):
         parse_message(_json_batch(_reads(["M1"], 10)), max_bytes=100)
+    bomb = gzip.compress(b"[" + b" " * 50_000_000 + b"]")  # 50 MB of blanks in ~50 kB: never inflated in full
+    with pytest.raises(MalformedMessageError, match="exceeds max_message_bytes"):
+        parse_message(bomb, "application/json", "gzip", max_bytes=1_000_000)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"meter_id": "M1", "timestamp": "9999-12-31T23:45:00Z", "voltage_v": 240}', "outside 1900-01-01"),
+        (b'{"meter_id": "M1", "timestamp": "2610-01-01T00:00:00Z", "voltage_v": 240}', "outside 1900-01-01"),
+        (b'{"meter_id": "M1", "timestamp": "2026-01-01T00:15:00Z", "voltage_v": true}', "holds booleans"),
+        (b'[{"meter_id": "M1", "timestamp": "2026-01-01T00:15:00Z", "voltage_v": 240},'
+         b' {"meter_id": "M1", "timestamp": "2026-01-01T00:30:00Z", "voltage_v": false}]', "False is not a number"),
+        (b'{"meter_id": "M1", "timestamp": 1767225600, "voltage_v": 240}', "timestamps are numbers"),
+        (b'{"meter_id": "M1", "timestamp": "2026-01-01T00:15:00Z", "voltage_v": {"v": 1}}', "is not a number"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested 100000 levels deep"),
+        (b'{"reads": ' + b"[" * 10 + b"]" * 10 + b"}", "nested 11 levels deep"),
+    ],
+)
+def test_poison_messages_of_the_issue_are_malformed(body, reason):
+    with pytest.raises(MalformedMessageError) as info:
+        parse_message(body)
+    assert reason in info.value.reason and "\n" not in info.value.reason
+
+
+def test_nesting_inside_strings_does_not_count():
+    body = json.dumps({"meter_id": "[[[[[[[[[[{{{{{{{{{{\\\"", "timestamp": "2026-01-01T00:15:00Z", "voltage_v": 1})
+    assert len(parse_message(body.encode())) == 1
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["meter_id", "timestamp", "voltage_v", "kw", "kvar", "reads", "x"]), inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=700, deadline=None)
+@given(doc=_JSON_VALUES, ctype=st.sampled_from([None, "application/json", "text/csv"]))
+def test_generated_json_messages_parse_or_are_malformed(doc, ctype):
+    """Any JSON document: typed reads or MalformedMessageError with a reason, never another exception."""
+    body = json.dumps(doc).encode()
+    try:
+        df = parse_message(body, ctype)
+    except MalformedMessageError as exc:
+        assert exc.reason
+    else:
+        assert list(df.columns[:3]) == ["meter_id", "timestamp", "voltage_v"] and len(df)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.binary(max_size=300), ctype=st.sampled_from([None, "application/json", "text/csv"]),
+       enc=st.sampled_from([None, "gzip"]))
+def test_generated_binary_messages_parse_or_are_malformed(body, ctype, enc):
+    try:
+        parse_message(body, ctype, enc)
+    except MalformedMessageError as exc:
+        assert exc.reason
 
 
 # ----------------------------------------------------------------------------------- credentials, config
@@ -313,6 +374,34 @@ class TestBroker:
         dead = _drain(queue + ".dlq")
         assert len(dead) == 1 and "rejected by store" in dead[0][1]["reason"]
         assert stats.messages_dead_lettered == 1 and _depth(queue) == 0
+
+    def test_a_lone_poison_message_is_dead_lettered_not_a_crash_loop(self, queue, monkeypatch):
+        """Whatever the exception, a message that cannot be parsed or placed goes to the DLQ with a reason."""
+        import phaseid_hpc.ingest_service as svc_module
+
+        real = svc_module.parse_message
+
+        def parse(body, *a, **k):
+            if b"PARSE-BUG" in body:
+                raise RuntimeError("unexpected parser failure")
+            return real(body, *a, **k)
+
+        monkeypatch.setattr(svc_module, "parse_message", parse)
+        _publish(queue, [(_json_batch(_reads(["POISON"], 5)), "application/json")])
+        stats = run_ingest_service(BROKER_URL, queue, "unused", sink=DictSink(fail_on="POISON", error=ValueError),
+                                   stop_when_idle_s=0.5, service_config=IngestServiceConfig(batch_max_seconds=0.2))
+        _publish(queue, [(b'{"meter_id": "PARSE-BUG"}', "application/json"),
+                         (b'{"meter_id": "M1", "timestamp": "9999-12-31T23:45:00Z", "voltage_v": 1}', None),
+                         (b"[" * 200_000 + b"]" * 200_000, None)])
+        stats2 = run_ingest_service(BROKER_URL, queue, "unused", sink=DictSink(), stop_when_idle_s=0.5,
+                                    service_config=IngestServiceConfig(batch_max_seconds=0.2))
+        dead = _drain(queue + ".dlq")
+        reasons = [h["reason"] for _, h in dead]
+        assert stats.messages_dead_lettered == 1 and stats2.messages_dead_lettered == 3, reasons
+        assert "rejected by store: ValueError" in reasons[0]
+        assert any("RuntimeError: unexpected parser failure" in r for r in reasons)
+        assert any("outside 1900-01-01" in r for r in reasons) and any("nested" in r for r in reasons)
+        assert _depth(queue) == 0
 
     def test_broker_errors_name_the_problem_and_hide_the_password(self, queue):
         svc = IngestServiceConfig(declare_queue=False)
