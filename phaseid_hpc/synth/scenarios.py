@@ -22,6 +22,8 @@ scenario                      meters   what it adds
                                        hourly; no references, no transformer label errors
 ``single_meter_transformers`` ~1,200   every meter alone on its transformer (IEEE 8500-like), a bank of
                                        three single-phase regulators, capacitors
+``regulators_pv``             ~1,400   another ``regulators`` feeder (regulated phases B and C on the
+                                       backbone), with rooftop PV (3-9 kW) on 30% of the homes
 ============================  =======  =====================================================================
 
 Files are those of ``../shared/data/epri-ckt5/`` (``readings.parquet`` with ``meter_id, timestamp,
@@ -98,6 +100,7 @@ class _Spec:
     z_scale: float = 1.0
     interval_s: int = 900
     lv: bool = False
+    pv_fraction: float = 0.0
 
 
 _LARGE = FeederLayout(
@@ -128,6 +131,15 @@ _SPECS: dict[str, _Spec] = {
         FeederLayout(single_meter=True, bank_share=0.0),
         backbone_regulators={0: 0.45, 1: 0.45, 2: 0.45},
         n_capacitors=3,
+    ),
+    "regulators_pv": _Spec(
+        "RP",
+        1400,
+        FeederLayout(long_laterals=3),
+        backbone_regulators={1: 0.35, 2: 0.6},
+        lateral_regulators=True,
+        n_capacitors=3,
+        pv_fraction=0.3,
     ),
 }
 
@@ -203,9 +215,25 @@ def _upstream(rng: np.random.Generator, region_up: np.ndarray, grid: TimeGrid) -
     )
 
 
-def _loads(rng, top: FeederTopology, grid: TimeGrid, region, commercial: np.ndarray):
+def _loads(
+    rng, top: FeederTopology, grid: TimeGrid, region, commercial: np.ndarray, pv_fraction: float = 0.0
+):
+    """Customer loads [kW], [kvar]; rooftop PV (3-9 kW) on a share of the residential customers."""
     hours, _, weekday = grid.local_calendar()
-    return customer_loads(rng, hours, weekday, region.temperature, commercial, grid.interval_s / 3600)
+    pv = None
+    if pv_fraction > 0:
+        n = len(commercial)
+        pv = np.where(rng.random(n) < pv_fraction, rng.uniform(3, 9, n), 0.0) * ~commercial
+    return customer_loads(
+        rng,
+        hours,
+        weekday,
+        region.temperature,
+        commercial,
+        grid.interval_s / 3600,
+        pv_kw=pv,
+        irradiance=region.irradiance,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,7 +249,7 @@ def _simulate_mv(name: str, spec: _Spec, seed: int, grid: TimeGrid, n_meters: in
     if spec.z_scale != 1.0:  # larger conductors on a long, heavily loaded feeder (556-795 kcmil)
         top.z_three_phase = Z_BACKBONE * spec.z_scale
     commercial = top.meter_service != "1ph-240"
-    kw, kvar = _loads(_rng(seed, name, _S_LOAD), top, grid, region, commercial)
+    kw, kvar = _loads(_rng(seed, name, _S_LOAD), top, grid, region, commercial, spec.pv_fraction)
     rng_eq = _rng(seed, name, _S_EQUIP)
     if spec.backbone_regulators or spec.lateral_regulators:
         top = add_line_regulators(

@@ -260,3 +260,12 @@ def test_generation_is_fast_enough():
 def test_scenario_table_in_docstring_names_every_scenario():
     for name in SCENARIOS:
         assert f"``{name}``" in scenarios.__doc__
+
+
+def test_regulators_pv_exports_at_noon():
+    pv = simulate_scenario("regulators_pv", days=3, seed=1, n_meters=400)
+    local_hour = (pv.times - pd.Timedelta(hours=5)).hour
+    noon = (local_hour >= 11) & (local_hour < 15)
+    exporting = (pv.kw[:, noon] < 0).mean(axis=1) > 0.3
+    assert 0.1 < exporting.mean() < 0.35  # homes with PV export at noon
+    assert (pv.kw[:, ~noon][exporting] >= -0.5).mean() > 0.8  # ... not at night
