@@ -96,6 +96,9 @@ def _section_sensitivity(top: FeederTopology) -> tuple[np.ndarray, np.ndarray]:
         single = ~three & top.node_phases[:, p]
         kp[single, p, p] = z_single.real * top.node_length_km[single]
         kq[single, p, p] = z_single.imag * top.node_length_km[single]
+    if top.node_z_scale is not None:
+        kp *= top.node_z_scale[:, None, None]
+        kq *= top.node_z_scale[:, None, None]
     return kp, kq
 
 

@@ -12,8 +12,9 @@ scenario                      meters   what it adds
                                        places and at the start of three long laterals (one per phase),
                                        each with its own tap controller (bandwidth, time delay); switched
                                        capacitors; the reference is the substation bus, UPSTREAM of them
-``large``                     ~4,200   one feeder, long three-phase branches, substation LTC, four switched
-                                       capacitor banks, ~250 three-phase services (``ABC``, ``3ph``)
+``large``                     ~4,200   one feeder, a heavy trunk with long, light three-phase branches,
+                                       substation LTC, four switched capacitor banks, ~250 three-phase
+                                       services (``ABC``, ``3ph``)
 ``late_clocks``               ~3,900   another ``large`` feeder; 10% of the meters label the START of each
                                        interval (their series are one interval early in the export)
 ``lv_european``               360      seven LV networks of 3-125 customers, each below ONE three-phase
@@ -76,6 +77,7 @@ from .topology import (
     add_line_regulators,
     build_feeder_topology,
     build_lv_network,
+    main_path,
     xy_to_latlon,
 )
 
@@ -97,7 +99,9 @@ class _Spec:
     lateral_regulators: bool = False
     n_capacitors: int = 0
     late_clock_fraction: float = 0.0
-    z_scale: float = 1.0
+    trunk_z: float = 1.0
+    branch_z: float = 1.0
+    ltc_set_point_pu: float = 1.035
     interval_s: int = 900
     lv: bool = False
     pv_fraction: float = 0.0
@@ -108,9 +112,9 @@ _LARGE = FeederLayout(
     bank_meters=(1, 6),
     bank_services=(1.0, 0.0, 0.0, 0.0),
     three_phase_service="3ph",
-    backbone_section_km=(0.15, 0.40),
-    trunk_prob=0.7,
-    meters_per_backbone_node=18,
+    backbone_section_km=(0.20, 0.50),
+    trunk_prob=0.5,
+    meters_per_backbone_node=8,
 )
 
 _SPECS: dict[str, _Spec] = {
@@ -122,8 +126,18 @@ _SPECS: dict[str, _Spec] = {
         lateral_regulators=True,
         n_capacitors=3,
     ),
-    "large": _Spec("LG", 4200, _LARGE, n_capacitors=4, z_scale=0.45),
-    "late_clocks": _Spec("LC", 3900, _LARGE, n_capacitors=4, late_clock_fraction=0.10, z_scale=0.55),
+    # A heavy trunk and long, light three-phase branches: each branch's own load shapes its voltage.
+    "large": _Spec("LG", 4200, _LARGE, n_capacitors=4, trunk_z=0.3, branch_z=2.0, ltc_set_point_pu=1.02),
+    "late_clocks": _Spec(
+        "LC",
+        3900,
+        _LARGE,
+        n_capacitors=4,
+        late_clock_fraction=0.10,
+        trunk_z=0.3,
+        branch_z=2.0,
+        ltc_set_point_pu=1.02,
+    ),
     "lv_european": _Spec("LV", 360, interval_s=3600, lv=True),
     "single_meter_transformers": _Spec(
         "SM",
@@ -246,8 +260,12 @@ def _simulate_mv(name: str, spec: _Spec, seed: int, grid: TimeGrid, n_meters: in
     hours, _, weekday = grid.local_calendar()
     fid = f"{spec.prefix}000"
     top = build_feeder_topology(_rng(seed, name, _S_TOP), fid, n_meters, spec.layout)
-    if spec.z_scale != 1.0:  # larger conductors on a long, heavily loaded feeder (556-795 kcmil)
-        top.z_three_phase = Z_BACKBONE * spec.z_scale
+    if (spec.trunk_z, spec.branch_z) != (1.0, 1.0):
+        # Conductor sizes relative to 336 ACSR: a heavy trunk (556-795 kcmil), light three-phase
+        # branches (1/0-4/0), as on a long, heavily loaded feeder.
+        scale = np.where(top.node_three_phase, spec.branch_z, 1.0)
+        scale[main_path(top)] = spec.trunk_z
+        top.node_z_scale = scale
     commercial = top.meter_service != "1ph-240"
     kw, kvar = _loads(_rng(seed, name, _S_LOAD), top, grid, region, commercial, spec.pv_fraction)
     rng_eq = _rng(seed, name, _S_EQUIP)
@@ -266,7 +284,14 @@ def _simulate_mv(name: str, spec: _Spec, seed: int, grid: TimeGrid, n_meters: in
     fv = feeder_voltages(top, kw, kvar, _rng(seed, name, _S_PF), cap_on=cap_on)
     rng_sub = _rng(seed, name, _S_SUB)
     up = _upstream(rng_sub, region.upstream, grid)
-    v_bus, ltc = substation_bus_voltage(rng_sub, up, fv.feeder_p, fv.feeder_q, interval_s=grid.interval_s)
+    v_bus, ltc = substation_bus_voltage(
+        rng_sub,
+        up,
+        fv.feeder_p,
+        fv.feeder_q,
+        interval_s=grid.interval_s,
+        set_point_pu=spec.ltc_set_point_pu,
+    )
     v, reg_tap = fv.meter_voltage(v_bus, interval_s=grid.interval_s)
     regs = top.regulators
     equipment = {

@@ -35,6 +35,7 @@ __all__ = [
     "build_feeder_topology",
     "build_lv_network",
     "latlon_to_xy",
+    "main_path",
     "node_distance_km",
 ]
 
@@ -187,6 +188,8 @@ class FeederTopology:
         Phase impedance matrix of three-phase sections [ohm/km] (default: the MV backbone line).
     z_single : complex, optional
         Impedance of single-phase sections [ohm/km] (default: the MV lateral).
+    node_z_scale : ndarray, shape (n_nodes,), optional
+        Multiplier of each section's impedance [-] (conductor size: a heavy trunk, light branches).
     xfmr_r_pu, xfmr_x_pu : ndarray, shape (n_xfmr,), optional
         Series resistance / reactance of each transformer [pu of its rating per phase]; drawn in the
         power flow when absent; zero for the service points of an LV network.
@@ -216,6 +219,7 @@ class FeederTopology:
     v_ln_base: float = 12_470.0 / np.sqrt(3)
     z_three_phase: np.ndarray | None = None
     z_single: complex | None = None
+    node_z_scale: np.ndarray | None = None
     xfmr_r_pu: np.ndarray | None = None
     xfmr_x_pu: np.ndarray | None = None
     regulators: LineRegulators | None = field(default=None)
@@ -410,6 +414,16 @@ def node_distance_km(top: FeederTopology) -> np.ndarray:
     return dist
 
 
+def main_path(top: FeederTopology) -> np.ndarray:
+    """Backbone nodes from the substation to the farthest backbone node (the trunk), in order."""
+    dist = node_distance_km(top)
+    trunk = np.flatnonzero(top.node_three_phase & (np.arange(len(dist)) > 0))
+    path = [int(trunk[np.argmax(dist[trunk])])]
+    while top.node_parent[path[-1]] > 0:
+        path.append(int(top.node_parent[path[-1]]))
+    return np.array(path[::-1])
+
+
 def add_line_regulators(
     top: FeederTopology,
     rng: np.random.Generator,
@@ -438,12 +452,7 @@ def add_line_regulators(
     """
     nodes, phases = [], []
     dist = node_distance_km(top)
-    trunk = np.flatnonzero(top.node_three_phase & (np.arange(len(dist)) > 0))
-    # The main path: from the substation to the farthest backbone node.
-    path = [int(trunk[np.argmax(dist[trunk])])]
-    while top.node_parent[path[-1]] > 0:
-        path.append(int(top.node_parent[path[-1]]))
-    path = np.array(path[::-1])
+    path = main_path(top)
     for ph, frac in sorted((backbone or {}).items()):
         nodes.append(int(path[np.argmin(np.abs(dist[path] - frac * dist[path[-1]]))]))
         phases.append(ph)
