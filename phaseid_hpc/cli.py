@@ -27,6 +27,11 @@ def _cluster_spec(args: argparse.Namespace):
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .synth import MeasurementModel, generate_utility
 
+    if args.scenario:  # a named feeder scenario, noise-free (the consumer applies the meter model)
+        from .synth.scenarios import write_scenario
+
+        print(write_scenario(args.scenario, args.out, seed=args.seed, days=int(args.days)))
+        return 0
     model = MeasurementModel(
         accuracy_class=args.accuracy_class,
         resolution_v=args.resolution,
@@ -154,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--phase-errors", type=float, default=0.08)
     s.add_argument("--transformer-errors", type=float, default=0.03)
     s.add_argument("--pv-fraction", type=float, default=0.0)
+    s.add_argument(
+        "--scenario",
+        default=None,
+        help="write a named scenario instead (phaseid_hpc.synth.SCENARIOS: regulators, large, late_clocks, "
+        "lv_european, single_meter_transformers, regulators_pv), noise-free; uses --out, --days, --seed",
+    )
     s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("ingest", help="build or extend a Zarr store from contract files")

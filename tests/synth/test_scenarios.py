@@ -269,3 +269,15 @@ def test_regulators_pv_exports_at_noon():
     exporting = (pv.kw[:, noon] < 0).mean(axis=1) > 0.3
     assert 0.1 < exporting.mean() < 0.35  # homes with PV export at noon
     assert (pv.kw[:, ~noon][exporting] >= -0.5).mean() > 0.8  # ... not at night
+
+
+def test_cli_synth_scenario(tmp_path, capsys):
+    from phaseid_hpc.cli import main
+
+    assert (
+        main(["synth", "--scenario", "lv_european", "--days", "1", "--seed", "2", "--out", str(tmp_path)])
+        == 0
+    )
+    assert str(tmp_path) in capsys.readouterr().out
+    truth = pd.read_csv(tmp_path / "truth.csv")
+    assert len(truth) == 360 and (tmp_path / "scenario.json").exists()
