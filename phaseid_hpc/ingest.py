@@ -3,7 +3,10 @@
 Two entry points:
 
 * :func:`ingest_files` builds a store from contract files (or extends an existing one), streaming each
-  readings file in batches of ``IngestConfig.batch_rows`` rows so memory stays bounded;
+  readings file in batches of ``IngestConfig.batch_rows`` rows so memory stays bounded. All files and
+  batches of one call are one transaction: every file is checked first (readable, not empty, required
+  columns, no boolean value column: else a one-line :class:`~phaseid_hpc.errors.DataError` naming it),
+  then every batch is staged, and the store changes only when all are in;
 * :func:`ingest_frame` upserts one DataFrame of reads into an existing store (used by the broker
   consumer). Each call is one :class:`~phaseid_hpc.store.StoreTransaction`: durable (fsynced, committed)
   when it returns, all or nothing on failure, idempotent on (meter, timestamp).
@@ -13,7 +16,8 @@ Row policy (every row read is counted exactly once: ``accepted + quarantined + d
 * accepted: written (new or changed cell) or unchanged (the store already held the same encoded value);
 * identical duplicates (same meter, grid time and values) inside one call: dropped, counted;
 * quarantined with a ``reason`` into ``STORE/quarantine/<source>-<hash>.parquet``: ``unknown_meter``,
-  ``invalid_timestamp``, ``invalid_value`` (voltage not a finite number), ``conflicting_duplicate`` (same
+  ``invalid_timestamp`` (unparsable, or outside 1900..2200: never wrapped), ``invalid_value`` (voltage
+  not a finite number; text and booleans are not numbers), ``conflicting_duplicate`` (same
   meter and grid time, different values: every row of the group), ``off_grid`` (farther than
   ``snap_tolerance_s`` from the grid), ``before_store_start`` (the time axis only grows at the end),
   ``time_out_of_range`` (more than ``max_extend_steps`` after the store's end), ``out_of_range`` (beyond
