@@ -123,8 +123,9 @@ class PhaseConfig:
     min_samples: int = 48
     #: Most correlated meters (outside the meter's own GIS transformer-and-phase group) that vote [-].
     n_neighbours: int = 20
-    #: Vote rounds: the first with GIS labels, each further one with the previous round's answers [-].
-    vote_rounds: int = 2
+    #: Most vote rounds: the first with GIS labels, each further one with the previous round's answers,
+    #: stopping when the answers no longer change [-].
+    vote_rounds: int = 6
     #: GIS groups (transformer and phase) larger than this are not pooled and do not exclude each other
     #: from the vote: one three-phase transformer serving a whole LV feeder has no local structure [meters].
     max_group_size: int = 30
@@ -137,6 +138,9 @@ class PhaseConfig:
     #: Correlation with the voting neighbours' pooled signal, in standard errors (1 / sqrt(n_samples)),
     #: below which the evidence is scaled down (and reason ``Low Correlation Coefficient`` given) [-].
     min_strength_se: float = 4.0
+    #: The answer's phase neighbourhood must beat every other phase's by this many standard errors of
+    #: correlation for full confidence (less scales the confidence down) [-].
+    min_margin_se: float = 2.0
     #: A meter's series is shifted by whole intervals when its correlation with the feeder's common
     #: signal at the best lag beats lag 0 by this many standard errors; 0 turns the check off [-].
     clock_lag_se: float = 6.0
@@ -369,10 +373,10 @@ def _validate(obj: Any, prefix: str) -> None:
                 f"{prefix}denoise_rank >= 2 required, got {obj.min_samples}, {obj.n_neighbours}, "
                 f"{obj.vote_rounds} and {obj.denoise_rank}"
             )
-        if obj.min_strength_se <= 0 or obj.clock_lag_se < 0:
+        if obj.min_strength_se <= 0 or obj.min_margin_se <= 0 or obj.clock_lag_se < 0:
             raise ConfigError(
-                f"config keys {prefix}min_strength_se > 0 and {prefix}clock_lag_se >= 0 required, got "
-                f"{obj.min_strength_se} and {obj.clock_lag_se}"
+                f"config keys {prefix}min_strength_se > 0, {prefix}min_margin_se > 0 and {prefix}clock_lag_se >= 0 "
+                f"required, got {obj.min_strength_se}, {obj.min_margin_se} and {obj.clock_lag_se}"
             )
     if isinstance(obj, QualityConfig):
         if obj.max_interp_gap < 0:

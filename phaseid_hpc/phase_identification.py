@@ -10,13 +10,16 @@ Method (per feeder; no cross-feeder pairs are ever formed). One function per ste
    ``denoise_rank`` principal directions of the feeder's single-phase meters (randomized range finder).
 3. **Neighbour votes** (``kernels.neighbours``). Each single-phase meter's ``n_neighbours`` most
    correlated meters, other than those of its own GIS transformer-and-phase group, vote with their GIS
-   labels weighted by similarity; a second round votes with the first round's answers. No assumption of
+   labels weighted by similarity; further rounds vote with the previous round's answers, until nothing
+   changes (at most ``vote_rounds``): wrong labels stop voting for themselves. No assumption of
    three global clusters: a regulator zone, a long branch or an LTC shapes which meters are close, and
    the vote is local (one three-phase transformer serving every phase is just three groups).
-4. **Evidence** (:func:`_vote_confidence`). Confidence is the winning label's vote share above chance,
-   scaled down where the meter does not correlate significantly (``min_strength_se`` standard errors)
-   with the pooled signal of the neighbours that voted for it: a dead, misaligned or foreign meter is
-   reported with ``Low Correlation Coefficient``, never guessed.
+4. **Evidence** (:func:`_phase_neighbourhood_correlation`, :func:`_vote_confidence`). Each meter is
+   correlated (raw signals, not denoised) with the pooled signal of its nearest meters of each phase.
+   Confidence is the winning label's vote share above chance, scaled down where the meter does not
+   correlate significantly (``min_strength_se`` standard errors) with its phase's neighbourhood (a dead,
+   misaligned or foreign meter: ``Low Correlation Coefficient``, never guessed), and where that
+   correlation does not beat the other phases' by ``min_margin_se`` standard errors.
 5. **Multi-phase services** (:func:`_identify_pairs`). Phase-to-phase services take the two phases with
    most votes among their single-phase neighbours; three-phase services keep ``ABC``.
 
@@ -183,12 +186,12 @@ def align_clocks(
     lag = np.zeros(n, dtype=np.int64)
     usable = meters["usable"].to_numpy(dtype=bool) if "usable" in meters else np.ones(n, dtype=bool)
     nominal = meters["nominal_v"].to_numpy(dtype=np.float64) if "nominal_v" in meters else np.full(n, np.nan)
-    single = usable & (_service_kinds(meters) == "single")
+    label = np.where(usable & (_service_kinds(meters) == "single"), _phase_codes(meters["phase_gis"]), -1)
     feeders = meters["feeder_id"].astype(str).to_numpy()
     parts = []
     for feeder in sorted(set(feeders)):
         rows = np.flatnonzero(feeders == feeder)
-        vf, lag[rows] = _align_clocks(xp, _take_rows(xp, v, rows), nominal[rows], single[rows], config)
+        vf, lag[rows] = _align_clocks(xp, _take_rows(xp, v, rows), nominal[rows], label[rows], config)
         parts.append((rows, vf))
     if not lag.any():
         return v, lag
@@ -216,6 +219,12 @@ def _take_rows(xp: Any, v: Any, rows: np.ndarray) -> Any:
     if rows.size and np.all(np.diff(rows) == 1):
         return v[int(rows[0]) : int(rows[-1]) + 1, :]
     return xp.take(v, xp.asarray(rows), axis=0)
+
+
+def _phase_codes(labels: Any) -> np.ndarray:
+    """0, 1, 2 for ``A``, ``B``, ``C``; -1 for anything else."""
+    codes = pd.Series(np.asarray(labels, dtype=object), dtype=object).map({p: i for i, p in enumerate(_PHASES)})
+    return codes.fillna(-1).to_numpy(np.int64)
 
 
 def _service_kinds(meters: pd.DataFrame) -> np.ndarray:
@@ -251,7 +260,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         return phase, conf, cls, reasons
 
     # Step 1: features, with whole-interval clock errors undone first
-    v, lag = _align_clocks(xp, v, nominal, usable & (kind == "single"), config)
+    v, lag = _align_clocks(xp, v, nominal, np.where(usable & (kind == "single"), _phase_codes(gis), -1), config)
     z, observed, n_obs = standardized_differences(v, xp.asarray(nominal))
     n_obs_h = to_numpy(n_obs)
     ok = usable & (n_obs_h >= config.min_samples)
@@ -260,8 +269,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         reasons[i].append(contract.REASON_INSUFFICIENT_DATA)
     for i in np.flatnonzero(ok & (lag != 0)):
         reasons[i].append(contract.REASON_CLOCK_SHIFTED)
-    gis_code = pd.Series(gis, dtype=object).map({p: i for i, p in enumerate(_PHASES)}).fillna(-1)
-    gis_code = gis_code.to_numpy(np.int64)
+    gis_code = _phase_codes(gis)
     feat, _ = common_mode_residual(z, observed, xp.asarray(single.astype(np.float64)))
     u = unit_rows(feat)
     if not (gis_code[single] >= 0).any() and ref_v is not None:
@@ -285,16 +293,19 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     labels = gis_code[s_idx]
     for _ in range(config.vote_rounds):
         votes = to_numpy(neighbour_votes(idx, sim, xp.asarray(labels), 3))
-        labels = np.where(votes.sum(axis=1) > 0, np.argmax(votes, axis=1), labels)
+        new = np.where(votes.sum(axis=1) > 0, np.argmax(votes, axis=1), labels)
+        if np.array_equal(new, labels):
+            break
+        labels = new
 
-    # Step 4: evidence: vote share, and the raw (not denoised) correlation with the voting neighbours
-    idx_h = to_numpy(idx)
-    w = np.where(labels[idx_h] == labels[:, None], np.maximum(to_numpy(sim), 0.0), 0.0)
+    # Step 4: evidence: vote share, and the raw (not denoised) correlation with each phase's neighbourhood
     u_s = xp.take(u, xp.asarray(s_idx), axis=0)
-    strength = to_numpy(pooled_neighbour_correlation(u_s, idx, xp.asarray(w)))
-    z_strength = strength * np.sqrt(n_obs_h[s_idx])
+    r_phase = _phase_neighbourhood_correlation(xp, y_s, u_s, group, labels, k) * np.sqrt(n_obs_h[s_idx])[:, None]
+    z_strength = r_phase[np.arange(s_idx.size), labels]
+    others = np.where(np.arange(3)[None, :] == labels[:, None], -np.inf, r_phase)
+    z_margin = z_strength - others.max(axis=1)
     share = votes.max(axis=1) / np.maximum(votes.sum(axis=1), 1e-12)
-    c = _vote_confidence(share, z_strength, 3, config)
+    c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
     phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
     conf[s_idx] = c
     weak = z_strength < config.min_strength_se
@@ -312,31 +323,38 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     return phase, conf, cls, reasons
 
 
-def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, single: np.ndarray, config: PhaseConfig):
+def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, config: PhaseConfig):
     """Undo whole-interval clock errors: ``(voltage, lag)`` with each late or early row shifted back.
 
     A meter that stamps the start instead of the end of each interval is one sample late; its differenced
-    voltage then correlates with the feeder's common signal at lag +1, not 0. Rows whose best lag beats
-    lag 0 by ``config.clock_lag_se`` standard errors (``1 / sqrt(n_time)``) are shifted (NaN fills the
-    edge). The common signal is the mean over the feeder's single-phase meters: late meters (a minority)
-    barely move it.
+    voltage then correlates with its phase's common signal best at lag +1, not 0. The common signals are
+    the means over the feeder's single-phase meters of each GIS phase (``label`` 0, 1, 2; -1: not used;
+    late meters, a minority, barely move them); each row is judged against the one it follows best. The
+    signals are autocorrelated (slow source and load swings), so an on-time meter also correlates at lag
+    ``l`` by ``rho_l corr(0)``: lag ``l`` wins over lag 0 when what it explains beyond that exceeds what
+    lag 0 explains beyond ``rho_l corr(l)``, i.e. ``(1 + rho_l) (corr(l) - corr(0)) > clock_lag_se /
+    sqrt(n_time)``. Shifted rows are NaN where shifted out.
     """
     n = v.shape[0]
     lag = np.zeros(n, dtype=np.int64)
-    if config.clock_lag_se <= 0 or single.sum() < 3 or v.shape[1] < 8:
+    if config.clock_lag_se <= 0 or (label >= 0).sum() < 3 or v.shape[1] < 8:
         return v, lag
     z, _, _ = standardized_differences(v, xp.asarray(nominal))
-    ref = xp.mean(xp.take(z, xp.asarray(np.flatnonzero(single)), axis=0), axis=0)
-    corr, lags = clock_lag(z, ref, max_lag=_MAX_CLOCK_LAG)
-    corr_h = to_numpy(corr)
-    best = np.argmax(corr_h, axis=1)
+    refs = [xp.mean(xp.take(z, xp.asarray(np.flatnonzero(label == p)), axis=0), axis=0)
+            for p in range(3) if (label == p).sum() >= 3]
+    if not refs:
+        refs = [xp.mean(xp.take(z, xp.asarray(np.flatnonzero(label >= 0)), axis=0), axis=0)]
     zero = _MAX_CLOCK_LAG
-    se = 1.0 / np.sqrt(v.shape[1])
-    shift = (best != zero) & (corr_h[np.arange(n), best] - corr_h[:, zero] > config.clock_lag_se * se)
-    shift &= corr_h[np.arange(n), best] > config.clock_lag_se * se
+    corr = np.stack([to_numpy(clock_lag(z, r, max_lag=_MAX_CLOCK_LAG)[0]) for r in refs])  # (refs, n, lags)
+    rho = np.stack([to_numpy(clock_lag(r[None, :], r, max_lag=_MAX_CLOCK_LAG)[0])[0] for r in refs])
+    which = np.argmax(corr.max(axis=2), axis=0)  # the reference each row follows best, at any lag
+    c = corr[which, np.arange(n), :]
+    gain = (1.0 + rho[which, :]) * (c - c[:, zero : zero + 1])
+    best = np.argmax(c, axis=1)
+    shift = (best != zero) & (gain[np.arange(n), best] > config.clock_lag_se / np.sqrt(v.shape[1]))
     if not shift.any():
         return v, lag
-    lag[shift] = to_numpy(lags)[best[shift]]  # a row s samples late: x_aligned(t) = x(t + s)
+    lag[shift] = np.arange(-_MAX_CLOCK_LAG, _MAX_CLOCK_LAG + 1)[best[shift]]  # x_aligned(t) = x(t + lag)
     return xp.asarray(shift_rows(to_numpy(v), lag)), lag
 
 
@@ -400,6 +418,29 @@ def _denoised_coordinates(xp: Any, u: Any, s_idx: np.ndarray, config: PhaseConfi
     rank = max(2, min(config.denoise_rank, s_idx.size - 1, u.shape[1] - 1))
     basis = principal_basis(us, rank, random_state=config.random_state)
     return unit_rows(u @ basis)
+
+
+def _phase_neighbourhood_correlation(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.ndarray,
+                                     k: int) -> np.ndarray:
+    """Correlation of each meter with the pooled raw signal of its ``k`` nearest meters of each phase.
+
+    For phase ``p`` the neighbours are searched (in the denoised coordinates ``y``) among the meters now
+    labelled ``p`` only, outside the meter's own group; their raw unit signals ``u`` are summed with
+    similarity weights. Returns (n, 3); ``-1`` where a phase has no meter. The margin of the answer's
+    column over the others is the direct evidence that the meter moves with that phase's neighbourhood
+    and not with the one its GIS label claims.
+    """
+    n = u.shape[0]
+    out = np.full((n, 3), -1.0)
+    for p in range(3):
+        allowed = labels == p
+        if allowed.sum() < 1:
+            continue
+        kp = min(k, int(allowed.sum()))
+        idx, sim = top_k_neighbours(y, xp.asarray(group), kp, allowed=xp.asarray(allowed))
+        w = np.maximum(to_numpy(sim), 0.0)
+        out[:, p] = to_numpy(pooled_neighbour_correlation(u, idx, xp.asarray(w)))
+    return out
 
 
 def _vote_confidence(share: np.ndarray, z_strength: np.ndarray, n_choices: int, config: PhaseConfig):

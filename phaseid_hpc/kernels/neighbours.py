@@ -65,7 +65,7 @@ def _top_k_columns(xp: Any, s: Any, k: int) -> Any:
     return xp.argsort(-s, axis=1, stable=True)[:, :k]
 
 
-def top_k_neighbours(y: Any, group: Any, k: int, *, chunk: int = 2048) -> tuple[Any, Any]:
+def top_k_neighbours(y: Any, group: Any, k: int, *, allowed: Any | None = None, chunk: int = 2048) -> tuple[Any, Any]:
     """The ``k`` rows most similar to each row, other than rows of its own group.
 
     Parameters
@@ -78,6 +78,8 @@ def top_k_neighbours(y: Any, group: Any, k: int, *, chunk: int = 2048) -> tuple[
         exclusion but the row itself.
     k : int
         Neighbours per row (clipped to the number of candidate rows).
+    allowed : array of bool, shape (n_meters,), optional
+        Rows that may be neighbours at all (e.g. the meters currently labelled with one phase).
     chunk : int
         Rows per similarity block: memory is ``chunk * n_meters`` floats.
 
@@ -98,6 +100,8 @@ def top_k_neighbours(y: Any, group: Any, k: int, *, chunk: int = 2048) -> tuple[
         b = min(a + chunk, n)
         s = y[a:b, :] @ yt
         same = group[a:b, None] == group[None, :]
+        if allowed is not None:
+            same = same | ~allowed[None, :]
         s = xp.where(same, neg, s)
         idx = _top_k_columns(xp, s, k)
         idx_parts.append(idx)
