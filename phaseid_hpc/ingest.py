@@ -756,7 +756,7 @@ def _extend_time(tx: StoreTransaction, st: _StoreState, t0: int, n_time_new: int
             continue
         data = codec.encode(np.full(arr.chunks, arr.fill_value, dtype=arr.dtype))
         with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
-            list(pool.map(lambda idx, name=name, arr=arr: tx.write_synced(
+            list(pool.map(lambda idx, name=name, arr=arr, data=data: tx.write_synced(
                 f"{name}/{arr.metadata.encode_chunk_key(idx)}", data), todo))
 
 

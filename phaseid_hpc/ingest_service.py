@@ -263,7 +263,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 _NOT_STRUCTURAL = bytes(b for b in range(256) if b not in b'"[]{}')
-_ESCAPE = re.compile(rb"\\.", re.S)
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
 
 
 def _json_depth(body: bytes | str) -> int:

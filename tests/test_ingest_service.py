@@ -159,8 +159,8 @@ def test_oversized_message_is_malformed():
         (b'{"meter_id": "M1", "timestamp": "9999-12-31T23:45:00Z", "voltage_v": 240}', "outside 1900-01-01"),
         (b'{"meter_id": "M1", "timestamp": "2610-01-01T00:00:00Z", "voltage_v": 240}', "outside 1900-01-01"),
         (b'{"meter_id": "M1", "timestamp": "2026-01-01T00:15:00Z", "voltage_v": true}', "holds booleans"),
-        (b'[{"meter_id": "M1", "timestamp": "2026-01-01T00:15:00Z", "voltage_v": 240},'
-         b' {"meter_id": "M1", "timestamp": "2026-01-01T00:30:00Z", "voltage_v": false}]', "False is not a number"),
+        ((b'[{"meter_id": "M1", "timestamp": "2026-01-01T00:15:00Z", "voltage_v": 240},'
+          b' {"meter_id": "M1", "timestamp": "2026-01-01T00:30:00Z", "voltage_v": false}]'), "False is not a number"),
         (b'{"meter_id": "M1", "timestamp": 1767225600, "voltage_v": 240}', "timestamps are numbers"),
         (b'{"meter_id": "M1", "timestamp": "2026-01-01T00:15:00Z", "voltage_v": {"v": 1}}', "is not a number"),
         (b"[" * 100_000 + b"]" * 100_000, "nested 100000 levels deep"),

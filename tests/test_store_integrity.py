@@ -23,7 +23,7 @@ from phaseid_hpc.cli import main as cli_main
 from phaseid_hpc.config import IngestConfig
 from phaseid_hpc.errors import ContractError, DataError, StoreError
 from phaseid_hpc.ingest import ingest_files, ingest_frame
-from tests.test_ingest import T0, meters_table, readings_table
+from tests.test_ingest import meters_table, readings_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,9 +101,9 @@ def test_writers_take_the_lock_before_reading_the_store(base, tmp_path):
 
 def test_a_writer_that_cannot_wait_names_the_holder(base):
     store, _, first = base
-    with S._store_lock(store):
-        with pytest.raises(StoreError, match=rf"locked by another writer \(pid {os.getpid()} on .*waited 0.2 s"):
-            ingest_frame(store, first, lock_timeout_s=0.2)
+    holder = rf"locked by another writer \(pid {os.getpid()} on .*waited 0.2 s"
+    with S._store_lock(store), pytest.raises(StoreError, match=holder):
+        ingest_frame(store, first, lock_timeout_s=0.2)
 
 
 def test_lock_file_mode_does_not_follow_the_umask(base):
@@ -204,7 +204,7 @@ def test_kill_9_during_creation_leaves_no_store_and_the_next_writer_cleans_up(tm
     first.to_parquet(tmp_path / "a.parquet")
     store = tmp_path / "s.zarr"
     p = subprocess.run([sys.executable, "-c", _KILLED_CREATION, str(tmp_path / "a.parquet"), str(meters), str(store),
-                        step], cwd=REPO, capture_output=True, timeout=120)
+                        step], cwd=REPO, capture_output=True, timeout=120, check=False)
     assert p.returncode == -signal.SIGKILL
     assert not store.exists()
     leftovers = list(tmp_path.glob("s.zarr.init-*"))
@@ -303,8 +303,7 @@ def _damage(f: Path, how: str, rng: np.random.Generator) -> None:
 def test_a_damaged_chunk_is_named_by_deep_validation_reads_and_writes(base, how):
     store, _, first = base
     rng = np.random.default_rng(len(how))
-    chunk = sorted((store / "voltage" / "c").rglob("*"))
-    chunk = [c for c in chunk if c.is_file()][0]
+    chunk = next(c for c in sorted((store / "voltage" / "c").rglob("*")) if c.is_file())
     rel = chunk.relative_to(store).as_posix()
     assert S.validate_store(store, deep=True) == []
     _damage(chunk, how, rng)
