@@ -335,3 +335,14 @@ def test_every_chunk_exists_after_the_time_axis_grows(base):
     assert arr.cdata_shape[1] == 2
     assert S.validate_store(store, deep=True) == []
     assert S.read_meter_block(store, 0, 5)["voltage"].shape == (5, arr.shape[1])
+
+
+def test_run_fails_with_one_line_naming_the_damaged_chunk(base, tmp_path, capsys):
+    store, _, _ = base
+    f = store / "voltage" / "c" / "0" / "0"
+    data = bytearray(f.read_bytes())
+    data[10] ^= 1
+    f.write_bytes(bytes(data))
+    code = cli_main(["run", "--store", str(store), "--out", str(tmp_path / "r"), "--workers", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "chunk voltage/c/0/0 is corrupt" in err
