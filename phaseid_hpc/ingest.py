@@ -1242,6 +1242,8 @@ def _create_store(
         )
         with StoreTransaction(tmp) as tx:
             _stage_files(tx, _store_state(tmp), paths, report, config)
+        for done in (tmp / "_phaseid").glob("done-*"):  # the retired stage: not part of the new store
+            shutil.rmtree(done, ignore_errors=True)
         _fsync_tree(tmp)
         if _FAULT_HOOK is not None:
             _FAULT_HOOK("create", store.name)
