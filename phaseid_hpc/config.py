@@ -26,6 +26,7 @@ from .errors import ConfigError
 __all__ = [
     "IngestConfig",
     "JobConfig",
+    "PTConfig",
     "PhaseConfig",
     "QualityConfig",
     "RunConfig",
@@ -272,6 +273,42 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class PTConfig:
+    """Meter PT deviation: a meter's voltage level against its transformer siblings or its neighbours.
+
+    See :mod:`phaseid_hpc.pt_deviation`.
+    """
+
+    enabled: bool = True
+    #: Deviation of the drop-corrected level, in every window and with one sign, that is flagged [%].
+    threshold_pct: float = 1.0
+    #: Consecutive windows the deviation must persist in (each at least ``min_samples`` valid samples) [-].
+    n_windows: int = 2
+    min_samples: int = 96
+    #: Fewest meters of one transformer and phase compared with each other (the median is robust from 3);
+    #: a meter in a smaller group is compared with its feeder neighbours only [-].
+    min_group_size: int = 3
+    #: Neighbours (nearest drop-corrected voltage shape, other transformers) of a meter without siblings [-].
+    n_neighbours: int = 6
+    #: A meter checked against neighbours only needs a drop slope at least this share of the feeder's
+    #: median slope: a meter whose voltage does not follow its own load (a large, stiff service) has a level
+    #: that its neighbours do not explain [-].
+    min_load_response: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not self.threshold_pct > 0:
+            raise ConfigError(f"config key 'pt.threshold_pct' must be > 0, got {self.threshold_pct}")
+        if self.n_windows < 1 or self.min_samples < 1 or self.min_group_size < 3 or self.n_neighbours < 1:
+            raise ConfigError(
+                "config keys 'pt.n_windows' >= 1, 'pt.min_samples' >= 1, 'pt.min_group_size' >= 3 and "
+                f"'pt.n_neighbours' >= 1 required, got {self.n_windows}, {self.min_samples}, "
+                f"{self.min_group_size} and {self.n_neighbours}"
+            )
+        if self.min_load_response < 0:
+            raise ConfigError(f"config key 'pt.min_load_response' must be >= 0, got {self.min_load_response}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """Dask job: partitions, device, determinism."""
 
@@ -292,6 +329,7 @@ class RunConfig:
     phase: PhaseConfig = field(default_factory=PhaseConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    pt: PTConfig = field(default_factory=PTConfig)
     job: JobConfig = field(default_factory=JobConfig)
 
 

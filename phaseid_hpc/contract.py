@@ -57,6 +57,12 @@ REASON_FLAT_LINE = "Flat-Lined Or Stuck Readings"
 REASON_WRONG_UNITS = "Wrong Units"
 REASON_LONG_GAPS = "Long Gaps Excluded"
 REASON_NO_READINGS = "No Readings"
+#: The meter's voltage level departs from its transformer siblings' (after its own service drop) by more
+#: than ``[pt] threshold_pct`` in every window: its internal PT has drifted; ``pt_deviation_pct`` says how far.
+REASON_PT_DEVIATION = "Meter PT Deviation"
+#: The same finding for a meter without enough siblings (alone, or one of two, on its transformer and
+#: phase), judged against its feeder neighbours of nearest voltage shape only.
+REASON_PT_DEVIATION_NEIGHBOURS = "Meter PT Deviation (Checked Against Neighbours Only)"
 
 #: Columns of RESULTS/meters.parquet, in order.
 METER_RESULT_COLUMNS: tuple[str, ...] = (
