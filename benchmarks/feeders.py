@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from phaseid_hpc import contract
 from phaseid_hpc.config import RunConfig, load_config
 from phaseid_hpc.pipeline import StoreTables, process_arrays
 from phaseid_hpc.score import score_frames
@@ -168,6 +169,11 @@ def run_case(name: str, feeder: dict, days: float, cls: float, res_v: float, mis
     dz = np.diff(meas / np.nanmean(meas, axis=1, keepdims=True), axis=1)
     knn = knn_vote_baseline(dz, gis, tables.meters["feeder_id"].astype(str).to_numpy())
     p, x = s["phase"], s.get("transformer", {})
+    truly_late = late.copy()
+    if "clock_shift_intervals" in feeder["truth"]:
+        truly_late |= feeder["truth"]["clock_shift_intervals"].to_numpy() != 0
+    flagged = meters["reasons"].str.contains(contract.REASON_CLOCK_OFFSET, regex=False).to_numpy()
+    clock_false_alarms = float(flagged[~truly_late].mean())
     extra = {}
     if late.any():  # the others must meet the targets; the late ones must not be guessed
         on_time = score_frames(meters[~late], feeder["truth"])["phase"]
@@ -181,12 +187,12 @@ def run_case(name: str, feeder: dict, days: float, cls: float, res_v: float, mis
         "conf_share": p["classes"]["confident"]["share"],
         "corr": p["corrections"], "corr_prec": p["correction_precision"], "corr_recall": p["correction_recall"],
         "xf_gis": x.get("gis_accuracy"), "xf": x.get("accuracy"), "xf_corr": x.get("flags"),
-        "xf_corr_prec": x.get("correction_precision"), "s": seconds,
+        "xf_corr_prec": x.get("correction_precision"), "clock_fa": clock_false_alarms, "s": seconds,
     }
 
 
 COLUMNS = ["feeder", "days", "class", "res_V", "missing", "meters", "gis", "knn10", "phase", "conf_prec",
-           "conf_share", "corr", "corr_prec", "corr_recall", "xf_gis", "xf", "xf_corr", "xf_corr_prec", "s"]
+           "conf_share", "corr", "corr_prec", "corr_recall", "xf_gis", "xf", "xf_corr", "xf_corr_prec", "clock_fa", "s"]
 
 
 def _fmt(v) -> str:

@@ -244,3 +244,5 @@ def test_single_meter_transformers_keep_gis_transformer():
     np.testing.assert_array_equal(rec, ["T1", "T2", "T3", "T4", "U2", "U1", "U2", "U2"])
     cls[4] = contract.CLASS_SUSPECT
     assert recommend_transformers(m, inferred, cls, TransformerConfig())[4] == "U1"
+    inferred[5] = "F2-NEW000"  # a transformer missing from GIS: review, not a correction
+    assert recommend_transformers(m, inferred, cls, TransformerConfig())[5] == "U1"
