@@ -145,6 +145,8 @@ class PhaseConfig:
     #: A meter's series is shifted by whole intervals when its correlation with the feeder's common
     #: signal at the best lag beats lag 0 by this many standard errors; 0 turns the check off [-].
     clock_lag_se: float = 6.0
+    #: Meters per zone (a neighbourhood of one phase) for local comparisons, e.g. the clock check [meters].
+    zone_meters: int = 40
     #: Seed of every random choice in identification.
     random_state: int = 0
 
@@ -255,8 +257,12 @@ class ValidationConfig:
     health_min_correlation: float = 0.3
     #: Fewest meters on a transformer for the health checks (a lone meter's change is the meter's) [-].
     health_min_meters: int = 2
-    #: Fewest windows in which all its meters lose correlation together before ``correlation_loss`` [-].
+    #: Fewest consecutive windows in which its meters lose correlation together before ``correlation_loss`` [-].
     health_min_lost_windows: int = 2
+    #: A window is lost when the Fisher z of its transformer's correlation with the reference falls this
+    #: many standard errors (``1 / sqrt(health_window - 3)``) below the unit's usual one (the upper quartile
+    #: of its windows, at least the second-best) [-].
+    health_loss_se: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 < self.default_power_factor <= 1:
@@ -405,7 +411,7 @@ def _validate(obj: Any, prefix: str) -> None:
                 f"config keys {prefix}suspect_threshold <= {prefix}confident_threshold must lie in [0, 1], "
                 f"got {obj.suspect_threshold} and {obj.confident_threshold}"
             )
-        if obj.min_samples < 2 or obj.n_neighbours < 1 or obj.vote_rounds < 1 or obj.denoise_rank < 2:
+        if obj.min_samples < 2 or obj.zone_meters < 3 or obj.n_neighbours < 1 or obj.vote_rounds < 1 or obj.denoise_rank < 2:
             raise ConfigError(
                 f"config keys {prefix}min_samples >= 2, {prefix}n_neighbours >= 1, {prefix}vote_rounds >= 1 and "
                 f"{prefix}denoise_rank >= 2 required, got {obj.min_samples}, {obj.n_neighbours}, "

@@ -53,7 +53,7 @@ from .kernels.preprocess import common_mode_residual, standardized_differences, 
 
 __all__ = ["RESULT_COLUMNS", "align_clocks", "identify_phases", "recommend", "shift_rows"]
 
-RESULT_COLUMNS: tuple[str, ...] = ("phase", "phase_confidence", "phase_class", "reasons")
+RESULT_COLUMNS: tuple[str, ...] = ("phase", "phase_confidence", "phase_class", "reasons", "zone")
 _PHASES = contract.SINGLE_PHASES
 #: Candidate labels of a phase-to-phase service, as pairs of template indices.
 _PAIRS = ((0, 1), (1, 2), (2, 0))
@@ -99,8 +99,10 @@ def identify_phases(
     DataFrame, index of ``meters``, columns
         ``phase`` (``A/B/C``, ``AB/BC/CA``, ``ABC``; None when unusable), ``phase_confidence`` in [0, 1],
         ``phase_class`` (``confident`` >= ``config.confident_threshold`` > ``suspect`` >=
-        ``config.suspect_threshold`` > ``low``; ``insufficient_data`` when unusable) and ``reasons``
-        (list of contract reason codes).
+        ``config.suspect_threshold`` > ``low``; ``insufficient_data`` when unusable), ``reasons``
+        (list of contract reason codes) and ``zone`` (int, numbered within each feeder: meters of one phase
+        in one neighbourhood of the feeder, about ``config.zone_meters`` each, for local comparisons such
+        as the clock check; -1 for meters not in one).
     """
     missing = [c for c in _REQUIRED if c not in meters.columns]
     if missing:
@@ -126,6 +128,7 @@ def identify_phases(
     out_conf = np.zeros(n_m)
     out_class = np.full(n_m, contract.CLASS_INSUFFICIENT, dtype=object)
     out_reasons: list[list[str]] = [[] for _ in range(n_m)]
+    out_zone = np.full(n_m, -1, dtype=np.int64)
 
     feeders = meters["feeder_id"].astype(str).to_numpy()
     for feeder in sorted(set(feeders)):
@@ -141,12 +144,14 @@ def identify_phases(
         out_phase[rows], out_conf[rows], out_class[rows] = res[0], res[1], res[2]
         for j, i in enumerate(rows):
             out_reasons[i] = res[3][j]
+        out_zone[rows] = res[4]
     return pd.DataFrame(
         {
             "phase": pd.Series(out_phase, index=meters.index, dtype=object),  # None stays None
             "phase_confidence": pd.Series(out_conf, index=meters.index),
             "phase_class": pd.Series(out_class, index=meters.index, dtype=object),
             "reasons": pd.Series(out_reasons, index=meters.index, dtype=object),
+            "zone": pd.Series(out_zone, index=meters.index),
         },
         index=meters.index,
     )
@@ -241,7 +246,7 @@ def _service_kinds(meters: pd.DataFrame) -> np.ndarray:
 def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, ref_v: Any | None = None):
     """Phase of every meter of one feeder: the named steps of the module docstring.
 
-    Returns ``(phase, confidence, class, reasons)`` arrays of the raw inference (no decision policy).
+    Returns ``(phase, confidence, class, reasons, zone)`` arrays of the raw inference (no decision policy).
     """
     n = len(meters)
     gis = meters["phase_gis"].to_numpy(dtype=object)
@@ -254,10 +259,11 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     conf = np.zeros(n)
     cls = np.full(n, contract.CLASS_INSUFFICIENT, dtype=object)
     reasons: list[list[str]] = [[] for _ in range(n)]
+    zone = np.full(n, -1, dtype=np.int64)
     if v.shape[1] < 2:
         for i in range(n):
             reasons[i].append(contract.REASON_INSUFFICIENT_DATA)
-        return phase, conf, cls, reasons
+        return phase, conf, cls, reasons, zone
 
     # Step 1: features, with whole-interval clock errors undone first
     v, lag = _align_clocks(xp, v, nominal, np.where(usable & (kind == "single"), _phase_codes(gis), -1), config)
@@ -278,7 +284,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         # Too few meters (or no labels) to vote: keep GIS, unverified.
         for i in np.flatnonzero(ok):
             phase[i], conf[i], cls[i] = gis[i], 0.0, contract.CLASS_LOW
-        return phase, conf, cls, reasons
+        return phase, conf, cls, reasons, zone
 
     # Step 2: denoised coordinates (principal subspace of the single-phase meters)
     s_idx = np.flatnonzero(single)
@@ -320,7 +326,8 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     scored = ok & (phase != None)  # noqa: E711 - elementwise on an object array
     cls[scored] = _confidence_class(conf[scored], config)
-    return phase, conf, cls, reasons
+    zone[s_idx] = _zones(to_numpy(y_s), labels, config)
+    return phase, conf, cls, reasons, zone
 
 
 def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, config: PhaseConfig):
@@ -410,6 +417,28 @@ def _pool_groups(xp: Any, y: Any, group: np.ndarray, config: PhaseConfig) -> Any
     msum = xp.permute_dims(w, (1, 0)) @ (member[:, None] * y)
     pooled = xp.take(msum, xp.asarray(group), axis=0)
     return unit_rows(xp.where(member[:, None] > 0, pooled, y))
+
+
+def _zones(y: np.ndarray, labels: np.ndarray, config: PhaseConfig) -> np.ndarray:
+    """Neighbourhoods of one phase: k-means (scikit-learn) of the denoised coordinates of each phase's
+    meters into groups of about ``config.zone_meters``; codes unique across phases, ordered by phase."""
+    from sklearn.cluster import KMeans
+
+    zone = np.full(labels.size, -1, dtype=np.int64)
+    next_code = 0
+    for p in range(3):
+        rows = np.flatnonzero(labels == p)
+        if rows.size == 0:
+            continue
+        k = max(1, int(round(rows.size / config.zone_meters)))
+        if k == 1:
+            code = np.zeros(rows.size, dtype=np.int64)
+        else:
+            km = KMeans(n_clusters=k, n_init=1, random_state=config.random_state).fit(y[rows])
+            code = km.labels_.astype(np.int64)
+        zone[rows] = next_code + code
+        next_code += k
+    return zone
 
 
 def _denoised_coordinates(xp: Any, u: Any, s_idx: np.ndarray, config: PhaseConfig) -> Any:

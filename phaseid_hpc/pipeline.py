@@ -346,6 +346,26 @@ def process_arrays(
         ]
         timings["transformer"] = time.perf_counter() - t3
 
+    if config.pt.enabled:  # meter PT deviation: levels against the recommended transformer's siblings
+        t_pt = time.perf_counter()
+        from .pt_deviation import detect_pt_deviation
+
+        pt = detect_pt_deviation(
+            to_numpy(clean),
+            kw,
+            pd.DataFrame({"feeder_id": out["feeder_id"],
+                          "transformer_id": out["transformer"] if "transformer" in out else out["transformer_id"],
+                          "phase": out["phase"].where(out["phase"].notna(), out["phase_gis"]),
+                          "nominal_v": meters["nominal_v"].to_numpy(dtype=np.float64)}),
+            config.pt,
+        )
+        out["pt_deviation_pct"] = pt["pt_deviation_pct"].to_numpy(dtype=np.float64)
+        out["reasons"] = [
+            "; ".join(sorted(set(filter(None, r.split("; "))) | set(m)))
+            for r, m in zip(out["reasons"], pt["reasons"])
+        ]
+        timings["pt"] = time.perf_counter() - t_pt
+
     if config.validation.enabled and kw is not None:
         t4 = time.perf_counter()
         from .validation import validate_transformers

@@ -15,12 +15,17 @@ block's transformers) and flags what needs a field audit:
 ``high_imbalance``
     3-phase bank whose phase loads differ by more than ``max_imbalance``.
 ``voltage_level_step``
-    the common voltage level of its meters (relative to the rest of the feeder) steps by more than
+    the common voltage level of its meters (relative to the median of the other transformers of the
+    feeder, less the part its own load explains through its impedance) steps by more than
     ``tap_fault_steps`` tap steps of ``tap_step_pu``: tap or winding problem.
 ``correlation_loss``
-    all its meters lose correlation with the feeder reference in the same windows (at least
-    ``health_min_lost_windows`` windows of ``health_window`` samples) while the rest of the feeder does
-    not: winding or connection problem.
+    the mean of its meters (their own noise averaged out) loses correlation with the feeder reference
+    (the feeder head of their phase, else the median of the other transformers of the feeder) in at least
+    ``health_min_lost_windows`` consecutive windows of ``health_window`` samples (windows end at the last
+    sample), while every one of its meters still follows its siblings (a cause common to the unit) and
+    the rest of the feeder does not lose it too: winding or connection problem. Lost: correlation below
+    ``health_min_correlation``, or its Fisher z ``health_loss_se`` standard errors below the unit's usual
+    one (the upper quartile of its windows, at least the second-best).
 ``no_rating``
     no usable ``kva_rating``: loading and thermal figures are NaN.
 ``no_load_data``
@@ -263,12 +268,15 @@ def _health(
     ref_of_meter: np.ndarray,
     ref_pu: list[np.ndarray],
     config: ValidationConfig,
+    tx_load: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Voltage-level step and correlation loss per transformer (see module docstring).
 
     ``order`` lists the mapped meters sorted by transformer (``group_start``/``group_tx``: first position
     and transformer of each non-empty group); ``ref_of_meter`` (aligned with ``order``) is the row of
     ``ref_pu`` (feeder-head reference in pu) of each meter, -1 where the rest of its feeder is the reference.
+    ``tx_load`` (n_tx, n_time), the load of each transformer [kW], lets the step detector remove the part of
+    the level its own load explains (a large load switching is not a tap change).
     Per-meter work runs in chunks of whole transformers in float32; sums over a feeder in float64.
     """
     n_t = voltage.shape[1]
@@ -288,19 +296,13 @@ def _health(
 
     # Pass 1: each meter's level (mean of valid samples) and the per-transformer sums of v_pu.
     codes, _ = pd.factorize(feeder_of_tx)  # transformers are sorted by feeder
-    n_f = int(codes.max()) + 1
     tx_sum = np.zeros((n_tx, n_t), dtype=f32)
     tx_cnt = np.zeros((n_tx, n_t), dtype=f32)
-    fd_sum = np.zeros((n_f, n_t))
-    fd_cnt = np.zeros((n_f, n_t))  # feeder sums of v_pu and of valid samples (float64)
     inv_level = np.zeros(n_map)
     sizes = np.diff(np.append(group_start, n_map))
     clean = []  # per chunk: every sample valid (then the masks below are skipped)
     for i0, i1, g0, g1 in chunks:
         m_tx = _indicator(np.repeat(np.arange(g1 - g0), sizes[g0:g1]), g1 - g0, f32)
-        fc = codes[group_tx[g0:g1]]
-        f0, f1 = int(fc[0]), int(fc[-1]) + 1
-        m_fd = _indicator(fc - f0, f1 - f0, np.float64)
         v = _rows(voltage, order, identity, i0, i1)
         ok_all = bool(v.size) and bool(v.min() > 0) and bool(np.isfinite(v.max()))
         clean.append(ok_all)
@@ -309,7 +311,6 @@ def _health(
             vpu0 = (v * inv.astype(v.dtype)[:, None]).astype(f32, copy=False)
             tx_part = m_tx @ vpu0
             tx_cnt[group_tx[g0:g1]] = sizes[g0:g1, None]
-            fd_cnt[f0:f1] += m_fd @ sizes[g0:g1, None].astype(np.float64)
         else:
             valid = (v > 0) & (v < np.inf)
             v0 = np.where(valid, v, 0.0)
@@ -321,103 +322,178 @@ def _health(
             valid_f = valid.astype(f32)
             cnt_part = m_tx @ valid_f
             tx_cnt[group_tx[g0:g1]] = cnt_part
-            fd_cnt[f0:f1] += m_fd @ cnt_part.astype(np.float64)
         inv_level[i0:i1] = inv
         tx_sum[group_tx[g0:g1]] = tx_part
-        fd_sum[f0:f1] += m_fd @ tx_part.astype(np.float64)  # float64 sums over a feeder
 
-    # Per transformer: its mean and the mean of the rest of its feeder.
+    # Per transformer: its mean and the median of the rest of its feeder.
     f_start = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     enough = n_meters >= config.health_min_meters
     step = np.full(n_tx, np.nan)
     split = np.full(n_tx, -1)
     # differenced references: rows 0..n_tx-1 the rest of the transformer's feeder, then the feeder heads
     table = np.empty((n_tx + len(ref_pu), max(n_t - 1, 0)), dtype=f32)
+    tx_diff = np.empty((n_tx, max(n_t - 1, 0)), dtype=f32)  # differenced mean v_pu of each transformer
     for k, series in enumerate(ref_pu):
         table[n_tx + k] = np.diff(series)
-    # float32 from here: the feeder totals were accumulated in float64, their difference with the
-    # transformer's own sum keeps ~1e-7 relative precision.
-    fd32, fdc32 = fd_sum.astype(f32), fd_cnt.astype(f32)
-    all_clean = all(clean)
-    n_fd = np.bincount(codes, weights=n_meters, minlength=n_f)
-    for a in range(0, n_tx, _METER_CHUNK):
-        b = min(a + _METER_CHUNK, n_tx)
-        ts, c = tx_sum[a:b], codes[a:b]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if all_clean:  # counts are the meter counts: one scale per row
-                n_here, n_rest = n_meters[a:b], n_fd[c] - n_meters[a:b]
-                tx_mean = ts * np.where(n_here > 0, 1.0 / n_here, np.nan).astype(f32)[:, None]
-                rest_mean = (fd32[c] - ts) * np.where(n_rest > 0, 1.0 / n_rest, np.nan).astype(f32)[:, None]
-            else:
-                tc = tx_cnt[a:b]
-                rest_cnt = fdc32[c] - tc
-                tx_mean = np.where(tc > 0, ts / tc, f32(np.nan))
-                rest_mean = np.where(rest_cnt > 0, (fd32[c] - ts) / rest_cnt, f32(np.nan))
-        table[a:b] = np.diff(rest_mean, axis=1)
-        e = np.flatnonzero(enough[a:b])
-        if e.size == b - a:
-            tx_mean -= rest_mean
-            step[a:b], split[a:b] = _level_step(tx_mean, w)
-        elif e.size:
-            step[a + e], split[a + e] = _level_step(tx_mean[e] - rest_mean[e], w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tx_mean = np.where(tx_cnt > 0, tx_sum / np.where(tx_cnt > 0, tx_cnt, f32(1)), f32(np.nan))
+    # the rest of its feeder: the median of the OTHER transformers' means (one failing unit cannot drag
+    # the reference of its neighbours, as it drags a mean over meters)
+    rest_level = _rest_of_feeder_median(tx_mean, f_start)
+    table[:n_tx] = np.diff(rest_level, axis=1)
+    tx_diff[:] = np.diff(tx_mean, axis=1)
+    e = np.flatnonzero(enough)
+    for a in range(0, e.size, _METER_CHUNK):
+        rows = e[a : a + _METER_CHUNK]
+        offset = tx_mean[rows] - rest_level[rows]
+        if tx_load is not None:
+            offset = _minus_load_part(offset, tx_load[rows])
+        step[rows], split[rows] = _level_step(offset, w)
 
-    # Pass 2: correlation of each meter's differenced v_pu with its reference in windows of w samples.
+    # Pass 2: per window of w samples, the correlation of each transformer's mean (differenced v_pu, its
+    # meters' noise averaged) with its reference, and of each meter with the mean of its siblings.
+    # windows end at the last sample (an ongoing fault is seen in full windows); the first samples that
+    # do not fill a window are left out
     n_win = (n_t - 1) // w
     span = n_win * w
-    r = np.full((n_map, n_win), np.nan)
-    ref_row = np.where(ref_of_meter >= 0, n_tx + ref_of_meter, 0)
+    lead = n_t - 1 - span
+    tx_of_sorted = np.repeat(group_tx, sizes)
+    # a transformer's reference: the feeder head of its meters' phase when they share one, else the rest of
+    # its feeder
+    ref_tx = np.arange(n_tx)
+    if n_map and len(ref_pu):
+        lo = np.full(n_tx, np.iinfo(np.int64).max)
+        hi = np.full(n_tx, -1)
+        np.minimum.at(lo, tx_of_sorted, ref_of_meter)
+        np.maximum.at(hi, tx_of_sorted, ref_of_meter)
+        shared = (lo == hi) & (hi >= 0)
+        ref_tx = np.where(shared, n_tx + hi, ref_tx)
     if n_win:
-        tx_sorted = np.repeat(group_tx, np.diff(np.append(group_start, n_map)))
-        ref_row = np.where(ref_of_meter >= 0, n_tx + ref_of_meter, tx_sorted)
-        row_finite = np.isfinite(table).all(axis=1)
-        for ci, (i0, i1, _, _) in enumerate(chunks):
-            v = _rows(voltage, order, identity, i0, i1)[:, : span + 1]
-            rows = ref_row[i0:i1]
-            b = table[rows, :span]
-            if clean[ci]:
-                a = np.diff(v, axis=1)
-            else:
-                a = np.diff(np.where((v > 0) & (v < np.inf), v, np.nan), axis=1)
-            a = a.astype(f32, copy=False)
-            a *= inv_level[i0:i1, None].astype(f32)
-            if clean[ci] and row_finite[rows].all():
-                cnt = np.float64(w)
-            else:
-                both = np.isfinite(a)
-                both &= np.isfinite(b)
-                a = np.where(both, a, f32(0))
-                b = np.where(both, b, f32(0))
-                cnt = both.reshape(-1, w).sum(axis=1).astype(np.float64)
-            A, B = a.reshape(-1, w), b.reshape(-1, w)
-            sa, sb = A.sum(axis=1).astype(np.float64), B.sum(axis=1).astype(np.float64)
-            sab = np.einsum("ij,ij->i", A, B).astype(np.float64)
-            saa = np.einsum("ij,ij->i", A, A).astype(np.float64)
-            sbb = np.einsum("ij,ij->i", B, B).astype(np.float64)
+        r_tx = _window_correlation(tx_diff[:, lead:], table[ref_tx, lead:], w)
+    else:
+        r_tx = np.zeros((n_tx, 0))
+    agree = np.ones((n_tx, n_win), dtype=bool)  # every meter still follows its siblings (a common cause)
+    if n_win and n_map:
+        for ci, (i0, i1, g0, g1) in enumerate(chunks):
+            v = _rows(voltage, order, identity, i0, i1)[:, lead:]
+            if not clean[ci]:
+                v = np.where((v > 0) & (v < np.inf), v, np.nan)
+            vpu = (v * inv_level[i0:i1, None]).astype(f32, copy=False)
+            g = tx_of_sorted[i0:i1]
             with np.errstate(invalid="ignore", divide="ignore"):
-                rc = (cnt * sab - sa * sb) / np.sqrt((cnt * saa - sa * sa) * (cnt * sbb - sb * sb))
-            r[i0:i1] = np.where(cnt >= w // 2, rc, np.nan).reshape(i1 - i0, n_win)
-    baseline_ok = _nanmedian_rows(r) >= config.health_min_correlation
-    ok_valid = baseline_ok[:, None] & np.isfinite(r)
-    lost = ok_valid & (r < config.health_min_correlation)
-    c_ok = np.zeros((n_tx, n_win))
-    c_lost = np.zeros((n_tx, n_win))
-    if n_map and n_win:
-        m_all = _indicator(np.repeat(group_tx, sizes), n_tx, np.float64)
-        c_ok, c_lost = m_all @ ok_valid.astype(np.float64), m_all @ lost.astype(np.float64)
-    f_ok = np.add.reduceat(c_ok, f_start, axis=0) if n_win else c_ok[f_start]
-    f_lost = np.add.reduceat(c_lost, f_start, axis=0) if n_win else c_lost[f_start]
-    rest_ok, rest_lost = f_ok[codes] - c_ok, f_lost[codes] - c_lost
+                own = np.where(np.isfinite(vpu), vpu, f32(0))
+                rest_cnt = tx_cnt[g, lead:] - np.isfinite(vpu)
+                sib = np.where(rest_cnt > 0, (tx_sum[g, lead:] - own) / rest_cnt, f32(np.nan))
+            r_m = _window_correlation(np.diff(vpu, axis=1), np.diff(sib, axis=1), w)
+            follows = ~(r_m < config.health_min_correlation)  # NaN (no sibling, no data) does not object
+            m_tx = _indicator(np.repeat(np.arange(g1 - g0), sizes[g0:g1]), g1 - g0, np.float64)
+            agree[group_tx[g0:g1]] = (m_tx @ (~follows).astype(np.float64)) == 0
+    # lost: the unit's mean no longer follows its reference, while its meters still follow each other (a
+    # common cause, not one meter): correlation below health_min_correlation, or its Fisher z
+    # health_loss_se standard errors below the unit's usual where that is high
+    finite = np.isfinite(r_tx)
+    n_fin = finite.sum(axis=1)
+    usual = np.full(n_tx, np.nan)
+    if n_win:
+        ranked = np.sort(np.where(finite, r_tx, np.inf), axis=1)  # finite first
+        # the upper quartile of its windows, but at least the second-best (a fault may cover most of a week)
+        rank = np.maximum(n_fin - np.maximum(2, np.ceil(0.25 * n_fin).astype(int)), 0)
+        usual = np.where(n_fin > 0, ranked[np.arange(n_tx), rank], np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z_drop = np.arctanh(np.clip(usual, -0.999, 0.999))[:, None] - np.arctanh(np.clip(r_tx, -0.999, 0.999))
+    ok = enough[:, None] & finite
+    z_se = config.health_loss_se / math.sqrt(max(w - 3, 1))
+    fell = (usual >= config.health_min_correlation)[:, None] & (z_drop > z_se)
+    lost = ok & agree & ((r_tx < config.health_min_correlation) | fell)
+    if n_win:
+        f_ok = np.add.reduceat(ok.astype(np.float64), f_start, axis=0)
+        f_lost = np.add.reduceat(lost.astype(np.float64), f_start, axis=0)
+    else:
+        f_ok = f_lost = np.zeros((f_start.size, 0))
+    rest_ok, rest_lost = f_ok[codes] - ok, f_lost[codes] - lost
     with np.errstate(invalid="ignore", divide="ignore"):
         rest_frac = np.where(rest_ok > 0, rest_lost / rest_ok, 0.0)
-    win_lost = (c_ok >= config.health_min_meters) & (c_lost == c_ok) & (rest_frac < 0.5)
+    win_lost = lost & (rest_frac < 0.5)
+    # a fault persists: the longest run of consecutive lost windows (and where it starts) is what counts
+    run = np.zeros(n_tx, dtype=int)
+    longest = np.zeros(n_tx, dtype=int)
+    run_start = np.full(n_tx, -1)
+    for j in range(n_win):
+        run = np.where(win_lost[:, j], run + 1, 0)
+        better = run > longest
+        run_start = np.where(better, j - run + 1, run_start)
+        longest = np.where(better, run, longest)
     return {
         "voltage_step_pu": np.where(enough, step, np.nan),
         "voltage_step_index": np.where(enough, split, -1),
-        "correlation_lost_windows": np.where(enough, win_lost.sum(axis=1), 0),
-        "correlation_first_lost": (
-            np.where(win_lost.any(axis=1), np.argmax(win_lost, axis=1), -1) if n_win else np.full(n_tx, -1)
-        ),
+        "correlation_lost_windows": np.where(enough, longest, 0),
+        "correlation_first_lost": np.where(longest > 0, lead + 1 + w * run_start, -1),  # its first sample
     }
+
+
+def _rest_of_feeder_median(tx_mean: np.ndarray, f_start: np.ndarray, exact_up_to: int = 64) -> np.ndarray:
+    """Per transformer, the median over the other transformers of its feeder of their mean v_pu, per sample
+    (NaN-aware; NaN where there is no other). Feeders of more than ``exact_up_to`` transformers use the
+    median of all of them (one unit moves it by at most one rank)."""
+    n_tx = tx_mean.shape[0]
+    out = np.full(tx_mean.shape, np.nan, dtype=tx_mean.dtype)
+    bounds = np.append(f_start, n_tx)
+    for f0, f1 in zip(bounds[:-1], bounds[1:]):
+        block = tx_mean[f0:f1]
+        m = f1 - f0
+        if m > exact_up_to:
+            out[f0:f1] = _nanmedian_axis0(block)[None, :]
+            continue
+        for j in range(m):
+            out[f0 + j] = _nanmedian_axis0(np.delete(block, j, axis=0))
+    return out
+
+
+def _nanmedian_axis0(x: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(x, axis=0)`` without warnings (NaN where a column has no finite value) via one sort."""
+    n, t = x.shape
+    if n == 0:
+        return np.full(t, np.nan, dtype=x.dtype)
+    s = np.sort(x, axis=0)  # NaN last
+    nv = (~np.isnan(x)).sum(axis=0)
+    lo, hi = np.maximum(nv - 1, 0) // 2, np.minimum(nv // 2, n - 1)
+    cols = np.arange(t)
+    return np.where(nv > 0, 0.5 * (s[lo, cols] + s[hi, cols]), np.nan).astype(x.dtype)
+
+
+def _window_correlation(a: np.ndarray, b: np.ndarray, w: int) -> np.ndarray:
+    """Pearson correlation of rows of ``a`` and ``b`` (same shape (n, n_win * w), NaN = missing) in each
+    window of ``w`` samples: (n, n_win), NaN where fewer than ``w // 2`` samples of a window are valid in both."""
+    n, span = a.shape
+    both = np.isfinite(a) & np.isfinite(b)
+    a = np.where(both, a, 0).astype(np.float32, copy=False)
+    b = np.where(both, b, 0).astype(np.float32, copy=False)
+    cnt = both.reshape(-1, w).sum(axis=1).astype(np.float64)
+    A, B = a.reshape(-1, w), b.reshape(-1, w)
+    sa, sb = A.sum(axis=1, dtype=np.float64), B.sum(axis=1, dtype=np.float64)
+    sab = np.einsum("ij,ij->i", A, B).astype(np.float64)
+    saa = np.einsum("ij,ij->i", A, A).astype(np.float64)
+    sbb = np.einsum("ij,ij->i", B, B).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rc = (cnt * sab - sa * sb) / np.sqrt((cnt * saa - sa * sa) * (cnt * sbb - sb * sb))
+    return np.where(cnt >= w // 2, rc, np.nan).reshape(n, span // w if w else 0)
+
+
+def _minus_load_part(offset: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """``offset`` less its least-squares fit on ``load`` (per row; NaN-aware): the level the unit's own load
+    explains through its impedance, so that a load switching on or off is not read as a tap step."""
+    ok = np.isfinite(offset) & np.isfinite(load)
+    n_ok = ok.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lm = np.where(ok, load, 0.0).sum(axis=1) / n_ok
+        om = np.where(ok, offset, 0.0).sum(axis=1) / n_ok
+        dl = np.where(ok, load - lm[:, None], 0.0)
+        do = np.where(ok, offset - om[:, None], 0.0)
+        slope = (dl * do).sum(axis=1) / (dl * dl).sum(axis=1)
+    slope = np.where(np.isfinite(slope), slope, 0.0)
+    return offset - (slope[:, None] * np.where(np.isfinite(load), load - np.nan_to_num(lm)[:, None], 0.0)).astype(
+        offset.dtype
+    )
 
 
 def _ambient_series(ambient_c: Any, times: np.ndarray, default: float) -> np.ndarray | float:
@@ -619,6 +695,8 @@ def validate_transformers(
             has_q = np.isfinite(kv).any(axis=1)
             q, _ = _fill_time_gaps(kv)
             q_pair[p0:p1] = Wc @ np.where(has_q[:, None], q, p * work(tan_phi))
+    # Active power of each transformer [kW] (the health checks remove the voltage its own load explains).
+    tx_kw = _indicator(pair_tx, n_tx, work) @ p_pair if voltage is not None and n_pairs else None
     # Units with several loaded pairs (3-phase banks, 2-phase meters): their total P (and Q) before |.|.
     n_pairs_tx = np.bincount(pair_tx, minlength=n_tx)[:n_tx]
     multi = np.flatnonzero(n_pairs_tx > 1)
@@ -693,6 +771,7 @@ def validate_transformers(
             ref_of_meter,
             list(ref_pu.values()),
             config,
+            tx_load=tx_kw,
         )
     else:
         hl = {
@@ -815,11 +894,12 @@ def _flags(
             )
         if masks["correlation_loss"][i]:
             first = first_lost[i]
-            why_t = times[min(first * config.health_window, n_t - 1)] if first >= 0 else None
+            why_t = times[min(first, n_t - 1)] if first >= 0 else None
             f.append("correlation_loss")
             why.append(
-                f"all its meters lost correlation with the feeder reference together in "
-                f"{col['correlation_lost_windows'][i]} window(s) from {why_t}: check windings and connections"
+                f"its meters lost correlation with the feeder reference together, still following each other, "
+                f"in {col['correlation_lost_windows'][i]} consecutive window(s) from {why_t}: check windings "
+                "and connections"
             )
     return flags, reasons
 
