@@ -303,3 +303,30 @@ def test_clock_offset_accuracy_on_ckt5(ckt5):
     assert 0.8 < np.nanstd((err / se)[clean]) < 1.3
     flagged = t["reasons"].map(lambda r: C.REASON_CLOCK_OFFSET in r).to_numpy()
     assert flagged[clean].mean() <= 0.03 and flagged[off].mean() > 0.35
+
+
+def test_local_clock_offsets_ignore_a_zone_wide_delayed_response():
+    """A regulator zone responds to load through delayed tap corrections: against the feeder that reads as
+    a clock offset of every meter in the zone; against the zone's own median only a real offset remains."""
+    from phaseid_hpc.quality import local_clock_offsets
+    from phaseid_hpc.synth.measurement import _shift
+
+    rng = np.random.default_rng(5)
+    n_t, n_zone = 96 * 14, 12
+    walk = np.cumsum(rng.standard_normal((2, n_t)), axis=1) * 0.002
+    zone_a = 240 * (1 + walk[0] + 0.0005 * rng.standard_normal((n_zone, n_t)))
+    # zone B: the same feeder signal seen through a delayed (regulated) response, plus its own
+    delayed = _shift(walk[:1], np.array([0.4]))[0]
+    zone_b = 240 * (1 + delayed + walk[1] + 0.0005 * rng.standard_normal((n_zone, n_t)))
+    v = np.vstack([zone_a, zone_b])
+    v[3] = _shift(v[3:4], np.array([300 / 900]))[0]  # one meter's clock 300 s late
+    zones = np.repeat([0, 1], n_zone)
+    res = local_clock_offsets(v, np.full(2 * n_zone, 240.0), zones, np.ones(2 * n_zone, bool), 900.0)
+    assert res["clock_flag"].to_numpy().nonzero()[0].tolist() == [3]
+    assert 150 < res.loc[3, "clock_offset_s"] < 400
+    nothing = local_clock_offsets(v, np.full(2 * n_zone, 240.0), np.full(2 * n_zone, -1), np.ones(2 * n_zone, bool),
+                                  900.0)
+    assert nothing["clock_offset_s"].isna().all() and not nothing["clock_flag"].any()
+    one_zone = local_clock_offsets(v, np.full(2 * n_zone, 240.0), np.zeros(2 * n_zone, dtype=int),
+                                   np.ones(2 * n_zone, bool), 900.0)
+    assert one_zone["clock_flag"].sum() > 3  # the whole regulated zone reads as late against the feeder
