@@ -381,15 +381,47 @@ def process_arrays(
         val = validate_transformers(
             kw, kvar, to_numpy(clean), v_meters, transformers, times, config.validation, references=references
         )
-        if len(xf_table):
-            xf_table = xf_table.merge(val, on=["transformer_id", "feeder_id"], how="outer", sort=False)
-        else:
-            xf_table = val
+        xf_table = _merge_transformer_tables(xf_table, val)
         timings["validation"] = time.perf_counter() - t4
 
     if len(xf_table):
         xf_table = xf_table.sort_values(["feeder_id", "transformer_id"], kind="stable").reset_index(drop=True)
     return {"meters": out, "transformers": xf_table, "timings": timings}
+
+
+#: Count columns of the transformer table: integers, 0 where a transformer is absent from one side.
+_TRANSFORMER_COUNTS = ("n_meters_gis", "n_meters_inferred", "meters_changed", "n_meters", "n_phases",
+                       "correlation_lost_windows")
+
+
+def _merge_transformer_tables(mapping: pd.DataFrame, validation: pd.DataFrame) -> pd.DataFrame:
+    """One row per transformer from the mapping and validation tables, without merge leftovers.
+
+    Both tables name the phases a transformer serves; the validation table's ``phases`` (from the
+    recommended transformer and phase of each meter, GIS phase where none is recommended: what its loading
+    was computed on) is kept, and the mapping's fills the transformers validation does not know. Counts
+    stay integers (0 where one side has no row) and ``proposed_new`` stays boolean.
+    """
+    if not len(mapping):
+        return validation
+    if not len(validation):
+        return mapping
+    merged = mapping.merge(validation, on=["transformer_id", "feeder_id"], how="outer", sort=False,
+                           suffixes=("_mapping", ""))
+    if "phases_mapping" in merged:
+        missing = merged["phases"].isna() | (merged["phases"].astype(object) == "")
+        merged["phases"] = merged["phases"].astype(object).where(~missing, merged["phases_mapping"])
+        merged["phases"] = merged["phases"].where(merged["phases"].astype(object) != "", None)
+        merged = merged.drop(columns="phases_mapping")
+    for c in _TRANSFORMER_COUNTS:
+        if c in merged:
+            merged[c] = merged[c].fillna(0).astype("int64")
+    for c in ("flag_codes", "flag_reasons"):
+        if c in merged:
+            merged[c] = [v if isinstance(v, list) else [] for v in merged[c]]
+    if "proposed_new" in merged:
+        merged["proposed_new"] = merged["proposed_new"].astype("boolean").fillna(False).astype(bool)
+    return merged
 
 
 def _run_block_to_file(
@@ -433,6 +465,7 @@ def run_job(
     echo: Callable[[str], None] | None = None,
     feeders: Sequence[str] | None = None,
     previous: str | os.PathLike[str] | None = None,
+    report: bool = True,
 ) -> RunSummary:
     """Identify every meter's phase (and transformer) in a store and write one output folder.
 
@@ -441,8 +474,8 @@ def run_job(
     store : path-like
         Zarr store written by ``phaseid ingest`` or ``phaseid synth --store``.
     out : path-like
-        Output folder: ``meters.parquet``, ``corrections.csv``, ``transformers.parquet``,
-        ``summary.json``, ``run.log`` and ``partitions/`` (per-block results used to resume).
+        Output folder: ``meters.parquet``, ``corrections.csv``, ``review.csv``, ``transformers.parquet``,
+        ``summary.json``, ``run.log``, ``report.html`` and ``partitions/`` (per-block results used to resume).
     config : RunConfig, optional
         Defaults to :class:`RunConfig()`.
     client : distributed.Client, optional
@@ -458,6 +491,9 @@ def run_job(
         from ``previous``.
     previous : path-like, optional
         Results folder of an earlier run (needed with ``feeders``).
+    report : bool
+        Also write ``report.html`` (:func:`phaseid_hpc.report.write_report`); a failure there is logged
+        (``report_failed`` in run.log) and does not fail the run.
 
     Returns
     -------
@@ -570,6 +606,17 @@ def run_job(
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     files["summary"] = str(out_dir / "summary.json")
     files["run_log"] = str(out_dir / "run.log")
+    if report:
+        t_report = time.perf_counter()
+        try:
+            from .report import write_report
+
+            files["report"] = str(write_report(out_dir, store=store))
+        except Exception as exc:  # noqa: BLE001 - the report is a view of written results: never fatal
+            log_event(logger, "report_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            say(f"report.html not written ({type(exc).__name__}: {exc}); the results are complete, "
+                f"retry with: phaseid report --results {out_dir}")
+        timings["report"] = time.perf_counter() - t_report
     log_event(logger, "run_done", meters=len(meters), confident=counts.get("confident", 0),
               changed=counts["phase_changed"], total_s=round(timings["total"], 3))
     return RunSummary(out_dir, len(meters), len(blocks), reused, counts, timings, files)
@@ -756,9 +803,9 @@ def _summary(
             "zarr": zarr.__version__,
         },
     }
-    if len(transformers) and "flags" in transformers:
+    if len(transformers) and "flag_codes" in transformers:
         flag_counts: dict[str, int] = {}
-        for f in transformers["flags"]:
+        for f in transformers["flag_codes"]:
             for code in filter(None, str(f).split("; ")):
                 flag_counts[code] = flag_counts.get(code, 0) + 1
         out["transformer_flags"] = dict(sorted(flag_counts.items()))

@@ -1,14 +1,26 @@
-"""``RESULTS/report.html``: one static page that opens offline (plots embedded as PNG data URIs).
+"""``RESULTS/report.html``: one static page a crew lead works from; opens offline (no CDN, no tile server).
 
-What a field engineer reads: per feeder, a 2-D projection (PCA of the standardised, first-differenced
-voltages) of the meters coloured by inferred phase, with GIS mismatches marked (tight, separated clusters
-mean confident assignments); confidence histograms; the corrections worklist; transformer loading and
-hot-spot plots when validation ran.
+Sections, top to bottom:
+
+1. **Summary**: data period, run date, store and its fingerprint, counts in words.
+2. **Worklist**: the confident corrections (``corrections.csv``) apart from the review items
+   (``review.csv``: the inference disagrees with GIS but is not confident, GIS kept), each a sortable,
+   filterable table (plain inline JavaScript) with service type and location where the store has them.
+3. **Maps**: where meters have coordinates, per feeder, meters coloured by recommended phase with
+   corrections and review items marked (matplotlib, no tiles).
+4. **Confidence**: histograms of phase and transformer confidence (log count axis, class thresholds drawn).
+5. **Feeders**: per-feeder 2-D projection (PCA of the standardised, first-differenced voltages) of the meters
+   coloured by recommended phase (tight, separated clusters mean confident assignments).
+6. **Transformers**: peak loading and hot-spot histograms with the 1.0 pu and hot-spot limit lines, and the
+   flagged transformers with the columns that matter.
+
+Plots are PNG data URIs; the page links the CSV and Parquet files beside it.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as _dt
 import html
 import io
 import json
@@ -23,6 +35,96 @@ __all__ = ["feeder_projection", "write_report"]
 
 _PHASE_COLOURS = {"A": "#d62728", "B": "#2ca02c", "C": "#1f77b4", "AB": "#9467bd", "BC": "#17becf",
                   "CA": "#ff7f0e", "ABC": "#7f7f7f"}
+
+#: Worklist columns shown in the page, in order, with their headers.
+_WORKLIST_COLUMNS = {
+    "feeder_id": "feeder",
+    "transformer_id": "transformer (GIS)",
+    "meter_id": "meter",
+    "correction": "change",
+    "phase_gis": "phase (GIS)",
+    "phase": "phase (inferred)",
+    "phase_confidence": "phase confidence",
+    "phase_class": "phase class",
+    "transformer": "transformer (inferred)",
+    "transformer_confidence": "transformer confidence",
+    "transformer_class": "transformer class",
+    "service_type": "service type",
+    "lat": "lat [deg]",
+    "lon": "lon [deg]",
+    "reasons": "findings",
+}
+
+#: Transformer columns shown in the flagged-transformer table, with their headers.
+_TRANSFORMER_COLUMNS = {
+    "feeder_id": "feeder",
+    "transformer_id": "transformer",
+    "kva_rating": "rating [kVA]",
+    "phases": "phases",
+    "n_meters_gis": "meters (GIS)",
+    "n_meters": "meters (inferred)",
+    "meters_changed": "meters changed",
+    "peak_loading_pu": "peak loading [pu]",
+    "imbalance": "imbalance [-]",
+    "max_hot_spot_c": "max hot spot [°C]",
+    "loss_of_life_h": "loss of life [h]",
+    "flag_codes": "flags",
+    "flag_reasons": "why",
+}
+
+#: Decimals shown per column (others: 3).
+_DIGITS = {"lat": 6, "lon": 6, "kva_rating": 1, "max_hot_spot_c": 1, "loss_of_life_h": 2, "imbalance": 2,
+           "peak_loading_pu": 2}
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1500px}
+h2{border-bottom:2px solid #4477aa;margin-top:32px}
+table{border-collapse:collapse;font-size:12px}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top;white-space:nowrap}
+td:last-child{white-space:normal;min-width:220px}
+th{background:#eee;position:sticky;top:0}
+table.sortable th{cursor:pointer;user-select:none}
+table.sortable th.asc::after{content:" \\25B2"}table.sortable th.desc::after{content:" \\25BC"}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.scroll{max-height:520px;overflow:auto;border:1px solid #ddd;display:inline-block;max-width:100%}
+.grid{display:flex;flex-wrap:wrap;gap:8px}
+.facts td:first-child{font-weight:600}
+.filter{margin:6px 0;padding:3px 6px;width:320px}
+.muted{color:#777}
+"""
+
+# Plain inline JavaScript (no library, no network): click a header to sort (numbers numerically, again to
+# reverse); type in the box above a table to keep the rows containing the text in any cell.
+_JS = """
+function phaseidSort(th){
+  var table=th.closest('table'),tbody=table.tBodies[0],col=th.cellIndex;
+  var asc=!th.classList.contains('asc');
+  Array.prototype.forEach.call(th.parentNode.cells,function(c){c.classList.remove('asc','desc');});
+  th.classList.add(asc?'asc':'desc');
+  var rows=Array.prototype.slice.call(tbody.rows);
+  rows.sort(function(a,b){
+    var x=a.cells[col].getAttribute('data-v'),y=b.cells[col].getAttribute('data-v');
+    var nx=parseFloat(x),ny=parseFloat(y),r;
+    if(!isNaN(nx)&&!isNaN(ny)){r=nx-ny;}else if(!isNaN(nx)){r=-1;}else if(!isNaN(ny)){r=1;}
+    else{r=x<y?-1:(x>y?1:0);}
+    return asc?r:-r;
+  });
+  rows.forEach(function(r){tbody.appendChild(r);});
+}
+function phaseidFilter(input){
+  var table=document.getElementById(input.getAttribute('data-table')),q=input.value.toLowerCase(),n=0;
+  Array.prototype.forEach.call(table.tBodies[0].rows,function(r){
+    var show=r.textContent.toLowerCase().indexOf(q)>=0;r.style.display=show?'':'none';if(show){n++;}
+  });
+  document.getElementById(input.getAttribute('data-count')).textContent=n;
+}
+document.addEventListener('DOMContentLoaded',function(){
+  document.querySelectorAll('table.sortable th').forEach(function(th){
+    th.addEventListener('click',function(){phaseidSort(th);});});
+  document.querySelectorAll('input.filter').forEach(function(i){
+    i.addEventListener('input',function(){phaseidFilter(i);});});
+});
+"""
 
 
 def feeder_projection(voltage: np.ndarray) -> np.ndarray:
@@ -39,8 +141,11 @@ def feeder_projection(voltage: np.ndarray) -> np.ndarray:
         Scores on the first two principal components (rows with no data are NaN). [-]
     """
     d = np.diff(np.asarray(voltage, dtype=np.float64), axis=1)
-    mu = np.nanmean(d, axis=1, keepdims=True)
-    sd = np.nanstd(d, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        cnt = np.isfinite(d).sum(axis=1, keepdims=True)
+        mu = np.where(cnt > 0, np.nansum(d, axis=1, keepdims=True) / np.maximum(cnt, 1), np.nan)
+        sd = np.sqrt(np.where(cnt > 0, np.nansum((d - mu) ** 2, axis=1, keepdims=True) / np.maximum(cnt, 1),
+                              np.nan))
     ok = np.isfinite(sd[:, 0]) & (sd[:, 0] > 0)
     z = np.where(np.isfinite(d), (d - mu) / np.where(sd > 0, sd, 1.0), 0.0)
     out = np.full((d.shape[0], 2), np.nan)
@@ -54,6 +159,43 @@ def feeder_projection(voltage: np.ndarray) -> np.ndarray:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Inputs of the page
+# ----------------------------------------------------------------------------------------------------------
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    if not path.exists():
+        return None
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"feeder_id": str,
+                                                                         "transformer_id": str,
+                                                                         "meter_id": str})
+
+
+def _store_facts(store: str | os.PathLike[str] | None) -> tuple[Any, dict[str, Any], pd.DataFrame | None]:
+    """The opened store (or None), its period and version, and its per-meter location table."""
+    if store is None or not Path(store).exists():
+        return None, {}, None
+    from .store import open_store
+
+    ds = open_store(store)
+    facts: dict[str, Any] = {"store_version": ds.attrs.get("phaseid_store_version")}
+    times = pd.DatetimeIndex(ds["time"].values)
+    if len(times):
+        facts.update(start=times[0], end=times[-1], n_time=len(times), interval_s=ds.attrs.get("interval_s"))
+    cols = {"meter_id": np.asarray(ds["meter"].values).astype(str)}
+    for c in ("service_type", "lat", "lon"):
+        if c in ds.coords:
+            cols[c] = np.asarray(ds[c].values)
+    return ds, facts, pd.DataFrame(cols)
+
+
+def _run_date(rdir: Path) -> str:
+    ref = rdir / "summary.json" if (rdir / "summary.json").exists() else rdir / "meters.parquet"
+    return _dt.datetime.fromtimestamp(ref.stat().st_mtime, tz=_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HTML pieces
+# ----------------------------------------------------------------------------------------------------------
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
@@ -67,17 +209,132 @@ def _img(uri: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="{uri}">'
 
 
-def _confidence_hist(meters: pd.DataFrame) -> str:
+def _n(k: int, one: str, many: str | None = None) -> str:
+    return f"{k:,} {one if k == 1 else (many or one + 's')}"
+
+
+def _pct(k: int, n: int) -> str:
+    return f" ({100.0 * k / n:.1f}%)" if n else ""
+
+
+def _cell(v: Any, col: str) -> str:
+    """One ``<td>``: the shown text and, for sorting, the raw value in ``data-v``."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)) or v is pd.NA or v is pd.NaT:
+        return "<td data-v=''></td>"
+    if isinstance(v, (bool, np.bool_)):
+        return f"<td data-v='{int(v)}'>{'yes' if v else ''}</td>"
+    if isinstance(v, (int, np.integer)):
+        return f"<td class='num' data-v='{int(v)}'>{int(v):,}</td>"
+    if isinstance(v, (float, np.floating)):
+        digits = _DIGITS.get(col, 3)
+        return f"<td class='num' data-v='{float(v)!r}'>{float(v):.{digits}f}</td>"
+    text = html.escape(str(v))
+    return f"<td data-v='{text}'>{text}</td>"
+
+
+def _table(df: pd.DataFrame, headers: dict[str, str], table_id: str, max_rows: int) -> str:
+    """A sortable, filterable table of the ``headers`` columns of ``df`` (first ``max_rows`` rows)."""
+    cols = [c for c in headers if c in df]
+    shown = df.head(max_rows)
+    head = "".join(f"<th title='{html.escape(c)}'>{html.escape(headers[c])}</th>" for c in cols)
+    body = []
+    for row in shown[cols].itertuples(index=False, name=None):
+        body.append("<tr>" + "".join(_cell(v, c) for v, c in zip(row, cols)) + "</tr>")
+    more = (f" <span class='muted'>(first {max_rows:,} of {len(df):,} rows)</span>"
+            if len(df) > max_rows else "")
+    return (
+        f"<div><input class='filter' type='search' placeholder='filter: feeder, meter, phase, finding…' "
+        f"data-table='{table_id}' data-count='{table_id}-n'> <span id='{table_id}-n'>{len(shown)}</span> "
+        "rows "
+        f"shown{more}</div><div class='scroll'><table class='sortable' id='{table_id}'><thead><tr>{head}</tr>"
+        f"</thead><tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def _summary_html(rdir: Path, summary: dict, meters: pd.DataFrame, corr: pd.DataFrame | None,
+                  review: pd.DataFrame | None, xf: pd.DataFrame | None, facts: dict, store: Any) -> str:
+    n = len(meters)
+    counts = summary.get("counts", {})
+    parts = ["<h2>Summary</h2><table class='facts'>"]
+
+    def fact(k: str, v: str) -> None:
+        parts.append(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>")
+
+    if "start" in facts:
+        span = facts["end"] - facts["start"]
+        step = facts.get("interval_s")
+        step_txt = f", {_n(int(facts['n_time']), 'interval')} of {int(step) // 60} min" if step else ""
+        fact("data period", f"{facts['start']:%Y-%m-%d %H:%M} to {facts['end']:%Y-%m-%d %H:%M} UTC "
+                            f"({span / pd.Timedelta(days=1):.1f} days{step_txt}; times mark interval ends)")
+    fact("run date", html.escape(_run_date(rdir)))
+    inputs = summary.get("inputs", {})
+    store_txt = html.escape(str(inputs.get("store", store or "")))
+    fp = str(inputs.get("store_fingerprint", ""))
+    version = facts.get("store_version")
+    fact("store", f"{store_txt}" + (f" (store format version {html.escape(str(version))})" if version else "")
+         + (f"<br><span class='muted'>fingerprint {html.escape(fp[:16])}…</span>" if fp else ""))
+    fact("software", f"phaseid-hpc {html.escape(str(summary.get('phaseid_hpc_version', '')))}, config "
+                     f"fingerprint {html.escape(str(summary.get('config_fingerprint', ''))[:12])}…")
+    parts.append("</table>")
+
+    n_feeders = meters["feeder_id"].nunique() if n else 0
+    words = [f"<b>{_n(n, 'meter')}</b> on {_n(n_feeders, 'feeder')} analysed."]
+    cls_words = {"confident": "confident", "suspect": "suspect", "low": "low confidence",
+                 "insufficient_data": "without enough usable data"}
+    cls = [f"{counts.get(c, 0):,}{_pct(counts.get(c, 0), n)} {w}" for c, w in cls_words.items()]
+    words.append("Phase assignments: " + ", ".join(cls) + ".")
+    n_corr = 0 if corr is None else len(corr)
+    if corr is not None and n_corr:
+        kinds = corr["correction"].astype(str)
+        words.append(
+            f"<b>{_n(n_corr, 'confident correction')}</b> for the field: "
+            f"{int(kinds.str.contains('phase').sum()):,} phase, "
+            f"{int(kinds.str.contains('transformer').sum()):,} transformer "
+            f"({int((kinds == 'phase+transformer').sum()):,} both)."
+        )
+    else:
+        words.append("<b>No confident corrections</b>: every confident assignment agrees with GIS.")
+    if review is not None:
+        words.append(f"{_n(len(review), 'meter')} to review: the inference disagrees with GIS but is not "
+                     "confident, so GIS is kept.")
+    if xf is not None and len(xf) and "flag_codes" in xf:
+        flagged = int((xf["flag_codes"].fillna("").astype(str).str.len() > 0).sum())
+        words.append(f"{_n(len(xf), 'transformer')} checked, {flagged:,} flagged for a look.")
+    parts.append("<p>" + " ".join(words) + "</p>")
+    if summary.get("reasons"):
+        parts.append("<details><summary>Findings per meter (quality, phase, transformer)</summary>"
+                     "<table><tr><th>finding</th><th>meters</th></tr>")
+        for k, v in summary["reasons"].items():
+            parts.append(f"<tr><td>{html.escape(k)}</td><td class='num'>{int(v):,}</td></tr>")
+        parts.append("</table></details>")
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------
+def _confidence_hist(meters: pd.DataFrame, thresholds: dict[str, tuple[float, float]]) -> str:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if "transformer_confidence" in meters else 1, figsize=(9, 3), squeeze=False)
+    cols = [c for c in ("phase_confidence", "transformer_confidence") if c in meters]
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 3.4), squeeze=False)
     bins = np.linspace(0, 1, 41)
-    axes[0, 0].hist(meters["phase_confidence"].dropna(), bins=bins, color="#4477aa")
-    axes[0, 0].set(title="phase confidence", xlabel="confidence [-]", ylabel="meters")
-    if "transformer_confidence" in meters:
-        axes[0, 1].hist(meters["transformer_confidence"].dropna(), bins=bins, color="#aa7744")
-        axes[0, 1].set(title="transformer confidence", xlabel="confidence [-]")
+    for ax, c, colour in zip(axes[0], cols, ("#4477aa", "#aa7744")):
+        stage = c.split("_")[0]
+        ax.hist(meters[c].dropna(), bins=bins, color=colour, label="meters")
+        ax.set_yscale("log")
+        suspect, confident = thresholds.get(stage, (0.70, 0.85))
+        ax.axvline(suspect, color="orange", ls="--", lw=1.2, label=f"suspect from {suspect:.2f}")
+        ax.axvline(confident, color="green", ls="--", lw=1.2, label=f"confident from {confident:.2f}")
+        ax.set(title=f"{stage} confidence", xlabel="confidence [-]", ylabel="meters (log scale)", xlim=(0, 1))
+        ax.legend(fontsize=7, loc="upper left")
     return _img(_png(fig), "confidence histograms")
+
+
+def _phase_order(phases: np.ndarray) -> list[str]:
+    """Phases present, in contract order (A, B, C, AB, BC, CA, ABC), anything else after."""
+    order = list(_PHASE_COLOURS)
+    return sorted(set(phases), key=lambda p: (order.index(p) if p in order else len(order), str(p)))
 
 
 def _feeder_plot(fid: str, proj: np.ndarray, rows: pd.DataFrame) -> str:
@@ -85,41 +342,94 @@ def _feeder_plot(fid: str, proj: np.ndarray, rows: pd.DataFrame) -> str:
 
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     phases = rows["phase"].astype(object).where(rows["phase"].notna(), "none").to_numpy()
-    for ph in sorted(set(phases)):
+    for ph in _phase_order(phases):
         sel = phases == ph
         ax.scatter(proj[sel, 0], proj[sel, 1], s=9, c=_PHASE_COLOURS.get(ph, "#bbbbbb"), label=ph, alpha=0.8)
     mism = rows["changed"].to_numpy(dtype=bool)
     if mism.any():
         ax.scatter(proj[mism, 0], proj[mism, 1], s=60, facecolors="none", edgecolors="k", linewidths=1.2,
-                   label="GIS mismatch")
-    ax.set(title=f"feeder {fid}: PCA of differenced voltage", xlabel="PC 1", ylabel="PC 2")
-    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+                   label="phase correction")
+    ax.set(title=f"feeder {fid}: PCA of differenced voltage", xlabel="principal component 1 [-]",
+           ylabel="principal component 2 [-]")
+    ax.legend(fontsize=7, markerscale=1.5, loc="best", title="recommended phase", title_fontsize=7)
     return _img(_png(fig), f"feeder {fid} projection")
 
 
-def _transformer_plot(xf: pd.DataFrame) -> str | None:
+def _feeder_map(fid: str, rows: pd.DataFrame, corr_ids: set[str], review_ids: set[str]) -> str | None:
+    """Meters of one feeder at their coordinates, coloured by recommended phase; work marked."""
+    import matplotlib.pyplot as plt
+
+    ok = rows["lat"].notna() & rows["lon"].notna()
+    if not ok.any():
+        return None
+    rows = rows[ok]
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    phases = rows["phase"].astype(object).where(rows["phase"].notna(), "none").to_numpy()
+    lon, lat = rows["lon"].to_numpy(dtype=float), rows["lat"].to_numpy(dtype=float)
+    for ph in _phase_order(phases):
+        sel = phases == ph
+        ax.scatter(lon[sel], lat[sel], s=10, c=_PHASE_COLOURS.get(ph, "#bbbbbb"), label=ph, alpha=0.85)
+    ids = rows["meter_id"].astype(str).to_numpy()
+    c_sel = np.isin(ids, list(corr_ids))
+    r_sel = np.isin(ids, list(review_ids))
+    if c_sel.any():
+        ax.scatter(lon[c_sel], lat[c_sel], s=80, facecolors="none", edgecolors="k", linewidths=1.4,
+                   label=f"correction ({int(c_sel.sum())})")
+    if r_sel.any():
+        ax.scatter(lon[r_sel], lat[r_sel], s=70, marker="s", facecolors="none", edgecolors="#888888",
+                   linewidths=1.0, label=f"review ({int(r_sel.sum())})")
+    ax.set_aspect(1.0 / max(np.cos(np.deg2rad(np.nanmean(lat))), 0.1), adjustable="datalim")
+    ax.set(title=f"feeder {fid}: meters by recommended phase", xlabel="longitude [deg]",
+           ylabel="latitude [deg]")
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, markerscale=1.3, loc="best", title="phase / work", title_fontsize=7)
+    return _img(_png(fig), f"feeder {fid} map")
+
+
+def _transformer_plot(xf: pd.DataFrame, limits: tuple[float, float]) -> str | None:
     import matplotlib.pyplot as plt
 
     cols = [c for c in ("peak_loading_pu", "max_hot_spot_c") if c in xf]
     if not cols:
         return None
-    fig, axes = plt.subplots(1, len(cols), figsize=(4.5 * len(cols), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 3.4), squeeze=False)
     for ax, c in zip(axes[0], cols):
         vals = pd.to_numeric(xf[c], errors="coerce").dropna()
-        ax.hist(vals, bins=40, color="#66aa55")
-        ax.set(title=c.replace("_", " "), ylabel="transformers")
-        if c == "max_hot_spot_c":
-            ax.axvline(120, color="orange", ls="--", lw=1)
-            ax.axvline(140, color="red", ls="--", lw=1)
+        ax.hist(vals, bins=40, color="#66aa55", label="transformers")
+        ax.set_yscale("log")
+        if c == "peak_loading_pu":
+            ax.axvline(1.0, color="red", ls="--", lw=1.2, label="nameplate rating (1.0 pu)")
+            ax.set(title="peak loading", xlabel="peak loading [pu of kVA rating]",
+                   ylabel="transformers (log)")
+        else:
+            normal, emergency = limits
+            ax.axvline(normal, color="orange", ls="--", lw=1.2, label=f"normal cyclic limit ({normal:g} °C)")
+            ax.axvline(emergency, color="red", ls="--", lw=1.2, label=f"emergency limit ({emergency:g} °C)")
+            ax.set(title="maximum winding hot spot", xlabel="hot-spot temperature [°C]",
+                   ylabel="transformers (log)")
+        ax.legend(fontsize=7, loc="upper right")
     return _img(_png(fig), "transformer loading and hot spot")
 
 
+def _thresholds(summary: dict) -> dict[str, tuple[float, float]]:
+    cfg = summary.get("config", {})
+    out = {}
+    for stage in ("phase", "transformer"):
+        sec = cfg.get(stage, {})
+        out[stage] = (float(sec.get("suspect_threshold", 0.70)), float(sec.get("confident_threshold", 0.85)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The page
+# ----------------------------------------------------------------------------------------------------------
 def write_report(
     results: str | os.PathLike[str],
     *,
     store: str | os.PathLike[str] | None = None,
     max_feeders: int = 12,
-    max_rows: int = 500,
+    max_rows: int = 5000,
 ) -> Path:
     """Write ``results/report.html``.
 
@@ -128,11 +438,12 @@ def write_report(
     results : path-like
         A results folder written by ``phaseid run``.
     store : path-like, optional
-        The store the results came from; needed for the per-feeder projections.
+        The store the results came from: data period, service type and location of meters, per-feeder
+        projections. Defaults to the store named in ``summary.json`` when it still exists.
     max_feeders : int
-        Feeders shown with a projection (those with most corrections first, then by id).
+        Feeders shown with a map and a projection (those with most corrections first, then by id).
     max_rows : int
-        Corrections rows shown in the page (the full list is ``corrections.csv``).
+        Rows of each worklist table shown in the page (the full lists are the CSV files).
 
     Returns
     -------
@@ -146,66 +457,100 @@ def write_report(
     meters = pd.read_parquet(rdir / "meters.parquet")
     summary = json.loads((rdir / "summary.json").read_text()) if (rdir / "summary.json").exists() else {}
     xf = pd.read_parquet(rdir / "transformers.parquet") if (rdir / "transformers.parquet").exists() else None
+    corr, review = _read_csv(rdir / "corrections.csv"), _read_csv(rdir / "review.csv")
+    if store is None:
+        store = summary.get("inputs", {}).get("store")
+    ds, facts, locations = _store_facts(store)
+
+    def located(df: pd.DataFrame | None) -> pd.DataFrame | None:
+        if df is None or locations is None:
+            return df
+        return df.merge(locations, on="meter_id", how="left", sort=False)
+
+    corr, review, mloc = located(corr), located(review), located(meters)
+
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>phaseid-hpc report</title>",
-        "<style>body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}th{background:#eee}.grid{display:flex;flex-wrap:wrap;gap:8px}"
-        "h2{border-bottom:2px solid #4477aa}</style></head><body>",
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>phaseid-hpc report</title>",
+        f"<style>{_CSS}</style><script>{_JS}</script></head><body>",
         "<h1>phaseid-hpc: phase and transformer identification</h1>",
+        _summary_html(rdir, summary, meters, corr, review, xf, facts, store),
     ]
-    counts = summary.get("counts", {})
-    parts.append("<h2>Summary</h2><table><tr><th>metric</th><th>value</th></tr>")
-    for k, v in counts.items():
-        parts.append(f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>")
-    parts.append("</table>")
-    if summary.get("reasons"):
-        parts.append("<h3>Findings per meter (quality, phase, transformer)</h3>"
-                     "<table><tr><th>reason</th><th>meters</th></tr>")
-        for k, v in summary["reasons"].items():
-            parts.append(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>")
-        parts.append("</table>")
-    parts.append("<h2>Confidence</h2>" + _confidence_hist(meters))
 
-    if store is not None:
-        from .store import open_store
+    links = [f"<a href='{name}'>{name}</a>" for name in ("corrections.csv", "review.csv", "meters.parquet",
+                                                          "transformers.parquet", "summary.json", "run.log")
+             if (rdir / name).exists()]
+    parts.append("<h2>Corrections worklist</h2><p>Files beside this page: " + " · ".join(links) + ". Click a column "
+                 "header to sort; type in the box to filter.</p>")
+    if corr is not None:
+        parts.append(f"<h3>Confident corrections ({len(corr):,} meters)</h3><p>The recommended phase or "
+                     "transformer differs from GIS with a confident assignment: the field worklist "
+                     "(<a href='corrections.csv'>corrections.csv</a>).</p>")
+        parts.append(_table(corr, _WORKLIST_COLUMNS, "corrections", max_rows) if len(corr) else
+                     "<p class='muted'>None.</p>")
+    if review is not None:
+        parts.append(f"<h3>Review items ({len(review):,} meters)</h3><p>The inference disagrees with GIS but "
+                     "is not confident: GIS is kept; worth a look when a crew is nearby "
+                     "(<a href='review.csv'>review.csv</a>). The phase and transformer columns show the "
+                     "inference.</p>")
+        parts.append(_table(review, _WORKLIST_COLUMNS, "review", max_rows) if len(review) else
+                     "<p class='muted'>None.</p>")
 
-        ds = open_store(store)
+    by_feeder = meters.groupby("feeder_id", sort=True)["changed"].sum().sort_values(ascending=False,
+                                                                                   kind="stable")
+    chosen = [str(f) for f in by_feeder.index[:max_feeders]]
+    corr_ids = set() if corr is None else set(corr["meter_id"].astype(str))
+    review_ids = set() if review is None else set(review["meter_id"].astype(str))
+    if mloc is not None and "lat" in mloc and mloc["lat"].notna().any():
+        maps = [_feeder_map(fid, mloc[mloc["feeder_id"].astype(str) == fid], corr_ids, review_ids)
+                for fid in chosen]
+        maps = [m for m in maps if m]
+        if maps:
+            parts.append(f"<h2>Maps ({len(maps)} of {meters['feeder_id'].nunique()} feeders)</h2>"
+                         "<p>Meters at "
+                         "their GIS coordinates, coloured by recommended phase; circles mark confident "
+                         "corrections, grey squares review items. Feeders with most corrections first.</p>"
+                         "<div class='grid'>" + "".join(maps) + "</div>")
+
+    parts.append("<h2>Confidence</h2><p>Meters per confidence bin (log scale, so small classes stay "
+                 "visible); dashed lines are the class thresholds.</p>" + _confidence_hist(meters,
+                                                                                      _thresholds(summary)))
+
+    if ds is not None and "voltage" in ds:
         ids = ds["meter"].values.astype(str)
         pos = pd.Series(np.arange(len(ids)), index=ids)
-        by_feeder = meters.groupby("feeder_id", sort=True)["changed"].sum().sort_values(ascending=False,
-                                                                                       kind="stable")
-        chosen = list(by_feeder.index[:max_feeders])
-        parts.append(f"<h2>Feeders ({len(chosen)} of {meters['feeder_id'].nunique()} shown)</h2>"
-                     "<p>Each point is a meter, coloured by inferred phase; circled points disagree with GIS. "
-                     "Tight, separated clusters mean confident assignments.</p><div class='grid'>")
+        plots = []
         for fid in chosen:
-            rows = meters[meters["feeder_id"] == fid]
-            idx = np.sort(pos.loc[rows["meter_id"].to_numpy()].to_numpy())
+            rows = meters[meters["feeder_id"].astype(str) == fid]
+            rows = rows[rows["meter_id"].astype(str).isin(pos.index)]
+            if len(rows) < 3:
+                continue
+            idx = np.sort(pos.loc[rows["meter_id"].astype(str).to_numpy()].to_numpy())
             v = ds["voltage"].isel(meter=slice(int(idx.min()), int(idx.max()) + 1)).values
             v = v[idx - idx.min()]
-            rows = rows.set_index("meter_id").loc[ids[idx]].reset_index()
-            parts.append(_feeder_plot(str(fid), feeder_projection(v), rows))
-        parts.append("</div>")
+            rows = rows.set_index(rows["meter_id"].astype(str)).loc[ids[idx]].reset_index(drop=True)
+            plots.append(_feeder_plot(fid, feeder_projection(v), rows))
+        if plots:
+            parts.append(f"<h2>Feeders ({len(plots)} of {meters['feeder_id'].nunique()} shown)</h2>"
+                         "<p>Each point is a meter, coloured by recommended phase; circled points are phase "
+                         "corrections. Tight, separated clusters mean confident assignments.</p>"
+                         "<div class='grid'>" + "".join(plots) + "</div>")
 
-    corr_path = rdir / "corrections.csv"
-    if corr_path.exists():
-        corr = pd.read_csv(corr_path, keep_default_na=False)
-        parts.append(f"<h2>Corrections worklist ({len(corr)} meters)</h2>")
-        if len(corr) > max_rows:
-            parts.append(f"<p>First {max_rows} rows; the full list is corrections.csv.</p>")
-        parts.append(corr.head(max_rows).to_html(index=False, float_format=lambda x: f"{x:.3f}", border=0))
     if xf is not None and len(xf):
+        val = summary.get("config", {}).get("validation", {})
+        limits = (float(val.get("hot_spot_normal_c", 120.0)), float(val.get("hot_spot_emergency_c", 140.0)))
         parts.append("<h2>Transformers</h2>")
-        plot = _transformer_plot(xf)
+        plot = _transformer_plot(xf, limits)
         if plot:
             parts.append(plot)
-        if "flags" in xf:
-            flagged = xf[xf["flags"].astype(str).str.len() > 0]
-            parts.append(f"<h3>Flagged transformers ({len(flagged)})</h3>")
-            parts.append(flagged.head(max_rows).to_html(index=False, float_format=lambda x: f"{x:.3f}", border=0))
-    parts.append(f"<p style='color:#888'>phaseid-hpc {html.escape(str(summary.get('phaseid_hpc_version', '')))}; "
-                 f"config fingerprint {html.escape(str(summary.get('config_fingerprint', ''))[:12])}</p>")
+        if "flag_codes" in xf:
+            flagged = xf[xf["flag_codes"].fillna("").astype(str).str.len() > 0]
+            parts.append(f"<h3>Flagged transformers ({len(flagged):,} of {len(xf):,})</h3><p>All columns are "
+                         "in <a href='transformers.parquet'>transformers.parquet</a>.</p>")
+            parts.append(_table(flagged, _TRANSFORMER_COLUMNS, "transformers", max_rows) if len(flagged)
+                         else "<p class='muted'>None.</p>")
     parts.append("</body></html>")
     path = rdir / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    tmp = path.with_name(f".report.html.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
     return path

@@ -101,6 +101,12 @@ def _norm_cdf(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
 
+def _contract_phase_name(letters) -> str | None:
+    """Contract label of a set of phase letters (pairs as ``AB``, ``BC``, ``CA``); ``None`` when empty."""
+    key = "".join(sorted(letters))
+    return {"AC": "CA"}.get(key, key) or None
+
+
 def _phase_mask(letters: frozenset) -> int:
     return sum(1 << k for k, c in enumerate("ABC") if c in letters)
 
@@ -680,7 +686,7 @@ def _map_feeder(
                 "feeder_id": feeder,
                 "n_meters_gis": int(n_gis[k]),
                 "n_meters_inferred": int(n_inf[k]),
-                "phases": "".join(letters) if letters else None,
+                "phases": _contract_phase_name(letters),
                 "meters_changed": int(n_changed[k]),
                 "group_coherence": zfinal.get(tid, np.nan),
                 "proposed_new": tid not in gis_set,

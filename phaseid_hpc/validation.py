@@ -86,7 +86,8 @@ _THERMAL_CHUNK = 1024
 
 # Meters per chunk of the per-meter passes (whole transformers; keeps the temporaries in cache).
 _METER_CHUNK = 512
-_PHASES_ON_NAMES = np.array(["", "A", "B", "AB", "C", "AC", "BC", "ABC"], dtype=object)
+# Contract names of the phase sets (bit 1 = A, 2 = B, 4 = C): pairs as AB, BC, CA (never AC).
+_PHASES_ON_NAMES = np.array(["", "A", "B", "AB", "C", "CA", "BC", "ABC"], dtype=object)
 
 
 def _fill_time_gaps(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -611,7 +612,8 @@ def validate_transformers(
         p99_loading_pu, mean_loading_pu`` [pu], ``imbalance`` [-] (3-phase banks), ``max_top_oil_c,
         max_hot_spot_c`` [degC], ``hours_above_normal, hours_above_emergency`` [h], ``f_eqa`` [-],
         ``loss_of_life_h`` [h], ``voltage_step_pu`` [pu], ``voltage_step_time``, ``correlation_lost_windows``,
-        ``flags`` (list of :data:`VALIDATION_FLAGS`), ``flag_reasons`` (list of str, one per flag).
+        ``flag_codes`` (list of :data:`VALIDATION_FLAGS`; not ``flags``, which would hide
+        ``DataFrame.flags``), ``flag_reasons`` (list of str, one per flag).
 
     Notes
     -----
@@ -821,7 +823,7 @@ def validate_transformers(
             "correlation_lost_windows": hl["correlation_lost_windows"].astype(int),
         }
     )
-    out["flags"], out["flag_reasons"] = _flags(out, hl["correlation_first_lost"], times, config)
+    out["flag_codes"], out["flag_reasons"] = _flags(out, hl["correlation_first_lost"], times, config)
     return out
 
 
@@ -930,12 +932,12 @@ def feeder_phase_imbalance(table: pd.DataFrame) -> pd.DataFrame:
 def summarize_validation(table: pd.DataFrame) -> dict[str, Any]:
     """Counts for ``summary.json``: transformers checked and how many carry each flag."""
     counts = {flag: 0 for flag in VALIDATION_FLAGS}
-    for fl in table["flags"]:
+    for fl in table["flag_codes"]:
         for f in fl:
             counts[f] = counts.get(f, 0) + 1
     return {
         "transformers": len(table),
-        "flagged": int(sum(1 for fl in table["flags"] if fl)),
+        "flagged": int(sum(1 for fl in table["flag_codes"] if fl)),
         "flags": counts,
         "max_hot_spot_c": float(np.nanmax(table["max_hot_spot_c"]))
         if table["max_hot_spot_c"].notna().any()
