@@ -375,3 +375,49 @@ def test_bank_load_sums_signed_power_before_the_magnitude(block):
     expected = np.abs(kw[rows].sum(axis=0)) / 0.95
     assert out.loc["T_bank", "peak_kva"] == pytest.approx(expected.max(), rel=1e-9)
     assert out.loc["T_bank", "mean_kva_c"] == pytest.approx(2.0 / 0.95, rel=1e-9)
+
+
+def _codes(table: pd.DataFrame) -> pd.Series:
+    """The per-transformer list of flag codes, whatever the column is named."""
+    return table["flag_codes"] if "flag_codes" in table else table["flags"]
+
+
+def test_a_load_switching_on_is_not_a_tap_step(block):
+    """T_ok5's meters take 6 kW more each from mid-period: its voltage drops ~2% through its impedance,
+    which its own load explains; no tap step."""
+    b = dict(block, kw=block["kw"].copy(), voltage=block["voltage"].copy())
+    rows = (b["meters"]["transformer_id"] == "T_ok5").to_numpy()
+    extra = np.zeros(N_TIME)
+    extra[N_TIME // 2 :] = 6.0
+    b["kw"][rows] += extra
+    b["voltage"][rows] -= 240.0 * (0.02 * extra * rows.sum() / 25.0 + 0.004 * extra / 5.0)
+    out = _run(b)
+    assert "voltage_level_step" not in _codes(out)["T_ok5"], out.loc["T_ok5", "flag_reasons"]
+    assert out.loc["T_ok5", "voltage_step_pu"] < 0.006
+    b["voltage"][rows, 3 * N_TIME // 4 :] *= 1.025  # a tap change at another time is still found
+    assert "voltage_level_step" in _codes(_run(b))["T_ok5"]
+
+
+@pytest.mark.parametrize("with_references", [True, False])
+def test_winding_noise_of_one_unit_is_a_correlation_loss(block, with_references):
+    """From day 4 a common 0.5% noise on T_ok4's meters (they follow each other, not the feeder)."""
+    rng = np.random.default_rng(11)
+    v = block["voltage"].copy()
+    rows = (block["meters"]["transformer_id"] == "T_ok4").to_numpy()
+    start = 4 * STEPS_PER_DAY
+    v[rows, start:] *= 1 + 0.005 * rng.standard_normal(N_TIME - start)[None, :]
+    out = _run(dict(block, voltage=v), references=block["references"] if with_references else None)
+    codes = _codes(out)
+    assert "correlation_loss" in codes["T_ok4"]
+    assert out.loc["T_ok4", "correlation_lost_windows"] >= 3
+    assert not any("correlation_loss" in c for c in codes.drop(index="T_ok4"))
+    assert not any("voltage_level_step" in c for c in codes.drop(index=["T_hot", "T_bank"]))
+
+
+def test_one_noisy_meter_is_not_a_winding_fault(block):
+    """Only one of T_ok4's meters turns noisy: its siblings do not follow it, so no correlation_loss."""
+    rng = np.random.default_rng(12)
+    v = block["voltage"].copy()
+    row = int(np.flatnonzero((block["meters"]["transformer_id"] == "T_ok4").to_numpy())[0])
+    v[row, 4 * STEPS_PER_DAY :] *= 1 + 0.01 * rng.standard_normal(N_TIME - 4 * STEPS_PER_DAY)
+    assert not any("correlation_loss" in c for c in _codes(_run(dict(block, voltage=v))))

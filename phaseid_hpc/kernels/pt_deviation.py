@@ -1,0 +1,336 @@
+"""Meter PT deviation kernels: the voltage level a meter reports against the level its siblings explain.
+
+A meter whose internal potential transformer (PT) drifts reports ``(1 + d) V`` instead of ``V``: a gain
+error, the same at every sample. Meters on one transformer and phase see the same secondary voltage
+``U(t)`` less their own service drop, so in percent of nominal
+
+    y_i(t) = 100 ln(V_i(t) / V_nom,i) ~= 100 d_i + u_g(t) - k_i P_i(t),      k_i ~= 100 (R_i + X_i tan phi) / V^2
+
+(``P_i``: the meter's own load [kW]; ``k_i`` [%/kW] the slope of its drop). The method, one function
+per step:
+
+1. :func:`relative_level_pct`: ``y = 100 ln(V / V_nom)`` [%].
+2. :func:`drop_slope`: ``k_i`` from the DIFFERENCED series (free of any level offset, so of ``d``):
+   least squares of ``dy_i - dy_ref,i`` on ``-dP_i`` against a reference made of the meter's siblings
+   (leave-one-out mean) or, for a meter without enough siblings, its most correlated meters elsewhere;
+   where the meter's load does not vary, the median slope of the others.
+3. :func:`drop_corrected_level` and :func:`window_levels`: the drop-corrected level ``z = y + k P`` less
+   the feeder's common level, averaged in ``n_windows`` consecutive windows [%].
+4. :func:`group_median_deviation`: for a meter in a group of at least ``min_group_size`` meters (same
+   transformer and phase), its level minus the group's median level (robust to one failing PT).
+5. :func:`nearest_shape_neighbours` and :func:`neighbour_deviation`: for the others (alone, or one of a
+   pair), the median of its level minus the levels of the meters whose drop-corrected voltage SHAPE is
+   nearest (root mean square of the centred difference; never its own transformer's meters).
+6. :func:`persistent_deviation`: the estimate is the mean over windows; it is flagged when every window's
+   estimate exceeds the threshold with the same sign.
+
+Functions of arrays only; the namespace (NumPy, CuPy, array-api-strict) is taken from the inputs. Missing
+samples are NaN.
+
+References
+----------
+Issue 15 of this project ("a meter whose reading deviates from the true service voltage by more than 1% has
+a failing internal PT"); ANSI C12.20 accuracy classes (class 0.5: +/-0.5% of reading).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._compat import array_namespace
+
+__all__ = [
+    "drop_corrected_level",
+    "drop_slope",
+    "group_median_deviation",
+    "nearest_shape_neighbours",
+    "neighbour_deviation",
+    "persistent_deviation",
+    "relative_level_pct",
+    "window_levels",
+]
+
+
+def _nan_row_mean(xp: Any, x: Any) -> tuple[Any, Any]:
+    """Mean over axis 1 of the finite entries and their count (NaN where there is none)."""
+    ok = xp.isfinite(x)
+    cnt = xp.sum(xp.astype(ok, x.dtype), axis=1)
+    s = xp.sum(xp.where(ok, x, xp.zeros_like(x)), axis=1)
+    return xp.where(cnt > 0, s / xp.where(cnt > 0, cnt, xp.ones_like(cnt)), xp.full_like(cnt, xp.nan)), cnt
+
+
+def relative_level_pct(voltage: Any, nominal_v: Any) -> Any:
+    """Step 1: ``100 ln(V / V_nom)`` per sample.
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Meter voltage, NaN or <= 0 where missing. [V]
+    nominal_v : array, shape (n_meters,)
+        Nominal voltage of each meter's service. [V]
+
+    Returns
+    -------
+    array, shape (n_meters, n_time)
+        Level in percent of nominal (a log, so gains add) [%]; NaN where missing.
+    """
+    xp = array_namespace(voltage, nominal_v)
+    ok = xp.isfinite(voltage) & (voltage > 0)
+    ratio = xp.where(ok, voltage, xp.ones_like(voltage)) / nominal_v[:, None]
+    return xp.where(ok, 100.0 * xp.log(ratio), xp.full_like(voltage, xp.nan))
+
+
+def drop_slope(y: Any, kw: Any, reference: Any, *, min_kw_variation: float = 1e-3) -> Any:
+    """Step 2: slope of each meter's own voltage drop with its load, from differenced series.
+
+    Parameters
+    ----------
+    y : array, shape (n_meters, n_time)
+        Levels from :func:`relative_level_pct` [%].
+    kw : array, shape (n_meters, n_time)
+        Each meter's active power, NaN where missing. [kW]
+    reference : array, shape (n_meters, n_meters)
+        Row ``i``: non-negative weights of the meters forming meter ``i``'s reference (zero diagonal; rows
+        summing to 1, or all zero for no reference).
+    min_kw_variation : float
+        A meter whose differenced load has a root mean square below this has no estimable slope. [kW]
+
+    Returns
+    -------
+    array, shape (n_meters,)
+        ``k_i`` [%/kW] with ``dy_i - (reference @ dy)_i ~= -k_i dP_i``; where not estimable (no reference,
+        no load variation), the median of the estimable slopes (0 when none is).
+
+    Notes
+    -----
+    Differencing removes every constant offset, so the PT gain error (a level) does not enter the slope.
+    """
+    xp = array_namespace(y, kw, reference)
+    dy = y[:, 1:] - y[:, :-1]
+    dp = kw[:, 1:] - kw[:, :-1]
+    ok_y = xp.isfinite(dy)
+    dy0 = xp.where(ok_y, dy, xp.zeros_like(dy))
+    # reference mean over the meters valid at each sample
+    num = reference @ dy0
+    den = reference @ xp.astype(ok_y, dy.dtype)
+    ref = xp.where(den > 0.5, num / xp.where(den > 0, den, xp.ones_like(den)), xp.full_like(num, xp.nan))
+    e = dy - ref
+    ok = xp.isfinite(e) & xp.isfinite(dp)
+    e0 = xp.where(ok, e, xp.zeros_like(e))
+    p0 = xp.where(ok, dp, xp.zeros_like(dp))
+    spp = xp.sum(p0 * p0, axis=1)
+    cnt = xp.sum(xp.astype(ok, dy.dtype), axis=1)
+    good = (cnt > 0) & (spp > cnt * min_kw_variation**2) & (xp.sum(reference, axis=1) > 0)
+    k = xp.where(good, -xp.sum(e0 * p0, axis=1) / xp.where(good, spp, xp.ones_like(spp)), xp.full_like(spp, xp.nan))
+    kk = xp.sort(xp.where(good, k, xp.full_like(k, xp.inf)))
+    n_good = int(xp.sum(xp.astype(good, xp.int64)))
+    fill = 0.0 if n_good == 0 else float(0.5 * (kk[(n_good - 1) // 2] + kk[n_good // 2]))
+    return xp.where(good, k, xp.full_like(k, fill))
+
+
+def drop_corrected_level(y: Any, kw: Any, slope: Any) -> Any:
+    """Step 3a: the level with the meter's own drop added back, relative to the feeder's common level.
+
+    Parameters
+    ----------
+    y : array, shape (n_meters, n_time)
+        Levels [%].
+    kw : array, shape (n_meters, n_time)
+        Active power [kW]; NaN samples count as the meter's mean load.
+    slope : array, shape (n_meters,)
+        ``k`` from :func:`drop_slope` [%/kW].
+
+    Returns
+    -------
+    array, shape (n_meters, n_time)
+        ``z_i(t) - c(t)`` with ``z = y + k P`` and ``c`` the mean of ``z`` over the meters valid at ``t``
+        [%]; NaN where ``y`` is.
+    """
+    xp = array_namespace(y, kw, slope)
+    p_mean, _ = _nan_row_mean(xp, kw)
+    p_mean = xp.where(xp.isfinite(p_mean), p_mean, xp.zeros_like(p_mean))
+    p = xp.where(xp.isfinite(kw), kw, p_mean[:, None])
+    z = y + slope[:, None] * p
+    ok = xp.isfinite(z)
+    z0 = xp.where(ok, z, xp.zeros_like(z))
+    cnt = xp.sum(xp.astype(ok, z.dtype), axis=0)
+    c = xp.sum(z0, axis=0) / xp.where(cnt > 0, cnt, xp.ones_like(cnt))
+    return xp.where(ok, z - c[None, :], xp.full_like(z, xp.nan))
+
+
+def window_levels(level: Any, n_windows: int, *, min_samples: int = 1) -> Any:
+    """Step 3b: mean level in ``n_windows`` consecutive windows.
+
+    Parameters
+    ----------
+    level : array, shape (n_meters, n_time)
+        From :func:`drop_corrected_level` [%], NaN where missing.
+    n_windows : int
+        Windows of equal length (the last one takes the remainder).
+    min_samples : int
+        Fewest valid samples for a window's level (else NaN).
+
+    Returns
+    -------
+    array, shape (n_meters, n_windows)
+        [%]
+    """
+    xp = array_namespace(level)
+    n_t = level.shape[1]
+    n_w = max(int(n_windows), 1)
+    w = max(n_t // n_w, 1)
+    cols = []
+    for j in range(n_w):
+        a = min(j * w, n_t)
+        b = n_t if j == n_w - 1 else min((j + 1) * w, n_t)
+        m, n_ok = _nan_row_mean(xp, level[:, a:b])
+        cols.append(xp.where(n_ok >= min_samples, m, xp.full_like(m, xp.nan)))
+    return xp.stack(cols, axis=1)
+
+
+def group_median_deviation(levels: Any, group: Any, n_groups: int) -> tuple[Any, Any]:
+    """Step 4: each meter's level minus the median level of its group (itself included).
+
+    Parameters
+    ----------
+    levels : array, shape (n_meters, n_windows)
+        From :func:`window_levels` [%].
+    group : array of int, shape (n_meters,)
+        Group code (transformer and phase) in ``0 .. n_groups - 1``.
+    n_groups : int
+
+    Returns
+    -------
+    deviation : array, shape (n_meters, n_windows)
+        ``level_i - median_{j in group(i)} level_j`` [%]; NaN where the level is NaN.
+    size : array of int, shape (n_meters,)
+        Meters of the group with a finite level in every window.
+
+    Notes
+    -----
+    With three meters or more the median is a healthy meter's level (or the mean of two) even when one PT
+    fails, so a failing PT does not spill over to its siblings.
+    """
+    xp = array_namespace(levels, group)
+    member = group[None, :] == xp.arange(n_groups, dtype=group.dtype)[:, None]  # (G, n)
+    finite_all = xp.all(xp.isfinite(levels), axis=1)
+    size_g = xp.sum(xp.astype(member & finite_all[None, :], xp.int64), axis=1)
+    size = xp.take(size_g, group, axis=0)
+    cols = []
+    inf = xp.asarray(xp.inf, dtype=levels.dtype)
+    rows = xp.arange(n_groups)
+    for j in range(levels.shape[1]):
+        lv = levels[:, j]
+        ok = member & xp.isfinite(lv)[None, :]
+        s = xp.sort(xp.where(ok, lv[None, :], inf), axis=1)  # (G, n), +inf last
+        nv = xp.sum(xp.astype(ok, xp.int64), axis=1)
+        lo = xp.where(nv > 0, (nv - 1) // 2, xp.zeros_like(nv))
+        hi = xp.where(nv > 0, nv // 2, xp.zeros_like(nv))
+        n = s.shape[1]
+        flat = xp.reshape(s, (-1,))
+        med = 0.5 * (xp.take(flat, rows * n + lo, axis=0) + xp.take(flat, rows * n + hi, axis=0))
+        med = xp.where(nv > 0, med, xp.full_like(med, xp.nan))
+        cols.append(lv - xp.take(med, group, axis=0))
+    return xp.stack(cols, axis=1), size
+
+
+def nearest_shape_neighbours(
+    shape: Any, exclude_group: Any, k: int, *, allowed: Any | None = None, chunk: int = 2048
+) -> Any:
+    """Step 5a: the ``k`` meters whose (centred) series is nearest to each meter's, outside its group.
+
+    Parameters
+    ----------
+    shape : array, shape (n_meters, n_time)
+        Centred drop-corrected levels, 0 where missing [%].
+    exclude_group : array of int, shape (n_meters,)
+        Group code (the transformer); meters of the same group are never neighbours.
+    k : int
+        Neighbours per meter (clipped to the candidates).
+    allowed : array of bool, shape (n_meters,), optional
+        Meters that may be neighbours at all (e.g. those whose level is comparable).
+    chunk : int
+        Rows per distance block (memory ``chunk * n_meters`` floats).
+
+    Returns
+    -------
+    index : array of int, shape (n_meters, k)
+        Nearest first; ``-1`` where a meter has fewer than ``k`` candidates.
+    """
+    xp = array_namespace(shape, exclude_group)
+    n = shape.shape[0]
+    k = max(1, min(int(k), n))
+    sq = xp.sum(shape * shape, axis=1)
+    st = xp.permute_dims(shape, (1, 0))
+    parts = []
+    inf = xp.asarray(xp.inf, dtype=shape.dtype)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        d = sq[a:b, None] + sq[None, :] - 2.0 * (shape[a:b, :] @ st)
+        excluded = exclude_group[a:b, None] == exclude_group[None, :]
+        if allowed is not None:
+            excluded = excluded | ~allowed[None, :]
+        d = xp.where(excluded, inf, d)
+        order = xp.argsort(d, axis=1, stable=True)[:, :k]
+        dist = xp.take_along_axis(d, order, axis=1)
+        parts.append(xp.where(xp.isfinite(dist), order, xp.full_like(order, -1)))
+    return xp.concat(parts, axis=0)
+
+
+def neighbour_deviation(levels: Any, index: Any) -> Any:
+    """Step 5b: median over neighbours of the meter's level minus the neighbour's level.
+
+    Parameters
+    ----------
+    levels : array, shape (n_meters, n_windows)
+        From :func:`window_levels` [%].
+    index : array of int, shape (n_meters, k)
+        From :func:`nearest_shape_neighbours` (``-1``: none).
+
+    Returns
+    -------
+    array, shape (n_meters, n_windows)
+        [%]; NaN where the meter has no neighbour with a finite level.
+    """
+    xp = array_namespace(levels, index)
+    n, k = index.shape
+    safe = xp.reshape(xp.where(index >= 0, index, xp.zeros_like(index)), (-1,))
+    inf = xp.asarray(xp.inf, dtype=levels.dtype)
+    cols = []
+    rows = xp.arange(n)
+    for j in range(levels.shape[1]):
+        lv = levels[:, j]
+        nb = xp.reshape(xp.take(lv, safe, axis=0), (n, k))
+        diff = lv[:, None] - nb
+        ok = (index >= 0) & xp.isfinite(diff)
+        s = xp.sort(xp.where(ok, diff, inf), axis=1)
+        nv = xp.sum(xp.astype(ok, xp.int64), axis=1)
+        lo = xp.where(nv > 0, (nv - 1) // 2, xp.zeros_like(nv))
+        hi = xp.where(nv > 0, nv // 2, xp.zeros_like(nv))
+        flat = xp.reshape(s, (-1,))
+        med = 0.5 * (xp.take(flat, rows * k + lo, axis=0) + xp.take(flat, rows * k + hi, axis=0))
+        cols.append(xp.where(nv > 0, med, xp.full_like(med, xp.nan)))
+    return xp.stack(cols, axis=1)
+
+
+def persistent_deviation(deviation: Any, threshold_pct: float) -> tuple[Any, Any]:
+    """Step 6: the deviation estimate and whether it exceeds the threshold in every window, same sign.
+
+    Parameters
+    ----------
+    deviation : array, shape (n_meters, n_windows)
+        Per-window deviation estimates [%].
+    threshold_pct : float
+        Flag level [%].
+
+    Returns
+    -------
+    estimate : array, shape (n_meters,)
+        Mean over windows [%]; NaN where any window is NaN.
+    flagged : array of bool, shape (n_meters,)
+    """
+    xp = array_namespace(deviation)
+    est = xp.mean(deviation, axis=1)
+    up = xp.all(deviation > threshold_pct, axis=1)
+    down = xp.all(deviation < -threshold_pct, axis=1)
+    return est, (up | down) & xp.isfinite(est)

@@ -1,0 +1,158 @@
+"""Meter PT deviation: flag a meter whose reported voltage level its siblings and its own load do not explain.
+
+A meter's internal potential transformer (PT) that drifts makes every reading ``(1 + d)`` times the true
+service voltage; above 1% the meter needs replacement. Phase and transformer identification work on the
+shape of the voltage (each series over its own mean) and do not see it; this stage compares LEVELS.
+
+For each feeder of a block (meters of one feeder are compared with each other only):
+
+* meters of one transformer and phase, at least ``[pt] min_group_size`` of them, share the secondary
+  voltage: each meter's level, with its own service drop ``k P`` added back (``k`` fitted per meter on the
+  differenced series, so free of ``d``), is compared with the group's median level;
+* a meter alone (or one of two) on its transformer and phase is compared with the ``n_neighbours`` meters
+  of other transformers whose drop-corrected voltage shape is nearest, and its reason says so
+  (:data:`~phaseid_hpc.contract.REASON_PT_DEVIATION_NEIGHBOURS`); where its voltage does not follow its own
+  load (slope below ``min_load_response`` of the feeder's median: a large, stiff service whose level its
+  neighbours do not explain) the deviation is not estimable (NaN);
+* the deviation must exceed ``threshold_pct`` in each of ``n_windows`` consecutive windows, with one sign.
+
+The array maths is in :mod:`phaseid_hpc.kernels.pt_deviation` (named steps, units, equations).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import contract
+from .config import PTConfig
+from .kernels import pt_deviation as kern
+from .kernels.neighbours import top_k_neighbours
+
+__all__ = ["detect_pt_deviation"]
+
+_DEFAULT_CONFIG = PTConfig()
+#: Standard service voltages [V] a meter without ``nominal_v`` is snapped to (its median reading's nearest).
+_STANDARD_V = np.array([120.0, 208.0, 230.0, 240.0, 277.0, 347.0, 400.0, 480.0])
+
+
+def _nominal(voltage: np.ndarray, table_nominal: np.ndarray) -> np.ndarray:
+    """The table's ``nominal_v`` where usable, else the standard voltage nearest the meter's median [V]."""
+    out = np.asarray(table_nominal, dtype=np.float64).copy()
+    bad = ~(out > 0)
+    if bad.any():
+        with np.errstate(all="ignore"):
+            med = np.nanmedian(np.where(voltage[bad] > 0, voltage[bad], np.nan), axis=1) if voltage.shape[1] else \
+                np.full(int(bad.sum()), np.nan)
+        snap = _STANDARD_V[np.argmin(np.abs(np.nan_to_num(med, nan=240.0)[:, None] - _STANDARD_V[None, :]), axis=1)]
+        out[bad] = snap
+    return out
+
+
+def _slope_reference(y: np.ndarray, tx_code: np.ndarray, group: np.ndarray, big: np.ndarray, k: int) -> np.ndarray:
+    """Weights (n, n) of each meter's slope reference: its group's other meters where the group is big
+    enough, else its ``k`` most correlated meters (differenced levels) of other transformers."""
+    n = y.shape[0]
+    w = np.zeros((n, n))
+    same = group[:, None] == group[None, :]
+    np.fill_diagonal(same, False)
+    rows = np.flatnonzero(big)
+    w[rows] = same[rows]
+    small = np.flatnonzero(~big)
+    if small.size and n > 1:
+        dy = np.diff(y, axis=1)
+        dy = dy - np.nanmean(dy, axis=1, keepdims=True) if dy.shape[1] else dy
+        dy = np.nan_to_num(dy)
+        norm = np.linalg.norm(dy, axis=1, keepdims=True)
+        u = dy / np.where(norm > 0, norm, 1.0)
+        idx, sim = top_k_neighbours(u, tx_code, k)
+        ok = np.isfinite(sim[small])
+        r = np.repeat(small, idx.shape[1])[ok.reshape(-1)]
+        w[r, idx[small][ok]] = 1.0
+    s = w.sum(axis=1, keepdims=True)
+    return w / np.where(s > 0, s, 1.0)
+
+
+def _one_feeder(
+    voltage: np.ndarray, kw: np.ndarray | None, nominal: np.ndarray, tx: np.ndarray, phase: np.ndarray, config: PTConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One feeder: deviation [%] (NaN where not estimable), flagged against neighbours, flagged in a group."""
+    n = voltage.shape[0]
+    tx_code = pd.factorize(pd.Series(tx, dtype=object).fillna("\0none"))[0]
+    group, groups = pd.factorize(pd.Series(tx, dtype=object).fillna("\0none").astype(str) + "|" +
+                                 pd.Series(phase, dtype=object).fillna("").astype(str))
+    y = kern.relative_level_pct(voltage, nominal)  # step 1
+    size_guess = np.bincount(group, minlength=len(groups))[group]
+    big = size_guess >= config.min_group_size
+    if kw is None:
+        slope = np.zeros(n)
+        p = np.zeros_like(y)
+    else:
+        p = np.asarray(kw, dtype=np.float64)
+        ref = _slope_reference(y, tx_code, group, big, config.n_neighbours)
+        slope = kern.drop_slope(y, p, ref)  # step 2
+    level = kern.drop_corrected_level(y, p, slope)  # step 3
+    levels = kern.window_levels(level, config.n_windows, min_samples=config.min_samples)
+    dev_group, size = kern.group_median_deviation(levels, group, len(groups))  # step 4
+    big = size >= config.min_group_size
+    # a meter whose voltage does not follow its own load (a large, stiff service) has a level that its
+    # neighbours do not explain: not compared, and no one's neighbour
+    comparable = np.ones(n, dtype=bool)
+    if kw is not None:
+        comparable = slope >= config.min_load_response * (np.median(slope) if n else 0.0)
+    shape = np.nan_to_num(level - np.nanmean(level, axis=1, keepdims=True) if level.shape[1] else level)
+    nb = kern.nearest_shape_neighbours(shape, tx_code, config.n_neighbours, allowed=comparable)  # step 5
+    dev_nb = kern.neighbour_deviation(levels, nb)
+    dev = np.where(big[:, None], dev_group, np.where(comparable[:, None], dev_nb, np.nan))
+    est, flagged = kern.persistent_deviation(dev, config.threshold_pct)  # step 6
+    return est, flagged & ~big, flagged & big
+
+
+def detect_pt_deviation(
+    voltage: np.ndarray, kw: np.ndarray | None, meters: pd.DataFrame, config: PTConfig = _DEFAULT_CONFIG
+) -> pd.DataFrame:
+    """Estimate each meter's PT deviation and flag those above ``config.threshold_pct`` persistently.
+
+    Parameters
+    ----------
+    voltage : ndarray, shape (n_meters, n_time)
+        Meter voltage (cleaned), NaN where missing. [V]
+    kw : ndarray, shape (n_meters, n_time), optional
+        Each meter's active power, NaN where missing [kW]; ``None``: no drop correction.
+    meters : DataFrame, n_meters rows aligned with the arrays
+        ``feeder_id``, ``transformer_id`` (the recommended one), ``phase``; optional ``nominal_v`` [V]
+        (missing: the standard voltage nearest the meter's median reading).
+    config : PTConfig
+
+    Returns
+    -------
+    DataFrame
+        Index of ``meters``; ``pt_deviation_pct``: estimated gain error of the meter's PT [%] (reported
+        minus explained level; NaN where not estimable), ``reasons``: list of reason codes
+        (:data:`~phaseid_hpc.contract.REASON_PT_DEVIATION`, or
+        :data:`~phaseid_hpc.contract.REASON_PT_DEVIATION_NEIGHBOURS` for a meter compared with its feeder
+        neighbours only).
+    """
+    v = np.asarray(voltage, dtype=np.float64)
+    n = v.shape[0]
+    if len(meters) != n:
+        raise ValueError(f"detect_pt_deviation: voltage has {n} rows, meters {len(meters)}; expected the same")
+    est = np.full(n, np.nan)
+    by_nb = np.zeros(n, dtype=bool)
+    by_group = np.zeros(n, dtype=bool)
+    nominal = _nominal(v, meters["nominal_v"].to_numpy(dtype=np.float64) if "nominal_v" in meters else np.full(n, np.nan))
+    feeder = meters["feeder_id"].astype(str).to_numpy()
+    tx = meters["transformer_id"].to_numpy(dtype=object)
+    phase = meters["phase"].to_numpy(dtype=object)
+    p = None if kw is None else np.asarray(kw, dtype=np.float64)
+    if v.shape[1] >= 2:
+        for f in pd.unique(feeder):
+            rows = np.flatnonzero(feeder == f)
+            est[rows], by_nb[rows], by_group[rows] = _one_feeder(
+                v[rows], None if p is None else p[rows], nominal[rows], tx[rows], phase[rows], config
+            )
+    reasons = [
+        [contract.REASON_PT_DEVIATION] if g else [contract.REASON_PT_DEVIATION_NEIGHBOURS] if b else []
+        for g, b in zip(by_group, by_nb)
+    ]
+    return pd.DataFrame({"pt_deviation_pct": est, "reasons": reasons}, index=meters.index)

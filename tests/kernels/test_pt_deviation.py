@@ -1,0 +1,154 @@
+"""kernels/pt_deviation.py: levels, drop slopes, group medians, shape neighbours, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from phaseid_hpc.kernels.pt_deviation import (
+    drop_corrected_level,
+    drop_slope,
+    group_median_deviation,
+    nearest_shape_neighbours,
+    neighbour_deviation,
+    persistent_deviation,
+    relative_level_pct,
+    window_levels,
+)
+
+from .backends import BACKENDS, to_np
+
+
+def _group_feeder(rng, n_groups=4, size=4, n_t=400):
+    """Meters on transformers: common secondary level u_g(t), own drop k_i P_i, a gain error d_i [%]."""
+    group = np.repeat(np.arange(n_groups), size)
+    n = group.size
+    upstream = np.cumsum(rng.normal(0, 0.05, n_t))
+    u = upstream[None, :] + rng.normal(0, 0.3, (n_groups, 1)) + 0.05 * rng.standard_normal((n_groups, n_t))
+    p = np.abs(rng.normal(2.0, 1.5, (n, n_t)))
+    k = rng.uniform(0.05, 0.2, n)
+    d = np.zeros(n)
+    y = u[group] - k[:, None] * p + d[:, None] + 0.01 * rng.standard_normal((n, n_t))
+    return y, p, k, group
+
+
+def _loo(group):
+    w = (group[:, None] == group[None, :]).astype(float)
+    np.fill_diagonal(w, 0.0)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+@BACKENDS
+def test_relative_level_is_percent_log_of_nominal(xp):
+    v = np.array([[240.0, 242.4, np.nan, 0.0], [120.0, 118.8, 121.2, 120.0]])
+    nom = np.array([240.0, 120.0])
+    y = to_np(relative_level_pct(xp.asarray(v), xp.asarray(nom)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expect = 100 * np.log(v / nom[:, None])
+    expect[0, 2:] = np.nan
+    np.testing.assert_allclose(y, expect, atol=1e-12)
+
+
+@BACKENDS
+def test_drop_slope_recovers_k_and_ignores_a_gain_error(xp):
+    rng = np.random.default_rng(1)
+    y, p, k, group = _group_feeder(rng)
+    y[3] += 2.0  # a 2% PT gain error is a level: the slope from differences does not see it
+    y[5, 10:20] = np.nan
+    p[6, ::7] = np.nan
+    got = to_np(drop_slope(xp.asarray(y), xp.asarray(p), xp.asarray(_loo(group))))
+    # the leave-one-out reference holds the siblings' drops: the estimate is k_i (1 + 1/(size-1)) minus
+    # the mean of the others' slopes times the correlation of loads (0 here), within noise
+    np.testing.assert_allclose(got, k, atol=0.01)
+
+
+@BACKENDS
+def test_drop_slope_without_load_variation_takes_the_median(xp):
+    rng = np.random.default_rng(2)
+    y, p, k, group = _group_feeder(rng)
+    p[0] = 3.0  # constant load: no slope estimable
+    got = to_np(drop_slope(xp.asarray(y), xp.asarray(p), xp.asarray(_loo(group))))
+    assert got[0] == pytest.approx(np.median(got[1:]), abs=1e-12)
+
+
+@BACKENDS
+def test_window_levels_show_a_gain_error_after_drop_correction(xp):
+    rng = np.random.default_rng(3)
+    y, p, k, group = _group_feeder(rng, n_groups=1, size=6)
+    y[2] += 1.5
+    lvl = drop_corrected_level(xp.asarray(y), xp.asarray(p), xp.asarray(k))
+    w = to_np(window_levels(lvl, 3, min_samples=10))
+    assert w.shape == (6, 3)
+    others = np.delete(w, 2, axis=0)
+    np.testing.assert_allclose(w[2] - others.mean(axis=0), 1.5, atol=0.05)
+    assert np.ptp(others, axis=0).max() < 0.05
+
+
+@BACKENDS
+def test_window_levels_need_min_samples(xp):
+    lvl = np.ones((2, 10))
+    lvl[1, :5] = np.nan  # first window empty, second full
+    lvl[0, 5:8] = np.nan  # second window: 2 samples left, below min_samples
+    w = to_np(window_levels(xp.asarray(lvl), 2, min_samples=3))
+    assert w[0, 0] == 1.0 and np.isnan(w[0, 1]) and np.isnan(w[1, 0]) and w[1, 1] == 1.0
+
+
+@BACKENDS
+def test_group_median_deviation_matches_numpy(xp):
+    rng = np.random.default_rng(4)
+    group = rng.integers(0, 5, 40)
+    levels = rng.normal(0, 1, (40, 2))
+    levels[[3, 17], 1] = np.nan
+    dev, size = group_median_deviation(xp.asarray(levels), xp.asarray(group), 6)
+    dev, size = to_np(dev), to_np(size)
+    for i in range(40):
+        for j in range(2):
+            peers = levels[group == group[i], j]
+            expect = levels[i, j] - np.median(peers[np.isfinite(peers)])
+            np.testing.assert_allclose(dev[i, j], expect, atol=1e-12, equal_nan=True)
+        assert size[i] == np.isfinite(levels[group == group[i]]).all(axis=1).sum()
+
+
+@BACKENDS
+def test_one_failing_pt_in_a_group_of_three_does_not_spill_over(xp):
+    levels = np.array([[0.1], [-0.1], [3.0]])
+    dev, _ = group_median_deviation(xp.asarray(levels), xp.asarray(np.zeros(3, dtype=np.int64)), 1)
+    np.testing.assert_allclose(to_np(dev)[:, 0], [0.0, -0.2, 2.9], atol=1e-12)
+
+
+@BACKENDS
+def test_nearest_shape_neighbours_match_brute_force(xp):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((15, 30))
+    group = np.arange(15) // 3
+    allowed = np.ones(15, dtype=bool)
+    allowed[[4, 9]] = False
+    idx = to_np(nearest_shape_neighbours(xp.asarray(x), xp.asarray(group), 4, allowed=xp.asarray(allowed), chunk=4))
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=2)
+    d[group[:, None] == group[None, :]] = np.inf
+    d[:, ~allowed] = np.inf
+    np.testing.assert_array_equal(idx, np.argsort(d, axis=1, kind="stable")[:, :4])
+
+
+@BACKENDS
+def test_neighbours_beyond_the_candidates_are_minus_one(xp):
+    x = np.arange(6.0).reshape(3, 2)
+    idx = to_np(nearest_shape_neighbours(xp.asarray(x), xp.asarray(np.array([0, 0, 1])), 3))
+    assert (idx[:2, 1:] == -1).all() and (idx[:2, 0] == 2).all() and (idx[2, 2] == -1)
+
+
+@BACKENDS
+def test_neighbour_deviation_is_the_median_difference(xp):
+    levels = np.array([[2.0], [0.1], [-0.1], [0.0], [np.nan]])
+    index = np.array([[1, 2, 3], [2, 3, -1], [4, -1, -1], [-1, -1, -1], [0, 1, 2]])
+    dev = to_np(neighbour_deviation(xp.asarray(levels), xp.asarray(index)))[:, 0]
+    np.testing.assert_allclose(dev[:2], [2.0, 0.15], atol=1e-12)
+    assert np.isnan(dev[2:]).all()
+
+
+@BACKENDS
+def test_persistent_deviation_needs_every_window_with_one_sign(xp):
+    dev = np.array([[1.2, 1.5], [1.2, 0.8], [-1.3, -1.1], [1.4, -1.4], [np.nan, 2.0]])
+    est, flagged = persistent_deviation(xp.asarray(dev), 1.0)
+    np.testing.assert_allclose(to_np(est)[:4], [1.35, 1.0, -1.2, 0.0])
+    assert to_np(flagged).tolist() == [True, False, True, False, False]

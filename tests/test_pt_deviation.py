@@ -1,0 +1,129 @@
+"""pt_deviation.py: failing meter PTs against siblings and neighbours, and the pipeline hook."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from phaseid_hpc import contract
+from phaseid_hpc.config import PTConfig, RunConfig
+from phaseid_hpc.pt_deviation import detect_pt_deviation
+
+N_TIME = 7 * 96
+
+
+def make_feeder(seed: int = 0, gains: dict[int, float] | None = None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """One feeder: a head level that wanders, 6 transformers of 4 meters (phase A) and 8 lone meters.
+
+    Each transformer's secondary voltage follows the head less its impedance drop; each meter less its
+    service drop (k P). ``gains``: row -> PT gain error [%] applied to what the meter reports.
+    """
+    rng = np.random.default_rng(seed)
+    t = np.arange(N_TIME)
+    day = 0.6 + 0.4 * np.sin(2 * np.pi * (t % 96) / 96 - 1.5)
+    head = 1.02 + np.cumsum(rng.normal(0, 0.0006, N_TIME)) * 0.3 + 0.003 * np.sin(2 * np.pi * t / 96)
+    rows, volts, kws = [], [], []
+    units = [(f"T{j}", 4) for j in range(6)] + [(f"L{j}", 1) for j in range(8)]
+    for u, (tid, n) in enumerate(units):
+        loads = [np.abs(1.5 * day * (1 + 0.5 * rng.standard_normal(N_TIME))) for _ in range(n)]
+        sec = head - 0.01 * sum(loads) / (5.0 * n) - 0.002 * u / len(units)  # along the feeder
+        for j, load in enumerate(loads):
+            k = rng.uniform(0.0008, 0.0015)  # service drop [pu/kW]
+            rows.append({"meter_id": f"{tid}m{j}", "feeder_id": "F", "transformer_id": tid, "phase": "A",
+                         "nominal_v": 240.0})
+            volts.append(240.0 * (sec - k * load))
+            kws.append(load)
+    v = np.array(volts)
+    for row, pct in (gains or {}).items():
+        v[row] *= 1 + pct / 100
+    v = np.round(v * (1 + 0.0007 * rng.standard_normal(v.shape)), 1)  # class 0.5, 0.1 V
+    return v, np.array(kws), pd.DataFrame(rows)
+
+
+def _flagged(res: pd.DataFrame) -> dict[int, list[str]]:
+    return {i: r for i, r in enumerate(res["reasons"]) if r}
+
+
+def test_healthy_feeder_has_no_flag_and_small_estimates():
+    v, kw, meters = make_feeder()
+    res = detect_pt_deviation(v, kw, meters)
+    assert _flagged(res) == {}
+    assert list(res.columns) == ["pt_deviation_pct", "reasons"] and res.index.equals(meters.index)
+    est = res["pt_deviation_pct"].to_numpy()
+    assert np.isfinite(est).all() and np.abs(est).max() < 0.4
+
+
+def test_failing_pts_are_found_with_the_right_reason_and_size():
+    # row 1: in a group of four; row 26: alone on its transformer (checked against neighbours)
+    v, kw, meters = make_feeder(gains={1: 1.5, 26: -3.0})
+    res = detect_pt_deviation(v, kw, meters)
+    assert _flagged(res) == {1: [contract.REASON_PT_DEVIATION], 26: [contract.REASON_PT_DEVIATION_NEIGHBOURS]}
+    assert res["pt_deviation_pct"].iloc[1] == pytest.approx(1.5, abs=0.3)
+    assert res["pt_deviation_pct"].iloc[26] == pytest.approx(-3.0, abs=0.5)
+    # the siblings of row 1 are not dragged along (median of the group)
+    assert np.abs(res["pt_deviation_pct"].iloc[[0, 2, 3]]).max() < 0.4
+
+
+def test_deviation_must_persist_in_every_window():
+    v, kw, meters = make_feeder()
+    v[5, N_TIME // 2 :] *= 1.03  # the second half only: 1.5% on average
+    res = detect_pt_deviation(v, kw, meters, PTConfig(n_windows=2))
+    assert 5 not in _flagged(res)
+    res = detect_pt_deviation(v, kw, meters, PTConfig(n_windows=1))
+    assert _flagged(res).get(5) == [contract.REASON_PT_DEVIATION]
+
+
+def test_without_kw_or_nominal_and_with_gaps():
+    v, kw, meters = make_feeder(gains={9: 2.5})
+    v[3, 100:200] = np.nan
+    res = detect_pt_deviation(v, None, meters.drop(columns="nominal_v"))
+    assert 9 in _flagged(res) and res["pt_deviation_pct"].iloc[9] == pytest.approx(2.5, abs=0.5)
+
+
+def test_feeders_are_compared_separately():
+    v, kw, meters = make_feeder()
+    v2, kw2, m2 = make_feeder(seed=1)
+    v2 = v2 * 1.03  # another feeder at another level is no one's deviation
+    m2 = m2.assign(feeder_id="G", meter_id=m2["meter_id"] + "g")
+    res = detect_pt_deviation(np.vstack([v, v2]), np.vstack([kw, kw2]), pd.concat([meters, m2], ignore_index=True))
+    assert _flagged(res) == {}
+
+
+def test_pipeline_hook_adds_the_column_and_the_reason():
+    from phaseid_hpc.pipeline import StoreTables, process_arrays
+
+    v, kw, meters = make_feeder(gains={6: 2.0})
+    m = meters.rename(columns={"phase": "phase_gis"}).assign(
+        service_type="1ph-240", lat=np.nan, lon=np.nan, sampling_interval_s=900.0, off_grid_fraction=0.0
+    )
+    times = pd.date_range("2026-06-01 00:15", periods=N_TIME, freq="15min", tz="UTC")
+    config = RunConfig()
+    res = process_arrays(v, kw, None, StoreTables(m, None, None, times, 900.0), config)
+    out = res["meters"]
+    assert "pt_deviation_pct" in out and "pt" in res["timings"]
+    assert contract.REASON_PT_DEVIATION in out["reasons"].iloc[6]
+    flagged = out["reasons"].str.contains(contract.REASON_PT_DEVIATION, regex=False)
+    assert flagged.sum() == 1
+
+
+@pytest.mark.requires_shared
+def test_ckt5_pt_deviations_found_without_false_alarms(ckt5):
+    """Physics-based feeder (../shared ckt5, true mapping, class 0.5 and 0.1 V added, 14 days): 1.5% and
+    3% PT errors on 1% of the meters each are all found; no healthy meter is flagged."""
+    r = pd.read_parquet(ckt5 / "readings.parquet")
+    meters = pd.read_csv(ckt5 / "truth.csv").sort_values(["feeder_id", "transformer_id", "meter_id"])
+    meters = meters.reset_index(drop=True)
+    wide_v = r.pivot(index="meter_id", columns="timestamp", values="voltage_v").reindex(meters["meter_id"])
+    keep = wide_v.columns[: 14 * 96]
+    v = wide_v[keep].to_numpy(np.float64, copy=True)
+    kw = r.pivot(index="meter_id", columns="timestamp", values="kw").reindex(meters["meter_id"])[keep].to_numpy()
+    rng = np.random.default_rng(3)
+    bad = rng.choice(len(meters), 2 * (len(meters) // 100), replace=False)
+    pct = np.repeat([1.5, 3.0], bad.size // 2) * rng.choice([-1.0, 1.0], bad.size)
+    v[bad] *= 1 + pct[:, None] / 100
+    v = np.round(v * (1 + 0.0007 * rng.standard_normal(v.shape)), 1)
+    res = detect_pt_deviation(v, kw, meters.assign(nominal_v=240.0))
+    flagged = np.flatnonzero(res["reasons"].map(bool).to_numpy())
+    assert sorted(flagged) == sorted(bad)
+    np.testing.assert_allclose(res["pt_deviation_pct"].to_numpy()[bad], pct, atol=0.3)
