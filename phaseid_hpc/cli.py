@@ -1,4 +1,8 @@
-"""``phaseid``: a thin command line. Every subcommand parses its options and calls one library function."""
+"""``phaseid``: map every smart meter to its service transformer and phase, from AMI voltage.
+
+A thin command line: every subcommand parses its options, calls one library function and prints one short
+summary (:mod:`phaseid_hpc.console`).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,78 @@ from .errors import PhaseIDError
 
 __all__ = ["build_parser", "main"]
 
+_EXAMPLES = """\
+examples:
+  phaseid synth --meters 2000 --days 14 --out export/        # a synthetic utility to try things on
+  phaseid ingest --readings export/readings*.parquet --meters export/meters.csv \\
+                 --transformers export/transformers.csv --store store.zarr
+  phaseid run --store store.zarr --out results/              # writes results/report.html too
+  phaseid score --results results/ --truth export/truth.csv
+  phaseid config show                                        # every run-config key, default and doc
+
+'phaseid COMMAND --help' shows each command's options and defaults.
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples kept as written; every option's default shown (``None`` and ``False`` defaults left out)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 0 (0 = run in this process, no Dask cluster), got {value}"
+        )
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+def _config_path(text: str | None) -> str | None:
+    """A config file path; a name shipped in the package (``cluster-slurm``, ``default.toml``) also works."""
+    if text is None or Path(text).exists():
+        return text
+    from .config_docs import packaged_config
+
+    packaged = packaged_config(Path(text).name)
+    return str(packaged) if packaged is not None else text
+
 
 def _cluster_spec(args: argparse.Namespace):
     from .cluster import ClusterSpec, load_cluster_spec
 
     if getattr(args, "cluster_config", None):
-        return load_cluster_spec(args.cluster_config)
+        return load_cluster_spec(_config_path(args.cluster_config))
     if getattr(args, "scheduler", None):
         return ClusterSpec(kind="scheduler", address=args.scheduler)
     if getattr(args, "device", "cpu") == "gpu":
@@ -51,7 +121,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         write_readings=not args.no_readings,
         store=args.store,
     )
-    print(res)
+    from .console import format_synth
+
+    print(format_synth(res))
     return 0
 
 
@@ -59,7 +131,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from .config import load_config
     from .ingest import ingest_files
 
-    cfg = load_config(args.config)
+    cfg = load_config(_config_path(args.config))
     report = ingest_files(
         args.readings,
         args.meters,
@@ -68,7 +140,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         references_path=args.references,
         config=cfg.ingest,
     )
-    print(report)
+    from .console import format_ingest
+
+    print(format_ingest(report))
     return 0
 
 
@@ -89,7 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .jobs import run_with_cluster
 
     overrides = {"job": {"device": args.device}} if args.device else None
-    cfg = load_config(args.config, overrides=overrides)
+    cfg = load_config(_config_path(args.config), overrides=overrides)
     summary = run_with_cluster(
         args.store,
         args.out,
@@ -101,7 +175,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         since=args.since,
         events=args.events,
     )
-    print(f"Results in {summary.out_dir}: {summary.counts}")
+    from .console import format_run, store_period
+
+    print(format_run(summary, period=store_period(args.store)))
     return 0
 
 
@@ -129,6 +205,15 @@ def _cmd_ingest_service(args: argparse.Namespace) -> int:
     return main_from_cli(args)
 
 
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .config_docs import default_toml, format_config_keys
+
+    cfg = load_config(_config_path(args.config)) if args.config else None
+    print(default_toml(cfg) if args.toml else format_config_keys(cfg))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -138,27 +223,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``phaseid`` (all subcommands)."""
-    p = argparse.ArgumentParser(prog="phaseid", description=__doc__.split("\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(prog="phaseid",
+                                description=__doc__.split("\n")[0].replace("``", "") if __doc__ else None,
+                                epilog=_EXAMPLES, formatter_class=_HelpFormatter)
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"phaseid-hpc {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("synth", help="generate a synthetic utility (AMI export + truth, optionally a store)")
-    s.add_argument("--meters", type=int, default=2000)
-    s.add_argument("--days", type=float, default=14)
-    s.add_argument("--interval", default="15min")
-    s.add_argument("--seed", type=int, default=0)
+    def command(name: str, help: str, epilog: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              epilog="example:\n  " + epilog, formatter_class=_HelpFormatter)
+
+    s = command("synth", "generate a synthetic utility (AMI export + truth, optionally a store)",
+                "phaseid synth --meters 2000 --days 14 --out export/ --store store.zarr")
+    s.add_argument("--meters", type=_positive_int, default=2000, help="number of meters to generate")
+    s.add_argument("--days", type=_positive_float, default=14, help="length of the record [days]")
+    s.add_argument("--interval", default="15min", help="reading interval (pandas offset: 5min, 15min, 1h)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generator and the measurement model")
     s.add_argument("--out", required=True, help="output folder for the export")
     s.add_argument("--store", default=None, help="also write a Zarr store here")
     s.add_argument("--no-readings", action="store_true", help="do not write readings.parquet (store only)")
-    s.add_argument("--accuracy-class", type=float, default=0.5)
+    s.add_argument("--accuracy-class", type=float, default=0.5, help="meter accuracy class [%%]")
     s.add_argument("--resolution", type=float, default=0.1, help="meter resolution [V]")
     s.add_argument("--missing", type=float, default=0.01, help="share of missing samples [-]")
-    s.add_argument("--clock-offset-fraction", type=float, default=0.02)
-    s.add_argument("--phase-errors", type=float, default=0.08)
-    s.add_argument("--transformer-errors", type=float, default=0.03)
-    s.add_argument("--pv-fraction", type=float, default=0.0)
+    s.add_argument("--clock-offset-fraction", type=float, default=0.02,
+                   help="share of meters with a clock offset [-]")
+    s.add_argument("--phase-errors", type=float, default=0.08,
+                   help="share of GIS phase labels made wrong [-]")
+    s.add_argument("--transformer-errors", type=float, default=0.03,
+                   help="share of GIS transformer labels made wrong [-]")
+    s.add_argument("--pv-fraction", type=float, default=0.0, help="share of meters with rooftop PV [-]")
     s.add_argument(
         "--scenario",
         default=None,
@@ -167,65 +262,95 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_cmd_synth)
 
-    s = sub.add_parser("ingest", help="build or extend a Zarr store from contract files")
+    s = command("ingest", "build or extend a Zarr store from contract files",
+                "phaseid ingest --readings export/readings*.parquet --meters export/meters.csv \\\n"
+                "                 --transformers export/transformers.csv --store store.zarr")
     s.add_argument("--readings", nargs="+", required=True, help="readings CSV/Parquet file(s)")
     s.add_argument("--meters", required=True, help="meters.csv (GIS view)")
-    s.add_argument("--transformers", default=None)
-    s.add_argument("--references", default=None)
-    s.add_argument("--store", required=True)
+    s.add_argument("--transformers", default=None, help="transformers.csv (ratings; optional)")
+    s.add_argument("--references", default=None, help="feeder-head reference voltages (optional)")
+    s.add_argument("--store", required=True, help="Zarr store to create or extend")
     s.add_argument("--config", default=None, help="run config (TOML/YAML); uses its [ingest] table")
     s.set_defaults(func=_cmd_ingest)
 
-    s = sub.add_parser("validate-store", help="check a store against the schema; list every problem")
-    s.add_argument("--store", required=True)
+    s = command("validate-store", "check a store against the schema; list every problem",
+                "phaseid validate-store --store store.zarr --deep")
+    s.add_argument("--store", required=True, help="Zarr store to check")
     s.add_argument("--deep", action="store_true",
                    help="also read every chunk: checksums, missing and corrupt chunks (names each bad chunk)")
     s.set_defaults(func=_cmd_validate_store)
 
-    s = sub.add_parser("run", help="identify phases (and transformers) for every meter of a store")
-    s.add_argument("--store", required=True)
-    s.add_argument("--out", required=True, help="results folder")
-    s.add_argument("--config", default=None, help="run config (TOML/YAML)")
-    s.add_argument("--workers", type=int, default=None,
-                   help="LocalCluster workers (default: all cores; 0 = run in this process)")
+    s = command("run", "identify phases (and transformers) for every meter of a store",
+                "phaseid run --store store.zarr --out results/ --workers 4\n"
+                "  phaseid run --store store.zarr --out results/ --cluster-config cluster-slurm")
+    s.add_argument("--store", required=True, help="Zarr store written by 'phaseid ingest'")
+    s.add_argument("--out", "--results", dest="out", required=True,
+                   help="results folder (meters.parquet, corrections.csv, review.csv, report.html, ...)")
+    s.add_argument("--config", default=None, help="run config (TOML/YAML; default: built-in defaults, see "
+                                                   "'phaseid config show')")
+    s.add_argument("--workers", type=_non_negative_int, default=None,
+                   help="LocalCluster workers (default: one per core; 0 = run in this process)")
     s.add_argument("--scheduler", default=None, help="join an existing Dask scheduler (tcp://host:port)")
-    s.add_argument("--cluster-config", default=None, help="deployment config (configs/cluster-*.toml)")
-    s.add_argument("--device", choices=["cpu", "gpu"], default=None)
+    s.add_argument("--cluster-config", default=None,
+                   help="deployment config: a file, or a shipped name (cluster-local, cluster-slurm, "
+                        "cluster-gpu, cluster-tls)")
+    s.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                   help="array backend of the workers (default: [job] device of the config, cpu)")
     s.add_argument("--since", default=None, help="previous results folder (delta run)")
     s.add_argument("--events", default=None, help="events.csv of outages/restorations (delta run)")
     s.add_argument("--log-json", action="store_true", help="write run.log as JSON lines")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_run)
 
-    s = sub.add_parser("score", help="score results against a truth.csv")
-    s.add_argument("--results", required=True)
-    s.add_argument("--truth", required=True)
+    s = command("score", "score results against a truth.csv",
+                "phaseid score --results results/ --truth export/truth.csv --json score.json")
+    s.add_argument("--results", "--out", dest="results", required=True,
+                   help="results folder of 'phaseid run'")
+    s.add_argument("--truth", required=True, help="truth.csv (meter_id, phase, transformer_id, ...)")
     s.add_argument("--json", default=None, help="also write the score as JSON here")
     s.set_defaults(func=_cmd_score)
 
-    s = sub.add_parser("report", help="write RESULTS/report.html (static, opens offline)")
-    s.add_argument("--results", required=True)
-    s.add_argument("--store", default=None, help="store, for the per-feeder PCA projections")
+    s = command("report", "write RESULTS/report.html (static, opens offline)",
+                "phaseid report --results results/")
+    s.add_argument("--results", "--out", dest="results", required=True,
+                   help="results folder of 'phaseid run'")
+    s.add_argument("--store", default=None,
+                   help="store, for the data period, locations and projections (default: the run's store)")
     s.set_defaults(func=_cmd_report)
 
-    s = sub.add_parser("ingest-service", help="consume meter reads from an AMQP broker into a store")
+    s = command("ingest-service", "consume meter reads from an AMQP broker into a store",
+                "PHASEID_AMQP_URL=amqp://... phaseid ingest-service --queue meter-reads --store store.zarr")
     s.add_argument("--amqp", default=None,
                    help="amqp://user:pass@host:5672/vhost (prefer PHASEID_AMQP_URL or --amqp-url-file)")
     s.add_argument("--amqp-url-file", default=None, help="file holding the URL (mode 0600)")
-    s.add_argument("--queue", required=True)
-    s.add_argument("--store", required=True)
-    s.add_argument("--config", default=None)
-    s.add_argument("--batch-reads", type=int, default=None)
-    s.add_argument("--batch-seconds", type=float, default=None)
+    s.add_argument("--queue", required=True, help="queue to consume")
+    s.add_argument("--store", required=True, help="Zarr store to extend")
+    s.add_argument("--config", default=None, help="service config (TOML)")
+    s.add_argument("--batch-reads", type=_positive_int, default=None,
+                   help="reads per durable write (default: from the config)")
+    s.add_argument("--batch-seconds", type=_positive_float, default=None,
+                   help="most seconds between durable writes (default: from the config)")
     s.add_argument("--stop-when-idle", type=float, default=None, help="exit after this many idle seconds")
     s.set_defaults(func=_cmd_ingest_service)
 
-    s = sub.add_parser("demo", help="generate a synthetic utility, ingest it, run the job, score it")
-    s.add_argument("--out", default="demo")
-    s.add_argument("--meters", type=int, default=3000)
-    s.add_argument("--days", type=float, default=14)
-    s.add_argument("--workers", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0)
+    s = command("config", "show the run configuration: every key, its default and what it does",
+                "phaseid config show                      # defaults\n"
+                "  phaseid config show --config my.toml --toml > my-full.toml")
+    csub = s.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = csub.add_parser("show", help="print every key with its value and documentation",
+                        formatter_class=_HelpFormatter)
+    c.add_argument("--config", default=None, help="show the values of this config file instead of defaults")
+    c.add_argument("--toml", action="store_true", help="print as a documented TOML file")
+    c.set_defaults(func=_cmd_config_show)
+
+    s = command("demo", "generate a synthetic utility, ingest it, run the job, score it",
+                "phaseid demo --out demo --meters 3000 --days 14")
+    s.add_argument("--out", default="demo", help="demo folder (export/, store.zarr, results/)")
+    s.add_argument("--meters", type=_positive_int, default=3000, help="number of meters to generate")
+    s.add_argument("--days", type=_positive_float, default=14, help="length of the record [days]")
+    s.add_argument("--workers", type=_non_negative_int, default=None,
+                   help="LocalCluster workers (default: one per core; 0 = run in this process)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generator")
     s.set_defaults(func=_cmd_demo)
     return p
 

@@ -1,4 +1,5 @@
-"""The embedded default run: a synthetic utility, ingested, identified on a local cluster, scored, reported."""
+"""The embedded default run: a synthetic utility, ingested, identified on a local cluster (with the report),
+scored."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def run_demo(
     seed: int = 0,
     config: RunConfig | None = None,
 ) -> dict:
-    """Generate a synthetic utility, ingest it, run the job on a LocalCluster, score it and write the report.
+    """Generate a synthetic utility, ingest it, run the job on a LocalCluster (writes the report), score it.
 
     Parameters
     ----------
@@ -32,7 +33,7 @@ def run_demo(
     days : float
         Length of the record [days].
     workers : int, optional
-        LocalCluster workers (default: one per core).
+        LocalCluster workers (default: one per core; 0 runs the blocks in this process).
     seed : int
         Seed of the generator (and of the measurement model).
 
@@ -41,9 +42,9 @@ def run_demo(
     dict
         The score against the truth (see :func:`phaseid_hpc.score.score_frames`).
     """
+    from .console import format_duration, format_ingest, format_run, store_period
     from .ingest import ingest_files
     from .jobs import run_with_cluster
-    from .report import write_report
     from .score import format_score_table, score_results
     from .synth import generate_utility
 
@@ -62,14 +63,16 @@ def run_demo(
         references_path=export / "references.parquet",
         config=cfg.ingest,
     )
-    print(f"      {rep}")
+    print("      " + format_ingest(rep).replace("\n", "\n      "))
     print(f"[3/4] identifying phases and transformers on a local Dask cluster -> {results}")
-    summary = run_with_cluster(store, results, config=cfg, spec=ClusterSpec(kind="local", n_workers=workers))
-    print(f"[4/4] scoring against {export / 'truth.csv'} and writing the report")
+    summary = run_with_cluster(store, results, config=cfg, spec=ClusterSpec(kind="local", n_workers=workers),
+                               in_process=workers == 0)
+    print("      " + format_run(summary, period=store_period(store)).replace("\n", "\n      "))
+    print(f"[4/4] scoring against {export / 'truth.csv'} (the generator's ground truth)")
     score = score_results(results, export / "truth.csv")
-    report = write_report(results, store=store)
     print(format_score_table(score))
-    print(f"\nResults: {results}  (meters.parquet, corrections.csv, transformers.parquet, summary.json, run.log)")
-    print(f"Report:  {report}")
-    print(f"Counts:  {summary.counts}   total {time.perf_counter() - t0:.1f} s")
+    print(f"\nResults: {results}/  (corrections.csv is the field worklist, review.csv the review list)")
+    if "report" in summary.files:
+        print(f"Report:  {summary.files['report']}  (open it in a browser; works offline)")
+    print(f"Demo finished in {format_duration(time.perf_counter() - t0)}")
     return score
