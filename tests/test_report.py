@@ -215,3 +215,20 @@ def test_worklist_sorts_and_filters_in_headless_chromium(run, tmp_path):
     assert asc == sorted(corr["phase_confidence"].tolist())  # numeric sort, all rows kept
     assert desc == sorted(asc, reverse=True)
     assert "shown=1 count=1" in out
+
+
+def test_feeder_projection_matches_a_full_svd():
+    """The truncated SVD of the report gives the plain PCA scores (up to the canonical sign)."""
+    from phaseid_hpc.report import feeder_projection
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3, 400)).cumsum(axis=1)
+    v = 240 + np.repeat(base, [30, 40, 20], axis=0) + 0.5 * rng.standard_normal((90, 400)).cumsum(axis=1)
+    v[5, :] = np.nan  # a meter without data stays NaN
+    got = feeder_projection(v)
+    d = np.diff(np.delete(v, 5, axis=0), axis=1)
+    z = (d - d.mean(axis=1, keepdims=True)) / d.std(axis=1, keepdims=True)
+    u, s, _ = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+    ref = u[:, :2] * s[:2]
+    assert np.isnan(got[5]).all()
+    np.testing.assert_allclose(np.abs(np.delete(got, 5, axis=0)), np.abs(ref), atol=1e-8)
