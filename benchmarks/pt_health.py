@@ -34,13 +34,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from feeders import feeder_paths, load_feeder  # noqa: E402
+from feeders import feeder_paths, load_feeder
 
-from phaseid_hpc import contract  # noqa: E402
-from phaseid_hpc.config import PTConfig, ValidationConfig  # noqa: E402
-from phaseid_hpc.pt_deviation import detect_pt_deviation  # noqa: E402
-from phaseid_hpc.synth.measurement import MeasurementModel, apply_measurement_model  # noqa: E402
-from phaseid_hpc.validation import validate_transformers  # noqa: E402
+from phaseid_hpc import contract
+from phaseid_hpc.config import PTConfig, ValidationConfig
+from phaseid_hpc.pt_deviation import detect_pt_deviation
+from phaseid_hpc.synth.measurement import MeasurementModel, apply_measurement_model
+from phaseid_hpc.validation import validate_transformers
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pt_health.csv"
 HEALTH_FLAGS = ("voltage_level_step", "correlation_loss")
@@ -50,24 +50,42 @@ def _flag_column(table: pd.DataFrame) -> str:
     return "flag_codes" if "flag_codes" in table else "flags"
 
 
-def pt_trials(feeder: dict, n_t: int, pct: float, share: float, trials: int, seed: int, model: MeasurementModel,
-              config: PTConfig) -> dict:
+def pt_trials(
+    feeder: dict,
+    n_t: int,
+    pct: float,
+    share: float,
+    trials: int,
+    seed: int,
+    model: MeasurementModel,
+    config: PTConfig,
+) -> dict:
     """Detection and false alarms of PT deviations of +/- ``pct`` % on ``share`` of the meters."""
     v0, kw = feeder["voltage"][:, :n_t], (None if feeder["kw"] is None else feeder["kw"][:, :n_t])
     truth = feeder["truth"]
-    meters = pd.DataFrame({"feeder_id": truth["feeder_id"].astype(str), "transformer_id": truth["transformer_id"],
-                           "phase": truth["phase"], "nominal_v": feeder["meters"].get("nominal_v")})
+    meters = pd.DataFrame(
+        {
+            "feeder_id": truth["feeder_id"].astype(str),
+            "transformer_id": truth["transformer_id"],
+            "phase": truth["phase"],
+            "nominal_v": feeder["meters"].get("nominal_v"),
+        }
+    )
     n = len(v0)
     hit = miss = fa = healthy = 0
     err = []
     for trial in range(trials):
         rng = np.random.default_rng([seed, trial, int(pct * 1000)])
-        bad = rng.choice(n, max(1, int(round(share * n))), replace=False)
+        bad = rng.choice(n, max(1, round(share * n)), replace=False)
         gain = np.ones(n)
         gain[bad] += rng.choice([-1.0, 1.0], bad.size) * pct / 100
         meas, _ = apply_measurement_model(v0 * gain[:, None], model, interval_s=900.0, random_state=rng)
         res = detect_pt_deviation(meas, kw, meters, config)
-        flagged = res["reasons"].map(lambda r: any(c.startswith(contract.REASON_PT_DEVIATION) for c in r)).to_numpy()
+        flagged = (
+            res["reasons"]
+            .map(lambda r: any(c.startswith(contract.REASON_PT_DEVIATION) for c in r))
+            .to_numpy()
+        )
         is_bad = np.zeros(n, dtype=bool)
         is_bad[bad] = True
         hit += int(flagged[is_bad].sum())
@@ -76,19 +94,41 @@ def pt_trials(feeder: dict, n_t: int, pct: float, share: float, trials: int, see
         healthy += int((~is_bad).sum())
         err.extend(res["pt_deviation_pct"].to_numpy()[bad] - 100 * (gain[bad] - 1))
     err = np.asarray(err)
-    return {"injected": hit + miss, "detected": hit / max(hit + miss, 1), "healthy": healthy,
-            "false_alarms": fa, "false_alarm_rate": fa / max(healthy, 1),
-            "estimate_error_pct_p95": float(np.nanquantile(np.abs(err), 0.95)) if np.isfinite(err).any() else np.nan}
+    return {
+        "injected": hit + miss,
+        "detected": hit / max(hit + miss, 1),
+        "healthy": healthy,
+        "false_alarms": fa,
+        "false_alarm_rate": fa / max(healthy, 1),
+        "estimate_error_pct_p95": float(np.nanquantile(np.abs(err), 0.95))
+        if np.isfinite(err).any()
+        else np.nan,
+    }
 
 
-def health_trials(feeder: dict, n_t: int, share: float, trials: int, seed: int, tap_pct: float,
-                  winding_pct: float, model: MeasurementModel, config: ValidationConfig) -> dict:
+def health_trials(
+    feeder: dict,
+    n_t: int,
+    share: float,
+    trials: int,
+    seed: int,
+    tap_pct: float,
+    winding_pct: float,
+    model: MeasurementModel,
+    config: ValidationConfig,
+) -> dict:
     """Detection of tap changes and winding faults, false alarms on untouched transformers."""
     v0, kw = feeder["voltage"][:, :n_t], feeder["kw"][:, :n_t]
     truth = feeder["truth"]
     times = feeder["times"][:n_t]
-    meters = pd.DataFrame({"meter_id": truth["meter_id"], "feeder_id": truth["feeder_id"].astype(str),
-                           "transformer_id": truth["transformer_id"].astype(str), "phase": truth["phase"]})
+    meters = pd.DataFrame(
+        {
+            "meter_id": truth["meter_id"],
+            "feeder_id": truth["feeder_id"].astype(str),
+            "transformer_id": truth["transformer_id"].astype(str),
+            "phase": truth["phase"],
+        }
+    )
     refs = None if feeder["refs"] is None else (feeder["refs"][0], feeder["refs"][1][:, :n_t])
     tx_of = meters["transformer_id"].to_numpy()
     sizes = meters["transformer_id"].value_counts()
@@ -96,7 +136,7 @@ def health_trials(feeder: dict, n_t: int, share: float, trials: int, seed: int, 
     out = {"tap": [0, 0], "winding": [0, 0], "fa": 0, "healthy": 0, "eligible": len(eligible)}
     if len(eligible) < 3:
         return out
-    k = max(1, int(round(share * len(eligible))))
+    k = max(1, round(share * len(eligible)))
     for trial in range(trials):
         rng = np.random.default_rng([seed, trial, 99])
         pick = rng.choice(eligible, 2 * k, replace=False)
@@ -111,7 +151,9 @@ def health_trials(feeder: dict, n_t: int, share: float, trials: int, seed: int, 
             start = int(rng.integers(n_t // 8, n_t // 2))
             v[rows, start:] *= 1 + winding_pct / 100 * rng.standard_normal(n_t - start)[None, :]
         meas, _ = apply_measurement_model(v, model, interval_s=900.0, random_state=rng)
-        res = validate_transformers(kw, None, meas, meters, feeder["transformers"], times, config, references=refs)
+        res = validate_transformers(
+            kw, None, meas, meters, feeder["transformers"], times, config, references=refs
+        )
         flags = dict(zip(res["transformer_id"], res[_flag_column(res)]))
         for t in tapped:
             out["tap"][0 if "voltage_level_step" in flags[t] else 1] += 1
@@ -125,7 +167,9 @@ def health_trials(feeder: dict, n_t: int, share: float, trials: int, seed: int, 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--feeders", nargs="*", default=["epri-ckt5", "ieee8500", "epri-k1", "epri-m1", "epri-ckt7"])
+    p.add_argument(
+        "--feeders", nargs="*", default=["epri-ckt5", "ieee8500", "epri-k1", "epri-m1", "epri-ckt7"]
+    )
     p.add_argument("--scenarios", nargs="*", default=[])
     p.add_argument("--days", type=float, default=7)
     p.add_argument("--trials", type=int, default=10)
@@ -146,12 +190,16 @@ def main(argv=None) -> None:
 
     def emit(row: dict) -> None:
         rows.append(row)
-        print("| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |",
-              flush=True)
+        print(
+            "| "
+            + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in cols)
+            + " |",
+            flush=True,
+        )
 
     for name, path in feeder_paths(a.feeders, a.scenarios, a.days, a.seed):
         feeder = load_feeder(path)
-        n_t = min(int(round(a.days * 96)), len(feeder["times"]))
+        n_t = min(round(a.days * 96), len(feeder["times"]))
         for pct in a.pt_pct:
             tic = time.perf_counter()
             r = pt_trials(feeder, n_t, pct, a.pt_share, a.trials, a.seed, model, PTConfig())
@@ -159,18 +207,41 @@ def main(argv=None) -> None:
         if a.no_health or feeder["kw"] is None:
             continue
         tic = time.perf_counter()
-        h = health_trials(feeder, n_t, a.xf_share, a.trials, a.seed, a.tap_pct, a.winding_pct, model,
-                          ValidationConfig())
+        h = health_trials(
+            feeder, n_t, a.xf_share, a.trials, a.seed, a.tap_pct, a.winding_pct, model, ValidationConfig()
+        )
         s = time.perf_counter() - tic
         if h["healthy"] == 0:
-            emit({"feeder": name, "check": "health: no transformer with 2+ meters", "injected": 0, "detected": np.nan,
-                  "healthy": 0, "false_alarms": 0, "false_alarm_rate": np.nan, "s": s})
+            emit(
+                {
+                    "feeder": name,
+                    "check": "health: no transformer with 2+ meters",
+                    "injected": 0,
+                    "detected": np.nan,
+                    "healthy": 0,
+                    "false_alarms": 0,
+                    "false_alarm_rate": np.nan,
+                    "s": s,
+                }
+            )
             continue
-        for key, label in (("tap", f"tap step {a.tap_pct:g}%"), ("winding", f"winding noise {a.winding_pct:g}%")):
+        for key, label in (
+            ("tap", f"tap step {a.tap_pct:g}%"),
+            ("winding", f"winding noise {a.winding_pct:g}%"),
+        ):
             hit, miss = h[key]
-            emit({"feeder": name, "check": label, "injected": hit + miss, "detected": hit / max(hit + miss, 1),
-                  "healthy": h["healthy"], "false_alarms": h["fa"], "false_alarm_rate": h["fa"] / h["healthy"],
-                  "s": s})
+            emit(
+                {
+                    "feeder": name,
+                    "check": label,
+                    "injected": hit + miss,
+                    "detected": hit / max(hit + miss, 1),
+                    "healthy": h["healthy"],
+                    "false_alarms": h["fa"],
+                    "false_alarm_rate": h["fa"] / h["healthy"],
+                    "s": s,
+                }
+            )
     if a.csv:
         a.csv.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(a.csv, index=False)

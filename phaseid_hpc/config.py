@@ -260,8 +260,8 @@ class ValidationConfig:
     #: Fewest consecutive windows in which its meters lose correlation together before ``correlation_loss`` [-].
     health_min_lost_windows: int = 2
     #: A window is lost when the Fisher z of its transformer's correlation with the reference falls this
-    #: many standard errors (``1 / sqrt(health_window - 3)``) below the unit's usual one (the upper quartile
-    #: of its windows, at least the second-best) [-].
+    #: many standard errors (``1 / sqrt(health_window - 3)``) below the unit's usual one (its best window
+    #: out of at most 8, else the upper quartile of its windows, at least the second-best) [-].
     health_loss_se: float = 5.0
 
     def __post_init__(self) -> None:

@@ -25,7 +25,8 @@ block's transformers) and flags what needs a field audit:
     sample), while every one of its meters still follows its siblings (a cause common to the unit) and
     the rest of the feeder does not lose it too: winding or connection problem. Lost: correlation below
     ``health_min_correlation``, or its Fisher z ``health_loss_se`` standard errors below the unit's usual
-    one (the upper quartile of its windows, at least the second-best).
+    one (its best window out of at most 8, else the upper quartile of its windows, at least
+    the second-best).
 ``no_rating``
     no usable ``kva_rating``: loading and thermal figures are NaN.
 ``no_load_data``
@@ -44,6 +45,7 @@ filled the same way; with no ``kvar`` array, or for a meter without any kvar sam
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -397,8 +399,10 @@ def _health(
     usual = np.full(n_tx, np.nan)
     if n_win:
         ranked = np.sort(np.where(finite, r_tx, np.inf), axis=1)  # finite first
-        # the upper quartile of its windows, but at least the second-best (a fault may cover most of a week)
-        rank = np.maximum(n_fin - np.maximum(2, np.ceil(0.25 * n_fin).astype(int)), 0)
+        # its best window out of a week or so (a fault may cover most of it), else the upper quartile of its
+        # windows (at least the second-best)
+        top = np.where(n_fin <= 8, 1, np.maximum(2, np.ceil(0.25 * n_fin).astype(int)))
+        rank = np.maximum(n_fin - top, 0)
         usual = np.where(n_fin > 0, ranked[np.arange(n_tx), rank], np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         z_drop = np.arctanh(np.clip(usual, -0.999, 0.999))[:, None] - np.arctanh(np.clip(r_tx, -0.999, 0.999))
@@ -439,7 +443,7 @@ def _rest_of_feeder_median(tx_mean: np.ndarray, f_start: np.ndarray, exact_up_to
     n_tx = tx_mean.shape[0]
     out = np.full(tx_mean.shape, np.nan, dtype=tx_mean.dtype)
     bounds = np.append(f_start, n_tx)
-    for f0, f1 in zip(bounds[:-1], bounds[1:]):
+    for f0, f1 in itertools.pairwise(bounds):
         block = tx_mean[f0:f1]
         m = f1 - f0
         if m > exact_up_to:

@@ -13,7 +13,9 @@ from phaseid_hpc.pt_deviation import detect_pt_deviation
 N_TIME = 7 * 96
 
 
-def make_feeder(seed: int = 0, gains: dict[int, float] | None = None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+def make_feeder(
+    seed: int = 0, gains: dict[int, float] | None = None
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """One feeder: a head level that wanders, 6 transformers of 4 meters (phase A) and 8 lone meters.
 
     Each transformer's secondary voltage follows the head less its impedance drop; each meter less its
@@ -30,8 +32,15 @@ def make_feeder(seed: int = 0, gains: dict[int, float] | None = None) -> tuple[n
         sec = head - 0.01 * sum(loads) / (5.0 * n) - 0.002 * u / len(units)  # along the feeder
         for j, load in enumerate(loads):
             k = rng.uniform(0.0008, 0.0015)  # service drop [pu/kW]
-            rows.append({"meter_id": f"{tid}m{j}", "feeder_id": "F", "transformer_id": tid, "phase": "A",
-                         "nominal_v": 240.0})
+            rows.append(
+                {
+                    "meter_id": f"{tid}m{j}",
+                    "feeder_id": "F",
+                    "transformer_id": tid,
+                    "phase": "A",
+                    "nominal_v": 240.0,
+                }
+            )
             volts.append(240.0 * (sec - k * load))
             kws.append(load)
     v = np.array(volts)
@@ -75,7 +84,7 @@ def test_deviation_must_persist_in_every_window():
 
 
 def test_without_kw_or_nominal_and_with_gaps():
-    v, kw, meters = make_feeder(gains={9: 2.5})
+    v, _, meters = make_feeder(gains={9: 2.5})
     v[3, 100:200] = np.nan
     res = detect_pt_deviation(v, None, meters.drop(columns="nominal_v"))
     assert 9 in _flagged(res) and res["pt_deviation_pct"].iloc[9] == pytest.approx(2.5, abs=0.5)
@@ -86,7 +95,9 @@ def test_feeders_are_compared_separately():
     v2, kw2, m2 = make_feeder(seed=1)
     v2 = v2 * 1.03  # another feeder at another level is no one's deviation
     m2 = m2.assign(feeder_id="G", meter_id=m2["meter_id"] + "g")
-    res = detect_pt_deviation(np.vstack([v, v2]), np.vstack([kw, kw2]), pd.concat([meters, m2], ignore_index=True))
+    res = detect_pt_deviation(
+        np.vstack([v, v2]), np.vstack([kw, kw2]), pd.concat([meters, m2], ignore_index=True)
+    )
     assert _flagged(res) == {}
 
 
@@ -117,7 +128,11 @@ def test_ckt5_pt_deviations_found_without_false_alarms(ckt5):
     wide_v = r.pivot(index="meter_id", columns="timestamp", values="voltage_v").reindex(meters["meter_id"])
     keep = wide_v.columns[: 14 * 96]
     v = wide_v[keep].to_numpy(np.float64, copy=True)
-    kw = r.pivot(index="meter_id", columns="timestamp", values="kw").reindex(meters["meter_id"])[keep].to_numpy()
+    kw = (
+        r.pivot(index="meter_id", columns="timestamp", values="kw")
+        .reindex(meters["meter_id"])[keep]
+        .to_numpy()
+    )
     rng = np.random.default_rng(3)
     bad = rng.choice(len(meters), 2 * (len(meters) // 100), replace=False)
     pct = np.repeat([1.5, 3.0], bad.size // 2) * rng.choice([-1.0, 1.0], bad.size)

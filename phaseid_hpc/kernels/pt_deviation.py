@@ -121,7 +121,9 @@ def drop_slope(y: Any, kw: Any, reference: Any, *, min_kw_variation: float = 1e-
     spp = xp.sum(p0 * p0, axis=1)
     cnt = xp.sum(xp.astype(ok, dy.dtype), axis=1)
     good = (cnt > 0) & (spp > cnt * min_kw_variation**2) & (xp.sum(reference, axis=1) > 0)
-    k = xp.where(good, -xp.sum(e0 * p0, axis=1) / xp.where(good, spp, xp.ones_like(spp)), xp.full_like(spp, xp.nan))
+    k = xp.where(
+        good, -xp.sum(e0 * p0, axis=1) / xp.where(good, spp, xp.ones_like(spp)), xp.full_like(spp, xp.nan)
+    )
     kk = xp.sort(xp.where(good, k, xp.full_like(k, xp.inf)))
     n_good = int(xp.sum(xp.astype(good, xp.int64)))
     fill = 0.0 if n_good == 0 else float(0.5 * (kk[(n_good - 1) // 2] + kk[n_good // 2]))

@@ -65,7 +65,7 @@ def test_drop_slope_recovers_k_and_ignores_a_gain_error(xp):
 @BACKENDS
 def test_drop_slope_without_load_variation_takes_the_median(xp):
     rng = np.random.default_rng(2)
-    y, p, k, group = _group_feeder(rng)
+    y, p, _, group = _group_feeder(rng)
     p[0] = 3.0  # constant load: no slope estimable
     got = to_np(drop_slope(xp.asarray(y), xp.asarray(p), xp.asarray(_loo(group))))
     assert got[0] == pytest.approx(np.median(got[1:]), abs=1e-12)
@@ -74,7 +74,7 @@ def test_drop_slope_without_load_variation_takes_the_median(xp):
 @BACKENDS
 def test_window_levels_show_a_gain_error_after_drop_correction(xp):
     rng = np.random.default_rng(3)
-    y, p, k, group = _group_feeder(rng, n_groups=1, size=6)
+    y, p, k, _ = _group_feeder(rng, n_groups=1, size=6)
     y[2] += 1.5
     lvl = drop_corrected_level(xp.asarray(y), xp.asarray(p), xp.asarray(k))
     w = to_np(window_levels(lvl, 3, min_samples=10))
@@ -123,7 +123,9 @@ def test_nearest_shape_neighbours_match_brute_force(xp):
     group = np.arange(15) // 3
     allowed = np.ones(15, dtype=bool)
     allowed[[4, 9]] = False
-    idx = to_np(nearest_shape_neighbours(xp.asarray(x), xp.asarray(group), 4, allowed=xp.asarray(allowed), chunk=4))
+    idx = to_np(
+        nearest_shape_neighbours(xp.asarray(x), xp.asarray(group), 4, allowed=xp.asarray(allowed), chunk=4)
+    )
     d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=2)
     d[group[:, None] == group[None, :]] = np.inf
     d[:, ~allowed] = np.inf
