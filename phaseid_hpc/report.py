@@ -507,8 +507,8 @@ def write_report(
     links = [f"<a href='{name}'>{name}</a>" for name in ("corrections.csv", "review.csv", "meters.parquet",
                                                           "transformers.parquet", "summary.json", "run.log")
              if (rdir / name).exists()]
-    parts.append("<h2>Corrections worklist</h2><p>Files beside this page: " + " · ".join(links) + ". Click a column "
-                 "header to sort; type in the box to filter.</p>")
+    parts.append("<h2>Corrections worklist</h2><p>Files beside this page: " + " · ".join(links)
+                 + ". Click a column header to sort; type in the box to filter.</p>")
     if corr is not None:
         parts.append(f"<h3>Confident corrections ({len(corr):,} meters)</h3><p>The recommended phase or "
                      "transformer differs from GIS with a confident assignment: the field worklist "

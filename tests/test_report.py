@@ -202,7 +202,8 @@ def test_worklist_sorts_and_filters_in_headless_chromium(run, tmp_path):
         res = subprocess.run(
             [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--allow-file-access-from-files", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=5000",
              "--dump-dom", page.as_uri()],
             check=True, capture_output=True, timeout=120, text=True,
         )
@@ -232,3 +233,26 @@ def test_feeder_projection_matches_a_full_svd():
     ref = u[:, :2] * s[:2]
     assert np.isnan(got[5]).all()
     np.testing.assert_allclose(np.abs(np.delete(got, 5, axis=0)), np.abs(ref), atol=1e-8)
+
+
+def test_minimal_results_without_store_transformers_or_work(tmp_path):
+    """Only meters.parquet and empty worklists (no store, no coordinates, no transformer stages): a page."""
+    import warnings
+
+    from phaseid_hpc.report import write_report
+
+    meters = pd.DataFrame({"meter_id": ["m1", "m2", "m3"], "feeder_id": ["F", "F", "F"],
+                           "transformer_id": ["T", "T", "T"], "phase_gis": ["A", "B", "C"],
+                           "phase": ["A", "B", "C"], "phase_confidence": [0.9, np.nan, 0.2],
+                           "phase_class": ["confident", "insufficient_data", "low"],
+                           "changed": [False, False, False], "reasons": ["", "No Readings", ""]})
+    meters.to_parquet(tmp_path / "meters.parquet", index=False)
+    header = ("feeder_id,transformer_id,meter_id,correction,phase_gis,phase,phase_confidence,phase_class,"
+              "reasons\n")
+    (tmp_path / "corrections.csv").write_text(header)
+    (tmp_path / "review.csv").write_text(header)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        page = write_report(tmp_path).read_text()
+    assert "No confident corrections" in page and "Maps" not in page and "Transformers</h2>" not in page
+    assert "<b>3 meters</b> on 1 feeder analysed" in page
