@@ -513,7 +513,8 @@ def write_report(
         parts.append(f"<h3>Confident corrections ({len(corr):,} meters)</h3><p>The recommended phase or "
                      "transformer differs from GIS with a confident assignment: the field worklist "
                      "(<a href='corrections.csv'>corrections.csv</a>).</p>")
-        parts.append(_table(corr, _WORKLIST_COLUMNS, "corrections", max_rows) if len(corr) else
+        recommended = {k: v.replace("(inferred)", "(recommended)") for k, v in _WORKLIST_COLUMNS.items()}
+        parts.append(_table(corr, recommended, "corrections", max_rows) if len(corr) else
                      "<p class='muted'>None.</p>")
     if review is not None:
         parts.append(f"<h3>Review items ({len(review):,} meters)</h3><p>The inference disagrees with GIS but "
