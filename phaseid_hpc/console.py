@@ -71,11 +71,11 @@ def format_synth(res: Any) -> str:
     days = res.n_time * interval / 86400 if interval else None
     lines = [
         f"Synthetic utility written to {_rel(res.out_dir)}",
-        f"  {_n(res.n_meters, 'meter')} on {_n(res.n_transformers, 'transformer')}, "
-        f"{_n(res.n_feeders, 'feeder')}, {_n(res.n_substations, 'substation')}",
+        (f"  {_n(res.n_meters, 'meter')} on {_n(res.n_transformers, 'transformer')}, "
+         f"{_n(res.n_feeders, 'feeder')}, {_n(res.n_substations, 'substation')}"),
         f"  {_n(res.n_time, 'interval')} of {interval / 60:g} min" + (f" ({days:.1f} days)" if days else ""),
-        f"  GIS errors injected: {_n(res.n_phase_corrupted, 'phase label')}, "
-        f"{_n(res.n_transformer_corrupted, 'transformer label')} (truth in truth.csv)",
+        (f"  GIS errors injected: {_n(res.n_phase_corrupted, 'phase label')}, "
+         f"{_n(res.n_transformer_corrupted, 'transformer label')} (truth in truth.csv)"),
         "  files: " + ", ".join(f"{k} {_rel(v)}" for k, v in sorted(res.paths.items())),
     ]
     return "\n".join(lines)
@@ -89,10 +89,10 @@ def format_ingest(rep: Any) -> str:
     n_q = int(sum(quarantined.values()))
     lines = [
         f"Ingested into {_rel(rep.store)} in {format_duration(getattr(rep, 'elapsed_s', 0.0))}",
-        f"  {rows_read:,} rows read from {_n(len(getattr(rep, 'sources', []) or []), 'file')}: "
-        f"{accepted:,} accepted ({int(getattr(rep, 'rows_written', 0)):,} new or changed, "
-        f"{int(getattr(rep, 'rows_unchanged', 0)):,} already stored), {n_q:,} quarantined, "
-        f"{int(getattr(rep, 'duplicates_identical', 0)):,} identical duplicates dropped",
+        (f"  {rows_read:,} rows read from {_n(len(getattr(rep, 'sources', []) or []), 'file')}: "
+         f"{accepted:,} accepted ({int(getattr(rep, 'rows_written', 0)):,} new or changed, "
+         f"{int(getattr(rep, 'rows_unchanged', 0)):,} already stored), {n_q:,} quarantined, "
+         f"{int(getattr(rep, 'duplicates_identical', 0)):,} identical duplicates dropped"),
         f"  {_n(int(getattr(rep, 'meters', 0)), 'meter')} with data"
         + (f" ({int(getattr(rep, 'new_meters', 0)):,} new)" if getattr(rep, "new_meters", 0) else ""),
         f"  period: {format_period(getattr(rep, 'time_start', None), getattr(rep, 'time_end', None))}"
@@ -122,8 +122,8 @@ def format_run(summary: Any, period: str | None = None) -> str:
         return f" ({100.0 * k / n:.1f}%)" if n else ""
 
     total = float(summary.timings_s.get("total", 0.0)) if summary.timings_s else 0.0
-    lines = [f"Identified {_n(n, 'meter')} in {format_duration(total)} "
-             f"({_n(summary.n_blocks, 'block')}, {summary.n_blocks_reused:,} reused from an earlier run)"]
+    lines = [(f"Identified {_n(n, 'meter')} in {format_duration(total)} "
+              f"({_n(summary.n_blocks, 'block')}, {summary.n_blocks_reused:,} reused from an earlier run)")]
     if period:
         lines.append(f"  data period: {period}")
     lines.append(

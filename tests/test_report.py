@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,7 +34,7 @@ def run(tmp_path_factory):
 
 
 def _table_rows(page: str, table_id: str) -> int:
-    m = re.search(rf"<table class='sortable' id='{table_id}'>.*?<tbody>(.*?)</tbody>", page, re.S)
+    m = re.search(rf"<table class='sortable' id='{table_id}'>.*?<tbody>(.*?)</tbody>", page, re.DOTALL)
     assert m, f"no table {table_id}"
     return m.group(1).count("<tr>")
 
@@ -91,7 +90,7 @@ def test_plots_maps_and_transformer_table(run):
     assert "<h2>Maps (2 of 2 feeders)</h2>" in page
     assert page.count('alt="feeder F') == 4  # a map and a projection per feeder
     assert 'alt="confidence histograms"' in page and 'alt="transformer loading and hot spot"' in page
-    m = re.search(r"<table class='sortable' id='transformers'><thead><tr>(.*?)</tr>", page, re.S)
+    m = re.search(r"<table class='sortable' id='transformers'><thead><tr>(.*?)</tr>", page, re.DOTALL)
     if m:  # flagged transformers exist: the table has the columns that matter, not 30 of them
         headers = re.findall(r">([^<]+)</th>", m.group(1))
         assert headers[:3] == ["feeder", "transformer", "rating [kVA]"] and len(headers) <= 14
@@ -209,7 +208,7 @@ def test_worklist_sorts_and_filters_in_headless_chromium(run, tmp_path):
         )
     finally:
         page.unlink()
-    out = re.search(r'<pre id="out">(.*?)</pre>', res.stdout, re.S).group(1)
+    out = re.search(r'<pre id="out">(.*?)</pre>', res.stdout, re.DOTALL).group(1)
     lines = dict(line.split("=", 1) for line in out.splitlines() if line.startswith(("asc=", "desc=")))
     asc = [float(x) for x in lines["asc"].split(",")]
     desc = [float(x) for x in lines["desc"].split(",")]
