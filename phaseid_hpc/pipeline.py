@@ -259,7 +259,7 @@ def process_arrays(
     """
     from ._compat import get_xp, to_numpy
     from .phase_identification import align_clocks, identify_phases, recommend, shift_rows
-    from .quality import assess_quality
+    from .quality import assess_quality, local_clock_offsets
 
     timings: dict[str, float] = {}
     meters = tables.meters
@@ -318,10 +318,22 @@ def process_arrays(
         }
     )
     out["changed"] = out["phase"].notna() & (out["phase"] != out["phase_gis"])
-    reasons = [sorted(set(list(a) + list(b) + ([contract.REASON_CLOCK_SHIFTED] if s else [])))
-               for a, b, s in zip(qt["reasons"], ph["reasons"], lag)]
+    # the clock check again, each meter against its own neighbourhood (zone) where it has one: the
+    # feeder head or median reads a regulator's delayed response as a clock offset, so a flag needs both
+    zone = ph["zone"].to_numpy(dtype=np.int64)
+    zone = np.where(zone >= 0, pd.factorize(out["feeder_id"] + "|" + zone.astype(str), sort=True)[0], -1)
+    local = local_clock_offsets(clean, qt["nominal_v_used"].to_numpy(dtype=np.float64), zone,
+                                qt["usable"].to_numpy(dtype=bool), interval_s, config.quality)
+    has_local = np.isfinite(local["clock_offset_s"].to_numpy())
+    clock_offset_s = np.where(has_local, local["clock_offset_s"], qt["clock_offset_s"])
+    reasons = []
+    for a, b, s, loc, flag in zip(qt["reasons"], ph["reasons"], lag, has_local, local["clock_flag"]):
+        r = set(a) | set(b) | ({contract.REASON_CLOCK_SHIFTED} if s else set())
+        if loc and not flag:  # flagged only when the neighbourhood confirms what the feeder-level check saw
+            r = r - {contract.REASON_CLOCK_OFFSET}
+        reasons.append(sorted(r))
     out["reasons"] = ["; ".join(r) for r in reasons]
-    out["clock_offset_s"] = qt["clock_offset_s"].to_numpy(dtype=np.float64)
+    out["clock_offset_s"] = clock_offset_s.astype(np.float64)
     out["usable_fraction"] = qt["usable_fraction"].to_numpy(dtype=np.float64)
 
     xf_table = pd.DataFrame()

@@ -939,8 +939,9 @@ def recommend_transformers(
     Returns
     -------
     ndarray of object, shape (n_meters,)
-        The recommended transformer: ``inferred`` where it is ``confident`` on a feeder with siblings,
-        else the GIS transformer.
+        The recommended transformer: ``inferred`` where it is ``confident``, on a feeder with siblings, and
+        a transformer GIS knows on that feeder (a proposed new transformer goes to the review list), else
+        the GIS transformer.
     """
     gis = meters["transformer_id"].astype(object).to_numpy()
     feeder = meters["feeder_id"].astype(str).to_numpy()
@@ -950,4 +951,7 @@ def recommend_transformers(
     inferred = np.asarray(inferred, dtype=object)
     take = (np.asarray(transformer_class, dtype=object) == contract.CLASS_CONFIDENT) & pd.notna(inferred)
     take &= share >= config.min_sibling_share
+    # a transformer missing from GIS is a field survey item, not a correction GIS can take: review list
+    known = set(zip(feeder, gis.astype(str)))
+    take &= np.array([(f, str(t)) in known for f, t in zip(feeder, inferred)], dtype=bool)
     return np.where(take, inferred, gis)
