@@ -259,10 +259,10 @@ class ValidationConfig:
     health_min_meters: int = 2
     #: Fewest consecutive windows in which its meters lose correlation together before ``correlation_loss`` [-].
     health_min_lost_windows: int = 2
-    #: A window is lost when the Fisher z of its transformer's correlation with the reference falls this
-    #: many standard errors (``1 / sqrt(health_window - 3)``) below the unit's usual one (its best window
-    #: out of at most 8, else the upper quartile of its windows, at least the second-best) [-].
-    health_loss_se: float = 5.0
+    #: A window is lost when its transformer's correlation with the reference falls below half the unit's
+    #: usual one (its best window out of at most 8, else the upper quartile of its windows, at least the
+    #: second-best) and its Fisher z this many standard errors (``1 / sqrt(health_window - 3)``) below it [-].
+    health_loss_se: float = 3.0
 
     def __post_init__(self) -> None:
         if not 0 < self.default_power_factor <= 1:

@@ -107,7 +107,9 @@ def _one_feeder(
         ref = _slope_reference(y, tx_code, group, big, config.n_neighbours)
         slope = kern.drop_slope(y, p, ref)  # step 2
     level = kern.drop_corrected_level(y, p, slope)  # step 3
-    levels = kern.window_levels(level, config.n_windows, min_samples=config.min_samples)
+    # at most half a window's samples are required (hourly data has fewer samples per window)
+    need = min(config.min_samples, max(1, level.shape[1] // (2 * config.n_windows)))
+    levels = kern.window_levels(level, config.n_windows, min_samples=need)
     dev_group, size = kern.group_median_deviation(levels, group, len(groups))  # step 4
     big = size >= config.min_group_size
     # a meter whose voltage does not follow its own load (a large, stiff service) has a level that its

@@ -24,9 +24,10 @@ block's transformers) and flags what needs a field audit:
     ``health_min_lost_windows`` consecutive windows of ``health_window`` samples (windows end at the last
     sample), while every one of its meters still follows its siblings (a cause common to the unit) and
     the rest of the feeder does not lose it too: winding or connection problem. Lost: correlation below
-    ``health_min_correlation``, or its Fisher z ``health_loss_se`` standard errors below the unit's usual
-    one (its best window out of at most 8, else the upper quartile of its windows, at least
-    the second-best).
+    ``health_min_correlation``, or below half the unit's usual one (its best window out of at most 8, else
+    the upper quartile of its windows, at least the second-best) and ``health_loss_se`` standard errors of
+    Fisher z below it. The reference of the level step is the median of the 8 transformers of the feeder
+    whose fluctuations follow the unit's most closely (its regulator zone or lateral).
 ``no_rating``
     no usable ``kva_rating``: loading and thermal figures are NaN.
 ``no_load_data``
@@ -85,6 +86,9 @@ _DEFAULT_CONFIG = ValidationConfig()
 # Transformers per call of the thermal kernel (float32; bounds the temporaries to ~12 MB each).
 _THERMAL_CHUNK = 1024
 
+
+# Transformers whose median is a transformer's reference in the health checks (its neighbourhood).
+_NEIGHBOUR_TRANSFORMERS = 8
 
 # Meters per chunk of the per-meter passes (whole transformers; keeps the temporaries in cache).
 _METER_CHUNK = 512
@@ -340,9 +344,9 @@ def _health(
         table[n_tx + k] = np.diff(series)
     with np.errstate(invalid="ignore", divide="ignore"):
         tx_mean = np.where(tx_cnt > 0, tx_sum / np.where(tx_cnt > 0, tx_cnt, f32(1)), f32(np.nan))
-    # the rest of its feeder: the median of the OTHER transformers' means (one failing unit cannot drag
-    # the reference of its neighbours, as it drags a mean over meters)
-    rest_level = _rest_of_feeder_median(tx_mean, f_start)
+    # its neighbourhood: the median of the means of the other transformers of its feeder that follow it most
+    # closely (same regulator zone, same lateral; one failing unit cannot drag its neighbours' reference)
+    rest_level = _neighbourhood_median(tx_mean, f_start)
     table[:n_tx] = np.diff(rest_level, axis=1)
     tx_diff[:] = np.diff(tx_mean, axis=1)
     e = np.flatnonzero(enough)
@@ -393,7 +397,7 @@ def _health(
             agree[group_tx[g0:g1]] = (m_tx @ (~follows).astype(np.float64)) == 0
     # lost: the unit's mean no longer follows its reference, while its meters still follow each other (a
     # common cause, not one meter): correlation below health_min_correlation, or its Fisher z
-    # health_loss_se standard errors below the unit's usual where that is high
+    # health_loss_se standard errors and below half the unit's usual, where that is high
     finite = np.isfinite(r_tx)
     n_fin = finite.sum(axis=1)
     usual = np.full(n_tx, np.nan)
@@ -408,7 +412,7 @@ def _health(
         z_drop = np.arctanh(np.clip(usual, -0.999, 0.999))[:, None] - np.arctanh(np.clip(r_tx, -0.999, 0.999))
     ok = enough[:, None] & finite
     z_se = config.health_loss_se / math.sqrt(max(w - 3, 1))
-    fell = (usual >= config.health_min_correlation)[:, None] & (z_drop > z_se)
+    fell = (usual >= config.health_min_correlation)[:, None] & (z_drop > z_se) & (r_tx < 0.5 * usual[:, None])
     lost = ok & agree & ((r_tx < config.health_min_correlation) | fell)
     if n_win:
         f_ok = np.add.reduceat(ok.astype(np.float64), f_start, axis=0)
@@ -436,34 +440,42 @@ def _health(
     }
 
 
-def _rest_of_feeder_median(tx_mean: np.ndarray, f_start: np.ndarray, exact_up_to: int = 64) -> np.ndarray:
-    """Per transformer, the median over the other transformers of its feeder of their mean v_pu, per sample
-    (NaN-aware; NaN where there is no other). Feeders of more than ``exact_up_to`` transformers use the
-    median of all of them (one unit moves it by at most one rank)."""
-    n_tx = tx_mean.shape[0]
+def _neighbourhood_median(
+    tx_mean: np.ndarray, f_start: np.ndarray, k: int = _NEIGHBOUR_TRANSFORMERS, chunk: int = 32
+) -> np.ndarray:
+    """Per transformer and sample, the median of the mean v_pu of the ``k`` other transformers of its feeder
+    whose differenced mean correlates best with its own (NaN-aware; NaN where there is no other).
+
+    Behind a line regulator, or on a lateral, the neighbourhood is the zone or lateral itself: a regulator's
+    tap moves the reference with the unit and is no fault of the unit's.
+    """
+    n_tx, n_t = tx_mean.shape
     out = np.full(tx_mean.shape, np.nan, dtype=tx_mean.dtype)
     bounds = np.append(f_start, n_tx)
     for f0, f1 in itertools.pairwise(bounds):
         block = tx_mean[f0:f1]
         m = f1 - f0
-        if m > exact_up_to:
-            out[f0:f1] = _nanmedian_axis0(block)[None, :]
+        if m <= 1:
             continue
-        for j in range(m):
-            out[f0 + j] = _nanmedian_axis0(np.delete(block, j, axis=0))
+        kk = min(k, m - 1)
+        d = np.diff(block, axis=1) if n_t > 1 else np.zeros((m, 1), dtype=block.dtype)
+        fin = np.isfinite(d)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(fin, d, 0).sum(axis=1, keepdims=True) / np.maximum(fin.sum(axis=1, keepdims=True), 1)
+        d = np.where(fin, d - mean, 0)
+        norm = np.linalg.norm(d, axis=1, keepdims=True)
+        u = d / np.where(norm > 0, norm, 1.0)
+        for a in range(0, m, chunk):
+            b = min(a + chunk, m)
+            c = u[a:b] @ u.T
+            c[np.arange(b - a), np.arange(a, b)] = -np.inf  # never itself
+            nb = np.argsort(-c, axis=1, kind="stable")[:, :kk]
+            s = np.sort(block[nb], axis=1)  # (rows, kk, n_t), NaN last
+            nv = np.isfinite(block[nb]).sum(axis=1)
+            lo, hi = np.maximum(nv - 1, 0) // 2, np.minimum(nv // 2, kk - 1)
+            med = 0.5 * (np.take_along_axis(s, lo[:, None, :], axis=1) + np.take_along_axis(s, hi[:, None, :], axis=1))
+            out[f0 + a : f0 + b] = np.where(nv > 0, med[:, 0, :], np.nan)
     return out
-
-
-def _nanmedian_axis0(x: np.ndarray) -> np.ndarray:
-    """``np.nanmedian(x, axis=0)`` without warnings (NaN where a column has no finite value) via one sort."""
-    n, t = x.shape
-    if n == 0:
-        return np.full(t, np.nan, dtype=x.dtype)
-    s = np.sort(x, axis=0)  # NaN last
-    nv = (~np.isnan(x)).sum(axis=0)
-    lo, hi = np.maximum(nv - 1, 0) // 2, np.minimum(nv // 2, n - 1)
-    cols = np.arange(t)
-    return np.where(nv > 0, 0.5 * (s[lo, cols] + s[hi, cols]), np.nan).astype(x.dtype)
 
 
 def _window_correlation(a: np.ndarray, b: np.ndarray, w: int) -> np.ndarray:
