@@ -150,7 +150,7 @@ def run_case(name: str, feeder: dict, days: float, cls: float, res_v: float, mis
              config: RunConfig, late_fraction: float = 0.0) -> dict:
     times = feeder["times"]
     step = float((times[1] - times[0]).total_seconds())
-    n_t = min(int(round(days * 86400 / step)), len(times))
+    n_t = min(round(days * 86400 / step), len(times))
     sl = slice(0, n_t)
     model = MeasurementModel(accuracy_class=cls, resolution_v=res_v, missing_fraction=missing)
     meas, _ = apply_measurement_model(feeder["voltage"][:, sl], model, interval_s=step, random_state=seed)

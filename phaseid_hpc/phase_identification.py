@@ -42,6 +42,7 @@ from . import contract
 from ._compat import array_namespace, to_numpy
 from .config import PhaseConfig
 from .errors import ContractError
+from .kernels.kmeans import batched_kmeans
 from .kernels.neighbours import (
     clock_lag,
     neighbour_votes,
@@ -51,9 +52,10 @@ from .kernels.neighbours import (
 )
 from .kernels.preprocess import common_mode_residual, standardized_differences, unit_rows
 
-__all__ = ["RESULT_COLUMNS", "align_clocks", "identify_phases", "recommend", "shift_rows"]
+__all__ = ["RESULT_COLUMNS", "identify_phases", "recommend", "shift_rows"]
 
-RESULT_COLUMNS: tuple[str, ...] = ("phase", "phase_confidence", "phase_class", "reasons", "zone")
+RESULT_COLUMNS: tuple[str, ...] = ("phase", "phase_confidence", "phase_class", "reasons", "zone",
+                                   "clock_shift_intervals")
 _PHASES = contract.SINGLE_PHASES
 #: Candidate labels of a phase-to-phase service, as pairs of template indices.
 _PAIRS = ((0, 1), (1, 2), (2, 0))
@@ -102,7 +104,9 @@ def identify_phases(
         ``config.suspect_threshold`` > ``low``; ``insufficient_data`` when unusable), ``reasons``
         (list of contract reason codes) and ``zone`` (int, numbered within each feeder: meters of one phase
         in one neighbourhood of the feeder, about ``config.zone_meters`` each, for local comparisons such
-        as the clock check; -1 for meters not in one).
+        as the clock check; -1 for meters not in one) and ``clock_shift_intervals`` (int: whole intervals a
+        meter's clock was found late, positive, or early, and undone before identification; see
+        :func:`shift_rows`).
     """
     missing = [c for c in _REQUIRED if c not in meters.columns]
     if missing:
@@ -129,6 +133,7 @@ def identify_phases(
     out_class = np.full(n_m, contract.CLASS_INSUFFICIENT, dtype=object)
     out_reasons: list[list[str]] = [[] for _ in range(n_m)]
     out_zone = np.full(n_m, -1, dtype=np.int64)
+    out_lag = np.zeros(n_m, dtype=np.int64)
 
     feeders = meters["feeder_id"].astype(str).to_numpy()
     for feeder in sorted(set(feeders)):
@@ -144,7 +149,7 @@ def identify_phases(
         out_phase[rows], out_conf[rows], out_class[rows] = res[0], res[1], res[2]
         for j, i in enumerate(rows):
             out_reasons[i] = res[3][j]
-        out_zone[rows] = res[4]
+        out_zone[rows], out_lag[rows] = res[4], res[5]
     return pd.DataFrame(
         {
             "phase": pd.Series(out_phase, index=meters.index, dtype=object),  # None stays None
@@ -152,63 +157,17 @@ def identify_phases(
             "phase_class": pd.Series(out_class, index=meters.index, dtype=object),
             "reasons": pd.Series(out_reasons, index=meters.index, dtype=object),
             "zone": pd.Series(out_zone, index=meters.index),
+            "clock_shift_intervals": pd.Series(out_lag, index=meters.index),
         },
         index=meters.index,
     )
 
 
-def align_clocks(
-    voltage: Any,
-    meters: pd.DataFrame,
-    config: PhaseConfig = PhaseConfig(),  # noqa: B008 - frozen dataclass, safe as a default
-    *,
-    xp: Any | None = None,
-) -> tuple[Any, np.ndarray]:
-    """Undo whole-interval clock errors, feeder by feeder (step 1 of identification, on its own).
-
-    The pipeline runs it once before phase identification and transformer mapping, so that both stages
-    (and the level check's kW) see a late meter where it belongs.
-
-    Parameters
-    ----------
-    voltage : array, shape (n_meters, n_time)
-        Meter voltage, NaN where missing. [V]
-    meters : DataFrame, n_meters rows
-        ``feeder_id``, ``phase_gis``; optional ``service_type``, ``nominal_v`` [V], ``usable``.
-    config : PhaseConfig
-        ``clock_lag_se`` (0: nothing is shifted).
-
-    Returns
-    -------
-    voltage : array, shape (n_meters, n_time)
-        Shifted rows (NaN where shifted out), other rows unchanged. [V]
-    lag : ndarray of int, shape (n_meters,)
-        Intervals each row was late (positive) or early (negative) [samples].
-    """
-    xp = array_namespace(voltage) if xp is None else xp
-    v = xp.asarray(voltage, dtype=xp.float64)
-    n = len(meters)
-    lag = np.zeros(n, dtype=np.int64)
-    usable = meters["usable"].to_numpy(dtype=bool) if "usable" in meters else np.ones(n, dtype=bool)
-    nominal = meters["nominal_v"].to_numpy(dtype=np.float64) if "nominal_v" in meters else np.full(n, np.nan)
-    label = np.where(usable & (_service_kinds(meters) == "single"), _phase_codes(meters["phase_gis"]), -1)
-    feeders = meters["feeder_id"].astype(str).to_numpy()
-    parts = []
-    for feeder in sorted(set(feeders)):
-        rows = np.flatnonzero(feeders == feeder)
-        vf, lag[rows] = _align_clocks(xp, _take_rows(xp, v, rows), nominal[rows], label[rows], config)
-        parts.append((rows, vf))
-    if not lag.any():
-        return v, lag
-    out = np.array(to_numpy(v), dtype=np.float64, copy=True)
-    for rows, vf in parts:
-        if lag[rows].any():
-            out[rows] = to_numpy(vf)
-    return xp.asarray(out), lag
-
-
 def shift_rows(x: np.ndarray, lag: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` (n, T) moved back by ``lag`` samples (as :func:`align_clocks` does), NaN-filled."""
+    """Rows of ``x`` (n, T) moved back by ``lag`` samples (``x_aligned(t) = x(t + lag)``), NaN-filled.
+
+    What identification does to a meter whose clock is ``lag`` intervals late (its
+    ``clock_shift_intervals``); the pipeline applies it to the voltage and power of later stages."""
     out = np.array(x, dtype=np.float64, copy=True)
     for i in np.flatnonzero(lag):
         s = int(lag[i])
@@ -246,7 +205,8 @@ def _service_kinds(meters: pd.DataFrame) -> np.ndarray:
 def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, ref_v: Any | None = None):
     """Phase of every meter of one feeder: the named steps of the module docstring.
 
-    Returns ``(phase, confidence, class, reasons, zone)`` arrays of the raw inference (no decision policy).
+    Returns ``(phase, confidence, class, reasons, zone, lag)`` arrays of the raw inference (no decision
+    policy).
     """
     n = len(meters)
     gis = meters["phase_gis"].to_numpy(dtype=object)
@@ -263,11 +223,12 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     if v.shape[1] < 2:
         for i in range(n):
             reasons[i].append(contract.REASON_INSUFFICIENT_DATA)
-        return phase, conf, cls, reasons, zone
+        return phase, conf, cls, reasons, zone, np.zeros(n, dtype=np.int64)
 
     # Step 1: features, with whole-interval clock errors undone first
-    v, lag = _align_clocks(xp, v, nominal, np.where(usable & (kind == "single"), _phase_codes(gis), -1), config)
-    z, observed, n_obs = standardized_differences(v, xp.asarray(nominal))
+    v, lag, (z, observed, n_obs) = _align_clocks(xp, v, nominal,
+                                                  np.where(usable & (kind == "single"), _phase_codes(gis), -1),
+                                                  config)
     n_obs_h = to_numpy(n_obs)
     ok = usable & (n_obs_h >= config.min_samples)
     single = ok & (kind == "single")
@@ -284,7 +245,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         # Too few meters (or no labels) to vote: keep GIS, unverified.
         for i in np.flatnonzero(ok):
             phase[i], conf[i], cls[i] = gis[i], 0.0, contract.CLASS_LOW
-        return phase, conf, cls, reasons, zone
+        return phase, conf, cls, reasons, zone, lag
 
     # Step 2: denoised coordinates (principal subspace of the single-phase meters)
     s_idx = np.flatnonzero(single)
@@ -324,14 +285,15 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     three = ok & (kind == "three")
     phase[three], conf[three] = contract.THREE_PHASE, 1.0
 
-    scored = ok & (phase != None)  # noqa: E711 - elementwise on an object array
+    scored = ok & pd.notna(phase)
     cls[scored] = _confidence_class(conf[scored], config)
-    zone[s_idx] = _zones(to_numpy(y_s), labels, config)
-    return phase, conf, cls, reasons, zone
+    zone[s_idx] = _zones(xp, y_s, labels, config)
+    return phase, conf, cls, reasons, zone, lag
 
 
 def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, config: PhaseConfig):
-    """Undo whole-interval clock errors: ``(voltage, lag)`` with each late or early row shifted back.
+    """Undo whole-interval clock errors: ``(voltage, lag, features)`` with late or early rows shifted back
+    and ``features = standardized_differences(voltage)`` of the result.
 
     A meter that stamps the start instead of the end of each interval is one sample late; its differenced
     voltage then correlates with its phase's common signal best at lag +1, not 0. The common signals are
@@ -344,9 +306,10 @@ def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, confi
     """
     n = v.shape[0]
     lag = np.zeros(n, dtype=np.int64)
+    features = standardized_differences(v, xp.asarray(nominal))
     if config.clock_lag_se <= 0 or (label >= 0).sum() < 3 or v.shape[1] < 8:
-        return v, lag
-    z, _, _ = standardized_differences(v, xp.asarray(nominal))
+        return v, lag, features
+    z = features[0]
     refs = [xp.mean(xp.take(z, xp.asarray(np.flatnonzero(label == p)), axis=0), axis=0)
             for p in range(3) if (label == p).sum() >= 3]
     if not refs:
@@ -360,9 +323,18 @@ def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, confi
     best = np.argmax(c, axis=1)
     shift = (best != zero) & (gain[np.arange(n), best] > config.clock_lag_se / np.sqrt(v.shape[1]))
     if not shift.any():
-        return v, lag
+        return v, lag, features
     lag[shift] = np.arange(-_MAX_CLOCK_LAG, _MAX_CLOCK_LAG + 1)[best[shift]]  # x_aligned(t) = x(t + lag)
-    return xp.asarray(shift_rows(to_numpy(v), lag)), lag
+    v = xp.asarray(shift_rows(to_numpy(v), lag))
+    # the features of the shifted rows only (they are row-wise)
+    rows = np.flatnonzero(shift)
+    sub = standardized_differences(xp.take(v, xp.asarray(rows), axis=0), xp.asarray(nominal[rows]))
+    merged = []
+    for full, part in zip(features, sub):
+        h = np.array(to_numpy(full), copy=True)
+        h[rows] = to_numpy(part)
+        merged.append(xp.asarray(h))
+    return v, lag, tuple(merged)
 
 
 def _reference_labels(xp: Any, ref_v: Any, u: Any, n_obs: np.ndarray) -> np.ndarray:
@@ -419,23 +391,27 @@ def _pool_groups(xp: Any, y: Any, group: np.ndarray, config: PhaseConfig) -> Any
     return unit_rows(xp.where(member[:, None] > 0, pooled, y))
 
 
-def _zones(y: np.ndarray, labels: np.ndarray, config: PhaseConfig) -> np.ndarray:
-    """Neighbourhoods of one phase: k-means (scikit-learn) of the denoised coordinates of each phase's
-    meters into groups of about ``config.zone_meters``; codes unique across phases, ordered by phase."""
-    from sklearn.cluster import KMeans
+def _zones(xp: Any, y: Any, labels: np.ndarray, config: PhaseConfig) -> np.ndarray:
+    """Neighbourhoods of one phase: k-means of the denoised coordinates ``y`` of each phase's meters into
+    groups of about ``config.zone_meters``; codes unique across phases, ordered by phase.
 
+    ``kernels.kmeans`` rather than scikit-learn's ``KMeans``: the latter costs ~0.4 ms of CPU per meter
+    here (its per-call overhead on many small problems), the whole budget of identification, and has no
+    GPU path.
+    """
     zone = np.full(labels.size, -1, dtype=np.int64)
     next_code = 0
     for p in range(3):
         rows = np.flatnonzero(labels == p)
         if rows.size == 0:
             continue
-        k = max(1, int(round(rows.size / config.zone_meters)))
+        k = max(1, round(rows.size / config.zone_meters))
         if k == 1:
             code = np.zeros(rows.size, dtype=np.int64)
         else:
-            km = KMeans(n_clusters=k, n_init=1, random_state=config.random_state).fit(y[rows])
-            code = km.labels_.astype(np.int64)
+            code, _, _ = batched_kmeans(xp.take(y, xp.asarray(rows), axis=0), k, random_state=config.random_state,
+                                        n_init=1)
+            code = np.asarray(to_numpy(code), dtype=np.int64)
         zone[rows] = next_code + code
         next_code += k
     return zone
@@ -462,13 +438,16 @@ def _phase_neighbourhood_correlation(xp: Any, y: Any, u: Any, group: np.ndarray,
     n = u.shape[0]
     out = np.full((n, 3), -1.0)
     for p in range(3):
-        allowed = labels == p
-        if allowed.sum() < 1:
+        cand = np.flatnonzero(labels == p)
+        if cand.size < 1:
             continue
-        kp = min(k, int(allowed.sum()))
-        idx, sim = top_k_neighbours(y, xp.asarray(group), kp, allowed=xp.asarray(allowed))
+        # search only among the phase's meters: the similarity block is n x n_p, not n x n
+        idx, sim = top_k_neighbours(y, xp.asarray(group), min(k, cand.size),
+                                    candidates=xp.take(y, xp.asarray(cand), axis=0),
+                                    candidate_group=xp.asarray(group[cand]))
         w = np.maximum(to_numpy(sim), 0.0)
-        out[:, p] = to_numpy(pooled_neighbour_correlation(u, idx, xp.asarray(w)))
+        out[:, p] = to_numpy(pooled_neighbour_correlation(u, idx, xp.asarray(w),
+                                                          candidates=xp.take(u, xp.asarray(cand), axis=0)))
     return out
 
 

@@ -9,7 +9,6 @@ workers or on which block finished first.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -258,7 +257,7 @@ def process_arrays(
         ``meters`` (DataFrame, one row per meter), ``transformers`` (DataFrame), ``timings`` [s].
     """
     from ._compat import get_xp, to_numpy
-    from .phase_identification import align_clocks, identify_phases, recommend, shift_rows
+    from .phase_identification import identify_phases, recommend, shift_rows
     from .quality import assess_quality, local_clock_offsets
 
     timings: dict[str, float] = {}
@@ -295,13 +294,14 @@ def process_arrays(
             "usable": qt["usable"].to_numpy(dtype=bool),
         }
     )
-    # whole-interval clock errors undone once, for every later stage (voltage and power alike)
-    clean, lag = align_clocks(clean, id_meters, config.phase)
+    ph = identify_phases(clean, id_meters, config.phase, references=references, interval_s=interval_s)
+    # whole-interval clock errors found by identification are undone for every later stage (voltage and
+    # power alike)
+    lag = ph["clock_shift_intervals"].to_numpy(dtype=np.int64)
     if lag.any():
+        clean = xp.asarray(shift_rows(to_numpy(clean), lag))
         kw = None if kw is None else shift_rows(kw, lag)
         kvar = None if kvar is None else shift_rows(kvar, lag)
-    ph = identify_phases(clean, id_meters, dataclasses.replace(config.phase, clock_lag_se=0.0),
-                         references=references, interval_s=interval_s)
     timings["phase"] = time.perf_counter() - t2
 
     out = pd.DataFrame(

@@ -65,8 +65,16 @@ def _top_k_columns(xp: Any, s: Any, k: int) -> Any:
     return xp.argsort(-s, axis=1, stable=True)[:, :k]
 
 
-def top_k_neighbours(y: Any, group: Any, k: int, *, allowed: Any | None = None, chunk: int = 2048) -> tuple[Any, Any]:
-    """The ``k`` rows most similar to each row, other than rows of its own group.
+def top_k_neighbours(
+    y: Any,
+    group: Any,
+    k: int,
+    *,
+    candidates: Any | None = None,
+    candidate_group: Any | None = None,
+    chunk: int = 2048,
+) -> tuple[Any, Any]:
+    """The ``k`` candidate rows most similar to each row, other than rows of its own group.
 
     Parameters
     ----------
@@ -74,35 +82,35 @@ def top_k_neighbours(y: Any, group: Any, k: int, *, allowed: Any | None = None, 
         Unit-norm signals (e.g. denoised principal coordinates) [-]; similarity is their dot product.
     group : array of int, shape (n_meters,)
         Group code per row (e.g. GIS transformer and phase); rows of the same group are never neighbours
-        (so a whole group with one wrong label cannot vouch for itself). Distinct codes per row: no
-        exclusion but the row itself.
+        (so a whole group with one wrong label cannot vouch for itself). A row is always of its own group.
     k : int
-        Neighbours per row (clipped to the number of candidate rows).
-    allowed : array of bool, shape (n_meters,), optional
-        Rows that may be neighbours at all (e.g. the meters currently labelled with one phase).
+        Neighbours per row (clipped to the number of candidates).
+    candidates : array, shape (n_candidates, r), optional
+        Rows the neighbours are taken from (e.g. the meters of one phase); default ``y`` itself.
+    candidate_group : array of int, shape (n_candidates,), optional
+        Their group codes (required with ``candidates``).
     chunk : int
-        Rows per similarity block: memory is ``chunk * n_meters`` floats.
+        Rows per similarity block: memory is ``chunk * n_candidates`` floats.
 
     Returns
     -------
     index : array of int, shape (n_meters, k)
-        Neighbour rows, most similar first (ties: lowest row first).
+        Neighbour rows (of ``candidates``), most similar first (ties: lowest row first).
     similarity : array, shape (n_meters, k)
         Their similarity [-]; ``-inf`` where a row has fewer than ``k`` candidates.
     """
     xp = array_namespace(y)
+    if candidates is None:
+        candidates, candidate_group = y, group
     n = y.shape[0]
-    k = max(1, min(int(k), n - 1))
-    yt = xp.permute_dims(y, (1, 0))
+    k = max(1, min(int(k), candidates.shape[0] - (1 if candidates is y else 0)))
+    ct = xp.permute_dims(candidates, (1, 0))
     idx_parts, sim_parts = [], []
     neg = xp.asarray(-xp.inf, dtype=y.dtype)
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
-        s = y[a:b, :] @ yt
-        same = group[a:b, None] == group[None, :]
-        if allowed is not None:
-            same = same | ~allowed[None, :]
-        s = xp.where(same, neg, s)
+        s = y[a:b, :] @ ct
+        s = xp.where(group[a:b, None] == candidate_group[None, :], neg, s)
         idx = _top_k_columns(xp, s, k)
         idx_parts.append(idx)
         sim_parts.append(xp.take_along_axis(s, idx, axis=1))
@@ -133,29 +141,45 @@ def neighbour_votes(index: Any, similarity: Any, labels: Any, n_labels: int) -> 
     return xp.stack(cols, axis=1)
 
 
-def pooled_neighbour_correlation(u: Any, index: Any, weights: Any) -> Any:
+def pooled_neighbour_correlation(u: Any, index: Any, weights: Any, *, candidates: Any | None = None) -> Any:
     """Correlation of each row with the weighted sum of its neighbours' rows.
 
     Parameters
     ----------
     u : array, shape (n_meters, n_time)
-        Unit-norm, zero-mean signals [-].
+        Unit-norm, zero-mean signals [-] (the rows that are scored).
     index : array of int, shape (n_meters, k)
-        Neighbours per row.
+        Neighbours per row: rows of ``candidates`` (default: of ``u``).
     weights : array, shape (n_meters, k)
         Weight of each neighbour (0: left out) [-].
+    candidates : array, shape (n_candidates, n_time), optional
+        Unit signals the neighbours are taken from (default ``u``).
 
     Returns
     -------
     array, shape (n_meters,)
-        ``u_i . s_i / |s_i|`` with ``s_i = sum_m weights_im u_{index_im}``; 0 where ``s_i = 0``.
+        ``u_i . s_i / |s_i|`` with ``s_i = sum_m weights_im c_{index_im}``; 0 where ``s_i = 0``.
     Its standard error under "no relation" is about ``1 / sqrt(n_time)``.
+
+    Notes
+    -----
+    On NumPy the sums are one sparse-times-dense product (``scipy.sparse``, ``n_meters * k * n_time``
+    multiply-adds, no gathered copies); elsewhere a loop over the ``k`` neighbour columns.
     """
     xp = array_namespace(u)
+    c = u if candidates is None else candidates
     n, k = index.shape
-    acc = xp.zeros_like(u)
-    for m in range(k):
-        acc = acc + weights[:, m : m + 1] * xp.take(u, index[:, m], axis=0)
+    if isinstance(u, np.ndarray) and isinstance(c, np.ndarray):
+        from scipy import sparse
+
+        w = sparse.csr_matrix((np.asarray(weights, dtype=u.dtype).reshape(-1),
+                               np.asarray(index).reshape(-1), np.arange(0, n * k + 1, k)),
+                              shape=(n, c.shape[0]))
+        acc = np.asarray(w @ c)
+    else:
+        acc = xp.zeros((n, c.shape[1]), dtype=u.dtype)
+        for m in range(k):
+            acc = acc + weights[:, m : m + 1] * xp.take(c, index[:, m], axis=0)
     num = xp.vecdot(u, acc, axis=-1)
     den = xp.sqrt(xp.vecdot(acc, acc, axis=-1))
     return xp.where(den > 0, num / xp.where(den > 0, den, xp.ones_like(den)), xp.zeros_like(den))
