@@ -511,7 +511,7 @@ def run_job(
     -------
     RunSummary
     """
-    from .store import feeder_blocks, open_store
+    from .store import feeder_blocks, open_store, read_lock
 
     config = config or RunConfig()
     say = echo or (lambda s: None)
@@ -524,53 +524,60 @@ def run_job(
     if not Path(store).exists():
         raise StoreError(f"store {store!r} does not exist; create it with 'phaseid ingest' or 'phaseid synth'")
 
-    ds = open_store(store)
-    n_meters = int(ds.sizes["meter"])
-    meter_table = ds[[c for c in ds.coords if ds[c].dims == ("meter",)]].to_dataframe().reset_index()
-    blocks = feeder_blocks(ds, config.job.block_bytes)
-    store_fp = store_fingerprint(store)
-    config_fp = config_fingerprint(config)
-    log_event(logger, "run_start", store=store, meters=n_meters, blocks=len(blocks), store_fingerprint=store_fp,
-              config_fingerprint=config_fp, device=config.job.device)
-    if client is not None:
-        say(f"Dask dashboard: {getattr(client, 'dashboard_link', 'n/a')}")
-        log_event(logger, "dask_client", dashboard=getattr(client, "dashboard_link", ""),
-                  workers=len(client.scheduler_info().get("workers", {})))
+    # one consistent version of the store for the whole run: ingests wait for it (and it for them); the
+    # lock is released once every block has read its rows
+    def busy(holder: str) -> None:
+        say(f"Waiting for a write to the store to finish ({holder})")
+        log_event(logger, "store_busy", store=store, holder=holder)
 
-    delta = feeders is not None
-    wanted = set(map(str, feeders or ()))
-    if delta:
-        if previous is None:
-            raise PhaseIDError("a delta run (feeders=...) needs the previous results folder")
-        unknown = sorted(wanted - set(meter_table["feeder_id"].astype(str)))
-        if unknown:
-            raise PhaseIDError(f"delta run: feeder(s) {unknown[:5]} are not in the store {store!r}")
-        blocks = [b for b in blocks if wanted & set(map(str, b.feeder_ids))]
-        log_event(logger, "delta_plan", feeders=",".join(sorted(wanted)), blocks=len(blocks))
-    todo: list[tuple[int, int, int, str]] = []
-    reused = 0
-    paths: list[Path] = []
-    for i, b in enumerate(blocks):
-        start, stop, b_feeders = b.start, b.stop, list(map(str, b.feeder_ids))
-        key = _block_key(start, stop, b_feeders, store_fp, config_fp)
-        path = part_dir / f"block-{start:09d}-{key}.parquet"
-        paths.append(path)
-        if path.exists() and path.with_suffix(".transformers.parquet").exists():
-            reused += 1
-            log_event(logger, "block_reused", block=i, feeders=",".join(b_feeders))
-        else:
-            todo.append((i, start, stop, str(path)))
-    valid = {p.name for p in paths} | {p.with_suffix(".transformers.parquet").name for p in paths}
-    for stale in part_dir.iterdir():  # results of another store or config are never mixed in
-        if stale.name not in valid:
-            stale.unlink()
+    with read_lock(store, on_wait=busy):
+        ds = open_store(store)
+        n_meters = int(ds.sizes["meter"])
+        meter_table = ds[[c for c in ds.coords if ds[c].dims == ("meter",)]].to_dataframe().reset_index()
+        blocks = feeder_blocks(ds, config.job.block_bytes)
+        store_fp = store_fingerprint(store)
+        config_fp = config_fingerprint(config)
+        log_event(logger, "run_start", store=store, meters=n_meters, blocks=len(blocks), store_fingerprint=store_fp,
+                  config_fingerprint=config_fp, device=config.job.device)
+        if client is not None:
+            say(f"Dask dashboard: {getattr(client, 'dashboard_link', 'n/a')}")
+            log_event(logger, "dask_client", dashboard=getattr(client, "dashboard_link", ""),
+                      workers=len(client.scheduler_info().get("workers", {})))
 
-    t_blocks = time.perf_counter()
-    block_timings: dict[str, float] = {}
-    if todo:
-        say(f"Processing {len(todo)} of {len(blocks)} blocks ({reused} reused from an earlier run)")
-    tables = StoreTables.from_dataset(ds) if todo else None
-    results = _execute(todo, store, config, client, progress, tables)
+        delta = feeders is not None
+        wanted = set(map(str, feeders or ()))
+        if delta:
+            if previous is None:
+                raise PhaseIDError("a delta run (feeders=...) needs the previous results folder")
+            unknown = sorted(wanted - set(meter_table["feeder_id"].astype(str)))
+            if unknown:
+                raise PhaseIDError(f"delta run: feeder(s) {unknown[:5]} are not in the store {store!r}")
+            blocks = [b for b in blocks if wanted & set(map(str, b.feeder_ids))]
+            log_event(logger, "delta_plan", feeders=",".join(sorted(wanted)), blocks=len(blocks))
+        todo: list[tuple[int, int, int, str]] = []
+        reused = 0
+        paths: list[Path] = []
+        for i, b in enumerate(blocks):
+            start, stop, b_feeders = b.start, b.stop, list(map(str, b.feeder_ids))
+            key = _block_key(start, stop, b_feeders, store_fp, config_fp)
+            path = part_dir / f"block-{start:09d}-{key}.parquet"
+            paths.append(path)
+            if path.exists() and path.with_suffix(".transformers.parquet").exists():
+                reused += 1
+                log_event(logger, "block_reused", block=i, feeders=",".join(b_feeders))
+            else:
+                todo.append((i, start, stop, str(path)))
+        valid = {p.name for p in paths} | {p.with_suffix(".transformers.parquet").name for p in paths}
+        for stale in part_dir.iterdir():  # results of another store or config are never mixed in
+            if stale.name not in valid:
+                stale.unlink()
+
+        t_blocks = time.perf_counter()
+        block_timings: dict[str, float] = {}
+        if todo:
+            say(f"Processing {len(todo)} of {len(blocks)} blocks ({reused} reused from an earlier run)")
+        tables = StoreTables.from_dataset(ds) if todo else None
+        results = _execute(todo, store, config, client, progress, tables)
     for i, r in sorted(results.items()):
         for k, v in r["timings"].items():
             block_timings[k] = block_timings.get(k, 0.0) + float(v)

@@ -86,6 +86,7 @@ __all__ = [
     "feeder_blocks",
     "initialize_store",
     "open_store",
+    "read_lock",
     "recover_store",
     "sort_meters",
     "validate_store",
@@ -1002,6 +1003,39 @@ def exclusive_lock(
                 )
                 os.pwrite(fd, info.encode()[:_LOCK_INFO_BYTES].ljust(_LOCK_INFO_BYTES), 0)
             yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def read_lock(store: str | os.PathLike[str], *, on_wait: Any = None) -> Iterator[None]:
+    """Hold a shared lock on a store for as long as a run reads it: one consistent version.
+
+    Writers take the same lock file exclusively (:func:`exclusive_lock`), so an ingest waits until the run
+    has read what it needs, and a run that starts during an ingest waits for its commit. Several runs may
+    read at once. ``on_wait()`` is called once when the lock is not free at first (e.g. to say so).
+    A store without a transaction folder (never written by phaseid) is read without a lock.
+    """
+    root = _txn_root(Path(store))
+    if not root.is_dir():
+        yield
+        return
+    lock_file = root / "lock"
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:  # another user's store: a read-only descriptor locks too
+        fd = os.open(lock_file, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(_lock_holder(fd))
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:

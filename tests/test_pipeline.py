@@ -249,3 +249,22 @@ def test_output_under_a_file_fails_at_start_with_the_path(utility, tmp_path):
     blocker.write_text("x")
     with pytest.raises(PhaseIDError, match="not-a-folder.*not writable"):
         run_job(utility["store"], blocker / "out")
+
+
+def test_a_run_reads_one_version_of_the_store(utility, tmp_path):
+    """A run that starts during a write waits for its commit, and a writer waits for the run's reads."""
+    import threading
+
+    from phaseid_hpc.store import exclusive_lock
+
+    lock_file = Path(utility["store"]) / "_phaseid" / "lock"
+    events = []
+    with exclusive_lock(lock_file, "test writer"):
+        t = threading.Thread(target=lambda: events.append(run_job(utility["store"], tmp_path / "r",
+                                                                  config=_small_blocks())))
+        t.start()
+        t.join(timeout=3)
+        assert t.is_alive() and not events  # the run waits for the writer
+    t.join(timeout=240)
+    assert events and (tmp_path / "r" / "meters.parquet").exists()
+    assert "store_busy" in (tmp_path / "r" / "run.log").read_text()
