@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import PhaseIDError
 
@@ -38,7 +39,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (a usage error, exit 2, otherwise)."""
+    """argparse type: an integer >= 0 (a usage error, exit 64, otherwise)."""
     try:
         value = int(text)
     except ValueError:
@@ -221,9 +222,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Exit codes: a data or input error (a file, store, meter or config value named in one line) is 2; a
+#: command line that cannot be parsed (unknown option, bad value of an option) is 64 (``EX_USAGE``).
+EXIT_DATA_ERROR = 2
+EXIT_USAGE = 64
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on their own exit code (:data:`EXIT_USAGE`), apart from data errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``phaseid`` (all subcommands)."""
-    p = argparse.ArgumentParser(prog="phaseid",
+    p = _Parser(prog="phaseid",
                                 description=__doc__.split("\n")[0].replace("``", "") if __doc__ else None,
                                 epilog=_EXAMPLES, formatter_class=_HelpFormatter)
     from . import __version__
@@ -362,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PhaseIDError as exc:
         print(f"phaseid {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_DATA_ERROR
     except KeyboardInterrupt:  # pragma: no cover
         print(f"phaseid {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -114,6 +114,7 @@ from .store import (
     _strings,
     exclusive_lock,
     initialize_store,
+    open_store,
     sort_meters,
     write_fill_chunks,
 )
@@ -1038,6 +1039,21 @@ def _batches(path: Path, config: IngestConfig, columns: Sequence[str] | None = N
         yield batch
 
 
+def _refuse_readings_before_start(paths: Sequence[Path], meters: pd.DataFrame, store: Path,
+                                  config: IngestConfig) -> None:
+    """Raise :class:`StoreError` when a store created by another writer starts after these readings."""
+    _, tmin, _ = _scan_grid(paths, pd.Index(meters["meter_id"]), config)
+    start = pd.Timestamp(open_store(store, block_bytes=None, recover=False)["time"].values[0])
+    first = pd.Timestamp(int(tmin), unit="ns")
+    if first < start:
+        raise StoreError(
+            f"store {str(store)!r} was created by another ingest while this one waited for it, starting at "
+            f"{start} UTC, after the first reading of {', '.join(p.name for p in paths)} ({first} UTC); a "
+            "store's time axis only grows at the end, so nothing was written: ingest all these files in one "
+            "command (or the earliest first)"
+        )
+
+
 def _creation_lock(store: Path) -> Path:
     """The lock file beside ``store`` that serialises its creation (the store folder does not exist yet)."""
     return store.parent / f".{store.name}.phaseid-create.lock"
@@ -1141,7 +1157,9 @@ def ingest_files(
                 report.meters = int(_count_meters_with_data(store))
                 report.elapsed_s = _time.perf_counter() - t_start
                 return report
-        # another process created it while this one waited: extend it like any existing store
+        # another process created it while this one waited: extend it like any existing store, unless
+        # these readings start before it does (the time axis only grows at the end): then fail, loudly
+        _refuse_readings_before_start(paths, meters, store, config)
     elif any(store.parent.glob(f"{glob.escape(store.name)}.init-*")):
         with exclusive_lock(_creation_lock(store), "", blocking=False) as held:
             if held:  # no creation is running: what is there was left by a killed one

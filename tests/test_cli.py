@@ -66,7 +66,7 @@ def test_ingest_and_run_summaries_name_period_time_and_outputs(utility):
 def test_negative_workers_is_a_usage_error(value, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "r"), "--workers", value])
-    assert exc.value.code == 2
+    assert exc.value.code == 64  # usage errors apart from data errors (2)
     err = capsys.readouterr().err
     assert "argument --workers" in err and (">= 0" in err)
     assert not (tmp_path / "r").exists()  # nothing started
