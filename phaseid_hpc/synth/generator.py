@@ -325,16 +325,7 @@ def simulate_substation(
             meas = meas.astype(np.float32)
         else:
             meas, off = v, np.zeros(len(v))
-        truth = pd.DataFrame(
-            {
-                "meter_id": meters.meter_id,
-                "feeder_id": fid,
-                "transformer_id": meters.true_transformer_id,
-                "phase": meters.true_phase,
-                "phase_label_corrupted": meters.phase != meters.true_phase,
-                "transformer_label_corrupted": meters.transformer_id != meters.true_transformer_id,
-            }
-        )[list(TRUTH_COLUMNS)]
+        truth = truth_table(meters, fid)
         refs = pd.DataFrame((v_bus * V_LN_MV).astype(np.float32), index=pd.Index(list("ABC"), name="phase"))
         out.append(
             FeederSimulation(
@@ -825,3 +816,17 @@ def _finish_store(store: str, edges: list, refs: pd.DataFrame, grid: TimeGrid) -
     n = group["sampling_interval_s"].shape[0]
     group["sampling_interval_s"][:] = np.full(n, grid.interval_s)
     group["off_grid_fraction"][:] = np.zeros(n)
+
+
+def truth_table(meters: pd.DataFrame, feeder_id: str) -> pd.DataFrame:
+    """``truth.csv`` rows of a feeder's meters (``true_phase``, ``true_transformer_id`` beside the GIS view)."""
+    return pd.DataFrame(
+        {
+            "meter_id": meters.meter_id,
+            "feeder_id": feeder_id,
+            "transformer_id": meters.true_transformer_id,
+            "phase": meters.true_phase,
+            "phase_label_corrupted": meters.phase != meters.true_phase,
+            "transformer_label_corrupted": meters.transformer_id != meters.true_transformer_id,
+        }
+    )[list(TRUTH_COLUMNS)]

@@ -58,8 +58,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..contract import TRUTH_COLUMNS
-from .generator import TimeGrid, _ar1, _region, _tables
+from .generator import TimeGrid, _ar1, _region, _tables, truth_table
 from .gis_errors import corrupt_labels
 from .loads import customer_loads
 from .powerflow import (
@@ -453,16 +452,7 @@ def simulate_scenario(
             eq = {k: (a[..., :n_out] if a.shape[-1:] == (grid.n_time,) else a) for k, a in eq.items()}
             if ref is not None:
                 ref = ref.iloc[:, : out_grid.n_time]
-        truth = pd.DataFrame(
-            {
-                "meter_id": meters.meter_id,
-                "feeder_id": fid,
-                "transformer_id": meters.true_transformer_id,
-                "phase": meters.true_phase,
-                "phase_label_corrupted": meters.phase != meters.true_phase,
-                "transformer_label_corrupted": meters.transformer_id != meters.true_transformer_id,
-            }
-        )[list(TRUTH_COLUMNS)]
+        truth = truth_table(meters, fid)
         if late:
             truth["clock_shift_intervals"] = shift
         metas.append(meters.drop(columns=["true_transformer_id", "true_phase"]))
