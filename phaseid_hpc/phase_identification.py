@@ -481,19 +481,19 @@ def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray
     p_idx = np.flatnonzero(pair)
     if p_idx.size == 0:
         return
-    y_all = xp.concat([xp.take(y, xp.asarray(s_idx), axis=0), xp.take(y, xp.asarray(p_idx), axis=0)], axis=0)
-    group = np.concatenate([np.zeros(s_idx.size, dtype=np.int64), np.ones(p_idx.size, dtype=np.int64)])
-    k = 2 * config.n_neighbours
-    idx, sim = top_k_neighbours(y_all, xp.asarray(group), k)  # pairs never vote for pairs
-    idx, sim = idx[s_idx.size :, :], sim[s_idx.size :, :]
+    # pairs never vote for pairs: the candidates are the single-phase meters only
+    idx, sim = top_k_neighbours(xp.take(y, xp.asarray(p_idx), axis=0), xp.asarray(np.zeros(p_idx.size, np.int64)),
+                                2 * config.n_neighbours, candidates=xp.take(y, xp.asarray(s_idx), axis=0),
+                                candidate_group=xp.asarray(np.ones(s_idx.size, np.int64)))
     votes = to_numpy(neighbour_votes(idx, sim, xp.asarray(labels), 3))
     order = np.argsort(-votes, axis=1, kind="stable")
     top2 = np.sort(order[:, :2], axis=1)
     names = {(0, 1): "AB", (1, 2): "BC", (0, 2): "CA"}
     share = votes[np.arange(p_idx.size)[:, None], order[:, :2]].sum(axis=1) / np.maximum(votes.sum(axis=1), 1e-12)
     second = votes[np.arange(p_idx.size), order[:, 1]] / np.maximum(votes[np.arange(p_idx.size), order[:, 0]], 1e-12)
-    u_all = xp.concat([xp.take(u, xp.asarray(s_idx), axis=0), xp.take(u, xp.asarray(p_idx), axis=0)], axis=0)
-    strength = _pair_strength(xp, u_all, s_idx.size, idx, np.maximum(to_numpy(sim), 0.0))
+    strength = to_numpy(pooled_neighbour_correlation(
+        xp.take(u, xp.asarray(p_idx), axis=0), idx, xp.asarray(np.maximum(to_numpy(sim), 0.0)),
+        candidates=xp.take(u, xp.asarray(s_idx), axis=0)))
     z_strength = strength * np.sqrt(n_obs[p_idx])
     c = _vote_confidence(share, z_strength, 1.5, config) * np.clip(second / 0.25, 0.0, 1.0)
     for j, i in enumerate(p_idx):
@@ -501,17 +501,6 @@ def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray
         conf[i] = c[j]
         if z_strength[j] < config.min_strength_se:
             reasons[i].append(contract.REASON_LOW_CORRELATION)
-
-
-def _pair_strength(xp: Any, u_all: Any, n_single: int, idx: Any, w: np.ndarray) -> np.ndarray:
-    """Correlation of each pair service (rows ``n_single:`` of ``u_all``) with its neighbours' sum."""
-    u_p = u_all[n_single:, :]
-    acc = xp.zeros_like(u_p)
-    for m in range(idx.shape[1]):
-        acc = acc + xp.asarray(w[:, m : m + 1]) * xp.take(u_all, idx[:, m], axis=0)
-    num = to_numpy(xp.vecdot(u_p, acc, axis=-1))
-    den = np.sqrt(to_numpy(xp.vecdot(acc, acc, axis=-1)))
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
 def recommend(gis: Any, inferred: Any, phase_class: Any) -> np.ndarray:

@@ -58,7 +58,7 @@ def principal_basis(x: Any, rank: int, *, random_state: int = 0, power_iteration
 def _top_k_columns(xp: Any, s: Any, k: int) -> Any:
     """Column indices of the ``k`` largest entries of each row of ``s``, ordered by decreasing value."""
     if hasattr(xp, "argpartition"):  # NumPy, CuPy: O(n) selection, then a sort of k entries
-        idx = xp.argpartition(-s, k - 1, axis=1)[:, :k]
+        idx = xp.argpartition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k :]
         vals = xp.take_along_axis(s, idx, axis=1)
         order = xp.argsort(-vals, axis=1, stable=True)
         return xp.take_along_axis(idx, order, axis=1)
