@@ -173,6 +173,8 @@ def main(argv=None) -> None:
     p.add_argument("--scenarios", nargs="*", default=[])
     p.add_argument("--days", type=float, default=7)
     p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--aggregate-s", type=float, default=3600.0,
+                   help="PT check: readings averaged to this interval first ([pt] aggregate_s) [s]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pt-pct", type=float, nargs="*", default=[1.5, 3.0])
     p.add_argument("--pt-share", type=float, default=0.01)
@@ -202,7 +204,7 @@ def main(argv=None) -> None:
         n_t = min(round(a.days * 96), len(feeder["times"]))
         for pct in a.pt_pct:
             tic = time.perf_counter()
-            r = pt_trials(feeder, n_t, pct, a.pt_share, a.trials, a.seed, model, PTConfig())
+            r = pt_trials(feeder, n_t, pct, a.pt_share, a.trials, a.seed, model, PTConfig(aggregate_s=a.aggregate_s))
             emit({"feeder": name, "check": f"pt {pct:g}%", **r, "s": time.perf_counter() - tic})
         if a.no_health or feeder["kw"] is None:
             continue

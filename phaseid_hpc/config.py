@@ -296,6 +296,9 @@ class PTConfig:
     min_group_size: int = 3
     #: Neighbours (nearest drop-corrected voltage shape, other transformers) of a meter without siblings [-].
     n_neighbours: int = 6
+    #: Readings are averaged to this interval before the PT check (levels and load slopes need no finer
+    #: resolution; the cost falls in proportion) [s].
+    aggregate_s: float = 3600.0
     #: A meter checked against neighbours only needs a drop slope at least this share of the feeder's
     #: median slope: a meter whose voltage does not follow its own load (a large, stiff service) has a level
     #: that its neighbours do not explain [-].

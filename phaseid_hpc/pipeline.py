@@ -370,6 +370,7 @@ def process_arrays(
                           "phase": out["phase"].where(out["phase"].notna(), out["phase_gis"]),
                           "nominal_v": meters["nominal_v"].to_numpy(dtype=np.float64)}),
             config.pt,
+            interval_s=interval_s,
         )
         out["pt_deviation_pct"] = pt["pt_deviation_pct"].to_numpy(dtype=np.float64)
         out["reasons"] = [

@@ -56,28 +56,36 @@ def _nominal(voltage: np.ndarray, table_nominal: np.ndarray) -> np.ndarray:
 
 def _slope_reference(
     y: np.ndarray, tx_code: np.ndarray, group: np.ndarray, big: np.ndarray, k: int
-) -> np.ndarray:
-    """Weights (n, n) of each meter's slope reference: its group's other meters where the group is big
-    enough, else its ``k`` most correlated meters (differenced levels) of other transformers."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each meter's slope reference as (index, weight) arrays (n, m): its group's other meters where the
+    group is big enough, else its ``k`` most correlated meters (differenced levels) of other transformers;
+    weights equal and summing to 1 per row (0 padding)."""
     n = y.shape[0]
-    w = np.zeros((n, n))
-    same = group[:, None] == group[None, :]
-    np.fill_diagonal(same, False)
-    rows = np.flatnonzero(big)
-    w[rows] = same[rows]
+    members = pd.Series(np.arange(n)).groupby(group).apply(list).to_dict() if n else {}
+    width = max([k] + [len(v) - 1 for v in members.values()]) if n else 1
+    idx = np.zeros((n, max(width, 1)), dtype=np.int64)
+    w = np.zeros((n, max(width, 1)))
+    for i in np.flatnonzero(big):
+        others = [j for j in members[group[i]] if j != i]
+        idx[i, : len(others)] = others
+        w[i, : len(others)] = 1.0
     small = np.flatnonzero(~big)
     if small.size and n > 1:
-        dy = np.diff(y, axis=1)
-        dy = dy - np.nanmean(dy, axis=1, keepdims=True) if dy.shape[1] else dy
-        dy = np.nan_to_num(dy)
-        norm = np.linalg.norm(dy, axis=1, keepdims=True)
-        u = dy / np.where(norm > 0, norm, 1.0)
-        idx, sim = top_k_neighbours(u, tx_code, k)
-        ok = np.isfinite(sim[small])
-        r = np.repeat(small, idx.shape[1])[ok.reshape(-1)]
-        w[r, idx[small][ok]] = 1.0
+        dy = np.diff(y[small], axis=1)
+        dy_all = np.diff(y, axis=1)
+        for arr in (dy, dy_all):
+            if arr.shape[1]:
+                arr -= np.nanmean(arr, axis=1, keepdims=True)
+        u = np.nan_to_num(dy)
+        u /= np.where(np.linalg.norm(u, axis=1, keepdims=True) > 0, np.linalg.norm(u, axis=1, keepdims=True), 1.0)
+        c = np.nan_to_num(dy_all)
+        c /= np.where(np.linalg.norm(c, axis=1, keepdims=True) > 0, np.linalg.norm(c, axis=1, keepdims=True), 1.0)
+        nb, sim = top_k_neighbours(u, tx_code[small], k, candidates=c, candidate_group=tx_code)
+        ok = np.isfinite(sim)
+        idx[small, : nb.shape[1]] = np.where(ok, nb, 0)
+        w[small, : nb.shape[1]] = ok.astype(np.float64)
     s = w.sum(axis=1, keepdims=True)
-    return w / np.where(s > 0, s, 1.0)
+    return idx, w / np.where(s > 0, s, 1.0)
 
 
 def _one_feeder(
@@ -104,8 +112,8 @@ def _one_feeder(
         p = np.zeros_like(y)
     else:
         p = np.asarray(kw, dtype=np.float64)
-        ref = _slope_reference(y, tx_code, group, big, config.n_neighbours)
-        slope = kern.drop_slope(y, p, ref)  # step 2
+        ref_index, ref_weight = _slope_reference(y, tx_code, group, big, config.n_neighbours)
+        slope = kern.drop_slope(y, p, ref_index, ref_weight)  # step 2
     level = kern.drop_corrected_level(y, p, slope)  # step 3
     # at most half a window's samples are required (hourly data has fewer samples per window)
     need = min(config.min_samples, max(1, level.shape[1] // (2 * config.n_windows)))
@@ -119,15 +127,36 @@ def _one_feeder(
     if kw is not None:
         comparable = slope >= config.min_load_response * (np.median(slope) if n else 0.0)
     shape = np.nan_to_num(level - np.nanmean(level, axis=1, keepdims=True) if level.shape[1] else level)
-    nb = kern.nearest_shape_neighbours(shape, tx_code, config.n_neighbours, allowed=comparable)  # step 5
+    lone = np.flatnonzero(~big & comparable)  # only meters without a big enough group need neighbours
+    nb = np.full((n, max(1, min(config.n_neighbours, n))), -1, dtype=np.int64)
+    if lone.size:
+        nb[lone] = kern.nearest_shape_neighbours(shape, tx_code, config.n_neighbours, allowed=comparable,
+                                                 queries=lone)  # step 5
     dev_nb = np.where(comparable[:, None], kern.neighbour_deviation(levels, nb), np.nan)
     dev = np.where(big[:, None], dev_group, dev_nb)
     est, flagged = kern.persistent_deviation(dev, config.threshold_pct)  # step 6
     return est, flagged & ~big, flagged & big
 
 
+def _aggregate(x: np.ndarray, factor: int) -> np.ndarray:
+    """Means of consecutive ``factor`` samples of each row, NaN-aware (a trailing partial block dropped)."""
+    if factor <= 1 or x.shape[1] < 2 * factor:
+        return x
+    m = x.shape[1] // factor
+    blocks = x[:, : m * factor].reshape(x.shape[0], m, factor)
+    ok = np.isfinite(blocks)
+    cnt = ok.sum(axis=2)
+    total = np.where(ok, blocks, 0.0).sum(axis=2)
+    return np.where(cnt > 0, total / np.maximum(cnt, 1), np.nan)
+
+
 def detect_pt_deviation(
-    voltage: np.ndarray, kw: np.ndarray | None, meters: pd.DataFrame, config: PTConfig = _DEFAULT_CONFIG
+    voltage: np.ndarray,
+    kw: np.ndarray | None,
+    meters: pd.DataFrame,
+    config: PTConfig = _DEFAULT_CONFIG,
+    *,
+    interval_s: float = 900.0,
 ) -> pd.DataFrame:
     """Estimate each meter's PT deviation and flag those above ``config.threshold_pct`` persistently.
 
@@ -150,8 +179,15 @@ def detect_pt_deviation(
         (:data:`~phaseid_hpc.contract.REASON_PT_DEVIATION`, or
         :data:`~phaseid_hpc.contract.REASON_PT_DEVIATION_NEIGHBOURS` for a meter compared with its feeder
         neighbours only).
+
+    Notes
+    -----
+    Readings are first averaged to ``config.aggregate_s`` (``interval_s`` is their step): levels and load
+    slopes need no finer time resolution, and the cost falls in proportion.
     """
-    v = np.asarray(voltage, dtype=np.float64)
+    factor = max(1, round(config.aggregate_s / interval_s)) if interval_s > 0 else 1
+    v = _aggregate(np.asarray(voltage, dtype=np.float64), factor)
+    kw = None if kw is None else _aggregate(np.asarray(kw, dtype=np.float64), factor)
     n = v.shape[0]
     if len(meters) != n:
         raise ValueError(

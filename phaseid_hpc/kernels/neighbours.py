@@ -20,7 +20,14 @@ import numpy as np
 
 from .._compat import array_namespace
 
-__all__ = ["clock_lag", "neighbour_votes", "pooled_neighbour_correlation", "principal_basis", "top_k_neighbours"]
+__all__ = [
+    "clock_lag",
+    "neighbour_sums",
+    "neighbour_votes",
+    "pooled_neighbour_correlation",
+    "principal_basis",
+    "top_k_neighbours",
+]
 
 
 def principal_basis(x: Any, rank: int, *, random_state: int = 0, power_iterations: int = 1) -> Any:
@@ -141,6 +148,38 @@ def neighbour_votes(index: Any, similarity: Any, labels: Any, n_labels: int) -> 
     return xp.stack(cols, axis=1)
 
 
+def neighbour_sums(candidates: Any, index: Any, weights: Any) -> Any:
+    """Weighted sums of neighbour rows: ``s_i = sum_m weights_im candidates_{index_im}``, shape (n, n_time).
+
+    Parameters
+    ----------
+    candidates : array, shape (n_candidates, n_time)
+        Rows to sum [any unit].
+    index : array of int, shape (n, k)
+        Rows of ``candidates`` per output row.
+    weights : array, shape (n, k)
+        Their weights (0: padding) [-].
+
+    Notes
+    -----
+    On NumPy one sparse-times-dense product (``scipy.sparse``, ``n * k * n_time`` multiply-adds, no
+    gathered copies); elsewhere a loop over the ``k`` columns.
+    """
+    xp = array_namespace(candidates)
+    n, k = index.shape
+    if isinstance(candidates, np.ndarray):
+        from scipy import sparse
+
+        w = sparse.csr_matrix((np.asarray(weights, dtype=candidates.dtype).reshape(-1),
+                               np.asarray(index).reshape(-1), np.arange(0, n * k + 1, k)),
+                              shape=(n, candidates.shape[0]))
+        return np.asarray(w @ candidates)
+    acc = xp.zeros((n, candidates.shape[1]), dtype=candidates.dtype)
+    for m in range(k):
+        acc = acc + weights[:, m : m + 1] * xp.take(candidates, index[:, m], axis=0)
+    return acc
+
+
 def pooled_neighbour_correlation(u: Any, index: Any, weights: Any, *, candidates: Any | None = None) -> Any:
     """Correlation of each row with the weighted sum of its neighbours' rows.
 
@@ -161,25 +200,10 @@ def pooled_neighbour_correlation(u: Any, index: Any, weights: Any, *, candidates
         ``u_i . s_i / |s_i|`` with ``s_i = sum_m weights_im c_{index_im}``; 0 where ``s_i = 0``.
     Its standard error under "no relation" is about ``1 / sqrt(n_time)``.
 
-    Notes
-    -----
-    On NumPy the sums are one sparse-times-dense product (``scipy.sparse``, ``n_meters * k * n_time``
-    multiply-adds, no gathered copies); elsewhere a loop over the ``k`` neighbour columns.
+    The sums are :func:`neighbour_sums`.
     """
     xp = array_namespace(u)
-    c = u if candidates is None else candidates
-    n, k = index.shape
-    if isinstance(u, np.ndarray) and isinstance(c, np.ndarray):
-        from scipy import sparse
-
-        w = sparse.csr_matrix((np.asarray(weights, dtype=u.dtype).reshape(-1),
-                               np.asarray(index).reshape(-1), np.arange(0, n * k + 1, k)),
-                              shape=(n, c.shape[0]))
-        acc = np.asarray(w @ c)
-    else:
-        acc = xp.zeros((n, c.shape[1]), dtype=u.dtype)
-        for m in range(k):
-            acc = acc + weights[:, m : m + 1] * xp.take(c, index[:, m], axis=0)
+    acc = neighbour_sums(u if candidates is None else candidates, index, weights)
     num = xp.vecdot(u, acc, axis=-1)
     den = xp.sqrt(xp.vecdot(acc, acc, axis=-1))
     return xp.where(den > 0, num / xp.where(den > 0, den, xp.ones_like(den)), xp.zeros_like(den))

@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._compat import array_namespace
+from .neighbours import _top_k_columns, neighbour_sums
 
 __all__ = [
     "drop_corrected_level",
@@ -80,7 +81,7 @@ def relative_level_pct(voltage: Any, nominal_v: Any) -> Any:
     return xp.where(ok, 100.0 * xp.log(ratio), xp.full_like(voltage, xp.nan))
 
 
-def drop_slope(y: Any, kw: Any, reference: Any, *, min_kw_variation: float = 1e-3) -> Any:
+def drop_slope(y: Any, kw: Any, ref_index: Any, ref_weight: Any, *, min_kw_variation: float = 1e-3) -> Any:
     """Step 2: slope of each meter's own voltage drop with its load, from differenced series.
 
     Parameters
@@ -89,30 +90,31 @@ def drop_slope(y: Any, kw: Any, reference: Any, *, min_kw_variation: float = 1e-
         Levels from :func:`relative_level_pct` [%].
     kw : array, shape (n_meters, n_time)
         Each meter's active power, NaN where missing. [kW]
-    reference : array, shape (n_meters, n_meters)
-        Row ``i``: non-negative weights of the meters forming meter ``i``'s reference (zero diagonal; rows
-        summing to 1, or all zero for no reference).
+    ref_index, ref_weight : arrays, shape (n_meters, m)
+        Row ``i``: the meters forming meter ``i``'s reference and their non-negative weights (0: padding;
+        never ``i`` itself; weights summing to 1, or all zero for no reference).
     min_kw_variation : float
         A meter whose differenced load has a root mean square below this has no estimable slope. [kW]
 
     Returns
     -------
     array, shape (n_meters,)
-        ``k_i`` [%/kW] with ``dy_i - (reference @ dy)_i ~= -k_i dP_i``; where not estimable (no reference,
+        ``k_i`` [%/kW] with ``dy_i - sum_m w_im dy_{j_im} ~= -k_i dP_i``; where not estimable (no reference,
         no load variation), the median of the estimable slopes (0 when none is).
 
     Notes
     -----
     Differencing removes every constant offset, so the PT gain error (a level) does not enter the slope.
+    The reference sums are one sparse product (``n_meters * m * n_time``), not a dense ``n x n`` GEMM.
     """
-    xp = array_namespace(y, kw, reference)
+    xp = array_namespace(y, kw, ref_weight)
     dy = y[:, 1:] - y[:, :-1]
     dp = kw[:, 1:] - kw[:, :-1]
     ok_y = xp.isfinite(dy)
     dy0 = xp.where(ok_y, dy, xp.zeros_like(dy))
     # reference mean over the meters valid at each sample
-    num = reference @ dy0
-    den = reference @ xp.astype(ok_y, dy.dtype)
+    num = neighbour_sums(dy0, ref_index, ref_weight)
+    den = neighbour_sums(xp.astype(ok_y, dy.dtype), ref_index, ref_weight)
     ref = xp.where(den > 0.5, num / xp.where(den > 0, den, xp.ones_like(den)), xp.full_like(num, xp.nan))
     e = dy - ref
     ok = xp.isfinite(e) & xp.isfinite(dp)
@@ -120,7 +122,7 @@ def drop_slope(y: Any, kw: Any, reference: Any, *, min_kw_variation: float = 1e-
     p0 = xp.where(ok, dp, xp.zeros_like(dp))
     spp = xp.sum(p0 * p0, axis=1)
     cnt = xp.sum(xp.astype(ok, dy.dtype), axis=1)
-    good = (cnt > 0) & (spp > cnt * min_kw_variation**2) & (xp.sum(reference, axis=1) > 0)
+    good = (cnt > 0) & (spp > cnt * min_kw_variation**2) & (xp.sum(ref_weight, axis=1) > 0)
     k = xp.where(
         good, -xp.sum(e0 * p0, axis=1) / xp.where(good, spp, xp.ones_like(spp)), xp.full_like(spp, xp.nan)
     )
@@ -237,7 +239,8 @@ def group_median_deviation(levels: Any, group: Any, n_groups: int) -> tuple[Any,
 
 
 def nearest_shape_neighbours(
-    shape: Any, exclude_group: Any, k: int, *, allowed: Any | None = None, chunk: int = 2048
+    shape: Any, exclude_group: Any, k: int, *, allowed: Any | None = None, queries: Any | None = None,
+    chunk: int = 2048,
 ) -> Any:
     """Step 5a: the ``k`` meters whose (centred) series is nearest to each meter's, outside its group.
 
@@ -251,12 +254,14 @@ def nearest_shape_neighbours(
         Neighbours per meter (clipped to the candidates).
     allowed : array of bool, shape (n_meters,), optional
         Meters that may be neighbours at all (e.g. those whose level is comparable).
+    queries : array of int, shape (n_queries,), optional
+        The meters whose neighbours are wanted (default: all); the cost is ``n_queries * n_meters``.
     chunk : int
         Rows per distance block (memory ``chunk * n_meters`` floats).
 
     Returns
     -------
-    index : array of int, shape (n_meters, k)
+    index : array of int, shape (n_queries, k)
         Nearest first; ``-1`` where a meter has fewer than ``k`` candidates.
     """
     xp = array_namespace(shape, exclude_group)
@@ -264,18 +269,22 @@ def nearest_shape_neighbours(
     k = max(1, min(int(k), n))
     sq = xp.sum(shape * shape, axis=1)
     st = xp.permute_dims(shape, (1, 0))
+    q_rows = xp.arange(n) if queries is None else queries
+    q_shape, q_sq, q_group = (xp.take(a, q_rows, axis=0) for a in (shape, sq, exclude_group))
     parts = []
     inf = xp.asarray(xp.inf, dtype=shape.dtype)
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        d = sq[a:b, None] + sq[None, :] - 2.0 * (shape[a:b, :] @ st)
-        excluded = exclude_group[a:b, None] == exclude_group[None, :]
+    for a in range(0, q_shape.shape[0], chunk):
+        b = min(a + chunk, q_shape.shape[0])
+        d = q_sq[a:b, None] + sq[None, :] - 2.0 * (q_shape[a:b, :] @ st)
+        excluded = q_group[a:b, None] == exclude_group[None, :]
         if allowed is not None:
             excluded = excluded | ~allowed[None, :]
         d = xp.where(excluded, inf, d)
-        order = xp.argsort(d, axis=1, stable=True)[:, :k]
+        order = _top_k_columns(xp, -d, k)  # nearest first (selection, then a sort of k)
         dist = xp.take_along_axis(d, order, axis=1)
         parts.append(xp.where(xp.isfinite(dist), order, xp.full_like(order, -1)))
+    if not parts:
+        return xp.zeros((0, k), dtype=xp.int64)
     return xp.concat(parts, axis=0)
 
 
