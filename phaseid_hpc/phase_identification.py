@@ -267,7 +267,8 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     # Step 4: evidence: vote share, and the raw (not denoised) correlation with each phase's neighbourhood
     u_s = xp.take(u, xp.asarray(s_idx), axis=0)
-    r_phase = _phase_neighbourhood_correlation(xp, y_s, u_s, group, labels, k) * np.sqrt(n_obs_h[s_idx])[:, None]
+    r_phase = _phase_neighbourhood_correlation(xp, y_s, u_s, group, labels, k, _pool_agreeing(xp, u_s, group, labels))
+    r_phase = r_phase * np.sqrt(n_obs_h[s_idx])[:, None]
     z_strength = r_phase[np.arange(s_idx.size), labels]
     others = np.where(np.arange(3)[None, :] == labels[:, None], -np.inf, r_phase)
     z_margin = z_strength - others.max(axis=1)
@@ -425,13 +426,36 @@ def _denoised_coordinates(xp: Any, u: Any, s_idx: np.ndarray, config: PhaseConfi
     return unit_rows(u @ basis)
 
 
+def _pool_agreeing(xp: Any, u: Any, group: np.ndarray, labels: np.ndarray) -> Any:
+    """Unit mean signal of the members of each meter's GIS group that the vote puts on its phase.
+
+    Meters of one transformer and phase share its voltage; averaging them (virtual meters) cuts their own
+    load and meter noise by ``sqrt(m)`` while the phase neighbourhood they follow stays. A meter the vote
+    puts on another phase than its group-mates is averaged only with those that share its answer.
+    """
+    key = group.astype(np.int64) * 3 + labels
+    codes, inv = np.unique(key, return_inverse=True)
+    if codes.size == key.size:  # nobody to pool with
+        return u
+    from scipy import sparse
+
+    if isinstance(u, np.ndarray):
+        w = sparse.csr_matrix((np.ones(key.size), (inv, np.arange(key.size))), shape=(codes.size, key.size))
+        sums = np.asarray(w @ u)
+        return unit_rows(sums[inv])
+    onehot = xp.asarray((inv[None, :] == np.arange(codes.size)[:, None]).astype(np.float64))
+    sums = onehot @ u
+    return unit_rows(xp.take(sums, xp.asarray(inv), axis=0))
+
+
 def _phase_neighbourhood_correlation(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.ndarray,
-                                     k: int) -> np.ndarray:
+                                     k: int, u_eval: Any | None = None) -> np.ndarray:
     """Correlation of each meter with the pooled raw signal of its ``k`` nearest meters of each phase.
 
     For phase ``p`` the neighbours are searched (in the denoised coordinates ``y``) among the meters now
     labelled ``p`` only, outside the meter's own group; their raw unit signals ``u`` are summed with
-    similarity weights. Returns (n, 3); ``-1`` where a phase has no meter. The margin of the answer's
+    similarity weights; ``u_eval`` (default ``u``) is what is correlated with them (e.g. the virtual
+    meters of :func:`_pool_agreeing`). Returns (n, 3); ``-1`` where a phase has no meter. The margin of the answer's
     column over the others is the direct evidence that the meter moves with that phase's neighbourhood
     and not with the one its GIS label claims.
     """
@@ -446,7 +470,7 @@ def _phase_neighbourhood_correlation(xp: Any, y: Any, u: Any, group: np.ndarray,
                                     candidates=xp.take(y, xp.asarray(cand), axis=0),
                                     candidate_group=xp.asarray(group[cand]))
         w = np.maximum(to_numpy(sim), 0.0)
-        out[:, p] = to_numpy(pooled_neighbour_correlation(u, idx, xp.asarray(w),
+        out[:, p] = to_numpy(pooled_neighbour_correlation(u if u_eval is None else u_eval, idx, xp.asarray(w),
                                                           candidates=xp.take(u, xp.asarray(cand), axis=0)))
     return out
 
