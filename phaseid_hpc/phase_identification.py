@@ -273,6 +273,10 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     others = np.where(np.arange(3)[None, :] == labels[:, None], -np.inf, r_phase)
     z_margin = z_strength - others.max(axis=1)
     share = votes.max(axis=1) / np.maximum(votes.sum(axis=1), 1e-12)
+    # a split vote (neighbours across a lateral boundary) does not outweigh overwhelming direct evidence:
+    # with a clear majority and a margin of three times the threshold, the vote counts as unanimous
+    decisive = (share >= 0.6) & (z_margin >= 3.0 * config.min_margin_se)
+    share = np.where(decisive, 1.0, share)
     c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
     phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
     conf[s_idx] = c
