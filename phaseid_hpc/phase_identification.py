@@ -19,7 +19,9 @@ Method (per feeder; no cross-feeder pairs are ever formed). One function per ste
    Confidence is the winning label's vote share above chance, scaled down where the meter does not
    correlate significantly (``min_strength_se`` standard errors) with its phase's neighbourhood (a dead,
    misaligned or foreign meter: ``Low Correlation Coefficient``, never guessed), and where that
-   correlation does not beat the other phases' by ``min_margin_se`` standard errors.
+   correlation does not beat the other phases' by ``min_margin_se`` standard errors. The meter enters as a
+   virtual meter (:func:`_pool_agreeing`); a clear majority with three times that margin counts as a
+   unanimous vote.
 5. **Multi-phase services** (:func:`_identify_pairs`). Phase-to-phase services take the two phases with
    most votes among their single-phase neighbours; three-phase services keep ``ABC``.
 
