@@ -253,37 +253,19 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     s_idx = np.flatnonzero(single)
     y = _denoised_coordinates(xp, u, s_idx, config)
 
-    # Step 3: votes of the neighbours' labels: GIS first, then the first round's answers
+    # Step 3: votes of the neighbours' labels: GIS first, then the previous round's answers
     group = _gis_groups(meters, gis, s_idx, config)
     y_s = _pool_groups(xp, xp.take(y, xp.asarray(s_idx), axis=0), group, config)
     # small feeders (an LV network of a dozen customers): a few meters per phase, so fewer voters
     k = min(config.n_neighbours, max(3, s_idx.size // 6))
-    idx, sim = top_k_neighbours(y_s, xp.asarray(group), k)
-    labels = gis_code[s_idx]
-    for _ in range(config.vote_rounds):
-        votes = to_numpy(neighbour_votes(idx, sim, xp.asarray(labels), 3))
-        new = np.where(votes.sum(axis=1) > 0, np.argmax(votes, axis=1), labels)
-        if np.array_equal(new, labels):
-            break
-        labels = new
+    labels, share = _neighbour_vote(xp, y_s, group, gis_code[s_idx], k, config)
 
     # Step 4: evidence: vote share, and the raw (not denoised) correlation with each phase's neighbourhood
-    u_s = xp.take(u, xp.asarray(s_idx), axis=0)
-    r_phase = _phase_neighbourhood_correlation(xp, y_s, u_s, group, labels, k, _pool_agreeing(xp, u_s, group, labels))
-    r_phase = r_phase * np.sqrt(n_obs_h[s_idx])[:, None]
-    z_strength = r_phase[np.arange(s_idx.size), labels]
-    others = np.where(np.arange(3)[None, :] == labels[:, None], -np.inf, r_phase)
-    z_margin = z_strength - others.max(axis=1)
-    share = votes.max(axis=1) / np.maximum(votes.sum(axis=1), 1e-12)
-    # a split vote (neighbours across a lateral boundary) does not outweigh overwhelming direct evidence:
-    # with a clear majority and a margin of three times the threshold, the vote counts as unanimous
-    decisive = (share >= 0.6) & (z_margin >= 3.0 * config.min_margin_se)
-    share = np.where(decisive, 1.0, share)
-    c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
+    c, z_strength = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels, share,
+                                         n_obs_h[s_idx], k, config)
     phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
     conf[s_idx] = c
-    weak = z_strength < config.min_strength_se
-    for j in np.flatnonzero(weak):
+    for j in np.flatnonzero(z_strength < config.min_strength_se):
         reasons[s_idx[j]].append(contract.REASON_LOW_CORRELATION)
 
     # Step 5: phase-to-phase services vote among their single-phase neighbours (two phases win);
@@ -296,6 +278,46 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     cls[scored] = _confidence_class(conf[scored], config)
     zone[s_idx] = _zones(xp, y_s, labels, config)
     return phase, conf, cls, reasons, zone, lag
+
+
+def _neighbour_vote(xp: Any, y: Any, group: np.ndarray, labels: np.ndarray, k: int,
+                    config: PhaseConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3: labels by similarity-weighted votes of each meter's ``k`` nearest meters outside its group.
+
+    The first round votes with ``labels`` (GIS), each further one with the previous round's answers, until
+    nothing changes (at most ``config.vote_rounds``). Returns the answers (codes 0-2) and the winning
+    label's share of the last round's votes.
+    """
+    idx, sim = top_k_neighbours(y, xp.asarray(group), k)
+    for _ in range(config.vote_rounds):
+        votes = to_numpy(neighbour_votes(idx, sim, xp.asarray(labels), 3))
+        new = np.where(votes.sum(axis=1) > 0, np.argmax(votes, axis=1), labels)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    share = votes.max(axis=1) / np.maximum(votes.sum(axis=1), 1e-12)
+    return labels, share
+
+
+def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.ndarray, share: np.ndarray,
+                         n_obs: np.ndarray, k: int, config: PhaseConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Step 4: confidence of each answer, and its correlation with its phase's neighbourhood [SE].
+
+    The meter (as a virtual meter, :func:`_pool_agreeing`) is correlated with each phase's neighbourhood;
+    ``z_strength`` is the correlation with its answer's, ``z_margin`` how far it beats the best other phase,
+    both in standard errors (``1 / sqrt(n_obs)``). A split vote (neighbours across a lateral boundary) does
+    not outweigh overwhelming direct evidence: with a clear majority and three times the margin threshold,
+    the vote counts as unanimous.
+    """
+    r_phase = _phase_neighbourhood_correlation(xp, y, u, group, labels, k, _pool_agreeing(xp, u, group, labels))
+    r_phase = r_phase * np.sqrt(n_obs)[:, None]
+    z_strength = r_phase[np.arange(labels.size), labels]
+    others = np.where(np.arange(3)[None, :] == labels[:, None], -np.inf, r_phase)
+    z_margin = z_strength - others.max(axis=1)
+    decisive = (share >= 0.6) & (z_margin >= 3.0 * config.min_margin_se)
+    share = np.where(decisive, 1.0, share)
+    c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
+    return c, z_strength
 
 
 def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, config: PhaseConfig):
