@@ -84,7 +84,7 @@ class QualityConfig:
     max_clock_offset_s: float = 60.0
     #: Margin, in standard errors of the estimate, by which ``|clock_offset_s|`` must exceed
     #: ``max_clock_offset_s`` to be flagged (0: flag every estimate above the limit) [-].
-    #: 2.0: with the zone check, false alarms <= 0.4% of clean meters on the shared feeders, 24-62% of
+    #: 2.0: with the zone check, false alarms <= 0.4% of clean meters on the shared feeders, 8-62% of
     #: meters offset by more than 90 s caught at 7-14 days (``benchmarks/feeders.py --clock-offsets 0.3``).
     clock_flag_z: float = 2.0
     #: Measure clock offsets against the feeder-head references where given (else the feeder median).
