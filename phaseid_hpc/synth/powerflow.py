@@ -63,6 +63,19 @@ Z_LATERAL = (1.3368 + 1.3343j) / _MILE
 _THETA = np.deg2rad([0.0, -120.0, 120.0])
 
 
+def _aggregation(top: FeederTopology, n_m: int):
+    """``(w, mx, m2xp, x2n, d)``: meter phase weights (n_m, 3), meter -> transformer index, the sparse
+    (3 * n_x, n_m) sum of each phase's share of a transformer's meters (row ``p * n_x + t``), the sparse
+    transformer -> node incidence (n_nodes, n_x) and the path matrix of the node tree."""
+    n_x = len(top.xfmr_kva)
+    w = meter_phase_weights(top.meter_phase)
+    mx = top.meter_xfmr
+    rows, cols = np.nonzero(w.T)
+    m2xp = sp.csr_matrix((w.T[rows, cols], (rows * n_x + mx[cols], cols)), shape=(3 * n_x, n_m))
+    x2n = sp.csr_matrix((np.ones(n_x), (top.xfmr_node, np.arange(n_x))), shape=(len(top.node_parent), n_x))
+    return w, mx, m2xp, x2n, _path_matrix(top.node_parent)
+
+
 def _path_matrix(parent: np.ndarray) -> sp.csr_matrix:
     """``D[k, e] = 1`` when the section into node ``e`` lies on the path from the root to node ``k``."""
     n = len(parent)
@@ -141,13 +154,7 @@ def feeder_drops(
     n_m, n_t = kw.shape
     n_x = len(top.xfmr_kva)
     n_nodes = len(top.node_parent)
-    w = meter_phase_weights(top.meter_phase)
-    mx = top.meter_xfmr
-    # (3 * n_x, n_m) sparse: row p * n_x + t sums the phase-p share of transformer t's meters.
-    rows, cols = np.nonzero(w.T)
-    m2xp = sp.csr_matrix((w.T[rows, cols], (rows * n_x + mx[cols], cols)), shape=(3 * n_x, n_m))
-    x2n = sp.csr_matrix((np.ones(n_x), (top.xfmr_node, np.arange(n_x))), shape=(n_nodes, n_x))
-    d = _path_matrix(top.node_parent)
+    w, mx, m2xp, x2n, d = _aggregation(top, n_m)
     dt_x2n = (d.T @ x2n).tocsr()  # transformer load -> section through-flow
     kp, kq = _section_sensitivity(top)
     xp = (m2xp @ kw).reshape(3, n_x, n_t)  # per-phase transformer load [kW]
@@ -444,12 +451,7 @@ def feeder_voltages(
     n_m, n_t = kw.shape
     n_x = len(top.xfmr_kva)
     n_nodes = len(top.node_parent)
-    w = meter_phase_weights(top.meter_phase)
-    mx = top.meter_xfmr
-    rows, cols = np.nonzero(w.T)
-    m2xp = sp.csr_matrix((w.T[rows, cols], (rows * n_x + mx[cols], cols)), shape=(3 * n_x, n_m))
-    x2n = sp.csr_matrix((np.ones(n_x), (top.xfmr_node, np.arange(n_x))), shape=(n_nodes, n_x))
-    d = _path_matrix(top.node_parent)
+    w, mx, m2xp, x2n, d = _aggregation(top, n_m)
     dt = d.T.tocsr()
     kp, kq = _section_sensitivity(top)
     xp = (m2xp @ kw).reshape(3, n_x, n_t)  # per-phase transformer load [kW]
