@@ -11,7 +11,7 @@ from typing import Any
 
 from .._compat import array_namespace
 
-__all__ = ["nan_corr_counts", "nan_corrcoef"]
+__all__ = ["fisher_z", "nan_corr_counts", "nan_corrcoef"]
 
 
 def nan_corr_counts(x: Any, y: Any | None = None, *, min_periods: int = 3) -> tuple[Any, Any]:
@@ -98,3 +98,36 @@ def nan_corrcoef(x: Any, y: Any | None = None, *, min_periods: int = 3) -> Any:
     [[1.0, 1.0], [1.0, 1.0]]
     """
     return nan_corr_counts(x, y, min_periods=min_periods)[0]
+
+
+def fisher_z(r: Any, *, limit: float = 0.999999, xp: Any = None) -> Any:
+    """Fisher z-transform ``atanh(r)`` of correlations clipped to ``[-limit, limit]`` (finite at ``|r| = 1``).
+
+    Parameters
+    ----------
+    r : array
+        Correlations; NaN stays NaN. [-]
+    limit : float
+        Largest ``|r|`` transformed as is; the result is bounded by ``atanh(limit)`` (7.25 for the
+        default). [-]
+    xp : array namespace, optional
+        Default: that of ``r``.
+
+    Returns
+    -------
+    array, shape and dtype of ``r``
+        ``atanh(clip(r, -limit, limit))``. [-]
+
+    Notes
+    -----
+    Under bivariate normality ``atanh(r)`` of ``n`` samples is close to normal with standard error
+    ``1 / sqrt(n - 3)`` (Fisher, 1921).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> np.round(fisher_z(np.array([0.0, 0.5, 1.0])), 4).tolist()
+    [0.0, 0.5493, 7.2543]
+    """
+    xp = array_namespace(r) if xp is None else xp
+    return xp.atanh(xp.clip(r, -limit, limit))
