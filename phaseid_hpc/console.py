@@ -2,15 +2,87 @@
 
 Each ``format_*`` function takes the object a library entry point returns and gives plain text: counts in
 words, the data period, the elapsed time and where the outputs went. No dataclass or dict reprs.
+:func:`progress_bar` is the one progress display of the package (tqdm): a bar with rate and ETA on a
+terminal, plain dated lines when stderr is a file or a pipe.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["format_duration", "format_ingest", "format_period", "format_run", "format_synth"]
+__all__ = ["format_duration", "format_ingest", "format_period", "format_run", "format_synth", "progress_bar"]
+
+#: Plain-line progress (stderr not a terminal): one line per this many seconds at most, and the last one.
+PLAIN_PROGRESS_INTERVAL_S = 10.0
+_PLAIN_FORMAT = ("{desc}: {n_fmt}/{total_fmt} {unit}s ({percentage:.0f}%), {elapsed} elapsed, "
+                 "{rate_fmt}, ETA {remaining}")
+
+
+class _PlainLines:
+    """Progress as whole lines (no ``\\r`` frames) for logs and pipes; the text comes from tqdm's formatter.
+
+    A line at the start, then at most one per ``interval_s`` [s], and one at :meth:`close`.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str, file: IO[str], interval_s: float) -> None:
+        self.total, self.desc, self.unit, self.file, self.interval_s = total, desc, unit, file, interval_s
+        self.n = 0
+        self.t0 = self.last = time.monotonic()
+        self._closed = False
+        self._line()
+
+    def _line(self) -> None:
+        from tqdm import tqdm
+
+        text = tqdm.format_meter(self.n, self.total, time.monotonic() - self.t0, prefix=self.desc,
+                                 unit=self.unit, bar_format=_PLAIN_FORMAT)
+        self.file.write(text + "\n")
+        self.file.flush()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval_s and self.n < self.total:
+            self.last = now
+            self._line()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._line()
+
+
+def progress_bar(total: int, desc: str, unit: str = "block", *, enabled: bool = True,
+                 file: IO[str] | None = None, interval_s: float = PLAIN_PROGRESS_INTERVAL_S) -> Any:
+    """A progress display on ``file`` (default stderr) with count, rate and ETA; ``update(n)``, ``close()``.
+
+    Parameters
+    ----------
+    total : int
+        Units of work expected.
+    desc : str
+        What is counted, as the line's prefix (``"identify"``).
+    unit : str
+        Name of one unit (``"block"``, ``"row"``).
+    enabled : bool
+        ``False``: nothing is shown (an object whose methods do nothing).
+    file : text stream, optional
+        Where to write; default ``sys.stderr``. A terminal gets a tqdm bar redrawn in place; anything else
+        (a log file, a pipe, CI) gets plain lines (no ``\\r``) every ``interval_s`` [s] and at the end.
+    """
+    from tqdm import tqdm
+
+    stream = sys.stderr if file is None else file
+    if not enabled:
+        return tqdm(total=total, disable=True)
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, smoothing=0.1)
+    return _PlainLines(total, desc, unit, stream, interval_s)
 
 
 def format_duration(seconds: float) -> str:

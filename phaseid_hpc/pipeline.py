@@ -15,7 +15,6 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from .config import RunConfig, config_fingerprint, config_to_dict
 from .contract import METER_RESULT_COLUMNS, PHASE_CLASSES
 from .errors import PhaseIDError, StoreError
 from .logging_utils import get_run_logger, log_event
+from .block import Block, join_reasons
+from .stages import BlockResult, run_block
 
 __all__ = ["RunSummary", "check_output_writable", "process_block", "run_job", "store_fingerprint"]
 
@@ -193,14 +194,44 @@ class StoreTables:
         return StoreTables(meters, references, transformers, self.times, self.interval_s)
 
 
+def read_block(
+    store: str, start: int, stop: int, tables: StoreTables | None = None, *, device: str = "cpu"
+) -> Block:
+    """Read meters ``start:stop`` of a store as a :class:`~phaseid_hpc.block.Block` on ``device``.
+
+    Parameters
+    ----------
+    store : str
+        Path of the Zarr store.
+    start, stop : int
+        Meter slice of a block of whole feeders.
+    tables : StoreTables, optional
+        The block's tables (:meth:`StoreTables.block`); read from the store when not given.
+    device : {"cpu", "gpu"}
+        Where the arrays go (NumPy or CuPy); they stay there for every stage.
+    """
+    from ._compat import get_xp
+    from .store import open_store, read_meter_block
+
+    if tables is None:
+        tables = StoreTables.from_dataset(open_store(store, block_bytes=None, recover=False)).block(start, stop)
+    arrays = read_meter_block(store, start, stop)
+    xp = get_xp(device)
+
+    def on_device(name: str) -> Any:
+        return xp.asarray(arrays[name].astype(np.float64)) if name in arrays else None
+
+    return Block.from_tables(on_device("voltage"), on_device("kw"), on_device("kvar"), tables)
+
+
 def process_block(
     store: str,
     start: int,
     stop: int,
     config: RunConfig,
     tables: StoreTables | None = None,
-) -> dict[str, Any]:
-    """Run quality, phase identification, transformer mapping and validation on meters ``start:stop``.
+) -> BlockResult:
+    """Read meters ``start:stop`` and run every stage on them: the job's unit of work.
 
     Parameters
     ----------
@@ -214,38 +245,28 @@ def process_block(
 
     Returns
     -------
-    dict
-        ``meters`` (DataFrame, one row per meter), ``transformers`` (DataFrame), ``timings`` [s].
+    BlockResult
+        One row per meter and per transformer, and the seconds each step took (``read`` first). [s]
     """
-    from .store import open_store, read_meter_block
-
     t0 = time.perf_counter()
-    if tables is None:
-        tables = StoreTables.from_dataset(open_store(store, block_bytes=None, recover=False)).block(start, stop)
-    arrays = read_meter_block(store, start, stop)
-    voltage = arrays["voltage"].astype(np.float64)
-    kw = arrays["kw"].astype(np.float64) if "kw" in arrays else None
-    kvar = arrays["kvar"].astype(np.float64) if "kvar" in arrays else None
-    read_s = time.perf_counter() - t0
-    res = process_arrays(voltage, kw, kvar, tables, config)
-    res["timings"] = {"read": read_s, **res["timings"]}
-    return res
+    block = read_block(store, start, stop, tables, device=config.job.device)
+    return run_block(block, config, timings={"read": time.perf_counter() - t0})
 
 
 def process_arrays(
-    voltage: np.ndarray,
-    kw: np.ndarray | None,
-    kvar: np.ndarray | None,
+    voltage: Any,
+    kw: Any | None,
+    kvar: Any | None,
     tables: StoreTables,
     config: RunConfig,
 ) -> dict[str, Any]:
-    """Quality, phase identification, transformer mapping and validation of in-memory arrays.
+    """Every stage of the job on in-memory arrays (benchmarks and capacity tests; no store).
 
     Parameters
     ----------
-    voltage : ndarray, shape (n_meters, n_time)
+    voltage : array, shape (n_meters, n_time)
         Meter voltage on the grid of ``tables.times``, NaN where missing. [V]
-    kw, kvar : ndarray, shape (n_meters, n_time), optional
+    kw, kvar : array, shape (n_meters, n_time), optional
         Active [kW] and reactive [kvar] power.
     tables : StoreTables
         The meters (rows aligned with ``voltage``; whole feeders), references and transformers.
@@ -254,187 +275,19 @@ def process_arrays(
     Returns
     -------
     dict
-        ``meters`` (DataFrame, one row per meter), ``transformers`` (DataFrame), ``timings`` [s].
+        ``meters`` (DataFrame, one row per meter, reasons joined as in the written tables),
+        ``transformers`` (DataFrame), ``timings`` [s].
     """
-    from ._compat import get_xp, to_numpy
-    from .phase_identification import identify_phases, recommend, shift_rows
-    from .quality import assess_quality, local_clock_offsets
-
-    timings: dict[str, float] = {}
-    meters = tables.meters
-    references, transformers, times, interval_s = (tables.references, tables.transformers, tables.times,
-                                                   tables.interval_s)
+    from ._compat import get_xp
 
     xp = get_xp(config.job.device)
-    t1 = time.perf_counter()
-    q = assess_quality(
-        xp.asarray(voltage),
-        xp.asarray(meters["nominal_v"].to_numpy(dtype=np.float64)),
-        xp.asarray(meters["sampling_interval_s"].to_numpy(dtype=np.float64)),
-        xp.asarray(meters["off_grid_fraction"].to_numpy(dtype=np.float64)),
-        interval_s,
-        config.quality,
-        meter_ids=meters["meter_id"].to_numpy(),
-        feeder_ids=meters["feeder_id"].to_numpy(),
-        references=references,
-    )
-    clean = q.voltage
-    qt = q.table.reset_index(drop=True)
-    timings["quality"] = time.perf_counter() - t1
 
-    t2 = time.perf_counter()
-    id_meters = pd.DataFrame(
-        {
-            "meter_id": meters["meter_id"],
-            "feeder_id": meters["feeder_id"],
-            "transformer_id": meters["transformer_id"],
-            "phase_gis": meters["phase_gis"],
-            "service_type": meters["service_type"],
-            "nominal_v": meters["nominal_v"],
-            "usable": qt["usable"].to_numpy(dtype=bool),
-        }
-    )
-    ph = identify_phases(clean, id_meters, config.phase, references=references, interval_s=interval_s)
-    # whole-interval clock errors found by identification are undone for every later stage (voltage and
-    # power alike)
-    lag = ph["clock_shift_intervals"].to_numpy(dtype=np.int64)
-    if lag.any():
-        clean = xp.asarray(shift_rows(to_numpy(clean), lag))
-        kw = None if kw is None else shift_rows(kw, lag)
-        kvar = None if kvar is None else shift_rows(kvar, lag)
-    timings["phase"] = time.perf_counter() - t2
+    def on_device(x: Any) -> Any:
+        return None if x is None else xp.asarray(x, dtype=xp.float64)
 
-    out = pd.DataFrame(
-        {
-            "meter_id": meters["meter_id"].astype(str),
-            "feeder_id": meters["feeder_id"].astype(str),
-            "transformer_id": meters["transformer_id"].astype(str),
-            "phase_gis": meters["phase_gis"].astype(str),
-            "phase": recommend(meters["phase_gis"].astype(str).to_numpy(), ph["phase"].to_numpy(dtype=object),
-                               ph["phase_class"].to_numpy(dtype=object)),
-            "phase_inferred": ph["phase"].astype(object),
-            "phase_confidence": ph["phase_confidence"].astype(np.float64),
-            "phase_class": ph["phase_class"].astype(str),
-        }
-    )
-    out["changed"] = out["phase"].notna() & (out["phase"] != out["phase_gis"])
-    # the clock check again, each meter against its own neighbourhood (zone) where it has one: the
-    # feeder head or median reads a regulator's delayed response as a clock offset, so a flag needs both
-    zone = ph["zone"].to_numpy(dtype=np.int64)
-    zone = np.where(zone >= 0, pd.factorize(out["feeder_id"] + "|" + zone.astype(str), sort=True)[0], -1)
-    local = local_clock_offsets(clean, qt["nominal_v_used"].to_numpy(dtype=np.float64), zone,
-                                qt["usable"].to_numpy(dtype=bool), interval_s, config.quality)
-    has_local = np.isfinite(local["clock_offset_s"].to_numpy())
-    clock_offset_s = np.where(has_local, local["clock_offset_s"], qt["clock_offset_s"])
-    reasons = []
-    for a, b, s, loc, flag in zip(qt["reasons"], ph["reasons"], lag, has_local, local["clock_flag"]):
-        r = set(a) | set(b) | ({contract.REASON_CLOCK_SHIFTED} if s else set())
-        if loc and not flag:  # flagged only when the neighbourhood confirms what the feeder-level check saw
-            r = r - {contract.REASON_CLOCK_OFFSET}
-        reasons.append(sorted(r))
-    out["reasons"] = ["; ".join(r) for r in reasons]
-    out["clock_offset_s"] = clock_offset_s.astype(np.float64)
-    out["usable_fraction"] = qt["usable_fraction"].to_numpy(dtype=np.float64)
-
-    xf_table = pd.DataFrame()
-    if config.transformer.enabled:
-        t3 = time.perf_counter()
-        from .transformer_mapping import map_transformers, recommend_transformers
-
-        tm_meters = id_meters.assign(phase=out["phase"].to_numpy(), lat=meters["lat"], lon=meters["lon"])
-        mres, xf_table = map_transformers(
-            clean, tm_meters, config.transformer, kw=kw, kvar=kvar, interval_s=interval_s
-        )
-        out["transformer"] = recommend_transformers(tm_meters, mres["transformer"].to_numpy(dtype=object),
-                                                    mres["transformer_class"].to_numpy(dtype=object),
-                                                    config.transformer)
-        out["transformer_inferred"] = mres["transformer"].astype(object).to_numpy()
-        out["transformer_confidence"] = mres["transformer_confidence"].to_numpy(dtype=np.float64)
-        out["transformer_class"] = mres["transformer_class"].astype(str).to_numpy()
-        out["transformer_changed"] = out["transformer"].to_numpy() != out["transformer_id"].to_numpy()
-        out["reasons"] = [
-            "; ".join(sorted(set(filter(None, r.split("; "))) | set(m)))
-            for r, m in zip(out["reasons"], mres["reasons"])
-        ]
-        timings["transformer"] = time.perf_counter() - t3
-
-    if config.pt.enabled:  # meter PT deviation: levels against the recommended transformer's siblings
-        t_pt = time.perf_counter()
-        from .pt_deviation import detect_pt_deviation
-
-        pt = detect_pt_deviation(
-            to_numpy(clean),
-            kw,
-            pd.DataFrame({"feeder_id": out["feeder_id"],
-                          "transformer_id": out["transformer"] if "transformer" in out else out["transformer_id"],
-                          "phase": out["phase"].where(out["phase"].notna(), out["phase_gis"]),
-                          "nominal_v": meters["nominal_v"].to_numpy(dtype=np.float64)}),
-            config.pt,
-            interval_s=interval_s,
-        )
-        out["pt_deviation_pct"] = pt["pt_deviation_pct"].to_numpy(dtype=np.float64)
-        out["reasons"] = [
-            "; ".join(sorted(set(filter(None, r.split("; "))) | set(m)))
-            for r, m in zip(out["reasons"], pt["reasons"])
-        ]
-        timings["pt"] = time.perf_counter() - t_pt
-
-    if config.validation.enabled and kw is not None:
-        t4 = time.perf_counter()
-        from .validation import validate_transformers
-
-        v_meters = pd.DataFrame(
-            {
-                "meter_id": out["meter_id"],
-                "feeder_id": out["feeder_id"],
-                "transformer_id": out["transformer"] if "transformer" in out else out["transformer_id"],
-                "phase": out["phase"].where(out["phase"].notna(), out["phase_gis"]),
-            }
-        )
-        val = validate_transformers(
-            kw, kvar, to_numpy(clean), v_meters, transformers, times, config.validation, references=references
-        )
-        xf_table = _merge_transformer_tables(xf_table, val)
-        timings["validation"] = time.perf_counter() - t4
-
-    if len(xf_table):
-        xf_table = xf_table.sort_values(["feeder_id", "transformer_id"], kind="stable").reset_index(drop=True)
-    return {"meters": out, "transformers": xf_table, "timings": timings}
-
-
-#: Count columns of the transformer table: integers, 0 where a transformer is absent from one side.
-_TRANSFORMER_COUNTS = ("n_meters_gis", "n_meters_inferred", "meters_changed", "n_meters", "n_phases",
-                       "correlation_lost_windows")
-
-
-def _merge_transformer_tables(mapping: pd.DataFrame, validation: pd.DataFrame) -> pd.DataFrame:
-    """One row per transformer from the mapping and validation tables, without merge leftovers.
-
-    Both tables name the phases a transformer serves; the validation table's ``phases`` (from the
-    recommended transformer and phase of each meter, GIS phase where none is recommended: what its loading
-    was computed on) is kept, and the mapping's fills the transformers validation does not know. Counts
-    stay integers (0 where one side has no row) and ``proposed_new`` stays boolean.
-    """
-    if not len(mapping):
-        return validation
-    if not len(validation):
-        return mapping
-    merged = mapping.merge(validation, on=["transformer_id", "feeder_id"], how="outer", sort=False,
-                           suffixes=("_mapping", ""))
-    if "phases_mapping" in merged:
-        missing = merged["phases"].isna() | (merged["phases"].astype(object) == "")
-        merged["phases"] = merged["phases"].astype(object).where(~missing, merged["phases_mapping"])
-        merged["phases"] = merged["phases"].where(merged["phases"].astype(object) != "", None)
-        merged = merged.drop(columns="phases_mapping")
-    for c in _TRANSFORMER_COUNTS:
-        if c in merged:
-            merged[c] = merged[c].fillna(0).astype("int64")
-    for c in ("flag_codes", "flag_reasons"):
-        if c in merged:
-            merged[c] = [v if isinstance(v, list) else [] for v in merged[c]]
-    if "proposed_new" in merged:
-        merged["proposed_new"] = merged["proposed_new"].astype("boolean").fillna(False).astype(bool)
-    return merged
+    res = run_block(Block.from_tables(on_device(voltage), on_device(kw), on_device(kvar), tables), config)
+    meters = res.meters.assign(reasons=join_reasons(res.meters["reasons"]))
+    return {"meters": meters, "transformers": res.transformers, "timings": res.timings}
 
 
 def _run_block_to_file(
@@ -450,9 +303,9 @@ def _run_block_to_file(
     with threadpool_limits(limits=1, user_api="blas"):
         res = process_block(store, start, stop, config, tables)
     p = Path(path)
-    _atomic_write_bytes(p.with_suffix(".transformers.parquet"), _parquet_bytes(_flatten(res["transformers"])))
-    _atomic_write_bytes(p, _parquet_bytes(res["meters"]))  # written last: its presence marks completion
-    return {"path": path, "timings": res["timings"], "n": stop - start}
+    _atomic_write_bytes(p.with_suffix(".transformers.parquet"), _parquet_bytes(_flatten(res.transformers)))
+    _atomic_write_bytes(p, _parquet_bytes(_flatten(res.meters)))  # written last: its presence marks completion
+    return {"path": path, "timings": res.timings, "n": stop - start}
 
 
 def _flatten(df: pd.DataFrame) -> pd.DataFrame:
@@ -669,18 +522,18 @@ def _execute(
     progress: bool,
     tables: StoreTables | None,
 ) -> dict[int, dict[str, Any]]:
+    from .console import progress_bar
+
     results: dict[int, dict[str, Any]] = {}
     if not todo:
         return results
     if client is None:
-        bar = _TextProgress(len(todo)) if progress else None
+        bar = progress_bar(len(todo), "identify", "block", enabled=progress)
         for i, start, stop, path in todo:
             results[i] = _run_block_to_file(store, start, stop, config, path,
                                             tables.block(start, stop) if tables else None)
-            if bar:
-                bar.update()
-        if bar:
-            bar.close()
+            bar.update()
+        bar.close()
         return results
     from distributed import as_completed
 
@@ -690,37 +543,12 @@ def _execute(
                             tables.block(start, stop) if tables else None,
                             key=f"phaseid-block-{Path(path).stem}", pure=False, retries=2)
         futures[fut] = i
-    bar = _TextProgress(len(todo)) if progress else None
+    bar = progress_bar(len(todo), "identify", "block", enabled=progress)
     for fut in as_completed(list(futures)):
         results[futures[fut]] = fut.result()
-        if bar:
-            bar.update()
-    if bar:
-        bar.close()
+        bar.update()
+    bar.close()
     return results
-
-
-class _TextProgress:
-    """A dependency-free terminal progress bar (stderr)."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
-        self._draw()
-
-    def update(self) -> None:
-        self.done += 1
-        self._draw()
-
-    def _draw(self) -> None:
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        el = time.perf_counter() - self.t0
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} blocks {el:6.1f} s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
