@@ -40,12 +40,47 @@ __all__ = [
 ]
 
 
+#: Quantities a channel of an MDM interval export may map to (``[ingest] channel_map``).
+CHANNEL_QUANTITIES: tuple[str, ...] = ("voltage_v", "kv", "kw", "w", "kvar", "var", "kwh", "wh", "kvarh", "varh")
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """How contract files are read into the store."""
 
-    #: Column names in the readings files, mapped to the contract names.
+    #: Column names of the readings files mapped to the contract names, as a TOML table
+    #: ``[ingest.column_map]`` with lines such as ``MeterID = "meter_id"``, ``ReadTime = "timestamp"``,
+    #: ``Voltage = "voltage_v"``. In the channel layout the contract names are ``meter_id, channel, uom,
+    #: timestamp, value, multiplier``.
     column_map: dict[str, str] = field(default_factory=dict)
+    #: Column names of the meters (GIS) table mapped to the contract names (``[ingest.meters_column_map]``,
+    #: e.g. ``XfmrID = "transformer_id"``); a missing required column's error shows the table's header and
+    #: the lines to add.
+    meters_column_map: dict[str, str] = field(default_factory=dict)
+    #: strftime format of the readings' timestamps (``"%m/%d/%Y %H:%M"``); ``""``: ISO 8601 (offsets read).
+    timestamp_format: str = ""
+    #: IANA time zone of timestamps without an offset (``"America/Chicago"``); the ingest report states it.
+    #: Local times that do not exist or occur twice at a DST change are quarantined as invalid_timestamp; a
+    #: head-end writing standard time all year is a fixed-offset zone (``"Etc/GMT+6"`` is UTC-6).
+    timezone: str = "UTC"
+    #: Layout of the readings files: ``"wide"`` (one row per meter and interval end with ``voltage_v`` and
+    #: optional ``kw``, ``kvar``) or ``"channel"`` (an MDM interval export: one row per meter, channel,
+    #: interval end, ``value`` and optional ``uom``, ``multiplier``; pivoted to the wide form at ingest).
+    readings_layout: Literal["wide", "channel"] = "wide"
+    #: Channel layout: channel name (or, when the name is not listed, unit of measure) -> quantity: one of
+    #: ``voltage_v``, ``kv``, ``kw``, ``w``, ``kvar``, ``var`` (demand), ``kwh``, ``wh``, ``kvarh``, ``varh``
+    #: (energy per interval, divided by the interval length [h]); values are multiplied by ``multiplier``.
+    channel_map: dict[str, str] = field(default_factory=dict)
+    #: Channel layout: channel names or units not ingested on purpose (counted in the report); any other
+    #: channel that ``channel_map`` does not name is an error.
+    channel_ignore: list[str] = field(default_factory=list)
+    #: Meters from PostgreSQL when ``--meters`` is not given: libpq keywords (``host``, ``port``, ``dbname``,
+    #: ``user``, ``sslmode``, ...) and ``table`` (``"schema.table"``) or ``query``; ``password_env`` names the
+    #: environment variable with the password (else ``$PGPASSWORD`` or ``~/.pgpass``; never a password here).
+    meters_database: dict[str, Any] = field(default_factory=dict)
+    #: Read meters with a database role that can write to the table (or any table of its schema), with a
+    #: warning; ``false`` refuses such a role (use one with SELECT only).
+    meters_allow_write_role: bool = False
     #: Rows read per batch when streaming a readings file (bounds memory).
     batch_rows: int = 2_000_000
     #: Target size of one feeder block (chunk along ``meter``) [bytes].
@@ -63,6 +98,32 @@ class IngestConfig:
     kv_detection: bool = True
     #: Reads more than this many grid steps after the store's last time are quarantined [samples].
     max_extend_steps: int = 35136
+
+    def __post_init__(self) -> None:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"config key 'ingest.timezone': {self.timezone!r} is not an IANA time zone name "
+                "(e.g. 'UTC', 'America/Chicago', 'Etc/GMT+6')"
+            ) from None
+        bad = {k: v for k, v in self.channel_map.items() if v not in CHANNEL_QUANTITIES}
+        if bad:
+            raise ConfigError(
+                f"config key 'ingest.channel_map': {bad} maps to no known quantity; expected one of "
+                f"{list(CHANNEL_QUANTITIES)}"
+            )
+        if not isinstance(self.channel_ignore, (list, tuple)) or not all(
+            isinstance(c, str) for c in self.channel_ignore
+        ):
+            raise ConfigError(f"config key 'ingest.channel_ignore': expected a list of strings, got {self.channel_ignore!r}")
+        if "password" in self.meters_database or "passfile" in self.meters_database:
+            raise ConfigError(
+                "config key 'ingest.meters_database': holds a password; a config file is no place for one: set "
+                "the variable named by 'password_env' (default $PGPASSWORD) or use ~/.pgpass (mode 0600)"
+            )
 
 
 @dataclass(frozen=True)
