@@ -24,6 +24,7 @@ from typing import Any, Literal
 from .errors import ConfigError
 
 __all__ = [
+    "ChangesConfig",
     "IngestConfig",
     "JobConfig",
     "PTConfig",
@@ -381,6 +382,39 @@ class PTConfig:
 
 
 @dataclass(frozen=True)
+class ChangesConfig:
+    """Connection changes over time: phase moved at a restoration, or a change point without an event.
+
+    See :mod:`phaseid_hpc.changes`.
+    """
+
+    enabled: bool = True
+    #: ``events.csv`` (``meter_id, timestamp, event``) whose restorations split a meter's period; ``""``: none
+    #: (``phaseid run --events`` sets it).
+    events_file: str = ""
+    #: Event name that marks a restoration (the reconnection) in ``events.csv``.
+    restoration_event: str = "restoration"
+    #: Fewest days after a restoration (and before it) for the two windows to be identified separately [d].
+    min_after_days: float = 3.0
+    min_before_days: float = 2.0
+    #: Search meters without events for a change point in their correlation structure.
+    change_point: bool = True
+    #: Length of one window of the change-point search [s].
+    window_s: float = 86400.0
+    #: The switch must hold on both sides of the split by this many standard errors (t statistic) [-].
+    change_point_se: float = 6.0
+
+    def __post_init__(self) -> None:
+        if self.min_after_days <= 0 or self.min_before_days <= 0 or self.window_s <= 0:
+            raise ConfigError(
+                "config keys 'changes.min_after_days', 'changes.min_before_days' and 'changes.window_s' must be "
+                f"> 0, got {self.min_after_days}, {self.min_before_days} and {self.window_s}"
+            )
+        if self.change_point_se <= 0:
+            raise ConfigError(f"config key 'changes.change_point_se' must be > 0, got {self.change_point_se}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """Dask job: partitions, device, determinism."""
 
@@ -402,6 +436,7 @@ class RunConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     pt: PTConfig = field(default_factory=PTConfig)
+    changes: ChangesConfig = field(default_factory=ChangesConfig)
     job: JobConfig = field(default_factory=JobConfig)
 
 

@@ -64,6 +64,12 @@ REASON_PT_DEVIATION = "Meter PT Deviation"
 #: phase), judged against its feeder neighbours of nearest voltage shape only.
 REASON_PT_DEVIATION_NEIGHBOURS = "Meter PT Deviation (Checked Against Neighbours Only)"
 
+#: The meter was reconnected at a restoration (``events.csv``): identified separately before and after it,
+#: the answers differ; ``phase_before``, ``phase_after`` and ``changed_at`` say how and when (GIS stale since).
+REASON_PHASE_CHANGED_AT_RESTORATION = "Phase Changed At Restoration"
+#: The same finding without an event: the phase the meter follows switches persistently at ``changed_at``.
+REASON_CONNECTION_CHANGED = "Connection Changed"
+
 #: Columns of RESULTS/meters.parquet, in order.
 METER_RESULT_COLUMNS: tuple[str, ...] = (
     "meter_id",
