@@ -38,16 +38,13 @@ Checks, in the order they are applied
    ``|offset| - max_clock_offset_s > clock_flag_z * clock_offset_se_s`` -> ``REASON_CLOCK_OFFSET``: the offset is
    above the limit by a significant margin. Informational (the meter stays usable). With
    ``correct_clock_offset`` flagged meters are shifted back in ``.voltage`` by linear interpolation
-   (``clock_corrected`` True; samples shifted in from beyond the ends are NaN). Accuracy at 15-minute data
-   (class 0.5, 0.1 V, 30% of meters offset in +-300 s, limit 60 s, ``benchmarks/clock_offset.py``): on ckt5
-   with its references the median absolute error is 42 / 30 / 22 s at 7 / 14 / 35 days (61 / 44 / 35 s against
-   the median), and 1.3% / 0.1% / 0.1% of clean meters (< 30 s) are flagged (51% / 36% / 21% before the
-   reference and the margin) while 48% / 66% / 78% of meters offset by more than 90 s are caught; estimates
-   there run ~35% short of the truth, so an offset is rather under- than over-stated.
+   (``clock_corrected`` True; samples shifted in from beyond the ends are NaN). Measured accuracy: README,
+   *Data quality: clock offsets* (``benchmarks/clock_offset.py``).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +65,7 @@ from .contract import (
 )
 from .kernels import quality as kq
 
-__all__ = ["QUALITY_COLUMNS", "QualityResult", "assess_quality", "local_clock_offsets"]
+__all__ = ["QUALITY_COLUMNS", "QualityResult", "assess_quality", "block_parameters", "local_clock_offsets"]
 
 #: Columns of :attr:`QualityResult.table`, in order.
 QUALITY_COLUMNS: tuple[str, ...] = (
@@ -111,6 +108,23 @@ class QualityResult:
 
 
 _DEFAULT_CONFIG = QualityConfig()
+
+
+def block_parameters(config: QualityConfig) -> dict[str, Any]:
+    """The thresholds of :func:`phaseid_hpc.kernels.quality.quality_block`, taken from ``config``.
+
+    The kernel's required keyword arguments other than ``interval_s``, each a field of
+    :class:`~phaseid_hpc.config.QualityConfig` (the only place their defaults are written).
+    """
+    return {name: getattr(config, name) for name in _BLOCK_PARAMETERS}
+
+
+#: Required threshold arguments of the kernel (all but the grid step), each a field of QualityConfig.
+_BLOCK_PARAMETERS: tuple[str, ...] = tuple(
+    p.name
+    for p in inspect.signature(kq.quality_block).parameters.values()
+    if p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name != "interval_s"
+)
 
 
 def _codes(labels: Any, n: int) -> np.ndarray:
@@ -228,8 +242,7 @@ def assess_quality(
         return xp.asarray(a)
 
     groups = xp.asarray(_codes(feeder_ids, n_m))
-    c = config
-    refs = _reference_rows(references, feeder_ids, v.shape[1]) if c.clock_use_references else None
+    refs = _reference_rows(references, feeder_ids, v.shape[1]) if config.clock_use_references else None
     r = kq.quality_block(
         v,
         per_meter(nominal_v, "nominal_v"),
@@ -237,24 +250,9 @@ def assess_quality(
         per_meter(off_grid_fraction, "off_grid_fraction"),
         groups,
         interval_s=float(interval_s),
-        max_interp_gap=c.max_interp_gap,
-        min_usable_fraction=c.min_usable_fraction,
-        min_usable_samples=c.min_usable_samples,
-        min_pu=c.min_pu,
-        max_pu=c.max_pu,
-        max_flat_run=c.max_flat_run,
-        max_clock_offset_s=c.max_clock_offset_s,
-        max_off_grid_fraction=c.max_off_grid_fraction,
-        sampling_rel_tol=c.sampling_rel_tol,
-        inconsistent_sampling_unusable=c.inconsistent_sampling_unusable,
-        max_implausible_fraction=c.max_implausible_fraction,
-        clock_search_s=c.clock_search_s,
-        clock_min_correlation=c.clock_min_correlation,
-        clock_min_meters=c.clock_min_meters,
-        correct_clock_offset=c.correct_clock_offset,
-        clock_flag_z=c.clock_flag_z,
         references=None if refs is None else xp.asarray(refs[0]),
         reference_groups=None if refs is None else xp.asarray(refs[1]),
+        **block_parameters(config),
     )
     h = {k: to_numpy(val) for k, val in r._asdict().items() if k != "voltage"}
 
@@ -368,6 +366,5 @@ def local_clock_offsets(
         offset[rows] = np.asarray(to_numpy(off), dtype=np.float64) * interval_s
         se[rows] = np.asarray(to_numpy(s_e), dtype=np.float64) * interval_s
     se = np.where(np.isfinite(offset), se, np.nan)
-    margin = np.where(np.isfinite(se), config.clock_flag_z * se, 0.0)
-    flag = np.isfinite(offset) & ((np.abs(offset) - config.max_clock_offset_s) > margin)
+    flag = kq.clock_offset_flag(offset, se, limit_s=config.max_clock_offset_s, z=config.clock_flag_z)
     return pd.DataFrame({"clock_offset_s": offset, "clock_offset_se_s": se, "clock_flag": flag})

@@ -29,12 +29,15 @@ __all__ = [
     "UNITS_OK",
     "UNITS_UNKNOWN",
     "QualityArrays",
+    "clock_offset_flag",
+    "detect_kilovolts",
     "detect_units",
     "estimate_clock_offsets",
     "fill_short_gaps",
     "flat_run_mask",
     "nanmedian",
     "quality_block",
+    "sampling_consistency",
     "shift_rows",
 ]
 
@@ -126,6 +129,77 @@ def nanmedian(x: Any, axis: int = -1) -> Any:
 # units and nominal voltage
 
 
+def _in_band(pu: Any, min_pu: float, max_pu: float) -> Any:
+    """``min_pu <= pu <= max_pu`` (False for NaN)."""
+    xp = array_namespace(pu)
+    return xp.isfinite(pu) & (pu >= min_pu) & (pu <= max_pu)
+
+
+def _known_nominal(nominal_v: Any) -> tuple[Any, Any]:
+    """``(known, nominal)``: a zero, negative or NaN nominal is unknown (NaN in ``nominal``)."""
+    xp = array_namespace(nominal_v)
+    known = xp.isfinite(nominal_v) & (nominal_v > 0)
+    return known, xp.where(known, nominal_v, xp.full_like(nominal_v, xp.nan))
+
+
+def _nearest_standard_base(median_v: Any, *, min_pu: float, max_pu: float) -> tuple[Any, Any]:
+    """The standard base nearest (in ``|log pu|``) to each median, in V or in kV, among those in band.
+
+    Returns ``(base_v, scale)``: the base [V] (NaN where none is in band) and 1 or 1000 (the median read
+    as kV). Ties go to the first of :data:`STANDARD_BASES_V`, V before kV.
+    """
+    xp = array_namespace(median_v)
+    dt = median_v.dtype
+    one = xp.ones_like(median_v)
+    err_best = xp.full_like(median_v, xp.inf)
+    base = xp.full_like(median_v, xp.nan)
+    scale = one
+    for s in (1.0, 1000.0):
+        for b in STANDARD_BASES_V:
+            pu = s * median_v / b
+            ok = _in_band(pu, min_pu, max_pu)
+            err = xp.abs(xp.log(xp.where(ok, pu, one)))
+            better = ok & (err < err_best)
+            err_best = xp.where(better, err, err_best)
+            base = xp.where(better, xp.asarray(b, dtype=dt), base)
+            scale = xp.where(better, xp.asarray(s, dtype=dt), scale)
+    return base, scale
+
+
+def detect_kilovolts(median_v: Any, nominal_v: Any, *, min_pu: float, max_pu: float) -> Any:
+    """Meters whose readings are in kV (1000x too small): the one kV rule of the package.
+
+    Parameters
+    ----------
+    median_v : array, shape (n_meters,)
+        Median of each meter's readings, NaN if none. [V as reported]
+    nominal_v : array, shape (n_meters,)
+        Nominal voltage, NaN (or <= 0) where unknown. [V]
+    min_pu, max_pu : float
+        Plausible band (``QualityConfig.min_pu``, ``max_pu``). [pu]
+
+    Returns
+    -------
+    array of bool, shape (n_meters,)
+        Known nominal ``N``: ``median / N`` is outside the band and ``1000 median / N`` inside it.
+        Unknown nominal: no standard base (:data:`STANDARD_BASES_V`) holds the median in band, and one
+        holds ``1000 median``. False without readings.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> detect_kilovolts(np.array([0.241, 241.0, 0.12, 0.5]), np.array([240.0, 240.0, np.nan, 240.0]),
+    ...                  min_pu=0.8, max_pu=1.1).tolist()
+    [True, False, True, False]
+    """
+    xp = array_namespace(median_v, nominal_v)
+    known, nom = _known_nominal(nominal_v)
+    kv_known = ~_in_band(median_v / nom, min_pu, max_pu) & _in_band(1000.0 * median_v / nom, min_pu, max_pu)
+    _, inf_scale = _nearest_standard_base(median_v, min_pu=min_pu, max_pu=max_pu)
+    has = xp.isfinite(median_v) & (median_v > 0)
+    return has & xp.where(known, kv_known, inf_scale > 1.0)
+
+
 def detect_units(median_v: Any, nominal_v: Any, *, min_pu: float, max_pu: float) -> tuple[Any, Any, Any, Any]:
     """Find each meter's unit scale and the voltage base its readings are consistent with.
 
@@ -151,35 +225,24 @@ def detect_units(median_v: Any, nominal_v: Any, *, min_pu: float, max_pu: float)
 
     Notes
     -----
-    With a known nominal ``N`` and median ``m``, in order: ``m/N`` in band -> OK; ``1000 m/N`` in band ->
-    kV (the only case rescaled, since it is unambiguous); otherwise, among the bases ``sqrt(3) N``,
-    ``N/sqrt(3)``, ``2N`` and ``N/2`` whose band holds ``m``, the one closest to 1 pu in log terms is taken
-    (line-to-line / line-to-neutral / 120-vs-240 base confusions). The readings are then kept as they are and
-    judged against that base, because the per-unit series (all that identification uses) is the same either
-    way. With unknown ``N`` the nearest of :data:`STANDARD_BASES_V` (and the same bases for ``1000 m``,
-    i.e. kV) is taken when it lies in band.
+    kV readings are those of :func:`detect_kilovolts` (the only case rescaled, since it is unambiguous).
+    With a known nominal ``N`` and median ``m``: ``m/N`` in band -> OK; kV; otherwise, among the bases
+    ``sqrt(3) N``, ``N/sqrt(3)``, ``2N`` and ``N/2`` whose band holds ``m``, the one closest to 1 pu in log
+    terms is taken (line-to-line / line-to-neutral / 120-vs-240 base confusions). The readings are then kept
+    as they are and judged against that base, because the per-unit series (all that identification uses) is
+    the same either way. With unknown ``N`` the nearest of :data:`STANDARD_BASES_V` (and the same bases for
+    ``1000 m``, i.e. kV) is taken when it lies in band.
     """
     xp = array_namespace(median_v, nominal_v)
-    dt = median_v.dtype
     m = median_v
-    nom = nominal_v
-    known = xp.isfinite(nom) & (nom > 0)
+    known, nom = _known_nominal(nominal_v)
     has = xp.isfinite(m) & (m > 0)
     one = xp.ones_like(m)
     nan = xp.full_like(m, xp.nan)
-    nom = xp.where(known, nom, nan)  # a zero or negative nominal is unknown
+    kv = detect_kilovolts(m, nominal_v, min_pu=min_pu, max_pu=max_pu)
 
-    def in_band(pu: Any) -> Any:
-        return xp.isfinite(pu) & (pu >= min_pu) & (pu <= max_pu)
-
-    # known nominal
-    scale = one
-    base = xp.where(known, nom, nan)
-    code = xp.full(m.shape, UNITS_OK, dtype=xp.int64)
-    ok1 = in_band(m / nom)
-    kv = ~ok1 & in_band(1000.0 * m / nom)
-    scale = xp.where(kv, 1000.0 * one, scale)
-    code = xp.where(kv, UNITS_KV, code)
+    # known nominal: V, kV, else the nearest of the confused bases
+    ok1 = _in_band(m / nom, min_pu, max_pu)
     best_err = xp.full_like(m, xp.inf)
     best_code = xp.full(m.shape, UNITS_UNKNOWN, dtype=xp.int64)
     best_base = nan
@@ -190,38 +253,25 @@ def detect_units(median_v: Any, nominal_v: Any, *, min_pu: float, max_pu: float)
         (UNITS_HALF_BASE, 0.5),
     ):
         pu = m / (nom * f)
-        err = xp.abs(xp.log(xp.where(in_band(pu), pu, one)))
-        better = in_band(pu) & (err < best_err)
+        in_band = _in_band(pu, min_pu, max_pu)
+        err = xp.abs(xp.log(xp.where(in_band, pu, one)))
+        better = in_band & (err < best_err)
         best_err = xp.where(better, err, best_err)
         best_code = xp.where(better, c, best_code)
         best_base = xp.where(better, nom * f, best_base)
     other = ~ok1 & ~kv
-    code = xp.where(other, best_code, code)
-    base = xp.where(other, best_base, base)
+    kv_or_ok = xp.where(kv, xp.asarray(UNITS_KV, dtype=xp.int64), xp.asarray(UNITS_OK, dtype=xp.int64))
+    code = xp.where(other, best_code, kv_or_ok)
+    base = xp.where(other, best_base, nom)
 
     # unknown nominal: nearest standard base, in V or in kV
-    inf_err = xp.full_like(m, xp.inf)
-    inf_base = nan
-    inf_scale = one
-    for s in (1.0, 1000.0):
-        for b in STANDARD_BASES_V:
-            pu = s * m / b
-            err = xp.abs(xp.log(xp.where(in_band(pu), pu, one)))
-            better = in_band(pu) & (err < inf_err)
-            inf_err = xp.where(better, err, inf_err)
-            inf_base = xp.where(better, xp.asarray(b, dtype=dt), inf_base)
-            inf_scale = xp.where(better, xp.asarray(s, dtype=dt), inf_scale)
-    inf_code = xp.where(
-        xp.isfinite(inf_base),
-        xp.where(inf_scale > 1.0, xp.asarray(UNITS_KV), xp.asarray(UNITS_OK)),
-        UNITS_UNKNOWN,
-    )
-    scale = xp.where(known, scale, inf_scale)
+    inf_base, _ = _nearest_standard_base(m, min_pu=min_pu, max_pu=max_pu)
+    inf_code = xp.where(xp.isfinite(inf_base), kv_or_ok, UNITS_UNKNOWN)
+    scale = xp.where(kv, 1000.0 * one, one)
     base = xp.where(known, base, inf_base)
     code = xp.where(known, code, inf_code)
     # no readings: nothing to say
     code = xp.where(has, code, UNITS_OK)
-    scale = xp.where(has, scale, one)
     base = xp.where(has | known, base, nan)
     inferred = ~known & has & xp.isfinite(base)
     return scale, base, code, inferred
@@ -436,9 +486,9 @@ def estimate_clock_offsets(
     *,
     max_lag: int,
     include: Any | None = None,
-    min_pairs: int = 96,
-    min_correlation: float = 0.2,
-    min_meters: int = 3,
+    min_pairs: int,
+    min_correlation: float,
+    min_meters: int,
     max_common_meters: int = 256,
     exclude_above: float | None = None,
     n_refine: int = 1,
@@ -517,9 +567,8 @@ def estimate_clock_offsets(
     ``s^2 = (d'd - h'x) / (n - 3)``, the taps' covariance ``s^2 G^-1`` and the gradient of the centroid
     ``F = (h_+ - h_-)/g`` with respect to ``(h_-, h_0, h_+)``, ``(-1 - F, -F, 1 - F) / g``,
     ``se^2 = s^2 grad' G^-1 grad``. The residual holds meter noise and the meter's own load variation, so
-    ``se`` measures what the common signal cannot explain; on ckt5 ``(estimate - truth) / se`` of clean meters
-    has a standard deviation of 1.0-1.1 (7-35 days, class 0.5, 0.1 V). Offsets themselves are estimated
-    about 30% short on ckt5 (the meter's response to the feeder head is not a pure delay), so ``se`` is a
+    ``se`` measures what the common signal cannot explain. Where the meter's response to the feeder head is
+    not a pure delay the offset is estimated short (``benchmarks/clock_offset.py`` measures both), so ``se`` is a
     yardstick for "clearly non-zero", not a confidence interval on the size.
     """
     xp = array_namespace(voltage_pu)
@@ -796,6 +845,12 @@ class QualityArrays(NamedTuple):
     clock_corrected: Any  #: bool
 
 
+#: Columns of the evenly strided subsample whose median decides a meter's units (plenty for a scale).
+_UNITS_SAMPLE = 128
+#: Elements of the row-chunk buffers of the NumPy paths (cache-sized; no whole-block temporaries).
+_CHUNK_ELEMENTS = 1 << 16
+
+
 def quality_block(
     voltage: Any,
     nominal_v: Any,
@@ -804,23 +859,22 @@ def quality_block(
     groups: Any,
     *,
     interval_s: float,
-    max_interp_gap: int = 3,
-    min_usable_fraction: float = 0.5,
-    min_usable_samples: int = 96,
-    min_pu: float = 0.8,
-    max_pu: float = 1.1,
-    max_flat_run: int = 96,
-    max_clock_offset_s: float = 60.0,
-    max_off_grid_fraction: float = 0.05,
-    sampling_rel_tol: float = 0.01,
-    inconsistent_sampling_unusable: bool = True,
-    max_implausible_fraction: float = 0.5,
-    clock_search_s: float = 900.0,
-    clock_min_correlation: float = 0.2,
-    clock_min_meters: int = 3,
-    correct_clock_offset: bool = False,
-    clock_flag_z: float = 1.5,
-    units_sample: int = 128,
+    max_interp_gap: int,
+    min_usable_fraction: float,
+    min_usable_samples: int,
+    min_pu: float,
+    max_pu: float,
+    max_flat_run: int,
+    max_clock_offset_s: float,
+    max_off_grid_fraction: float,
+    sampling_rel_tol: float,
+    inconsistent_sampling_unusable: bool,
+    max_implausible_fraction: float,
+    clock_search_s: float,
+    clock_min_correlation: float,
+    clock_min_meters: int,
+    correct_clock_offset: bool,
+    clock_flag_z: float,
     references: Any | None = None,
     reference_groups: Any | None = None,
 ) -> QualityArrays:
@@ -836,162 +890,83 @@ def quality_block(
         Feeder index per row.
     interval_s : float
         Grid step. [s]
+    max_interp_gap, min_usable_fraction, ..., clock_flag_z
+        Thresholds, required: the fields of :class:`phaseid_hpc.config.QualityConfig` of the same names
+        (where their defaults and units are documented). A clock offset is flagged when
+        ``|offset| - max_clock_offset_s > clock_flag_z * se``.
     references : array, shape (n_refs, n_time), optional
         Feeder-head voltages, the clock reference of their feeders (see :func:`estimate_clock_offsets`). [V]
     reference_groups : array of int, shape (n_refs,), optional
         Feeder index (codes of ``groups``) of each reference row.
-    **params
-        Thresholds, as in :class:`phaseid_hpc.config.QualityConfig`. A clock offset is flagged when
-        ``|offset| - max_clock_offset_s > clock_flag_z * se``.
 
     Returns
     -------
     QualityArrays
+
+    Notes
+    -----
+    The steps, each a function: :func:`_clean_copy`, :func:`sampling_consistency`, :func:`_rescale_units`
+    (:func:`detect_units`), :func:`_flat_samples` (:func:`flat_run_mask`), :func:`_implausible_samples`,
+    :func:`_remove_and_fill` (:func:`fill_short_gaps`), :func:`_clock_offsets_s`
+    (:func:`estimate_clock_offsets`) and, with ``correct_clock_offset``, :func:`shift_rows`.
     """
     xp = array_namespace(voltage)
-    dt = voltage.dtype if voltage.dtype in (xp.float32, xp.float64) else xp.float64
-    is_np = isinstance(voltage, np.ndarray)
     n_m, n_t = voltage.shape
-    if is_np:  # one private copy, cleaned in place (fewer full-block passes and temporaries)
-        v = np.array(voltage, dtype=dt, copy=True)
-        buf = np.isfinite(v)
-        if not buf.all():
-            v[~buf] = np.nan
-        raw_ok = buf
-    else:
-        v = xp.astype(voltage, dt)
-        v = xp.where(xp.isfinite(v), v, xp.asarray(xp.nan, dtype=dt))
-        raw_ok = ~xp.isnan(v)
-    nominal_v = xp.astype(nominal_v, dt)
+    v, raw_ok = _clean_copy(voltage)
     n_readings = _count(raw_ok, 1)
     no_readings = n_readings == 0
-
-    # sampling
-    si = xp.astype(sampling_interval_s, xp.float64)
-    og = xp.astype(off_grid_fraction, xp.float64)
-    bad_interval = xp.isfinite(si) & (xp.abs(si - interval_s) > sampling_rel_tol * interval_s)
-    bad_grid = xp.isfinite(og) & (og > max_off_grid_fraction)
-    sampling_bad = (bad_interval | bad_grid) & ~no_readings
-
-    # units (median of an evenly strided subsample of columns is plenty for a scale decision)
-    step = max(1, n_t // max(int(units_sample), 1))
-    med = nanmedian(v[:, ::step], axis=1)
-    scale, base, units_code, inferred = detect_units(med, nominal_v, min_pu=min_pu, max_pu=max_pu)
-    if is_np:
-        if not bool(np.all(scale == 1)):
-            v *= scale[:, None]
-    else:
-        v = v * scale[:, None]
-
-    # flat lines on the readings as reported
-    flat_mask, constant = flat_run_mask(v, max_flat_run, ok=raw_ok)
-    if is_np:
-        if bool(constant.any()):
-            flat_mask[constant] |= raw_ok[constant]
-    else:
-        flat_mask = flat_mask | (constant[:, None] & raw_ok)
+    sampling_bad = ~no_readings & sampling_consistency(
+        sampling_interval_s,
+        off_grid_fraction,
+        interval_s=interval_s,
+        sampling_rel_tol=sampling_rel_tol,
+        max_off_grid_fraction=max_off_grid_fraction,
+    )
+    stride = max(1, n_t // _UNITS_SAMPLE)
+    v, scale, base, units_code, inferred = _rescale_units(
+        v, xp.astype(nominal_v, v.dtype), stride, min_pu=min_pu, max_pu=max_pu
+    )
+    flat_mask, constant = _flat_samples(v, raw_ok, max_flat_run)
     n_flat = _count(flat_mask, 1)
-    flat_line = n_flat > 0
-
-    # plausibility
-    if is_np:
-        # a NaN sample fails both comparisons; a row with NaN base has every reading implausible
-        # in row chunks through a cache-sized buffer (no whole-block per-unit temporary)
-        ch = max(1, (1 << 16) // max(n_t, 1))
-        implaus_s = np.empty((n_m, n_t), dtype=bool)
-        tpu = np.empty((min(ch, n_m), n_t), dtype=dt)
-        tb = np.empty((min(ch, n_m), n_t), dtype=bool)
-        for i in range(0, n_m, ch):
-            k = min(ch, n_m - i)
-            np.divide(v[i : i + k], base[i : i + k, None], out=tpu[:k])
-            np.less(tpu[:k], min_pu, out=implaus_s[i : i + k])
-            np.greater(tpu[:k], max_pu, out=tb[:k])
-            implaus_s[i : i + k] |= tb[:k]
-        nb = np.isnan(base)
-        if bool(nb.any()):
-            implaus_s[nb] = raw_ok[nb]
-    else:
-        pu = v / base[:, None]
-        implaus_s = raw_ok & ~((pu >= min_pu) & (pu <= max_pu))  # NaN base: every reading implausible
+    implaus_s = _implausible_samples(v, base, raw_ok, min_pu=min_pu, max_pu=max_pu)
     n_implausible = _count(implaus_s, 1)
     denom = xp.astype(xp.maximum(n_readings, xp.ones_like(n_readings)), xp.float64)
     implausible = ~no_readings & (xp.astype(n_implausible, xp.float64) / denom > max_implausible_fraction)
-
-    # remove, then fill short gaps (a short spike or dropout is interpolated like a gap)
-    if is_np:
-        implaus_s |= flat_mask
-        if bool(implaus_s.any()):
-            v[implaus_s] = np.nan
-        del flat_mask, implaus_s
-        # gaps are filled only on rows that have a missing sample
-        miss_rows = np.flatnonzero(np.isnan(v).any(axis=1)) if n_t else np.zeros(0, dtype=np.int64)
-        zi = np.zeros(n_m, dtype=np.int64)
-        n_filled, n_gaps_filled, n_long_gaps = zi, zi.copy(), zi.copy()
-        n_ok = np.full(n_m, n_t, dtype=np.int64)
-        if miss_rows.size:
-            sub, f1, f2, f3 = fill_short_gaps(v[miss_rows], max_interp_gap)
-            v[miss_rows] = sub
-            n_filled[miss_rows], n_gaps_filled[miss_rows], n_long_gaps[miss_rows] = f1, f2, f3
-            n_ok[miss_rows] = _count(~np.isnan(sub), 1)
-    else:
-        v = xp.where(implaus_s | flat_mask, xp.asarray(xp.nan, dtype=dt), v)
-        v, n_filled, n_gaps_filled, n_long_gaps = fill_short_gaps(v, max_interp_gap)
-        n_ok = _count(~xp.isnan(v), 1)
+    v, n_filled, n_gaps_filled, n_long_gaps, n_ok = _remove_and_fill(v, implaus_s, flat_mask, max_interp_gap)
+    del implaus_s, flat_mask
     usable_fraction = xp.astype(n_ok, xp.float64) / max(n_t, 1)
     insufficient = ~no_readings & ((usable_fraction < min_usable_fraction) | (n_ok < min_usable_samples))
     usable = ~no_readings & ~insufficient & ~implausible & ~constant
     if inconsistent_sampling_unusable:
         usable = usable & ~sampling_bad
 
-    # clock offsets against the feeder's common mode formed by usable meters
-    K = max(1, math.ceil(clock_search_s / interval_s)) if interval_s > 0 else 1
-    base_safe = xp.where(xp.isfinite(base), base, xp.ones_like(base))
-    refs_pu = None
-    if references is not None and references.shape[0] > 0:
-        refs = xp.astype(references, dt)
-        refs = xp.where(xp.isfinite(refs), refs, xp.asarray(xp.nan, dtype=dt))
-        rmed = nanmedian(refs[:, ::step], axis=1)
-        rmed = xp.where(xp.isfinite(rmed) & (rmed != 0), rmed, xp.ones_like(rmed))
-        refs_pu = refs / rmed[:, None]
-    d_pu = None
-    if is_np:  # the differenced per-unit series straight from v, in row chunks (no per-unit copy)
-        v_pu = v
-        if n_t >= 3 and n_m:
-            d_pu = np.empty((n_m, n_t - 1), dtype=dt)
-            for i in range(0, n_m, ch):
-                k = min(ch, n_m - i)
-                np.divide(v[i : i + k], base_safe[i : i + k, None], out=tpu[:k])
-                np.subtract(tpu[:k, 1:], tpu[:k, :-1], out=d_pu[i : i + k])
-    else:
-        v_pu = v / base_safe[:, None]
-    off, corr, se = estimate_clock_offsets(
-        v_pu,
+    max_lag = max(1, math.ceil(clock_search_s / interval_s)) if interval_s > 0 else 1
+    off, corr, se = _clock_offsets_samples(
+        v,
+        base,
         groups,
-        diff=d_pu,
-        max_lag=K,
-        include=usable,
+        usable,
+        references,
+        reference_groups,
+        stride,
+        max_lag=max_lag,
         min_pairs=min_usable_samples,
         min_correlation=clock_min_correlation,
         min_meters=clock_min_meters,
         exclude_above=max_clock_offset_s / interval_s,
-        n_refine=2,
-        references=refs_pu,
-        reference_groups=reference_groups if refs_pu is not None else None,
     )
     off = xp.where(no_readings, xp.full_like(off, xp.nan), off)
     clock_offset_s = xp.astype(off, xp.float64) * interval_s
     se_s = xp.astype(se, xp.float64) * interval_s
     clock_offset_se_s = xp.where(xp.isfinite(clock_offset_s), se_s, xp.full_like(se_s, xp.nan))
-    ok_se = xp.isfinite(clock_offset_se_s)
-    margin = xp.where(ok_se, clock_flag_z * clock_offset_se_s, xp.zeros_like(se_s))
-    clock_flag = xp.isfinite(clock_offset_s) & ((xp.abs(clock_offset_s) - max_clock_offset_s) > margin)
+    clock_flag = clock_offset_flag(
+        clock_offset_s, clock_offset_se_s, limit_s=max_clock_offset_s, z=clock_flag_z
+    )
     clock_corrected = xp.zeros((n_m,), dtype=xp.bool)
     if correct_clock_offset:
-        dly = xp.where(clock_flag, off, xp.zeros_like(off))
-        v = shift_rows(v, dly, max_shift=K + 1)
+        v = shift_rows(v, xp.where(clock_flag, off, xp.zeros_like(off)), max_shift=max_lag + 1)
         clock_corrected = clock_flag
 
-    long_gaps = n_long_gaps > 0
     return QualityArrays(
         voltage=v,
         usable=usable,
@@ -1009,12 +984,226 @@ def quality_block(
         no_readings=no_readings,
         sampling_bad=sampling_bad,
         implausible=implausible,
-        flat_line=flat_line,
+        flat_line=n_flat > 0,
         insufficient=insufficient,
-        long_gaps=long_gaps & ~no_readings,
+        long_gaps=(n_long_gaps > 0) & ~no_readings,
         clock_offset_s=clock_offset_s,
         clock_offset_se_s=clock_offset_se_s,
         clock_correlation=corr,
         clock_flag=clock_flag,
         clock_corrected=clock_corrected,
     )
+
+
+def _clean_copy(voltage: Any) -> tuple[Any, Any]:
+    """Step 1: a private float copy of the readings with +-inf as NaN, and the mask of finite readings.
+
+    NumPy gets one private copy that the next steps clean in place (fewer full-block passes and
+    temporaries); other namespaces get new arrays.
+    """
+    xp = array_namespace(voltage)
+    dt = voltage.dtype if voltage.dtype in (xp.float32, xp.float64) else xp.float64
+    if isinstance(voltage, np.ndarray):
+        v = np.array(voltage, dtype=dt, copy=True)
+        raw_ok = np.isfinite(v)
+        if not raw_ok.all():
+            v[~raw_ok] = np.nan
+        return v, raw_ok
+    v = xp.astype(voltage, dt)
+    v = xp.where(xp.isfinite(v), v, xp.asarray(xp.nan, dtype=dt))
+    return v, ~xp.isnan(v)
+
+
+def sampling_consistency(
+    sampling_interval_s: Any,
+    off_grid_fraction: Any,
+    *,
+    interval_s: float,
+    sampling_rel_tol: float,
+    max_off_grid_fraction: float,
+) -> Any:
+    """Meters whose raw sampling does not match the grid.
+
+    Parameters
+    ----------
+    sampling_interval_s : array, shape (n_meters,)
+        Median spacing of each meter's raw timestamps, NaN = unknown. [s]
+    off_grid_fraction : array, shape (n_meters,)
+        Share of each meter's raw reads off the grid, NaN = unknown. [-]
+    interval_s : float
+        Grid step. [s]
+    sampling_rel_tol, max_off_grid_fraction : float
+        Largest relative difference of the interval, largest off-grid share. [-]
+
+    Returns
+    -------
+    array of bool, shape (n_meters,)
+        ``|sampling_interval_s - interval_s| > sampling_rel_tol * interval_s`` or
+        ``off_grid_fraction > max_off_grid_fraction``; NaN inputs are not flagged.
+    """
+    xp = array_namespace(sampling_interval_s, off_grid_fraction)
+    si = xp.astype(sampling_interval_s, xp.float64)
+    og = xp.astype(off_grid_fraction, xp.float64)
+    bad_interval = xp.isfinite(si) & (xp.abs(si - interval_s) > sampling_rel_tol * interval_s)
+    bad_grid = xp.isfinite(og) & (og > max_off_grid_fraction)
+    return bad_interval | bad_grid
+
+
+def _rescale_units(
+    v: Any, nominal_v: Any, stride: int, *, min_pu: float, max_pu: float
+) -> tuple[Any, Any, Any, Any, Any]:
+    """Step 3: units from the median of every ``stride``-th column; kV readings rescaled to V.
+
+    Returns ``(v, scale, base_v, units_code, inferred)`` (see :func:`detect_units`); on NumPy ``v`` (the
+    private copy of :func:`_clean_copy`) is rescaled in place.
+    """
+    med = nanmedian(v[:, ::stride], axis=1)
+    scale, base, code, inferred = detect_units(med, nominal_v, min_pu=min_pu, max_pu=max_pu)
+    if isinstance(v, np.ndarray):
+        if not bool(np.all(scale == 1)):
+            v *= scale[:, None]
+    else:
+        v = v * scale[:, None]
+    return v, scale, base, code, inferred
+
+
+def _flat_samples(v: Any, raw_ok: Any, max_flat_run: int) -> tuple[Any, Any]:
+    """Step 4: samples to remove as flat lines (over-long runs, every reading of a constant meter).
+
+    Returns the mask, shape (n_meters, n_time), and the constant meters, shape (n_meters,).
+    """
+    flat_mask, constant = flat_run_mask(v, max_flat_run, ok=raw_ok)
+    if isinstance(v, np.ndarray):
+        if bool(constant.any()):
+            flat_mask[constant] |= raw_ok[constant]
+        return flat_mask, constant
+    return flat_mask | (constant[:, None] & raw_ok), constant
+
+
+def _implausible_samples(v: Any, base_v: Any, raw_ok: Any, *, min_pu: float, max_pu: float) -> Any:
+    """Step 5: readings outside ``[min_pu, max_pu]`` of their base (every reading where the base is NaN).
+
+    On NumPy in row chunks through a cache-sized buffer (no whole-block per-unit temporary).
+    """
+    xp = array_namespace(v)
+    if not isinstance(v, np.ndarray):
+        pu = v / base_v[:, None]
+        return raw_ok & ~((pu >= min_pu) & (pu <= max_pu))
+    n_m, n_t = v.shape
+    # a NaN sample fails both comparisons
+    ch = max(1, _CHUNK_ELEMENTS // max(n_t, 1))
+    out = np.empty((n_m, n_t), dtype=bool)
+    tpu = np.empty((min(ch, n_m), n_t), dtype=v.dtype)
+    tb = np.empty((min(ch, n_m), n_t), dtype=bool)
+    for i in range(0, n_m, ch):
+        k = min(ch, n_m - i)
+        np.divide(v[i : i + k], base_v[i : i + k, None], out=tpu[:k])
+        np.less(tpu[:k], min_pu, out=out[i : i + k])
+        np.greater(tpu[:k], max_pu, out=tb[:k])
+        out[i : i + k] |= tb[:k]
+    nb = xp.isnan(base_v)
+    if bool(nb.any()):
+        out[nb] = raw_ok[nb]
+    return out
+
+
+def _remove_and_fill(v: Any, implausible: Any, flat: Any, max_interp_gap: int) -> tuple[Any, ...]:
+    """Step 6: remove implausible and flat samples (NaN), then fill short gaps (a spike is interpolated).
+
+    Returns ``(v, n_filled, n_gaps_filled, n_long_gaps, n_finite)``, the counts per meter. On NumPy only
+    rows with a missing sample go through :func:`fill_short_gaps`, and ``v`` is cleaned in place.
+    """
+    xp = array_namespace(v)
+    n_m, n_t = v.shape
+    if not isinstance(v, np.ndarray):
+        v = xp.where(implausible | flat, xp.asarray(xp.nan, dtype=v.dtype), v)
+        v, n_filled, n_gaps_filled, n_long_gaps = fill_short_gaps(v, max_interp_gap)
+        return v, n_filled, n_gaps_filled, n_long_gaps, _count(~xp.isnan(v), 1)
+    remove = implausible | flat
+    if bool(remove.any()):
+        v[remove] = np.nan
+    del remove
+    miss_rows = np.flatnonzero(np.isnan(v).any(axis=1)) if n_t else np.zeros(0, dtype=np.int64)
+    n_filled = np.zeros(n_m, dtype=np.int64)
+    n_gaps_filled, n_long_gaps = n_filled.copy(), n_filled.copy()
+    n_ok = np.full(n_m, n_t, dtype=np.int64)
+    if miss_rows.size:
+        sub, f1, f2, f3 = fill_short_gaps(v[miss_rows], max_interp_gap)
+        v[miss_rows] = sub
+        n_filled[miss_rows], n_gaps_filled[miss_rows], n_long_gaps[miss_rows] = f1, f2, f3
+        n_ok[miss_rows] = _count(~np.isnan(sub), 1)
+    return v, n_filled, n_gaps_filled, n_long_gaps, n_ok
+
+
+def _clock_offsets_samples(
+    v: Any,
+    base_v: Any,
+    groups: Any,
+    usable: Any,
+    references: Any | None,
+    reference_groups: Any | None,
+    stride: int,
+    **params: Any,
+) -> tuple[Any, Any, Any]:
+    """Step 7: clock offsets [samples], correlations and standard errors against the common signals.
+
+    Per unit of the meter's base (a NaN base counts as 1); references are scaled by the median of every
+    ``stride``-th sample. ``params``: ``max_lag, min_pairs, min_correlation, min_meters, exclude_above``
+    of :func:`estimate_clock_offsets` (two refinement passes).
+    """
+    xp = array_namespace(v)
+    dt = v.dtype
+    n_m, n_t = v.shape
+    base_safe = xp.where(xp.isfinite(base_v), base_v, xp.ones_like(base_v))
+    refs_pu = None
+    if references is not None and references.shape[0] > 0:
+        refs = xp.astype(references, dt)
+        refs = xp.where(xp.isfinite(refs), refs, xp.asarray(xp.nan, dtype=dt))
+        rmed = nanmedian(refs[:, ::stride], axis=1)
+        rmed = xp.where(xp.isfinite(rmed) & (rmed != 0), rmed, xp.ones_like(rmed))
+        refs_pu = refs / rmed[:, None]
+    d_pu = None
+    if isinstance(v, np.ndarray):  # the differenced per-unit series straight from v, in row chunks
+        v_pu = v
+        if n_t >= 3 and n_m:
+            ch = max(1, _CHUNK_ELEMENTS // max(n_t, 1))
+            tpu = np.empty((min(ch, n_m), n_t), dtype=dt)
+            d_pu = np.empty((n_m, n_t - 1), dtype=dt)
+            for i in range(0, n_m, ch):
+                k = min(ch, n_m - i)
+                np.divide(v[i : i + k], base_safe[i : i + k, None], out=tpu[:k])
+                np.subtract(tpu[:k, 1:], tpu[:k, :-1], out=d_pu[i : i + k])
+    else:
+        v_pu = v / base_safe[:, None]
+    return estimate_clock_offsets(
+        v_pu,
+        groups,
+        diff=d_pu,
+        include=usable,
+        n_refine=2,
+        references=refs_pu,
+        reference_groups=reference_groups if refs_pu is not None else None,
+        **params,
+    )
+
+
+def clock_offset_flag(offset_s: Any, offset_se_s: Any, *, limit_s: float, z: float) -> Any:
+    """Clock offsets significantly above the limit: ``|offset| - limit_s > z * se`` (``se`` NaN: 0).
+
+    Parameters
+    ----------
+    offset_s, offset_se_s : array, shape (n_meters,)
+        Estimated offset and its standard error, NaN where not estimable. [s]
+    limit_s : float
+        Largest acceptable offset (``QualityConfig.max_clock_offset_s``). [s]
+    z : float
+        Margin in standard errors (``QualityConfig.clock_flag_z``). [-]
+
+    Returns
+    -------
+    array of bool, shape (n_meters,)
+    """
+    xp = array_namespace(offset_s, offset_se_s)
+    ok_se = xp.isfinite(offset_se_s)
+    margin = xp.where(ok_se, z * offset_se_s, xp.zeros_like(offset_se_s))
+    return xp.isfinite(offset_s) & ((xp.abs(offset_s) - limit_s) > margin)

@@ -5,10 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from phaseid_hpc.config import QualityConfig
 from phaseid_hpc.kernels import quality as kq
+from phaseid_hpc.quality import block_parameters
 from phaseid_hpc.synth.measurement import MeasurementModel, apply_measurement_model
 
 xps = pytest.importorskip("array_api_strict")
+
+_CFG = QualityConfig()
+#: The clock thresholds of the default configuration (the kernels have no defaults of their own).
+CLOCK = {
+    "min_pairs": _CFG.min_usable_samples,
+    "min_correlation": _CFG.clock_min_correlation,
+    "min_meters": _CFG.clock_min_meters,
+}
+
+
+def params(**over):
+    """Keyword arguments of ``quality_block``: the default configuration's thresholds with overrides."""
+    return {**block_parameters(_CFG), **over}
 
 
 def feeder_voltage(n_meters: int, n_time: int, seed: int, base: float = 240.0) -> np.ndarray:
@@ -104,7 +119,7 @@ def test_clock_offsets_recovered_on_synthetic_feeder():
     )
     meas, true = apply_measurement_model(v, model, interval_s=900.0, random_state=3)
     off, corr, _ = kq.estimate_clock_offsets(
-        meas / 240.0, np.zeros(40, dtype=np.int64), max_lag=1, exclude_above=60.0 / 900.0, n_refine=2
+        meas / 240.0, np.zeros(40, dtype=np.int64), max_lag=1, exclude_above=60.0 / 900.0, n_refine=2, **CLOCK
     )
     err = off * 900.0 - true
     assert np.isfinite(off).all() and (corr > 0.5).all()
@@ -117,7 +132,7 @@ def test_clock_offsets_positive_means_series_late():
     meas = v.copy()
     t = np.arange(960, dtype=np.float64)
     meas[0] = np.interp(t - 0.5, t, v[0])  # meter 0 reads what happened half an interval earlier
-    off, _, _ = kq.estimate_clock_offsets(meas / 240.0, np.zeros(20, dtype=np.int64), max_lag=1)
+    off, _, _ = kq.estimate_clock_offsets(meas / 240.0, np.zeros(20, dtype=np.int64), max_lag=1, **CLOCK)
     assert 0.4 < off[0] < 0.6
 
 
@@ -126,19 +141,19 @@ def test_groups_in_one_call_equal_separate_calls():
     b = feeder_voltage(9, 500, seed=6, base=120.0) / 120.0 * 240.0
     both = np.concatenate([a, b]) / 240.0
     groups = np.array([3] * 12 + [7] * 9)
-    off, _, _ = kq.estimate_clock_offsets(both, groups, max_lag=1)
-    off_a, _, _ = kq.estimate_clock_offsets(a / 240.0, np.zeros(12, dtype=np.int64), max_lag=1)
-    off_b, _, _ = kq.estimate_clock_offsets(b / 240.0, np.zeros(9, dtype=np.int64), max_lag=1)
+    off, _, _ = kq.estimate_clock_offsets(both, groups, max_lag=1, **CLOCK)
+    off_a, _, _ = kq.estimate_clock_offsets(a / 240.0, np.zeros(12, dtype=np.int64), max_lag=1, **CLOCK)
+    off_b, _, _ = kq.estimate_clock_offsets(b / 240.0, np.zeros(9, dtype=np.int64), max_lag=1, **CLOCK)
     np.testing.assert_allclose(off, np.concatenate([off_a, off_b]), rtol=1e-9, atol=1e-9)
     # interleaved rows give the same per-row answers
     perm = np.random.default_rng(0).permutation(21)
-    off_p, _, _ = kq.estimate_clock_offsets(both[perm], groups[perm], max_lag=1)
+    off_p, _, _ = kq.estimate_clock_offsets(both[perm], groups[perm], max_lag=1, **CLOCK)
     np.testing.assert_allclose(off_p, off[perm], rtol=1e-9, atol=1e-9)
 
 
 def test_clock_offset_needs_enough_meters():
     v = feeder_voltage(2, 500, seed=7) / 240.0
-    off, _, _ = kq.estimate_clock_offsets(v, np.zeros(2, dtype=np.int64), max_lag=1, min_meters=3)
+    off, _, _ = kq.estimate_clock_offsets(v, np.zeros(2, dtype=np.int64), max_lag=1, **CLOCK)  # needs 3
     assert np.isnan(off).all()
 
 
@@ -191,9 +206,9 @@ def test_quality_block_on_array_api_strict_matches_numpy(correct, with_refs):
     if with_refs:  # feeder 1 has a reference row, feeder 0 keeps its median
         r = np.nanmedian(args[0][8:], axis=0)[None, :] * 30.0
         refs = {"references": r, "reference_groups": np.array([1])}
-    ref = kq.quality_block(*args, **kw, **refs)
+    ref = kq.quality_block(*args, **params(**kw), **refs)
     got = kq.quality_block(
-        *(xps.asarray(a) for a in args), **kw, **{k: xps.asarray(a) for k, a in refs.items()}
+        *(xps.asarray(a) for a in args), **params(**kw), **{k: xps.asarray(a) for k, a in refs.items()}
     )
     for name, want in ref._asdict().items():
         have = np.from_dlpack(getattr(got, name))
@@ -205,8 +220,8 @@ def test_quality_block_on_array_api_strict_matches_numpy(correct, with_refs):
 
 def test_quality_block_is_deterministic():
     args = _block_inputs(seed=10)
-    a = kq.quality_block(*args, interval_s=900.0)
-    b = kq.quality_block(*(x.copy() for x in args), interval_s=900.0)
+    a = kq.quality_block(*args, **params(interval_s=900.0))
+    b = kq.quality_block(*(x.copy() for x in args), **params(interval_s=900.0))
     for name in a._fields:
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
@@ -214,7 +229,7 @@ def test_quality_block_is_deterministic():
 def test_quality_block_float32_keeps_dtype():
     args = list(_block_inputs(seed=11))
     args[0] = args[0].astype(np.float32)
-    r = kq.quality_block(*args, interval_s=900.0)
+    r = kq.quality_block(*args, **params(interval_s=900.0))
     assert r.voltage.dtype == np.float32
 
 
@@ -260,9 +275,56 @@ def test_quality_block_complete_rows_and_inf_match_array_api_strict():
         if extra is not None:
             a[0][extra[0], extra[1]] = extra[2]
         before = a[0].copy()
-        ref = kq.quality_block(*a, **kw)
+        ref = kq.quality_block(*a, **params(**kw))
         np.testing.assert_array_equal(a[0], before)  # the input is not modified
-        got = kq.quality_block(*(xps.asarray(x) for x in a), **kw)
+        got = kq.quality_block(*(xps.asarray(x) for x in a), **params(**kw))
         for name, want in ref._asdict().items():
             have = np.from_dlpack(getattr(got, name))
             np.testing.assert_allclose(have, want, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=name)
+
+
+def test_detect_kilovolts_is_the_kv_rule_of_detect_units():
+    rng = np.random.default_rng(13)
+    med = np.concatenate([rng.uniform(0.05, 600.0, 200), rng.uniform(0.08, 0.6, 100), [np.nan, 0.0, -0.24]])
+    nom = rng.choice([120.0, 208.0, 240.0, 277.0, 480.0, np.nan, 0.0], med.size)
+    for mod in (np, xps):
+        kv = np.asarray(kq.detect_kilovolts(mod.asarray(med), mod.asarray(nom), min_pu=0.8, max_pu=1.1))
+        scale, _, code, _ = kq.detect_units(mod.asarray(med), mod.asarray(nom), min_pu=0.8, max_pu=1.1)
+        np.testing.assert_array_equal(kv, np.asarray(code) == kq.UNITS_KV)
+        np.testing.assert_array_equal(kv, np.asarray(scale) == 1000.0)
+    assert kv.sum() > 20 and not kv[-3:].any()
+    known = np.isfinite(nom) & (nom > 0)
+    pu = 1000.0 * med / np.where(known, nom, np.nan)
+    np.testing.assert_array_equal(
+        kv[known], ((pu >= 0.8) & (pu <= 1.1))[known]
+    )  # no V reading is in band there
+
+
+def test_sampling_consistency_flags_interval_and_off_grid():
+    si = np.array([900.0, 905.0, 950.0, np.nan, 900.0, 300.0])
+    og = np.array([0.0, 0.0, 0.0, 0.5, np.nan, np.nan])
+    for mod in (np, xps):
+        bad = kq.sampling_consistency(
+            mod.asarray(si),
+            mod.asarray(og),
+            interval_s=900.0,
+            sampling_rel_tol=0.01,
+            max_off_grid_fraction=0.05,
+        )
+        assert np.asarray(bad).tolist() == [False, False, True, True, False, True]
+
+
+def test_clock_offset_flag_needs_the_margin():
+    off = np.array([100.0, 100.0, -100.0, 50.0, np.nan, 100.0])
+    se = np.array([10.0, 30.0, 10.0, 1.0, 1.0, np.nan])
+    for mod in (np, xps):
+        flag = kq.clock_offset_flag(mod.asarray(off), mod.asarray(se), limit_s=60.0, z=2.0)
+        assert np.asarray(flag).tolist() == [True, False, True, False, False, True]
+
+
+def test_quality_block_needs_every_threshold():
+    args = _block_inputs(seed=14)
+    kw = params(interval_s=900.0)
+    del kw["max_flat_run"]
+    with pytest.raises(TypeError, match="max_flat_run"):
+        kq.quality_block(*args, **kw)
