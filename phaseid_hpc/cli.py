@@ -333,11 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store, for the data period, locations and projections (default: the run's store)")
     s.set_defaults(func=_cmd_report)
 
-    s = command("ingest-service", "consume meter reads from an AMQP broker into a store",
-                "PHASEID_AMQP_URL=amqp://... phaseid ingest-service --queue meter-reads --store store.zarr")
-    s.add_argument("--amqp", default=None,
-                   help="amqp://user:pass@host:5672/vhost (prefer PHASEID_AMQP_URL or --amqp-url-file)")
-    s.add_argument("--amqp-url-file", default=None, help="file holding the URL (mode 0600)")
+    s = command("ingest-service", "consume meter reads from a broker (AMQP or STOMP) into a store",
+                "PHASEID_AMQP_URL=amqp://... phaseid ingest-service --queue meter-reads --store store.zarr\n"
+                "  PHASEID_STOMP_URL_FILE=/run/credentials/stomp-url phaseid ingest-service --stomp \\\n"
+                "      --queue meter-reads --store store.zarr")
+    from .ingest_service import add_broker_arguments
+
+    add_broker_arguments(s)
     s.add_argument("--queue", required=True, help="queue to consume")
     s.add_argument("--store", required=True, help="Zarr store to extend")
     s.add_argument("--config", default=None, help="service config (TOML)")

@@ -1,11 +1,15 @@
-"""Broker ingest: meter reads from the head-end's AMQP broker (RabbitMQ) into the store.
+"""Broker ingest: meter reads from the head-end's broker (RabbitMQ over AMQP or STOMP) into the store.
 
 ``phaseid ingest-service`` consumes one queue and upserts the reads into the same Zarr store as file ingest
-(through :func:`phaseid_hpc.ingest.ingest_frame`). Delivery is at-least-once from the broker and exactly-once
+(through :func:`phaseid_hpc.ingest.ingest_frame`). The protocol is a transport
+(:mod:`phaseid_hpc.broker_transport`): AMQP 0-9-1 on port 5672 (``amqp://`` URLs) or STOMP 1.2 on
+RabbitMQ's STOMP plugin, port 61613 (``stomp://`` URLs, ``--stomp``); batching, acknowledgement and
+dead-lettering below are the same for both. Delivery is at-least-once from the broker and exactly-once
 in the store:
 
 * a message is acknowledged only after the batch holding it is durably in the store (``ingest_frame``
-  returns after publishing), with one ``basic.ack(multiple=True)`` up to the batch's last delivery tag;
+  returns after publishing), with one cumulative ack up to the batch's last delivery (AMQP
+  ``basic.ack(multiple=True)``, STOMP ``ACK`` in ``ack: client`` mode);
 * a store cell is keyed by (meter, timestamp), so a redelivered message rewrites the same cells with the same
   values and duplicates nothing. A crash between the write and the ack only causes a redelivery.
 
@@ -32,7 +36,8 @@ Malformed messages, quarantine and the dead-letter queue
 --------------------------------------------------------
 * A message that cannot be turned into typed rows (undecodable, not JSON/CSV, a required field missing,
   an empty ``meter_id``, an unparseable timestamp or a non-numeric value, too large) is *malformed*: it is
-  published unchanged to ``<queue>.dlq`` (durable, publisher-confirmed) with headers ``reason`` (text),
+  published unchanged to ``<queue>.dlq`` (durable, publisher-confirmed: AMQP confirms, a STOMP receipt) with
+  headers ``reason`` (text),
   ``source_queue`` and ``rejected_at``, and then acknowledged with its batch. Never a crash, never a drop.
 * A typed row that the store cannot take (unknown meter, timestamp outside the store's time axis or off its
   grid, ...) is quarantined by ``ingest_frame`` with a reason and counted in ``ServiceStats.rows_quarantined``.
@@ -55,7 +60,7 @@ broker can send no more (``prefetch_count`` messages unacknowledged). One writer
 while the consumer thread parses batch *n+1*; at most one write is in flight, so memory is bounded by the
 prefetch and the broker holds the rest (backpressure). Every ``service.metrics_interval_s`` one log line
 ``ingest-service metrics`` gives ``reads_per_s`` (written to the store over the interval), ``queue_depth``
-(messages ready in the queue), ``lag_s`` (now minus the AMQP ``timestamp`` property of the newest
+(messages ready in the queue; AMQP only), ``lag_s`` (now minus the ``timestamp`` property of the newest
 acknowledged message, when publishers set it), ``rejected`` (dead-lettered messages) and ``quarantined``
 (rows). SIGTERM/SIGINT (:func:`stop_on_signals`) write and acknowledge the open batch, return prefetched
 messages to the queue and close the connection. A lost connection is retried with backoff: unacknowledged
@@ -80,7 +85,6 @@ import stat
 import threading
 import time
 import tomllib
-import urllib.parse
 import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -92,6 +96,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .broker_transport import BrokerError, Delivery, Transport, make_transport, redacted_url
 from .config import RunConfig, build_section, load_config, read_config_file
 from .contract import READINGS_OPTIONAL, READINGS_REQUIRED
 from .errors import ConfigError, ContractError, PhaseIDError, StoreError
@@ -102,6 +107,8 @@ __all__ = [
     "IngestServiceConfig",
     "MalformedMessageError",
     "ServiceStats",
+    "add_broker_arguments",
+    "broker_url_from_args",
     "build_parser",
     "load_service_config",
     "main",
@@ -110,14 +117,23 @@ __all__ = [
     "parse_json_reads",
     "parse_message",
     "resolve_amqp_url",
+    "resolve_broker_url",
     "run_ingest_service",
 ]
 
 _LOGGER = logging.getLogger("phaseid_hpc.run.ingest_service")
 
-#: Environment variables read by :func:`resolve_amqp_url` (only through its ``environ`` argument).
+#: Environment variables read by :func:`resolve_broker_url` (only through its ``environ`` argument).
 ENV_AMQP_URL = "PHASEID_AMQP_URL"
 ENV_AMQP_URL_FILE = "PHASEID_AMQP_URL_FILE"
+ENV_STOMP_URL = "PHASEID_STOMP_URL"
+ENV_STOMP_URL_FILE = "PHASEID_STOMP_URL_FILE"
+#: Per protocol: the URL and URL-file variables, and the schemes a URL may have.
+_BROKER_ENV = {
+    "amqp": (ENV_AMQP_URL, ENV_AMQP_URL_FILE, ("amqp://", "amqps://"), "amqp://user:pass@host:5672/vhost"),
+    "stomp": (ENV_STOMP_URL, ENV_STOMP_URL_FILE, ("stomp://", "stomp+ssl://"),
+              "stomp://user:pass@host:61613/vhost"),
+}
 
 _READ_COLUMNS = READINGS_REQUIRED + READINGS_OPTIONAL
 #: Deepest JSON nesting accepted (the envelope ``{"reads": [{...}]}`` has three levels).
@@ -132,10 +148,6 @@ class MalformedMessageError(ContractError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class BrokerError(PhaseIDError):
-    """The AMQP broker cannot be reached, refuses the credentials, or a dead-letter publish was not confirmed."""
 
 
 @dataclass(frozen=True)
@@ -439,24 +451,28 @@ def _parse_message(body: bytes, content_type: str | None, content_encoding: str 
 # ------------------------------------------------------------------------------------ configuration
 
 
-def resolve_amqp_url(url: str | None = None, *, url_file: str | os.PathLike[str] | None = None,
-                     environ: Mapping[str, str] | None = None) -> str:
-    """The broker URL, from (in order) ``url``, ``url_file``, ``$PHASEID_AMQP_URL``, ``$PHASEID_AMQP_URL_FILE``.
+def resolve_broker_url(url: str | None = None, *, url_file: str | os.PathLike[str] | None = None,
+                       environ: Mapping[str, str] | None = None, protocol: str = "amqp") -> str:
+    """The broker URL of ``protocol`` (``amqp`` or ``stomp``), from (in order) ``url``, ``url_file``,
+    ``$PHASEID_<PROTOCOL>_URL``, ``$PHASEID_<PROTOCOL>_URL_FILE``.
 
-    A URL file holds one line ``amqp://user:pass@host:5672/vhost``; it must not be readable by group or
-    others (``chmod 600``; systemd ``LoadCredential=`` files qualify) and is refused otherwise.
-    Production deployments should use the environment or the file, never a URL on the command line
-    (it shows in ``ps`` and shell history).
+    A URL file holds one line (``amqp://user:pass@host:5672/vhost``, ``stomp://user:pass@host:61613/vhost``);
+    it must not be readable by group or others (``chmod 600``; systemd ``LoadCredential=`` files qualify)
+    and is refused otherwise. Production deployments should use the environment or the file, never a URL on
+    the command line (it shows in ``ps`` and shell history).
     """
+    if protocol not in _BROKER_ENV:
+        raise ConfigError(f"unknown broker protocol {protocol!r}; expected one of {sorted(_BROKER_ENV)}")
+    env_url, env_file, schemes, example = _BROKER_ENV[protocol]
     env = os.environ if environ is None else environ
     if url:
         return url
-    path = url_file or env.get(ENV_AMQP_URL_FILE) or None
-    if url_file is None and env.get(ENV_AMQP_URL):
-        return env[ENV_AMQP_URL]
+    path = url_file or env.get(env_file) or None
+    if url_file is None and env.get(env_url):
+        return env[env_url]
     if path is None:
         raise ConfigError(
-            f"no broker URL: pass --amqp-url-file PATH, or set ${ENV_AMQP_URL} or ${ENV_AMQP_URL_FILE}"
+            f"no broker URL ({protocol.upper()}): pass --{protocol}-url-file PATH, or set ${env_url} or ${env_file}"
         )
     p = Path(path)
     try:
@@ -469,9 +485,15 @@ def resolve_amqp_url(url: str | None = None, *, url_file: str | os.PathLike[str]
             f"accessible to group or others; run chmod 600 {str(p)!r}"
         )
     text = p.read_text().strip()
-    if not text.startswith(("amqp://", "amqps://")):
-        raise ConfigError(f"broker URL file {str(p)!r}: expected one line amqp://user:pass@host:port/vhost")
+    if not text.startswith(schemes):
+        raise ConfigError(f"broker URL file {str(p)!r}: expected one line {example}")
     return text
+
+
+def resolve_amqp_url(url: str | None = None, *, url_file: str | os.PathLike[str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> str:
+    """:func:`resolve_broker_url` for AMQP (``$PHASEID_AMQP_URL``, ``$PHASEID_AMQP_URL_FILE``)."""
+    return resolve_broker_url(url, url_file=url_file, environ=environ, protocol="amqp")
 
 
 def load_service_config(path: str | os.PathLike[str] | None = None, *,
@@ -514,13 +536,7 @@ def _validate_service_config(svc: IngestServiceConfig) -> None:
         raise ConfigError("config key 'service.dead_letter_suffix' must not be empty")
 
 
-def _redacted(url: str) -> str:
-    u = urllib.parse.urlsplit(url)
-    host = u.hostname or ""
-    netloc = f"{u.username}:***@{host}" if u.username else host
-    if u.port:
-        netloc += f":{u.port}"
-    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, "", ""))
+_redacted = redacted_url
 
 
 # ----------------------------------------------------------------------------------------- consumer
@@ -530,9 +546,7 @@ def _redacted(url: str) -> str:
 class _Pending:
     """One consumed message waiting for its batch to be written."""
 
-    tag: int
-    body: bytes
-    props: Any
+    delivery: Delivery
     reads: pd.DataFrame | None  # None: already dead-lettered
 
 
@@ -562,87 +576,29 @@ def _count_quarantined(report: Any) -> int:
 
 
 class _Consumer:
-    """One connection's worth of consuming; :func:`run_ingest_service` reconnects around it."""
+    """One connection's worth of consuming through ``transport``; :func:`run_ingest_service` reconnects
+    around it."""
 
-    def __init__(self, url: str, queue: str, store: Any, run: RunConfig, svc: IngestServiceConfig,
+    def __init__(self, transport: Transport, store: Any, run: RunConfig, svc: IngestServiceConfig,
                  sink: Callable[..., Any], stats: ServiceStats, stop: threading.Event,
                  stop_when_idle_s: float | None, executor: concurrent.futures.Executor) -> None:
-        self.url, self.queue, self.store, self.run, self.svc = url, queue, store, run, svc
+        self.transport, self.queue, self.store, self.run, self.svc = transport, transport.queue, store, run, svc
         self.sink, self.stats, self.stop = sink, stats, stop
         self.stop_when_idle_s = stop_when_idle_s
-        self.dlq = queue + svc.dead_letter_suffix
+        self.dlq = transport.dead_letter_queue
         self.last_metrics = time.monotonic()
         self.metrics_reads = 0
         self.last_latency_s: float | None = None
         self.executor = executor
         self.inflight: tuple[concurrent.futures.Future, _Batch] | None = None
 
-    # -- broker plumbing
-    def connect(self) -> None:
-        import pika
-
-        params = pika.URLParameters(self.url)
-        params.heartbeat = self.svc.heartbeat_s
-        params.client_properties = {"connection_name": f"phaseid-ingest-service {self.queue} pid={os.getpid()}"}
-        self.conn = pika.BlockingConnection(params)
-        self.ch = self._ensure_queue(self.queue, declare=self.svc.declare_queue)
-        self.pub = self._ensure_queue(self.dlq, declare=True)
-        self.pub.confirm_delivery()
-        self.ch.basic_qos(prefetch_count=self.svc.prefetch_count)
-
-    def _ensure_queue(self, name: str, *, declare: bool) -> Any:
-        """A channel on which ``name`` exists: an existing queue is used as it is (classic, quorum, with or
-        without its own dead-letter arguments); a missing one is declared durable when ``declare``."""
-        import pika
-
-        ch = self.conn.channel()
-        try:
-            ch.queue_declare(name, passive=True)
-            return ch
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != 404 or not declare:
-                raise BrokerError(f"queue {name!r} on {_redacted(self.url)}: {exc.reply_text} "
-                                  f"(service.declare_queue = {str(declare).lower()})") from exc
-        ch = self.conn.channel()
-        ch.queue_declare(name, durable=True)
-        return ch
-
-    def close(self) -> None:
-        conn = getattr(self, "conn", None)
-        if conn is not None and conn.is_open:
-            try:
-                self.ch.cancel()  # requeues prefetched messages that were never handed to us
-            finally:
-                conn.close()
-
     def dead_letter(self, item: _Pending, reason: str) -> None:
-        import pika
-
-        props = item.props
-        headers = dict(getattr(props, "headers", None) or {})
-        headers.update({
+        """Publish ``item`` unchanged to the dead-letter queue (confirmed) with a ``reason`` header."""
+        self.transport.dead_letter(item.delivery, {
             "reason": reason[:4000],
             "source_queue": self.queue,
             "rejected_at": datetime.now(UTC).isoformat(timespec="seconds"),
         })
-        try:
-            self.pub.basic_publish(
-                exchange="",
-                routing_key=self.dlq,
-                body=item.body,
-                properties=pika.BasicProperties(
-                    content_type=getattr(props, "content_type", None),
-                    content_encoding=getattr(props, "content_encoding", None),
-                    message_id=getattr(props, "message_id", None),
-                    timestamp=getattr(props, "timestamp", None),
-                    delivery_mode=2,
-                    headers=headers,
-                ),
-                mandatory=True,
-            )
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-            raise BrokerError(f"dead-letter publish to {self.dlq!r} was not confirmed ({exc!r}); "
-                              "the message stays unacknowledged") from exc
         item.reads = None
         self.stats.messages_dead_lettered += 1
         self.stats.dead_letter_reasons[reason.split(":", 1)[0]] += 1
@@ -657,7 +613,8 @@ class _Consumer:
         reads = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
         if len(frames) > 1:  # the same (meter, timestamp) twice in one batch: the last delivered wins
             reads = reads.drop_duplicates(["meter_id", "timestamp"], keep="last", ignore_index=True)
-        report = self.sink(self.store, reads, config=self.run.ingest, source=f"amqp:{self.queue}")
+        report = self.sink(self.store, reads, config=self.run.ingest,
+                           source=f"{self.transport.scheme}:{self.queue}")
         q = _count_quarantined(report)
         return len(reads) - q, q
 
@@ -675,7 +632,7 @@ class _Consumer:
         if not block and not future.done():
             return
         while not future.done():  # keep heartbeats flowing during a long write (deliveries are buffered)
-            self.conn.process_data_events(time_limit=0.2)
+            self.transport.keepalive(0.2)
         self.inflight = None
         try:
             written, quarantined = future.result()
@@ -684,14 +641,14 @@ class _Consumer:
         except Exception as exc:  # noqa: BLE001 - decided below: poison message or systemic failure
             written, quarantined = self.isolate(batch, exc)
         # Durable in the store (or dead-lettered with a confirm): now, and only now, acknowledge.
-        self.ch.basic_ack(delivery_tag=batch.items[-1].tag, multiple=True)
+        self.transport.ack_through(batch.items[-1].delivery)
         self.stats.batches += 1
         self.stats.reads_written += written
         self.stats.rows_quarantined += quarantined
         self.metrics_reads += written
-        ts = getattr(batch.items[-1].props, "timestamp", None)
+        ts = batch.items[-1].delivery.timestamp
         if ts:
-            self.last_latency_s = max(0.0, time.time() - float(ts))
+            self.last_latency_s = max(0.0, time.time() - ts)
 
     def isolate(self, batch: _Batch, exc: Exception) -> tuple[int, int]:
         """The sink raised for a batch: write it message by message and dead-letter the messages that fail.
@@ -739,7 +696,7 @@ class _Consumer:
             return
         depth = None
         try:
-            depth = self.pub.queue_declare(self.queue, passive=True).method.message_count
+            depth = self.transport.queue_depth()
         except Exception as exc:  # noqa: BLE001 - metrics must never stop the service
             _LOGGER.debug("queue depth unavailable: %r", exc)
         log_event(
@@ -757,15 +714,15 @@ class _Consumer:
         tick = min(svc.batch_max_seconds, 0.25)
         batch = _Batch()
         last_message = time.monotonic()
-        for method, props, body in self.ch.consume(self.queue, inactivity_timeout=tick):
+        for delivery in self.transport.deliveries(tick):
             now = time.monotonic()
             self.settle(block=False)
-            if method is not None:
+            if delivery is not None:
                 last_message = now
                 self.stats.messages += 1
-                item = _Pending(method.delivery_tag, body, props, None)
+                item = _Pending(delivery, None)
                 try:
-                    item.reads = parse_message(body, props.content_type, props.content_encoding,
+                    item.reads = parse_message(delivery.body, delivery.content_type, delivery.content_encoding,
                                                max_bytes=svc.max_message_bytes)
                     self.stats.reads_received += len(item.reads)
                 except MalformedMessageError as exc:
@@ -796,7 +753,7 @@ class _Consumer:
 
 
 def run_ingest_service(
-    amqp_url: str,
+    broker_url: str,
     queue: str,
     store: str | os.PathLike[str],
     *,
@@ -810,8 +767,9 @@ def run_ingest_service(
 
     Parameters
     ----------
-    amqp_url : str
-        ``amqp://user:pass@host:5672/vhost`` (see :func:`resolve_amqp_url` for where to keep it).
+    broker_url : str
+        ``amqp://user:pass@host:5672/vhost`` (AMQP) or ``stomp://user:pass@host:61613/vhost`` (STOMP); the
+        scheme picks the transport (see :func:`resolve_broker_url` for where to keep the URL).
     queue : str
         Queue to consume; declared durable if missing (``service.declare_queue``). Malformed messages go to
         ``queue + service.dead_letter_suffix``.
@@ -841,8 +799,6 @@ def run_ingest_service(
     StoreError, OSError
         The store cannot be written; nothing unwritten was acknowledged.
     """
-    import pika
-
     run = config or RunConfig()
     svc = service_config or IngestServiceConfig()
     _validate_service_config(svc)
@@ -852,29 +808,31 @@ def run_ingest_service(
     t0 = time.monotonic()
     backoff = 0.5
     connected_once = False
-    log_event(_LOGGER, "ingest-service starting", broker=_redacted(amqp_url), queue=queue, store=str(store),
+    log_event(_LOGGER, "ingest-service starting", broker=_redacted(broker_url), queue=queue, store=str(store),
               prefetch=svc.prefetch_count, batch_max_reads=svc.batch_max_reads,
               batch_max_seconds=svc.batch_max_seconds)
     # One writer thread: the next batch is parsed while the previous one is written (one write in flight).
     writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="phaseid-store-writer")
     try:
         while not stop.is_set():
-            consumer = _Consumer(amqp_url, queue, store, run, svc, sink, stats, stop, stop_when_idle_s, writer)
+            transport = make_transport(broker_url, queue, prefetch_count=svc.prefetch_count,
+                                       heartbeat_s=svc.heartbeat_s, declare_queue=svc.declare_queue,
+                                       dead_letter_queue=queue + svc.dead_letter_suffix)
+            consumer = _Consumer(transport, store, run, svc, sink, stats, stop, stop_when_idle_s, writer)
             try:
-                consumer.connect()
+                transport.connect()
                 connected_once, backoff = True, 0.5
                 consumer.consume()
                 consumer.metrics(time.monotonic(), force=True)
-                consumer.close()
+                transport.close()
                 break
-            except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
-                raise BrokerError(f"broker {_redacted(amqp_url)} refused the credentials or vhost: {exc!r}") from exc
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                raise BrokerError(f"broker closed the channel on queue {queue!r}: {exc!r}") from exc
-            except pika.exceptions.AMQPError as exc:
+            except transport.errors as exc:
+                fatal = transport.fatal(exc)
+                if fatal is not None:
+                    raise fatal from exc
                 # Unacknowledged messages (written or not) are redelivered; the upsert makes that harmless.
                 if not connected_once or svc.reconnect_max_s == 0:
-                    raise BrokerError(f"broker {_redacted(amqp_url)} unreachable or connection lost: {exc!r}") from exc
+                    raise BrokerError(f"broker {_redacted(broker_url)} unreachable or connection lost: {exc!r}") from exc
                 stats.reconnects += 1
                 log_event(_LOGGER, "broker connection lost; reconnecting", logging.WARNING,
                           error=repr(exc), retry_in_s=backoff)
@@ -882,12 +840,7 @@ def run_ingest_service(
                 backoff = min(backoff * 2, svc.reconnect_max_s)
             finally:
                 consumer.wait_inflight()
-                conn = getattr(consumer, "conn", None)
-                if conn is not None and conn.is_open:
-                    try:
-                        conn.close()
-                    except pika.exceptions.AMQPError:
-                        pass
+                transport.abort()
     finally:
         writer.shutdown(wait=True)
         stats.elapsed_s = time.monotonic() - t0
@@ -914,9 +867,7 @@ def stop_on_signals(stop_event: threading.Event, signals: tuple[int, ...] = (sig
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``phaseid ingest-service`` (added to ``parser`` when given)."""
     p = parser or argparse.ArgumentParser(prog="phaseid ingest-service", description=__doc__.split("\n", 1)[0])
-    p.add_argument("--amqp", default=None,
-                   help="broker URL (development only: prefer $PHASEID_AMQP_URL or --amqp-url-file)")
-    p.add_argument("--amqp-url-file", default=None, help="file holding the broker URL, mode 0600")
+    add_broker_arguments(p)
     p.add_argument("--queue", required=True, help="queue to consume")
     p.add_argument("--store", required=True, help="existing Zarr store")
     p.add_argument("--config", default=None, help="ingest-service TOML ([service] + run config tables)")
@@ -927,13 +878,44 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def add_broker_arguments(p: argparse.ArgumentParser) -> None:
+    """The broker options of ``phaseid ingest-service``: protocol and where its URL comes from."""
+    p.add_argument("--amqp", default=None,
+                   help="AMQP broker URL (development only: prefer $PHASEID_AMQP_URL or --amqp-url-file)")
+    p.add_argument("--amqp-url-file", default=None, help="file holding the AMQP broker URL, mode 0600")
+    p.add_argument("--stomp", action="store_true",
+                   help="consume over STOMP (RabbitMQ's STOMP plugin, port 61613) instead of AMQP; the URL "
+                        "stomp://user:pass@host:61613/vhost comes from $PHASEID_STOMP_URL, "
+                        "$PHASEID_STOMP_URL_FILE or --stomp-url-file, never from the command line")
+    p.add_argument("--stomp-url-file", default=None, help="file holding the STOMP broker URL, mode 0600 "
+                                                           "(implies --stomp)")
+
+
+def broker_url_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str:
+    """The broker URL that the ``ingest-service`` options ask for (see :func:`add_broker_arguments`).
+
+    Raises
+    ------
+    ConfigError
+        AMQP and STOMP options mixed, or no URL found (the message names the variables and the option).
+    """
+    stomp = bool(getattr(args, "stomp", False) or getattr(args, "stomp_url_file", None))
+    if stomp and (getattr(args, "amqp", None) or getattr(args, "amqp_url_file", None)):
+        raise ConfigError("--stomp/--stomp-url-file and --amqp/--amqp-url-file exclude each other: pick one broker")
+    if stomp:
+        return resolve_broker_url(None, url_file=getattr(args, "stomp_url_file", None), environ=environ,
+                                  protocol="stomp")
+    return resolve_broker_url(getattr(args, "amqp", None), url_file=getattr(args, "amqp_url_file", None),
+                              environ=environ, protocol="amqp")
+
+
 def main_from_cli(args: argparse.Namespace, config: RunConfig | None = None) -> int:
     """Run ``phaseid ingest-service`` from parsed arguments (see :func:`build_parser`); return the exit code.
 
     Sets up the log on stderr (journald), SIGTERM/SIGINT handlers for a clean stop, reads the config
     (``args.config`` through :func:`load_service_config`; ``config`` is used for the run tables only when no
-    file is given) and the broker URL (:func:`resolve_amqp_url`). Exit code 0 after a clean stop, 1 after an
-    error (logged).
+    file is given) and the broker URL (:func:`broker_url_from_args`). Exit code 0 after a clean stop, 1
+    after an error (logged).
     """
     import dataclasses
 
@@ -947,7 +929,7 @@ def main_from_cli(args: argparse.Namespace, config: RunConfig | None = None) -> 
         over = {"batch_max_reads": getattr(args, "batch_reads", None),
                 "batch_max_seconds": getattr(args, "batch_seconds", None)}
         svc = dataclasses.replace(svc, **{k: v for k, v in over.items() if v is not None})
-        url = resolve_amqp_url(args.amqp, url_file=getattr(args, "amqp_url_file", None))
+        url = broker_url_from_args(args)
         stop = threading.Event()
         stop_on_signals(stop)
         run_ingest_service(url, args.queue, args.store, config=run, service_config=svc, stop_event=stop,
