@@ -103,6 +103,13 @@ import zarr
 from . import contract
 from .config import IngestConfig
 from .errors import ContractError, DataError, PhaseIDError, StoreError
+from .input_formats import (
+    CHANNEL_COLUMNS,
+    column_map_help,
+    guess_timestamp_format,
+    normalise_phases,
+    pivot_channels,
+)
 from .store import (
     DECIVOLT_SCALE,
     INT16_FILL,
@@ -177,6 +184,19 @@ class IngestReport:
     #: Human-readable lines (kV scaling, ignored columns, store creation).
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    #: Time zone naive timestamps were read in (``[ingest] timezone``).
+    timezone: str = "UTC"
+    #: Phase labels of the meters table rewritten to contract names: ``{as found: contract label}``.
+    phase_labels: dict[str, str] = field(default_factory=dict)
+    #: Channel layout: rows of the exports read, before the pivot to interval rows (``rows_read``).
+    channel_rows_read: int = 0
+    #: Channel layout: rows identical to another (meter, channel, interval end, value) dropped.
+    channel_duplicates_identical: int = 0
+    #: Channel layout: rows of channels listed in ``[ingest] channel_ignore``, by channel.
+    channel_rows_ignored: dict[str, int] = field(default_factory=dict)
+    #: Timestamps that did not parse (quarantined as ``invalid_timestamp``) and a few of them as found.
+    timestamps_unparsed: int = 0
+    timestamp_examples: list[str] = field(default_factory=list, repr=False)
 
     @property
     def rows_accepted(self) -> int:
@@ -200,10 +220,19 @@ class IngestReport:
             "duplicates_identical",
             "snapped",
             "time_steps_added",
+            "channel_rows_read",
+            "channel_duplicates_identical",
+            "timestamps_unparsed",
         ):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         for r, n in other.quarantined.items():
             self.quarantined[r] = self.quarantined.get(r, 0) + n
+        for r, n in other.channel_rows_ignored.items():
+            self.channel_rows_ignored[r] = self.channel_rows_ignored.get(r, 0) + n
+        self.phase_labels.update(other.phase_labels)
+        self.timestamp_examples += [e for e in other.timestamp_examples if e not in self.timestamp_examples][
+            : max(0, 5 - len(self.timestamp_examples))
+        ]
         self.kv_scaled_meters += [m for m in other.kv_scaled_meters if m not in self.kv_scaled_meters]
         self.meters = max(self.meters, other.meters)
         if other.time_start is not None:
@@ -289,35 +318,114 @@ def _store_state(path: Path) -> _StoreState:
 
 # ----------------------------------------------------------------------------------------------- parsing
 def _apply_column_map(df: pd.DataFrame, column_map: dict[str, str], source: str) -> pd.DataFrame:
+    header = [str(c) for c in df.columns]
     if column_map:
         df = df.rename(columns=column_map)
     missing = [c for c in contract.READINGS_REQUIRED if c not in df.columns]
     if missing:
-        raise ContractError(
-            f"{source}: missing required column(s) {missing}; found {list(df.columns)} "
-            f"(map other names with IngestConfig.column_map)"
-        )
+        raise ContractError(column_map_help(source, header, missing, contract.READINGS_OPTIONAL,
+                                            "ingest.column_map"))
     return df
 
 
-def _parse_timestamps(s: pd.Series) -> np.ndarray:
-    """UTC epoch [ns] as int64; unparsable or outside [1900, 2200) -> ``_NAT``. Naive values are UTC.
+def _original_name(config: IngestConfig, name: str) -> str:
+    """The header name that ``[ingest] column_map`` maps onto contract column ``name``."""
+    return next((k for k, v in config.column_map.items() if v == name), name)
 
-    The range is checked in the parsed values' own resolution, before any conversion to nanoseconds, so a
-    far-future date (``9999-12-31``, year 2610) is refused instead of wrapping around onto a real time.
+
+def _timestamp_help(what: str, column: str, n_bad: int, n: int, examples: Sequence[str],
+                    config: IngestConfig) -> str:
+    """Message for timestamps that did not parse: how many, examples, the file and column, the key to set."""
+    shown = ", ".join(repr(e) for e in examples[:5])
+    now = (f'[ingest] timestamp_format = "{config.timestamp_format}"' if config.timestamp_format
+           else "ISO 8601 ([ingest] timestamp_format unset)")
+    fmts = guess_timestamp_format(examples)
+    fix = (f'set [ingest] timestamp_format = "{fmts[0]}"'
+           + (f" (or {', '.join(repr(f) for f in fmts[1:3])}: the examples fit several)" if len(fmts) > 1 else "")
+           if fmts else 'set [ingest] timestamp_format to their strftime format (e.g. "%m/%d/%Y %H:%M")')
+    return (
+        f"{what}, column {column!r}: {n_bad:,} of {n:,} timestamps did not parse as {now} (e.g. {shown}); {fix}, "
+        f"and [ingest] timezone (now {config.timezone!r}) if they carry no UTC offset"
+    )
+
+
+@dataclass
+class _TimestampTally:
+    """Unparsable timestamps of one file: counted, with a few examples."""
+
+    n: int = 0
+    n_bad: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, raw: pd.Series, ts: np.ndarray) -> None:
+        bad = ts == _NAT
+        self.n += len(ts)
+        self.n_bad += int(bad.sum())
+        if bad.any() and len(self.examples) < 5:
+            for v in raw[bad].head(20).astype(str):
+                if v not in self.examples and len(self.examples) < 5:
+                    self.examples.append(v)
+
+    def check(self, path: Path, config: IngestConfig) -> None:
+        """Raise :class:`DataError` when more than half of the file's timestamps did not parse."""
+        if self.n and self.n_bad * 2 > self.n:
+            raise DataError(_timestamp_help(f"readings file {str(path)!r}", _original_name(config, "timestamp"),
+                                            self.n_bad, self.n, self.examples, config)
+                            + "; nothing was written")
+
+
+#: A time of day followed by a UTC offset (``Z``, ``+02:00``, ``-0500``): the string carries its own zone.
+_HAS_OFFSET = r"\d:\d\d(?::\d\d(?:[.,]\d+)?)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)$"
+
+
+def _localize(naive: pd.Series, tz: str) -> pd.Series:
+    """Naive wall times in ``tz`` -> naive UTC; times a DST change skips or repeats -> NaT."""
+    if tz == "UTC":
+        return naive
+    try:
+        aware = naive.dt.tz_localize(tz, ambiguous="NaT", nonexistent="NaT")
+    except (OverflowError, ValueError, pd.errors.OutOfBoundsDatetime):
+        return pd.Series(pd.NaT, index=naive.index, dtype="datetime64[ns]")
+    return aware.dt.tz_convert("UTC").dt.tz_localize(None)
+
+
+def _to_datetime(s: pd.Series, **kw: Any) -> pd.Series:
+    try:
+        return pd.to_datetime(s, errors="coerce", **kw)
+    except (TypeError, ValueError, OverflowError):  # objects pandas refuses outright (lists, dicts, ...)
+        return pd.to_datetime(s.astype(str), errors="coerce", **kw)
+
+
+def _parse_timestamps(s: pd.Series, fmt: str = "", tz: str = "UTC") -> np.ndarray:
+    """UTC epoch [ns] as int64; unparsable or outside [1900, 2200) -> ``_NAT``.
+
+    Strings are parsed with strftime format ``fmt`` (``""``: ISO 8601). Values with a UTC offset (or a
+    tz-aware column) are converted to UTC; naive values are wall times in IANA zone ``tz``, and those a
+    DST change skips or repeats are unparsable. The range is checked in the parsed values' own resolution,
+    before any conversion to nanoseconds, so a far-future date (``9999-12-31``, year 2610) is refused
+    instead of wrapping around onto a real time.
     """
     if isinstance(s.dtype, pd.DatetimeTZDtype):
         out = s.dt.tz_convert("UTC").dt.tz_localize(None)
     elif pd.api.types.is_datetime64_dtype(s.dtype):
-        out = s
+        out = _localize(s, tz)
     elif pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype):
         return np.full(len(s), _NAT, np.int64)
+    elif fmt:
+        if "%z" in fmt or "%Z" in fmt:
+            out = _to_datetime(s, format=fmt, utc=True).dt.tz_localize(None)
+        else:
+            out = _localize(_to_datetime(s, format=fmt), tz)
+    elif tz == "UTC":
+        out = _to_datetime(s, utc=True, format="ISO8601").dt.tz_localize(None)
     else:
-        try:
-            out = pd.to_datetime(s, utc=True, errors="coerce", format="ISO8601")
-        except (TypeError, ValueError, OverflowError):  # objects pandas refuses outright (lists, dicts, ...)
-            out = pd.to_datetime(s.astype(str), utc=True, errors="coerce", format="ISO8601")
-        out = out.dt.tz_localize(None)
+        text = s.astype(str).str.strip()
+        aware = text.str.contains(_HAS_OFFSET, regex=True).to_numpy()
+        out = pd.Series(pd.NaT, index=s.index, dtype="datetime64[ns]")
+        if aware.any():
+            out[aware] = _to_datetime(text[aware], utc=True, format="ISO8601").dt.tz_localize(None)
+        if (~aware).any():
+            out[~aware] = _localize(_to_datetime(text[~aware], format="ISO8601"), tz)
     arr = np.asarray(out.to_numpy())
     if arr.dtype.kind != "M":
         return np.full(len(s), _NAT, np.int64)
@@ -470,8 +578,13 @@ def _ingest_batch(
     mi = _meter_positions(df["meter_id"], st.meter_index, st.meter_ids)
     reason[mi < 0] = _R["unknown_meter"]
     # timestamps
-    ts = _parse_timestamps(df["timestamp"])
+    ts = _parse_timestamps(df["timestamp"], config.timestamp_format, config.timezone)
     reason[(reason == 0) & (ts == _NAT)] = _R["invalid_timestamp"]
+    report.timezone = config.timezone
+    bad_ts = (ts == _NAT) & (mi >= 0)
+    report.timestamps_unparsed = int(bad_ts.sum())
+    if report.timestamps_unparsed:
+        report.timestamp_examples = list(dict.fromkeys(df["timestamp"][bad_ts].head(20).astype(str)))[:5]
     raw = (mi >= 0) & (ts != _NAT)  # a raw read of a known meter (counts for the sampling statistics)
     # values
     volt = _parse_numbers(df["voltage_v"])
@@ -900,9 +1013,17 @@ def _read_table(path: Path, what: str) -> pd.DataFrame:
 
 
 def _iter_batches(
-    path: Path, config: IngestConfig, columns: Sequence[str] | None = None
+    path: Path, config: IngestConfig, columns: Sequence[str] | None = None, pivots: list[Any] | None = None
 ) -> Iterator[pd.DataFrame]:
-    """Stream a readings file in batches of ``config.batch_rows`` rows (columns mapped)."""
+    """Stream a readings file in batches of ``config.batch_rows`` rows (columns mapped).
+
+    A channel-layout file (``[ingest] readings_layout = "channel"``) is read whole, pivoted to wide rows
+    (:func:`~phaseid_hpc.input_formats.pivot_channels`) and handed out in batches; what the pivot did is
+    appended to ``pivots`` when given.
+    """
+    if config.readings_layout == "channel":
+        yield from _channel_batches(path, config, columns, pivots)
+        return
     inverse = {v: k for k, v in config.column_map.items()}
     if path.suffix.lower() in (".parquet", ".pq"):
         pf = pq.ParquetFile(path)
@@ -920,7 +1041,31 @@ def _iter_batches(
             yield chunk.rename(columns=config.column_map)
 
 
+def _channel_batches(
+    path: Path, config: IngestConfig, columns: Sequence[str] | None, pivots: list[Any] | None
+) -> Iterator[pd.DataFrame]:
+    if path.suffix.lower() in (".parquet", ".pq"):
+        raw = pd.read_parquet(path).astype(object)
+        raw = raw.where(raw.notna(), None)
+    else:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    raw = raw.rename(columns=config.column_map)
+    piv = pivot_channels(
+        raw, config.channel_map, config.channel_ignore, f"readings file {str(path)!r}",
+        parse_ns=lambda s: _parse_timestamps(s, config.timestamp_format, config.timezone),
+        interval_s=config.interval_s,
+    )
+    if pivots is not None:
+        pivots.append(piv)
+    wide = piv.wide if columns is None else piv.wide[[c for c in piv.wide.columns if c in columns]]
+    for start in range(0, len(wide), config.batch_rows):
+        yield wide.iloc[start : start + config.batch_rows].reset_index(drop=True)
+
+
 def _columns_of(path: Path, config: IngestConfig) -> list[str]:
+    if config.readings_layout == "channel":
+        cols = {_CHANNEL_TARGET[q] for q in config.channel_map.values()}
+        return ["meter_id", "timestamp", "voltage_v"] + [c for c in contract.READINGS_OPTIONAL if c in cols]
     if path.suffix.lower() in (".parquet", ".pq"):
         names = pq.ParquetFile(path).schema_arrow.names
     else:
@@ -934,12 +1079,14 @@ def _scan_grid(paths: Sequence[Path], meter_ids: pd.Index, config: IngestConfig)
     tmin, tmax = None, None
     stamps: list[np.ndarray] = []
     for p in paths:
+        tally = _TimestampTally()
         for b in _batches(p, config, columns=("meter_id", "timestamp")):
             if "timestamp" not in b.columns or "meter_id" not in b.columns:
-                raise ContractError(
-                    f"{p}: missing required column(s) ['meter_id', 'timestamp']; found {list(b.columns)}"
-                )
-            ts = _parse_timestamps(b["timestamp"])
+                raise ContractError(column_map_help(
+                    f"readings file {str(p)!r}", list(b.columns),
+                    [c for c in ("meter_id", "timestamp") if c not in b.columns], (), "ingest.column_map"))
+            ts = _parse_timestamps(b["timestamp"], config.timestamp_format, config.timezone)
+            tally.add(b["timestamp"], ts)
             mi = meter_ids.get_indexer(b["meter_id"].astype(str).to_numpy(dtype=object))
             ok = (ts != _NAT) & (mi >= 0)
             ts, mi = ts[ok], mi[ok]
@@ -952,6 +1099,7 @@ def _scan_grid(paths: Sequence[Path], meter_ids: pd.Index, config: IngestConfig)
             for v, c in zip(vals.tolist(), cnt.tolist()):
                 spacing[v] = spacing.get(v, 0) + c
             stamps.append(np.unique(ts))
+        tally.check(p, config)
     if config.interval_s > 0:
         iv = int(config.interval_s) * 10**9
     elif spacing:
@@ -964,10 +1112,13 @@ def _scan_grid(paths: Sequence[Path], meter_ids: pd.Index, config: IngestConfig)
     else:
         raise ContractError(
             f"cannot find the sampling interval: fewer than 2 valid reads per meter in {[str(p) for p in paths]}; "
-            "set IngestConfig.interval_s"
+            "set [ingest] interval_s"
         )
     if not stamps:
-        raise ContractError(f"no valid reads of known meters in {[str(p) for p in paths]}")
+        raise ContractError(
+            f"no valid reads of known meters in {[str(p) for p in paths]} (every read's meter is missing from "
+            "the meters table, or its timestamp did not parse)"
+        )
     allts = np.unique(np.concatenate(stamps))
     rem = np.mod(allts, iv)
     tol = round(config.snap_tolerance_s * 1e9)
@@ -977,6 +1128,11 @@ def _scan_grid(paths: Sequence[Path], meter_ids: pd.Index, config: IngestConfig)
         raise ContractError(f"no read falls on a {iv // 10**9} s grid in {[str(p) for p in paths]}")
     tmin, tmax = int(grid.min()), int(grid.max())
     return iv // 10**9, tmin, tmax
+
+
+#: Contract column of each channel quantity (``[ingest] channel_map`` values).
+_CHANNEL_TARGET = {"voltage_v": "voltage_v", "kv": "voltage_v", "kw": "kw", "w": "kw", "kwh": "kw", "wh": "kw",
+                   "kvar": "kvar", "var": "kvar", "kvarh": "kvar", "varh": "kvar"}
 
 
 def _check_readings_file(path: Path, config: IngestConfig) -> None:
@@ -996,7 +1152,8 @@ def _check_readings_file(path: Path, config: IngestConfig) -> None:
             schema, n_rows = meta.schema_arrow, meta.metadata.num_rows
         except Exception as exc:  # noqa: BLE001 - any failure to read the footer: garbage or truncated
             raise DataError(f"readings file {name!r} is not a readable Parquet file ({_line(exc)})") from None
-        columns = [config.column_map.get(c, c) for c in schema.names]
+        header = list(schema.names)
+        columns = [config.column_map.get(c, c) for c in header]
         types = {config.column_map.get(f.name, f.name): f.type for f in schema}
         if n_rows == 0:
             raise DataError(f"readings file {name!r} holds no rows")
@@ -1009,20 +1166,29 @@ def _check_readings_file(path: Path, config: IngestConfig) -> None:
                 head = fh.read(1 << 16)
             if b"\x00" in head:
                 raise ValueError("it holds NUL bytes (binary data)")
-            columns = [config.column_map.get(c, c) for c in pd.read_csv(path, nrows=0).columns]
+            header = [str(c) for c in pd.read_csv(path, nrows=0).columns]
+            columns = [config.column_map.get(c, c) for c in header]
         except Exception as exc:  # noqa: BLE001 - any failure to read the header: not a CSV file
             raise DataError(f"readings file {name!r} is not a readable CSV file ({_line(exc)})") from None
-    missing = [c for c in contract.READINGS_REQUIRED if c not in columns]
+    required, optional = _layout_columns(config)
+    missing = [c for c in required if c not in columns]
+    if config.readings_layout == "channel" and "channel" not in columns and "uom" not in columns:
+        missing.append("channel")  # or uom: one of the two names the channel
     if missing:
-        raise DataError(
-            f"readings file {name!r}: missing required column(s) {missing}; found {columns[:20]} "
-            "(map other names with [ingest] column_map)"
-        )
+        raise DataError(column_map_help(f"readings file {name!r}", header, missing, optional, "ingest.column_map"))
 
 
-def _batches(path: Path, config: IngestConfig, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
+def _layout_columns(config: IngestConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Required and optional contract columns of a readings file in the configured layout."""
+    if config.readings_layout == "channel":
+        return CHANNEL_COLUMNS
+    return contract.READINGS_REQUIRED, contract.READINGS_OPTIONAL
+
+
+def _batches(path: Path, config: IngestConfig, columns: Sequence[str] | None = None,
+             pivots: list[Any] | None = None) -> Iterator[pd.DataFrame]:
     """:func:`_iter_batches`, with any failure to read the file turned into one :class:`DataError` line."""
-    it = _iter_batches(path, config, columns)
+    it = _iter_batches(path, config, columns, pivots)
     rows = 0
     while True:
         try:
@@ -1089,7 +1255,7 @@ def _fsync_tree(root: Path) -> None:
 
 def ingest_files(
     readings_paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-    meters_path: str | os.PathLike[str],
+    meters_path: str | os.PathLike[str] | None,
     store: str | os.PathLike[str],
     *,
     transformers_path: str | os.PathLike[str] | None = None,
@@ -1110,8 +1276,12 @@ def ingest_files(
     ----------
     readings_paths : path-like or iterable of path-like
         Readings files (``.parquet`` or CSV), long format; streamed in ``config.batch_rows`` batches.
-    meters_path : path-like
-        Meter table (CSV or Parquet).
+    meters_path : path-like, str or None
+        Meter table: CSV or Parquet; GeoPackage / GeoJSON (extra ``gis``; points give lat/lon); a
+        ``postgresql://host/db?table=schema.meters`` URL, or ``None`` for ``config.meters_database`` (extra
+        ``postgres``; read-only role, see :mod:`phaseid_hpc.gis`). Column names are mapped with
+        ``config.meters_column_map``; phase spellings (``bc``, ``C-B``, OpenDSS ``2``) are normalised to the
+        contract labels and the mapping reported (``IngestReport.phase_labels``).
     store : path-like
         Store directory; created when absent.
     transformers_path, references_path : path-like, optional
@@ -1143,8 +1313,12 @@ def ingest_files(
     for p in paths:
         _check_readings_file(p, config)
     store = Path(store)
-    meters = sort_meters(_read_table(Path(meters_path), "meters"), source=str(meters_path))
-    report = IngestReport(store=str(store))
+    report = IngestReport(store=str(store), timezone=config.timezone)
+    meters, meters_path = _read_meters(meters_path, config, report)
+    report.notes.append(
+        "timestamps: " + (f"format {config.timestamp_format!r}" if config.timestamp_format else "ISO 8601")
+        + f"; those without a UTC offset read as {config.timezone} ([ingest] timezone)"
+    )
     if not (store / "zarr.json").is_file():
         if store.exists() and (not store.is_dir() or any(store.iterdir())):
             raise StoreError(
@@ -1175,6 +1349,36 @@ def ingest_files(
     report.meters = int(_count_meters_with_data(store))
     report.elapsed_s = _time.perf_counter() - t_start
     return report
+
+
+def _read_meters(
+    source: str | os.PathLike[str] | None, config: IngestConfig, report: IngestReport
+) -> tuple[pd.DataFrame, str]:
+    """The meters table from a file or the GIS database, in contract form; notes and phase mapping to ``report``.
+
+    Returns the sorted table (:func:`~phaseid_hpc.store.sort_meters`) and the source's name for messages.
+    """
+    from . import gis
+
+    if gis.is_gis_source(source):
+        got = gis.read_meters_source(source, config)
+        table, name = got.table, got.description
+        report.notes += got.notes
+    else:
+        name = str(source)
+        table = _read_table(Path(source), "meters")
+    header = [str(c) for c in table.columns]
+    table = table.rename(columns=config.meters_column_map)
+    missing = [c for c in contract.METERS_REQUIRED if c not in table.columns]
+    if missing:
+        raise ContractError(column_map_help(f"meters table {name!r}", header, missing, contract.METERS_OPTIONAL,
+                                            "ingest.meters_column_map"))
+    phase, mapping = normalise_phases(table["phase"], table["meter_id"].astype(str), f"meters table {name!r}")
+    table = table.assign(phase=phase)
+    if mapping:
+        report.phase_labels = mapping
+        report.notes.append(f"phase labels normalised: {', '.join(f'{k!r} -> {v}' for k, v in mapping.items())}")
+    return sort_meters(table, source=name), name
 
 
 def _check_meters_match(store: Path, meters: pd.DataFrame, meters_path: Any) -> None:
@@ -1210,16 +1414,31 @@ def _stage_files(
     batch_config = dataclasses.replace(config, column_map={})
     for p in paths:
         offset = 0
-        for i, batch in enumerate(_batches(p, config)):
+        tally = _TimestampTally()
+        pivots: list[Any] = []
+        for i, batch in enumerate(_batches(p, config, pivots=pivots)):
             source = f"{p.name}.{i}"
             df = _apply_column_map(batch, {}, str(p))
             _check_value_types(df, str(p))
             r = IngestReport(store=report.store, sources=[p.name], rows_read=len(df))
             st = _ingest_batch(tx, st, df, r, batch_config, source, offset)
+            tally.n += len(df)
+            tally.n_bad += r.timestamps_unparsed
+            tally.examples += [e for e in r.timestamp_examples if e not in tally.examples][: 5 - len(tally.examples)]
             report.merge(r)
             offset += len(batch)
         if offset == 0:
             raise DataError(f"readings file {str(p)!r} holds no readings (a header only); nothing was written")
+        tally.check(p, config)
+        if tally.n_bad:
+            report.notes.append(_timestamp_help(p.name, _original_name(config, "timestamp"), tally.n_bad, tally.n,
+                                                tally.examples, config) + ": quarantined as invalid_timestamp")
+        for piv in pivots:
+            report.channel_rows_read += piv.rows_read
+            report.channel_duplicates_identical += piv.duplicates_identical
+            for k, v in piv.ignored.items():
+                report.channel_rows_ignored[k] = report.channel_rows_ignored.get(k, 0) + v
+            report.notes.append(piv.note(p.name))
         if _FAULT_HOOK is not None:
             _FAULT_HOOK("file", p.name)
 

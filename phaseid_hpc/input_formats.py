@@ -1,0 +1,452 @@
+"""Inputs as utilities have them: head-end column names, local timestamps, MDM channel exports, phase spellings.
+
+Used by :mod:`phaseid_hpc.ingest` before any read reaches the store:
+
+* :func:`column_map_help`: the message for a table that lacks required columns: the table's real header and
+  the TOML lines (``[ingest.column_map]`` / ``[ingest.meters_column_map]``) that fix it, with a best guess
+  for common head-end names (``MeterID``, ``ReadTime``, ``Voltage``, ``XfmrID``, ...);
+* :func:`guess_timestamp_format`: a strftime format that parses every example of a column that ISO 8601
+  did not;
+* :func:`pivot_channels`: an MDM interval export (one row per meter, channel, interval end, value,
+  multiplier) to the contract's wide rows (``meter_id, timestamp, voltage_v[, kw][, kvar]``);
+* :func:`normalise_phases`: phase spellings (``bc``, ``C-B``, OpenDSS ``2``, ``1.2``, ``123``) to the
+  contract labels (``A, B, C, AB, BC, CA, ABC``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from . import contract
+from .config import CHANNEL_QUANTITIES
+from .errors import ContractError
+
+__all__ = [
+    "CHANNEL_COLUMNS",
+    "ChannelPivot",
+    "column_map_help",
+    "guess_column_map",
+    "guess_timestamp_format",
+    "normalise_phase",
+    "normalise_phases",
+    "pivot_channels",
+]
+
+#: Columns of the channel layout (``[ingest] readings_layout = "channel"``): required, then optional.
+CHANNEL_COLUMNS: tuple[tuple[str, ...], tuple[str, ...]] = (
+    ("meter_id", "timestamp", "value"),
+    ("channel", "uom", "multiplier"),
+)
+
+#: Header names (lower case, letters and digits only) that commonly mean a contract column.
+_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "meter_id": ("meterid", "meter", "meterno", "meternumber", "meterserial", "serialnumber", "serialno",
+                 "deviceid", "device", "endpointid", "endpoint", "mrid", "meterident"),
+    "timestamp": ("timestamp", "readtime", "readingtime", "readtimestamp", "datetime", "time", "intervalend",
+                  "intervalendtime", "endtime", "readdate", "readingdatetime", "readdatetime", "ts",
+                  "intervaltime", "enddatetime", "intervalenddatetime"),
+    "voltage_v": ("voltage", "voltagev", "volts", "volt", "v", "avgvoltage", "voltageavg", "vavg", "vrms"),
+    "kw": ("kw", "demandkw", "kwdemand", "activepower", "realpower", "kwavg"),
+    "kvar": ("kvar", "reactivepower", "kvardemand", "kvaravg"),
+    "channel": ("channel", "channelid", "channelname", "channelno", "register", "measurement", "quantity",
+                "readingtype"),
+    "uom": ("uom", "unit", "units", "unitofmeasure", "unitofmeasurement"),
+    "value": ("value", "readvalue", "reading", "intervalvalue", "val", "readingvalue", "amount"),
+    "multiplier": ("multiplier", "mult", "scalefactor", "metermultiplier", "ctptmultiplier", "factor"),
+    "feeder_id": ("feederid", "feeder", "circuit", "circuitid", "feedername", "feederno"),
+    "transformer_id": ("transformerid", "transformer", "xfmr", "xfmrid", "xfmrno", "tx", "txid",
+                       "servicetransformer", "transformerno", "trafo", "trafoid"),
+    "phase": ("phase", "phasing", "phases", "phasecode", "connectedphase", "servicephase"),
+    "service_type": ("servicetype", "service", "servicekind"),
+    "nominal_v": ("nominalv", "nominalvoltage", "servicevoltage", "ratedvoltage"),
+    "lat": ("lat", "latitude", "y"),
+    "lon": ("lon", "long", "lng", "longitude", "x"),
+}
+
+#: strftime formats tried, in order, for timestamps that are not ISO 8601.
+_TIMESTAMP_FORMATS: tuple[str, ...] = (
+    "%m/%d/%Y %H:%M", "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %I:%M %p", "%m/%d/%Y %I:%M:%S %p",
+    "%d/%m/%Y %H:%M", "%d/%m/%Y %H:%M:%S", "%d.%m.%Y %H:%M", "%d.%m.%Y %H:%M:%S",
+    "%Y/%m/%d %H:%M", "%Y/%m/%d %H:%M:%S", "%m-%d-%Y %H:%M", "%d-%m-%Y %H:%M",
+    "%Y%m%d%H%M", "%Y%m%d %H:%M", "%Y%m%d%H%M%S", "%m/%d/%y %H:%M", "%d-%b-%Y %H:%M", "%d-%b-%Y %H:%M:%S",
+)
+
+
+def _norm(name: object) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def guess_column_map(header: Sequence[str], targets: Sequence[str]) -> dict[str, str]:
+    """Best-guess mapping of a table's header names onto contract column names.
+
+    Parameters
+    ----------
+    header : sequence of str
+        The table's column names as found.
+    targets : sequence of str
+        Contract names wanted (those missing); a name already in ``header`` is never guessed.
+
+    Returns
+    -------
+    dict
+        ``{header name: contract name}`` for each target whose synonyms match exactly one header name.
+    """
+    out: dict[str, str] = {}
+    taken = set(header)
+    for target in targets:
+        if target in taken:
+            continue
+        cands = [h for h in header if h not in out and _norm(h) in _SYNONYMS.get(target, ())]
+        if len(cands) == 1:
+            out[cands[0]] = target
+    return out
+
+
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+
+
+def column_map_help(
+    what: str, header: Sequence[str], missing: Sequence[str], optional: Sequence[str], section: str
+) -> str:
+    """Error text for a table that lacks required columns: its real header and the TOML that fixes it.
+
+    Parameters
+    ----------
+    what : str
+        The table, as named in the message (``"readings file 'x.csv'"``).
+    header : sequence of str
+        The table's column names as found (before any mapping).
+    missing : sequence of str
+        Required contract columns not found.
+    optional : sequence of str
+        Optional contract columns also worth guessing (``kw``, ``lat``, ...).
+    section : str
+        Config table that holds the mapping (``ingest.column_map`` or ``ingest.meters_column_map``).
+    """
+    guess = guess_column_map(header, list(missing) + [c for c in optional if c not in header])
+    lines = [f"[{section}]"]
+    lines += [f'{_toml_key(h)} = "{c}"' for h, c in guess.items()]
+    unguessed = [c for c in missing if c not in guess.values()]
+    lines += [f'# COLUMN_NAME = "{c}"   # which column of the header holds {c}?' for c in unguessed]
+    shown = list(header[:30]) + ([f"... ({len(header) - 30} more)"] if len(header) > 30 else [])
+    return (
+        f"{what}: missing required column(s) {list(missing)}; its header is {shown}. "
+        f"Map the head-end's names to the contract's in the run config (--config FILE):\n" + "\n".join(lines)
+    )
+
+
+def guess_timestamp_format(examples: Sequence[str]) -> list[str]:
+    """strftime formats (of a fixed list of common ones) that parse every example; ``[]`` if none does."""
+    vals = [str(e).strip() for e in examples if str(e).strip()]
+    if not vals:
+        return []
+    found = []
+    for fmt in _TIMESTAMP_FORMATS:
+        parsed = pd.to_datetime(pd.Series(vals), format=fmt, errors="coerce")
+        if parsed.notna().all():
+            found.append(fmt)
+    return found
+
+
+# ------------------------------------------------------------------------------------------ phases
+_PHASE_LETTERS = {"A": "A", "B": "B", "C": "C", "1": "A", "2": "B", "3": "C", "R": "A", "Y": "B"}
+_PAIRS = {frozenset("AB"): "AB", frozenset("BC"): "BC", frozenset("AC"): "CA"}
+
+
+def normalise_phase(label: object) -> str | None:
+    """The contract label of one phase spelling, or ``None`` when it names no phase.
+
+    Case, separators (``-``, ``.``, ``_``, ``/``, spaces), a ``PHASE`` prefix and a neutral (``N``, or
+    OpenDSS node ``0``) are ignored; OpenDSS node numbers 1, 2, 3 are A, B, C; the order does not matter.
+
+    Examples
+    --------
+    >>> [normalise_phase(x) for x in ("bc", "CB", "b-c", "2", "1.2", "123", "AN", "ac", "x")]
+    ['BC', 'BC', 'BC', 'B', 'AB', 'ABC', 'A', 'CA', None]
+    """
+    if label is None or (isinstance(label, float) and np.isnan(label)):
+        return None
+    text = re.sub(r"[\s\-._/,|:;]+", "", str(label).upper())
+    text = re.sub(r"^PH(ASE)?", "", text)
+    if not text:
+        return None
+    if text.endswith("N") and len(text) > 1:
+        text = text[:-1]
+    text = text.replace("0", "") if text != "0" else text
+    try:
+        letters = [_PHASE_LETTERS[ch] for ch in text]
+    except KeyError:
+        return None
+    if len(set(letters)) != len(letters) or not 1 <= len(letters) <= 3:
+        return None
+    if len(letters) == 1:
+        return letters[0]
+    if len(letters) == 2:
+        return _PAIRS[frozenset(letters)]
+    return contract.THREE_PHASE
+
+
+def normalise_phases(
+    phase: pd.Series, meter_id: pd.Series, source: str
+) -> tuple[pd.Series, dict[str, str]]:
+    """Phase labels of a meter table in contract spelling.
+
+    Parameters
+    ----------
+    phase, meter_id : Series, shape (n_meters,)
+        The table's phase labels as found and the meters they belong to.
+    source : str
+        Name of the table in messages.
+
+    Returns
+    -------
+    phase : Series of str, shape (n_meters,)
+        Contract labels (``A, B, C, AB, BC, CA, ABC``).
+    mapping : dict
+        ``{label as found: contract label}`` for each label that changed (sorted by label).
+
+    Raises
+    ------
+    ContractError
+        Naming the rows and meters whose label names no phase (up to 10), and how many there are.
+    """
+    raw = phase.astype(object).where(phase.notna(), None)
+    distinct = pd.unique(raw.astype(str).where(raw.notna(), ""))
+    table = {lab: normalise_phase(lab if lab != "" else None) for lab in distinct}
+    found = raw.astype(str).where(raw.notna(), "")
+    out = found.map(table)
+    bad = np.flatnonzero(out.isna().to_numpy())
+    if len(bad):
+        rows = "; ".join(f"row {i + 2}, meter {meter_id.iloc[i]!r}: {found.iloc[i]!r}" for i in bad[:10])
+        raise ContractError(
+            f"{source}: {len(bad)} phase label(s) name no phase ({rows}); expected one of "
+            f"{list(contract.PHASE_LABELS)} or a spelling of one ('bc', 'C-B', OpenDSS '2', '1.2', '123')"
+        )
+    mapping = {k: v for k, v in sorted(table.items()) if v is not None and k != v}
+    return out.astype(object), mapping
+
+
+# ------------------------------------------------------------------------------------------ channels
+#: quantity -> (contract column, factor to its unit, energy per interval)
+_QUANTITY: dict[str, tuple[str, float, bool]] = {
+    "voltage_v": ("voltage_v", 1.0, False),
+    "kv": ("voltage_v", 1000.0, False),
+    "kw": ("kw", 1.0, False),
+    "w": ("kw", 1e-3, False),
+    "kvar": ("kvar", 1.0, False),
+    "var": ("kvar", 1e-3, False),
+    "kwh": ("kw", 1.0, True),
+    "wh": ("kw", 1e-3, True),
+    "kvarh": ("kvar", 1.0, True),
+    "varh": ("kvar", 1e-3, True),
+}
+assert set(_QUANTITY) == set(CHANNEL_QUANTITIES)
+
+
+@dataclass
+class ChannelPivot:
+    """The wide rows of one channel export and what the pivot did."""
+
+    #: ``meter_id, timestamp`` (as in the file) and ``voltage_v`` [V], ``kw`` [kW], ``kvar`` [kvar] where mapped.
+    wide: pd.DataFrame
+    #: Rows of the export read.
+    rows_read: int = 0
+    #: Rows identical to another (same meter, channel, interval end and value) dropped.
+    duplicates_identical: int = 0
+    #: Rows of ignored channels, by channel.
+    ignored: dict[str, int] = field(default_factory=dict)
+    #: Extra wide rows made for conflicting rows (same meter, quantity and interval end, other value); the
+    #: ingest quarantines every row of such a group as ``conflicting_duplicate``.
+    conflicts: int = 0
+    #: Interval length used to turn energy into demand [s] (``None``: no energy channel).
+    interval_s: int | None = None
+    #: ``{quantity column: channels feeding it}``.
+    sources: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, name: str) -> str:
+        """One line for the ingest report."""
+        parts = [f"{name}: channel layout, {self.rows_read:,} rows -> {len(self.wide):,} interval rows"]
+        feeds = ", ".join(f"{c} <- {src}" for c, src in self.sources.items())
+        if feeds:
+            parts.append(feeds + " (x multiplier)")
+        if self.interval_s:
+            parts.append(f"energy per {self.interval_s} s interval divided by {self.interval_s / 3600:g} h")
+        if self.duplicates_identical:
+            parts.append(f"{self.duplicates_identical:,} identical duplicate rows dropped")
+        if self.conflicts:
+            parts.append(f"{self.conflicts:,} conflicting duplicate rows (quarantined as conflicting_duplicate)")
+        if self.ignored:
+            parts.append(f"ignored channels (rows): {self.ignored}")
+        return "; ".join(parts)
+
+
+def _quantity_of(df: pd.DataFrame, channel_map: Mapping[str, str]) -> tuple[pd.Series, pd.Series]:
+    """Quantity of each row (channel name first, then unit) and the name it was found by."""
+    by_channel = df["channel"].map(channel_map) if "channel" in df.columns else pd.Series(np.nan, df.index)
+    key = df["channel"] if "channel" in df.columns else pd.Series(np.nan, df.index)
+    if "uom" in df.columns:
+        by_uom = df["uom"].map(channel_map)
+        use_uom = by_channel.isna() & by_uom.notna()
+        by_channel = by_channel.where(~use_uom, by_uom)
+        key = key.where(~use_uom, df["uom"])
+    return by_channel, key
+
+
+def _dominant_spacing_s(meter: pd.Series, ts_ns: np.ndarray) -> int | None:
+    ok = ts_ns != np.iinfo(np.int64).min
+    pairs = pd.DataFrame({"m": meter.to_numpy()[ok], "t": ts_ns[ok]}).drop_duplicates().sort_values(["m", "t"])
+    d = pairs.groupby("m", sort=False)["t"].diff().dropna().to_numpy()
+    d = d[d > 0]
+    if not len(d):
+        return None
+    vals, cnt = np.unique(d, return_counts=True)
+    return int(vals[np.argmax(cnt)] // 10**9)
+
+
+def pivot_channels(
+    df: pd.DataFrame,
+    channel_map: Mapping[str, str],
+    ignore: Sequence[str],
+    source: str,
+    *,
+    parse_ns: object,
+    interval_s: int = 0,
+) -> ChannelPivot:
+    """Pivot an MDM interval export (long, one row per meter, channel and interval end) to wide rows.
+
+    Parameters
+    ----------
+    df : DataFrame
+        Columns ``meter_id, timestamp, value`` and ``channel`` and/or ``uom``, optionally ``multiplier``
+        (contract names, after ``[ingest] column_map``), as text.
+    channel_map : mapping
+        Channel name or unit -> quantity (:data:`~phaseid_hpc.config.CHANNEL_QUANTITIES`).
+    ignore : sequence of str
+        Channel names or units skipped on purpose (counted).
+    source : str
+        The file, in messages.
+    parse_ns : callable
+        ``parse_ns(Series) -> ndarray of int64`` [ns since epoch, UTC; int64 min where unparsable]: the
+        ingest's timestamp parser (format and time zone applied), used for the interval length.
+    interval_s : int
+        Interval length [s] for energy channels; ``0``: the dominant spacing of the interval ends.
+
+    Returns
+    -------
+    ChannelPivot
+
+    Raises
+    ------
+    ContractError
+        A channel (and its unit) that ``channel_map`` does not name and ``ignore`` does not list (the
+        message lists them with row counts and the TOML to add); an energy channel whose interval length
+        cannot be found.
+
+    Notes
+    -----
+    ``value x multiplier`` (missing multiplier: 1) gives the quantity in its unit; ``kWh`` per interval is
+    turned into mean demand ``kW = kWh / (interval_s / 3600)`` (likewise kvarh, Wh, varh). Rows are keyed on
+    the interval end as written, so every channel of one interval lands on one wide row. Rows equal in
+    meter, channel, interval end and value are dropped (counted); rows equal in meter, quantity and interval
+    end but not in value each give a wide row, so the ingest quarantines the whole group as
+    ``conflicting_duplicate``. Missing values stay missing (a wide row without voltage is quarantined as
+    ``invalid_value``).
+    """
+    n = len(df)
+    qty, key = _quantity_of(df, channel_map)
+    ignore_set = set(ignore)
+    names = key.astype(object).where(key.notna(), df["channel"] if "channel" in df.columns else None)
+    chan = df["channel"].astype(object) if "channel" in df.columns else pd.Series(None, df.index, dtype=object)
+    uom = df["uom"].astype(object) if "uom" in df.columns else pd.Series(None, df.index, dtype=object)
+    is_ignored = qty.isna() & (chan.isin(ignore_set) | uom.isin(ignore_set))
+    unknown = qty.isna() & ~is_ignored
+    if unknown.any():
+        combos = (
+            pd.DataFrame({"channel": chan[unknown].fillna(""), "uom": uom[unknown].fillna("")})
+            .value_counts(sort=False).reset_index(name="rows").sort_values(["channel", "uom"], kind="stable")
+        )
+        listed = "; ".join(f"channel {r.channel!r} uom {r.uom!r}: {r.rows} rows" for r in combos.head(10).itertuples())
+        guesses = []
+        for r in combos.head(10).itertuples():
+            name = r.channel or r.uom
+            g = _guess_quantity(str(r.uom)) or _guess_quantity(str(r.channel))
+            guesses.append(f'{_toml_key(str(name))} = "{g or "QUANTITY"}"' + ("" if g else "   # one of "
+                                                                            f"{list(CHANNEL_QUANTITIES)}"))
+        raise ContractError(
+            f"{source}: {int(unknown.sum())} rows of channels that [ingest] channel_map does not name ({listed}). "
+            "Map each channel (or unit) to a quantity, or list it in [ingest] channel_ignore, e.g.:\n"
+            "[ingest.channel_map]\n" + "\n".join(guesses)
+        )
+    ignored = {}
+    if is_ignored.any():
+        ign = names[is_ignored].fillna(uom[is_ignored]).astype(str)
+        ignored = {k: int(v) for k, v in sorted(ign.value_counts().items())}
+    keep = ~is_ignored
+    d = df.loc[keep]
+    q = qty[keep]
+    col = q.map(lambda x: _QUANTITY[x][0])
+    value = pd.to_numeric(d["value"], errors="coerce").to_numpy(np.float64)
+    mult = (pd.to_numeric(d["multiplier"], errors="coerce").fillna(1.0).to_numpy(np.float64)
+            if "multiplier" in d.columns else np.ones(len(d)))
+    scale = q.map(lambda x: _QUANTITY[x][1]).to_numpy(np.float64)
+    energy = q.map(lambda x: _QUANTITY[x][2]).to_numpy(bool)
+    used_interval = None
+    if energy.any():
+        used_interval = int(interval_s) if interval_s > 0 else _dominant_spacing_s(
+            d["meter_id"], np.asarray(parse_ns(d["timestamp"])))
+        if not used_interval:
+            raise ContractError(
+                f"{source}: energy channels need the interval length and the interval ends do not show it "
+                "(fewer than 2 per meter); set [ingest] interval_s"
+            )
+        scale = np.where(energy, scale * 3600.0 / used_interval, scale)
+    long = pd.DataFrame({
+        "meter_id": d["meter_id"].to_numpy(object),
+        "timestamp": d["timestamp"].to_numpy(object),
+        "col": col.to_numpy(object),
+        "chan": names[keep].astype(str).to_numpy(object),
+        "val": value * mult * scale,
+    })
+    dup = long.duplicated(["meter_id", "timestamp", "col", "chan", "val"], keep="first").to_numpy()
+    long = long.loc[~dup].reset_index(drop=True)
+    k = long.groupby(["meter_id", "timestamp", "col"], sort=False, dropna=False).cumcount().to_numpy()
+    first = long.loc[k == 0]
+    wide = first.pivot(index=["meter_id", "timestamp"], columns="col", values="val")
+    extra_rows = long.loc[k > 0]
+    if len(extra_rows):
+        base = wide.loc[pd.MultiIndex.from_frame(extra_rows[["meter_id", "timestamp"]])].copy()
+        for j, (c, v) in enumerate(zip(extra_rows["col"].to_numpy(), extra_rows["val"].to_numpy())):
+            base.iloc[j, base.columns.get_loc(c)] = v
+        wide = pd.concat([wide, base])
+    wide = wide.reset_index()
+    wide.columns.name = None
+    for c in ("voltage_v", "kw", "kvar"):
+        if c not in wide.columns and c in col.to_numpy():
+            wide[c] = np.nan
+    if "voltage_v" not in wide.columns:
+        wide["voltage_v"] = np.nan
+    wide = wide[["meter_id", "timestamp"] + [c for c in ("voltage_v", "kw", "kvar") if c in wide.columns]]
+    sources: dict[str, list[str]] = {}
+    for c, ch in long[["col", "chan"]].drop_duplicates().sort_values(["col", "chan"]).itertuples(index=False):
+        sources.setdefault(c, []).append(ch)
+    return ChannelPivot(
+        wide=wide, rows_read=n, duplicates_identical=int(dup.sum()), ignored=ignored,
+        conflicts=int((k > 0).sum()), interval_s=used_interval, sources=sources,
+    )
+
+
+def _guess_quantity(text: str) -> str | None:
+    t = _norm(text)
+    for q, keys in (("voltage_v", ("v", "volt", "volts", "voltage", "vrms")), ("kwh", ("kwh",)),
+                    ("kvarh", ("kvarh",)), ("kw", ("kw",)), ("kvar", ("kvar",)), ("wh", ("wh",)),
+                    ("varh", ("varh",))):
+        if t in keys:
+            return q
+    return None
