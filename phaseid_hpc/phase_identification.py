@@ -165,19 +165,36 @@ def identify_phases(
     )
 
 
-def shift_rows(x: np.ndarray, lag: np.ndarray) -> np.ndarray:
+def shift_rows(x: Any, lag: Any) -> Any:
     """Rows of ``x`` (n, T) moved back by ``lag`` samples (``x_aligned(t) = x(t + lag)``), NaN-filled.
 
     What identification does to a meter whose clock is ``lag`` intervals late (its
-    ``clock_shift_intervals``); the pipeline applies it to the voltage and power of later stages."""
-    out = np.array(x, dtype=np.float64, copy=True)
+    ``clock_shift_intervals``); the pipeline applies it to the voltage and power of later stages.
+
+    Parameters
+    ----------
+    x : array, shape (n, T)
+        Rows to move, in any array namespace (the result stays in it).
+    lag : array of int, shape (n,)
+        Samples to move each row back (negative: forward); 0 leaves a row as it is.
+
+    Returns
+    -------
+    array, shape (n, T), float64
+    """
+    xp = array_namespace(x)
+    out = xp.asarray(x, dtype=xp.float64, copy=True)
+    lag = np.asarray(to_numpy(lag), dtype=np.int64)
+    n_t = int(out.shape[1])
     for i in np.flatnonzero(lag):
         s = int(lag[i])
-        out[i, :] = np.nan
+        fill = xp.full((min(abs(s), n_t),), xp.nan, dtype=xp.float64)
+        row = x[int(i), :]
+        row = xp.astype(row, xp.float64) if row.dtype != xp.float64 else row
         if s > 0:
-            out[i, :-s] = x[i, s:]
+            out[int(i), :] = xp.concat([row[s:], fill]) if s < n_t else fill
         else:
-            out[i, -s:] = x[i, :s]
+            out[int(i), :] = xp.concat([fill, row[:s]]) if -s < n_t else fill
     return out
 
 
@@ -354,7 +371,7 @@ def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, confi
     if not shift.any():
         return v, lag, features
     lag[shift] = np.arange(-_MAX_CLOCK_LAG, _MAX_CLOCK_LAG + 1)[best[shift]]  # x_aligned(t) = x(t + lag)
-    v = xp.asarray(shift_rows(to_numpy(v), lag))
+    v = shift_rows(v, lag)
     # the features of the shifted rows only (they are row-wise)
     rows = np.flatnonzero(shift)
     sub = standardized_differences(xp.take(v, xp.asarray(rows), axis=0), xp.asarray(nominal[rows]))

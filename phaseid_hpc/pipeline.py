@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__, contract
+from . import __version__
+from .block import Block, join_reasons
 from .config import RunConfig, config_fingerprint, config_to_dict
 from .contract import METER_RESULT_COLUMNS, PHASE_CLASSES
 from .errors import PhaseIDError, StoreError
 from .logging_utils import get_run_logger, log_event
-from .block import Block, join_reasons
 from .stages import BlockResult, run_block
 
 __all__ = ["RunSummary", "check_output_writable", "process_block", "run_job", "store_fingerprint"]
@@ -248,9 +248,12 @@ def process_block(
     BlockResult
         One row per meter and per transformer, and the seconds each step took (``read`` first). [s]
     """
+    from .changes import with_connection_changes
+
     t0 = time.perf_counter()
     block = read_block(store, start, stop, tables, device=config.job.device)
-    return run_block(block, config, timings={"read": time.perf_counter() - t0})
+    # connection changes over time (phaseid_hpc/changes.py; events: config.changes.events_file)
+    return with_connection_changes(block, run_block(block, config, timings={"read": time.perf_counter() - t0}), config)
 
 
 def process_arrays(
@@ -285,7 +288,10 @@ def process_arrays(
     def on_device(x: Any) -> Any:
         return None if x is None else xp.asarray(x, dtype=xp.float64)
 
-    res = run_block(Block.from_tables(on_device(voltage), on_device(kw), on_device(kvar), tables), config)
+    from .changes import with_connection_changes
+
+    block = Block.from_tables(on_device(voltage), on_device(kw), on_device(kvar), tables)
+    res = with_connection_changes(block, run_block(block, config), config)  # connection changes (changes.py)
     meters = res.meters.assign(reasons=join_reasons(res.meters["reasons"]))
     return {"meters": meters, "transformers": res.transformers, "timings": res.timings}
 
@@ -575,7 +581,7 @@ def _worklist(meters: pd.DataFrame, rows: np.ndarray, phase_col: str, tx_col: st
             "phase_class"]
     if tx_col in sel:
         cols += [tx_col, "transformer_confidence", "transformer_class"]
-    cols += ["reasons"]
+    cols += [c for c in ("phase_before", "changed_at") if c in sel] + ["reasons"]  # changed_at: GIS stale since
     out = sel[cols].rename(columns={phase_col: "phase", tx_col: "transformer"})
     return _safe_csv_cells(out.sort_values(["feeder_id", "transformer_id", "meter_id"], kind="stable"))
 

@@ -131,7 +131,7 @@ def test_transformers_parquet_has_no_leftovers_and_integer_counts(run):
 
 
 def test_merge_keeps_one_phases_column_and_integer_counts():
-    from phaseid_hpc.pipeline import _merge_transformer_tables
+    from phaseid_hpc.stages import _merge_transformer_tables
 
     mapping = pd.DataFrame({"transformer_id": ["T1", "T2", "NEW1"], "feeder_id": ["F", "F", "F"],
                             "n_meters_gis": [2, 1, 0], "n_meters_inferred": [2, 1, 1],
