@@ -1,5 +1,6 @@
-"""Tests of phaseid_hpc/ingest_service.py: payload parsing, credentials, config, and (against a real RabbitMQ at
-127.0.0.1:5672, guest/guest) batching, dead-lettering, SIGTERM and crash-redelivery with exactly-once results."""
+"""Tests of phaseid_hpc/ingest_service.py: payload parsing, credentials, config, and (against a real RabbitMQ,
+guest/guest: AMQP at 127.0.0.1:5672 and its STOMP plugin at 127.0.0.1:61613, each broker test run over both
+transports) batching, dead-lettering, SIGTERM and crash-redelivery with exactly-once results."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from phaseid_hpc.ingest_service import (
 
 REPO = Path(__file__).resolve().parents[1]
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+STOMP_URL = "stomp://guest:guest@127.0.0.1:61613/%2F"
 T0 = pd.Timestamp("2026-01-01 00:15:00")
 
 
@@ -58,6 +60,99 @@ requires_rabbitmq = [
     pytest.mark.requires_rabbitmq,
     pytest.mark.skipif(_BROKER_SKIP is not None, reason=_BROKER_SKIP or ""),
 ]
+
+
+def _stomp_reason() -> str | None:
+    """Why the STOMP tests cannot run here (they also need AMQP, to read queue depths), or None."""
+    if _BROKER_SKIP is not None:
+        return _BROKER_SKIP
+    try:
+        import stomp
+    except ImportError:
+        return "stomp.py is not installed (pip install 'phaseid-hpc[stomp]')"
+    try:
+        socket.create_connection(("127.0.0.1", 61613), timeout=1).close()
+    except OSError as exc:
+        return (f"RabbitMQ's STOMP plugin is not listening on 127.0.0.1:61613 ({exc}); "
+                "enable it with `rabbitmq-plugins enable rabbitmq_stomp`")
+    try:
+        conn = stomp.Connection12([("127.0.0.1", 61613)], vhost="/", auto_decode=False)
+        conn.connect("guest", "guest", wait=True)
+        conn.disconnect()
+    except Exception as exc:  # noqa: BLE001 - any failure means: skip
+        return f"STOMP at 127.0.0.1:61613 refuses guest/guest ({exc!r})"
+    return None
+
+
+_STOMP_SKIP = _stomp_reason()
+
+
+class Broker:
+    """One protocol's way to reach the test broker: the service's URL, publishing and draining a queue."""
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        self.url = STOMP_URL if protocol == "stomp" else BROKER_URL
+
+    def publish(self, queue: str, bodies: list[tuple[bytes, str | None]]) -> None:
+        if self.protocol == "amqp":
+            _publish(queue, bodies)
+            return
+        import stomp
+
+        done = threading.Event()
+
+        class Receipts(stomp.ConnectionListener):
+            def on_receipt(self, frame):
+                done.set()
+
+        conn = stomp.Connection12([("127.0.0.1", 61613)], vhost="/", auto_decode=False)
+        conn.set_listener("r", Receipts())
+        conn.connect("guest", "guest", wait=True)
+        for i, (body, ctype) in enumerate(bodies):
+            headers = {"persistent": "true", "timestamp": str(int(time.time()))}
+            if ctype:
+                headers["content-type"] = ctype
+            conn.send(f"/queue/{queue}", body, headers=headers,
+                      receipt="last" if i == len(bodies) - 1 else None)
+        assert done.wait(10), "the broker did not confirm the published messages"
+        conn.disconnect()
+
+    def drain(self, queue: str) -> list[tuple[bytes, dict]]:
+        if self.protocol == "amqp":
+            return _drain(queue)
+        import queue as queue_module
+
+        import stomp
+
+        got: queue_module.Queue = queue_module.Queue()
+
+        class Collect(stomp.ConnectionListener):
+            def on_message(self, frame):
+                got.put((frame.body, dict(frame.headers)))
+
+        conn = stomp.Connection12([("127.0.0.1", 61613)], vhost="/", auto_decode=False)
+        conn.set_listener("c", Collect())
+        conn.connect("guest", "guest", wait=True)
+        conn.subscribe(f"/queue/{queue}", id="drain", ack="auto",
+                       headers={"durable": "true", "auto-delete": "false"})
+        out = []
+        while True:
+            try:
+                out.append(got.get(timeout=1.0))
+            except queue_module.Empty:
+                break
+        conn.disconnect()
+        return out
+
+
+@pytest.fixture(params=["amqp", pytest.param("stomp", marks=pytest.mark.requires_stomp)])
+def broker(request):
+    """Each broker test over AMQP and over STOMP (skipped, with the reason, where one is unreachable)."""
+    reason = _BROKER_SKIP if request.param == "amqp" else _STOMP_SKIP
+    if reason is not None:
+        pytest.skip(reason)
+    return Broker(request.param)
 
 
 def _reads(meters: list[str], n_times: int, start: int = 0) -> pd.DataFrame:
@@ -225,6 +320,51 @@ def test_url_from_env_and_restricted_file(tmp_path):
         resolve_amqp_url(environ={})
 
 
+def test_stomp_url_from_env_or_restricted_file_never_the_command_line(tmp_path):
+    import argparse
+
+    from phaseid_hpc.ingest_service import broker_url_from_args, build_parser, resolve_broker_url
+
+    env = {"PHASEID_STOMP_URL": "stomp://a:b@h:61613/v", "PHASEID_AMQP_URL": "amqp://x:y@h/v"}
+    assert resolve_broker_url(environ=env, protocol="stomp") == "stomp://a:b@h:61613/v"
+    f = tmp_path / "stomp-url"
+    f.write_text("stomp://u:secret@h:61613/v\n")
+    f.chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        resolve_broker_url(url_file=f, environ={}, protocol="stomp")
+    f.chmod(0o600)
+    args = build_parser().parse_args(["--stomp-url-file", str(f), "--queue", "q", "--store", "s"])
+    assert broker_url_from_args(args, environ=env) == "stomp://u:secret@h:61613/v"  # the file wins, STOMP implied
+    args = build_parser().parse_args(["--stomp", "--queue", "q", "--store", "s"])
+    assert broker_url_from_args(args, environ=env) == "stomp://a:b@h:61613/v"  # not the AMQP variable
+    assert broker_url_from_args(argparse.Namespace(amqp=None), environ=env) == "amqp://x:y@h/v"
+    with pytest.raises(ConfigError, match=r"no broker URL \(STOMP\).*PHASEID_STOMP_URL"):
+        broker_url_from_args(args, environ={"PHASEID_AMQP_URL": "amqp://x:y@h/v"})
+    f.write_text("amqp://u:secret@h/v\n")
+    with pytest.raises(ConfigError, match="expected one line stomp://"):
+        resolve_broker_url(url_file=f, environ={}, protocol="stomp")
+    with pytest.raises(ConfigError, match="exclude each other"):
+        broker_url_from_args(argparse.Namespace(stomp=True, stomp_url_file=None, amqp="amqp://h", amqp_url_file=None))
+    with pytest.raises(SystemExit):  # no option takes a STOMP URL (with its password) on the command line
+        build_parser().parse_args(["--stomp", "stomp://u:p@h", "--queue", "q", "--store", "s"])
+
+
+def test_transport_follows_the_url_scheme():
+    from phaseid_hpc.broker_transport import AmqpTransport, StompTransport, make_transport, redacted_url
+
+    kw = {"prefetch_count": 8, "heartbeat_s": 30, "declare_queue": True, "dead_letter_queue": "q.dlq"}
+    assert isinstance(make_transport(BROKER_URL, "q", **kw), AmqpTransport)
+    if _STOMP_SKIP is None or "stomp.py" not in _STOMP_SKIP:
+        t = make_transport("stomp://ops:pw@broker.example:61614/grid", "q", **kw)
+        assert isinstance(t, StompTransport) and (t.host, t.port, t.vhost, t.user) == (
+            "broker.example", 61614, "grid", "ops")
+        assert make_transport("stomp://h", "q", **kw).vhost == "/"
+    with pytest.raises(BrokerError, match="unknown scheme 'mqtt'") as info:
+        make_transport("mqtt://u:pw@h", "q", **kw)
+    assert "pw" not in str(info.value)
+    assert redacted_url("stomp://u:pw@h:61613/v") == "stomp://u:***@h:61613/v"
+
+
 def test_example_config_loads_and_unknown_keys_fail(tmp_path):
     run, svc = load_service_config(REPO / "configs" / "ingest-service.example.toml", environ={})
     assert svc == IngestServiceConfig()
@@ -292,12 +432,22 @@ def _drain(queue: str) -> list[tuple[bytes, dict]]:
     return out
 
 
-def _depth(queue: str) -> int:
+def _depth(queue: str, *, missing_ok: bool = False) -> int:
+    """Messages ready in ``queue`` (read over AMQP whatever the protocol under test); a queue that does not
+    exist counts as empty when ``missing_ok`` (the STOMP transport creates its dead-letter queue at the
+    first dead letter)."""
     import pika
 
     conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
-    n = conn.channel().queue_declare(queue, passive=True).method.message_count
-    conn.close()
+    try:
+        n = conn.channel().queue_declare(queue, passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404 and missing_ok:
+            return 0
+        raise
+    finally:
+        if conn.is_open:
+            conn.close()
     return n
 
 
@@ -320,20 +470,20 @@ class DictSink:
 class TestBroker:
     pytestmark = requires_rabbitmq
 
-    def test_batches_by_count_and_dead_letters_malformed(self, queue):
+    def test_batches_by_count_and_dead_letters_malformed(self, broker, queue):
         good = [_reads([f"M{i}"], 100) for i in range(10)]
         bodies = [(_json_batch(d), "application/json") for d in good[:5]]
         bodies += [(b"{broken", "application/json"), (b'{"meter_id": "M1"}', None), (b"<x/>", "application/xml")]
         bodies += [(_csv_batch(d), "text/csv") for d in good[5:]]
-        _publish(queue, bodies)
+        broker.publish(queue, bodies)
         sink = DictSink()
         svc = IngestServiceConfig(prefetch_count=50, batch_max_reads=300, batch_max_seconds=30.0)
-        stats = run_ingest_service(BROKER_URL, queue, "unused", service_config=svc, sink=sink,
+        stats = run_ingest_service(broker.url, queue, "unused", service_config=svc, sink=sink,
                                    stop_when_idle_s=0.5)
         assert len(sink.cells) == 1000 and stats.reads_written == 1000
         assert sink.calls[:-1] and all(n >= 300 for n in sink.calls[:-1])  # count-triggered batches
         assert stats.messages == 13 and stats.messages_dead_lettered == 3
-        dead = _drain(queue + ".dlq")
+        dead = broker.drain(queue + ".dlq")
         reasons = sorted(h["reason"] for _, h in dead)
         assert len(dead) == 3 and all(h["source_queue"] == queue for _, h in dead)
         assert any("not valid JSON" in r for r in reasons)
@@ -342,8 +492,8 @@ class TestBroker:
         assert {b for b, _ in dead} == {b"{broken", b'{"meter_id": "M1"}', b"<x/>"}
         assert _depth(queue) == 0  # everything acknowledged
 
-    def test_time_based_flush(self, queue):
-        _publish(queue, [(_json_batch(_reads([f"M{i}"], 10)), "application/json") for i in range(3)])
+    def test_time_based_flush(self, broker, queue):
+        broker.publish(queue, [(_json_batch(_reads([f"M{i}"], 10)), "application/json") for i in range(3)])
         stop = threading.Event()
         sink = DictSink()
         t0 = time.monotonic()
@@ -358,24 +508,24 @@ class TestBroker:
         guard.start()
         svc = IngestServiceConfig(batch_max_reads=10_000, batch_max_seconds=0.3)
         try:
-            run_ingest_service(BROKER_URL, queue, "unused", service_config=svc, sink=sink_then_stop, stop_event=stop)
+            run_ingest_service(broker.url, queue, "unused", service_config=svc, sink=sink_then_stop, stop_event=stop)
         finally:
             guard.cancel()
         assert flushed_after and flushed_after[0] < 10.0
         assert sink.calls == [30]  # one batch, closed by time, well before the count limit
 
     @pytest.mark.parametrize("error", [ContractError, IndexError])
-    def test_store_rejection_isolates_the_poison_message(self, queue, error):
-        _publish(queue, [(_json_batch(_reads([m], 5)), "application/json") for m in ("A", "POISON", "B")])
+    def test_store_rejection_isolates_the_poison_message(self, broker, queue, error):
+        broker.publish(queue, [(_json_batch(_reads([m], 5)), "application/json") for m in ("A", "POISON", "B")])
         sink = DictSink(fail_on="POISON", error=error)
-        stats = run_ingest_service(BROKER_URL, queue, "unused", sink=sink, stop_when_idle_s=0.5,
+        stats = run_ingest_service(broker.url, queue, "unused", sink=sink, stop_when_idle_s=0.5,
                                    service_config=IngestServiceConfig(batch_max_seconds=0.5))
         assert {m for m, _ in sink.cells} == {"A", "B"}
-        dead = _drain(queue + ".dlq")
+        dead = broker.drain(queue + ".dlq")
         assert len(dead) == 1 and "rejected by store" in dead[0][1]["reason"]
         assert stats.messages_dead_lettered == 1 and _depth(queue) == 0
 
-    def test_a_lone_poison_message_is_dead_lettered_not_a_crash_loop(self, queue, monkeypatch):
+    def test_a_lone_poison_message_is_dead_lettered_not_a_crash_loop(self, broker, queue, monkeypatch):
         """Whatever the exception, a message that cannot be parsed or placed goes to the DLQ with a reason."""
         import phaseid_hpc.ingest_service as svc_module
 
@@ -387,15 +537,15 @@ class TestBroker:
             return real(body, *a, **k)
 
         monkeypatch.setattr(svc_module, "parse_message", parse)
-        _publish(queue, [(_json_batch(_reads(["POISON"], 5)), "application/json")])
-        stats = run_ingest_service(BROKER_URL, queue, "unused", sink=DictSink(fail_on="POISON", error=ValueError),
+        broker.publish(queue, [(_json_batch(_reads(["POISON"], 5)), "application/json")])
+        stats = run_ingest_service(broker.url, queue, "unused", sink=DictSink(fail_on="POISON", error=ValueError),
                                    stop_when_idle_s=0.5, service_config=IngestServiceConfig(batch_max_seconds=0.2))
-        _publish(queue, [(b'{"meter_id": "PARSE-BUG"}', "application/json"),
+        broker.publish(queue, [(b'{"meter_id": "PARSE-BUG"}', "application/json"),
                          (b'{"meter_id": "M1", "timestamp": "9999-12-31T23:45:00Z", "voltage_v": 1}', None),
                          (b"[" * 200_000 + b"]" * 200_000, None)])
-        stats2 = run_ingest_service(BROKER_URL, queue, "unused", sink=DictSink(), stop_when_idle_s=0.5,
+        stats2 = run_ingest_service(broker.url, queue, "unused", sink=DictSink(), stop_when_idle_s=0.5,
                                     service_config=IngestServiceConfig(batch_max_seconds=0.2))
-        dead = _drain(queue + ".dlq")
+        dead = broker.drain(queue + ".dlq")
         reasons = [h["reason"] for _, h in dead]
         assert stats.messages_dead_lettered == 1 and stats2.messages_dead_lettered == 3, reasons
         assert "rejected by store: ValueError" in reasons[0]
@@ -403,22 +553,22 @@ class TestBroker:
         assert any("outside 1900-01-01" in r for r in reasons) and any("nested" in r for r in reasons)
         assert _depth(queue) == 0
 
-    def test_broker_errors_name_the_problem_and_hide_the_password(self, queue):
+    def test_broker_errors_name_the_problem_and_hide_the_password(self, broker, queue):
         svc = IngestServiceConfig(declare_queue=False)
         with pytest.raises(BrokerError, match="NOT_FOUND") as info:
-            run_ingest_service(BROKER_URL, queue, "unused", sink=DictSink(), service_config=svc, stop_when_idle_s=0.2)
+            run_ingest_service(broker.url, queue, "unused", sink=DictSink(), service_config=svc, stop_when_idle_s=0.2)
         with pytest.raises(BrokerError, match="refused the credentials") as info:
-            run_ingest_service(BROKER_URL.replace("guest:guest", "guest:s3cret"), queue, "unused", sink=DictSink(),
+            run_ingest_service(broker.url.replace("guest:guest", "guest:s3cret"), queue, "unused", sink=DictSink(),
                                stop_when_idle_s=0.2)
         assert "s3cret" not in str(info.value) and "guest:***@" in str(info.value)
 
     @pytest.mark.parametrize("error", [ValueError, StoreError])
-    def test_systemic_store_failure_stops_without_ack_or_dead_letter(self, queue, error):
-        _publish(queue, [(_json_batch(_reads([m], 5)), "application/json") for m in ("A", "B")])
+    def test_systemic_store_failure_stops_without_ack_or_dead_letter(self, broker, queue, error):
+        broker.publish(queue, [(_json_batch(_reads([m], 5)), "application/json") for m in ("A", "B")])
         with pytest.raises(error):
-            run_ingest_service(BROKER_URL, queue, "unused", sink=DictSink(fail_on="*", error=error),
+            run_ingest_service(broker.url, queue, "unused", sink=DictSink(fail_on="*", error=error),
                                stop_when_idle_s=0.5, service_config=IngestServiceConfig(batch_max_seconds=0.3))
-        assert _depth(queue) == 2 and _depth(queue + ".dlq") == 0  # both back in the queue, none dead
+        assert _depth(queue) == 2 and _depth(queue + ".dlq", missing_ok=True) == 0  # both back, none dead
 
 
 # ---------------------------------------------------------------- real processes: SIGTERM and SIGKILL
@@ -477,11 +627,12 @@ def _progress(target: Path) -> int:
     return sum(int(x) for x in f.read_text().split()) if f.exists() else 0
 
 
-def _start_consumer(tmp_path: Path, queue: str, db: Path, kill_after: int = 0, idle: float = 0.0):
+def _start_consumer(tmp_path: Path, queue: str, db: Path, kill_after: int = 0, idle: float = 0.0,
+                    url: str = BROKER_URL):
     script = tmp_path / "consumer.py"
     script.write_text(_CONSUMER)
     return subprocess.Popen(
-        [sys.executable, str(script), BROKER_URL, queue, str(db), str(kill_after), str(idle)],
+        [sys.executable, str(script), url, queue, str(db), str(kill_after), str(idle)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
@@ -512,25 +663,25 @@ def _wait_for(pred, timeout: float) -> None:
 
 @pytest.mark.requires_rabbitmq
 @pytest.mark.skipif(_BROKER_SKIP is not None, reason=_BROKER_SKIP or "")
-def test_sigkill_mid_stream_then_restart_is_exactly_once(tmp_path, queue):
+def test_sigkill_mid_stream_then_restart_is_exactly_once(tmp_path, broker, queue):
     meters = [f"M{i:04d}" for i in range(120)]
     df = _reads(meters, 100)  # 12,000 reads in 60 messages
-    _publish(queue, [(_csv_batch(df.iloc[i : i + 200]), "text/csv") for i in range(0, len(df), 200)])
+    broker.publish(queue, [(_csv_batch(df.iloc[i : i + 200]), "text/csv") for i in range(0, len(df), 200)])
     db = tmp_path / "store.sqlite"
 
     # 1) dies by its own SIGKILL right after the 3rd durable write, before acknowledging it
-    p = _start_consumer(tmp_path, queue, db, kill_after=3)
+    p = _start_consumer(tmp_path, queue, db, kill_after=3, url=broker.url)
     rc, out = _finish(p, 30)
     assert rc == -signal.SIGKILL, out
     # 2) killed from outside mid-stream
-    p = _start_consumer(tmp_path, queue, db)
+    p = _start_consumer(tmp_path, queue, db, url=broker.url)
     _wait_for(lambda: _progress(db) > 7_000, timeout=30)
     p.send_signal(signal.SIGKILL)
     _finish(p, 10)
     rows_mid, _ = _db_counts(db)
     assert rows_mid < len(df), "the consumer finished before it could be killed mid-stream"
     # 3) restarted: drains the rest
-    p = _start_consumer(tmp_path, queue, db, idle=1.0)
+    p = _start_consumer(tmp_path, queue, db, idle=1.0, url=broker.url)
     rc, out = _finish(p, 60)
     assert rc == 0, out
 
@@ -547,11 +698,11 @@ def test_sigkill_mid_stream_then_restart_is_exactly_once(tmp_path, queue):
 
 @pytest.mark.requires_rabbitmq
 @pytest.mark.skipif(_BROKER_SKIP is not None, reason=_BROKER_SKIP or "")
-def test_sigterm_writes_and_acks_the_open_batch(tmp_path, queue):
+def test_sigterm_writes_and_acks_the_open_batch(tmp_path, broker, queue):
     df = _reads([f"M{i}" for i in range(100)], 100)  # 10,000 reads in 100 messages
-    _publish(queue, [(_json_batch(df.iloc[i : i + 100]), "application/json") for i in range(0, len(df), 100)])
+    broker.publish(queue, [(_json_batch(df.iloc[i : i + 100]), "application/json") for i in range(0, len(df), 100)])
     db = tmp_path / "store.sqlite"
-    p = _start_consumer(tmp_path, queue, db)
+    p = _start_consumer(tmp_path, queue, db, url=broker.url)
     _wait_for(lambda: _progress(db) > 0, timeout=30)
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=15)[0].decode()
@@ -565,7 +716,8 @@ def test_sigterm_writes_and_acks_the_open_batch(tmp_path, queue):
 @pytest.mark.slow
 @pytest.mark.requires_rabbitmq
 @pytest.mark.skipif(_BROKER_SKIP is not None, reason=_BROKER_SKIP or "")
-def test_real_store_survives_sigkill_exactly_once_with_quarantine_and_dead_letters(tmp_path, queue):
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)  # STOMP: the same path, shown by the sqlite test
+def test_real_store_survives_sigkill_exactly_once_with_quarantine_and_dead_letters(tmp_path, broker, queue):
     store_mod = pytest.importorskip("phaseid_hpc.store", reason="phaseid_hpc/store.py not available")
     pytest.importorskip("phaseid_hpc.ingest", reason="phaseid_hpc/ingest.py not available")
     import xarray as xr
@@ -582,17 +734,17 @@ def test_real_store_survives_sigkill_exactly_once_with_quarantine_and_dead_lette
               (_json_batch(df.iloc[i : i + 96]), "application/json") for i in range(0, len(df), 96)]
     bodies.insert(10, (_json_batch(_reads(["UNKNOWN"], 2)), "application/json"))  # rows -> quarantine
     bodies.insert(20, (b'{"meter_id": "M001", "timestamp": "soon", "voltage_v": 1}', None))  # -> dead letter
-    _publish(queue, bodies)
+    broker.publish(queue, bodies)
 
-    p = _start_consumer(tmp_path, queue, store, kill_after=2)  # dies after a durable write, before its ack
+    p = _start_consumer(tmp_path, queue, store, kill_after=2, url=broker.url)  # dies after a durable write, before its ack
     rc, out = _finish(p, 40)
     assert rc == -signal.SIGKILL, out
-    p = _start_consumer(tmp_path, queue, store)
+    p = _start_consumer(tmp_path, queue, store, url=broker.url)
     _wait_for(lambda: _progress(store) > 5_000, timeout=40)
     p.send_signal(signal.SIGKILL)  # killed from outside, mid-stream
     _finish(p, 10)
     assert _depth(queue) > 0, "the consumer finished before it could be killed mid-stream"
-    p = _start_consumer(tmp_path, queue, store, idle=1.0)
+    p = _start_consumer(tmp_path, queue, store, idle=1.0, url=broker.url)
     out = p.communicate(timeout=60)[0].decode()
     assert p.returncode == 0, out
 
@@ -607,6 +759,6 @@ def test_real_store_survives_sigkill_exactly_once_with_quarantine_and_dead_lette
     expect_kw = df.pivot(index="meter_id", columns="timestamp", values="kw")
     np.testing.assert_allclose(kw.loc[expect_kw.index, expect_kw.columns].to_numpy(), expect_kw.to_numpy(), rtol=1e-6)
     assert list((store / "quarantine").glob("*.parquet")), "the UNKNOWN meter's rows were not quarantined"
-    dead = _drain(queue + ".dlq")
+    dead = broker.drain(queue + ".dlq")
     assert len(dead) >= 1 and all("timestamp 'soon'" in h["reason"] for _, h in dead)
     assert _depth(queue) == 0
