@@ -1,72 +1,72 @@
 """Meter-to-transformer verification: does each meter move with its GIS transformer group?
 
-Labelled layer over :mod:`phaseid_hpc.kernels.transformer_grouping`. One call handles one block of whole
-feeders; every feeder is scored on its own (candidates never cross a feeder).
+Labelled layer over :mod:`phaseid_hpc.kernels.transformer_mapping` and
+:mod:`phaseid_hpc.kernels.transformer_grouping`: it checks the inputs, turns labels into group and phase
+indices, calls the kernels step by step and names the results. One call handles one block of whole feeders;
+every feeder is scored on its own (candidates never cross a feeder).
 
-Method (per feeder)
--------------------
-1. Shape signal: differenced voltage, per-phase feeder common mode projected out, unit-norm rows
-   (``differenced_signals``). Neighbouring transformers on one lateral share the common mode, not the
+Method (per feeder, :func:`_map_feeder`)
+----------------------------------------
+1. **Signals** (:func:`_feeder_signals`): differenced voltage, per-phase feeder common mode projected out,
+   unit-norm rows, float32 (``differenced_signals``); centred voltage and load-current proxy for the level
+   check (``level_signals``). Neighbouring transformers on one lateral share the common mode, not the
    residual, so the residual separates them.
-2. Each meter's correlation with every candidate group's pooled signal, leaving the meter out of its own group
-   (what ``group_correlations`` computes, here kept up to date round by round, see Cost; no pairwise
-   regressions). Candidates: same feeder, a group serving the meter's phase (the phase
-   result), within ``max_distance_m`` when lat/lon exist.
-3. Decision in Fisher-z units of one standard error ``se = 1 / sqrt(n - 6)``:
+2. **Candidates** (:func:`_candidate_space`, :func:`_best_candidates`): each meter's correlation with every
+   candidate group's pooled signal, leaving the meter out of its own group. Candidates: same feeder, a group
+   serving the meter's phase (the phase result), within ``max_distance_m`` when lat/lon exist. The pools and
+   the meter-by-group dot products are kept up to date round by round (``GroupPools``).
+3. **Rounds** (:func:`_rounds`, one :func:`_judge_round` each), in Fisher-z units of one standard error
+   ``se = 1 / sqrt(n - 6)``:
 
    * a meter **moves** to transformer ``b`` when ``b`` beats the GIS group by ``flag_margin_se``
      (``weak_gis_margin_se`` when the GIS label is already in doubt: phase mismatch, or no correlation with
      an otherwise coherent GIS group), is significant (``min_corr_se``), clearly beats the runner-up
      (``ambiguity_se``), and the level check (service drop ``V_meter - V_transformer ~ -(R P + X Q) / V``,
-     ``level_consistency``) is no worse than ``level_tolerance`` times the reference. A meter that moves
-     with its GIS group as well as the group's other members do never moves (the stray is on the other
-     side). A target with one meter must be matched like the feeder's same-transformer pairs
-     (``pair_fit_fraction``);
+     ``level_consistency_pairs``) is no worse than ``level_tolerance`` times the reference. A meter that
+     moves with its GIS group as well as the group's other members do never moves (the stray is on the
+     other side). A target with one meter must be matched like the feeder's same-transformer pairs
+     (``pair_fit_fraction``) (``move_candidates``);
    * a meter **alone on its GIS transformer** has no group to be tested against: from the second round on
      (after strays of multi-meter groups, possibly its lost sibling, have moved) it joins a group of two or
      more only when it fits it as the group's own members do (``singleton_fit_se``), also after the
-     runner-up's pool is partialled out (``partial_correlations``: sharing the lateral is not enough), and
+     runner-up's pool is partialled out (``shares_own_signal``: sharing the lateral is not enough), and
      passes the level check;
    * a meter that does **not move with its GIS group** (own-group z below ``unrelated_se`` while the rest of
-     the group is coherent, or split off by the group's Fiedler cut) and fits no GIS transformer is an
-     orphan; orphans of one phase that move together, or a lone orphan whose phase differs from its GIS
-     group's, form a transformer missing from GIS (``{feeder}-NEW{k:03d}``, numbered by smallest meter id).
-     A lone orphan without that keeps its label, with the reason and a low confidence.
+     the group is coherent, or split off by the group's Fiedler cut, ``split_off``) and fits no GIS
+     transformer is an orphan.
 
-   Moves are applied greedily, strongest first, never two that rely on each other in one round; pools are
-   rebuilt and everything re-judged, up to ``n_iterations`` rounds, so swapped pairs and strays clean up.
-4. Confidence: ``Phi(d / sqrt 2)`` with ``d`` the assigned group's Fisher-z lead over the best alternative
-   (or over the threshold it would need) in standard errors; classes from ``confident_threshold`` and
-   ``suspect_threshold``.
+   Moves are applied greedily, strongest first, never two that rely on each other in one round
+   (``apply_moves``); pools are rebuilt and everything re-judged, up to ``n_iterations`` rounds, so swapped
+   pairs and strays clean up.
+4. **New groups** (:func:`_propose_new_groups`): orphans of one phase that move together
+   (``orphan_components``), or a lone orphan whose phase differs from its GIS group's, form a transformer
+   missing from GIS (``{feeder}-NEW{k:03d}``, numbered by smallest meter id). A lone orphan without that
+   keeps its label, with the reason and a low confidence.
+5. **Confidence** (:func:`_confidence`): ``Phi(d / sqrt 2)`` with ``d`` the assigned group's Fisher-z lead
+   over the best alternative (or over the threshold it would need) in standard errors
+   (``assignment_lead``); classes from ``confident_threshold`` and ``suspect_threshold``. Then the reasons
+   (:func:`_reasons`) and the transformer table (:func:`_transformer_rows`).
 
-Cost (``_Pools``): signals are float32 and built row block by row block (``differenced_signals``,
-``level_signals``). Group pools are sums over members (``group_sums``, ``O(n T)``), not a dense one-hot GEMM.
-The only ``O(n g T)`` term, the meter-by-group dot products ``S = z P^T`` that pick each meter's best and
-runner-up candidate, is computed once on the phase-compatible blocks (meters of phase p x groups serving p:
-about a third of the full product), and after that only for the columns of groups whose membership changed
-in the round. The leave-one-out correction, the test against the GIS group and the level check need only a
-few (meter, group) pairs each (``pair_dots``, ``level_consistency_pairs``); the level check is evaluated only
-where it can decide a move. A 3,000-meter feeder with 30 days at 15 min (2,880 samples) takes about 0.4 s of
-CPU time on one core (~120-180 us per meter, more when more labels are wrong); ckt5 (1,379 meters, 14 days)
-about 0.15 s. One regression per customer pair (~1 ms each, O(n^2) pairs) takes hours at 10,000 customers.
-Benchmark: ``benchmarks/transformer_speed.py``.
+The ``(n_meters, n_time)`` signals stay in the namespace of ``voltage`` (NumPy, CuPy); per-meter and
+per-group tables are NumPy. Cost figures: README and ``benchmarks/transformer_speed.py``.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from . import contract
-from ._compat import to_numpy
+from ._compat import array_namespace, to_numpy
 from .config import TransformerConfig
 from .kernels import transformer_grouping as tg
+from .kernels import transformer_mapping as tk
+from .kernels.correlation import fisher_z
 
 __all__ = [
-    "recommend_transformers",
     "REASON_TX_AMBIGUOUS",
     "REASON_TX_CONSISTENT",
     "REASON_TX_MOVED",
@@ -75,6 +75,7 @@ __all__ = [
     "REASON_TX_SINGLETON",
     "REASON_TX_UNRELATED",
     "map_transformers",
+    "recommend_transformers",
 ]
 
 REASON_TX_CONSISTENT = "Moves With GIS Transformer Group"
@@ -85,7 +86,16 @@ REASON_TX_SINGLETON = "Alone On GIS Transformer (Checked Against Neighbours Only
 REASON_TX_PHASE_MISMATCH = "Phase Differs From GIS Transformer Phase"
 REASON_TX_AMBIGUOUS = "Ambiguous Between Transformers"
 
-_PHASE_CODE = {"A": 0, "B": 1, "C": 2}
+_TX_COLUMNS = [
+    "transformer_id",
+    "feeder_id",
+    "n_meters_gis",
+    "n_meters_inferred",
+    "phases",
+    "meters_changed",
+    "group_coherence",
+    "proposed_new",
+]
 
 
 def _phase_column(sub: pd.DataFrame, col: str) -> np.ndarray:
@@ -97,18 +107,15 @@ def _phase_column(sub: pd.DataFrame, col: str) -> np.ndarray:
     return txt.where(txt.notna() & (txt != ""), np.nan).astype(object).to_numpy()
 
 
-def _norm_cdf(x: float) -> float:
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+def _letter_bits(letters: frozenset, alphabet) -> int:
+    """The letters of a phase label as bits, in the order of ``alphabet`` (``"ABC"``: A 1, B 2, C 4)."""
+    return sum(1 << k for k, c in enumerate(alphabet) if c in letters)
 
 
 def _contract_phase_name(letters) -> str | None:
     """Contract label of a set of phase letters (pairs as ``AB``, ``BC``, ``CA``); ``None`` when empty."""
     key = "".join(sorted(letters))
     return {"AC": "CA"}.get(key, key) or None
-
-
-def _phase_mask(letters: frozenset) -> int:
-    return sum(1 << k for k, c in enumerate("ABC") if c in letters)
 
 
 def map_transformers(
@@ -143,7 +150,7 @@ def map_transformers(
     meters_result : DataFrame, index and rows aligned with ``meters``
         ``transformer`` (proposed), ``transformer_confidence`` [-], ``transformer_class``
         (``confident``/``suspect``/``low``/``insufficient_data``), ``transformer_changed`` (bool),
-        ``reasons`` (list[str]).
+        ``reasons`` (list[str]); ``attrs["diagnostics"]``: per-meter evidence in standard errors (audit only).
     transformers_result : DataFrame, one row per transformer (GIS and proposed), sorted by feeder, id
         ``transformer_id, feeder_id, n_meters_gis, n_meters_inferred, phases, meters_changed,
         group_coherence, proposed_new``.
@@ -151,10 +158,10 @@ def map_transformers(
     n = len(meters)
     if voltage.shape[0] != n:
         raise ValueError(f"voltage has {voltage.shape[0]} rows but meters has {n}; they must be aligned")
-    if xp is None:
-        from ._compat import array_namespace
-
-        xp = array_namespace(voltage)
+    for name, arr in (("kw", kw), ("kvar", kvar)):
+        if arr is not None and tuple(arr.shape) != tuple(voltage.shape):
+            raise ValueError(f"{name} has shape {tuple(arr.shape)} but voltage has {tuple(voltage.shape)}")
+    xp = array_namespace(voltage) if xp is None else xp
     m = meters.reset_index(drop=True)
     out_tx = m["transformer_id"].astype(object).to_numpy(copy=True)
     out_conf = np.zeros(n)
@@ -162,27 +169,16 @@ def map_transformers(
     out_reasons: list[list[str]] = [[] for _ in range(n)]
     tx_rows: list[dict[str, Any]] = []
     diagnostics: list[pd.DataFrame] = []
-
     feeders = m["feeder_id"].astype(str).to_numpy()
     for feeder in sorted(set(feeders)):
         idx = np.flatnonzero(feeders == feeder)
-        _map_feeder(
-            feeder,
-            idx,
-            voltage,
-            kw,
-            kvar,
-            m,
-            config,
-            xp,
-            out_tx,
-            out_conf,
-            out_cls,
-            out_reasons,
-            tx_rows,
-            diagnostics,
-        )
-
+        kw_f, kvar_f = (None if a is None else _rows_of(a, idx) for a in (kw, kvar))
+        res = _map_feeder(feeder, m.iloc[idx], xp.asarray(_rows_of(voltage, idx)), kw_f, kvar_f, config)
+        out_tx[idx], out_conf[idx], out_cls[idx] = res.transformer, res.confidence, res.klass
+        for i, r in zip(idx, res.reasons):
+            out_reasons[i] = r
+        tx_rows += res.transformers
+        diagnostics.append(res.diagnostics)
     gis = m["transformer_id"].astype(object).to_numpy()
     meters_result = pd.DataFrame(
         {
@@ -198,17 +194,7 @@ def map_transformers(
     meters_result.attrs["diagnostics"] = (
         pd.concat(diagnostics, ignore_index=True) if diagnostics else pd.DataFrame()
     )
-    cols = [
-        "transformer_id",
-        "feeder_id",
-        "n_meters_gis",
-        "n_meters_inferred",
-        "phases",
-        "meters_changed",
-        "group_coherence",
-        "proposed_new",
-    ]
-    tx = pd.DataFrame(tx_rows, columns=cols)
+    tx = pd.DataFrame(tx_rows, columns=_TX_COLUMNS)
     if len(tx):
         tx = tx.sort_values(["feeder_id", "transformer_id"], kind="stable").reset_index(drop=True)
         tx = tx.astype({"n_meters_gis": "int64", "n_meters_inferred": "int64", "meters_changed": "int64"})
@@ -222,701 +208,490 @@ def _rows_of(x, idx):
     return x[idx]
 
 
-class _Pools:
-    """Pooled signal (and level) sums of every group for the current assignment, rebuilt only where it changed.
-
-    Holds ``P_g = sum_j w_j z_j`` and ``L_g = sum_j w_j vc_j`` (rows: groups), every meter's dot with its
-    own group's pool, and, when ``row_blocks`` are given, the meter-by-group dot products ``S = z P^T`` on
-    the phase-compatible (meter, group) blocks. After meters move only the groups that gained or lost a meter
-    (or a pool weight) are re-summed and only their columns of ``S`` recomputed: a round costs
-    ``O(n_meters n_time n_changed)`` instead of ``O(n_meters n_time n_groups)``.
-    """
-
-    def __init__(self, z, vc, n_g, row_blocks, xp, ic=None, row_stats=None):
-        self.z, self.vc, self.ic, self.n_g, self.xp = z, vc, ic, n_g, xp  # vc None: no level sums
-        self.row_stats = row_stats
-        self.ln2 = None
-        self.row_blocks = row_blocks  # [(phase bit or 0, meter rows, z rows taken once)]
-        n = z.shape[0]
-        self.s = np.full((n, n_g), np.nan, dtype=np.float32) if row_blocks else None
-        self.own = np.full(n, np.nan)
-        self.pn2 = np.zeros(n_g)
-        self.lcnt = np.zeros(n_g)
-        self.pool = None
-        self.lsum = None
-        self.assign = None
-        self.w = None
-
-    def update(self, assign, w, gmask, same_as=None, dots=True):
-        """Rebuild for assignment ``assign`` and pool weights ``w``; ``same_as``: pools already built for them.
-
-        ``dots=False``: only the own-group dots are kept current (``S`` is dropped).
-        """
-        if not dots:
-            self.s = None
-        xp, n_g = self.xp, self.n_g
-        if self.assign is None:
-            dirty = np.arange(n_g)
-        else:
-            ch = (assign != self.assign) | (w != self.w)
-            dirty = np.unique(np.concatenate([assign[ch], self.assign[ch]]))
-        self.assign, self.w = assign.copy(), w.copy()
-        self.lcnt = np.bincount(assign, weights=w, minlength=n_g).astype(float)
-        ar = np.arange(len(assign))
-        if len(dirty):
-            if same_as is not None and self.pool is None and self.vc is None:
-                self.pool = xp.asarray(same_as.pool, copy=True)
-                self.pn2 = same_as.pn2.copy()
-                self.own = same_as.own.copy()
-                return dirty
-            gi, wx, cols = xp.asarray(assign), xp.asarray(w), xp.asarray(dirty)
-            p = tg.group_sums(self.z, gi, n_g, wx, columns=cols)
-            lv = None if self.vc is None else tg.group_sums(self.vc, gi, n_g, wx, columns=cols)
-            if self.pool is None:
-                self.pool, self.lsum = p, lv
-            else:
-                self.pool[cols] = p
-                if lv is not None:
-                    self.lsum[cols] = lv
-            self.pn2[dirty] = to_numpy(xp.vecdot(p, p, axis=-1))
-            if lv is not None:
-                ln2 = xp.vecdot(lv, lv, axis=-1)
-                if self.ln2 is None:
-                    self.ln2 = ln2
-                else:
-                    self.ln2[cols] = ln2
-            if self.s is not None:
-                self.s[:, dirty] = np.nan
-                for bit, rows, zrows in self.row_blocks:
-                    c = dirty if bit == 0 else dirty[((gmask[dirty] & bit) != 0) | (gmask[dirty] == 0)]
-                    if len(c):
-                        self.s[np.ix_(rows, c)] = to_numpy(
-                            zrows @ xp.take(self.pool, xp.asarray(c), axis=0).T
-                        )
-                self.own = self.s[ar, assign].astype(float)
-            flag = np.zeros(n_g, bool)
-            flag[dirty] = True
-            redo = np.flatnonzero(flag[assign] & np.isnan(self.own) if self.s is not None else flag[assign])
-        else:
-            redo = np.zeros(0, np.int64)
-        # every meter's dot with its own group, also where the pair is not phase-compatible
-        if len(redo):
-            rows = None if len(redo) == len(assign) else xp.asarray(redo)
-            self.own[redo] = to_numpy(tg.pair_dots(self.z, self.pool, rows, xp.asarray(assign[redo])))
-            if self.s is not None:
-                self.s[redo, assign[redo]] = self.own[redo]
-        return dirty
-
-    def level(self, rows, cols):
-        """Level residual [V] of meters ``rows`` (``None``: all) against groups ``cols``."""
-        xp = self.xp
-        cols = np.asarray(cols, dtype=np.int64)
-        if len(cols) == 0:
-            return np.zeros(0)
-        own = (self.assign if rows is None else self.assign[rows]) == cols
-        rms, _slope = tg.level_consistency_pairs(
-            self.vc,
-            self.ic,
-            self.lsum,
-            xp.asarray(self.lcnt),
-            None if rows is None else xp.asarray(np.asarray(rows, dtype=np.int64)),
-            xp.asarray(cols),
-            xp.asarray(own),
-            xp.asarray(self.w),
-            row_stats=self.row_stats,
-            sums_norm2=self.ln2,
-        )
-        return to_numpy(rms).astype(float)
+# ---------------------------------------------------------------------------------------------------------
+# one feeder: the steps of the method
+# ---------------------------------------------------------------------------------------------------------
 
 
-def _group_medians(values, groups, n_g):
-    """NaN-skipping median of ``values`` per group ``0 .. n_g - 1`` (NaN for a group without a value)."""
-    return pd.Series(values).groupby(groups).median().reindex(range(n_g)).to_numpy(dtype=float)
+@dataclass(frozen=True)
+class _FeederResult:
+    """Outputs of one feeder, rows in the order of the feeder's meters."""
+
+    transformer: np.ndarray  # proposed transformer id (object)
+    confidence: np.ndarray  # [-]
+    klass: np.ndarray  # confidence class (object)
+    reasons: list[list[str]]
+    transformers: list[dict[str, Any]]  # rows of the transformer table
+    diagnostics: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """A feeder's labels as indices: GIS groups and the phase each meter serves."""
+
+    feeder: str
+    meter_id: np.ndarray  # (n,) object
+    gis: np.ndarray  # (n,) GIS transformer id as str
+    groups: np.ndarray  # (n_g,) sorted GIS transformer ids (object)
+    gis_index: np.ndarray  # (n,) position of the GIS transformer in ``groups``
+    phase_code: np.ndarray  # (n,) 0, 1, 2 for a single phase A, B, C; -1 otherwise
+    pmask: np.ndarray  # (n,) phase letters A, B, C as bits 1, 2, 4 (0: unknown)
+    letters: np.ndarray  # (n, 3) 1 where the meter serves A, B, C
+    letter_bits: np.ndarray  # (n,) every letter of the phase label as a bit (0: unknown)
+    codes: np.ndarray  # (n,) index of the meter's phase label in ``phase_sets`` (-1: none)
+    phase_sets: list[frozenset]  # letters of each distinct phase label; last: the empty set
+    usable: np.ndarray  # (n,) bool, from the ``usable`` column
+    lat: np.ndarray | None  # (n,) [deg]
+    lon: np.ndarray | None
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+
+@dataclass(frozen=True)
+class _Signals:
+    """Step 1: the signals of a feeder and the per-meter quantities derived from them."""
+
+    z: Any  # (n, n_time - 1) float32 unit-norm shape signal (array namespace of the voltage)
+    vc: Any  # (n, n_time) centred voltage [V]
+    ic: Any | None  # (n, n_time) centred load-current proxy [A]
+    level_stats: tuple[Any, Any, Any]  # (vc.vc, ic.ic, ic.vc)
+    n_valid: np.ndarray  # (n,) valid differences [samples]
+    usable: np.ndarray  # (n,) bool: usable and enough samples
+    se: np.ndarray  # (n,) standard error of the Fisher z [-]
+    zz: np.ndarray  # (n,) ||z_i||^2 (1, or 0 for a flat meter)
+
+
+@dataclass(frozen=True)
+class _CandidateSpace:
+    """Step 2, static part: where candidates may be (distance) and the phase blocks of ``S``."""
+
+    distance_penalty: np.ndarray | None  # (n, n_g) float32: NaN where too far, else 0
+    row_blocks: list  # [(phase bit or 0, meter rows, z rows)]
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """Step 3: the evidence of one round and the moves it asks for (arrays shape (n,))."""
+
+    best: np.ndarray
+    runner_up: np.ndarray
+    zb: np.ndarray  # Fisher z of the best candidate (-inf: none)
+    z2: np.ndarray  # Fisher z of the runner-up (0: none)
+    zo: np.ndarray  # Fisher z with the GIS group's own remaining members (NaN: alone)
+    kappa: np.ndarray  # (n_g,) mean Fisher z of each group's members
+    kappa_gis_loo: np.ndarray  # mean Fisher z of the GIS group's other members
+    phase_mismatch: np.ndarray
+    unrelated: np.ndarray  # does not move with its GIS group and does not move
+    desired: np.ndarray  # group wanted
+    strength: np.ndarray  # order of the moves [std. errors]
+
+
+@dataclass(frozen=True)
+class _Rounds:
+    """Result of the rounds: final assignment and pool weights, the last round's evidence and pools."""
+
+    assign: np.ndarray
+    weights: np.ndarray
+    evidence: _Evidence
+    pools: tk.GroupPools
 
 
 def _map_feeder(
-    feeder, idx, voltage, kw, kvar, m, cfg, xp, out_tx, out_conf, out_cls, out_reasons, tx_rows, diagnostics
-):
-    sub = m.iloc[idx]
-    nf = len(idx)
-    v = xp.asarray(_rows_of(voltage, idx))
-    f32 = xp.float32
+    feeder: str, sub: pd.DataFrame, v: Any, kw: Any, kvar: Any, cfg: TransformerConfig
+) -> _FeederResult:
+    """Verify the transformers of one feeder (steps 1-5 of the module docstring)."""
+    lab = _feeder_labels(feeder, sub)
+    sig = _feeder_signals(v, kw, kvar, lab, cfg)
+    space = _candidate_space(sig, lab, cfg)
+    rounds = _rounds(sig, lab, space, cfg)
+    ev = rounds.evidence
+    # audit evidence of the last round (pools still hold that round's assignment)
+    lvl_b, lvl_ref = tk.level_evidence(
+        rounds.pools, None, ev.best, lab.gis_index, rounds.pools.assign, rounds.pools.w
+    )
+    final_id, new_ids = _propose_new_groups(lab, sig, rounds, cfg)
+    is_new = np.zeros(len(lab.gis), bool)
+    is_new[list(new_ids)] = True
+    conf, cls = _confidence(lab, sig, rounds, is_new, cfg)
+    diag = pd.DataFrame(
+        {
+            "meter_id": sub["meter_id"].to_numpy(),
+            "z_gis": ev.zo / sig.se,
+            "z_best": ev.zb / sig.se,
+            "z_runner_up": ev.z2 / sig.se,
+            "best": lab.groups[ev.best],
+            "kappa_best": ev.kappa[ev.best] / sig.se,
+            "kappa_gis_loo": ev.kappa_gis_loo / sig.se,
+            "level_rms_best": lvl_b,
+            "level_rms_ref": lvl_ref,
+            "phase_mismatch": ev.phase_mismatch,
+        }
+    )
+    return _FeederResult(
+        transformer=np.where(sig.usable, final_id, lab.gis.astype(object)),
+        confidence=conf,
+        klass=cls,
+        reasons=_reasons(lab, sig, rounds, is_new, cfg),
+        transformers=_transformer_rows(lab, sig, rounds, final_id, new_ids, is_new),
+        diagnostics=diag,
+    )
+
+
+def _feeder_labels(feeder: str, sub: pd.DataFrame) -> _Labels:
+    """GIS groups as indices and each meter's phase (inferred where present, else GIS) as codes and bits."""
     gis = sub["transformer_id"].astype(str).to_numpy()
     groups = np.array(sorted(set(gis)), dtype=object)
-    n_g = len(groups)
-    gis_index = np.searchsorted(groups, gis)
-
-    # phases: inferred where present, else GIS
     ph_inf = _phase_column(sub, "phase")
     ph_gis = _phase_column(sub, "phase_gis")
     phase = np.where(pd.isna(ph_inf), ph_gis, ph_inf)
     codes, uniq = pd.factorize(phase, use_na_sentinel=True)  # NaN/None: -1
-    uniq_sets = [frozenset(u) for u in uniq] + [frozenset()]  # index -1: no phase
-    phase_code = np.array([_PHASE_CODE.get(u, -1) for u in uniq] + [-1], dtype=np.int64)[codes]
-    pmask = np.array([_phase_mask(ps) for ps in uniq_sets], dtype=np.int64)[codes]
-    phase_sets = [uniq_sets[k] for k in codes]
-    letters = (pmask[:, None] >> np.arange(3)[None, :]) & 1  # (n, 3) meter serves A, B, C
+    phase_sets = [frozenset(u) for u in uniq] + [frozenset()]  # index -1: no phase
+    alphabet = sorted(set().union(*phase_sets))
+    pmask = np.array([_letter_bits(ps, "ABC") for ps in phase_sets], dtype=np.int64)[codes]
+    lat = lon = None
+    if {"lat", "lon"} <= set(sub.columns):
+        lat, lon = sub["lat"].to_numpy(dtype=float), sub["lon"].to_numpy(dtype=float)
+    return _Labels(
+        feeder=feeder,
+        meter_id=sub["meter_id"].astype(str).to_numpy(),
+        gis=gis,
+        groups=groups,
+        gis_index=np.searchsorted(groups, gis),
+        phase_code=np.array([{"A": 0, "B": 1, "C": 2}.get(u, -1) for u in uniq] + [-1], dtype=np.int64)[
+            codes
+        ],
+        pmask=pmask,
+        letters=(pmask[:, None] >> np.arange(3)[None, :]) & 1,
+        letter_bits=np.array([_letter_bits(ps, alphabet) for ps in phase_sets], dtype=np.int64)[codes],
+        codes=codes,
+        phase_sets=phase_sets,
+        usable=sub["usable"].to_numpy(dtype=bool) if "usable" in sub else np.ones(len(sub), bool),
+        lat=lat,
+        lon=lon,
+    )
 
-    # every GIS transformer counts once in its phase's common mode; float32 signals: correlations to ~1e-6
-    gsize = np.bincount(gis_index, minlength=n_g).astype(float)
+
+def _feeder_signals(v: Any, kw: Any, kvar: Any, lab: _Labels, cfg: TransformerConfig) -> _Signals:
+    """Step 1: shape and level signals; every GIS transformer counts once in its phase's common mode."""
+    xp = array_namespace(v)
+    gsize = tk.group_sum(lab.gis_index, lab.n_groups).astype(float)
+    # float32 signals: correlations good to ~1e-6
     z, n_valid = tg.differenced_signals(
-        v, xp.asarray(phase_code), 3, weights=xp.asarray(1.0 / gsize[gis_index]), dtype=f32
+        v, xp.asarray(lab.phase_code), 3, weights=xp.asarray(1.0 / gsize[lab.gis_index]), dtype=xp.float32
     )
     n_valid = to_numpy(n_valid)
-    usable = sub["usable"].to_numpy(dtype=bool) if "usable" in sub else np.ones(nf, bool)
-    usable = usable & (n_valid >= cfg.min_samples)
-    se = 1.0 / np.sqrt(np.maximum(n_valid - 3 - 3, 10.0))
-    zz = to_numpy(xp.vecdot(z, z, axis=-1)).astype(float)
-
-    # level signals, centred once: voltage and the load current proxy 1000 (P + Q X/R) / V
     vc, ic, level_stats = tg.level_signals(
         v,
-        None if kw is None else _rows_of(kw, idx),
-        None if kw is None or kvar is None else _rows_of(kvar, idx),
+        kw,
+        None if kw is None else kvar,
         x_over_r=cfg.service_x_over_r,
-        dtype=f32,
+        dtype=xp.float32,
+    )
+    return _Signals(
+        z=z,
+        vc=vc,
+        ic=ic,
+        level_stats=level_stats,
+        n_valid=n_valid,
+        usable=lab.usable & (n_valid >= cfg.min_samples),
+        se=1.0 / np.sqrt(np.maximum(n_valid - 3 - 3, 10.0)),
+        zz=to_numpy(xp.vecdot(z, z, axis=-1)).astype(float),
     )
 
-    # group phase from usable members (inferred phase), majority over letters
-    def group_phase_mask(assign, w):
-        mem = w > 0
-        cnt = np.stack(
-            [np.bincount(assign[mem], weights=letters[mem, k], minlength=n_g) for k in range(3)], 1
-        )
-        top = cnt.max(1, keepdims=True)
-        keep = (cnt > 0) & (cnt >= 0.5 * top)
-        return (keep * (1 << np.arange(3))[None, :]).sum(1).astype(np.int64)
 
-    # distance mask (static, from GIS membership centroids): d > D  <=>  haversine a > sin^2(D / 2r)
-    dist_pen = None
-    if {"lat", "lon"} <= set(sub.columns):
-        lat = sub["lat"].to_numpy(dtype=float)
-        lon = sub["lon"].to_numpy(dtype=float)
-        if np.isfinite(lat).any():
-            glat = np.radians(_group_medians(lat, gis_index, n_g))
-            glon = np.radians(_group_medians(lon, gis_index, n_g))
-            p1, l1 = np.radians(lat), np.radians(lon)
-            u_m = np.stack([np.cos(p1) * np.cos(l1), np.cos(p1) * np.sin(l1), np.sin(p1)], 1)
-            u_g = np.stack([np.cos(glat) * np.cos(glon), np.cos(glat) * np.sin(glon), np.sin(glat)], 1)
-            # haversine: sin^2(d / 2r) = (1 - u_m . u_g) / 2, so d > D  <=>  u_m . u_g < cos(D / r)
-            far = (u_m @ u_g.T) < math.cos(min(cfg.max_distance_m / 6_371_000.0, math.pi))
-            if far.any():
-                dist_pen = np.where(far, np.float32(np.nan), np.float32(0.0))
+def _candidate_space(sig: _Signals, lab: _Labels, cfg: TransformerConfig) -> _CandidateSpace:
+    """Step 2, static part: the distance mask (GIS group centres) and the phase blocks of ``S``.
 
-    # meter blocks of one phase (a meter of unknown phase is in every block); S is computed on
-    # (phase block rows) x (groups serving that phase) only
-    if cfg.use_phase:
-        row_blocks = []
-        for k in range(3):
-            rows = np.flatnonzero(((pmask >> k) & 1 == 1) | (pmask == 0))
-            if len(rows):
-                row_blocks.append((1 << k, rows, xp.take(z, xp.asarray(rows), axis=0)))
-    else:
-        row_blocks = [(0, np.arange(nf), z)]
-    pools = _Pools(z, vc, n_g, row_blocks, xp, ic=ic, row_stats=level_stats)
-    pools_orig = _Pools(z, None, n_g, [], xp)
+    A meter of unknown phase is in every block; ``S`` is computed on (phase block rows) x (groups serving
+    that phase) only.
+    """
+    xp = array_namespace(sig.z)
+    pen = None
+    if lab.lat is not None:
+        far = tk.far_from_groups(lab.lat, lab.lon, lab.gis_index, lab.n_groups, cfg.max_distance_m)
+        if far is not None and far.any():
+            pen = np.where(far, np.float32(np.nan), np.float32(0.0))
+    if not cfg.use_phase:
+        return _CandidateSpace(pen, [(0, np.arange(len(lab.gis)), sig.z)])
+    blocks = []
+    for k in range(3):
+        rows = np.flatnonzero(((lab.pmask >> k) & 1 == 1) | (lab.pmask == 0))
+        if len(rows):
+            blocks.append((1 << k, rows, xp.take(sig.z, xp.asarray(rows), axis=0)))
+    return _CandidateSpace(pen, blocks)
 
-    assign = gis_index.copy()
+
+def _rounds(sig: _Signals, lab: _Labels, space: _CandidateSpace, cfg: TransformerConfig) -> _Rounds:
+    """Step 3: judge, move, rebuild the pools; until nothing changes (at least two rounds)."""
+    pools = tk.GroupPools(sig.z, sig.vc, lab.n_groups, space.row_blocks, ic=sig.ic, row_stats=sig.level_stats)
+    pools_gis = tk.GroupPools(sig.z, None, lab.n_groups, [])
+    assign = lab.gis_index.copy()
     # meters of a sub-group that does not move with the rest of its GIS group start outside the pools
-    w = usable.astype(float) * ~_split_off(z, gis_index, usable, n_valid, cfg, xp)
-    ar = np.arange(nf)
-    o = gis_index
-    sq = np.sqrt
+    cut = tk.split_off(
+        sig.z,
+        lab.gis_index,
+        sig.usable,
+        sig.n_valid,
+        unrelated_se=cfg.unrelated_se,
+        min_corr_se=cfg.min_corr_se,
+    )
+    w = sig.usable.astype(float) * ~cut
     for it in range(max(cfg.n_iterations, 2)):
-        gmask = group_phase_mask(assign, w)
-        pools.update(assign, w, gmask)
-        s_own = pools.own
-        corr_own = np.clip(to_numpy(tg.loo_correlations(s_own, pools.pn2[assign], True, w, zz)), -1, 1)
-        zc_own = np.arctanh(np.clip(corr_own, -0.999999, 0.999999))
-        member = (w > 0) & np.isfinite(zc_own)
-        zsum_a = np.bincount(assign[member], weights=zc_own[member], minlength=n_g)
-        zcnt_a = np.bincount(assign[member], minlength=n_g)
-        kappa = np.where(zcnt_a > 0, zsum_a / np.maximum(zcnt_a, 1), np.nan)
-
-        # candidates: correlation with every other group's whole pool (the meter is in none of them); the
-        # Fisher z is monotone, so the best two are found on the correlations
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = np.where(pools.pn2 > 1e-5 * np.maximum(pools.pn2, 1.0), 1.0 / sq(pools.pn2), np.nan)
-        alt = pools.s * inv.astype(np.float32)[None, :]
-        alt[ar, assign] = corr_own
-        if dist_pen is not None:
-            alt += dist_pen
-        if cfg.use_phase:
-            # own-group entries exist also where the phase is incompatible: not candidates there
-            ok_a = ((pmask & gmask[assign]) != 0) | (pmask == 0) | (gmask[assign] == 0)
-            alt[ar[~ok_a], assign[~ok_a]] = np.nan
-        alt[zz <= 0] = np.nan
-        alt[ar, o] = np.nan
-        np.fmax(alt, -np.inf, out=alt)  # NaN (no candidate) -> -inf
-        b = np.argmax(alt, 1)
-        cb = alt[ar, b].astype(float)
-        alt[ar, b] = -np.inf
-        c2 = np.argmax(alt, 1)
-        c2v = alt[ar, c2].astype(float)
-        zb = np.where(np.isfinite(cb), np.arctanh(np.clip(cb, -0.999999, 0.999999)), -np.inf)
-        z2 = np.where(np.isfinite(c2v), np.arctanh(np.clip(c2v, -0.999999, 0.999999)), 0.0)
-
-        # "does it move with its GIS group" is asked of the GIS group's own remaining members only (meters
-        # moved in from elsewhere shape the target pools, not this test)
-        w_orig = w * (assign == gis_index)
-        pools_orig.update(gis_index, w_orig, gmask, same_as=pools if it == 0 else None)
-        so = pools_orig.own
-        corr_o = np.clip(to_numpy(tg.loo_correlations(so, pools_orig.pn2[o], True, w_orig, zz)), -1, 1)
-        zo = np.arctanh(np.clip(corr_o, -0.999999, 0.999999))
-        own_sz = (w_orig > 0) & np.isfinite(zo)
-        zsum = np.bincount(o[own_sz], weights=zo[own_sz], minlength=n_g)
-        zcnt = np.bincount(o[own_sz], minlength=n_g)
-        rest = zcnt[o] - own_sz
-        kappa_o_loo = np.where(rest > 0, (zsum[o] - np.where(own_sz, zo, 0.0)) / np.maximum(rest, 1), np.nan)
-
-        gm_o = gmask[o]
-        phase_mis = (pmask != 0) & (gm_o != 0) & ((pmask & gm_o) == 0)
-        has_own = np.isfinite(zo)
-        weak_gis = phase_mis | (
-            np.isfinite(zo) & (zo < cfg.unrelated_se * se) & (kappa_o_loo > cfg.min_corr_se * se)
-        )
-        margin = np.where(weak_gis, cfg.weak_gis_margin_se, cfg.flag_margin_se) * se
-        sig_b = np.isfinite(zb) & (zb > cfg.min_corr_se * se)
-        clear_b = (zb - z2) > cfg.ambiguity_se * se
-        # a target with one member has no coherence of its own to compare against: the meter must move with
-        # it as the feeder's same-transformer pairs do (a fraction of their median Fisher-z)
-        ref_pair = _pair_reference(zc_own / se, assign, w, n_g) * cfg.pair_fit_fraction
-        n_members = np.bincount(assign[w > 0], minlength=n_g)
-        lone_target_ok = (n_members[b] != 1) | (zb / se >= ref_pair)
-        # a meter that moves with its GIS group as well as the group's other members do stays: if it also
-        # moves with another group, the stray is on the other side (it will come over), or the two are one
-        fits_own = (
-            np.isfinite(zo)
-            & (zo > cfg.min_corr_se * se)
-            & (zo >= np.where(np.isfinite(kappa_o_loo), kappa_o_loo, -np.inf) - cfg.singleton_fit_se * se)
-        )
-        with np.errstate(invalid="ignore"):
-            cand_multi = (
-                has_own
-                & ~fits_own
-                & sig_b
-                & clear_b
-                & ((zb - np.where(has_own, zo, 0)) > margin)
-                & lone_target_ok
-            )
-        # a lone meter joins only a group with a coherence to compare against (two or more members): a lone
-        # light-load neighbour carries nothing but its lateral's signal, which every lone meter there shares
-        fit_b = np.isfinite(kappa[b]) & (zb >= kappa[b] - cfg.singleton_fit_se * se)
-        cand_single = (~has_own | phase_mis & (zo < cfg.unrelated_se * se)) & sig_b & clear_b & fit_b
-        # level check (service drop), only where it can decide a move: the residual against the target may
-        # exceed the reference (the GIS group's, else the target members' median) by ``level_tolerance``
-        need = np.flatnonzero(usable & (cand_multi | cand_single & (it > 0)))
-        level_ok = np.ones(nf, bool)
-        if len(need):
-            lvl_b, lvl_ref = _level_evidence(pools, need, b, o, assign, w, n_g)
-            level_ok[need] = ~(np.isfinite(lvl_b) & np.isfinite(lvl_ref)) | (
-                lvl_b <= cfg.level_tolerance * lvl_ref
-            )
-        move_multi = cand_multi & level_ok
-        move_single = cand_single & level_ok
-        # a meter alone on its GIS transformer may only move once the strays of multi-meter groups have moved
-        # (its lost sibling may be one of them and come back): never in the first round
-        if it > 0 and move_single.any():
-            # the lateral a transformer sits on moves every neighbour with it; a lone meter must share the
-            # target's own signal: its correlation with the target, partialled on the runner-up's pool,
-            # must be significant and like the target's members'
-            move_single &= _shares_own_signal(z, np.flatnonzero(move_single), b, c2, assign, w, se, cfg, xp)
-        move = usable & (move_multi | (move_single & (it > 0)))
-        unrelated = (
-            usable & has_own & ~move & (zo < cfg.unrelated_se * se) & (kappa_o_loo > cfg.min_corr_se * se)
-        )
-        desired = np.where(move, b, gis_index)
-        new_assign = _apply_moves(assign, desired, (zb - np.where(has_own, zo, 0.0)) / se)
-        new_w = np.where(unrelated, 0.0, usable.astype(float))
-        if it > 0 and np.array_equal(new_assign, assign) and np.array_equal(new_w, w):
-            assign, w = new_assign, new_w
-            break
+        ev = _judge_round(it, assign, w, pools, pools_gis, sig, lab, space, cfg)
+        new_assign = tk.apply_moves(assign, ev.desired, ev.strength)
+        new_w = np.where(ev.unrelated, 0.0, sig.usable.astype(float))
+        done = it > 0 and np.array_equal(new_assign, assign) and np.array_equal(new_w, w)
         assign, w = new_assign, new_w
-    # audit evidence of the last round (pools still hold that round's assignment)
-    lvl_b, lvl_ref = _level_evidence(pools, None, b, o, pools.assign, pools.w, n_g)
-    orphan = unrelated & cfg.propose_new_groups
+        if done:
+            break
+    return _Rounds(assign, w, ev, pools)
 
-    # orphans -> proposed new groups (connected components of significant pairwise correlation)
-    final_id = groups[assign].astype(object)
+
+def _judge_round(
+    it: int,
+    assign: np.ndarray,
+    w: np.ndarray,
+    pools: tk.GroupPools,
+    pools_gis: tk.GroupPools,
+    sig: _Signals,
+    lab: _Labels,
+    space: _CandidateSpace,
+    cfg: TransformerConfig,
+) -> _Evidence:
+    """One round: evidence against the current and GIS groups, the move rules, the level check."""
+    n_g, se, o = lab.n_groups, sig.se, lab.gis_index
+    gmask = tk.group_phase_mask(lab.letters, assign, w, n_g)
+    pools.update(assign, w, gmask)
+    corr_own, zc_own = tk.loo_fisher_z(pools.own, pools.pn2[assign], w, sig.zz)
+    kappa, _, _ = tk.group_mean(zc_own, assign, (w > 0) & np.isfinite(zc_own), n_g)
+    best, zb, runner_up, z2 = _best_candidates(corr_own, assign, gmask, pools, sig, lab, space, cfg)
+    zo, kappa_o_loo = _gis_evidence(it, assign, w, gmask, pools, pools_gis, sig, lab)
+    gm_o = gmask[o]
+    phase_mis = (lab.pmask != 0) & (gm_o != 0) & ((lab.pmask & gm_o) == 0)
+    n_members = tk.group_sum(assign[w > 0], n_g)
+    mc = tk.move_candidates(
+        zb=zb,
+        z2=z2,
+        zo=zo,
+        se=se,
+        kappa_best=kappa[best],
+        kappa_gis_loo=kappa_o_loo,
+        phase_mismatch=phase_mis,
+        lone_target=n_members[best] == 1,
+        pair_reference_se=tk.pair_reference(zc_own / se, assign, w, n_g) * cfg.pair_fit_fraction,
+        min_corr_se=cfg.min_corr_se,
+        unrelated_se=cfg.unrelated_se,
+        ambiguity_se=cfg.ambiguity_se,
+        flag_margin_se=cfg.flag_margin_se,
+        weak_gis_margin_se=cfg.weak_gis_margin_se,
+        singleton_fit_se=cfg.singleton_fit_se,
+    )
+    # level check (service drop), only where it can decide a move
+    level_ok = np.ones(len(assign), bool)
+    need = np.flatnonzero(sig.usable & (mc.multi | mc.single & (it > 0)))
+    if len(need):
+        lvl_b, lvl_ref = tk.level_evidence(pools, need, best, o, assign, w)
+        level_ok[need] = ~(np.isfinite(lvl_b) & np.isfinite(lvl_ref)) | (
+            lvl_b <= cfg.level_tolerance * lvl_ref
+        )
+    move_multi, move_single = mc.multi & level_ok, mc.single & level_ok
+    # a meter alone on its GIS transformer may only move once the strays of multi-meter groups have moved
+    # (its lost sibling may be one of them and come back): never in the first round; it must share the
+    # target's own signal, not only the lateral's
+    if it > 0 and move_single.any():
+        move_single &= tk.shares_own_signal(
+            sig.z, np.flatnonzero(move_single), best, runner_up, assign, w, se,
+            min_corr_se=cfg.min_corr_se, singleton_fit_se=cfg.singleton_fit_se,
+        )  # fmt: skip
+    move = sig.usable & (move_multi | (move_single & (it > 0)))
+    unrelated = sig.usable & np.isfinite(zo) & ~move & (zo < cfg.unrelated_se * se)
+    unrelated &= kappa_o_loo > cfg.min_corr_se * se
+    return _Evidence(
+        best=best,
+        runner_up=runner_up,
+        zb=zb,
+        z2=z2,
+        zo=zo,
+        kappa=kappa,
+        kappa_gis_loo=kappa_o_loo,
+        phase_mismatch=phase_mis,
+        unrelated=unrelated,
+        desired=np.where(move, best, lab.gis_index),
+        strength=mc.strength,
+    )
+
+
+def _best_candidates(corr_own, assign, gmask, pools, sig, lab, space, cfg):
+    """Best and runner-up candidate of every meter and their Fisher z (``-inf`` / 0 where none).
+
+    The Fisher z is monotone, so the best two are found on the correlations; the own group's entry is its
+    leave-one-out correlation, and it is no candidate where the meter's phase does not fit the group's.
+    """
+    excluded = None
+    if cfg.use_phase:
+        ga = gmask[assign]
+        excluded = ~(((lab.pmask & ga) != 0) | (lab.pmask == 0) | (ga == 0))
+    alt = tk.candidate_correlations(
+        pools.s, pools.pn2, corr_own, assign, lab.gis_index, sig.zz,
+        distance_penalty=space.distance_penalty, own_excluded=excluded,
+    )  # fmt: skip
+    best, cb, runner_up, c2v = tk.best_two(alt)
+    zb = np.where(np.isfinite(cb), fisher_z(cb), -np.inf)
+    z2 = np.where(np.isfinite(c2v), fisher_z(c2v), 0.0)
+    return best, zb, runner_up, z2
+
+
+def _gis_evidence(it, assign, w, gmask, pools, pools_gis, sig, lab):
+    """Fisher z of each meter with its GIS group's own remaining members, and the others' mean.
+
+    Meters moved in from elsewhere shape the target pools, not this test.
+    """
+    o = lab.gis_index
+    w_gis = w * (assign == o)
+    pools_gis.update(o, w_gis, gmask, same_as=pools if it == 0 else None)
+    _, zo = tk.loo_fisher_z(pools_gis.own, pools_gis.pn2[o], w_gis, sig.zz)
+    kappa_o_loo = tk.leave_one_out_group_mean(zo, o, (w_gis > 0) & np.isfinite(zo), lab.n_groups)
+    return zo, kappa_o_loo
+
+
+def _propose_new_groups(lab: _Labels, sig: _Signals, rounds: _Rounds, cfg: TransformerConfig):
+    """Step 4: orphans that move together (or a lone orphan of another phase) found a new group.
+
+    Returns
+    -------
+    final_id : ndarray of object, shape (n,)
+        Final transformer of every meter (GIS ids, or ``{feeder}-NEW{k:03d}``).
+    new_ids : dict of int to str
+        Meter position to the new group it founds.
+    """
+    xp = array_namespace(sig.z)
+    ev = rounds.evidence
+    final_id = lab.groups[rounds.assign].astype(object)
     new_ids: dict[int, str] = {}
-    oi = np.flatnonzero(orphan)
-    if len(oi):
-        zo_sig = to_numpy(tg.pairwise_correlations(xp.take(z, xp.asarray(oi), axis=0)))
-        z_pair = np.arctanh(np.clip(zo_sig, -0.999999, 0.999999))
-        thr = cfg.min_corr_se * np.maximum(se[oi][:, None], se[oi][None, :])
-        link = z_pair > thr
-        for a_ in range(len(oi)):
-            for b_ in range(len(oi)):
-                if (
-                    a_ != b_
-                    and phase_sets[oi[a_]]
-                    and phase_sets[oi[b_]]
-                    and not (phase_sets[oi[a_]] & phase_sets[oi[b_]])
-                ):
-                    link[a_, b_] = False
-        np.fill_diagonal(link, True)
-        comp = -np.ones(len(oi), int)
-        ncomp = 0
-        for s in range(len(oi)):
-            if comp[s] >= 0:
-                continue
-            stack = [s]
-            comp[s] = ncomp
-            while stack:
-                u = stack.pop()
-                for v_ in np.flatnonzero(link[u] & (comp < 0)):
-                    comp[v_] = ncomp
-                    stack.append(v_)
-            ncomp += 1
-        meter_ids = sub["meter_id"].astype(str).to_numpy()
-        # a lone orphan has only negative evidence (it does not move with its GIS group; a weak meter may
-        # not either): it founds a new group only when its phase also differs from the GIS group's
-        keep = [c for c in range(ncomp) if (comp == c).sum() >= 2 or phase_mis[oi[comp == c]].all()]
-        first = {c: min(meter_ids[oi[comp == c]]) for c in keep}
-        order = sorted(keep, key=lambda c: first[c])
-        for k, c in enumerate(order, start=1):
-            tid = f"{feeder}-NEW{k:03d}"
-            for j in oi[comp == c]:
-                final_id[j] = tid
-                new_ids[j] = tid
+    oi = np.flatnonzero(ev.unrelated & cfg.propose_new_groups)
+    if not len(oi):
+        return final_id, new_ids
+    corr = to_numpy(tg.pairwise_correlations(xp.take(sig.z, xp.asarray(oi), axis=0)))
+    comp = tk.orphan_components(corr, sig.se[oi], lab.letter_bits[oi], min_corr_se=cfg.min_corr_se)
+    # a lone orphan has only negative evidence (it does not move with its GIS group; a weak meter may
+    # not either): it founds a new group only when its phase also differs from the GIS group's
+    keep = [
+        c for c in range(comp.max() + 1) if (comp == c).sum() >= 2 or ev.phase_mismatch[oi[comp == c]].all()
+    ]
+    first = {c: min(lab.meter_id[oi[comp == c]]) for c in keep}
+    for k, c in enumerate(sorted(keep, key=lambda c: first[c]), start=1):
+        tid = f"{lab.feeder}-NEW{k:03d}"
+        for j in oi[comp == c]:
+            final_id[j] = tid
+            new_ids[j] = tid
+    return final_id, new_ids
 
-    # confidence and reasons
-    moved = assign != gis_index
-    is_new = np.zeros(nf, bool)
-    is_new[list(new_ids)] = True
-    fin_b = np.isfinite(zb)
-    with np.errstate(invalid="ignore"):
-        d_new = (cfg.unrelated_se * se - zo) / se
-        d_new = np.where(fin_b, np.minimum(d_new, (cfg.min_corr_se * se - zb) / se), d_new)
-        d_moved = np.where(b == assign, (zb - np.maximum(z2, np.where(has_own, zo, -np.inf))) / se, 0.0)
-        d_own = (zo - np.where(fin_b, zb, 0.0)) / se
-        thr_b = np.where(fin_b, np.fmax(cfg.min_corr_se * se, kappa[b] - cfg.singleton_fit_se * se), np.inf)
-        d_single = np.where(fin_b, (thr_b - zb) / se, 3.0)
-        d = np.select([is_new, moved, has_own], [d_new, d_moved, d_own], d_single)
-        unrel_r = has_own & (zo < cfg.unrelated_se * se)
-        ambig_r = has_own & ~unrel_r & sig_b & (zb >= zo)
-    conf = np.array([_norm_cdf(float(x) / math.sqrt(2.0)) for x in d])
+
+def _confidence(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray, cfg: TransformerConfig):
+    """Step 5: confidence ``Phi(d / sqrt 2)`` of the lead ``d`` and its class (0 / insufficient if unusable)."""
+    ev = rounds.evidence
+    d = tk.assignment_lead(
+        is_new=is_new,
+        moved=rounds.assign != lab.gis_index,
+        zb=ev.zb,
+        z2=ev.z2,
+        zo=ev.zo,
+        best=ev.best,
+        assign=rounds.assign,
+        kappa=ev.kappa,
+        se=sig.se,
+        unrelated_se=cfg.unrelated_se,
+        min_corr_se=cfg.min_corr_se,
+        singleton_fit_se=cfg.singleton_fit_se,
+    )
+    conf = tk.lead_confidence(d)
     cls = np.where(
         conf >= cfg.confident_threshold,
         contract.CLASS_CONFIDENT,
         np.where(conf >= cfg.suspect_threshold, contract.CLASS_SUSPECT, contract.CLASS_LOW),
     ).astype(object)
-    conf[~usable] = 0.0
-    cls[~usable] = contract.CLASS_INSUFFICIENT
-    out_conf[idx] = conf
-    out_cls[idx] = cls
-    out_tx[idx] = np.where(usable, final_id, gis.astype(object))
-    for i in range(nf):
-        if not usable[i]:
-            out_reasons[idx[i]] = [contract.REASON_INSUFFICIENT_DATA]
+    conf[~sig.usable] = 0.0
+    cls[~sig.usable] = contract.CLASS_INSUFFICIENT
+    return conf, cls
+
+
+def _reasons(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray, cfg: TransformerConfig):
+    """Reason codes of every meter (a meter that moves with its GIS group has none)."""
+    ev, se = rounds.evidence, sig.se
+    moved = rounds.assign != lab.gis_index
+    has_own = np.isfinite(ev.zo)
+    unrel = has_own & (ev.zo < cfg.unrelated_se * se)
+    sig_b = np.isfinite(ev.zb) & (ev.zb > cfg.min_corr_se * se)
+    ambig = has_own & ~unrel & sig_b & (ev.zb >= ev.zo)
+    out: list[list[str]] = []
+    for i in range(len(moved)):
+        if not sig.usable[i]:
+            out.append([contract.REASON_INSUFFICIENT_DATA])
             continue
-        reasons = [REASON_TX_PHASE_MISMATCH] if phase_mis[i] else []
+        reasons = [REASON_TX_PHASE_MISMATCH] if ev.phase_mismatch[i] else []
         if is_new[i]:
             reasons += [REASON_TX_UNRELATED, REASON_TX_NEW]
         elif moved[i]:
             reasons.append(REASON_TX_MOVED)
         elif has_own[i]:
-            # a meter that moves with its GIS group is a clean result: no reason code (the code stays
-            # exported for readers of older outputs)
-            if unrel_r[i]:
+            # REASON_TX_CONSISTENT stays exported for readers of older outputs
+            if unrel[i]:
                 reasons.append(REASON_TX_UNRELATED)
-            elif ambig_r[i]:
+            elif ambig[i]:
                 reasons.append(REASON_TX_AMBIGUOUS)
         else:
             reasons.append(REASON_TX_SINGLETON)
-        out_reasons[idx[i]] = reasons
+        out.append(reasons)
+    return out
 
-    diag = pd.DataFrame(
-        {
-            "meter_id": sub["meter_id"].to_numpy(),
-            "z_gis": zo / se,
-            "z_best": zb / se,
-            "z_runner_up": z2 / se,
-            "best": groups[b],
-            "kappa_best": kappa[b] / se,
-            "kappa_gis_loo": kappa_o_loo / se,
-            "level_rms_best": lvl_b,
-            "level_rms_ref": lvl_ref,
-            "phase_mismatch": phase_mis,
-        }
-    )
-    diagnostics.append(diag)
 
-    # transformer table
-    final_np = np.asarray(final_id, dtype=object)
-    all_ids = np.array(sorted(set(groups) | set(new_ids.values())), dtype=object)
-    n_all = len(all_ids)
-    # coherence of the final groups: the last round's pools updated to the final membership (GIS ids), and
-    # the proposed new groups on their own
+def _transformer_rows(lab, sig, rounds, final_id, new_ids, is_new) -> list[dict[str, Any]]:
+    """Rows of the transformer table: counts, phases and coherence of every GIS and proposed transformer.
+
+    Coherence of the final groups: the last round's pools updated to the final membership (GIS ids), and
+    the proposed new groups on their own.
+    """
+    n_g, assign, usable = lab.n_groups, rounds.assign, sig.usable
     w_fin = (usable & ~is_new).astype(float)
-    pools.update(assign, w_fin, None, dots=False)
-    corr_fin = to_numpy(tg.loo_correlations(pools.own, pools.pn2[assign], True, w_fin, zz))
-    zc_fin = np.arctanh(np.clip(corr_fin, -0.999999, 0.999999))
-    ok_fin = (w_fin > 0) & np.isfinite(zc_fin)
-    zsum_f = np.bincount(assign[ok_fin], weights=zc_fin[ok_fin], minlength=n_g)
-    zcnt_f = np.bincount(assign[ok_fin], minlength=n_g)
-    coh = np.where(zcnt_f > 0, np.tanh(zsum_f / np.maximum(zcnt_f, 1)), np.nan)
-    zfinal = {groups[g]: float(coh[g]) for g in range(n_g)}
+    rounds.pools.update(assign, w_fin, None, dots=False)
+    _, zc_fin = tk.loo_fisher_z(rounds.pools.own, rounds.pools.pn2[assign], w_fin, sig.zz)
+    mean, _, _ = tk.group_mean(zc_fin, assign, (w_fin > 0) & np.isfinite(zc_fin), n_g)
+    coherence = dict(zip(lab.groups, np.tanh(mean).tolist()))
     if is_new.any():
-        rows_new = np.flatnonzero(is_new)
-        zfinal.update(
-            _final_coherence(
-                xp.take(z, xp.asarray(rows_new), axis=0), final_np[rows_new], usable[rows_new], xp
-            )
-        )
-    g_ix = np.searchsorted(all_ids, gis.astype(object))
-    f_ix = np.searchsorted(all_ids, final_np)
+        rows = np.flatnonzero(is_new)
+        ids = np.array(sorted(set(final_id[rows])), dtype=object)
+        gi = np.searchsorted(ids, final_id[rows])
+        xp = array_namespace(sig.z)
+        zs = xp.take(sig.z, xp.asarray(rows), axis=0)
+        coherence.update(zip(ids, tk.final_coherence(zs, gi, len(ids), usable[rows]).tolist()))
+    all_ids = np.array(sorted(set(lab.groups) | set(new_ids.values())), dtype=object)
+    n_all = len(all_ids)
+    g_ix = np.searchsorted(all_ids, lab.gis.astype(object))
+    f_ix = np.searchsorted(all_ids, np.asarray(final_id, dtype=object))
     changed = f_ix != g_ix
     inferred = usable | ~changed  # an unusable meter counts where GIS has it (its label is kept)
-    n_gis = np.bincount(g_ix, minlength=n_all)
-    n_inf = np.bincount(f_ix[inferred], minlength=n_all)
-    n_changed = np.bincount(g_ix[changed], minlength=n_all) + np.bincount(
-        f_ix[changed & inferred], minlength=n_all
-    )
-    pairs = np.unique(np.stack([f_ix[inferred], codes[inferred]], 1), axis=0)
-    tx_letters: list[set] = [set() for _ in range(n_all)]
-    for g_, c_ in pairs:
-        tx_letters[g_] |= uniq_sets[c_]
-    gis_set = set(groups)
-    for k, tid in enumerate(all_ids):
-        letters = sorted(tx_letters[k])
-        tx_rows.append(
-            {
-                "transformer_id": tid,
-                "feeder_id": feeder,
-                "n_meters_gis": int(n_gis[k]),
-                "n_meters_inferred": int(n_inf[k]),
-                "phases": _contract_phase_name(letters),
-                "meters_changed": int(n_changed[k]),
-                "group_coherence": zfinal.get(tid, np.nan),
-                "proposed_new": tid not in gis_set,
-            }
-        )
-
-
-def _shares_own_signal(z, cand, b, c2, assign, w, se, cfg: TransformerConfig, xp) -> np.ndarray:
-    """For candidate meters ``cand``: does the meter share group ``b``'s own signal beyond the runner-up's?
-
-    The partial correlations (:func:`phaseid_hpc.kernels.transformer_grouping.partial_correlations`) are
-    taken from dot products in float64: the member rows of every group involved are gathered once.
-    """
-    ok = np.zeros(len(assign), bool)
-    cand = np.asarray(cand)
-    if not len(cand):
-        return ok
-    rows = np.flatnonzero(w > 0)
-    order = rows[np.argsort(assign[rows], kind="stable")]
-    a_sorted = assign[order]
-    need_g = np.unique(np.concatenate([b[cand], c2[cand]]))
-    lo = np.searchsorted(a_sorted, need_g)
-    hi = np.searchsorted(a_sorted, need_g, side="right")
-    involved = np.unique(np.concatenate([cand, *[order[l_:h_] for l_, h_ in zip(lo, hi)]]))
-    zrow = to_numpy(xp.take(z, xp.asarray(involved), axis=0)).astype(np.float64)
-    nrm2 = np.einsum("ij,ij->i", zrow, zrow)
-    members = {}
-    for g, l_, h_ in zip(need_g, lo, hi):
-        k = np.searchsorted(involved, order[l_:h_])
-        members[int(g)] = (order[l_:h_], k, zrow[k].sum(0))
-    for i in cand:
-        g, c = int(b[i]), int(c2[i])
-        mem, kb, pool_b = members[g]
-        cmem, _kc, pool_c = members[c]
-        ki = int(np.searchsorted(involved, i))
-        zi = zrow[ki]
-        if i in mem:
-            kb = kb[mem != i]
-            pool_b = pool_b - zi
-        if i in cmem:
-            cmem = cmem[cmem != i]
-            pool_c = pool_c - zi
-        if len(cmem) == 0 or len(kb) == 0:
-            continue
-        bb, cc, bc = pool_b @ pool_b, pool_c @ pool_c, pool_b @ pool_c
-        r_i = _partial_from_dots(zi @ pool_b, zi @ pool_c, bc, nrm2[ki], bb, cc)
-        if not np.isfinite(r_i) or np.arctanh(np.clip(r_i, -0.999999, 0.999999)) < cfg.min_corr_se * se[i]:
-            continue
-        if len(kb) >= 2:
-            zt = zrow[kb]
-            xb, xc, xx = zt @ pool_b, zt @ pool_c, nrm2[kb]
-            # member j against its group's pool without it: target pool_b - z_j, control pool_c
-            r_m = _partial_from_dots(xb - xx, xc, bc - xc, xx, bb - 2 * xb + xx, cc)
-            r_m = r_m[np.isfinite(r_m)]
-            if len(r_m):
-                ref = float(np.mean(np.arctanh(np.clip(r_m, -0.999999, 0.999999))))
-                if np.arctanh(np.clip(r_i, -0.999999, 0.999999)) < ref - cfg.singleton_fit_se * se[i]:
-                    continue
-        ok[i] = True
-    return ok
-
-
-def _partial_from_dots(xt, xc, tc, xx, tt, cc):
-    """Partial correlation of x with t given c, from dot products ``x.t, x.c, t.c, x.x, t.t, c.c``."""
-    xt, xc, tc, xx, tt, cc = (np.asarray(a, dtype=np.float64) for a in (xt, xc, tc, xx, tt, cc))
-
-    def _r(ab, aa, bb_):
-        ok = (aa > 0) & (bb_ > 0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(ok, ab / np.sqrt(np.where(ok, aa * bb_, 1.0)), np.nan)
-
-    r_xt, r_xc, r_tc = _r(xt, xx, tt), _r(xc, xx, cc), _r(tc, tt, cc)
-    den = (1.0 - r_xc * r_xc) * (1.0 - r_tc * r_tc)
-    ok = den > 1e-12
-    with np.errstate(invalid="ignore"):
-        return np.where(ok, (r_xt - r_xc * r_tc) / np.sqrt(np.where(ok, den, 1.0)), np.nan)
-
-
-def _split_off(z, gis_index: np.ndarray, usable: np.ndarray, n_valid: np.ndarray, cfg: TransformerConfig, xp):
-    """Meters of a GIS group that form a block of their own, uncorrelated with the rest of the group.
-
-    A few meters of a transformer missing from GIS, labelled to one GIS transformer, prop each other up
-    in the group's pool; the leave-one-out test does not see them. For every group of 4 or more usable
-    meters the within-group correlation matrix (one small GEMM) is cut in two by its Fiedler vector; the
-    smaller block is split off when the two blocks' pools are uncorrelated (Fisher-z below
-    ``unrelated_se``) while each block is coherent (above ``min_corr_se``). Groups of one size are done
-    together (batched GEMM and eigensolver).
-    """
-    out = np.zeros(len(gis_index), bool)
-    if not len(gis_index):
-        return out
-    rows_u = np.flatnonzero(usable)
-    order = rows_u[np.argsort(gis_index[rows_u], kind="stable")]  # usable meters by group, then position
-    g_sorted = gis_index[order]
-    counts = np.bincount(g_sorted, minlength=int(gis_index.max()) + 1)
-    big = np.flatnonzero(counts >= 4)
-    for k in np.unique(counts[big]):
-        gs = big[counts[big] == k]
-        mem = order[np.searchsorted(g_sorted, gs)[:, None] + np.arange(k)[None, :]]  # (B, k)
-        zm = xp.reshape(xp.take(z, xp.asarray(mem.reshape(-1)), axis=0), (len(gs), int(k), z.shape[1]))
-        c = to_numpy(zm @ xp.matrix_transpose(zm))  # (B, k, k)
-        se = 1.0 / np.sqrt(np.maximum(n_valid[mem].min(1) - 6.0, 10.0))  # (B,)
-        zz = np.arctanh(np.clip(c, -0.999999, 0.999999)) / se[:, None, None].astype(c.dtype)
-        aff = np.clip(zz, 0.0, None)
-        aff[:, np.arange(k), np.arange(k)] = 0.0
-        lap = -aff
-        lap[:, np.arange(k), np.arange(k)] = aff.sum(2)
-        _, vec = np.linalg.eigh(lap)
-        f = vec[:, :, 1]
-        big_abs = f[np.arange(len(gs)), np.argmax(np.abs(f), 1)]
-        f = f * np.where(big_abs > 0, 1.0, -1.0).astype(f.dtype)[:, None]  # canonical sign
-        rank_order = np.argsort(f, 1, kind="stable")
-        gap = np.argmax(np.diff(np.take_along_axis(f, rank_order, 1), axis=1), 1) + 1  # (B,)
-        # side of the cut of every member: first ``gap`` in Fiedler order, or the rest
-        first = np.zeros((len(gs), k), bool)
-        np.put_along_axis(first, rank_order, np.arange(k)[None, :] < gap[:, None], 1)
-        small_is_first = gap < k - gap
-        small = np.where(small_is_first[:, None], first, ~first)
-        cand = np.flatnonzero(gap != k - gap)
-        if not len(cand):
-            continue
-        cs = c[cand].astype(np.float64)
-        sm = small[cand].astype(np.float64)
-        lg = 1.0 - sm
-        s_small = np.einsum("bi,bij,bj->b", sm, cs, sm)
-        s_large = np.einsum("bi,bij,bj->b", lg, cs, lg)
-        s_cross = np.einsum("bi,bij,bj->b", sm, cs, lg)
-        r_between = s_cross / np.sqrt(np.maximum(s_small * s_large, 1e-12))
-        split = np.arctanh(np.clip(r_between, -0.999999, 0.999999)) / se[cand] < cfg.unrelated_se
-        for j in cand[split]:
-            cj = c[j]
-
-            def coherent(block, c=cj, se=se[j]):
-                if len(block) < 2:
-                    return True
-                sub = c[np.ix_(block, block)]
-                tot = sub.sum(0)  # z_j . pool, pool including j
-                loo = (tot - 1.0) / np.sqrt(np.maximum(sub.sum() - 2 * tot + 1.0, 1e-12))
-                return float(np.mean(np.arctanh(np.clip(loo, -0.999999, 0.999999)))) / se > cfg.min_corr_se
-
-            s_idx, l_idx = np.flatnonzero(small[j]), np.flatnonzero(~small[j])
-            # block order as the one-group cut listed it (Fiedler order)
-            s_idx = rank_order[j][np.isin(rank_order[j], s_idx)]
-            l_idx = rank_order[j][np.isin(rank_order[j], l_idx)]
-            if coherent(l_idx) and coherent(s_idx):
-                out[mem[j][s_idx]] = True
-    return out
-
-
-def _apply_moves(assign: np.ndarray, desired: np.ndarray, strength: np.ndarray) -> np.ndarray:
-    """Apply wanted moves greedily, strongest first, without letting two moves rely on each other.
-
-    A group that receives a meter is frozen for the rest of the round (no further arrivals or departures),
-    and a group that lost a meter receives none: of two meters that would swap into each other's group only
-    the stronger moves, and the pools are rebuilt before the other is judged again. A group may lose several
-    strays in one round.
-    """
-    out = assign.copy()
-    change = np.flatnonzero(desired != assign)
-    order = change[np.lexsort((change, -np.nan_to_num(strength[change], nan=-np.inf)))]
-    received: set[int] = set()
-    lost: set[int] = set()
-    for i in order:
-        src, dst = int(assign[i]), int(desired[i])
-        if src in received or dst in received or dst in lost:
-            continue
-        out[i] = dst
-        received.add(dst)
-        lost.add(src)
-    return out
-
-
-def _level_evidence(pools: _Pools, rows, b, o, assign, w, n_g):
-    """Level residual [V] of meters ``rows`` at their best target ``b`` and the reference to compare it with.
-
-    The reference is the residual at the GIS group ``o``; where that is undefined (the meter is alone on it),
-    the median residual of the target's own members.
-    """
-    b_r, o_r = (b, o) if rows is None else (b[rows], o[rows])
-    lvl_b = pools.level(rows, b_r)
-    lvl_o = pools.level(rows, o_r)
-    lvl_ref = lvl_o
-    lack = ~np.isfinite(lvl_o)
-    if lack.any():
-        flag = np.zeros(n_g, bool)
-        flag[b_r[lack]] = True
-        mem = np.flatnonzero((w > 0) & flag[assign])
-        if rows is None:
-            # a member still on its GIS group has that residual already (lvl_o)
-            at_o = assign[mem] == o[mem]
-            lvl_mem = np.empty(len(mem))
-            lvl_mem[at_o] = lvl_o[mem[at_o]]
-            lvl_mem[~at_o] = pools.level(mem[~at_o], assign[mem[~at_o]])
-        else:
-            lvl_mem = pools.level(mem, assign[mem])
-        med = _group_medians(lvl_mem, assign[mem], n_g)
-        lvl_ref = np.where(lack, med[b_r], lvl_o)
-    return lvl_b, lvl_ref
-
-
-def _pair_reference(zs_own: np.ndarray, assign: np.ndarray, w: np.ndarray, n_g: int) -> float:
-    """Median Fisher-z [std. errors] of members of two-meter groups (all groups when fewer than 5 pairs).
-
-    ``zs_own``: each meter's Fisher-z with its own group's leave-one-out pool [std. errors].
-    """
-    n_members = np.bincount(assign[w > 0], minlength=n_g)
-    rows = np.flatnonzero(w > 0)
-    vals = zs_own[rows]
-    keep = np.isfinite(vals)
-    pair = keep & (n_members[assign[rows]] == 2)
-    use = vals[pair] if pair.sum() >= 10 else vals[keep]
-    return float(np.median(use)) if len(use) else np.inf
-
-
-def _final_coherence(z, final_id: np.ndarray, usable: np.ndarray, xp) -> dict[str, float]:
-    """Mean leave-one-out correlation of a group's usable members with the group's pool (NaN: < 2)."""
-    ids = np.array(sorted(set(final_id)), dtype=object)
-    gi = np.searchsorted(ids, final_id)
-    wts = usable.astype(float)
-    pooled = tg.group_sums(z, xp.asarray(gi), len(ids), xp.asarray(wts))
-    pn2 = to_numpy(xp.vecdot(pooled, pooled, axis=-1)).astype(float)
-    s_own = to_numpy(tg.pair_dots(z, pooled, None, xp.asarray(gi))).astype(float)
-    zz = to_numpy(xp.vecdot(z, z, axis=-1)).astype(float)
-    corr = to_numpy(tg.loo_correlations(s_own, pn2[gi], True, wts, zz))
-    zc = np.arctanh(np.clip(corr, -0.999999, 0.999999))
-    ok = usable & np.isfinite(zc)
-    zsum = np.bincount(gi[ok], weights=zc[ok], minlength=len(ids))
-    zcnt = np.bincount(gi[ok], minlength=len(ids))
-    mean = np.where(zcnt > 0, np.tanh(zsum / np.maximum(zcnt, 1)), np.nan)
-    return {tid: float(mean[g]) for g, tid in enumerate(ids)}
+    n_gis = tk.group_sum(g_ix, n_all)
+    n_inf = tk.group_sum(f_ix[inferred], n_all)
+    n_changed = tk.group_sum(g_ix[changed], n_all) + tk.group_sum(f_ix[changed & inferred], n_all)
+    letters: list[set] = [set() for _ in range(n_all)]
+    for g_, c_ in set(zip(f_ix[inferred].tolist(), lab.codes[inferred].tolist())):
+        letters[g_] |= lab.phase_sets[c_]
+    gis_set = set(lab.groups)
+    return [
+        {
+            "transformer_id": tid,
+            "feeder_id": lab.feeder,
+            "n_meters_gis": int(n_gis[k]),
+            "n_meters_inferred": int(n_inf[k]),
+            "phases": _contract_phase_name(sorted(letters[k])),
+            "meters_changed": int(n_changed[k]),
+            "group_coherence": coherence.get(tid, np.nan),
+            "proposed_new": tid not in gis_set,
+        }
+        for k, tid in enumerate(all_ids)
+    ]
 
 
 def recommend_transformers(
