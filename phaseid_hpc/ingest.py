@@ -421,19 +421,25 @@ def _parse_timestamps(s: pd.Series, fmt: str = "", tz: str = "UTC") -> np.ndarra
     else:
         text = s.astype(str).str.strip()
         aware = text.str.contains(_HAS_OFFSET, regex=True).to_numpy()
-        out = pd.Series(pd.NaT, index=s.index, dtype="datetime64[ns]")
+        res = np.full(len(s), _NAT, np.int64)
         if aware.any():
-            out[aware] = _to_datetime(text[aware], utc=True, format="ISO8601").dt.tz_localize(None)
+            res[aware] = _checked_ns(_to_datetime(text[aware], utc=True, format="ISO8601").dt.tz_localize(None))
         if (~aware).any():
-            out[~aware] = _localize(_to_datetime(text[~aware], format="ISO8601"), tz)
+            res[~aware] = _checked_ns(_localize(_to_datetime(text[~aware], format="ISO8601"), tz))
+        return res
+    return _checked_ns(out)
+
+
+def _checked_ns(out: pd.Series) -> np.ndarray:
+    """Naive UTC datetimes -> epoch [ns] as int64, ``_NAT`` outside [1900, 2200) (checked in their own unit)."""
     arr = np.asarray(out.to_numpy())
     if arr.dtype.kind != "M":
-        return np.full(len(s), _NAT, np.int64)
+        return np.full(len(arr), _NAT, np.int64)
     unit = np.datetime_data(arr.dtype)[0]
     raw = arr.view(np.int64)
     lo, hi = (np.datetime64(d, unit).astype(np.int64) for d in _TS_RANGE)
     ok = ~np.isnat(arr) & (raw >= lo) & (raw < hi)
-    res = np.full(len(s), _NAT, np.int64)
+    res = np.full(len(arr), _NAT, np.int64)
     res[ok] = arr[ok].astype("datetime64[ns]").view(np.int64)
     return res
 

@@ -287,16 +287,12 @@ class ChannelPivot:
         return "; ".join(parts)
 
 
-def _quantity_of(df: pd.DataFrame, channel_map: Mapping[str, str]) -> tuple[pd.Series, pd.Series]:
-    """Quantity of each row (channel name first, then unit) and the name it was found by."""
+def _quantity_of(df: pd.DataFrame, channel_map: Mapping[str, str]) -> pd.Series:
+    """Quantity of each row: its channel name's in ``channel_map``, else its unit's (NaN: neither)."""
     by_channel = df["channel"].map(channel_map) if "channel" in df.columns else pd.Series(np.nan, df.index)
-    key = df["channel"] if "channel" in df.columns else pd.Series(np.nan, df.index)
     if "uom" in df.columns:
-        by_uom = df["uom"].map(channel_map)
-        use_uom = by_channel.isna() & by_uom.notna()
-        by_channel = by_channel.where(~use_uom, by_uom)
-        key = key.where(~use_uom, df["uom"])
-    return by_channel, key
+        by_channel = by_channel.where(by_channel.notna(), df["uom"].map(channel_map))
+    return by_channel
 
 
 def _dominant_spacing_s(meter: pd.Series, ts_ns: np.ndarray) -> int | None:
@@ -360,11 +356,18 @@ def pivot_channels(
     ``invalid_value``).
     """
     n = len(df)
-    qty, key = _quantity_of(df, channel_map)
+    df = df.copy()
+    for c in ("channel", "uom"):  # channel numbers from a Parquet integer column match TOML's string keys
+        if c in df.columns:
+            df[c] = df[c].astype(object).where(df[c].isna(), df[c].astype(str).str.strip())
+    qty = _quantity_of(df, channel_map)
     ignore_set = set(ignore)
-    names = key.astype(object).where(key.notna(), df["channel"] if "channel" in df.columns else None)
     chan = df["channel"].astype(object) if "channel" in df.columns else pd.Series(None, df.index, dtype=object)
     uom = df["uom"].astype(object) if "uom" in df.columns else pd.Series(None, df.index, dtype=object)
+    # how a channel is named in the report: "1 (KWH)", or the one of the two the export has
+    c_txt, u_txt = chan.fillna("").astype(str), uom.fillna("").astype(str)
+    names = pd.Series(np.where((c_txt != "") & (u_txt != ""), c_txt + " (" + u_txt + ")",
+                               np.where(c_txt != "", c_txt, u_txt)), index=df.index, dtype=object)
     is_ignored = qty.isna() & (chan.isin(ignore_set) | uom.isin(ignore_set))
     unknown = qty.isna() & ~is_ignored
     if unknown.any():
@@ -386,7 +389,7 @@ def pivot_channels(
         )
     ignored = {}
     if is_ignored.any():
-        ign = names[is_ignored].fillna(uom[is_ignored]).astype(str)
+        ign = names[is_ignored]
         ignored = {k: int(v) for k, v in sorted(ign.value_counts().items())}
     keep = ~is_ignored
     d = df.loc[keep]

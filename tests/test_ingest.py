@@ -471,3 +471,260 @@ def test_chunk_fast_path_equals_zarr_api(tmp_path, monkeypatch):
         monkeypatch.undo()
         assert_same_store(a, b)
         assert S.open_store(a).sizes["time"] == N_T + 8 and S.validate_store(a) == []
+
+
+# ------------------------------------------------------------------ inputs as utilities have them
+DATA = Path(__file__).parent / "data"
+
+
+def _toml_block(message: str, section: str) -> dict:
+    """The TOML an error message proposes, parsed (from its ``[section]`` line to the end)."""
+    import tomllib
+
+    return tomllib.loads(message[message.index(f"[{section}]"):])
+
+
+def test_head_end_column_names_error_shows_header_and_the_toml_that_fixes_it(files, tmp_path):
+    from phaseid_hpc.errors import DataError
+
+    _, meters = files
+    df = readings_table().rename(columns={"meter_id": "MeterID", "timestamp": "ReadTime", "voltage_v": "Voltage",
+                                          "kw": "Demand kW"})
+    head_end = tmp_path / "headend.csv"
+    df.to_csv(head_end, index=False)
+    with pytest.raises(DataError) as err:
+        ingest_files(head_end, meters, tmp_path / "s.zarr")
+    msg = str(err.value)
+    assert "headend.csv" in msg and "['MeterID', 'ReadTime', 'Voltage', 'Demand kW']" in msg
+    assert "missing required column(s) ['meter_id', 'timestamp', 'voltage_v']" in msg
+    fix = _toml_block(msg, "ingest.column_map")["ingest"]["column_map"]
+    assert fix == {"MeterID": "meter_id", "ReadTime": "timestamp", "Voltage": "voltage_v", "Demand kW": "kw"}
+    r = ingest_files(head_end, meters, tmp_path / "s.zarr", config=IngestConfig(column_map=fix))
+    assert r.rows_written == r.rows_read == len(df)
+    assert "kw" in S.open_store(tmp_path / "s.zarr").data_vars
+    # a frame (the broker's path) gets the same help
+    with pytest.raises(ContractError, match=r"\[ingest.column_map\]\nMeterID = \"meter_id\""):
+        ingest_frame(tmp_path / "s.zarr", df, source="queue")
+
+
+def test_meters_column_names_error_and_phase_spellings(files, tmp_path):
+    readings, _ = files
+    m = meters_table().rename(columns={"meter_id": "MeterNo", "feeder_id": "Circuit", "transformer_id": "XfmrID",
+                                       "phase": "Phasing"})
+    m["Phasing"] = ["b-n", "a", "3", "1", "B"]  # b2 B, a1 A, c1 C, a2 A, b1 B
+    path = tmp_path / "gis.csv"
+    m.to_csv(path, index=False)
+    with pytest.raises(ContractError) as err:
+        ingest_files(readings, path, tmp_path / "s.zarr")
+    msg = str(err.value)
+    assert "gis.csv" in msg and "'MeterNo', 'Circuit', 'XfmrID', 'Phasing'" in msg
+    fix = _toml_block(msg, "ingest.meters_column_map")["ingest"]["meters_column_map"]
+    assert fix == {"MeterNo": "meter_id", "Circuit": "feeder_id", "XfmrID": "transformer_id", "Phasing": "phase"}
+    r = ingest_files(readings, path, tmp_path / "s.zarr", config=IngestConfig(meters_column_map=fix))
+    assert r.phase_labels == {"1": "A", "3": "C", "a": "A", "b-n": "B"}
+    assert any("phase labels normalised" in n and "'b-n' -> B" in n for n in r.notes)
+    ds = S.open_store(tmp_path / "s.zarr")
+    got = dict(zip(ds["meter"].values, ds["phase_gis"].values))
+    assert got == {"a1": "A", "a2": "A", "b1": "B", "b2": "B", "c1": "C"}
+
+
+@pytest.mark.parametrize(
+    ("label", "want"),
+    [("A", "A"), ("bc", "BC"), ("CB", "BC"), ("b-c", "BC"), ("C/A", "CA"), ("ac", "CA"), ("BA", "AB"),
+     ("2", "B"), ("1.2", "AB"), ("2.3", "BC"), ("1.3", "CA"), ("123", "ABC"), ("1.2.3", "ABC"), ("ABC", "ABC"),
+     ("cba", "ABC"), ("AN", "A"), ("A-N", "A"), ("Phase B", "B"), ("3.0", "C"), (" c ", "C"),
+     ("X", None), ("AA", None), ("1.1", None), ("ABCD", None), ("", None), ("4", None), (None, None)],
+)
+def test_normalise_phase(label, want):
+    from phaseid_hpc.input_formats import normalise_phase
+
+    assert normalise_phase(label) == want
+
+
+def test_unknown_phase_labels_name_the_rows_and_meters(files, tmp_path):
+    readings, _ = files
+    m = meters_table()
+    m["phase"] = ["B", "X", "C", "A", "1.1"]
+    path = tmp_path / "m.csv"
+    m.to_csv(path, index=False)
+    with pytest.raises(ContractError) as err:
+        ingest_files(readings, path, tmp_path / "s.zarr")
+    msg = str(err.value)
+    assert "m.csv" in msg and "2 phase label(s)" in msg
+    assert "row 3, meter 'a1': 'X'" in msg and "row 6, meter 'b1': '1.1'" in msg
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_us_local_timestamps_error_then_format_and_timezone(files, tmp_path):
+    from phaseid_hpc.errors import DataError
+
+    _, meters = files
+    df = readings_table()
+    local = pd.DatetimeIndex(df["timestamp"]).tz_convert("America/Chicago")
+    df["ReadTime"] = local.strftime("%m/%d/%Y %H:%M")
+    df = df.drop(columns="timestamp")
+    path = tmp_path / "us.csv"
+    df.to_csv(path, index=False)
+    with pytest.raises(DataError) as err:
+        ingest_files(path, meters, tmp_path / "s.zarr", config=IngestConfig(column_map={"ReadTime": "timestamp"}))
+    msg = str(err.value)
+    assert "us.csv" in msg and "column 'ReadTime'" in msg and f"{len(df):,} of {len(df):,} timestamps" in msg
+    assert repr(df["ReadTime"].iloc[0]) in msg
+    assert 'timestamp_format = "%m/%d/%Y %H:%M"' in msg and "timezone" in msg
+    assert not (tmp_path / "s.zarr").exists()
+    cfg = IngestConfig(column_map={"ReadTime": "timestamp"}, timestamp_format="%m/%d/%Y %H:%M",
+                       timezone="America/Chicago")
+    r = ingest_files(path, meters, tmp_path / "s.zarr", config=cfg)
+    assert r.rows_written == len(df) and r.timezone == "America/Chicago"
+    assert any("America/Chicago" in n for n in r.notes)
+    assert pd.Timestamp(S.open_store(tmp_path / "s.zarr")["time"].values[0]) == T0.tz_localize(None)
+    # the same wall times read as UTC (the default, stated in the report) land 6 h earlier (CST is UTC-6)
+    r = ingest_files(path, meters, tmp_path / "utc.zarr",
+                     config=IngestConfig(column_map={"ReadTime": "timestamp"}, timestamp_format="%m/%d/%Y %H:%M"))
+    assert r.timezone == "UTC" and any("read as UTC" in n for n in r.notes)
+    first = pd.Timestamp(S.open_store(tmp_path / "utc.zarr")["time"].values[0])
+    assert first - T0.tz_localize(None) == pd.Timedelta(hours=-6)
+
+
+def test_some_unparsed_timestamps_are_counted_with_examples(files, tmp_path):
+    _, meters = files
+    df = readings_table()
+    df["timestamp"] = df["timestamp"].astype(str)
+    df.loc[[3, 40], "timestamp"] = ["31/02/2026 10:00", "yesterday"]
+    path = tmp_path / "r.csv"
+    df.to_csv(path, index=False)
+    r = ingest_files(path, meters, tmp_path / "s.zarr")
+    check_counts(r)
+    assert r.quarantined == {"invalid_timestamp": 2} and r.timestamps_unparsed == 2
+    assert r.timestamp_examples == ["31/02/2026 10:00", "yesterday"]
+    note = next(n for n in r.notes if "did not parse" in n)
+    assert "r.csv" in note and "2 of 80" in note and "'yesterday'" in note
+    # extending the store with a file whose timestamps all fail is an error, and writes nothing
+    bad = readings_table()
+    bad["timestamp"] = pd.DatetimeIndex(bad["timestamp"]).strftime("%d.%m.%Y %H:%M")
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    before = files_of(tmp_path / "s.zarr")
+    with pytest.raises(ContractError, match=r"80 of 80 timestamps did not parse.*%d\.%m\.%Y %H:%M"):
+        ingest_files(tmp_path / "bad.csv", meters, tmp_path / "s.zarr")
+    assert files_of(tmp_path / "s.zarr") == before
+
+
+def test_parse_timestamps_zone_dst_and_offsets():
+    from phaseid_hpc.ingest import _NAT, _parse_timestamps
+
+    s = pd.Series(["2026-03-08 01:45", "2026-03-08 02:30", "2026-03-08 03:15", "2026-11-01 01:30",
+                   "2026-03-08T02:30:00-06:00", "2026-03-08T08:30Z", "9999-12-31 00:00"])
+    got = _parse_timestamps(s, tz="America/Chicago")
+    want = [pd.Timestamp("2026-03-08 07:45"), None, pd.Timestamp("2026-03-08 08:15"), None,
+            pd.Timestamp("2026-03-08 08:30"), pd.Timestamp("2026-03-08 08:30"), None]
+    for g, w, raw in zip(got, want, s):
+        assert (g == _NAT) if w is None else (g == w.value), raw  # 02:30 skipped, 01:30 in Nov repeats
+    naive = pd.Series(pd.to_datetime(["2026-06-01 12:00"]))
+    assert _parse_timestamps(naive, tz="Europe/Berlin")[0] == pd.Timestamp("2026-06-01 10:00").value
+    fmt = _parse_timestamps(pd.Series(["06/01/2026 12:00 +0200", "junk"]), fmt="%m/%d/%Y %H:%M %z")
+    assert fmt[0] == pd.Timestamp("2026-06-01 10:00").value and fmt[1] == _NAT
+
+
+def test_config_rejects_bad_ingest_keys():
+    from phaseid_hpc.config import load_config
+    from phaseid_hpc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ingest.timezone.*'Central'"):
+        load_config(overrides={"ingest": {"timezone": "Central"}})
+    with pytest.raises(ConfigError, match="channel_map.*'KWH': 'kilowatt-hours'"):
+        load_config(overrides={"ingest": {"channel_map": {"KWH": "kilowatt-hours"}}})
+    with pytest.raises(ConfigError, match="password"):
+        load_config(overrides={"ingest": {"meters_database": {"host": "x", "password": "secret"}}})
+    with pytest.raises(ConfigError, match="readings_layout"):
+        load_config(overrides={"ingest": {"readings_layout": "tall"}})
+
+
+# ------------------------------------------------------------------ MDM channel export
+def mdm_config(**kw) -> IngestConfig:
+    from phaseid_hpc.config import load_config
+
+    return dataclasses_replace(load_config(DATA / "mdm.toml").ingest, **kw)
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def mdm_meters(tmp_path) -> Path:
+    path = tmp_path / "meters.csv"
+    pd.DataFrame({"meter_id": ["M7700121", "M7700122", "M7700123", "M9100450"], "feeder_id": "F1",
+                  "transformer_id": ["T1", "T1", "T2", "T3"], "phase": ["A", "B", "C", "ABC"]}).to_csv(path, index=False)
+    return path
+
+
+def test_mdm_channel_export_pivots_to_wide_rows_losing_nothing(tmp_path):
+    export = pd.read_csv(DATA / "mdm_interval_export.csv", dtype=str)
+    cfg = mdm_config()
+    r = ingest_files(DATA / "mdm_interval_export.csv", mdm_meters(tmp_path), tmp_path / "s.zarr", config=cfg)
+    check_counts(r)
+    # every row of the export is accounted for: ignored, an identical duplicate, or a value in a wide row
+    n_ignored = int((export["UOM"] == "DEGC").sum())
+    assert r.channel_rows_read == len(export) == 130
+    assert r.channel_rows_ignored == {"9 (DEGC)": n_ignored}
+    assert r.channel_duplicates_identical == 1
+    assert r.quarantined == {"conflicting_duplicate": 2}  # the actual and the estimate of one interval
+    assert r.rows_read == 4 * 8 + 1 and r.rows_written == 4 * 8 - 1
+    ds = S.open_store(tmp_path / "s.zarr").load()
+    assert ds.attrs["interval_s"] == 900 and ds.sizes["time"] == 8
+    # interval ends are Chicago wall times (CDT, UTC-5)
+    assert pd.Timestamp(ds["time"].values[0]) == pd.Timestamp("2026-05-31 23:15")
+    e = export.assign(
+        t=pd.to_datetime(export["IntervalEndTime"], format="%m/%d/%Y %H:%M").dt.tz_localize("America/Chicago")
+        .dt.tz_convert("UTC").dt.tz_localize(None),
+        v=export["IntervalValue"].astype(float) * export["Multiplier"].astype(float),
+    ).drop_duplicates()
+    for (uom, var, factor) in (("V", "voltage", 1.0), ("KWH", "kw", 4.0), ("KVARH", "kvar", 4.0)):
+        rows = e[(e["UOM"] == uom) & (e["QualityCode"] == "A")]
+        for m, t, v in zip(rows["MeterID"], rows["t"], rows["v"]):
+            if m == "M7700123" and t == pd.Timestamp("2026-06-01 00:15") and var == "voltage":
+                assert np.isnan(ds["voltage"].sel(meter=m, time=t).item())  # conflicting: quarantined
+                continue
+            got = ds[var].sel(meter=m, time=t).item()
+            if m == "M7700123" and t == pd.Timestamp("2026-06-01 00:15"):
+                assert np.isnan(got)  # the whole interval row of the conflict is quarantined
+            else:
+                np.testing.assert_allclose(got, v * factor, rtol=1e-6, err_msg=f"{m} {t} {var}")
+    # the CT-rated meter's multiplier of 40 is applied
+    ct = e[(e["MeterID"] == "M9100450") & (e["UOM"] == "KWH")]
+    assert (ct["Multiplier"] == "40").all()
+    note = next(n for n in r.notes if "channel layout" in n)
+    assert "130 rows -> 33 interval rows" in note and "kw <- ['1 (KWH)']" in note and "0.25 h" in note
+
+
+def test_mdm_unknown_channel_is_an_error_naming_it(tmp_path):
+    cfg = mdm_config(channel_ignore=[])
+    with pytest.raises(ContractError) as err:
+        ingest_files(DATA / "mdm_interval_export.csv", mdm_meters(tmp_path), tmp_path / "s.zarr", config=cfg)
+    msg = str(err.value)
+    assert "mdm_interval_export.csv" in msg and "channel '9' uom 'DEGC': 32 rows" in msg
+    assert "channel_ignore" in msg and '[ingest.channel_map]\n9 = "QUANTITY"' in msg
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_pivot_channels_units_and_interval():
+    from phaseid_hpc.ingest import _parse_timestamps
+    from phaseid_hpc.input_formats import pivot_channels
+
+    t = ["2026-01-01T01:00Z", "2026-01-01T02:00Z"]
+    df = pd.DataFrame({
+        "meter_id": ["m"] * 6, "timestamp": t * 3, "channel": ["WH"] * 2 + ["KV"] * 2 + ["VARH"] * 2,
+        "value": ["500", "1000", "0.24", "0.241", "100", "x"], "multiplier": ["2", None, "1", "1", "1", "1"],
+    })
+    piv = pivot_channels(df, {"WH": "wh", "KV": "kv", "VARH": "varh"}, [], "f", parse_ns=_parse_timestamps)
+    assert piv.interval_s == 3600 and piv.rows_read == 6 and piv.conflicts == 0
+    w = piv.wide.set_index("timestamp")
+    np.testing.assert_allclose(w["kw"], [1.0, 1.0])  # 500 Wh x 2 in 1 h; 1000 Wh x (no multiplier: 1)
+    np.testing.assert_allclose(w["voltage_v"], [240.0, 241.0])
+    assert w["kvar"].iloc[0] == pytest.approx(0.1) and np.isnan(w["kvar"].iloc[1])  # 'x' is not a number
+    assert list(piv.wide.columns) == ["meter_id", "timestamp", "voltage_v", "kw", "kvar"]
+    # an explicit interval wins over the spacing of the interval ends
+    piv = pivot_channels(df, {"WH": "wh", "KV": "kv", "VARH": "varh"}, [], "f", parse_ns=_parse_timestamps,
+                         interval_s=900)
+    assert piv.wide["kw"].iloc[0] == pytest.approx(4.0)
