@@ -18,10 +18,10 @@ __all__ = ["build_parser", "main"]
 
 _EXAMPLES = """\
 examples:
-  phaseid synth --meters 2000 --days 14 --out export/        # a synthetic utility to try things on
+  phaseid synth --n-meters 2000 --days 14 --out export/      # a synthetic utility to try things on
   phaseid ingest --readings export/readings*.parquet --meters export/meters.csv \\
                  --transformers export/transformers.csv --store store.zarr
-  phaseid run --store store.zarr --out results/              # writes results/report.html too
+  phaseid run --store store.zarr --results results/          # writes results/report.html too
   phaseid score --results results/ --truth export/truth.csv
   phaseid config show                                        # every run-config key, default and doc
 
@@ -36,6 +36,37 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         if action.default in (None, False) or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: same destination and type, and a note on stderr naming the new one."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: note: {option_string} is deprecated and will be removed; use {self.new} "
+              "(same meaning)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _renamed_option(parser: argparse.ArgumentParser, new: str, old: str, *, required: bool = False,
+                    **kwargs) -> None:
+    """Add option ``new`` and its deprecated spelling ``old`` (one concept, one name: ``old`` still works).
+
+    ``required``: one of the two must be given (checked by :func:`main`, a usage error otherwise).
+    """
+    dest = new.lstrip("-").replace("-", "_")
+    if required:
+        kwargs["help"] = f"{kwargs.get('help', '')} (required)".lstrip()
+    parser.add_argument(new, dest=dest, **kwargs)
+    parser.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, type=kwargs.get("type"),
+                        default=argparse.SUPPRESS, metavar=kwargs.get("metavar", dest.upper()),
+                        help=f"deprecated spelling of {new}")
+    if required:
+        parser.set_defaults(_required_options=[*(parser.get_default("_required_options") or []), (dest, new, old)])
 
 
 def _non_negative_int(text: str) -> int:
@@ -111,7 +142,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     )
     res = generate_utility(
         args.out,
-        n_meters=args.meters,
+        n_meters=args.n_meters,
         days=args.days,
         interval=args.interval,
         seed=args.seed,
@@ -167,7 +198,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(_config_path(args.config), overrides=overrides)
     summary = run_with_cluster(
         args.store,
-        args.out,
+        args.results,
         config=cfg,
         spec=_cluster_spec(args),
         in_process=args.workers == 0,
@@ -218,7 +249,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, n_meters=args.meters, days=args.days, workers=args.workers, seed=args.seed)
+    run_demo(args.out, n_meters=args.n_meters, days=args.days, workers=args.workers, seed=args.seed)
     return 0
 
 
@@ -251,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                               epilog="example:\n  " + epilog, formatter_class=_HelpFormatter)
 
     s = command("synth", "generate a synthetic utility (AMI export + truth, optionally a store)",
-                "phaseid synth --meters 2000 --days 14 --out export/ --store store.zarr")
-    s.add_argument("--meters", type=_positive_int, default=2000, help="number of meters to generate")
+                "phaseid synth --n-meters 2000 --days 14 --out export/ --store store.zarr")
+    _renamed_option(s, "--n-meters", "--meters", type=_positive_int, default=2000,
+                    help="number of meters to generate")
     s.add_argument("--days", type=_positive_float, default=14, help="length of the record [days]")
     s.add_argument("--interval", default="15min", help="reading interval (pandas offset: 5min, 15min, 1h)")
     s.add_argument("--seed", type=int, default=0, help="seed of the generator and the measurement model")
@@ -281,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "phaseid ingest --readings export/readings*.parquet --meters export/meters.csv \\\n"
                 "                 --transformers export/transformers.csv --store store.zarr")
     s.add_argument("--readings", nargs="+", required=True, help="readings CSV/Parquet file(s)")
-    s.add_argument("--meters", required=True, help="meters.csv (GIS view)")
+    s.add_argument("--meters", default=None,
+                   help="meters table (GIS view): CSV/Parquet, GeoPackage/GeoJSON (extra 'gis'), or a database URL "
+                   "postgresql://USER@HOST/DB?table=SCHEMA.TABLE (extra 'postgres'; password from $PGPASSWORD or "
+                   "~/.pgpass, never in the URL); default: the config's [ingest] meters_database")
     s.add_argument("--transformers", default=None, help="transformers.csv (ratings; optional)")
     s.add_argument("--references", default=None, help="feeder-head reference voltages (optional)")
     s.add_argument("--store", required=True, help="Zarr store to create or extend")
@@ -296,11 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_validate_store)
 
     s = command("run", "identify phases (and transformers) for every meter of a store",
-                "phaseid run --store store.zarr --out results/ --workers 4\n"
-                "  phaseid run --store store.zarr --out results/ --cluster-config cluster-slurm")
+                "phaseid run --store store.zarr --results results/ --workers 4\n"
+                "  phaseid run --store store.zarr --results results/ --cluster-config cluster-slurm")
     s.add_argument("--store", required=True, help="Zarr store written by 'phaseid ingest'")
-    s.add_argument("--out", "--results", dest="out", required=True,
-                   help="results folder (meters.parquet, corrections.csv, review.csv, report.html, ...)")
+    _renamed_option(s, "--results", "--out", required=True,
+                    help="results folder to write (meters.parquet, corrections.csv, review.csv, report.html, ...)")
     s.add_argument("--config", default=None, help="run config (TOML/YAML; default: built-in defaults, see "
                                                    "'phaseid config show')")
     s.add_argument("--workers", type=_non_negative_int, default=None,
@@ -319,16 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("score", "score results against a truth.csv",
                 "phaseid score --results results/ --truth export/truth.csv --json score.json")
-    s.add_argument("--results", "--out", dest="results", required=True,
-                   help="results folder of 'phaseid run'")
+    _renamed_option(s, "--results", "--out", required=True, help="results folder of 'phaseid run'")
     s.add_argument("--truth", required=True, help="truth.csv (meter_id, phase, transformer_id, ...)")
     s.add_argument("--json", default=None, help="also write the score as JSON here")
     s.set_defaults(func=_cmd_score)
 
     s = command("report", "write RESULTS/report.html (static, opens offline)",
                 "phaseid report --results results/")
-    s.add_argument("--results", "--out", dest="results", required=True,
-                   help="results folder of 'phaseid run'")
+    _renamed_option(s, "--results", "--out", required=True, help="results folder of 'phaseid run'")
     s.add_argument("--store", default=None,
                    help="store, for the data period, locations and projections (default: the run's store)")
     s.set_defaults(func=_cmd_report)
@@ -361,9 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_config_show)
 
     s = command("demo", "generate a synthetic utility, ingest it, run the job, score it",
-                "phaseid demo --out demo --meters 3000 --days 14")
+                "phaseid demo --out demo --n-meters 3000 --days 14")
     s.add_argument("--out", default="demo", help="demo folder (export/, store.zarr, results/)")
-    s.add_argument("--meters", type=_positive_int, default=3000, help="number of meters to generate")
+    _renamed_option(s, "--n-meters", "--meters", type=_positive_int, default=3000,
+                    help="number of meters to generate")
     s.add_argument("--days", type=_positive_float, default=14, help="length of the record [days]")
     s.add_argument("--workers", type=_non_negative_int, default=None,
                    help="LocalCluster workers (default: one per core; 0 = run in this process)")
@@ -374,7 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``phaseid`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [f"{new} (or its old spelling {old})" for dest, new, old in getattr(args, "_required_options", [])
+               if getattr(args, dest, None) is None]
+    if missing:
+        parser.error(f"{args.command}: the following arguments are required: {', '.join(missing)}")
     try:
         return int(args.func(args) or 0)
     except PhaseIDError as exc:
