@@ -41,6 +41,7 @@ from .config import IngestConfig
 from .errors import BackendUnavailableError, ConfigError, ContractError, PhaseIDError
 
 __all__ = [
+    "GISDatabaseError",
     "GISWriteRoleWarning",
     "MetersSource",
     "is_gis_source",

@@ -15,13 +15,18 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from phaseid_hpc import store as S
 from phaseid_hpc.config import IngestConfig
 from phaseid_hpc.errors import BackendUnavailableError, ConfigError, ContractError
-from phaseid_hpc.gis import GISDatabaseError, GISWriteRoleWarning, is_gis_source, read_meters_source, redact_url
+from phaseid_hpc.gis import (
+    GISDatabaseError,
+    GISWriteRoleWarning,
+    is_gis_source,
+    read_meters_source,
+    redact_url,
+)
 from phaseid_hpc.ingest import ingest_files
 
 DATA = Path(__file__).parent / "data"
