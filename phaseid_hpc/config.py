@@ -206,6 +206,14 @@ class PhaseConfig:
     #: The answer's phase neighbourhood must beat every other phase's by this many standard errors of
     #: correlation for full confidence (less scales the confidence down) [-].
     min_margin_se: float = 2.0
+    #: A change of phase is confident only where the meter's most similar meters that GIS puts on the new
+    #: phase are more similar, by this much, than its most similar meters that GIS puts on its GIS phase
+    #: (means of the ``nearest_gis_count`` best, denoised similarity; own GIS group excluded). A small
+    #: cluster of correctly labelled meters inside a large neighbourhood of another phase is not voted over
+    #: with confidence [-].
+    nearest_gis_margin: float = 0.02
+    #: Meters of each GIS phase whose similarities are averaged for that check [-].
+    nearest_gis_count: int = 3
     #: A meter's series is shifted by whole intervals when its correlation with the feeder's common
     #: signal at the best lag beats lag 0 by this many standard errors; 0 turns the check off [-].
     clock_lag_se: float = 6.0
@@ -341,6 +349,33 @@ class ValidationConfig:
         if self.health_window < 2:
             raise ConfigError(f"config key 'validation.health_window' must be >= 2, got {self.health_window}")
 
+    def thermal_parameters(self) -> dict[str, float]:
+        """Every keyword of the thermal model of ``thermal_standard`` (``phaseid_hpc.kernels.thermal``).
+
+        The fields above, the standard's hot-spot gradient where ``hot_spot_gradient_k`` is None, and for
+        IEC the thermal model constants of IEC 60076-7 Table 4 (distribution ONAN: k11 = 1, k21 = 1,
+        k22 = 2).
+        """
+        params = {
+            "top_oil_rise_k": self.top_oil_rise_k,
+            "hot_spot_gradient_k": self.hot_spot_gradient_k
+            if self.hot_spot_gradient_k is not None
+            else _HOT_SPOT_GRADIENT_K[self.thermal_standard],
+            "loss_ratio": self.loss_ratio,
+            "oil_exponent": self.oil_exponent,
+            "winding_exponent": self.winding_exponent,
+            "oil_time_constant_min": self.oil_time_constant_min,
+            "winding_time_constant_min": self.winding_time_constant_min,
+        }
+        if self.thermal_standard == "iec":
+            params.update(k11=1.0, k21=1.0, k22=2.0)
+        return params
+
+
+#: Hot-spot to top-oil gradient at rated load by thermal standard [K]: IEC distribution ONAN (98 degC hot spot
+#: at 20 degC ambient with a 55 K top-oil rise), IEEE 65 degC-rise unit (80 K hot-spot rise over ambient).
+_HOT_SPOT_GRADIENT_K: dict[str, float] = {"iec": 23.0, "ieee": 25.0}
+
 
 @dataclass(frozen=True)
 class PTConfig:
@@ -401,8 +436,15 @@ class ChangesConfig:
     change_point: bool = True
     #: Length of one window of the change-point search [s].
     window_s: float = 86400.0
-    #: The switch must hold on both sides of the split by this many standard errors (t statistic) [-].
-    change_point_se: float = 6.0
+    #: Nearest meters of each phase (whole-period voltage shape, the meter left out) summed into the
+    #: template the meter is compared with per window [-].
+    n_neighbours: int = 10
+    #: A switch that holds on both sides of the split by this many standard errors (t statistic) makes the
+    #: meter a candidate, confirmed by identification before and after the split [-].
+    change_point_se: float = 3.0
+    #: Distinct split times confirmed per feeder (most significant first; each costs two identification
+    #: runs of the feeder) [-].
+    max_splits_confirmed: int = 4
 
     def __post_init__(self) -> None:
         if self.min_after_days <= 0 or self.min_before_days <= 0 or self.window_s <= 0:
@@ -410,8 +452,9 @@ class ChangesConfig:
                 "config keys 'changes.min_after_days', 'changes.min_before_days' and 'changes.window_s' must be "
                 f"> 0, got {self.min_after_days}, {self.min_before_days} and {self.window_s}"
             )
-        if self.change_point_se <= 0:
-            raise ConfigError(f"config key 'changes.change_point_se' must be > 0, got {self.change_point_se}")
+        if self.change_point_se <= 0 or self.n_neighbours < 1:
+            raise ConfigError("config keys 'changes.change_point_se' > 0 and 'changes.n_neighbours' >= 1 required, "
+                              f"got {self.change_point_se} and {self.n_neighbours}")
 
 
 @dataclass(frozen=True)

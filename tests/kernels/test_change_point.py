@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from phaseid_hpc.kernels.change_point import best_split, phase_window_scores, window_zone_correlations, windowed
+from phaseid_hpc.kernels.change_point import best_split, window_correlations, windowed
 
 from .backends import BACKENDS, to_np
 
@@ -24,18 +24,13 @@ def _three_phase(rng, n_per=12, n_w=10, window=50, spliced_at=None):
     return u, truth
 
 
-def _reference_corr(u, zone, n_zones, window):
-    n, t = u.shape
-    n_w = t // window
-    out = np.zeros((n, n_w, n_zones))
-    for i in range(n):
-        for z in range(n_zones):
-            members = [j for j in np.flatnonzero(zone == z) if j != i]
-            tmpl = u[members].sum(axis=0) if members else np.zeros(t)
-            for w in range(n_w):
-                a, b = u[i, w * window:(w + 1) * window], tmpl[w * window:(w + 1) * window]
-                den = np.linalg.norm(a) * np.linalg.norm(b)
-                out[i, w, z] = a @ b / den if den > 0 else 0.0
+def _loo_phase_templates(u, truth):
+    """Per meter and phase: the sum of that phase's meters other than itself, shape (3, n, T)."""
+    out = np.zeros((3,) + u.shape)
+    for p in range(3):
+        members = truth == p
+        total = u[members].sum(axis=0)
+        out[p] = total[None, :] - np.where(members[:, None], u, 0.0)
     return out
 
 
@@ -49,23 +44,29 @@ def test_windowed_drops_the_remainder():
 
 
 @BACKENDS
-def test_zone_correlations_match_the_plain_loop(xp):
+def test_window_correlations_match_the_plain_loop(xp):
     rng = np.random.default_rng(3)
-    u, truth = _three_phase(rng, n_per=5, n_w=4, window=30)
-    zone = truth.copy()
-    zone[4] = -1  # scored, adds to no template
-    corr, _ = window_zone_correlations(xp.asarray(u), xp.asarray(zone), 3, 30)
-    np.testing.assert_allclose(to_np(corr), _reference_corr(u, zone, 3, 30), atol=1e-10)
+    u = rng.standard_normal((4, 95))
+    t = rng.standard_normal((4, 95))
+    t[2, 30:60] = 0.0  # a template silent for a whole window: 0, not NaN
+    got = to_np(window_correlations(xp.asarray(u), xp.asarray(t), 30))
+    assert got.shape == (4, 3)
+    for i in range(4):
+        for w in range(3):
+            a, b = u[i, 30 * w:30 * (w + 1)], t[i, 30 * w:30 * (w + 1)]
+            den = np.linalg.norm(a) * np.linalg.norm(b)
+            assert got[i, w] == pytest.approx(a @ b / den if den else 0.0, abs=1e-12)
+    assert got[2, 1] == 0.0
 
 
 @BACKENDS
 def test_spliced_meter_switches_phase_at_the_right_window(xp):
     rng = np.random.default_rng(7)
     u, truth = _three_phase(rng, spliced_at=6)
-    scores, chosen = phase_window_scores(xp.asarray(u), xp.asarray(truth), xp.asarray(np.arange(3)), 50)
-    scores = to_np(scores)
+    tmpl = _loo_phase_templates(u, truth)
+    scores = np.stack([to_np(window_correlations(xp.asarray(u), xp.asarray(tmpl[p]), 50)) for p in range(3)],
+                      axis=-1)
     assert scores.shape == (36, 10, 3)
-    np.testing.assert_array_equal(to_np(chosen)[1], [0, 1, 2])
     k, before, after, stat = (to_np(a) for a in best_split(xp.asarray(scores), 2, 2, min_sd=1 / np.sqrt(50)))
     assert (k[0], before[0], after[0]) == (6, 0, 2)
     assert stat[0] > 5.0
