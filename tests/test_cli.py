@@ -24,21 +24,23 @@ def utility(tmp_path_factory):
     import io
 
     for name, argv in (
-        ("synth", ["synth", "--meters", "150", "--days", "4", "--seed", "2", "--out", str(root / "export")]),
+        ("synth", ["synth", "--n-meters", "150", "--days", "4", "--seed", "2", "--out", str(root / "export")]),
         ("ingest", ["ingest", "--readings", str(root / "export" / "readings.parquet"), "--meters",
                     str(root / "export" / "meters.csv"),
                     "--transformers", str(root / "export" / "transformers.csv"),
                     "--store", str(root / "store.zarr")]),
-        ("run", ["run", "--store", str(root / "store.zarr"), "--out", str(root / "results"), "--workers", "0",
-                 "--no-progress"]),
+        ("run", ["run", "--store", str(root / "store.zarr"), "--results", str(root / "results"),
+                 "--workers", "0"]),
     ):
-        buf = io.StringIO()
+        buf, err = io.StringIO(), io.StringIO()  # stderr a StringIO: not a terminal, so plain progress lines
         cap.setattr(sys, "stdout", buf)
+        cap.setattr(sys, "stderr", err)
         try:
             assert main(argv) == 0
         finally:
             cap.undo()
         printed[name] = buf.getvalue()
+        printed[name + ".err"] = err.getvalue()
     return {"root": root, "printed": printed}
 
 
@@ -143,3 +145,107 @@ def test_config_show_toml_round_trips(capsys, tmp_path):
     p.write_text(capsys.readouterr().out)
     assert load_config(p, environ={}) == RunConfig()
     assert p.read_text().count("\n# ") > 60  # documented
+
+
+def test_run_progress_is_plain_lines_with_rate_and_eta_when_stderr_is_not_a_terminal(utility):
+    err = utility["printed"]["run.err"]
+    lines = [ln for ln in err.splitlines() if ln.startswith("identify:")]
+    assert "\r" not in err
+    assert lines and lines[0].startswith("identify: 0/") and "ETA" in lines[0]
+    n = lines[-1].split("/", 1)[0].split()[-1]
+    assert lines[-1].startswith(f"identify: {n}/{n} blocks (100%)") and "blocks/s" not in lines[-1]
+    assert "block/s" in lines[-1] or "s/block" in lines[-1]  # a rate from tqdm's formatter
+
+
+def test_progress_bar_on_a_terminal_is_a_tqdm_bar_and_plain_lines_elsewhere():
+    import io
+
+    from tqdm import tqdm
+
+    from phaseid_hpc.console import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    bar = progress_bar(4, "identify", file=term)
+    assert isinstance(bar, tqdm)
+    for _ in range(4):
+        bar.update()
+    bar.close()
+    assert "\r" in term.getvalue() and "4/4" in term.getvalue()
+
+    log = io.StringIO()
+    bar = progress_bar(1000, "ingest", "row", file=log, interval_s=3600.0)
+    for _ in range(10):
+        bar.update(100)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in log.getvalue()  # the start and the end, nothing between
+    assert lines[0].startswith("ingest: 0/1000 rows (0%)") and lines[1].startswith("ingest: 1000/1000 rows (100%)")
+    quiet = io.StringIO()
+    off = progress_bar(3, "identify", enabled=False, file=quiet)
+    off.update()
+    off.close()
+    assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "old", "new", "dest", "value"),
+    [
+        (["run", "--store", "s.zarr", "--out", "r/"], "--out", "--results", "results", "r/"),
+        (["score", "--out", "r/", "--truth", "t.csv"], "--out", "--results", "results", "r/"),
+        (["report", "--out", "r/"], "--out", "--results", "results", "r/"),
+        (["synth", "--meters", "12", "--out", "e/"], "--meters", "--n-meters", "n_meters", 12),
+        (["demo", "--meters", "12"], "--meters", "--n-meters", "n_meters", 12),
+    ],
+)
+def test_old_flag_names_still_work_with_a_deprecation_note(argv, old, new, dest, value, capsys):
+    args = build_parser().parse_args(argv)
+    assert getattr(args, dest) == value
+    err = capsys.readouterr().err
+    assert f"{old} is deprecated" in err and f"use {new}" in err
+    args = build_parser().parse_args([new if a == old else a for a in argv])
+    assert getattr(args, dest) == value and capsys.readouterr().err == ""  # the new name: no note
+
+
+def test_one_name_per_concept():
+    """``--results`` is the results folder for run, score and report; ``--meters`` is the meters file
+    (ingest) and never a count; a count of meters is ``--n-meters``."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("run", "score", "report"):
+        results = next(a for a in subparsers.choices[name]._actions if "--results" in a.option_strings)
+        assert results.dest == "results" and "deprecated" not in results.help
+    for name in ("synth", "demo"):
+        meters = next(a for a in subparsers.choices[name]._actions if "--meters" in a.option_strings)
+        assert meters.help.startswith("deprecated spelling of --n-meters")
+    ingest_meters = next(a for a in subparsers.choices["ingest"]._actions if "--meters" in a.option_strings)
+    assert "deprecated" not in (ingest_meters.help or "")
+
+
+def test_missing_results_folder_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--store", "s.zarr"])
+    assert exc.value.code == 64
+    assert "required: --results (or its old spelling --out)" in capsys.readouterr().err
+
+
+def test_checked_in_default_toml_is_generated_from_the_config_docs():
+    from phaseid_hpc.config_docs import default_toml
+
+    checked_in = (ROOT / "configs" / "default.toml").read_text()
+    assert checked_in == default_toml(), (
+        "configs/default.toml is out of date: regenerate it with `phaseid config show --toml > configs/default.toml`"
+    )
+
+
+def test_ingest_service_help_offers_stomp_without_a_url_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["ingest-service", "--help"])
+    out = capsys.readouterr().out
+    assert "--stomp " in out and "--stomp-url-file" in out and "PHASEID_STOMP_URL" in out
+    with pytest.raises(SystemExit) as exc:  # a URL (with its password) is not accepted on the command line
+        main(["ingest-service", "--stomp", "stomp://u:pw@h:61613/", "--queue", "q", "--store", "s"])
+    assert exc.value.code == 64
