@@ -106,6 +106,7 @@ from .errors import ContractError, DataError, PhaseIDError, StoreError
 from .input_formats import (
     CHANNEL_COLUMNS,
     column_map_help,
+    guess_column_map,
     guess_timestamp_format,
     normalise_phases,
     pivot_channels,
@@ -1056,6 +1057,10 @@ def _channel_batches(
     else:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     raw = raw.rename(columns=config.column_map)
+    if "timestamp" in raw.columns:  # timestamps that do not parse: say so before anything needs them
+        tally = _TimestampTally()
+        tally.add(raw["timestamp"], _parse_timestamps(raw["timestamp"], config.timestamp_format, config.timezone))
+        tally.check(path, config)
     piv = pivot_channels(
         raw, config.channel_map, config.channel_ignore, f"readings file {str(path)!r}",
         parse_ns=lambda s: _parse_timestamps(s, config.timestamp_format, config.timezone),
@@ -1181,7 +1186,15 @@ def _check_readings_file(path: Path, config: IngestConfig) -> None:
     if config.readings_layout == "channel" and "channel" not in columns and "uom" not in columns:
         missing.append("channel")  # or uom: one of the two names the channel
     if missing:
-        raise DataError(column_map_help(f"readings file {name!r}", header, missing, optional, "ingest.column_map"))
+        msg = column_map_help(f"readings file {name!r}", header, missing, optional, "ingest.column_map")
+        channel_like = guess_column_map(header, ("channel", "uom", "value"))
+        if config.readings_layout == "wide" and "value" in channel_like.values() and len(channel_like) > 1:
+            msg += (
+                '\nIts header looks like an MDM channel export (one row per meter, channel and interval): set '
+                '[ingest] readings_layout = "channel" and map meter_id, channel and/or uom, timestamp, value and '
+                "multiplier"
+            )
+        raise DataError(msg)
 
 
 def _layout_columns(config: IngestConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:

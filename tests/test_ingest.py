@@ -728,3 +728,14 @@ def test_pivot_channels_units_and_interval():
     piv = pivot_channels(df, {"WH": "wh", "KV": "kv", "VARH": "varh"}, [], "f", parse_ns=_parse_timestamps,
                          interval_s=900)
     assert piv.wide["kw"].iloc[0] == pytest.approx(4.0)
+
+
+def test_mdm_export_hints_channel_layout_and_timestamp_format(tmp_path):
+    from phaseid_hpc.errors import DataError
+
+    with pytest.raises(DataError, match=r'(?s)IntervalEndTime = "timestamp".*readings_layout = "channel"'):
+        ingest_files(DATA / "mdm_interval_export.csv", mdm_meters(tmp_path), tmp_path / "s.zarr")
+    with pytest.raises(DataError, match=r"column 'IntervalEndTime': 130 of 130 timestamps.*%m/%d/%Y %H:%M"):
+        ingest_files(DATA / "mdm_interval_export.csv", mdm_meters(tmp_path), tmp_path / "s.zarr",
+                     config=mdm_config(timestamp_format=""))
+    assert not (tmp_path / "s.zarr").exists()
