@@ -204,8 +204,9 @@ def map_transformers(
 def _rows_of(x, idx):
     """Rows ``idx`` of ``x``: a view when they are one contiguous run (a whole-feeder block), else a copy."""
     if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
-        return x[int(idx[0]) : int(idx[-1]) + 1]
-    return x[idx]
+        return x[int(idx[0]) : int(idx[-1]) + 1, ...]
+    xp = array_namespace(x)
+    return xp.take(x, xp.asarray(idx), axis=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

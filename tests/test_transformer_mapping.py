@@ -292,3 +292,44 @@ def test_distance_rules_out_far_candidates(feeder_case):
     far = TransformerConfig(max_distance_m=50_000.0)
     res2, _ = map_transformers(feeder_case["v"], m, far, kw=feeder_case["kw"])
     assert res2["transformer"].iloc[c] == "F1-T005"
+
+
+def test_block_runs_on_array_api_strict_as_on_numpy(feeder_case):
+    """The (n_meters, n_time) arrays never need NumPy: array-api-strict gives the NumPy result."""
+    xs = pytest.importorskip("array_api_strict")
+    m, v, kw = feeder_case["meters"], feeder_case["v"], feeder_case["kw"]
+    res, tx = map_transformers(xs.asarray(v), m, kw=xs.asarray(kw))
+    ref, ref_tx = feeder_case["res"], feeder_case["tx"]
+    for col in ("transformer", "transformer_class", "transformer_changed", "reasons"):
+        pd.testing.assert_series_equal(res[col], ref[col])
+    np.testing.assert_allclose(res["transformer_confidence"], ref["transformer_confidence"], atol=1e-9)
+    pd.testing.assert_frame_equal(tx, ref_tx, check_exact=False, atol=1e-9)
+
+
+def test_misaligned_inputs_are_named(feeder_case):
+    m, v, kw = feeder_case["meters"], feeder_case["v"], feeder_case["kw"]
+    with pytest.raises(ValueError, match="voltage has"):
+        map_transformers(v[:-1], m, kw=kw[:-1])
+    with pytest.raises(ValueError, match="kw has shape"):
+        map_transformers(v, m, kw=kw[:, :-1])
+
+
+def test_non_abc_phase_letters_never_link_orphans_of_disjoint_phases():
+    """Phase labels outside A/B/C still count as known phases: disjoint labels are different phases."""
+    from phaseid_hpc.transformer_mapping import _feeder_labels
+
+    meters = pd.DataFrame(
+        {
+            "meter_id": ["m1", "m2", "m3", "m4"],
+            "transformer_id": ["T1", "T1", "T2", "T2"],
+            "phase": ["A", "X", None, "AB"],
+            "phase_gis": ["A", "X", "C", "B"],
+        }
+    )
+    lab = _feeder_labels("F", meters)
+    np.testing.assert_array_equal(lab.gis_index, [0, 0, 1, 1])
+    np.testing.assert_array_equal(lab.pmask, [1, 0, 4, 3])  # X serves none of A, B, C; m3 falls back to GIS
+    bits = lab.letter_bits
+    assert bits[0] & bits[1] == 0 and bits[1] != 0  # X and A: known and disjoint
+    assert bits[0] & bits[3] != 0  # A and AB share A
+    np.testing.assert_array_equal(lab.phase_code, [0, -1, 2, -1])

@@ -57,6 +57,7 @@ __all__ = [
     "pair_reference",
     "partial_from_dots",
     "set_pairs",
+    "set_rows",
     "shares_own_signal",
     "split_off",
 ]
@@ -213,6 +214,24 @@ def set_pairs(a: Any, cols: Any, values: Any, rows: Any | None = None) -> Any:
     return out
 
 
+def set_rows(a: Any, rows: np.ndarray, values: Any) -> Any:
+    """``a[rows] = values`` along the first axis, ``rows`` a host array of distinct indices; returns the result.
+
+    NumPy and CuPy assign in place; other namespaces build a new array with ``where``.
+    """
+    xp = array_namespace(a)
+    if _native(xp):
+        a[xp.asarray(rows)] = values
+        return a
+    n = a.shape[0]
+    pos = np.zeros(n, np.int64)
+    hit = np.zeros(n, bool)
+    pos[rows] = np.arange(len(rows))
+    hit[rows] = True
+    mask = xp.reshape(xp.asarray(hit), (n,) + (1,) * (a.ndim - 1))
+    return xp.where(mask, xp.take(values, xp.asarray(pos), axis=0), a)
+
+
 def _row_pick(a: Any, cols: Any) -> Any:
     """``a[i, cols[i]]`` for every row ``i``."""
     xp = array_namespace(a)
@@ -321,16 +340,16 @@ class GroupPools:
         if self.pool is None:
             self.pool, self.lsum = p, lv
         else:
-            self.pool[cols] = p
+            self.pool = set_rows(self.pool, dirty, p)
             if lv is not None:
-                self.lsum[cols] = lv
+                self.lsum = set_rows(self.lsum, dirty, lv)
         self.pn2[dirty] = to_numpy(xp.vecdot(p, p, axis=-1))
         if lv is not None:
             ln2 = xp.vecdot(lv, lv, axis=-1)
             if self.ln2 is None:
                 self.ln2 = ln2
             else:
-                self.ln2[cols] = ln2
+                self.ln2 = set_rows(self.ln2, dirty, ln2)
 
     def _recompute_s(self, dirty, gmask):
         """Columns ``dirty`` of ``S`` on every phase block; ``own`` read off ``S`` (NaN off the blocks)."""
@@ -637,7 +656,7 @@ def move_candidates(
     xp = array_namespace(zb, zo)
     has_own = xp.isfinite(zo)
     weak_gis = phase_mismatch | (has_own & (zo < unrelated_se * se) & (kappa_gis_loo > min_corr_se * se))
-    margin = xp.where(weak_gis, weak_gis_margin_se, flag_margin_se) * se
+    margin = xp.where(weak_gis, xp.asarray(weak_gis_margin_se, dtype=xp.float64), flag_margin_se) * se
     sig_b = xp.isfinite(zb) & (zb > min_corr_se * se)
     clear_b = (zb - z2) > ambiguity_se * se
     lone_target_ok = ~lone_target | (zb / se >= pair_reference_se)
@@ -924,7 +943,7 @@ def _fiedler_cut(c: Any, se: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     _, vec = xp.linalg.eigh(lap)
     f = vec[:, :, 1]
     big_abs = _row_pick(f, xp.argmax(xp.abs(f), axis=1))
-    f = f * xp.astype(xp.where(big_abs > 0, 1.0, -1.0), f.dtype)[:, None]  # canonical sign
+    f = f * xp.where(big_abs > 0, xp.asarray(1.0, dtype=f.dtype), -1.0)[:, None]  # canonical sign
     rank_order = xp.argsort(f, axis=1, stable=True)
     gap = xp.argmax(xp.diff(xp.take_along_axis(f, rank_order, axis=1), axis=1), axis=1) + 1  # (B,)
     # side of the cut of every member: first ``gap`` in Fiedler order, or the rest
