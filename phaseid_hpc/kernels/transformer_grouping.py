@@ -1,21 +1,32 @@
-"""Array kernels for meter-to-transformer verification.
+"""Array kernels for meter-to-transformer verification: signals, group pools and (meter, group) pairs.
 
 Pure functions of arrays: the namespace ``xp`` is taken from the inputs
 (:func:`phaseid_hpc._compat.array_namespace`), so the same code runs on NumPy, CuPy and array-api-strict.
-Everything is a handful of GEMMs against a weighted one-hot membership matrix ``H`` of shape
-``(n_meters, n_groups)``: no per-pair regression, no Python loop over meters.
+No per-pair regression and no Python loop over meters; the decision steps built on these kernels are in
+:mod:`phaseid_hpc.kernels.transformer_mapping`.
 
 Signals
 -------
-* **Shape**: differenced voltage with the per-phase feeder common mode projected out (the upstream source and
-  feeder-wide loading move every meter of a phase together; what is left is lateral, transformer and service
-  drop). Rows are centred and scaled to unit norm over the valid samples, missing samples contribute 0.
-  The correlation of meter ``i`` with group ``g`` is taken against the *pooled* signal
-  ``P[:, g] = sum_j H[j, g] z_j``, leaving meter ``i`` out of its own group (leave-one-out pooling).
-* **Level**: a meter sits below its transformer by its own service drop,
+* **Shape** (:func:`differenced_signals`): differenced voltage with the per-phase feeder common mode
+  projected out (the upstream source and feeder-wide loading move every meter of a phase together; what is
+  left is lateral, transformer and service drop). Rows are centred and scaled to unit norm over the valid
+  samples, missing samples contribute 0. The correlation of meter ``i`` with group ``g`` is taken against the
+  *pooled* signal ``P_g = sum_j w_j z_j`` over the group's members, leaving meter ``i`` out of its own group
+  (leave-one-out pooling, :func:`loo_correlations`).
+* **Level** (:func:`level_signals`): a meter sits below its transformer by its own service drop,
   ``V_meter - V_transformer ~ -(R P + X Q) / V``. Against a candidate group's mean level the residual of
-  ``V_i - Vbar_g = a + b I_i`` (``I_i = 1000 (P_i + Q_i X/R) / V_i`` approximated by ``1000 P_i / V_i``)
-  is small for the right group; ``-b`` estimates the service resistance [ohm].
+  ``V_i - Vbar_g = a + b I_i`` (``I_i = 1000 (P_i + Q_i X/R) / V_i``) is small for the right group; ``-b``
+  estimates the service resistance [ohm].
+
+Cost
+----
+Pools are sums over each group's member rows (:func:`group_sums`: ``O(n_meters n_time)`` for all groups,
+the members of a few groups at a time), and a group's pool can be re-summed alone. Meter-by-group quantities
+are formed only for the listed (meter, group) pairs (:func:`pair_dots`, :func:`level_consistency_pairs`).
+The dense forms over every (meter, group) pair, by GEMMs against the one-hot membership matrix
+(:func:`membership_matrix`, :func:`pool_by_transformer`, :func:`group_correlations`,
+:func:`level_consistency`), cost ``O(n_meters n_groups n_time)``; they are the references the pair kernels
+are tested against.
 """
 
 from __future__ import annotations
@@ -389,14 +400,14 @@ def level_consistency(
         ``None``: only the offset is fitted.
     group_index, n_groups, weights
         As in :func:`membership_matrix`; the meter is left out of its own group's mean.
+    dtype : dtype, optional
+        Working precision of the GEMMs after centring (default float64; float32 halves the cost).
 
     Returns
     -------
     rms : array, shape (n_meters, n_groups)
         Root-mean-square residual of ``V_i - Vbar_g = a + b I_i``. [V]; NaN where the group has no
         other member.
-    dtype : dtype, optional
-        Working precision of the GEMMs after centring (default float64; float32 halves the cost).
     slope : array, shape (n_meters, n_groups)
         ``b``; ``-b`` is the apparent service resistance to that group. [ohm]
 
