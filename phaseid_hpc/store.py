@@ -106,8 +106,34 @@ DECIVOLT_SCALE = 0.1
 INT16_FILL = -32768
 _SIDE_GROUPS = ("quarantine", "_phaseid")
 _GROUP_JSON = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-_UNITS = {"voltage": "V", "kw": "kW", "kvar": "kvar", "reference_voltage": "V"}
 _EPOCH_UNITS = "seconds since 1970-01-01"
+#: CF-style ``units`` (UDUNITS spelling; ``"1"``: dimensionless, identifiers and labels included) and
+#: ``long_name`` of every variable and coordinate a store can hold. ``time`` takes its units from its
+#: encoding (:data:`_EPOCH_UNITS`), which xarray decodes to datetimes.
+CF_ATTRIBUTES: dict[str, dict[str, str]] = {
+    "voltage": {"units": "V", "long_name": "meter voltage magnitude"},
+    "kw": {"units": "kW", "long_name": "meter real power"},
+    "kvar": {"units": "kvar", "long_name": "meter reactive power"},
+    "meter": {"units": "1", "long_name": "meter identifier"},
+    "time": {"long_name": "end of the reading interval (UTC)", "standard_name": "time"},
+    "feeder_id": {"units": "1", "long_name": "feeder of the meter (GIS)"},
+    "transformer_id": {"units": "1", "long_name": "service transformer of the meter (GIS)"},
+    "phase_gis": {"units": "1", "long_name": "phase connection of the meter (GIS)"},
+    "service_type": {"units": "1", "long_name": "service type of the meter (GIS)"},
+    "nominal_v": {"units": "V", "long_name": "nominal service voltage of the meter"},
+    "lat": {"units": "degrees_north", "long_name": "meter latitude", "standard_name": "latitude"},
+    "lon": {"units": "degrees_east", "long_name": "meter longitude", "standard_name": "longitude"},
+    "sampling_interval_s": {"units": "s", "long_name": "median spacing of the meter's raw timestamps"},
+    "off_grid_fraction": {"units": "1", "long_name": "share of the meter's raw reads off the time grid (quarantined)"},
+    "transformer": {"units": "1", "long_name": "transformer identifier"},
+    "kva_rating": {"units": "kVA", "long_name": "transformer nameplate rating"},
+    "n_phases": {"units": "1", "long_name": "number of phases of the transformer"},
+    "transformer_feeder_id": {"units": "1", "long_name": "feeder of the transformer"},
+    "reference": {"units": "1", "long_name": "feeder-head reference series (feeder/phase)"},
+    "reference_feeder_id": {"units": "1", "long_name": "feeder of the reference series"},
+    "reference_phase": {"units": "1", "long_name": "phase of the reference series"},
+    "reference_voltage": {"units": "V", "long_name": "feeder-head reference voltage magnitude"},
+}
 
 
 # --------------------------------------------------------------------------------------------- meters
@@ -145,7 +171,7 @@ def sort_meters(meters: pd.DataFrame, *, source: str = "meters") -> pd.DataFrame
             raise ContractError(
                 f"{source}: row {row + 2}, column {c!r}: empty value (expected an identifier)"
             )
-        out[c] = np.array(["" if pd.isna(v) else str(v) for v in vals], dtype=object)
+        out[c] = _str_array(vals)
     for c in ("nominal_v", "lat", "lon"):
         if c in meters.columns:
             v = pd.to_numeric(meters[c], errors="coerce").to_numpy(np.float64)
@@ -327,7 +353,13 @@ def _consolidate(path: Path) -> None:
 
 
 def _str_array(values: Sequence[Any]) -> np.ndarray:
-    return np.array(["" if pd.isna(v) else str(v) for v in values], dtype=object)
+    """``str(v)`` of each value, ``""`` for missing ones, as an object array (vectorised: 1 M ids in ~0.2 s)."""
+    vals = np.asarray(values, dtype=object)
+    if vals.ndim != 1:
+        vals = np.array(list(values) if vals.ndim else [], dtype=object)
+    out = vals.astype(str).astype(object) if len(vals) else np.array([], dtype=object)
+    out[pd.isna(vals)] = ""
+    return out
 
 
 def initialize_store(
@@ -443,6 +475,8 @@ def initialize_store(
         data_vars["reference_voltage"] = (("reference", "time"), ref_values, {"units": "V"})
 
     ds = xr.Dataset(data_vars, coords=coords)
+    for name, variable in ds.variables.items():
+        variable.attrs.update(CF_ATTRIBUTES[str(name)])
     ds.attrs = {"interval_s": int(interval_s), "phaseid_store_version": STORE_VERSION}
     n_time_chunk = max(1, int(time_chunk))
     encoding: dict[str, Any] = {
@@ -474,7 +508,7 @@ def initialize_store(
             from xarray.backends.zarr import FillValueCoder
 
             attrs = {"_FillValue": FillValueCoder.encode(np.nan, np.dtype(np.float32))}
-        attrs["units"] = _UNITS[var]
+        attrs.update(CF_ATTRIBUTES[var])
         attrs["coordinates"] = (
             "feeder_id transformer_id phase_gis service_type nominal_v lat lon "
             "sampling_interval_s off_grid_fraction"

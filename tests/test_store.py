@@ -198,3 +198,59 @@ def test_transaction_crash_leaves_old_or_new_store(store, tmp_path, monkeypatch,
         assert json.loads((store / "zarr.json").read_text()) == json.loads(
             (reference / "zarr.json").read_text()
         )
+
+
+def _full_store(path: Path) -> Path:
+    """A store with every optional part: kw and kvar, transformers, feeder-head references."""
+    m = make_meters()
+    tr = pd.DataFrame({"transformer_id": ["T1", "T2", "T7", "T8", "T9"], "feeder_id": ["F1", "F1", "F3", "F2", "F2"],
+                       "kva_rating": [25.0, 50.0, 75.0, 25.0, 10.0], "n_phases": [1, 1, 3, 1, 1]})
+    ref = pd.DataFrame({"feeder_id": "F1", "phase": "A", "timestamp": TIMES, "voltage_v": 7200.0})
+    S.initialize_store(path, m, TIMES, interval_s=900, transformers=tr, references=ref,
+                       variables=("voltage", "kw", "kvar"), time_chunk=4)
+    return path
+
+
+def _cf_problems(ds) -> list[str]:
+    """Variables and coordinates of ``ds`` without a non-empty ``units`` (attrs, or for decoded times the
+    encoding) or ``long_name``."""
+    bad = []
+    for name, var in ds.variables.items():
+        units = var.attrs.get("units", var.encoding.get("units"))
+        if not units or not var.attrs.get("long_name"):
+            bad.append(f"{name}: units={units!r} long_name={var.attrs.get('long_name')!r}")
+    return bad
+
+
+def test_every_variable_and_coordinate_has_cf_units_and_long_name(tmp_path):
+    import xarray as xr
+
+    path = _full_store(tmp_path / "s.zarr")
+    ds = xr.open_zarr(path, consolidated=False)
+    assert set(ds.variables) == set(S.CF_ATTRIBUTES)  # the table covers the whole schema, and only it
+    assert _cf_problems(ds) == []
+    assert ds["voltage"].attrs["units"] == "V" and ds["kva_rating"].attrs["units"] == "kVA"
+    assert ds["lat"].attrs["units"] == "degrees_north" and ds["lon"].attrs["standard_name"] == "longitude"
+    assert ds["time"].encoding["units"].startswith("seconds since 1970-01-01")
+    assert _cf_problems(S.open_store(path)) == []  # the package's own reader keeps them too
+
+
+def test_cf_attributes_survive_an_xarray_round_trip_and_an_ingest(tmp_path):
+    import xarray as xr
+
+    from phaseid_hpc.ingest import ingest_frame
+
+    path = _full_store(tmp_path / "s.zarr")
+    reads = pd.DataFrame({"meter_id": ["m1", "m2"], "timestamp": [TIMES[-1].tz_localize(None)
+                                                                  + pd.Timedelta(minutes=15)] * 2,
+                          "voltage_v": [241.0, 239.5], "kw": [1.0, 2.0]})
+    ingest_frame(path, reads)  # appends a time step: arrays resized, attributes kept
+    ds = xr.open_zarr(path, consolidated=False)
+    assert ds.sizes["time"] == len(TIMES) + 1 and _cf_problems(ds) == []
+    copy = tmp_path / "copy.zarr"
+    ds.to_zarr(copy, zarr_format=3, consolidated=False)
+    back = xr.open_zarr(copy, consolidated=False)
+    assert _cf_problems(back) == []
+    for name in ds.variables:
+        assert back[name].attrs.get("units") == ds[name].attrs.get("units"), name
+        assert back[name].attrs["long_name"] == ds[name].attrs["long_name"], name
