@@ -320,8 +320,9 @@ def _select_table(cur: Any, sql: Any, schema: str, name: str) -> Any:
     """``SELECT *`` of a table, with ``lat``/``lon`` from a PostGIS point column when it has none."""
     cur.execute(
         "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-        "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-        (f'"{schema}"."{name}"',),
+        "WHERE a.attrelid = to_regclass(quote_ident(%s) || '.' || quote_ident(%s)) AND a.attnum > 0 "
+        "AND NOT a.attisdropped ORDER BY a.attnum",
+        (schema, name),
     )
     cols = cur.fetchall()
     names = [c for c, _ in cols]

@@ -23,8 +23,18 @@ Row policy (every row read is counted exactly once: ``accepted + quarantined + d
   ``time_out_of_range`` (more than ``max_extend_steps`` after the store's end), ``out_of_range`` (beyond
   the +-3276.7 V of the int16 deci-volt encoding).
 
-Timestamps: ISO 8601 strings with offsets, tz-aware datetimes (any zone, DST included) are converted to
-UTC; naive timestamps are taken as UTC. They mark interval ends.
+Timestamps: ISO 8601 strings (or ``[ingest] timestamp_format``, a strftime format) with offsets and tz-aware
+datetimes (any zone, DST included) are converted to UTC; naive timestamps are wall times in ``[ingest]
+timezone`` (default UTC, stated in the report; times a DST change skips or repeats do not parse). They mark
+interval ends. Timestamps that do not parse are counted per file with examples: more than half of a file's
+is a :class:`DataError` naming the file, the column and the key to set (nothing written), fewer a note.
+
+Inputs as utilities have them (:mod:`phaseid_hpc.input_formats`): a file or meters table lacking required
+columns gets an error with its real header and the ``[ingest.column_map]`` / ``[ingest.meters_column_map]``
+TOML that fixes it; an MDM channel export (``[ingest] readings_layout = "channel"``) is read whole, pivoted
+to wide rows and then streamed like any file (its memory is that of the file); phase spellings of the
+meters table are normalised to the contract labels (``IngestReport.phase_labels``). The meters table may
+also be a GeoPackage / GeoJSON file or a PostgreSQL table (:mod:`phaseid_hpc.gis`).
 
 Grid: epoch-anchored multiples of ``interval_s`` (``IngestConfig.interval_s``, or the dominant spacing of
 the readings when a store is created). Off-grid reads are never moved silently: within
@@ -588,7 +598,7 @@ def _ingest_batch(
     ts = _parse_timestamps(df["timestamp"], config.timestamp_format, config.timezone)
     reason[(reason == 0) & (ts == _NAT)] = _R["invalid_timestamp"]
     report.timezone = config.timezone
-    bad_ts = (ts == _NAT) & (mi >= 0)
+    bad_ts = ts == _NAT
     report.timestamps_unparsed = int(bad_ts.sum())
     if report.timestamps_unparsed:
         report.timestamp_examples = list(dict.fromkeys(df["timestamp"][bad_ts].head(20).astype(str)))[:5]
@@ -1006,15 +1016,17 @@ def _update_sampling_stats(
 
 
 # ----------------------------------------------------------------------------------------------- files
-def _read_table(path: Path, what: str) -> pd.DataFrame:
+def _read_table(path: Path, what: str, column_map: dict[str, str] | None = None) -> pd.DataFrame:
+    """A CSV or Parquet table; identifier and phase columns of a CSV (also under their mapped names) as text."""
     if not path.is_file():
         raise ContractError(f"{what} file {str(path)!r} does not exist")
+    text_columns = ("meter_id", "feeder_id", "transformer_id", "phase")
+    dtype = dict.fromkeys(text_columns, str)
+    dtype.update({k: str for k, v in (column_map or {}).items() if v in text_columns})
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(path)
-        return pd.read_csv(
-            path, dtype={"meter_id": str, "feeder_id": str, "transformer_id": str, "phase": str}
-        )
+        return pd.read_csv(path, dtype=dtype)
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise ContractError(f"{what} file {str(path)!r} cannot be read: {exc}") from exc
 
@@ -1385,7 +1397,7 @@ def _read_meters(
         report.notes += got.notes
     else:
         name = str(source)
-        table = _read_table(Path(source), "meters")
+        table = _read_table(Path(source), "meters", config.meters_column_map)
     header = [str(c) for c in table.columns]
     table = table.rename(columns=config.meters_column_map)
     missing = [c for c in contract.METERS_REQUIRED if c not in table.columns]
@@ -1451,7 +1463,7 @@ def _stage_files(
         tally.check(p, config)
         if tally.n_bad:
             report.notes.append(_timestamp_help(p.name, _original_name(config, "timestamp"), tally.n_bad, tally.n,
-                                                tally.examples, config) + ": quarantined as invalid_timestamp")
+                                                tally.examples, config) + ": those rows are quarantined")
         for piv in pivots:
             report.channel_rows_read += piv.rows_read
             report.channel_duplicates_identical += piv.duplicates_identical

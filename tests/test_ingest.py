@@ -739,3 +739,16 @@ def test_mdm_export_hints_channel_layout_and_timestamp_format(tmp_path):
         ingest_files(DATA / "mdm_interval_export.csv", mdm_meters(tmp_path), tmp_path / "s.zarr",
                      config=mdm_config(timestamp_format=""))
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_mapped_meter_ids_keep_leading_zeros(tmp_path):
+    from phaseid_hpc.ingest import _read_meters
+
+    path = tmp_path / "m.csv"
+    path.write_text("MeterNo,Feeder,Xfmr,Phasing\n000123,07,0042,1.2\n")
+    cfg = IngestConfig(meters_column_map={"MeterNo": "meter_id", "Feeder": "feeder_id", "Xfmr": "transformer_id",
+                                          "Phasing": "phase"})
+    report = IngestReport(store="x")
+    table, name = _read_meters(path, cfg, report)
+    assert table.loc[0, ["meter_id", "feeder_id", "transformer_id", "phase"]].tolist() == ["000123", "07", "0042", "AB"]
+    assert name == str(path) and report.phase_labels == {"1.2": "AB"}
