@@ -139,7 +139,7 @@ def pg():
     try:
         admin = psycopg.connect(**ADMIN, autocommit=True)
     except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432 as postgres ({str(exc).strip()[:120]})")
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432 as postgres ({' '.join(str(exc).split())[:160]})")
     tag = uuid.uuid4().hex[:8]
     db = f"phaseid_gis_{tag}"
     roles = {k: f"phaseid_{k}_{tag}" for k in ("ro", "rw", "schema_rw", "none")}
