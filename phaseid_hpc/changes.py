@@ -117,6 +117,12 @@ def read_events(path: str | os.PathLike[str]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------------
 # Step 1: restorations
 # ----------------------------------------------------------------------------------------------------------
+def _naive_utc(times: pd.DatetimeIndex) -> pd.DatetimeIndex:
+    """``times`` as naive UTC (the store's grid is naive UTC; an aware index is converted)."""
+    times = pd.DatetimeIndex(times)
+    return times.tz_convert("UTC").tz_localize(None) if times.tz is not None else times
+
+
 def restoration_splits(
     events: pd.DataFrame | None, meter_ids: np.ndarray, times: pd.DatetimeIndex, config: ChangesConfig
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -149,10 +155,10 @@ def restoration_splits(
     pos = pd.Series(np.arange(n), index=pd.Index(np.asarray(meter_ids, dtype=str)))
     ev = events[events["meter_id"].astype(str).isin(pos.index)]
     ev = ev.sort_values(["meter_id", "timestamp"], kind="stable")
-    t_ns = times.asi8
+    t_ns = _naive_utc(times).as_unit("ns").asi8
     for mid, g in ev.groupby("meter_id", sort=True):
         kinds = g["event"].astype(str).str.lower().to_numpy()
-        stamps = pd.DatetimeIndex(g["timestamp"]).asi8
+        stamps = _naive_utc(pd.DatetimeIndex(g["timestamp"])).as_unit("ns").asi8
         for j in np.flatnonzero(kinds == config.restoration_event.lower())[::-1]:
             # readings stamp interval ends: the first interval after an event ends after it
             start = int(np.searchsorted(t_ns, stamps[j], side="right"))
@@ -376,7 +382,7 @@ def connection_changes(
     changed_at = np.full(n, np.datetime64("NaT", "ns"))
     # interval starts: changed_at is when the first interval on the new connection began
     step = np.timedelta64(int(round(interval_s * 1e9)), "ns")
-    t_start = times.tz_convert("UTC").tz_localize(None).to_numpy(dtype="datetime64[ns]") - step
+    t_start = _naive_utc(times).to_numpy(dtype="datetime64[ns]") - step
     moved = (ca == contract.CLASS_CONFIDENT) & (cb == contract.CLASS_CONFIDENT) & pd.notna(pb) & (pb != pa)
     reason[moved] = contract.REASON_PHASE_CHANGED_AT_RESTORATION
     changed_at[moved] = t_start[after_start[moved]]

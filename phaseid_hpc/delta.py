@@ -1,49 +1,34 @@
 """Delta runs: recompute only the feeders touched by outage/restoration events, copy the rest.
 
 Field crews restoring service after an outage sometimes reconnect a customer to another phase without
-updating GIS. A nightly delta run takes the previous results and an events file and recomputes only the
-feeders of the meters with events; every other feeder's rows are copied unchanged.
+updating GIS. A nightly delta run takes the previous results and an events file and:
+
+1. finds the feeders of the meters with events (:func:`affected_feeders`) and why each is recomputed
+   (:func:`delta_plan`);
+2. recomputes only those feeders' rows of the store, not the whole blocks they sit in
+   (:func:`affected_blocks`), with ``[changes] events_file`` set to the events, so that the window after a
+   restoration decides the answer of a meter with one (:mod:`phaseid_hpc.changes`);
+3. copies every other feeder's rows from the previous results unchanged, and writes to ``run.log`` and
+   ``summary.json`` which feeders and meters were recomputed and why (:func:`run_delta`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from .changes import EVENT_COLUMNS, read_events
+from .config import RunConfig
 from .errors import ContractError
-from .pipeline import RunSummary, run_job
 
-__all__ = ["affected_feeders", "read_events", "run_delta"]
-
-EVENT_COLUMNS = ("meter_id", "timestamp", "event")
-
-
-def read_events(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read ``events.csv``: ``meter_id, timestamp, event`` (``outage``, ``restoration``, ...).
-
-    Raises
-    ------
-    ContractError
-        Naming the file and the missing columns or the first unparsable timestamp row.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ContractError(f"events file {str(p)!r} does not exist")
-    ev = pd.read_csv(p, dtype={"meter_id": str, "event": str})
-    missing = [c for c in EVENT_COLUMNS if c not in ev]
-    if missing:
-        raise ContractError(f"events file {str(p)!r} lacks column(s) {missing}; expected {list(EVENT_COLUMNS)}")
-    ts = pd.to_datetime(ev["timestamp"], utc=True, errors="coerce", format="ISO8601")
-    bad = ts.isna() & ev["timestamp"].notna()
-    if bad.any():
-        row = int(bad.to_numpy().nonzero()[0][0])
-        raise ContractError(
-            f"events file {str(p)!r} row {row + 2}: timestamp {ev['timestamp'].iloc[row]!r} is not ISO 8601"
-        )
-    return ev.assign(timestamp=ts)
+__all__ = ["EVENT_COLUMNS", "affected_blocks", "affected_feeders", "delta_plan", "read_events", "run_delta"]
 
 
 def affected_feeders(events: pd.DataFrame, meter_table: pd.DataFrame) -> list[str]:
@@ -54,11 +39,96 @@ def affected_feeders(events: pd.DataFrame, meter_table: pd.DataFrame) -> list[st
     ContractError
         When an event names a meter that is not in the store.
     """
-    lookup = meter_table.set_index("meter_id")["feeder_id"].astype(str)
-    unknown = sorted(set(events["meter_id"]) - set(lookup.index))
+    return sorted(delta_plan(events, meter_table)["feeder_id"].unique().tolist())
+
+
+def delta_plan(events: pd.DataFrame, meter_table: pd.DataFrame) -> pd.DataFrame:
+    """One row per meter with events: ``feeder_id, meter_id, events`` (e.g. ``outage 2026-06-03T02:00Z;
+    restoration 2026-06-03T04:00Z``), sorted by feeder and meter.
+
+    Parameters
+    ----------
+    events : DataFrame
+        ``meter_id, timestamp, event`` (:func:`~phaseid_hpc.changes.read_events`).
+    meter_table : DataFrame
+        ``meter_id`` (or ``meter``) and ``feeder_id`` of every meter of the store.
+
+    Raises
+    ------
+    ContractError
+        When an event names a meter that is not in the store.
+    """
+    ids = meter_table["meter_id"] if "meter_id" in meter_table else meter_table["meter"]
+    lookup = pd.Series(meter_table["feeder_id"].astype(str).to_numpy(), index=ids.astype(str).to_numpy())
+    unknown = sorted(set(events["meter_id"].astype(str)) - set(lookup.index))
     if unknown:
         raise ContractError(f"events name meter(s) not in the store: {unknown[:5]}")
-    return sorted(set(lookup.loc[events["meter_id"]].tolist()))
+    ev = events.assign(meter_id=events["meter_id"].astype(str)).sort_values(["meter_id", "timestamp"], kind="stable")
+    rows = []
+    for mid, g in ev.groupby("meter_id", sort=True):
+        what = "; ".join(f"{e} {pd.Timestamp(t).strftime('%Y-%m-%dT%H:%MZ')}" for e, t in zip(g["event"], g["timestamp"]))
+        rows.append((lookup[mid], mid, what))
+    plan = pd.DataFrame(rows, columns=["feeder_id", "meter_id", "events"])
+    return plan.sort_values(["feeder_id", "meter_id"], kind="stable").reset_index(drop=True)
+
+
+def affected_blocks(meter_table: pd.DataFrame, blocks: Sequence[Any], feeders: Iterable[str]) -> list[Any]:
+    """The store rows of ``feeders``: each block cut down to its runs of consecutive affected feeders.
+
+    Parameters
+    ----------
+    meter_table : DataFrame
+        ``feeder_id`` of every meter, in store order (feeders contiguous).
+    blocks : sequence of FeederBlock
+        ``(start, stop, feeder_ids)`` of the full run (:func:`phaseid_hpc.store.feeder_blocks`).
+    feeders : iterable of str
+        The affected feeders.
+
+    Returns
+    -------
+    list of FeederBlock
+        Blocks of the same type, holding only affected feeders, in store order: a delta run reads and
+        computes those feeders' meters only, however many other feeders share their block.
+    """
+    wanted = set(map(str, feeders))
+    fid = meter_table["feeder_id"].astype(str).to_numpy()
+    span = pd.Series(range(len(fid))).groupby(fid, sort=False).agg(["min", "max"])
+    out = []
+    for b in blocks:
+        run: list[str] = []
+        for f in [*map(str, b.feeder_ids), None]:
+            if f is not None and f in wanted:
+                run.append(f)
+            elif run:
+                out.append(type(b)(int(span.loc[run[0], "min"]), int(span.loc[run[-1], "max"]) + 1, tuple(run)))
+                run = []
+    return out
+
+
+def _log_plan(out_dir: Path, plan: pd.DataFrame, meters: pd.DataFrame) -> None:
+    """Append which feeders and meters were recomputed, and why, to ``run.log`` (the run's logger)."""
+    from .logging_utils import _LOGGER_NAME, log_event
+
+    logger = logging.getLogger(_LOGGER_NAME)
+    if not logger.handlers:  # the run's handler was closed: append to its file
+        from .logging_utils import _KeyValueFormatter
+
+        handler = logging.FileHandler(out_dir / "run.log", mode="a", encoding="utf-8")
+        handler.setFormatter(_KeyValueFormatter())
+        logger.addHandler(handler)
+    res = meters.set_index("meter_id")
+    for feeder, g in plan.groupby("feeder_id", sort=True):
+        n = int((meters["feeder_id"].astype(str) == feeder).sum())
+        log_event(logger, "delta_feeder_recomputed", feeder=feeder, meters=n,
+                  why=f"events on meter(s) {','.join(g['meter_id'])}")
+    for feeder, mid, what in zip(plan["feeder_id"], plan["meter_id"], plan["events"]):
+        r = res.loc[mid] if mid in res.index else None
+        fields = {"feeder": feeder, "meter": mid, "why": what}
+        if r is not None:
+            for c in ("phase_before", "phase_after", "phase", "changed_at"):
+                if c in res.columns and pd.notna(r[c]):
+                    fields[c] = str(r[c])
+        log_event(logger, "delta_meter_recomputed", **fields)
 
 
 def run_delta(
@@ -67,8 +137,9 @@ def run_delta(
     *,
     since: str | os.PathLike[str] | None,
     events: str | os.PathLike[str] | None,
+    config: RunConfig | None = None,
     **kwargs: Any,
-) -> RunSummary:
+) -> Any:
     """Recompute the feeders with events and merge with the previous results into ``out``.
 
     Parameters
@@ -78,10 +149,18 @@ def run_delta(
     since : path-like
         Previous results folder.
     events : path-like
-        ``events.csv`` (see :func:`read_events`).
+        ``events.csv`` (see :func:`~phaseid_hpc.changes.read_events`); it becomes ``[changes] events_file``.
+    config : RunConfig, optional
     **kwargs
-        Passed to :func:`~phaseid_hpc.pipeline.run_job` (config, client, progress, ...).
+        Passed to :func:`~phaseid_hpc.pipeline.run_job` (client, progress, ...).
+
+    Returns
+    -------
+    RunSummary
+        Of the merged results; ``summary.json`` has ``delta`` with the recomputed feeders, the meters with
+        events and their events.
     """
+    from .pipeline import run_job
     from .store import open_store
 
     if since is None or events is None:
@@ -89,5 +168,21 @@ def run_delta(
     ds = open_store(store)
     meter_table = pd.DataFrame({"meter_id": ds["meter"].values.astype(str),
                                 "feeder_id": ds["feeder_id"].values.astype(str)})
-    feeders = affected_feeders(read_events(events), meter_table)
-    return run_job(store, out, feeders=feeders, previous=since, **kwargs)
+    plan = delta_plan(read_events(events), meter_table)
+    feeders = sorted(plan["feeder_id"].unique().tolist())
+    config = config or RunConfig()
+    config = dataclasses.replace(config, changes=dataclasses.replace(
+        config.changes, events_file=str(Path(events).resolve())))
+    summary = run_job(store, out, feeders=feeders, previous=since, config=config, **kwargs)
+    out_dir = Path(out)
+    meters = pd.read_parquet(out_dir / "meters.parquet")
+    _log_plan(out_dir, plan, meters)
+    path = out_dir / "summary.json"
+    doc = json.loads(path.read_text())
+    doc.setdefault("delta", {})["event_meters"] = [
+        {"feeder_id": f, "meter_id": m, "events": e} for f, m, e in zip(plan["feeder_id"], plan["meter_id"],
+                                                                      plan["events"])
+    ]
+    doc["delta"]["recomputed_meters"] = int(meters["feeder_id"].astype(str).isin(feeders).sum())
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return summary

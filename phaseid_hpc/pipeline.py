@@ -412,7 +412,9 @@ def run_job(
             unknown = sorted(wanted - set(meter_table["feeder_id"].astype(str)))
             if unknown:
                 raise PhaseIDError(f"delta run: feeder(s) {unknown[:5]} are not in the store {store!r}")
-            blocks = [b for b in blocks if wanted & set(map(str, b.feeder_ids))]
+            from .delta import affected_blocks
+
+            blocks = affected_blocks(meter_table, blocks, wanted)  # the affected feeders' rows only
             log_event(logger, "delta_plan", feeders=",".join(sorted(wanted)), blocks=len(blocks))
         todo: list[tuple[int, int, int, str]] = []
         reused = 0
