@@ -268,7 +268,7 @@ class _Signals:
 class _CandidateSpace:
     """Step 2, static part: where candidates may be (distance) and the phase blocks of ``S``."""
 
-    distance_penalty: np.ndarray | None  # (n, n_g) float32: NaN where too far, else 0
+    distance_penalty: Any | None  # (n, n_g) float32: NaN where too far, else 0 (namespace of the signals)
     row_blocks: list  # [(phase bit or 0, meter rows, z rows)]
 
 
@@ -413,7 +413,7 @@ def _candidate_space(sig: _Signals, lab: _Labels, cfg: TransformerConfig) -> _Ca
     if lab.lat is not None:
         far = tk.far_from_groups(lab.lat, lab.lon, lab.gis_index, lab.n_groups, cfg.max_distance_m)
         if far is not None and far.any():
-            pen = np.where(far, np.float32(np.nan), np.float32(0.0))
+            pen = xp.asarray(np.where(far, np.float32(np.nan), np.float32(0.0)))
     if not cfg.use_phase:
         return _CandidateSpace(pen, [(0, np.arange(len(lab.gis)), sig.z)])
     blocks = []
@@ -530,15 +530,16 @@ def _best_candidates(corr_own, assign, gmask, pools, sig, lab, space, cfg):
     The Fisher z is monotone, so the best two are found on the correlations; the own group's entry is its
     leave-one-out correlation, and it is no candidate where the meter's phase does not fit the group's.
     """
+    xp = array_namespace(sig.z)
     excluded = None
     if cfg.use_phase:
         ga = gmask[assign]
-        excluded = ~(((lab.pmask & ga) != 0) | (lab.pmask == 0) | (ga == 0))
+        excluded = xp.asarray(~(((lab.pmask & ga) != 0) | (lab.pmask == 0) | (ga == 0)))
     alt = tk.candidate_correlations(
-        pools.s, pools.pn2, corr_own, assign, lab.gis_index, sig.zz,
-        distance_penalty=space.distance_penalty, own_excluded=excluded,
+        pools.s, xp.asarray(pools.pn2), xp.asarray(corr_own), xp.asarray(assign), xp.asarray(lab.gis_index),
+        xp.asarray(sig.zz), distance_penalty=space.distance_penalty, own_excluded=excluded,
     )  # fmt: skip
-    best, cb, runner_up, c2v = tk.best_two(alt)
+    best, cb, runner_up, c2v = (to_numpy(a) for a in tk.best_two(alt))
     zb = np.where(np.isfinite(cb), fisher_z(cb), -np.inf)
     z2 = np.where(np.isfinite(c2v), fisher_z(c2v), 0.0)
     return best, zb, runner_up, z2

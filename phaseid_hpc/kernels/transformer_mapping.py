@@ -12,11 +12,12 @@ Two kinds of array meet here:
 * **signals** ``z`` (unit-norm differenced voltage), ``vc``/``ic`` (centred level signals), shape
   ``(n_meters, n_time)``, in any array-API namespace (NumPy, CuPy, array-api-strict); they are only gathered,
   summed and multiplied in their own namespace, never copied whole to the host;
-* **tables**, one value per meter or per group (assignment, weights, standard errors, Fisher z) and the
-  meter-by-group dot products ``S`` of :class:`GroupPools`: small, and the greedy decisions walk them, so
-  :class:`GroupPools`, :func:`split_off` and :func:`shares_own_signal` keep them as NumPy arrays on the host.
-  The table kernels (:func:`group_mean`, :func:`best_two`, :func:`move_candidates`, ...) take the namespace
-  from their inputs like every other kernel.
+* **tables**, one value per meter or per group (assignment, weights, standard errors, Fisher z): small, and
+  the greedy decisions walk them, so :class:`GroupPools`, :func:`split_off` and :func:`shares_own_signal`
+  keep them as NumPy arrays on the host. The meter-by-group products ``S`` of :class:`GroupPools` and the
+  candidate matrix built from them stay with the signals. The table kernels (:func:`group_mean`,
+  :func:`best_two`, :func:`move_candidates`, ...) take the namespace from their inputs like every other
+  kernel.
 
 Correlations are compared in Fisher-z units of one standard error ``se = 1 / sqrt(n - 6)``
 (:func:`phaseid_hpc.kernels.correlation.fisher_z`).
@@ -56,6 +57,7 @@ __all__ = [
     "orphan_components",
     "pair_reference",
     "partial_from_dots",
+    "set_block",
     "set_pairs",
     "set_rows",
     "shares_own_signal",
@@ -194,24 +196,40 @@ def group_medians(values: Any, index: Any, n_groups: int) -> Any:
 def set_pairs(a: Any, cols: Any, values: Any, rows: Any | None = None) -> Any:
     """``a[rows[k], cols[k]] = values[k]`` (``rows`` default: every row in order); returns the result.
 
-    NumPy and CuPy assign in place; other namespaces build a new array with ``where``.
+    Parameters
+    ----------
+    a : array, shape (n, m)
+    cols : array of int, shape (k,)
+    values : array, shape (k,), or float
+    rows : array of int, shape (k,), optional
+        Distinct rows.
+
+    Notes
+    -----
+    NumPy and CuPy assign in place; other namespaces build a new array with ``where`` (the small index
+    arrays are taken to the host for that).
     """
     xp = array_namespace(a)
     if _native(xp):
         a[xp.arange(a.shape[0]) if rows is None else rows, cols] = values
         return a
     n, m = a.shape
-    vals = xp.astype(xp.asarray(values), a.dtype) if not isinstance(values, float) else values
     if rows is None:
-        hit = cols[:, None] == xp.arange(m, dtype=cols.dtype)[None, :]
-        return xp.where(hit, vals[:, None] if not isinstance(vals, float) else vals, a)
-    out = a
-    for k in range(int(rows.shape[0])):
-        r, c = int(rows[k]), int(cols[k])
-        v = vals if isinstance(vals, float) else vals[k]
-        hit = (xp.arange(n)[:, None] == r) & (xp.arange(m)[None, :] == c)
-        out = xp.where(hit, v, out)
-    return out
+        col_of = cols
+        vals = values if isinstance(values, float) else xp.astype(values, a.dtype)
+    else:
+        rows_h = to_numpy(rows).astype(np.int64)
+        col_h = np.full(n, -1, np.int64)
+        col_h[rows_h] = to_numpy(cols)
+        col_of = xp.asarray(col_h)
+        if isinstance(values, float):
+            vals = values
+        else:
+            pos = np.zeros(n, np.int64)
+            pos[rows_h] = np.arange(len(rows_h))
+            vals = xp.take(xp.astype(values, a.dtype), xp.asarray(pos))
+    hit = xp.reshape(col_of, (-1, 1)) == xp.arange(m, dtype=col_of.dtype)[None, :]
+    return xp.where(hit, vals if isinstance(vals, float) else vals[:, None], a)
 
 
 def set_rows(a: Any, rows: np.ndarray, values: Any) -> Any:
@@ -232,6 +250,43 @@ def set_rows(a: Any, rows: np.ndarray, values: Any) -> Any:
     return xp.where(mask, xp.take(values, xp.asarray(pos), axis=0), a)
 
 
+def set_block(a: Any, rows: np.ndarray | None, cols: np.ndarray, values: Any) -> Any:
+    """``a[rows x cols] = values`` (the block of the listed rows and columns; ``rows`` None: all rows).
+
+    Parameters
+    ----------
+    a : array, shape (n, m)
+    rows : ndarray of int, shape (r,), or None
+        Distinct rows (host).
+    cols : ndarray of int, shape (c,)
+        Distinct columns (host).
+    values : array, shape (r, c), or float
+
+    Returns
+    -------
+    array, shape (n, m)
+        ``a`` itself on NumPy and CuPy (assigned in place), else a new array.
+    """
+    xp = array_namespace(a)
+    n, m = a.shape
+    if _native(xp):
+        if rows is None:
+            a[:, xp.asarray(cols)] = values
+        else:
+            a[xp.ix_(xp.asarray(rows), xp.asarray(cols))] = values
+        return a
+    rows_h = np.arange(n) if rows is None else np.asarray(rows)
+    rpos, cpos = np.zeros(n, np.int64), np.zeros(m, np.int64)
+    rhit, chit = np.zeros(n, bool), np.zeros(m, bool)
+    rpos[rows_h], cpos[cols] = np.arange(len(rows_h)), np.arange(len(cols))
+    rhit[rows_h], chit[cols] = True, True
+    mask = xp.asarray(rhit)[:, None] & xp.asarray(chit)[None, :]
+    if isinstance(values, float):
+        return xp.where(mask, values, a)
+    spread = xp.take(xp.take(xp.astype(values, a.dtype), xp.asarray(rpos), axis=0), xp.asarray(cpos), axis=1)
+    return xp.where(mask, spread, a)
+
+
 def _row_pick(a: Any, cols: Any) -> Any:
     """``a[i, cols[i]]`` for every row ``i``."""
     xp = array_namespace(a)
@@ -249,7 +304,8 @@ class GroupPools:
     Holds ``P_g = sum_j w_j z_j`` and ``L_g = sum_j w_j vc_j`` (rows: groups, in the namespace of ``z``),
     every meter's dot with its own group's pool (``own``), ``||P_g||^2`` (``pn2``) and, when ``row_blocks``
     are given, the meter-by-group dot products ``S = z P^T`` on the phase-compatible (meter, group) blocks
-    (host tables). After meters move only the groups that gained or lost a meter (or a pool weight) are
+    (NaN elsewhere; also in the namespace of ``z``). The assignment, weights, ``own`` and ``pn2`` are host
+    tables. After meters move only the groups that gained or lost a meter (or a pool weight) are
     re-summed and only their columns of ``S`` recomputed: a round costs ``O(n_meters n_time n_changed)``
     instead of ``O(n_meters n_time n_groups)``.
 
@@ -276,7 +332,7 @@ class GroupPools:
         self.ln2 = None
         self.row_blocks = row_blocks
         n = z.shape[0]
-        self.s = np.full((n, n_groups), np.nan, dtype=np.float32) if row_blocks else None
+        self.s = self.xp.full((n, n_groups), np.nan, dtype=self.xp.float32) if row_blocks else None
         self.own = np.full(n, np.nan)
         self.pn2 = np.zeros(n_groups)
         self.lcnt = np.zeros(n_groups)
@@ -354,12 +410,12 @@ class GroupPools:
     def _recompute_s(self, dirty, gmask):
         """Columns ``dirty`` of ``S`` on every phase block; ``own`` read off ``S`` (NaN off the blocks)."""
         xp = self.xp
-        self.s[:, dirty] = np.nan
+        self.s = set_block(self.s, None, dirty, float("nan"))
         for bit, rows, zrows in self.row_blocks:
             c = dirty if bit == 0 else dirty[((gmask[dirty] & bit) != 0) | (gmask[dirty] == 0)]
             if len(c):
-                self.s[np.ix_(rows, c)] = to_numpy(zrows @ xp.take(self.pool, xp.asarray(c), axis=0).T)
-        self.own = self.s[np.arange(len(self.assign)), self.assign].astype(float)
+                self.s = set_block(self.s, rows, c, zrows @ xp.take(self.pool, xp.asarray(c), axis=0).T)
+        self.own = to_numpy(_row_pick(self.s, xp.asarray(self.assign))).astype(float)
 
     def _own_dots(self, redo):
         """Every listed meter's dot with its own group, also where the pair is not phase-compatible."""
@@ -370,7 +426,9 @@ class GroupPools:
         rows = None if len(redo) == len(assign) else xp.asarray(redo)
         self.own[redo] = to_numpy(tg.pair_dots(self.z, self.pool, rows, xp.asarray(assign[redo])))
         if self.s is not None:
-            self.s[redo, assign[redo]] = self.own[redo]
+            self.s = set_pairs(
+                self.s, xp.asarray(assign[redo]), xp.asarray(self.own[redo]), rows=xp.asarray(redo)
+            )
 
     def level(self, rows, cols):
         """Level residual [V] of meters ``rows`` (``None``: all) against groups ``cols`` (host arrays)."""

@@ -117,6 +117,12 @@ def test_set_pairs_and_set_rows(xp):
     assert np.isnan(got[0, 2]) and np.nansum(got) == 6.0
     b = tk.set_rows(xp.zeros((4, 2)), np.array([3, 1]), xp.asarray([[1.0, 2.0], [3.0, 4.0]]))
     np.testing.assert_array_equal(to_np(b), [[0, 0], [3, 4], [0, 0], [1, 2]])
+    c = tk.set_block(
+        xp.zeros((3, 4)), np.array([2, 0]), np.array([3, 1]), xp.asarray([[1.0, 2.0], [3.0, 4.0]])
+    )
+    np.testing.assert_array_equal(to_np(c), [[0, 4, 0, 3], [0, 0, 0, 0], [0, 2, 0, 1]])
+    d = to_np(tk.set_block(xp.zeros((2, 3)), None, np.array([1]), float("nan")))
+    assert np.isnan(d[:, 1]).all() and (d[:, [0, 2]] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,13 +149,13 @@ def test_group_pools_incremental_update_equals_a_fresh_build(xp):
     np.testing.assert_array_equal(dirty, [0, 1, 2])  # only the groups that changed are re-summed
     fresh = tk.GroupPools(zx, vc, n_g, blocks)
     fresh.update(moved, w2, gmask)
-    np.testing.assert_allclose(inc.s, fresh.s, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(to_np(inc.s), to_np(fresh.s), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(inc.own, fresh.own, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(inc.pn2, fresh.pn2, rtol=1e-6)
     np.testing.assert_allclose(to_np(inc.lsum), to_np(fresh.lsum), rtol=1e-5, atol=1e-5)
     # S is z P^T with P the weighted group sums
     hot = (moved[:, None] == np.arange(n_g)) * w2[:, None]
-    np.testing.assert_allclose(inc.s, z @ (hot.T @ z).T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_np(inc.s), z @ (hot.T @ z).T, rtol=1e-5, atol=1e-5)
 
 
 @BACKENDS
@@ -163,12 +169,13 @@ def test_candidates_equal_leave_one_out_group_correlations(xp):
     zz = np.ones(n)
     corr_own, _z = tk.loo_fisher_z(pools.own, pools.pn2[gi], w, zz)
     gis = (gi + 1) % n_g  # the GIS group (never a candidate) differs from the current one
-    alt = tk.candidate_correlations(pools.s, pools.pn2, corr_own, gi, gis, zz)
+    a = xp.asarray
+    alt = to_np(tk.candidate_correlations(pools.s, a(pools.pn2), a(corr_own), a(gi), a(gis), a(zz)))
     ref = tg.group_correlations(z.astype(np.float64), gi, n_g)  # reference: leave-one-out by one-hot GEMM
     ref[np.arange(n), gis] = np.nan
     ref = np.where(np.isnan(ref), -np.inf, ref)
     np.testing.assert_allclose(alt, ref, atol=2e-6)
-    b, cb, c2, c2v = tk.best_two(alt.copy())
+    b, cb, c2, c2v = (to_np(r) for r in tk.best_two(xp.asarray(alt.copy())))
     order = np.argsort(-ref, axis=1, kind="stable")
     np.testing.assert_array_equal(b, order[:, 0])
     np.testing.assert_array_equal(c2, order[:, 1])
