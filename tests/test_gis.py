@@ -253,3 +253,12 @@ def test_role_without_select_gets_a_clear_error(pg):
         read_meters_source(url(pg, "none"), environ=ENV)
     with pytest.raises(GISDatabaseError, match=r"no table or view 'gis.nope'"):
         read_meters_source(url(pg, "ro", table="gis.nope"), environ=ENV)
+
+
+def test_ingest_without_meters_names_both_ways(tmp_path, capsys):
+    from phaseid_hpc.cli import main
+
+    rc = main(["ingest", "--readings", str(DATA / "mdm_interval_export.csv"), "--config", str(DATA / "mdm.toml"),
+               "--store", str(tmp_path / "s.zarr")])
+    assert rc == 2 and "--meters FILE|URL or set [ingest] meters_database" in capsys.readouterr().err
+    assert not (tmp_path / "s.zarr").exists()
