@@ -562,6 +562,42 @@ class TestBroker:
                                stop_when_idle_s=0.2)
         assert "s3cret" not in str(info.value) and "guest:***@" in str(info.value)
 
+    def test_a_dropped_connection_is_reestablished_and_nothing_is_lost(self, broker, queue):
+        """The service's own socket is destroyed (``ss -K``) mid-stream: it reconnects and consumes the rest."""
+        import shutil
+
+        import psutil
+
+        if shutil.which("ss") is None:
+            pytest.skip("ss (iproute2) is needed to drop the service's connection")
+        port = 61613 if broker.protocol == "stomp" else 5672
+
+        def my_sockets() -> list[int]:
+            return [c.laddr.port for c in psutil.Process().net_connections("tcp")
+                    if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED]
+
+        sink, stop, result = DictSink(), threading.Event(), {}
+        svc = IngestServiceConfig(batch_max_seconds=0.2, reconnect_max_s=1.0)
+        service = threading.Thread(target=lambda: result.update(stats=run_ingest_service(
+            broker.url, queue, "unused", sink=sink, stop_event=stop, service_config=svc)))
+        service.start()
+        try:
+            broker.publish(queue, [(_json_batch(_reads(["A"], 5)), "application/json")])
+            _wait_for(lambda: len(sink.cells) == 5, timeout=20)
+            dropped = my_sockets()
+            for p in dropped:
+                subprocess.run(["ss", "-K", "src", "127.0.0.1", "sport", "=", f":{p}"], capture_output=True,
+                               check=False)
+            if set(dropped) & set(my_sockets()):
+                pytest.skip("this kernel cannot destroy a socket (ss -K needs CONFIG_INET_DIAG_DESTROY)")
+            broker.publish(queue, [(_json_batch(_reads(["B"], 5)), "application/json")])
+            _wait_for(lambda: len(sink.cells) == 10, timeout=30)
+        finally:
+            stop.set()
+            service.join(30)
+        assert dropped and result["stats"].reconnects >= 1
+        assert {m for m, _ in sink.cells} == {"A", "B"} and _depth(queue) == 0
+
     @pytest.mark.parametrize("error", [ValueError, StoreError])
     def test_systemic_store_failure_stops_without_ack_or_dead_letter(self, broker, queue, error):
         broker.publish(queue, [(_json_batch(_reads([m], 5)), "application/json") for m in ("A", "B")])
