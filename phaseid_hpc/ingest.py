@@ -115,6 +115,7 @@ from .config import IngestConfig
 from .errors import ContractError, DataError, PhaseIDError, StoreError
 from .input_formats import (
     CHANNEL_COLUMNS,
+    channel_columns,
     column_map_help,
     guess_column_map,
     guess_timestamp_format,
@@ -1087,8 +1088,7 @@ def _channel_batches(
 
 def _columns_of(path: Path, config: IngestConfig) -> list[str]:
     if config.readings_layout == "channel":
-        cols = {_CHANNEL_TARGET[q] for q in config.channel_map.values()}
-        return ["meter_id", "timestamp", "voltage_v"] + [c for c in contract.READINGS_OPTIONAL if c in cols]
+        return ["meter_id", "timestamp", *channel_columns(config.channel_map)]
     if path.suffix.lower() in (".parquet", ".pq"):
         names = pq.ParquetFile(path).schema_arrow.names
     else:
@@ -1151,11 +1151,6 @@ def _scan_grid(paths: Sequence[Path], meter_ids: pd.Index, config: IngestConfig)
         raise ContractError(f"no read falls on a {iv // 10**9} s grid in {[str(p) for p in paths]}")
     tmin, tmax = int(grid.min()), int(grid.max())
     return iv // 10**9, tmin, tmax
-
-
-#: Contract column of each channel quantity (``[ingest] channel_map`` values).
-_CHANNEL_TARGET = {"voltage_v": "voltage_v", "kv": "voltage_v", "kw": "kw", "w": "kw", "kwh": "kw", "wh": "kw",
-                   "kvar": "kvar", "var": "kvar", "kvarh": "kvar", "varh": "kvar"}
 
 
 def _check_readings_file(path: Path, config: IngestConfig) -> None:

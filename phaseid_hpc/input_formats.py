@@ -30,6 +30,7 @@ from .errors import ContractError
 __all__ = [
     "CHANNEL_COLUMNS",
     "ChannelPivot",
+    "channel_columns",
     "column_map_help",
     "guess_column_map",
     "guess_timestamp_format",
@@ -248,6 +249,12 @@ _QUANTITY: dict[str, tuple[str, float, bool]] = {
     "varh": ("kvar", 1e-3, True),
 }
 assert set(_QUANTITY) == set(CHANNEL_QUANTITIES)
+
+
+def channel_columns(channel_map: Mapping[str, str]) -> list[str]:
+    """Wide columns a channel export gives with ``channel_map``: ``voltage_v`` and the mapped ``kw``, ``kvar``."""
+    mapped = {_QUANTITY[q][0] for q in channel_map.values()}
+    return ["voltage_v"] + [c for c in contract.READINGS_OPTIONAL if c in mapped]
 
 
 @dataclass
