@@ -242,7 +242,10 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     from .config_docs import default_toml, format_config_keys
 
     cfg = load_config(_config_path(args.config)) if args.config else None
-    print(default_toml(cfg) if args.toml else format_config_keys(cfg))
+    if args.toml:  # the file as default_toml writes it: `phaseid config show --toml > configs/default.toml`
+        sys.stdout.write(default_toml(cfg))
+    else:
+        print(format_config_keys(cfg))
     return 0
 
 

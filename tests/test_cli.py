@@ -232,9 +232,11 @@ def test_missing_results_folder_is_a_usage_error(capsys):
     assert "required: --results (or its old spelling --out)" in capsys.readouterr().err
 
 
-def test_checked_in_default_toml_is_generated_from_the_config_docs():
+def test_checked_in_default_toml_is_generated_from_the_config_docs(capsys):
     from phaseid_hpc.config_docs import default_toml
 
+    assert main(["config", "show", "--toml"]) == 0
+    assert capsys.readouterr().out == default_toml()  # the command writes the file byte for byte
     checked_in = (ROOT / "configs" / "default.toml").read_text()
     assert checked_in == default_toml(), (
         "configs/default.toml is out of date: regenerate it with `phaseid config show --toml > configs/default.toml`"
