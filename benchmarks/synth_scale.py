@@ -28,11 +28,13 @@ import psutil
 
 
 class PeakMemory:
-    """Background sampler of the summed RSS of this process and its children [bytes]."""
+    """Background sampler of the summed RSS of this process and its children [bytes], and of their CPU
+    time (user + system, each process's last sample) [s]."""
 
     def __init__(self, period_s: float = 0.2) -> None:
         self.period_s = period_s
         self.peak = 0
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -43,6 +45,8 @@ class PeakMemory:
             for p in [me] + me.children(recursive=True):
                 try:
                     total += p.memory_info().rss
+                    t = p.cpu_times()
+                    self.cpu[p.pid] = t.user + t.system
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
@@ -55,6 +59,10 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
 
 
 def _size(path: Path) -> int:
@@ -103,19 +111,21 @@ def main(argv: list[str] | None = None) -> int:
             meters_per_block=a.meters_per_block,
         )
         t2 = time.perf_counter()
+        time.sleep(2 * mem.period_s)  # a last sample of the workers' CPU time
+        cpu_s = mem.cpu_s
         if client is not None:
             client.close()
             cluster.close()
     samples = res.n_meters * res.n_time
     print(
         "| meters | days | samples | workers | output | generate [s] | cluster start [s] | "
-        "samples/s | peak RSS [GiB] | on disk [GiB] |"
+        "samples/s | CPU [s] | CPU per meter [us] | peak RSS [GiB] | on disk [GiB] |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     kind = "store" if a.store_only else ("readings+store" if a.store else "readings")
     print(
         f"| {res.n_meters:,} | {a.days:g} | {samples:,} | {a.workers or 'none'} | {kind} | {t2 - t1:.1f} | "
-        f"{t1 - t0:.1f} | {samples / (t2 - t1):,.0f} | {mem.peak / 2**30:.2f} | {_size(out) / 2**30:.2f} |"
+        f"{t1 - t0:.1f} | {samples / (t2 - t1):,.0f} | {cpu_s:.0f} | {cpu_s / res.n_meters * 1e6:.0f} | {mem.peak / 2**30:.2f} | {_size(out) / 2**30:.2f} |"
     )
     print(f"feeders {res.n_feeders}, substations {res.n_substations}, transformers {res.n_transformers}")
     if not a.keep and a.out is None:

@@ -430,6 +430,30 @@ class _Sink:
             self.writer.close()
 
 
+def _block_tables(
+    subs: list[tuple[int, list[tuple[int, int]]]], params: dict
+) -> dict[str, pd.DataFrame]:
+    """Meters (GIS view and truth) and transformers of a block's feeders, from topology and GIS only.
+
+    Cheap next to the simulation (no time series); what the store is created from before the blocks run.
+    """
+    meters, xfs = [], []
+    for _, feeders in subs:
+        for fidx, n_m in feeders:
+            top = build_feeder_topology(_rng(params["seed"], _S_FEEDER, fidx), _feeder_id(fidx), n_m)
+            m, x, _ = _tables(
+                top,
+                _feeder_id(fidx),
+                params["seed"],
+                fidx,
+                params["phase_error_rate"],
+                params["transformer_error_rate"],
+            )
+            meters.append(m)
+            xfs.append(x)
+    return {"meters": pd.concat(meters, ignore_index=True), "transformers": pd.concat(xfs, ignore_index=True)}
+
+
 def _run_block(
     block: int,
     subs: list[tuple[int, list[tuple[int, int]]]],
@@ -439,14 +463,21 @@ def _run_block(
     store: dict | None,
     sink: _Sink | None = None,
 ) -> dict[str, Any]:
-    """One Dask task: simulate some substations, write their readings part file, return the tables.
+    """One Dask task: simulate some substations, write their readings part file and store rows.
 
     With a store, rows of the block that fill whole storage chunks are written here; the rows in the
-    partial chunks at the block's two edges are returned (``edges``) for the caller to write one after
-    another, since Zarr read-modify-writes partial chunks and concurrent tasks would race on them.
+    partial chunks at the block's two edges are returned encoded (``edges``) for the caller to write once
+    both neighbours are in, since two tasks writing one chunk would race.
+
+    Returns
+    -------
+    dict
+        ``references``: list of ``(feeder_id, ndarray shape (3, n_time) float32 [V])`` in block order;
+        ``edges``: list of ``(row0, row1, {variable: encoded rows})``.
     """
     region = _region(params["seed"], grid)
-    meters, truth, xfs, refs, edges = [], [], [], [], []
+    refs: list[tuple[str, np.ndarray]] = []
+    rows = None
     if store is not None:
         fids = [_feeder_id(f) for _, feeders in subs for f, _ in feeders]
         b0 = store["offsets"][fids[0]]
@@ -455,58 +486,160 @@ def _run_block(
         in0, in1 = -(-b0 // c) * c, (b1 // c) * c
         if in1 <= in0:
             in0 = in1 = b1
+        rows = _StoreRows(store["path"], in0, in1)
     path = None if parts_dir is None else Path(parts_dir) / f"part-{block:05d}.parquet"
-    if sink is None and path is not None:
+    own_sink = sink is None and path is not None
+    if own_sink:
         sink = _Sink(path)
-        own_sink = True
-    else:
-        own_sink = False
     for sub_index, feeders in subs:
         for sim in simulate_substation(sub_index, feeders, grid, region=region, **params):
-            meters.append(sim.meters)
-            truth.append(sim.truth)
-            xfs.append(sim.transformers)
-            r = sim.references
-            refs.append(
-                pd.DataFrame(
-                    {
-                        "feeder_id": sim.feeder_id,
-                        "phase": np.repeat(r.index.to_numpy(), grid.n_time),
-                        "timestamp": np.tile(grid.times, 3),
-                        "voltage_v": r.to_numpy().ravel(),
-                    }
-                )
-            )
+            refs.append((sim.feeder_id, sim.references.to_numpy(np.float32)))
             if sink is not None:
                 sink.write(_readings_table(sim))
-            if store is not None:
-                edges += _write_store_rows(store["path"], sim, store["offsets"][sim.feeder_id], in0, in1)
+            if rows is not None:
+                rows.add(store["offsets"][sim.feeder_id], {"voltage": sim.measured, "kw": sim.kw})
             del sim
     if own_sink:
         sink.close()
-    return {
-        "meters": pd.concat(meters, ignore_index=True),
-        "truth": pd.concat(truth, ignore_index=True),
-        "transformers": pd.concat(xfs, ignore_index=True),
-        "references": pd.concat(refs, ignore_index=True),
-        "edges": edges,
-    }
+    return {"references": refs, "edges": rows.close() if rows is not None else []}
 
 
-def _write_store_rows(store: str, sim: FeederSimulation, lo: int, in0: int, in1: int) -> list:
-    """Write the feeder's rows inside ``[in0, in1)`` (whole storage chunks); return the others."""
-    from ..store import write_meter_block
+def _store_arrays(path: Path, variables: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+    """``{variable: (zarr array, ChunkCodec or None)}`` of a store's (meter, time) arrays."""
+    import zarr
 
-    hi = lo + len(sim.meters)
-    arrays = {"voltage": sim.measured, "kw": sim.kw}
-    a, b = max(lo, in0), min(hi, in1)
-    if a < b:
-        write_meter_block(store, a, b, {k: v[a - lo : b - lo] for k, v in arrays.items()})
-    out = []
-    for r0, r1 in ((lo, min(hi, in0)), (max(lo, in1), hi)):
-        if r0 < r1:
-            out.append((r0, r1, {k: v[r0 - lo : r1 - lo].copy() for k, v in arrays.items()}))
-    return out
+    from ..store import ChunkCodec
+
+    group = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    return {v: (group[v], ChunkCodec.of(group[v])) for v in variables}
+
+
+def _encode_rows(name: str, arr: Any, values: np.ndarray) -> np.ndarray:
+    """Decoded rows [V], [kW] (NaN = missing) in the array's stored dtype."""
+    from ..store import encode_voltage
+
+    if name == "voltage" and arr.dtype == np.int16:
+        return encode_voltage(values, "int16_decivolt")
+    return values.astype(arr.dtype, copy=False)
+
+
+def _write_whole_chunks(path: Path, name: str, arr: Any, codec: Any, row0: int, rows: np.ndarray) -> None:
+    """Write encoded rows ``[row0, row0 + len(rows))``, whole storage chunks along ``meter`` (the last one
+    may stop at the array's end), straight to their chunk files: the bytes Zarr writes for them, each
+    chunk padded with the fill value beyond the array's shape."""
+    from ..store import _write_file
+
+    c0, c1 = arr.chunks
+    if codec is None:  # another codec chain: through Zarr
+        import zarr
+
+        target = zarr.open_array(str(path / name), mode="r+", config={"write_empty_chunks": True})
+        target[row0 : row0 + len(rows), :] = rows
+        return
+    buf = np.empty(arr.chunks, dtype=arr.dtype)
+    for i in range(0, len(rows), c0):
+        block = rows[i : i + c0]
+        for j in range(arr.cdata_shape[1]):
+            part = block[:, j * c1 : (j + 1) * c1]
+            if part.shape != buf.shape:
+                buf.fill(arr.fill_value)
+            buf[: part.shape[0], : part.shape[1]] = part
+            key = arr.metadata.encode_chunk_key(((row0 + i) // c0, j))
+            _write_file(path / name / key, codec.encode(buf))
+
+
+class _StoreRows:
+    """Rows of one block, written to the store as whole storage chunks straight to their chunk files.
+
+    Feeders arrive in store order. Rows inside ``[in0, in1)`` (whole storage chunks along ``meter``) are
+    encoded to the stored dtype, buffered until a chunk is complete, then compressed and written (see
+    :func:`_write_whole_chunks`); rows outside it are kept, encoded, as ``edges`` for the client
+    (:class:`_EdgeChunks`).
+    """
+
+    def __init__(self, path: str, in0: int, in1: int, variables: tuple[str, ...] = ("voltage", "kw")) -> None:
+        self.path = Path(path)
+        self.in0, self.in1 = in0, in1
+        self.arrays = _store_arrays(self.path, variables)
+        self.chunk = int(next(iter(self.arrays.values()))[0].chunks[0])
+        self.pending: dict[str, list[np.ndarray]] = {v: [] for v in variables}
+        self.next_row = in0  # first row not yet written
+        self.n_pending = 0
+        self.edges: list[tuple[int, int, dict[str, np.ndarray]]] = []
+
+    def add(self, lo: int, arrays: dict[str, np.ndarray]) -> None:
+        """Rows ``[lo, lo + n)`` in store order: ``voltage`` [V] and ``kw`` [kW], decoded (NaN = missing)."""
+        hi = lo + len(next(iter(arrays.values())))
+        for r0, r1 in ((lo, min(hi, self.in0)), (max(lo, self.in1), hi)):
+            if r0 < r1:
+                self.edges.append(
+                    (r0, r1, {k: _encode_rows(k, self.arrays[k][0], v[r0 - lo : r1 - lo]).copy()
+                              for k, v in arrays.items()})
+                )
+        a, b = max(lo, self.in0), min(hi, self.in1)
+        if a >= b:
+            return
+        if a != self.next_row + self.n_pending:
+            raise ValueError(f"rows [{a}, {b}) do not follow row {self.next_row + self.n_pending}")
+        for k, v in arrays.items():
+            self.pending[k].append(_encode_rows(k, self.arrays[k][0], v[a - lo : b - lo]))
+        self.n_pending += b - a
+        if self.n_pending >= self.chunk:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        n_whole = self.n_pending if final else (self.n_pending // self.chunk) * self.chunk
+        if n_whole == 0:
+            return
+        for k, parts in self.pending.items():
+            rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            arr, codec = self.arrays[k]
+            _write_whole_chunks(self.path, k, arr, codec, self.next_row, rows[:n_whole])
+            self.pending[k] = [rows[n_whole:]] if n_whole < len(rows) else []
+        self.next_row += n_whole
+        self.n_pending -= n_whole
+
+    def close(self) -> list[tuple[int, int, dict[str, np.ndarray]]]:
+        """Write what is left inside ``[in0, in1)``; return the edge rows (encoded)."""
+        if self.n_pending:
+            self._flush(final=True)
+        if self.in0 < self.in1 and self.next_row != self.in1:
+            raise ValueError(f"block rows [{self.in0}, {self.in1}) stopped at row {self.next_row}")
+        return self.edges
+
+
+class _EdgeChunks:
+    """The client's side of the block edges: encoded rows collected per storage chunk, each chunk written
+    as soon as all its rows are in, so at most the chunks of unfinished neighbours are held."""
+
+    def __init__(self, path: str, variables: tuple[str, ...] = ("voltage", "kw")) -> None:
+        self.path = Path(path)
+        self.arrays = _store_arrays(self.path, variables)
+        arr = next(iter(self.arrays.values()))[0]
+        self.chunk, self.n_rows = int(arr.chunks[0]), int(arr.shape[0])
+        self.parts: dict[int, list[tuple[int, int, dict[str, np.ndarray]]]] = {}
+
+    def add(self, edges: list[tuple[int, int, dict[str, np.ndarray]]]) -> None:
+        c = self.chunk
+        for r0, r1, arrays in edges:
+            for k in range(r0 // c, -(-r1 // c)):
+                a, b = max(r0, k * c), min(r1, (k + 1) * c)
+                self.parts.setdefault(k, []).append((a, b, {v: x[a - r0 : b - r0] for v, x in arrays.items()}))
+                self._write_if_complete(k)
+
+    def _write_if_complete(self, k: int) -> None:
+        c = self.chunk
+        parts = sorted(self.parts[k], key=lambda e: e[0])
+        if sum(b - a for a, b, _ in parts) < min(c, self.n_rows - k * c):
+            return
+        for v, (arr, codec) in self.arrays.items():
+            rows = np.concatenate([x[v] for _, _, x in parts])
+            _write_whole_chunks(self.path, v, arr, codec, k * c, rows)
+        del self.parts[k]
+
+    def close(self) -> None:
+        if self.parts:
+            raise ValueError(f"storage chunks {sorted(self.parts)[:5]} along 'meter' were left incomplete")
 
 
 @dataclass
@@ -599,7 +732,6 @@ def generate_utility(
     -------
     SynthResult
     """
-    import dask
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -635,8 +767,19 @@ def generate_utility(
     direct = write_readings and layout == "file" and client is None
     if write_readings and not direct:
         parts_dir.mkdir(parents=True, exist_ok=True)
+    # Step 1: the meter and transformer tables (topology and GIS only), block by block on the cluster.
+    if client is not None:
+        tabs = client.gather(client.map(_block_tables, [[s for s in blk] for blk in blocks],
+                                        params=params, pure=False))
+    else:
+        tabs = [_block_tables(blk, params) for blk in blocks]
+    meters = pd.concat([t["meters"] for t in tabs], ignore_index=True)
+    xfs = pd.concat([t["transformers"] for t in tabs], ignore_index=True)
+    del tabs
+    truth = truth_table(meters, meters["feeder_id"])
     store_path = None
     store_info = None
+    edge_chunks = None
     if store is not None:
         store_path = str(store)
         lossless_decivolt = (
@@ -645,39 +788,42 @@ def generate_utility(
             and abs(measurement.resolution_v / 0.1 - round(measurement.resolution_v / 0.1)) < 1e-9
         )
         store_info = _initialize_store(
-            store_path, grid, subs, params, "int16_decivolt" if lossless_decivolt else "float32"
+            store_path, grid, meters.drop(columns=["true_transformer_id", "true_phase"]), xfs,
+            "int16_decivolt" if lossless_decivolt else "float32",
         )
+        edge_chunks = _EdgeChunks(store_path)
+    # Step 2: simulate and write each block; edges and references are taken in as blocks finish.
+    refs_by_block: dict[int, list[tuple[str, np.ndarray]]] = {}
+
+    def take(b: int, res: dict[str, Any]) -> None:
+        refs_by_block[b] = res["references"]
+        if edge_chunks is not None:
+            edge_chunks.add(res["edges"])
+
     if client is not None:
-        tasks = [
-            dask.delayed(_run_block, pure=False)(
-                b, blk, grid, params, None if parts_dir is None else str(parts_dir), store_info
-            )
+        from distributed import as_completed
+
+        futures = {
+            client.submit(_run_block, b, blk, grid, params, None if parts_dir is None else str(parts_dir),
+                          store_info, pure=False): b
             for b, blk in enumerate(blocks)
-        ]
-        results = client.gather(client.compute(tasks))
+        }
+        for fut in as_completed(list(futures)):
+            take(futures[fut], fut.result())
+            fut.release()
     else:
         sink = _Sink(readings) if direct else None
-        results = [
-            _run_block(
-                b,
-                blk,
-                grid,
-                params,
-                None if (parts_dir is None or direct) else str(parts_dir),
-                store_info,
-                sink,
-            )
-            for b, blk in enumerate(blocks)
-        ]
+        for b, blk in enumerate(blocks):
+            take(b, _run_block(b, blk, grid, params, None if (parts_dir is None or direct) else str(parts_dir),
+                               store_info, sink))
         if sink is not None:
             sink.close()
-    meters = pd.concat([r["meters"] for r in results], ignore_index=True)
-    truth = pd.concat([r["truth"] for r in results], ignore_index=True)
-    xfs = pd.concat([r["transformers"] for r in results], ignore_index=True)
-    refs = pd.concat([r["references"] for r in results], ignore_index=True)
+    ref_ids = [fid for b in sorted(refs_by_block) for fid, _ in refs_by_block[b]]
+    ref_values = np.stack([v for b in sorted(refs_by_block) for _, v in refs_by_block[b]])  # (n_feeders, 3, T)
+    refs_by_block.clear()
     if store_info is not None:
-        _finish_store(store_path, [e for r in results for e in r["edges"]], refs, grid)
-    del results
+        edge_chunks.close()
+        _finish_store(store_path, ref_ids, ref_values, grid)
 
     paths = {
         "meters": out / "meters.csv",
@@ -688,14 +834,13 @@ def generate_utility(
     meters.drop(columns=["true_transformer_id", "true_phase"]).to_csv(paths["meters"], index=False)
     truth.to_csv(paths["truth"], index=False)
     xfs.to_csv(paths["transformers"], index=False)
+    n_f, n_t = len(ref_ids), grid.n_time
     ref_tab = pa.table(
         {
-            "feeder_id": pa.array(refs.feeder_id.to_numpy(), pa.string()),
-            "phase": pa.array(refs.phase.to_numpy(), pa.string()),
-            "timestamp": pa.array(
-                refs.timestamp.dt.as_unit("us").astype("int64").to_numpy(), pa.timestamp("us", tz="UTC")
-            ),
-            "voltage_v": pa.array(refs.voltage_v.to_numpy(np.float32), pa.float32()),
+            "feeder_id": pa.array(np.repeat(np.array(ref_ids, dtype=object), 3 * n_t), pa.string()),
+            "phase": pa.array(np.tile(np.repeat(np.array(list("ABC"), dtype=object), n_t), n_f), pa.string()),
+            "timestamp": pa.array(np.tile(grid.times.as_unit("us").asi8, 3 * n_f), pa.timestamp("us", tz="UTC")),
+            "voltage_v": pa.array(ref_values.reshape(-1), pa.float32()),
         }
     )
     pq.write_table(ref_tab, paths["references"], compression="zstd", store_schema=False)
@@ -737,32 +882,18 @@ def _merge_parts(parts_dir: Path, dest: Path) -> None:
 
 
 def _initialize_store(
-    store: str, grid: TimeGrid, subs, params: dict, voltage_encoding: str
+    store: str, grid: TimeGrid, meters: pd.DataFrame, transformers: pd.DataFrame, voltage_encoding: str
 ) -> dict[str, Any]:
-    """Create the store from the meter tables (topology and GIS only: cheap) before the blocks run.
+    """Create the store from the meter and transformer tables before the blocks run.
 
     Voltage is stored as int16 deci-volts when the meters' resolution is a multiple of 0.1 V (lossless),
     else float32; the store holds ``voltage`` and ``kw`` (kvar stays in the readings file).
 
-    Returns the row offset and size of each feeder in store order and the storage chunk along ``meter``.
+    Returns the store path, the row offset and size of each feeder in store order and the storage chunk
+    along ``meter``.
     """
     from ..store import initialize_store
 
-    meters, xfs = [], []
-    for _, feeders in subs:
-        for fidx, n_m in feeders:
-            top = build_feeder_topology(_rng(params["seed"], _S_FEEDER, fidx), _feeder_id(fidx), n_m)
-            m, x, _ = _tables(
-                top,
-                _feeder_id(fidx),
-                params["seed"],
-                fidx,
-                params["phase_error_rate"],
-                params["transformer_error_rate"],
-            )
-            meters.append(m.drop(columns=["true_transformer_id", "true_phase"]))
-            xfs.append(x)
-    meters = pd.concat(meters, ignore_index=True)
     fids = sorted(meters.feeder_id.unique())
     # Reference rows are created empty (one NaN read per feeder and phase) and filled after the run.
     refs = pd.DataFrame(
@@ -778,13 +909,12 @@ def _initialize_store(
         meters,
         grid.times,
         interval_s=int(grid.interval_s),
-        transformers=pd.concat(xfs, ignore_index=True),
+        transformers=transformers,
         references=refs,
         variables=("voltage", "kw"),
         voltage_encoding=voltage_encoding,
         overwrite=True,
     )
-    del xfs
     import zarr
 
     chunk = int(zarr.open_group(store, mode="r")["voltage"].chunks[0])
@@ -798,27 +928,25 @@ def _initialize_store(
     }
 
 
-def _finish_store(store: str, edges: list, refs: pd.DataFrame, grid: TimeGrid) -> None:
-    """Write the block-edge rows one after another, the references and the per-meter sampling stats."""
+def _finish_store(store: str, feeder_ids: list[str], references: np.ndarray, grid: TimeGrid) -> None:
+    """Write the references, shape (n_feeders, 3, n_time) [V], and the per-meter sampling statistics."""
     import zarr
 
-    from ..store import write_meter_block
-
-    for r0, r1, arrays in sorted(edges, key=lambda e: e[0]):
-        write_meter_block(store, r0, r1, arrays)
     group = zarr.open_group(store, mode="a")
-    keys = pd.Index([str(k) for k in group["reference"][:]])
-    wide = refs.assign(key=refs.feeder_id + "/" + refs.phase).pivot(
-        index="key", columns="timestamp", values="voltage_v"
-    )
-    group["reference_voltage"][:] = wide.reindex(keys).to_numpy(np.float32)
+    keys = [str(k) for k in group["reference"][:]]
+    row = {f"{fid}/{ph}": (i, j) for i, fid in enumerate(feeder_ids) for j, ph in enumerate("ABC")}
+    wide = np.full((len(keys), grid.n_time), np.nan, np.float32)
+    for r, key in enumerate(keys):
+        if key in row:
+            wide[r] = references[row[key]]
+    group["reference_voltage"][:] = wide
     # Every read of a generated meter falls on the grid.
     n = group["sampling_interval_s"].shape[0]
     group["sampling_interval_s"][:] = np.full(n, grid.interval_s)
     group["off_grid_fraction"][:] = np.zeros(n)
 
 
-def truth_table(meters: pd.DataFrame, feeder_id: str) -> pd.DataFrame:
+def truth_table(meters: pd.DataFrame, feeder_id: str | pd.Series) -> pd.DataFrame:
     """``truth.csv`` rows of a feeder's meters (``true_phase``, ``true_transformer_id`` beside the GIS view)."""
     return pd.DataFrame(
         {

@@ -22,11 +22,25 @@ __all__ = ["ar1_filter", "customer_loads", "weather_temperature"]
 
 
 def ar1_filter(e: np.ndarray, phi: float) -> np.ndarray:
-    """``x[..., t] = phi * x[..., t-1] + e[..., t]`` along the last axis (in place on a copy).
+    """``x[..., t] = phi * x[..., t-1] + e[..., t]`` along the last axis (a new array, dtype of ``e``).
 
-    A loop over time, vectorised over rows: cheap for the (n_rows, n_time) shapes used here and free of
-    the slow ``scipy.signal`` import.
+    A loop over time, vectorised over rows. Rows are first laid out time-major, so each step reads and
+    writes one contiguous row of ``n_rows`` values instead of a strided column (the same arithmetic, in the
+    same order, as :func:`_ar1_filter_reference`).
     """
+    e = np.asarray(e)
+    if e.ndim < 2:
+        return _ar1_filter_reference(e, phi)
+    xt = np.ascontiguousarray(np.moveaxis(e, -1, 0))  # (n_time, ...), a copy
+    tmp = np.empty(xt.shape[1:], np.result_type(xt, phi))  # the promoted type NumPy computes ``phi * x`` in
+    for t in range(1, xt.shape[0]):
+        np.multiply(xt[t - 1], phi, out=tmp)
+        xt[t] += tmp
+    return np.ascontiguousarray(np.moveaxis(xt, 0, -1))
+
+
+def _ar1_filter_reference(e: np.ndarray, phi: float) -> np.ndarray:
+    """Plain form of :func:`ar1_filter` (one strided column per step), kept to test the fast one against."""
     x = np.array(e, copy=True)
     for t in range(1, x.shape[-1]):
         x[..., t] += phi * x[..., t - 1]

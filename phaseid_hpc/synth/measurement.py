@@ -156,9 +156,15 @@ def apply_measurement_model(
         hit = rng.random(n_m) < model.clock_offset_fraction
         offsets[hit] = rng.uniform(-model.clock_offset_max_s, model.clock_offset_max_s, hit.sum())
         v = _shift(v, offsets / interval_s)
-    out = v * (1.0 + model.sigma * rng.standard_normal((n_m, n_t)))
+    # v * (1 + sigma * z), then rounded to the resolution: in place on the noise array (one buffer).
+    out = rng.standard_normal((n_m, n_t))
+    out *= model.sigma
+    out += 1.0
+    out *= v
     if model.resolution_v > 0:
-        out = np.round(out / model.resolution_v) * model.resolution_v
+        out /= model.resolution_v
+        np.rint(out, out=out)
+        out *= model.resolution_v
     if model.missing_fraction > 0:
         rate = _missing_rate(model, n_m, distance_m)
         mask = rng.random((n_m, n_t)) < (rate / 2)[:, None]

@@ -70,10 +70,58 @@ def _aggregation(top: FeederTopology, n_m: int):
     n_x = len(top.xfmr_kva)
     w = meter_phase_weights(top.meter_phase)
     mx = top.meter_xfmr
-    rows, cols = np.nonzero(w.T)
-    m2xp = sp.csr_matrix((w.T[rows, cols], (rows * n_x + mx[cols], cols)), shape=(3 * n_x, n_m))
+    m2xp = _meter_to_transformer_phase(w, mx, n_x)
     x2n = sp.csr_matrix((np.ones(n_x), (top.xfmr_node, np.arange(n_x))), shape=(len(top.node_parent), n_x))
     return w, mx, m2xp, x2n, _path_matrix(top.node_parent)
+
+
+def _meter_to_transformer_phase(w: np.ndarray, mx: np.ndarray, n_x: int) -> sp.csr_matrix:
+    """Sparse (3 * n_x, n_m) sum of each phase's share of a transformer's meters (row ``p * n_x + t``)."""
+    rows, cols = np.nonzero(w.T)
+    return sp.csr_matrix((w.T[rows, cols], (rows * n_x + mx[cols], cols)), shape=(3 * n_x, len(mx)))
+
+
+def subtree_sums(parent: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """Through-flow of the section into each node: the sum of ``load`` over the node's subtree.
+
+    Equal to ``D.T @ load`` with ``D`` the path matrix (:func:`_path_matrix`), node 0 (the bus) included
+    as the sum of everything, in ``O(n_nodes)`` row additions instead of ``O(n_nodes * depth)``.
+
+    Parameters
+    ----------
+    parent : ndarray, shape (n_nodes,), int
+        Parent of each node, ``-1`` for node 0; nodes in topological order (``parent[k] < k``).
+    load : ndarray, shape (n_nodes, ...)
+        Quantity injected at each node. Summed in place (the array is returned).
+
+    Returns
+    -------
+    ndarray, shape (n_nodes, ...)
+    """
+    for k in range(len(parent) - 1, 0, -1):
+        load[parent[k]] += load[k]
+    return load
+
+
+def path_sums(parent: np.ndarray, section: np.ndarray) -> np.ndarray:
+    """Cumulative sum of ``section`` along the path from the bus to each node (``D @ section``).
+
+    Parameters
+    ----------
+    parent : ndarray, shape (n_nodes,), int
+        As in :func:`subtree_sums`.
+    section : ndarray, shape (n_nodes, ...)
+        Quantity of the section into each node (row 0, the bus, is ignored). Summed in place.
+
+    Returns
+    -------
+    ndarray, shape (n_nodes, ...)
+        Row 0 is zero.
+    """
+    section[0] = 0.0
+    for k in range(1, len(parent)):
+        section[k] += section[parent[k]]
+    return section
 
 
 def _path_matrix(parent: np.ndarray) -> sp.csr_matrix:
@@ -151,22 +199,34 @@ def feeder_drops(
     feeder_p, feeder_q : ndarray, shape (3, n_time)
         Per-phase load at the feeder head [kW], [kvar].
     """
-    n_m, n_t = kw.shape
+    n_t = kw.shape[1]
     n_x = len(top.xfmr_kva)
     n_nodes = len(top.node_parent)
-    w, mx, m2xp, x2n, d = _aggregation(top, n_m)
-    dt_x2n = (d.T @ x2n).tocsr()  # transformer load -> section through-flow
+    w = meter_phase_weights(top.meter_phase)
+    mx = top.meter_xfmr
+    # float32 throughout, like the loads and the stored data: the drops are a few percent of nominal, so
+    # float32's 6e-8 relative rounding is far below a meter's resolution.
+    f32 = np.float32
+    m2xp = _meter_to_transformer_phase(w, mx, n_x).astype(f32)
     kp, kq = _section_sensitivity(top)
-    xp = (m2xp @ kw).reshape(3, n_x, n_t)  # per-phase transformer load [kW]
-    xq = (m2xp @ kvar).reshape(3, n_x, n_t)
-    flow_p = [dt_x2n @ xp[p] for p in range(3)]  # section through-flow (n_nodes, T) [kW]
-    flow_q = [dt_x2n @ xq[p] for p in range(3)]
-    scale = 1000.0 / V_LN_MV**2  # kW*ohm -> pu
-    x_node = top.xfmr_node
-    at_x = sp.csr_matrix((np.ones(n_x), (np.arange(n_x), x_node)), shape=(n_x, n_nodes)) @ d
+    xp = (m2xp @ kw.astype(f32, copy=False)).reshape(3, n_x, n_t)  # per-phase transformer load [kW]
+    xq = (m2xp @ kvar.astype(f32, copy=False)).reshape(3, n_x, n_t)
+    # Load at each node, (n_nodes, 6, T): P on phases A, B, C then Q on A, B, C [kW], [kvar]; the
+    # section through-flow into each node is the sum over its subtree (D.T @ load).
+    x2n = sp.csr_matrix((np.ones(n_x, f32), (top.xfmr_node, np.arange(n_x))), shape=(n_nodes, n_x))
+    node_load = np.empty((n_nodes, 6, n_t), f32)
+    for j, x_load in enumerate((*xp, *xq)):
+        node_load[:, j] = x2n @ x_load
+    flow = subtree_sums(top.node_parent, node_load)
     head = top.node_parent == 0
-    feeder_p = np.stack([flow_p[p][head].sum(axis=0) for p in range(3)])
-    feeder_q = np.stack([flow_q[p][head].sum(axis=0) for p in range(3)])
+    feeder_p = flow[head, :3].sum(axis=0)
+    feeder_q = flow[head, 3:].sum(axis=0)
+    # Drop of each section [pu], (n_nodes, 3, T): sum_q KP[p, q] P_q + KQ[p, q] Q_q; cumulated from the
+    # head down to each node (D @ drop).
+    sec = np.matmul(np.concatenate([kp, kq], axis=2).astype(f32) * f32(1000.0 / V_LN_MV**2), flow)  # [pu]
+    del flow
+    node_drop = path_sums(top.node_parent, sec)
+    del sec
 
     # Transformer series impedance [pu of rating]; banks are per phase on a third of the rating.
     bank = top.xfmr_phase == "ABC"
@@ -174,17 +234,15 @@ def feeder_drops(
     x_t = np.where(bank, rng.uniform(0.025, 0.045, n_x), rng.uniform(0.012, 0.024, n_x))
     s_phase = np.where(bank, top.xfmr_kva / 3, top.xfmr_kva)
     tot = np.empty((3, n_x, n_t), dtype=np.float32)  # drop at each transformer secondary [pu]
+    at_x = node_drop[top.xfmr_node]  # MV drop at each transformer's node, (n_x, 3, T) [pu]
+    del node_drop
+    tap, r_x, x_x = (top.xfmr_tap.astype(f32)[:, None], (r_t / s_phase).astype(f32)[:, None],
+                     (x_t / s_phase).astype(f32)[:, None])
     for p in range(3):
-        sec = kp[:, p, 0, None] * flow_p[0]
-        for q in range(3):
-            if q:
-                sec += kp[:, p, q, None] * flow_p[q]
-            sec += kq[:, p, q, None] * flow_q[q]
-        sec *= scale
-        tot[p] = at_x @ sec  # MV drop at the transformer's node [pu]
-        tot[p] *= top.xfmr_tap[:, None]
-        tot[p] += (r_t[:, None] * xp[p] + x_t[:, None] * xq[p]) / s_phase[:, None]
-    del flow_p, flow_q
+        np.multiply(at_x[:, p], tap, out=tot[p])
+        tot[p] += r_x * xp[p]
+        tot[p] += x_x * xq[p]
+    del at_x
     nom = top.meter_nominal_v.astype(np.float32)
     one = w.max(axis=1) == 1.0
     ph = w.argmax(axis=1)
@@ -197,11 +255,12 @@ def feeder_drops(
     # Shared secondary main (single-phase transformers) and own service drop [V]: (R P + X Q) / V,
     # the current per conductor being P / V for 240 V and 208 V services and P / (3 * 120) for 3ph-208Y.
     v_sec = np.where(nom > 200, nom, 3 * nom)
-    sec_main = xp.sum(axis=0) + 0.3 * xq.sum(axis=0)
-    sec_main *= (top.xfmr_sec_ohm * 1000.0)[:, None]
-    serv = kvar * np.float32(0.3)
+    sec_main = xp.sum(axis=0)
+    sec_main += f32(0.3) * xq.sum(axis=0)
+    sec_main *= (top.xfmr_sec_ohm * 1000.0).astype(f32)[:, None]
+    serv = kvar * f32(0.3)
     serv += kw
-    serv *= (top.meter_service_ohm * 1000.0).astype(np.float32)[:, None]
+    serv *= (top.meter_service_ohm * 1000.0).astype(f32)[:, None]
     serv += sec_main[mx]
     serv /= v_sec[:, None]
     drop += serv
