@@ -66,7 +66,8 @@ def _renamed_option(parser: argparse.ArgumentParser, new: str, old: str, *, requ
                         default=argparse.SUPPRESS, metavar=kwargs.get("metavar", dest.upper()),
                         help=f"deprecated spelling of {new}")
     if required:
-        parser.set_defaults(_required_options=[*(parser.get_default("_required_options") or []), (dest, new, old)])
+        parser.set_defaults(_required_options=[*(parser.get_default("_required_options") or []), (dest, new, old)],
+                            _subparser=parser)
 
 
 def _non_negative_int(text: str) -> int:
@@ -416,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [f"{new} (or its old spelling {old})" for dest, new, old in getattr(args, "_required_options", [])
                if getattr(args, dest, None) is None]
     if missing:
-        parser.error(f"{args.command}: the following arguments are required: {', '.join(missing)}")
+        getattr(args, "_subparser", parser).error(f"the following arguments are required: {', '.join(missing)}")
     try:
         return int(args.func(args) or 0)
     except PhaseIDError as exc:
