@@ -160,6 +160,27 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_capacity(args: argparse.Namespace) -> int:
+    from .capacity import run_capacity
+    from .cluster import get_client
+    from .config import load_config
+
+    cfg = load_config(_config_path(args.config))
+    kwargs = {"n_meters": args.n_meters, "days": args.days, "interval": args.interval, "seed": args.seed,
+              "config": cfg}
+    if args.workers == 0:
+        s = run_capacity(args.out, **kwargs)
+    else:
+        with get_client(_cluster_spec(args)) as client:
+            s = run_capacity(args.out, client=client, **kwargs)
+    p = s.score["phase"]
+    print(f"{s.n_meters:,} meters x {s.n_time} samples in {s.n_blocks} blocks: {s.wall_s:.1f} s "
+          f"({s.per_meter_us:.0f} us per meter; blocks {s.blocks_wall_s:.1f} s, consolidation "
+          f"{s.consolidate_s:.1f} s), client peak {s.client_peak_rss / 2**30:.2f} GiB; phase accuracy "
+          f"{100 * (p['accuracy'] or 0):.2f}% (GIS {100 * (p['gis_accuracy'] or 0):.2f}%); results in {s.out_dir}")
+    return 0
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from .config import load_config
     from .ingest import ingest_files
@@ -312,6 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
         "lv_european, single_meter_transformers, regulators_pv), noise-free; uses --out, --days, --seed",
     )
     s.set_defaults(func=_cmd_synth)
+
+    s = command("capacity", "capacity test: generate each block on its worker and run the job on it, nothing stored",
+                "phaseid capacity --n-meters 1000000 --days 30 --out capacity/ --workers 2")
+    _renamed_option(s, "--n-meters", "--meters", type=_positive_int, default=100_000,
+                    help="number of meters to generate")
+    s.add_argument("--days", type=_positive_float, default=30, help="length of the record [days]")
+    s.add_argument("--interval", default="15min", help="reading interval (pandas offset: 5min, 15min, 1h)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    s.add_argument("--out", required=True, help="results folder (meters.parquet, transformers.parquet)")
+    s.add_argument("--config", default=None, help="run config (TOML/YAML); [job] block_bytes sets the blocks")
+    s.add_argument("--workers", type=_non_negative_int, default=None,
+                   help="LocalCluster workers (default: one per core; 0 = run in this process)")
+    s.add_argument("--scheduler", default=None, help="join an existing Dask scheduler (tcp://host:port)")
+    s.add_argument("--cluster-config", default=None, help="deployment config (as for 'phaseid run')")
+    s.set_defaults(func=_cmd_capacity)
 
     s = command("ingest", "build or extend a Zarr store from contract files",
                 "phaseid ingest --readings export/readings*.parquet --meters export/meters.csv \\\n"

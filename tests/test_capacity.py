@@ -24,7 +24,7 @@ def test_capacity_equals_the_job_on_the_generated_store(tmp_path):
     from phaseid_hpc.pipeline import run_job
     from phaseid_hpc.synth import generate_utility
 
-    kw = dict(n_meters=420, days=5, seed=11, feeder_meters=(100, 160))
+    kw = {"n_meters": 420, "days": 5, "seed": 11, "feeder_meters": (100, 160)}
     cfg = _one_block_per_substation()
     generate_utility(tmp_path / "export", write_readings=False, store=tmp_path / "store.zarr", **kw)
     run_job(tmp_path / "store.zarr", tmp_path / "job", config=cfg, report=False)
@@ -102,3 +102,13 @@ def test_capacity_rejects_an_empty_utility(tmp_path: Path):
 
     with pytest.raises(PhaseIDError, match="n_meters"):
         run_capacity(tmp_path / "c", n_meters=0)
+
+
+def test_cli_capacity_prints_the_figures(tmp_path, capsys):
+    from phaseid_hpc.cli import main
+
+    assert main(["capacity", "--n-meters", "150", "--days", "1", "--out", str(tmp_path / "c"),
+                 "--workers", "0", "--seed", "2"]) == 0
+    line = capsys.readouterr().out
+    assert "150 meters x 96 samples" in line and "us per meter" in line and "phase accuracy" in line
+    assert pq.read_metadata(tmp_path / "c" / "meters.parquet").num_rows == 150
