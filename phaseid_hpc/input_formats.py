@@ -257,6 +257,10 @@ def channel_columns(channel_map: Mapping[str, str]) -> list[str]:
     return ["voltage_v"] + [c for c in contract.READINGS_OPTIONAL if c in mapped]
 
 
+#: Wide columns of the channel layout, in output order.
+_COLUMNS: tuple[str, ...] = ("voltage_v", "kw", "kvar")
+
+
 @dataclass
 class ChannelPivot:
     """The wide rows of one channel export and what the pivot did."""
@@ -292,14 +296,6 @@ class ChannelPivot:
         if self.ignored:
             parts.append(f"ignored channels (rows): {self.ignored}")
         return "; ".join(parts)
-
-
-def _quantity_of(df: pd.DataFrame, channel_map: Mapping[str, str]) -> pd.Series:
-    """Quantity of each row: its channel name's in ``channel_map``, else its unit's (NaN: neither)."""
-    by_channel = df["channel"].map(channel_map) if "channel" in df.columns else pd.Series(np.nan, df.index)
-    if "uom" in df.columns:
-        by_channel = by_channel.where(by_channel.notna(), df["uom"].map(channel_map))
-    return by_channel
 
 
 def _dominant_spacing_s(meter: pd.Series, ts_ns: np.ndarray) -> int | None:
@@ -363,52 +359,47 @@ def pivot_channels(
     ``invalid_value``).
     """
     n = len(df)
-    df = df.copy()
-    for c in ("channel", "uom"):  # channel numbers from a Parquet integer column match TOML's string keys
-        if c in df.columns:
-            df[c] = df[c].astype(object).where(df[c].isna(), df[c].astype(str).str.strip())
-    qty = _quantity_of(df, channel_map)
-    ignore_set = set(ignore)
-    chan = df["channel"].astype(object) if "channel" in df.columns else pd.Series(None, df.index, dtype=object)
-    uom = df["uom"].astype(object) if "uom" in df.columns else pd.Series(None, df.index, dtype=object)
-    # how a channel is named in the report: "1 (KWH)", or the one of the two the export has
-    c_txt, u_txt = chan.fillna("").astype(str), uom.fillna("").astype(str)
-    names = pd.Series(np.where((c_txt != "") & (u_txt != ""), c_txt + " (" + u_txt + ")",
-                               np.where(c_txt != "", c_txt, u_txt)), index=df.index, dtype=object)
-    is_ignored = qty.isna() & (chan.isin(ignore_set) | uom.isin(ignore_set))
-    unknown = qty.isna() & ~is_ignored
-    if unknown.any():
-        combos = (
-            pd.DataFrame({"channel": chan[unknown].fillna(""), "uom": uom[unknown].fillna("")})
-            .value_counts(sort=False).reset_index(name="rows").sort_values(["channel", "uom"], kind="stable")
-        )
-        listed = "; ".join(f"channel {r.channel!r} uom {r.uom!r}: {r.rows} rows" for r in combos.head(10).itertuples())
+    # Step 1: each distinct (channel, unit) pair: its quantity, or ignored, or unknown
+    ch_codes, ch_names = _labels(df, "channel")
+    u_codes, u_names = _labels(df, "uom")
+    p_codes, pairs = pd.factorize((ch_codes + 1) * (len(u_names) + 1) + (u_codes + 1))
+    chans = [ch_names[c // (len(u_names) + 1) - 1] if c // (len(u_names) + 1) else None for c in pairs]
+    units = [u_names[c % (len(u_names) + 1) - 1] if c % (len(u_names) + 1) else None for c in pairs]
+    qty = [channel_map.get(c) if c in channel_map else channel_map.get(u) for c, u in zip(chans, units)]
+    skip = np.array([q is None and (c in ignore or u in ignore) for q, c, u in zip(qty, chans, units)], bool)
+    names = np.array([f"{c} ({u})" if c is not None and u is not None else str(c if c is not None else u)
+                      for c, u in zip(chans, units)], dtype=object)
+    rows_of = np.bincount(p_codes, minlength=len(pairs))
+    unknown = np.flatnonzero(np.array([q is None for q in qty], bool) & ~skip)
+    if len(unknown):
+        order = sorted(unknown, key=lambda i: (str(chans[i] or ""), str(units[i] or "")))[:10]
+        listed = "; ".join(f"channel {chans[i] or ''!r} uom {units[i] or ''!r}: {rows_of[i]} rows" for i in order)
         guesses = []
-        for r in combos.head(10).itertuples():
-            name = r.channel or r.uom
-            g = _guess_quantity(str(r.uom)) or _guess_quantity(str(r.channel))
-            guesses.append(f'{_toml_key(str(name))} = "{g or "QUANTITY"}"' + ("" if g else "   # one of "
-                                                                            f"{list(CHANNEL_QUANTITIES)}"))
+        for i in order:
+            g = _guess_quantity(str(units[i])) or _guess_quantity(str(chans[i]))
+            guesses.append(f'{_toml_key(str(chans[i] or units[i]))} = "{g or "QUANTITY"}"'
+                           + ("" if g else f"   # one of {list(CHANNEL_QUANTITIES)}"))
         raise ContractError(
-            f"{source}: {int(unknown.sum())} rows of channels that [ingest] channel_map does not name ({listed}). "
-            "Map each channel (or unit) to a quantity, or list it in [ingest] channel_ignore, e.g.:\n"
+            f"{source}: {int(rows_of[unknown].sum())} rows of channels that [ingest] channel_map does not name "
+            f"({listed}). Map each channel (or unit) to a quantity, or list it in [ingest] channel_ignore, e.g.:\n"
             "[ingest.channel_map]\n" + "\n".join(guesses)
         )
-    ignored = {}
-    if is_ignored.any():
-        ign = names[is_ignored]
-        ignored = {k: int(v) for k, v in sorted(ign.value_counts().items())}
-    keep = ~is_ignored
-    d = df.loc[keep]
-    q = qty[keep]
-    col = q.map(lambda x: _QUANTITY[x][0])
+    ignored = {str(names[i]): int(rows_of[i]) for i in sorted(np.flatnonzero(skip), key=lambda i: names[i])}
+    # Step 2: values in the contract units (multiplier, kV, W, energy per interval)
+    keep = ~skip[p_codes]
+    d, pc = df.loc[keep], p_codes[keep]
+    pair_col = np.array([_COLUMNS.index(_QUANTITY[q][0]) if q else -1 for q in qty], np.int8)
+    pair_scale = np.array([_QUANTITY[q][1] if q else np.nan for q in qty])
+    pair_energy = np.array([bool(q) and _QUANTITY[q][2] for q in qty], bool)
     value = pd.to_numeric(d["value"], errors="coerce").to_numpy(np.float64)
-    mult = (pd.to_numeric(d["multiplier"], errors="coerce").fillna(1.0).to_numpy(np.float64)
-            if "multiplier" in d.columns else np.ones(len(d)))
-    scale = q.map(lambda x: _QUANTITY[x][1]).to_numpy(np.float64)
-    energy = q.map(lambda x: _QUANTITY[x][2]).to_numpy(bool)
+    mult = np.ones(len(d))
+    if "multiplier" in d.columns:
+        m_codes, m_uniq = pd.factorize(d["multiplier"])
+        m_vals = pd.to_numeric(pd.Series(m_uniq, dtype=object), errors="coerce").fillna(1.0).to_numpy(np.float64)
+        mult = np.append(m_vals, 1.0)[m_codes]  # a missing multiplier (code -1) is 1
+    scale = pair_scale[pc]
     used_interval = None
-    if energy.any():
+    if pair_energy[pc].any():
         used_interval = int(interval_s) if interval_s > 0 else _dominant_spacing_s(
             d["meter_id"], np.asarray(parse_ns(d["timestamp"])))
         if not used_interval:
@@ -416,40 +407,50 @@ def pivot_channels(
                 f"{source}: energy channels need the interval length and the interval ends do not show it "
                 "(fewer than 2 per meter); set [ingest] interval_s"
             )
-        scale = np.where(energy, scale * 3600.0 / used_interval, scale)
-    long = pd.DataFrame({
-        "meter_id": d["meter_id"].to_numpy(object),
-        "timestamp": d["timestamp"].to_numpy(object),
-        "col": col.to_numpy(object),
-        "chan": names[keep].astype(str).to_numpy(object),
-        "val": value * mult * scale,
-    })
-    dup = long.duplicated(["meter_id", "timestamp", "col", "chan", "val"], keep="first").to_numpy()
+        scale = np.where(pair_energy[pc], scale * 3600.0 / used_interval, scale)
+    # Step 3: one wide row per (meter, interval end as written); identical rows dropped, conflicts kept apart
+    mi, meters = pd.factorize(d["meter_id"], use_na_sentinel=False)
+    ti, stamps = pd.factorize(d["timestamp"], use_na_sentinel=False)
+    long = pd.DataFrame({"m": mi, "t": ti, "col": pair_col[pc], "chan": pc, "val": value * mult * scale})
+    dup = long.duplicated(["m", "t", "col", "chan", "val"], keep="first").to_numpy()
     long = long.loc[~dup].reset_index(drop=True)
-    k = long.groupby(["meter_id", "timestamp", "col"], sort=False, dropna=False).cumcount().to_numpy()
-    first = long.loc[k == 0]
-    wide = first.pivot(index=["meter_id", "timestamp"], columns="col", values="val")
-    extra_rows = long.loc[k > 0]
-    if len(extra_rows):
-        base = wide.loc[pd.MultiIndex.from_frame(extra_rows[["meter_id", "timestamp"]])].copy()
-        for j, (c, v) in enumerate(zip(extra_rows["col"].to_numpy(), extra_rows["val"].to_numpy())):
-            base.iloc[j, base.columns.get_loc(c)] = v
-        wide = pd.concat([wide, base])
-    wide = wide.reset_index()
-    wide.columns.name = None
-    for c in ("voltage_v", "kw", "kvar"):
-        if c not in wide.columns and c in col.to_numpy():
-            wide[c] = np.nan
-    if "voltage_v" not in wide.columns:
-        wide["voltage_v"] = np.nan
-    wide = wide[["meter_id", "timestamp"] + [c for c in ("voltage_v", "kw", "kvar") if c in wide.columns]]
+    k = long.groupby(["m", "t", "col"], sort=False).cumcount().to_numpy()
+    wide = long.loc[k == 0].pivot(index=["m", "t"], columns="col", values="val")
+    extra = long.loc[k > 0]
+    if len(extra):  # a copy of the interval's row with the other value: the ingest sees the conflict
+        base = wide.loc[pd.MultiIndex.from_arrays([extra["m"], extra["t"]])]
+        vals = base.to_numpy(copy=True)
+        vals[np.arange(len(extra)), wide.columns.get_indexer(extra["col"])] = extra["val"].to_numpy()
+        wide = pd.concat([wide, pd.DataFrame(vals, index=base.index, columns=wide.columns)])
+    present = set(wide.columns)
+    out = pd.DataFrame({
+        "meter_id": np.asarray(meters, dtype=object)[wide.index.get_level_values("m")],
+        "timestamp": np.asarray(stamps, dtype=object)[wide.index.get_level_values("t")],
+    })
+    for j, c in enumerate(_COLUMNS):
+        if j in present:
+            out[c] = wide[j].to_numpy()
+        elif c == "voltage_v":
+            out[c] = np.nan
     sources: dict[str, list[str]] = {}
-    for c, ch in long[["col", "chan"]].drop_duplicates().sort_values(["col", "chan"]).itertuples(index=False):
-        sources.setdefault(c, []).append(ch)
+    used = np.unique(long["col"].to_numpy(np.int64) * len(pairs) + long["chan"].to_numpy(np.int64))
+    for j, p in sorted(zip(used // len(pairs), used % len(pairs)), key=lambda x: (x[0], names[x[1]])):
+        sources.setdefault(_COLUMNS[j], []).append(str(names[p]))
     return ChannelPivot(
-        wide=wide, rows_read=n, duplicates_identical=int(dup.sum()), ignored=ignored,
+        wide=out, rows_read=n, duplicates_identical=int(dup.sum()), ignored=ignored,
         conflicts=int((k > 0).sum()), interval_s=used_interval, sources=sources,
     )
+
+
+def _labels(df: pd.DataFrame, name: str) -> tuple[np.ndarray, list[str]]:
+    """Codes (-1: missing or no such column) and distinct values, as stripped text, of a label column.
+
+    Channel numbers from a Parquet integer column become text, so they match TOML's string keys.
+    """
+    if name not in df.columns:
+        return np.full(len(df), -1, np.int64), []
+    codes, uniq = pd.factorize(df[name], use_na_sentinel=True)
+    return codes.astype(np.int64), [str(u).strip() for u in uniq]
 
 
 def _guess_quantity(text: str) -> str | None:
