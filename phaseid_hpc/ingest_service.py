@@ -154,7 +154,8 @@ class MalformedMessageError(ContractError):
 class IngestServiceConfig:
     """How the broker ingest service consumes, batches and reports (``[service]`` table of its config)."""
 
-    #: Unacknowledged messages the broker may hand over at once (backpressure; bounds memory).
+    #: Unacknowledged messages the broker may hand over at once (backpressure; bounds memory; AMQP
+    #: ``basic.qos``, RabbitMQ STOMP ``prefetch-count``).
     prefetch_count: int = 64
     #: Write a batch once it holds this many reads [reads].
     batch_max_reads: int = 200_000
@@ -164,11 +165,12 @@ class IngestServiceConfig:
     metrics_interval_s: float = 30.0
     #: Dead-letter queue name = queue name + this suffix.
     dead_letter_suffix: str = ".dlq"
-    #: Declare the queue (durable) if it does not exist yet; ``false``: it must exist.
+    #: Declare the queue (durable) if it does not exist yet; ``false``: it must exist (STOMP: subscribe to
+    #: ``/amq/queue/NAME`` instead of ``/queue/NAME``).
     declare_queue: bool = True
     #: Largest accepted message body (after decompression) [bytes]; larger ones are dead-lettered.
     max_message_bytes: int = 256 * 1024 * 1024
-    #: AMQP heartbeat [s].
+    #: Heartbeat interval of the broker connection (AMQP heartbeat, STOMP heart-beat both ways) [s].
     heartbeat_s: int = 60
     #: Longest wait between reconnect attempts after a lost connection [s]; ``0``: stop with an error instead.
     reconnect_max_s: float = 30.0
