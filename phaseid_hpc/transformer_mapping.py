@@ -64,7 +64,6 @@ from ._compat import array_namespace, to_numpy
 from .config import TransformerConfig
 from .kernels import transformer_grouping as tg
 from .kernels import transformer_mapping as tk
-from .kernels.correlation import fisher_z
 
 __all__ = [
     "REASON_TX_AMBIGUOUS",
@@ -397,7 +396,7 @@ def _feeder_signals(v: Any, kw: Any, kvar: Any, lab: _Labels, cfg: TransformerCo
         level_stats=level_stats,
         n_valid=n_valid,
         usable=lab.usable & (n_valid >= cfg.min_samples),
-        se=1.0 / np.sqrt(np.maximum(n_valid - 3 - 3, 10.0)),
+        se=tk.fisher_se(n_valid),
         zz=to_numpy(xp.vecdot(z, z, axis=-1)).astype(float),
     )
 
@@ -494,9 +493,7 @@ def _judge_round(
     need = np.flatnonzero(sig.usable & (mc.multi | mc.single & (it > 0)))
     if len(need):
         lvl_b, lvl_ref = tk.level_evidence(pools, need, best, o, assign, w)
-        level_ok[need] = ~(np.isfinite(lvl_b) & np.isfinite(lvl_ref)) | (
-            lvl_b <= cfg.level_tolerance * lvl_ref
-        )
+        level_ok[need] = tk.level_consistent(lvl_b, lvl_ref, cfg.level_tolerance)
     move_multi, move_single = mc.multi & level_ok, mc.single & level_ok
     # a meter alone on its GIS transformer may only move once the strays of multi-meter groups have moved
     # (its lost sibling may be one of them and come back): never in the first round; it must share the
@@ -507,8 +504,10 @@ def _judge_round(
             min_corr_se=cfg.min_corr_se, singleton_fit_se=cfg.singleton_fit_se,
         )  # fmt: skip
     move = sig.usable & (move_multi | (move_single & (it > 0)))
-    unrelated = sig.usable & np.isfinite(zo) & ~move & (zo < cfg.unrelated_se * se)
-    unrelated &= kappa_o_loo > cfg.min_corr_se * se
+    unrelated = sig.usable & ~move
+    unrelated &= tk.unrelated_to_gis(
+        zo, kappa_o_loo, se, unrelated_se=cfg.unrelated_se, min_corr_se=cfg.min_corr_se
+    )
     return _Evidence(
         best=best,
         runner_up=runner_up,
@@ -540,9 +539,7 @@ def _best_candidates(corr_own, assign, gmask, pools, sig, lab, space, cfg):
         xp.asarray(sig.zz), distance_penalty=space.distance_penalty, own_excluded=excluded,
     )  # fmt: skip
     best, cb, runner_up, c2v = (to_numpy(a) for a in tk.best_two(alt))
-    zb = np.where(np.isfinite(cb), fisher_z(cb), -np.inf)
-    z2 = np.where(np.isfinite(c2v), fisher_z(c2v), 0.0)
-    return best, zb, runner_up, z2
+    return best, tk.fisher_z_or(cb, -np.inf), runner_up, tk.fisher_z_or(c2v, 0.0)
 
 
 def _gis_evidence(it, assign, w, gmask, pools, pools_gis, sig, lab):

@@ -44,12 +44,15 @@ __all__ = [
     "candidate_correlations",
     "far_from_groups",
     "final_coherence",
+    "fisher_se",
+    "fisher_z_or",
     "group_mean",
     "group_medians",
     "group_phase_mask",
     "group_sum",
     "lead_confidence",
     "leave_one_out_group_mean",
+    "level_consistent",
     "level_evidence",
     "loo_fisher_z",
     "median",
@@ -62,6 +65,7 @@ __all__ = [
     "set_rows",
     "shares_own_signal",
     "split_off",
+    "unrelated_to_gis",
 ]
 
 
@@ -291,6 +295,45 @@ def _row_pick(a: Any, cols: Any) -> Any:
     """``a[i, cols[i]]`` for every row ``i``."""
     xp = array_namespace(a)
     return xp.take_along_axis(a, xp.reshape(cols, (-1, 1)), axis=1)[:, 0]
+
+
+def fisher_se(n_valid: Any) -> Any:
+    """Standard error of a Fisher z from ``n`` valid samples: ``1 / sqrt(max(n - 6, 10))`` [-].
+
+    Six degrees of freedom go to the three-phase common mode and the centring, ``sqrt(n - 3)`` being Fisher's.
+    """
+    xp = array_namespace(n_valid)
+    return 1.0 / xp.sqrt(xp.maximum(n_valid - 6.0, 10.0))
+
+
+def fisher_z_or(r: Any, fill: float) -> Any:
+    """:func:`~phaseid_hpc.kernels.correlation.fisher_z` of ``r`` where it is finite, else ``fill``."""
+    xp = array_namespace(r)
+    return xp.where(xp.isfinite(r), fisher_z(r, xp=xp), fill)
+
+
+def unrelated_to_gis(zo: Any, kappa_gis_loo: Any, se: Any, *, unrelated_se: float, min_corr_se: float) -> Any:
+    """Meters that do not move with their GIS group while the group's other members do (arrays (n,)).
+
+    ``zo`` below ``unrelated_se`` standard errors and the others' mean ``kappa_gis_loo`` above ``min_corr_se``;
+    False where either is NaN.
+    """
+    xp = array_namespace(zo)
+    return xp.isfinite(zo) & (zo < unrelated_se * se) & (kappa_gis_loo > min_corr_se * se)
+
+
+def level_consistent(level_best: Any, level_ref: Any, tolerance: float) -> Any:
+    """The level check: the residual at the target is at most ``tolerance`` times the reference (or undefined).
+
+    Parameters
+    ----------
+    level_best, level_ref : array, shape (m,)
+        :func:`level_evidence`. [V]
+    tolerance : float
+        [-]
+    """
+    xp = array_namespace(level_best, level_ref)
+    return ~(xp.isfinite(level_best) & xp.isfinite(level_ref)) | (level_best <= tolerance * level_ref)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -713,7 +756,9 @@ def move_candidates(
     """
     xp = array_namespace(zb, zo)
     has_own = xp.isfinite(zo)
-    weak_gis = phase_mismatch | (has_own & (zo < unrelated_se * se) & (kappa_gis_loo > min_corr_se * se))
+    weak_gis = phase_mismatch | unrelated_to_gis(
+        zo, kappa_gis_loo, se, unrelated_se=unrelated_se, min_corr_se=min_corr_se
+    )
     margin = xp.where(weak_gis, xp.asarray(weak_gis_margin_se, dtype=xp.float64), flag_margin_se) * se
     sig_b = xp.isfinite(zb) & (zb > min_corr_se * se)
     clear_b = (zb - z2) > ambiguity_se * se
@@ -837,9 +882,9 @@ def shares_own_signal(
 
     Notes
     -----
-    The rows of the candidates and of the members of every group involved are gathered once and taken to
-    the host in float64 (a few hundred rows at most); the pools and dot products are formed there, one
-    candidate at a time (:func:`partial_from_dots`).
+    The rows of the candidates and of the members of every group involved are gathered once (float64, in
+    the namespace of ``z``); the pools and dot products are formed there, one candidate at a time
+    (:func:`partial_from_dots`), and only the decisions come to the host.
     """
     xp = array_namespace(z)
     ok = np.zeros(len(assign), bool)
@@ -853,12 +898,12 @@ def shares_own_signal(
     lo = np.searchsorted(a_sorted, need_g)
     hi = np.searchsorted(a_sorted, need_g, side="right")
     involved = np.unique(np.concatenate([cand, *[order[l_:h_] for l_, h_ in zip(lo, hi)]]))
-    zrow = to_numpy(xp.take(z, xp.asarray(involved), axis=0)).astype(np.float64)
-    nrm2 = np.einsum("ij,ij->i", zrow, zrow)
+    zrow = xp.astype(xp.take(z, xp.asarray(involved), axis=0), xp.float64)
+    nrm2 = xp.vecdot(zrow, zrow, axis=-1)
     members = {}
     for g, l_, h_ in zip(need_g, lo, hi):
         k = np.searchsorted(involved, order[l_:h_])
-        members[int(g)] = (order[l_:h_], k, zrow[k].sum(0))
+        members[int(g)] = (order[l_:h_], k, xp.sum(xp.take(zrow, xp.asarray(k), axis=0), axis=0))
     for i in cand:
         ok[i] = _shares_one(
             i, members[int(best[i])], members[int(runner_up[i])], involved, zrow, nrm2, se[i],
@@ -869,10 +914,12 @@ def shares_own_signal(
 
 def _shares_one(i, target, control, involved, zrow, nrm2, se_i, *, min_corr_se, singleton_fit_se) -> bool:
     """:func:`shares_own_signal` for one meter ``i``; ``target``/``control``: (members, rows, pool)."""
+    xp = array_namespace(zrow)
+    se_i = float(se_i)
     mem, kb, pool_b = target
     cmem, _kc, pool_c = control
     ki = int(np.searchsorted(involved, i))
-    zi = zrow[ki]
+    zi = zrow[ki, :]
     if i in mem:
         kb = kb[mem != i]
         pool_b = pool_b - zi
@@ -883,17 +930,18 @@ def _shares_one(i, target, control, involved, zrow, nrm2, se_i, *, min_corr_se, 
         return False
     bb, cc, bc = pool_b @ pool_b, pool_c @ pool_c, pool_b @ pool_c
     r_i = partial_from_dots(zi @ pool_b, zi @ pool_c, bc, nrm2[ki], bb, cc)
-    if not np.isfinite(r_i) or fisher_z(r_i) < min_corr_se * se_i:
+    z_i = fisher_z(r_i, xp=xp)
+    if not bool(xp.isfinite(r_i)) or bool(z_i < min_corr_se * se_i):
         return False
     if len(kb) >= 2:
-        zt = zrow[kb]
-        xb, xc, xx = zt @ pool_b, zt @ pool_c, nrm2[kb]
+        zt = xp.take(zrow, xp.asarray(kb), axis=0)
+        xb, xc, xx = zt @ pool_b, zt @ pool_c, xp.take(nrm2, xp.asarray(kb))
         # member j against its group's pool without it: target pool_b - z_j, control pool_c
         r_m = partial_from_dots(xb - xx, xc, bc - xc, xx, bb - 2 * xb + xx, cc)
-        r_m = r_m[np.isfinite(r_m)]
-        if len(r_m):
-            ref = float(np.mean(fisher_z(r_m)))
-            if fisher_z(r_i) < ref - singleton_fit_se * se_i:
+        r_m = r_m[xp.isfinite(r_m)]
+        if r_m.shape[0]:
+            ref = float(xp.mean(fisher_z(r_m, xp=xp)))
+            if bool(z_i < ref - singleton_fit_se * se_i):
                 return False
     return True
 
@@ -951,7 +999,7 @@ def split_off(
         mem = order[np.searchsorted(g_sorted, gs)[:, None] + np.arange(k)[None, :]]  # (B, k)
         zm = xp.reshape(xp.take(z, xp.asarray(mem.reshape(-1)), axis=0), (len(gs), int(k), z.shape[1]))
         c = zm @ xp.matrix_transpose(zm)  # (B, k, k)
-        se = 1.0 / np.sqrt(np.maximum(n_valid[mem].min(1) - 6.0, 10.0))  # (B,)
+        se = fisher_se(n_valid[mem].min(1))  # (B,)
         small, rank_order, cand = _fiedler_cut(c, xp.asarray(se))
         if not len(cand):
             continue

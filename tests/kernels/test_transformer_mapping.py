@@ -272,6 +272,25 @@ _RULES = {
 
 
 @BACKENDS
+def test_small_rules(xp):
+    np.testing.assert_allclose(to_np(tk.fisher_se(xp.asarray([106.0, 5.0]))), [0.1, 1 / math.sqrt(10)])
+    got = to_np(tk.fisher_z_or(xp.asarray([0.5, -np.inf, np.nan]), -1.0))
+    np.testing.assert_allclose(got, [math.atanh(0.5), -1.0, -1.0])
+    ok = to_np(
+        tk.level_consistent(xp.asarray([1.0, 2.0, np.nan, 3.1]), xp.asarray([1.0, 1.0, 1.0, 2.0]), 1.5)
+    )
+    np.testing.assert_array_equal(ok, [True, False, True, False])
+    unrel = tk.unrelated_to_gis(
+        xp.asarray([0.5, 0.5, 2.0, np.nan, 0.5]),
+        xp.asarray([4.0, 2.0, 4.0, 4.0, np.nan]),
+        xp.asarray(np.ones(5)),
+        unrelated_se=1.0,
+        min_corr_se=3.0,
+    )
+    np.testing.assert_array_equal(to_np(unrel), [True, False, False, False, False])
+
+
+@BACKENDS
 def test_move_candidates_rules(xp):
     inf, nan = np.inf, np.nan
     # 0: clear move; 1: fits its own group as its members do (stays); 2: runner-up too close;
