@@ -19,12 +19,15 @@ For every feeder (the five of ``../shared/data`` and, with ``--scenarios``, the 
   runs with the true mapping. Detected: ``voltage_level_step`` / ``correlation_loss``; false alarm: either
   flag on an untouched transformer.
 
-Rows go to ``benchmarks/results/changes.csv``.
+Rows go to ``benchmarks/results/changes.csv``. With ``--delta-cost N``: a generated utility of N meters is
+run in full and then as a delta run after one event (:func:`delta_cost`;
+``benchmarks/results/changes_delta.csv``).
 
 Examples
 --------
     python benchmarks/changes.py                                   # shared feeders, 14 days, 2 trials
     python benchmarks/changes.py --feeders epri-ckt5 --scenarios regulators --trials 1
+    python benchmarks/changes.py --delta-cost 3000 --days 14      # full run vs delta run after one event
 """
 
 from __future__ import annotations
@@ -136,6 +139,59 @@ def health_trial(feeder: dict, n_t: int, share: float, tap_pct: float, winding_p
     return out
 
 
+def delta_cost(n_meters: int, days: float, seed: int, workdir: Path) -> dict:
+    """Full run, then a delta run after one event on one feeder: wall time of each and the feeder's share.
+
+    A generated utility (several feeders, one block at the default block size) is ingested; one meter of
+    the smallest feeder is spliced to another phase at a restoration in the middle of the period.
+    """
+    from phaseid_hpc.delta import run_delta
+    from phaseid_hpc.ingest import ingest_files
+    from phaseid_hpc.pipeline import run_job
+    from phaseid_hpc.synth import generate_utility
+
+    export = workdir / "export"
+    generate_utility(export, n_meters=n_meters, days=days, seed=seed, feeder_meters=(300, 900))
+    reads = pd.concat([pd.read_parquet(p) for p in sorted(export.glob("readings*.parquet"))], ignore_index=True)
+    truth = pd.read_csv(export / "truth.csv", dtype={"meter_id": str, "feeder_id": str, "transformer_id": str})
+    small = truth["feeder_id"].value_counts().sort_values(kind="stable").index[0]
+    times = pd.DatetimeIndex(sorted(reads["timestamp"].unique()))
+    times = times.tz_localize("UTC") if times.tz is None else times
+    on = truth[truth["feeder_id"] == small].reset_index(drop=True)
+    wide = reads[reads["meter_id"].isin(on["meter_id"])].pivot(index="meter_id", columns="timestamp",
+                                                                values="voltage_v").reindex(on["meter_id"])
+    v, events, changes = splice_phase_changes(wide.to_numpy(np.float64), on, times, share=0.0, control_share=0.0,
+                                              min_before_days=days / 2 - 0.5, min_after_days=days / 2 - 0.5,
+                                              random_state=seed)
+    mid = changes["meter_id"].iloc[0]
+    sel = reads["meter_id"] == mid
+    new_v = pd.Series(v[int(np.flatnonzero(on["meter_id"].to_numpy() == mid)[0])], index=wide.columns)
+    reads.loc[sel, "voltage_v"] = new_v.reindex(reads.loc[sel, "timestamp"]).to_numpy().astype(reads["voltage_v"].dtype)
+    reads = reads[~(sel & reads["voltage_v"].isna())]
+    for p in export.glob("readings*.parquet"):
+        p.unlink()
+    reads.to_parquet(export / "readings.parquet", index=False)
+    store = workdir / "store.zarr"
+    ingest_files([str(export / "readings.parquet")], export / "meters.csv", store,
+                 transformers_path=export / "transformers.csv", references_path=export / "references.parquet")
+    config = load_config(environ={})
+    tic = time.perf_counter()
+    full = run_job(store, workdir / "full", config=config, report=False)
+    full_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    delta = run_delta(store, workdir / "delta", since=workdir / "full", config=config, report=False,
+                      events=write_events(events, workdir / "events.csv"))
+    delta_s = time.perf_counter() - tic
+    got = pd.read_parquet(workdir / "delta" / "meters.parquet").set_index("meter_id").loc[mid]
+    share = float((truth["feeder_id"] == small).mean())
+    return {"meters": n_meters, "feeders": int(truth["feeder_id"].nunique()), "days": days,
+            "blocks_full": full.n_blocks, "affected_feeder_meters": int((truth["feeder_id"] == small).sum()),
+            "affected_share": share, "full_s": full_s, "delta_s": delta_s, "delta_over_full": delta_s / full_s,
+            "full_blocks_s": full.timings["blocks_wall"], "delta_blocks_s": delta.timings["blocks_wall"],
+            "moved_found": bool(contract.REASON_PHASE_CHANGED_AT_RESTORATION in got["reasons"]
+                                and got["phase"] == changes["phase_after"].iloc[0])}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--feeders", nargs="*", default=["epri-ckt5", "ieee8500", "epri-k1", "epri-m1", "epri-ckt7"])
@@ -150,7 +206,15 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-health", action="store_true")
     p.add_argument("--csv", type=Path, default=RESULTS)
+    p.add_argument("--delta-cost", type=int, default=0, metavar="N_METERS",
+                   help="only measure a full run against a delta run after one event (generated utility)")
     a = p.parse_args(argv)
+    if a.delta_cost:
+        with tempfile.TemporaryDirectory() as tmp:
+            row = delta_cost(a.delta_cost, a.days, a.seed, Path(tmp))
+        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        pd.DataFrame([row]).to_csv(RESULTS.with_name("changes_delta.csv"), index=False)
+        return
     config = load_config(overrides={"validation": {"enabled": False}, "pt": {"enabled": False},
                                     "changes": {"enabled": False}})
     cols = ["feeder", "check", "injected", "detected", "healthy", "false_alarms", "false_alarm_rate", "when_err_h",
