@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -309,13 +309,63 @@ def _dominant_spacing_s(meter: pd.Series, ts_ns: np.ndarray) -> int | None:
     return int(vals[np.argmax(cnt)] // 10**9)
 
 
+def _resolve_channels(
+    df: pd.DataFrame, channel_map: Mapping[str, str], ignore: Sequence[str], source: str
+) -> tuple[np.ndarray, list[str | None], np.ndarray, np.ndarray, np.ndarray]:
+    """Step 1 of :func:`pivot_channels`: each distinct (channel, unit) pair's quantity, or ignored.
+
+    Returns
+    -------
+    codes : ndarray of int, shape (n_rows,)
+        Each row's pair.
+    qty : list, length n_pairs
+        The pair's quantity (``None``: ignored).
+    names : ndarray of str, shape (n_pairs,)
+        How the report names the pair (``"1 (KWH)"``, or whichever of the two the export has).
+    skip : ndarray of bool, shape (n_pairs,)
+        The pair is listed in ``ignore``.
+    rows : ndarray of int, shape (n_pairs,)
+        Rows of each pair.
+
+    Raises
+    ------
+    ContractError
+        Pairs neither mapped nor ignored, with their row counts and the TOML to add.
+    """
+    ch_codes, ch_names = _labels(df, "channel")
+    u_codes, u_names = _labels(df, "uom")
+    p_codes, pairs = pd.factorize((ch_codes + 1) * (len(u_names) + 1) + (u_codes + 1))
+    chans = [ch_names[c // (len(u_names) + 1) - 1] if c // (len(u_names) + 1) else None for c in pairs]
+    units = [u_names[c % (len(u_names) + 1) - 1] if c % (len(u_names) + 1) else None for c in pairs]
+    qty = [channel_map.get(c) if c in channel_map else channel_map.get(u) for c, u in zip(chans, units)]
+    skip = np.array([q is None and (c in ignore or u in ignore) for q, c, u in zip(qty, chans, units)], bool)
+    names = np.array([f"{c} ({u})" if c is not None and u is not None else str(c if c is not None else u)
+                      for c, u in zip(chans, units)], dtype=object)
+    rows_of = np.bincount(p_codes, minlength=len(pairs))
+    unknown = np.flatnonzero(np.array([q is None for q in qty], bool) & ~skip)
+    if len(unknown):
+        order = sorted(unknown, key=lambda i: (str(chans[i] or ""), str(units[i] or "")))[:10]
+        listed = "; ".join(f"channel {chans[i] or ''!r} uom {units[i] or ''!r}: {rows_of[i]} rows" for i in order)
+        guesses = []
+        for i in order:
+            g = _guess_quantity(str(units[i])) or _guess_quantity(str(chans[i]))
+            guesses.append(f'{_toml_key(str(chans[i] or units[i]))} = "{g or "QUANTITY"}"'
+                           + ("" if g else f"   # one of {list(CHANNEL_QUANTITIES)}"))
+        raise ContractError(
+            f"{source}: {int(rows_of[unknown].sum())} rows of channels that [ingest] channel_map does not name "
+            f"({listed}). Map each channel (or unit) to a quantity, or list it in [ingest] channel_ignore, e.g.:\n"
+            "[ingest.channel_map]\n" + "\n".join(guesses)
+        )
+    return p_codes, qty, names, skip, rows_of
+
+
 def pivot_channels(
     df: pd.DataFrame,
     channel_map: Mapping[str, str],
     ignore: Sequence[str],
     source: str,
     *,
-    parse_ns: object,
+    parse_ns: Callable[[pd.Series], np.ndarray],
     interval_s: int = 0,
 ) -> ChannelPivot:
     """Pivot an MDM interval export (long, one row per meter, channel and interval end) to wide rows.
@@ -359,35 +409,12 @@ def pivot_channels(
     ``invalid_value``).
     """
     n = len(df)
-    # Step 1: each distinct (channel, unit) pair: its quantity, or ignored, or unknown
-    ch_codes, ch_names = _labels(df, "channel")
-    u_codes, u_names = _labels(df, "uom")
-    p_codes, pairs = pd.factorize((ch_codes + 1) * (len(u_names) + 1) + (u_codes + 1))
-    chans = [ch_names[c // (len(u_names) + 1) - 1] if c // (len(u_names) + 1) else None for c in pairs]
-    units = [u_names[c % (len(u_names) + 1) - 1] if c % (len(u_names) + 1) else None for c in pairs]
-    qty = [channel_map.get(c) if c in channel_map else channel_map.get(u) for c, u in zip(chans, units)]
-    skip = np.array([q is None and (c in ignore or u in ignore) for q, c, u in zip(qty, chans, units)], bool)
-    names = np.array([f"{c} ({u})" if c is not None and u is not None else str(c if c is not None else u)
-                      for c, u in zip(chans, units)], dtype=object)
-    rows_of = np.bincount(p_codes, minlength=len(pairs))
-    unknown = np.flatnonzero(np.array([q is None for q in qty], bool) & ~skip)
-    if len(unknown):
-        order = sorted(unknown, key=lambda i: (str(chans[i] or ""), str(units[i] or "")))[:10]
-        listed = "; ".join(f"channel {chans[i] or ''!r} uom {units[i] or ''!r}: {rows_of[i]} rows" for i in order)
-        guesses = []
-        for i in order:
-            g = _guess_quantity(str(units[i])) or _guess_quantity(str(chans[i]))
-            guesses.append(f'{_toml_key(str(chans[i] or units[i]))} = "{g or "QUANTITY"}"'
-                           + ("" if g else f"   # one of {list(CHANNEL_QUANTITIES)}"))
-        raise ContractError(
-            f"{source}: {int(rows_of[unknown].sum())} rows of channels that [ingest] channel_map does not name "
-            f"({listed}). Map each channel (or unit) to a quantity, or list it in [ingest] channel_ignore, e.g.:\n"
-            "[ingest.channel_map]\n" + "\n".join(guesses)
-        )
+    # Step 1: each distinct (channel, unit) pair resolved to a quantity, or ignored (else an error)
+    pc_all, qty, names, skip, rows_of = _resolve_channels(df, channel_map, ignore, source)
     ignored = {str(names[i]): int(rows_of[i]) for i in sorted(np.flatnonzero(skip), key=lambda i: names[i])}
     # Step 2: values in the contract units (multiplier, kV, W, energy per interval)
-    keep = ~skip[p_codes]
-    d, pc = df.loc[keep], p_codes[keep]
+    keep = ~skip[pc_all]
+    d, pc = df.loc[keep], pc_all[keep]
     pair_col = np.array([_COLUMNS.index(_QUANTITY[q][0]) if q else -1 for q in qty], np.int8)
     pair_scale = np.array([_QUANTITY[q][1] if q else np.nan for q in qty])
     pair_energy = np.array([bool(q) and _QUANTITY[q][2] for q in qty], bool)
@@ -409,9 +436,43 @@ def pivot_channels(
             )
         scale = np.where(pair_energy[pc], scale * 3600.0 / used_interval, scale)
     # Step 3: one wide row per (meter, interval end as written); identical rows dropped, conflicts kept apart
-    mi, meters = pd.factorize(d["meter_id"], use_na_sentinel=False)
-    ti, stamps = pd.factorize(d["timestamp"], use_na_sentinel=False)
-    long = pd.DataFrame({"m": mi, "t": ti, "col": pair_col[pc], "chan": pc, "val": value * mult * scale})
+    out, long, n_dup, n_conflicts = _wide_rows(d["meter_id"], d["timestamp"], pair_col[pc], pc, value * mult * scale)
+    sources: dict[str, list[str]] = {}
+    used = np.unique(long["col"].to_numpy(np.int64) * len(qty) + long["chan"].to_numpy(np.int64))
+    for j, p in sorted(zip(used // len(qty), used % len(qty)), key=lambda x: (x[0], names[x[1]])):
+        sources.setdefault(_COLUMNS[j], []).append(str(names[p]))
+    return ChannelPivot(
+        wide=out, rows_read=n, duplicates_identical=n_dup, ignored=ignored,
+        conflicts=n_conflicts, interval_s=used_interval, sources=sources,
+    )
+
+
+def _wide_rows(
+    meter_id: pd.Series, timestamp: pd.Series, col: np.ndarray, chan: np.ndarray, val: np.ndarray
+) -> tuple[pd.DataFrame, pd.DataFrame, int, int]:
+    """Step 3 of :func:`pivot_channels`: one wide row per meter and interval end (as written).
+
+    Parameters
+    ----------
+    meter_id, timestamp : Series, shape (n_rows,)
+        Of the kept rows.
+    col, chan : ndarray of int, shape (n_rows,)
+        Index into ``_COLUMNS`` and the (channel, unit) pair of each row.
+    val : ndarray of float, shape (n_rows,)
+        Values in the contract units.
+
+    Returns
+    -------
+    wide : DataFrame
+        ``meter_id, timestamp, voltage_v`` and ``kw``, ``kvar`` where given.
+    long : DataFrame
+        The rows after identical duplicates are dropped (codes ``m, t, col, chan`` and ``val``).
+    duplicates, conflicts : int
+        Rows dropped as identical; extra wide rows made for conflicting values.
+    """
+    mi, meters = pd.factorize(meter_id, use_na_sentinel=False)
+    ti, stamps = pd.factorize(timestamp, use_na_sentinel=False)
+    long = pd.DataFrame({"m": mi, "t": ti, "col": col, "chan": chan, "val": val})
     dup = long.duplicated(["m", "t", "col", "chan", "val"], keep="first").to_numpy()
     long = long.loc[~dup].reset_index(drop=True)
     k = long.groupby(["m", "t", "col"], sort=False).cumcount().to_numpy()
@@ -432,14 +493,7 @@ def pivot_channels(
             out[c] = wide[j].to_numpy()
         elif c == "voltage_v":
             out[c] = np.nan
-    sources: dict[str, list[str]] = {}
-    used = np.unique(long["col"].to_numpy(np.int64) * len(pairs) + long["chan"].to_numpy(np.int64))
-    for j, p in sorted(zip(used // len(pairs), used % len(pairs)), key=lambda x: (x[0], names[x[1]])):
-        sources.setdefault(_COLUMNS[j], []).append(str(names[p]))
-    return ChannelPivot(
-        wide=out, rows_read=n, duplicates_identical=int(dup.sum()), ignored=ignored,
-        conflicts=int((k > 0).sum()), interval_s=used_interval, sources=sources,
-    )
+    return out, long, int(dup.sum()), int((k > 0).sum())
 
 
 def _labels(df: pd.DataFrame, name: str) -> tuple[np.ndarray, list[str]]:
