@@ -36,7 +36,7 @@ from phaseid_hpc.validation import validate_transformers
 def bench_kernel(n_tx: int, n_t: int, standard: str, chunk: int = 4096, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     model = thermal.iec_temperatures if standard == "iec" else thermal.ieee_temperatures
-    params = thermal.IEC_DISTRIBUTION_ONAN if standard == "iec" else thermal.IEEE_DISTRIBUTION_ONAN
+    params = ValidationConfig(thermal_standard=standard).thermal_parameters()
     daily = np.sin(np.arange(n_t) / 96 * 2 * np.pi)
     total = 0.0
     for start in range(0, n_tx, chunk):

@@ -328,26 +328,6 @@ def test_ckt5_tap_faults_found_and_no_false_health_flags(ckt5):
     )
 
 
-def test_fill_time_gaps_is_linear_interpolation_per_row():
-    from phaseid_hpc.validation import _fill_time_gaps
-
-    rng = np.random.default_rng(2)
-    x = rng.random((6, 50))
-    x[rng.random(x.shape) < 0.3] = np.nan
-    x[0, :7] = np.nan  # leading run: constant extrapolation
-    x[1, -9:] = np.nan  # trailing run
-    x[2] = np.nan  # no data: 0
-    x[3, 10:40] = np.nan  # long gap
-    filled, n_real = _fill_time_gaps(x)
-    t = np.arange(50)
-    for i in range(6):
-        ok = ~np.isnan(x[i])
-        expected = np.interp(t, t[ok], x[i, ok]) if ok.any() else np.zeros(50)
-        np.testing.assert_allclose(filled[i], expected, rtol=1e-12)
-        assert n_real[i] == ok.sum()
-    assert np.isnan(x).any()  # the input is left alone
-
-
 def test_meter_order_does_not_change_the_table(block, clean):
     """Meters not grouped by transformer (an inferred mapping moves meters) give the same table."""
     perm = np.random.default_rng(4).permutation(len(block["meters"]))

@@ -23,6 +23,10 @@ Two models:
 Steady state (:func:`steady_state_hot_spot`) is the same in both (the ultimate values of either model):
 ``theta_h = theta_a + dtheta_or * ((1 + R K^2) / (1 + R))^x + Hg_r * K^y``.
 
+Every model parameter is a required keyword (one mapping from
+:meth:`phaseid_hpc.config.ValidationConfig.thermal_parameters`, pvlib's ``**params`` style): the
+configuration holds the distribution-ONAN values of both standards.
+
 Ageing (:func:`relative_aging_rate`): thermally upgraded paper, IEEE C57.91 eq. 2 and IEC 60076-7 eq. 3,
 ``F_AA = exp(15000/383 - 15000/(theta_h + 273))`` (1.0 at 110 degC); non-upgraded Kraft paper, IEC
 60076-7 eq. 2, ``V = 2^((theta_h - 98)/6)`` (1.0 at 98 degC). :func:`equivalent_aging_factor` is
@@ -43,8 +47,6 @@ from typing import Any, Literal
 from .._compat import array_namespace
 
 __all__ = [
-    "IEC_DISTRIBUTION_ONAN",
-    "IEEE_DISTRIBUTION_ONAN",
     "equivalent_aging_factor",
     "iec_temperatures",
     "ieee_temperatures",
@@ -53,34 +55,6 @@ __all__ = [
     "steady_state_hot_spot",
     "steady_state_top_oil_rise",
 ]
-
-#: IEC 60076-7 Table 4 (distribution transformer, ONAN) with the 55 K top-oil rise and 23 K hot-spot to
-#: top-oil gradient (``H g_r``) that give the 98 degC hot spot at 20 degC ambient and rated load.
-IEC_DISTRIBUTION_ONAN: dict[str, float] = {
-    "top_oil_rise_k": 55.0,
-    "hot_spot_gradient_k": 23.0,
-    "loss_ratio": 5.0,
-    "oil_exponent": 0.8,
-    "winding_exponent": 1.6,
-    "oil_time_constant_min": 180.0,
-    "winding_time_constant_min": 4.0,
-    "k11": 1.0,
-    "k21": 1.0,
-    "k22": 2.0,
-}
-
-#: IEEE C57.91 Clause 7, ONAN (n = 0.8, m = 0.8), 65 degC-rise unit: top-oil rise 55 K and hot-spot rise
-#: 80 K over ambient at rated load (gradient 25 K), R = 5.
-IEEE_DISTRIBUTION_ONAN: dict[str, float] = {
-    "top_oil_rise_k": 55.0,
-    "hot_spot_gradient_k": 25.0,
-    "loss_ratio": 5.0,
-    "oil_exponent": 0.8,
-    "winding_exponent": 1.6,
-    "oil_time_constant_min": 180.0,
-    "winding_time_constant_min": 4.0,
-}
-
 
 #: Samples per block of the blocked scan in :func:`_first_order_lag` (one small GEMM per block).
 _SCAN_BLOCK = 32
@@ -208,7 +182,8 @@ def steady_state_hot_spot(
     Examples
     --------
     >>> import numpy as np
-    >>> p = dict(IEEE_DISTRIBUTION_ONAN)
+    >>> from phaseid_hpc.config import ValidationConfig
+    >>> p = ValidationConfig(thermal_standard="ieee").thermal_parameters()
     >>> round(float(steady_state_hot_spot(np.asarray(1.2), 30.0, **p)), 1)
     134.1
     """
@@ -225,16 +200,16 @@ def iec_temperatures(
     ambient_c: Any,
     interval_min: float,
     *,
-    top_oil_rise_k: float = 55.0,
-    hot_spot_gradient_k: float = 23.0,
-    loss_ratio: float = 5.0,
-    oil_exponent: float = 0.8,
-    winding_exponent: float = 1.6,
-    oil_time_constant_min: float = 180.0,
-    winding_time_constant_min: float = 4.0,
-    k11: float = 1.0,
-    k21: float = 1.0,
-    k22: float = 2.0,
+    top_oil_rise_k: float,
+    hot_spot_gradient_k: float,
+    loss_ratio: float,
+    oil_exponent: float,
+    winding_exponent: float,
+    oil_time_constant_min: float,
+    winding_time_constant_min: float,
+    k11: float,
+    k21: float,
+    k22: float,
 ) -> tuple[Any, Any]:
     """Top-oil and hot-spot temperature over time, IEC 60076-7:2018 clause 8.2 (exact-step difference equations).
 
@@ -292,13 +267,13 @@ def ieee_temperatures(
     ambient_c: Any,
     interval_min: float,
     *,
-    top_oil_rise_k: float = 55.0,
-    hot_spot_gradient_k: float = 25.0,
-    loss_ratio: float = 5.0,
-    oil_exponent: float = 0.8,
-    winding_exponent: float = 1.6,
-    oil_time_constant_min: float = 180.0,
-    winding_time_constant_min: float = 4.0,
+    top_oil_rise_k: float,
+    hot_spot_gradient_k: float,
+    loss_ratio: float,
+    oil_exponent: float,
+    winding_exponent: float,
+    oil_time_constant_min: float,
+    winding_time_constant_min: float,
     **_: float,
 ) -> tuple[Any, Any]:
     """Top-oil and hot-spot temperature over time, IEEE C57.91-2011 Clause 7 (exponential equations).

@@ -7,10 +7,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from phaseid_hpc.config import ValidationConfig
 from phaseid_hpc.kernels import thermal
 
-IEEE = thermal.IEEE_DISTRIBUTION_ONAN
-IEC = thermal.IEC_DISTRIBUTION_ONAN
+#: The configuration's distribution-ONAN parameters of each standard (the only place they are written).
+IEEE = ValidationConfig(thermal_standard="ieee").thermal_parameters()
+IEC = ValidationConfig(thermal_standard="iec").thermal_parameters()
+
+
+def test_models_need_every_parameter():
+    params = dict(IEC)
+    del params["winding_time_constant_min"]
+    with pytest.raises(TypeError, match="winding_time_constant_min"):
+        thermal.iec_temperatures(np.ones((1, 4)), 20.0, 15.0, **params)
 
 
 # --- check vectors -------------------------------------------------------------------------------------
@@ -44,7 +53,9 @@ def test_aging_rate_check_vectors():
 def test_dynamic_models_settle_to_the_steady_state(model, params, ambient, k, expected):
     load = np.full((2, 24 * 4 * 3), 0.3)
     load[0, 4:] = k  # step up from 0.3 pu; after 3 days (24 tau_o) the state is steady
-    top_oil, hot_spot = model(load, ambient, 15.0, **params)
+    top_oil, hot_spot = model(
+        load, ambient, 15.0, **{**IEC, **params}
+    )  # IEC's k11, k21, k22 for the IEC model
     assert hot_spot.shape == load.shape == top_oil.shape
     assert hot_spot[0, -1] == pytest.approx(expected, abs=0.1)
     assert hot_spot[0, 8] < expected - 5  # the oil lags (tau_o = 180 min)
