@@ -30,10 +30,11 @@ interval ends. Timestamps that do not parse are counted per file with examples: 
 is a :class:`DataError` naming the file, the column and the key to set (nothing written), fewer a note.
 
 Inputs as utilities have them (:mod:`phaseid_hpc.input_formats`): a file or meters table lacking required
-columns gets an error with its real header and the ``[ingest.column_map]`` / ``[ingest.meters_column_map]``
-TOML that fixes it; an MDM channel export (``[ingest] readings_layout = "channel"``) is read whole, pivoted
-to wide rows and then streamed like any file (its memory is that of the file); phase spellings of the
-meters table are normalised to the contract labels (``IngestReport.phase_labels``). The meters table may
+columns gets a one-line error with its real header and the TOML that fixes it (``column_map = { MeterID =
+"meter_id", ... }`` or ``meters_column_map`` in ``[ingest]``); an MDM channel export (``[ingest]
+readings_layout = "channel"``) is read whole, pivoted to wide rows and then streamed like any file (its
+memory is that of the file); phase spellings of the meters table are normalised to the contract labels
+(``IngestReport.phase_labels``). The meters table may
 also be a GeoPackage / GeoJSON file or a PostgreSQL table (:mod:`phaseid_hpc.gis`).
 
 Grid: epoch-anchored multiples of ``interval_s`` (``IngestConfig.interval_s``, or the dominant spacing of
@@ -335,8 +336,7 @@ def _apply_column_map(df: pd.DataFrame, column_map: dict[str, str], source: str)
         df = df.rename(columns=column_map)
     missing = [c for c in contract.READINGS_REQUIRED if c not in df.columns]
     if missing:
-        raise ContractError(column_map_help(source, header, missing, contract.READINGS_OPTIONAL,
-                                            "ingest.column_map"))
+        raise ContractError(column_map_help(source, header, missing, contract.READINGS_OPTIONAL, "column_map"))
     return df
 
 
@@ -1107,7 +1107,7 @@ def _scan_grid(paths: Sequence[Path], meter_ids: pd.Index, config: IngestConfig)
             if "timestamp" not in b.columns or "meter_id" not in b.columns:
                 raise ContractError(column_map_help(
                     f"readings file {str(p)!r}", list(b.columns),
-                    [c for c in ("meter_id", "timestamp") if c not in b.columns], (), "ingest.column_map"))
+                    [c for c in ("meter_id", "timestamp") if c not in b.columns], (), "column_map"))
             ts = _parse_timestamps(b["timestamp"], config.timestamp_format, config.timezone)
             tally.add(b["timestamp"], ts)
             mi = meter_ids.get_indexer(b["meter_id"].astype(str).to_numpy(dtype=object))
@@ -1193,11 +1193,11 @@ def _check_readings_file(path: Path, config: IngestConfig) -> None:
     if config.readings_layout == "channel" and "channel" not in columns and "uom" not in columns:
         missing.append("channel")  # or uom: one of the two names the channel
     if missing:
-        msg = column_map_help(f"readings file {name!r}", header, missing, optional, "ingest.column_map")
+        msg = column_map_help(f"readings file {name!r}", header, missing, optional, "column_map")
         channel_like = guess_column_map(header, ("channel", "uom", "value"))
         if config.readings_layout == "wide" and "value" in channel_like.values() and len(channel_like) > 1:
             msg += (
-                '\nIts header looks like an MDM channel export (one row per meter, channel and interval): set '
+                '. Its header looks like an MDM channel export (one row per meter, channel and interval): set '
                 '[ingest] readings_layout = "channel" and map meter_id, channel and/or uom, timestamp, value and '
                 "multiplier"
             )
@@ -1398,7 +1398,7 @@ def _read_meters(
     missing = [c for c in contract.METERS_REQUIRED if c not in table.columns]
     if missing:
         raise ContractError(column_map_help(f"meters table {name!r}", header, missing, contract.METERS_OPTIONAL,
-                                            "ingest.meters_column_map"))
+                                            "meters_column_map"))
     phase, mapping = normalise_phases(table["phase"], table["meter_id"].astype(str), f"meters table {name!r}")
     table = table.assign(phase=phase)
     if mapping:

@@ -3,8 +3,8 @@
 Used by :mod:`phaseid_hpc.ingest` before any read reaches the store:
 
 * :func:`column_map_help`: the message for a table that lacks required columns: the table's real header and
-  the TOML lines (``[ingest.column_map]`` / ``[ingest.meters_column_map]``) that fix it, with a best guess
-  for common head-end names (``MeterID``, ``ReadTime``, ``Voltage``, ``XfmrID``, ...);
+  the TOML (``column_map = { MeterID = "meter_id" }`` in ``[ingest]``, or ``meters_column_map``) that
+  fixes it, with a best guess for common head-end names (``MeterID``, ``ReadTime``, ``Voltage``, ``XfmrID``, ...);
 * :func:`guess_timestamp_format`: a strftime format that parses every example of a column that ISO 8601
   did not;
 * :func:`pivot_channels`: an MDM interval export (one row per meter, channel, interval end, value,
@@ -113,10 +113,19 @@ def _toml_key(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
 
 
+def _inline_table(pairs: Mapping[str, str]) -> str:
+    """A TOML inline table (one line): ``{ MeterID = "meter_id", "Read Time" = "timestamp" }``."""
+    return "{ " + ", ".join(f"{_toml_key(k)} = {json.dumps(v)}" for k, v in pairs.items()) + " }"
+
+
 def column_map_help(
-    what: str, header: Sequence[str], missing: Sequence[str], optional: Sequence[str], section: str
+    what: str, header: Sequence[str], missing: Sequence[str], optional: Sequence[str], key: str
 ) -> str:
     """Error text for a table that lacks required columns: its real header and the TOML that fixes it.
+
+    One line (the command line prints errors as one line): the TOML is an inline table for the ``[ingest]``
+    table of the run config, ``column_map = { MeterID = "meter_id", ReadTime = "timestamp" }`` (the same
+    as a ``[ingest.column_map]`` table with one line per name).
 
     Parameters
     ----------
@@ -128,19 +137,21 @@ def column_map_help(
         Required contract columns not found.
     optional : sequence of str
         Optional contract columns also worth guessing (``kw``, ``lat``, ...).
-    section : str
-        Config table that holds the mapping (``ingest.column_map`` or ``ingest.meters_column_map``).
+    key : str
+        The ``[ingest]`` key that holds the mapping (``column_map`` or ``meters_column_map``).
     """
     guess = guess_column_map(header, list(missing) + [c for c in optional if c not in header])
-    lines = [f"[{section}]"]
-    lines += [f'{_toml_key(h)} = "{c}"' for h, c in guess.items()]
     unguessed = [c for c in missing if c not in guess.values()]
-    lines += [f'# COLUMN_NAME = "{c}"   # which column of the header holds {c}?' for c in unguessed]
     shown = list(header[:30]) + ([f"... ({len(header) - 30} more)"] if len(header) > 30 else [])
-    return (
-        f"{what}: missing required column(s) {list(missing)}; its header is {shown}. "
-        f"Map the head-end's names to the contract's in the run config (--config FILE):\n" + "\n".join(lines)
-    )
+    text = f"{what}: missing required column(s) {list(missing)}; its header is {shown}. "
+    if guess:
+        text += f"Map the names in the run config (--config FILE), under [ingest]: {key} = {_inline_table(guess)}"
+    else:
+        text += f"Map the names in the run config (--config FILE), under [ingest]: {key} = {{ NAME = \"CONTRACT_NAME\" }}"
+    if unguessed and guess:
+        text += (f"; no header name looks like {unguessed}: add NAME = \"{unguessed[0]}\" for the column that holds "
+                 "it")
+    return text
 
 
 def guess_timestamp_format(examples: Sequence[str]) -> list[str]:
@@ -349,12 +360,12 @@ def _resolve_channels(
         guesses = []
         for i in order:
             g = _guess_quantity(str(units[i])) or _guess_quantity(str(chans[i]))
-            guesses.append(f'{_toml_key(str(chans[i] or units[i]))} = "{g or "QUANTITY"}"'
-                           + ("" if g else f"   # one of {list(CHANNEL_QUANTITIES)}"))
+            guesses.append(f'{_toml_key(str(chans[i] or units[i]))} = "{g or "QUANTITY"}"')
         raise ContractError(
             f"{source}: {int(rows_of[unknown].sum())} rows of channels that [ingest] channel_map does not name "
-            f"({listed}). Map each channel (or unit) to a quantity, or list it in [ingest] channel_ignore, e.g.:\n"
-            "[ingest.channel_map]\n" + "\n".join(guesses)
+            f"({listed}). Map each channel (or unit) to a quantity, or list it in [ingest] channel_ignore; e.g. "
+            f"under [ingest]: channel_map = {{ {', '.join(guesses)} }}" + (f" (QUANTITY: one of {list(CHANNEL_QUANTITIES)})"
+                                                                          if "QUANTITY" in " ".join(guesses) else "")
         )
     return p_codes, qty, names, skip, rows_of
 

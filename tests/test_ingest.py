@@ -477,11 +477,12 @@ def test_chunk_fast_path_equals_zarr_api(tmp_path, monkeypatch):
 DATA = Path(__file__).parent / "data"
 
 
-def _toml_block(message: str, section: str) -> dict:
-    """The TOML an error message proposes, parsed (from its ``[section]`` line to the end)."""
+def _proposed_toml(message: str, key: str) -> dict:
+    """The ``[ingest]`` inline table ``key = { ... }`` an error message proposes, parsed."""
     import tomllib
 
-    return tomllib.loads(message[message.index(f"[{section}]"):])
+    start = message.index(f"{key} = {{")
+    return tomllib.loads(message[start : message.index("}", start) + 1])[key]
 
 
 def test_head_end_column_names_error_shows_header_and_the_toml_that_fixes_it(files, tmp_path):
@@ -497,13 +498,14 @@ def test_head_end_column_names_error_shows_header_and_the_toml_that_fixes_it(fil
     msg = str(err.value)
     assert "headend.csv" in msg and "['MeterID', 'ReadTime', 'Voltage', 'Demand kW']" in msg
     assert "missing required column(s) ['meter_id', 'timestamp', 'voltage_v']" in msg
-    fix = _toml_block(msg, "ingest.column_map")["ingest"]["column_map"]
+    assert "\n" not in msg  # one line, as every data error
+    fix = _proposed_toml(msg, "column_map")
     assert fix == {"MeterID": "meter_id", "ReadTime": "timestamp", "Voltage": "voltage_v", "Demand kW": "kw"}
     r = ingest_files(head_end, meters, tmp_path / "s.zarr", config=IngestConfig(column_map=fix))
     assert r.rows_written == r.rows_read == len(df)
     assert "kw" in S.open_store(tmp_path / "s.zarr").data_vars
     # a frame (the broker's path) gets the same help
-    with pytest.raises(ContractError, match=r"\[ingest.column_map\]\nMeterID = \"meter_id\""):
+    with pytest.raises(ContractError, match=r"under \[ingest\]: column_map = \{ MeterID = \"meter_id\", "):
         ingest_frame(tmp_path / "s.zarr", df, source="queue")
 
 
@@ -518,7 +520,8 @@ def test_meters_column_names_error_and_phase_spellings(files, tmp_path):
         ingest_files(readings, path, tmp_path / "s.zarr")
     msg = str(err.value)
     assert "gis.csv" in msg and "'MeterNo', 'Circuit', 'XfmrID', 'Phasing'" in msg
-    fix = _toml_block(msg, "ingest.meters_column_map")["ingest"]["meters_column_map"]
+    assert "\n" not in msg
+    fix = _proposed_toml(msg, "meters_column_map")
     assert fix == {"MeterNo": "meter_id", "Circuit": "feeder_id", "XfmrID": "transformer_id", "Phasing": "phase"}
     r = ingest_files(readings, path, tmp_path / "s.zarr", config=IngestConfig(meters_column_map=fix))
     assert r.phase_labels == {"1": "A", "3": "C", "a": "A", "b-n": "B"}
@@ -704,7 +707,7 @@ def test_mdm_unknown_channel_is_an_error_naming_it(tmp_path):
         ingest_files(DATA / "mdm_interval_export.csv", mdm_meters(tmp_path), tmp_path / "s.zarr", config=cfg)
     msg = str(err.value)
     assert "mdm_interval_export.csv" in msg and "channel '9' uom 'DEGC': 32 rows" in msg
-    assert "channel_ignore" in msg and '[ingest.channel_map]\n9 = "QUANTITY"' in msg
+    assert "channel_ignore" in msg and 'channel_map = { 9 = "QUANTITY" }' in msg and "\n" not in msg
     assert not (tmp_path / "s.zarr").exists()
 
 
