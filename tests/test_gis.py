@@ -154,9 +154,21 @@ def pg():
             with c.cursor() as cur:
                 cur.executemany("INSERT INTO gis.meters VALUES (%s, %s, %s, %s, %s, %s, %s)", GIS_ROWS)
             c.execute("CREATE TABLE gis.poles (pole_id text PRIMARY KEY)")
+            # Stand-ins for PostGIS (not installed here): a type named geometry and the four functions the
+            # reader calls, so the geometry-column path is exercised (not PostGIS itself).
+            c.execute("CREATE DOMAIN public.geometry AS point")
+            for fn, body in (("st_x", "($1::point)[0]"), ("st_y", "($1::point)[1]")):
+                c.execute(f"CREATE FUNCTION public.{fn}(geometry) RETURNS double precision LANGUAGE sql "
+                          f"IMMUTABLE AS 'SELECT {body}'")
+            c.execute("CREATE FUNCTION public.st_srid(geometry) RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 4326'")
+            c.execute("CREATE FUNCTION public.st_transform(geometry, integer) RETURNS geometry LANGUAGE sql "
+                      "IMMUTABLE AS 'SELECT $1'")
+            c.execute("CREATE TABLE gis.meters_geom (meter_no text, phasing text, geom geometry)")
+            c.execute("INSERT INTO gis.meters_geom VALUES ('M1', 'A', point(-97.74312, 30.26741)), ('M2', 'B', NULL)")
             c.execute("CREATE VIEW gis.meters_fdr12 AS SELECT * FROM gis.meters WHERE feeder = 'FDR-12'")
             c.execute(f"GRANT USAGE ON SCHEMA gis TO {', '.join(roles.values())}")
-            c.execute(f"GRANT SELECT ON gis.meters, gis.meters_fdr12 TO {roles['ro']}, {roles['schema_rw']}")
+            c.execute(f"GRANT SELECT ON gis.meters, gis.meters_fdr12, gis.meters_geom TO {roles['ro']}, "
+                      f"{roles['schema_rw']}")
             c.execute(f"GRANT SELECT, INSERT, UPDATE ON gis.meters TO {roles['rw']}")
             c.execute(f"GRANT UPDATE ON gis.poles TO {roles['schema_rw']}")
         yield {"db": db, "roles": roles, "psycopg": psycopg}
@@ -262,3 +274,10 @@ def test_ingest_without_meters_names_both_ways(tmp_path, capsys):
                "--store", str(tmp_path / "s.zarr")])
     assert rc == 2 and "--meters FILE|URL or set [ingest] meters_database" in capsys.readouterr().err
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_geometry_column_gives_lat_lon(pg):
+    got = read_meters_source(url(pg, "ro", table="gis.meters_geom"), environ=ENV)
+    assert list(got.table.columns) == ["meter_no", "phasing", "lat", "lon"]
+    np.testing.assert_allclose(got.table[["lat", "lon"]].to_numpy(np.float64)[0], [30.26741, -97.74312])
+    assert got.table[["lat", "lon"]].iloc[1].isna().all()
