@@ -146,7 +146,9 @@ def _read_vector(path: Path) -> MetersSource:
         gdf = gpd.read_file(path)
     except Exception as exc:  # noqa: BLE001 - GDAL's errors are many: name the file and pass its message on
         raise ContractError(f"meters file {str(path)!r} cannot be read as a vector file: {exc}") from None
-    notes = []
+    notes: list[str] = []
+    if not isinstance(gdf, gpd.GeoDataFrame) or gdf.active_geometry_name is None:
+        return MetersSource(pd.DataFrame(gdf), str(path), notes)  # an attribute table: no geometry
     table = pd.DataFrame(gdf.drop(columns=gdf.geometry.name))
     geom = gdf.geometry
     if len(gdf) and geom.notna().any():

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from phaseid_hpc import store as S
@@ -83,6 +84,9 @@ def test_geopackage_in_a_projected_crs_is_transformed(geopandas, tmp_path):
     np.testing.assert_allclose(got.table["lat"], lat, atol=1e-9)
     np.testing.assert_allclose(got.table["lon"], lon, atol=1e-9)
     assert any("EPSG:3857" in n for n in got.notes)
+    pyogrio = pytest.importorskip("pyogrio")
+    pyogrio.write_dataframe(pd.DataFrame({"meter_id": ["x", "y"]}), tmp_path / "attributes.gpkg")
+    assert read_meters_source(tmp_path / "attributes.gpkg").table["meter_id"].tolist() == ["x", "y"]  # no geometry
     lines = geopandas.GeoDataFrame({"meter_id": ["m1"]}, geometry=[LineString([(0, 0), (1, 1)])], crs=4326)
     lines.to_file(tmp_path / "lines.geojson", driver="GeoJSON")
     with pytest.raises(ContractError, match=r"lines.geojson.*row 1 has a LineString geometry"):
