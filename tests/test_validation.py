@@ -401,3 +401,30 @@ def test_one_noisy_meter_is_not_a_winding_fault(block):
     row = int(np.flatnonzero((block["meters"]["transformer_id"] == "T_ok4").to_numpy())[0])
     v[row, 4 * STEPS_PER_DAY :] *= 1 + 0.01 * rng.standard_normal(N_TIME - 4 * STEPS_PER_DAY)
     assert not any("correlation_loss" in c for c in _codes(_run(dict(block, voltage=v))))
+
+
+def test_array_api_strict_block_gives_the_numpy_table(block):
+    """The (n_meters, n_time) arrays may come in any array-API namespace (CuPy on a GPU worker)."""
+    xps = pytest.importorskip("array_api_strict")
+    out = validate_transformers(
+        xps.asarray(block["kw"]),
+        xps.asarray(0.3 * block["kw"]),
+        xps.asarray(block["voltage"]),
+        block["meters"],
+        block["transformers"],
+        block["times"],
+        references=block["references"],
+    ).set_index("transformer_id")
+    ref = validate_transformers(
+        block["kw"],
+        0.3 * block["kw"],
+        block["voltage"],
+        block["meters"],
+        block["transformers"],
+        block["times"],
+        references=block["references"],
+    ).set_index("transformer_id")
+    num = ref.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(out[num], ref[num], rtol=1e-6, atol=1e-6)
+    assert list(out["flag_codes"]) == list(ref["flag_codes"])
+    assert (out["voltage_step_time"].isna() | (out["voltage_step_time"] == ref["voltage_step_time"])).all()
