@@ -1065,8 +1065,7 @@ def _channel_batches(
     path: Path, config: IngestConfig, columns: Sequence[str] | None, pivots: list[Any] | None
 ) -> Iterator[pd.DataFrame]:
     if path.suffix.lower() in (".parquet", ".pq"):
-        raw = pd.read_parquet(path).astype(object)
-        raw = raw.where(raw.notna(), None)
+        raw = pd.read_parquet(path)
     else:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     raw = raw.rename(columns=config.column_map)

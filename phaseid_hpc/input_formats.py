@@ -497,7 +497,7 @@ def _wide_rows(
     present = set(wide.columns)
     out = pd.DataFrame({
         "meter_id": np.asarray(meters, dtype=object)[wide.index.get_level_values("m")],
-        "timestamp": np.asarray(stamps, dtype=object)[wide.index.get_level_values("t")],
+        "timestamp": pd.Index(stamps)[wide.index.get_level_values("t")],  # as read: text or datetimes
     })
     for j, c in enumerate(_COLUMNS):
         if j in present:

@@ -755,3 +755,24 @@ def test_mapped_meter_ids_keep_leading_zeros(tmp_path):
     table, name = _read_meters(path, cfg, report)
     assert table.loc[0, ["meter_id", "feeder_id", "transformer_id", "phase"]].tolist() == ["000123", "07", "0042", "AB"]
     assert name == str(path) and report.phase_labels == {"1.2": "AB"}
+
+
+def test_mdm_export_as_parquet_with_typed_columns(tmp_path):
+    """Integer channel numbers, float values and tz-aware interval ends (a Parquet export) pivot the same."""
+    export = pd.read_csv(DATA / "mdm_interval_export.csv", dtype=str)
+    typed = export.assign(
+        ChannelID=export["ChannelID"].astype(int), IntervalValue=export["IntervalValue"].astype(float),
+        Multiplier=export["Multiplier"].astype(int),
+        IntervalEndTime=pd.to_datetime(export["IntervalEndTime"], format="%m/%d/%Y %H:%M").dt.tz_localize(
+            "America/Chicago"),
+    )
+    typed.to_parquet(tmp_path / "export.parquet")
+    meters = mdm_meters(tmp_path)
+    a = ingest_files(DATA / "mdm_interval_export.csv", meters, tmp_path / "a.zarr", config=mdm_config())
+    b = ingest_files(tmp_path / "export.parquet", meters, tmp_path / "b.zarr",
+                     config=mdm_config(timestamp_format="", channel_map={"1": "kwh", "2": "kvarh", "3": "voltage_v"},
+                                       channel_ignore=["9"]))
+    assert (a.rows_written, a.quarantined) == (b.rows_written, b.quarantined)
+    assert b.channel_rows_ignored == {"9 (DEGC)": 32}
+    for v in ("voltage", "kw", "kvar"):
+        np.testing.assert_array_equal(load(tmp_path / "a.zarr")[v], load(tmp_path / "b.zarr")[v], err_msg=v)
