@@ -139,7 +139,7 @@ def health_trial(feeder: dict, n_t: int, share: float, tap_pct: float, winding_p
     return out
 
 
-def delta_cost(n_meters: int, days: float, seed: int, workdir: Path) -> dict:
+def delta_cost(n_meters: int, days: float, seed: int, workdir: Path, repeat: int = 3) -> dict:
     """Full run, then a delta run after one event on one feeder: wall time of each and the feeder's share.
 
     A generated utility (several feeders, one block at the default block size) is ingested; one meter of
@@ -175,19 +175,25 @@ def delta_cost(n_meters: int, days: float, seed: int, workdir: Path) -> dict:
     ingest_files([str(export / "readings.parquet")], export / "meters.csv", store,
                  transformers_path=export / "transformers.csv", references_path=export / "references.parquet")
     config = load_config(environ={})
-    tic = time.perf_counter()
-    full = run_job(store, workdir / "full", config=config, report=False)
-    full_s = time.perf_counter() - tic
-    tic = time.perf_counter()
-    delta = run_delta(store, workdir / "delta", since=workdir / "full", config=config, report=False,
-                      events=write_events(events, workdir / "events.csv"))
-    delta_s = time.perf_counter() - tic
-    got = pd.read_parquet(workdir / "delta" / "meters.parquet").set_index("meter_id").loc[mid]
+    full_t, delta_t = [], []
+    for r in range(repeat):  # alternating, fresh folders: medians of each
+        tic = time.perf_counter()
+        full = run_job(store, workdir / f"full{r}", config=config, report=False)
+        full_t.append((time.perf_counter() - tic, full.timings_s["blocks_wall"]))
+        tic = time.perf_counter()
+        delta = run_delta(store, workdir / f"delta{r}", since=workdir / f"full{r}", config=config, report=False,
+                          events=write_events(events, workdir / "events.csv"))
+        delta_t.append((time.perf_counter() - tic, delta.timings_s["blocks_wall"]))
+    full_s, full_blocks_s = np.median(np.array(full_t), axis=0)
+    delta_s, delta_blocks_s = np.median(np.array(delta_t), axis=0)
+    got = pd.read_parquet(workdir / "delta0" / "meters.parquet").set_index("meter_id").loc[mid]
     share = float((truth["feeder_id"] == small).mean())
     return {"meters": n_meters, "feeders": int(truth["feeder_id"].nunique()), "days": days,
             "blocks_full": full.n_blocks, "affected_feeder_meters": int((truth["feeder_id"] == small).sum()),
-            "affected_share": share, "full_s": full_s, "delta_s": delta_s, "delta_over_full": delta_s / full_s,
-            "full_blocks_s": full.timings["blocks_wall"], "delta_blocks_s": delta.timings["blocks_wall"],
+            "affected_share": share, "full_s": float(full_s), "delta_s": float(delta_s),
+            "delta_over_full": float(delta_s / full_s),
+            "full_blocks_s": float(full_blocks_s), "delta_blocks_s": float(delta_blocks_s),
+            "delta_blocks_over_full": float(delta_blocks_s / full_blocks_s), "repeats": repeat,
             "moved_found": bool(contract.REASON_PHASE_CHANGED_AT_RESTORATION in got["reasons"]
                                 and got["phase"] == changes["phase_after"].iloc[0])}
 

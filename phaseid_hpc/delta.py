@@ -7,7 +7,8 @@ updating GIS. A nightly delta run takes the previous results and an events file 
    (:func:`delta_plan`);
 2. recomputes only those feeders' rows of the store, not the whole blocks they sit in
    (:func:`affected_blocks`), with ``[changes] events_file`` set to the events, so that the window after a
-   restoration decides the answer of a meter with one (:mod:`phaseid_hpc.changes`);
+   restoration decides the answer of a meter with one (:mod:`phaseid_hpc.changes`; the change-point search
+   of meters without events is left to the full run unless asked for);
 3. copies every other feeder's rows from the previous results unchanged, and writes to ``run.log`` and
    ``summary.json`` which feeders and meters were recomputed and why (:func:`run_delta`).
 """
@@ -138,6 +139,7 @@ def run_delta(
     since: str | os.PathLike[str] | None,
     events: str | os.PathLike[str] | None,
     config: RunConfig | None = None,
+    change_points: bool = False,
     **kwargs: Any,
 ) -> Any:
     """Recompute the feeders with events and merge with the previous results into ``out``.
@@ -151,6 +153,9 @@ def run_delta(
     events : path-like
         ``events.csv`` (see :func:`~phaseid_hpc.changes.read_events`); it becomes ``[changes] events_file``.
     config : RunConfig, optional
+    change_points : bool
+        Also search the recomputed feeders' meters without events for change points (``[changes]
+        change_point``). Off by default: the full run does it, and a delta run answers the events.
     **kwargs
         Passed to :func:`~phaseid_hpc.pipeline.run_job` (client, progress, ...).
 
@@ -172,7 +177,7 @@ def run_delta(
     feeders = sorted(plan["feeder_id"].unique().tolist())
     config = config or RunConfig()
     config = dataclasses.replace(config, changes=dataclasses.replace(
-        config.changes, events_file=str(Path(events).resolve())))
+        config.changes, events_file=str(Path(events).resolve()), change_point=change_points))
     summary = run_job(store, out, feeders=feeders, previous=since, config=config, **kwargs)
     out_dir = Path(out)
     meters = pd.read_parquet(out_dir / "meters.parquet")
