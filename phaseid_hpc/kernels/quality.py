@@ -583,49 +583,10 @@ def estimate_clock_offsets(
     if n_m == 0 or n_t < 3:
         nan = xp.full((n_m,), xp.nan, dtype=voltage_pu.dtype)
         return nan, nan, nan
-    d = voltage_pu[:, 1:] - voltage_pu[:, :-1] if diff is None else diff
-    if isinstance(d, np.ndarray):
-        # row sums find the rows that may hold a NaN (a NaN always propagates); d0 * d0 row sums in
-        # cache-sized chunks (the same pairwise sums as a whole-block product, without the temporary)
-        suspect = np.flatnonzero(~np.isfinite(d.sum(axis=1)))
-        n_pairs = np.full(n_m, n_t - 1, dtype=np.int64)
-        if suspect.size:
-            md = ~np.isnan(d)
-            d0 = np.where(md, d, 0.0).astype(d.dtype, copy=False)
-            mf = md.astype(d.dtype)
-            n_pairs[suspect] = _count(md[suspect], 1)
-            del md
-        else:
-            d0, mf = d, None
-        dd = np.empty(n_m, dtype=d.dtype)
-        ch = max(1, (1 << 18) // max(n_t, 1))
-        tmp = np.empty((min(ch, n_m), n_t - 1), dtype=d.dtype)
-        for i in range(0, n_m, ch):
-            blk = d0[i : i + ch]
-            t = tmp[: blk.shape[0]]
-            np.multiply(blk, blk, out=t)
-            dd[i : i + ch] = t.sum(axis=1)
-        diffs = (d, d0, mf, n_pairs, dd)
-    else:
-        md = ~xp.isnan(d)
-        if bool(xp.all(md)):  # nothing missing: d0 is d and every meter's mask is all ones (mf None)
-            d0, mf = d, None
-        else:
-            d0 = xp.where(md, d, xp.zeros_like(d))
-            mf = xp.astype(md, d.dtype)
-        diffs = (d, d0, mf, _count(md, 1), xp.sum(d0 * d0, axis=1))
-        del md
+    diffs = _differenced(voltage_pu[:, 1:] - voltage_pu[:, :-1] if diff is None else diff)
+    d = diffs[0]
     rows_list = _group_rows(groups)
-    labels = np.unique(_host(groups))
-    ref_rows: list[list[int]] = [[] for _ in rows_list]
-    if references is not None:
-        if reference_groups is None:
-            raise ValueError("reference_groups is required with references")
-        rg = _host(reference_groups).reshape(-1)
-        for j, lab in enumerate(rg.tolist()):
-            hit = np.flatnonzero(labels == lab)
-            if hit.size:
-                ref_rows[int(hit[0])].append(j)
+    ref_rows = _reference_rows_of_groups(groups, references, reference_groups, len(rows_list))
     need_median = any(not r for r in ref_rows)
     nan = xp.full((n_m,), xp.nan, dtype=voltage_pu.dtype)
     off, corr, se = nan, nan, nan
@@ -654,6 +615,60 @@ def estimate_clock_offsets(
             best_r = xp.where(take, c_k, best_r)
             off, corr, se = xp.where(take, o_k, off), xp.where(take, c_k, corr), xp.where(take, s_k, se)
     return off, corr, se
+
+
+def _differenced(d: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """``(d, d0, mask, n_pairs, dd)`` of the differenced series ``d`` (n_meters, n_time - 1): ``d0`` with NaN
+    as 0, the float mask of valid samples (None where every sample is valid), valid samples and ``d0 . d0``
+    per meter.
+
+    On NumPy, row sums find the rows that may hold a NaN (a NaN always propagates) and the ``d0 . d0`` row
+    sums run in cache-sized chunks (the same pairwise sums as a whole-block product, without the temporary).
+    """
+    xp = array_namespace(d)
+    n_m, n_t = d.shape[0], d.shape[1] + 1
+    if not isinstance(d, np.ndarray):
+        md = ~xp.isnan(d)
+        if bool(xp.all(md)):  # nothing missing: d0 is d and every meter's mask is all ones (mf None)
+            return d, d, None, _count(md, 1), xp.sum(d * d, axis=1)
+        d0 = xp.where(md, d, xp.zeros_like(d))
+        return d, d0, xp.astype(md, d.dtype), _count(md, 1), xp.sum(d0 * d0, axis=1)
+    suspect = np.flatnonzero(~np.isfinite(d.sum(axis=1)))
+    n_pairs = np.full(n_m, n_t - 1, dtype=np.int64)
+    if suspect.size:
+        md = ~np.isnan(d)
+        d0 = np.where(md, d, 0.0).astype(d.dtype, copy=False)
+        mf = md.astype(d.dtype)
+        n_pairs[suspect] = _count(md[suspect], 1)
+        del md
+    else:
+        d0, mf = d, None
+    dd = np.empty(n_m, dtype=d.dtype)
+    ch = max(1, (1 << 18) // max(n_t, 1))
+    tmp = np.empty((min(ch, n_m), n_t - 1), dtype=d.dtype)
+    for i in range(0, n_m, ch):
+        blk = d0[i : i + ch]
+        t = tmp[: blk.shape[0]]
+        np.multiply(blk, blk, out=t)
+        dd[i : i + ch] = t.sum(axis=1)
+    return d, d0, mf, n_pairs, dd
+
+
+def _reference_rows_of_groups(
+    groups: Any, references: Any | None, reference_groups: Any | None, n_groups: int
+) -> list[list[int]]:
+    """Rows of ``references`` of each group (in ascending label order, as :func:`_group_rows`)."""
+    ref_rows: list[list[int]] = [[] for _ in range(n_groups)]
+    if references is None:
+        return ref_rows
+    if reference_groups is None:
+        raise ValueError("reference_groups is required with references")
+    labels = np.unique(_host(groups))
+    for j, lab in enumerate(_host(reference_groups).reshape(-1).tolist()):
+        hit = np.flatnonzero(labels == lab)
+        if hit.size:
+            ref_rows[int(hit[0])].append(j)
+    return ref_rows
 
 
 def _clock_offsets_once(
@@ -728,6 +743,27 @@ def _clock_offsets_once(
         X, E, P1, P2 = (xp.take(a, back, axis=0) for a in (X, E, P1, P2))
         n_contrib = n_contrib[np.argsort(order, kind="stable")]
     n_contrib = xp.asarray(n_contrib)
+    return _centroid_fit(X, E, P1, P2, dd, n_pairs, n_contrib, K, min_pairs, min_correlation, min_meters)
+
+
+def _centroid_fit(
+    X: Any,
+    E: Any,
+    P1: Any,
+    P2: Any,
+    dd: Any,
+    n_pairs: Any,
+    n_contrib: Any,
+    K: int,
+    min_pairs: int,
+    min_correlation: float,
+    min_meters: int,
+) -> tuple[Any, Any, Any]:
+    """The best integer lag, the three-tap least-squares fit around it and its centroid, with its standard
+    error (see :func:`estimate_clock_offsets`). ``X`` holds the products of each meter with the shifted
+    common signals, ``E, P1, P2`` the Gram rows (lags, neighbouring lags, lags two apart)."""
+    xp = array_namespace(X)
+    dt = X.dtype
     # integer lag: columns 1 .. nl-2 of X are lags -K .. K
     tiny = xp.asarray(1e-300 if dt == xp.float64 else 1e-30, dtype=dt)
     r = X[:, 1:-1] / xp.sqrt(xp.maximum(E[:, 1:-1] * dd[:, None], tiny))
