@@ -563,13 +563,14 @@ def candidate_correlations(
     alt = s * xp.astype(inv, xp.float32)[None, :]
     alt = set_pairs(alt, assign, xp.astype(own_corr, xp.float32))
     if distance_penalty is not None:
-        alt = alt + distance_penalty
+        alt += distance_penalty
     if own_excluded is not None:
         rows = xp.nonzero(own_excluded)[0]
         alt = set_pairs(alt, xp.take(assign, rows), float("nan"), rows=rows)
-    alt = xp.where((zz <= 0)[:, None], xp.nan, alt)
+    alt[zz <= 0] = xp.nan
     alt = set_pairs(alt, gis_index, float("nan"))
-    return xp.where(xp.isnan(alt), -xp.inf, alt)
+    alt[xp.isnan(alt)] = -xp.inf
+    return alt
 
 
 def best_two(alt: Any) -> tuple[Any, Any, Any, Any]:
@@ -832,9 +833,13 @@ def partial_from_dots(xt: Any, xc: Any, tc: Any, xx: Any, tt: Any, cc: Any) -> A
         ``(r_xt - r_xc r_tc) / sqrt((1 - r_xc^2)(1 - r_tc^2))`` with ``r_ab = a.b / sqrt(a.a b.b)``; NaN where
         a norm is 0 or ``x`` or ``t`` is (nearly) collinear with ``c``.
     """
-    arrays = [a for a in (xt, xc, tc, xx, tt, cc) if not isinstance(a, (int, float))]
-    xp = array_namespace(*arrays) if arrays else array_namespace(np.asarray(0.0))
-    xt, xc, tc, xx, tt, cc = (xp.asarray(a, dtype=xp.float64) for a in (xt, xc, tc, xx, tt, cc))
+    first = next((a for a in (xt, xc, tc, xx, tt, cc) if not isinstance(a, (int, float))), np.float64(0.0))
+    xp = array_namespace(first)
+
+    def as64(a):
+        return a if getattr(a, "dtype", None) == xp.float64 else xp.asarray(a, dtype=xp.float64)
+
+    xt, xc, tc, xx, tt, cc = (as64(a) for a in (xt, xc, tc, xx, tt, cc))
 
     def _r(ab, aa, bb):
         ok = (aa > 0) & (bb > 0)
@@ -1004,15 +1009,13 @@ def split_off(
         if not len(cand):
             continue
         r_between = _between_correlation(c, small, cand)
-        split = fisher_z(r_between) / se[cand] < unrelated_se
-        for j in cand[split]:
+        split = cand[fisher_z(r_between) / se[cand] < unrelated_se]
+        c_split = to_numpy(xp.take(c, xp.asarray(split), axis=0))  # (B', k, k): a small host table
+        for j, cj in zip(split, c_split):
             ro = rank_order[j]
             # block order as the one-group cut lists it (Fiedler order)
             s_idx, l_idx = ro[small[j][ro]], ro[~small[j][ro]]
-            cj = c[int(j), ...]
-            if _coherent(cj, xp.asarray(l_idx), se[j], min_corr_se) and _coherent(
-                cj, xp.asarray(s_idx), se[j], min_corr_se
-            ):
+            if _coherent(cj, l_idx, se[j], min_corr_se) and _coherent(cj, s_idx, se[j], min_corr_se):
                 out[mem[j][s_idx]] = True
     return out
 
@@ -1075,15 +1078,17 @@ def _between_correlation(c: Any, small: np.ndarray, cand: np.ndarray) -> np.ndar
     return to_numpy(s_cross / xp.sqrt(xp.maximum(s_small * s_large, 1e-12)))
 
 
-def _coherent(c: Any, block: Any, se: float, min_corr_se: float) -> bool:
-    """Whether a block's members move with the block's pool (mean leave-one-out Fisher z > ``min_corr_se``)."""
-    xp = array_namespace(c)
-    if block.shape[0] < 2:
+def _coherent(c: np.ndarray, block: np.ndarray, se: float, min_corr_se: float) -> bool:
+    """Whether a block's members move with the block's pool (mean leave-one-out Fisher z > ``min_corr_se``).
+
+    ``c``: the group's ``(k, k)`` correlation matrix (host); ``block``: member positions in it.
+    """
+    if len(block) < 2:
         return True
-    sub = xp.take(xp.take(c, block, axis=0), block, axis=1)
-    tot = xp.sum(sub, axis=0)  # z_j . pool, pool including j
-    loo = (tot - 1.0) / xp.sqrt(xp.maximum(xp.sum(sub) - 2 * tot + 1.0, 1e-12))
-    return float(xp.mean(fisher_z(loo, xp=xp))) / se > min_corr_se
+    sub = c[np.ix_(block, block)]
+    tot = sub.sum(0)  # z_j . pool, pool including j
+    loo = (tot - 1.0) / np.sqrt(np.maximum(sub.sum() - 2 * tot + 1.0, 1e-12))
+    return float(np.mean(fisher_z(loo))) / se > min_corr_se
 
 
 # ---------------------------------------------------------------------------------------------------------
