@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Self
 
 import numpy as np
@@ -182,6 +183,16 @@ def run_capacity_block(
         ``n`` meters, ``timings`` [s] (``generate`` then the stages of
         :func:`~phaseid_hpc.pipeline.process_arrays`), ``score`` (:func:`~phaseid_hpc.score.score_frames`).
     """
+    from .synth.generator import heap_for_arrays
+
+    with heap_for_arrays():
+        return _capacity_block(block, subs, params, config, part_dir)
+
+
+def _capacity_block(
+    block: int, subs: list[tuple[int, list[tuple[int, int]]]], params: dict[str, Any], config: RunConfig,
+    part_dir: str,
+) -> dict[str, Any]:
     from threadpoolctl import threadpool_limits
 
     from .pipeline import process_arrays
@@ -193,14 +204,19 @@ def run_capacity_block(
     gen = {k: params[k] for k in ("seed", "measurement", "phase_error_rate", "transformer_error_rate",
                                   "pv_fraction")}
     region = _region(params["seed"], grid)
-    sims = [sim for sub_index, feeders in subs
-            for sim in simulate_substation(sub_index, feeders, grid, region=region, **gen)]
-    sims.sort(key=lambda s: s.feeder_id)  # store order: feeder, then (already) transformer, meter id
     model = params["measurement"]
     int16 = model is not None and model.resolution_v > 0 and abs(
         model.resolution_v / 0.1 - round(model.resolution_v / 0.1)) < 1e-9
-    voltage = np.concatenate([_stored_voltage(s.measured, int16) for s in sims]).astype(np.float64)
-    kw = np.concatenate([s.kw for s in sims]).astype(np.float64)  # the store keeps voltage and kw, not kvar
+    sims = []  # what the store keeps of each feeder (voltage as stored, kw; not kvar), the rest dropped at once
+    for sub_index, feeders in subs:
+        for sim in simulate_substation(sub_index, feeders, grid, region=region, **gen):
+            sims.append(SimpleNamespace(feeder_id=sim.feeder_id, meters=sim.meters, transformers=sim.transformers,
+                                        references=sim.references, kw=sim.kw,
+                                        voltage=_stored_voltage(sim.measured, int16)))
+            del sim
+    sims.sort(key=lambda s: s.feeder_id)  # store order: feeder, then (already) transformer, meter id
+    voltage = np.concatenate([s.voltage for s in sims]).astype(np.float64)
+    kw = np.concatenate([s.kw for s in sims]).astype(np.float64)
     truth = pd.concat([truth_table(s.meters, s.feeder_id) for s in sims], ignore_index=True)
     times = pd.DatetimeIndex(grid.times.tz_convert("UTC").tz_localize(None).as_unit("ns"))
     tables = _block_tables(sims, times, grid.interval_s)

@@ -238,3 +238,41 @@ def test_rooftop_pv_lowers_midday_net_load():
     assert (pv.kw < 0).any()  # export at noon
     night = local_hour < 4
     np.testing.assert_allclose(pv.kw[:, night], base.kw[:, night], rtol=1e-5)
+
+
+def test_store_bytes_do_not_depend_on_blocking_or_the_client(tmp_path):
+    """Whole chunks written by the tasks, block-edge chunks assembled by the client: the same bytes for any
+    block size, run here or on a Dask client (threads of one process, tasks finishing in any order)."""
+    distributed = pytest.importorskip("distributed")
+    kw = {"n_meters": 1400, "days": 1, "seed": 23, "feeder_meters": (100, 300), "write_readings": False}
+    generate_utility(tmp_path / "a", store=tmp_path / "a" / "s.zarr", meters_per_block=5000, **kw)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
+        generate_utility(tmp_path / "b", store=tmp_path / "b" / "s.zarr", meters_per_block=150, client=c, **kw)
+    digest = {k: v for k, v in _digest(tmp_path / "a").items() if "_phaseid" not in k}
+    assert len([k for k in digest if k.startswith("s.zarr/voltage/c/")]) >= 4
+    assert digest == {k: v for k, v in _digest(tmp_path / "b").items() if "_phaseid" not in k}
+    from phaseid_hpc.store import read_meter_block, validate_store
+
+    assert validate_store(tmp_path / "b" / "s.zarr", deep=True) == []
+    v = read_meter_block(tmp_path / "b" / "s.zarr", 0, 1400, ("voltage",))["voltage"]
+    assert np.isfinite(v).all() and 200 < np.nanmean(v) < 260
+
+
+def test_tree_sums_equal_the_path_matrix_products():
+    from phaseid_hpc.synth.powerflow import _path_matrix, path_sums, subtree_sums
+
+    rng = np.random.default_rng(3)
+    parent = np.concatenate([[-1], [rng.integers(0, k) for k in range(1, 60)]])
+    d = _path_matrix(parent).toarray()
+    load = rng.normal(size=(60, 4))
+    np.testing.assert_allclose(subtree_sums(parent, load.copy())[1:], (d.T @ load)[1:], rtol=1e-12)
+    load[0] = 0.0  # the bus has no section of its own (zero impedance in the generator's topologies)
+    np.testing.assert_allclose(path_sums(parent, load.copy()), d @ load, rtol=1e-12, atol=1e-12)
+
+
+def test_ar1_filter_equals_its_reference():
+    from phaseid_hpc.synth.loads import _ar1_filter_reference, ar1_filter
+
+    e = np.random.default_rng(1).standard_normal((7, 50)).astype(np.float32)
+    for phi in (0.9, np.exp(-0.125)):  # a Python float and a NumPy float64 promote differently
+        np.testing.assert_array_equal(ar1_filter(e, phi), _ar1_filter_reference(e, phi))
