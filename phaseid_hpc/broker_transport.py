@@ -361,6 +361,16 @@ class StompTransport:
                 raise BrokerConnectionLost(f"{what}: connection to {self.describe()} lost")
             raise BrokerError(f"{what}: broker {self.describe()} answered {failure}")
 
+    def _send(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Call ``self.conn.<method>``; a socket that is gone (the receiver thread closed it, the broker
+        dropped it) is a lost connection, whatever stomp.py raises for it."""
+        import stomp
+
+        try:
+            getattr(self.conn, method)(*args, **kwargs)
+        except (OSError, stomp.exception.StompException) as exc:
+            raise BrokerConnectionLost(f"{method} on {self.describe()} failed: connection lost ({exc!r})") from exc
+
     # -- the interface
     def connect(self) -> None:
         import stomp
@@ -381,9 +391,9 @@ class StompTransport:
             raise BrokerConnectionLost(f"broker {self.describe()} unreachable") from exc
         destination = f"/queue/{self.queue}" if self.declare_queue else f"/amq/queue/{self.queue}"
         rid, ev = self._new_receipt()
-        conn.subscribe(destination, id=self._sub_id, ack="client", receipt=rid,
-                       headers={"prefetch-count": str(self.prefetch_count), "durable": "true",
-                                "auto-delete": "false"})
+        self._send("subscribe", destination, id=self._sub_id, ack="client", receipt=rid,
+                   headers={"prefetch-count": str(self.prefetch_count), "durable": "true",
+                            "auto-delete": "false"})
         try:
             self._await(rid, ev, f"subscribe to {destination}")
         except BrokerConnectionLost as exc:  # RabbitMQ closes after an ERROR frame: say which
@@ -419,7 +429,7 @@ class StompTransport:
     def ack_through(self, delivery: Delivery) -> None:
         if not self.conn.is_connected():
             raise BrokerConnectionLost(f"connection to {self.describe()} lost before an ack")
-        self.conn.ack(delivery.tag)  # ack: client mode: cumulative
+        self._send("ack", delivery.tag)  # ack: client mode: cumulative
 
     def dead_letter(self, delivery: Delivery, headers: dict[str, str]) -> None:
         out = {k: str(v) for k, v in {**delivery.headers, **headers}.items()}
@@ -429,7 +439,7 @@ class StompTransport:
         if delivery.content_encoding:
             out["content-encoding"] = delivery.content_encoding
         rid, ev = self._new_receipt()
-        self.conn.send(f"/queue/{self.dead_letter_queue}", delivery.body, headers=out, receipt=rid)
+        self._send("send", f"/queue/{self.dead_letter_queue}", delivery.body, headers=out, receipt=rid)
         try:
             self._await(rid, ev, f"dead-letter publish to {self.dead_letter_queue!r}")
         except BrokerConnectionLost:
@@ -452,14 +462,16 @@ class StompTransport:
 
     def close(self) -> None:
         if self.conn is not None and self.conn.is_connected():
-            self.conn.unsubscribe(self._sub_id)
-            self.conn.disconnect()  # unacknowledged messages return to the queue
+            self._send("unsubscribe", self._sub_id)
+            # With a receipt, stomp.py returns once the broker has confirmed and its reader has stopped, so
+            # the socket is not closed under a later call. Unacknowledged messages return to the queue.
+            self._send("disconnect", receipt="phaseid-disconnect")
+        self.conn = None
 
     def abort(self) -> None:
-        import stomp
-
-        if self.conn is not None and self.conn.is_connected():
+        conn, self.conn = self.conn, None
+        if conn is not None and conn.is_connected():
             try:
-                self.conn.disconnect()
-            except stomp.exception.StompException:  # closing after an error must not hide that error
-                self.conn.transport.stop()
+                conn.disconnect()
+            except Exception:  # noqa: BLE001 - closing after an error must not hide that error
+                conn.transport.disconnect_socket()
