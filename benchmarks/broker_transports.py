@@ -24,9 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from amqp_ingest import encode, make_reads, publish  # noqa: E402
+from amqp_ingest import encode, make_reads, publish
 
-from phaseid_hpc.ingest_service import IngestServiceConfig, run_ingest_service  # noqa: E402
+from phaseid_hpc.ingest_service import IngestServiceConfig, run_ingest_service
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
 STOMP = "stomp://guest:guest@127.0.0.1:61613/%2F"
