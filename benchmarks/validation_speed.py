@@ -4,8 +4,8 @@ Two measurements (single process, NumPy; CPU seconds of this process, so a share
 not inflate them; the block also reports wall time):
 
 1. ``kernel``: top-oil/hot-spot model + ageing (what ``validate_transformers`` runs per transformer) for
-   ``--transformers`` units x ``--samples`` samples, in chunks of 4096 transformers as the labelled layer
-   does; the load is generated per chunk outside the timed region.
+   ``--transformers`` units x ``--samples`` samples, in chunks of 4096 transformers (the labelled layer
+   uses ``kernels.validation.THERMAL_CHUNK``); the load is generated per chunk outside the timed region.
 2. ``block``: ``validate_transformers`` end to end (gap filling, aggregation, thermal model, health checks,
    flags) on one synthetic block of ``--block-meters`` meters, scaled to 1M meters.
 
