@@ -44,7 +44,7 @@ def bench_kernel(n_tx: int, n_t: int, standard: str, chunk: int = 4096, seed: in
         k = np.abs(0.5 + 0.4 * daily + 0.1 * rng.standard_normal((m, n_t))).astype(np.float32)
         t0 = time.process_time()
         _, hot = model(k, 30.0, 15.0, **params)
-        rate = thermal.relative_aging_rate(hot)
+        rate = thermal.relative_aging_rate(hot, "thermally_upgraded")
         thermal.equivalent_aging_factor(rate)
         hot.max(axis=1)
         total += time.process_time() - t0

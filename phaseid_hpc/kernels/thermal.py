@@ -305,9 +305,7 @@ def ieee_temperatures(
     return top_oil, hot_spot
 
 
-def relative_aging_rate(
-    hot_spot_c: Any, insulation: Literal["thermally_upgraded", "normal"] = "thermally_upgraded"
-) -> Any:
+def relative_aging_rate(hot_spot_c: Any, insulation: Literal["thermally_upgraded", "normal"]) -> Any:
     """Relative ageing rate of the insulation.
 
     Parameters
@@ -327,7 +325,7 @@ def relative_aging_rate(
     Examples
     --------
     >>> import numpy as np
-    >>> [round(float(v), 3) for v in relative_aging_rate(np.asarray([110.0, 120.0]))]
+    >>> [round(float(v), 3) for v in relative_aging_rate(np.asarray([110.0, 120.0]), "thermally_upgraded")]
     [1.0, 2.709]
     """
     xp = array_namespace(hot_spot_c)

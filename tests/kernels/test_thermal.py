@@ -38,7 +38,7 @@ def test_iec_distribution_steady_state_hot_spot():
 
 
 def test_aging_rate_check_vectors():
-    f_aa = thermal.relative_aging_rate(np.asarray([110.0, 120.0]))
+    f_aa = thermal.relative_aging_rate(np.asarray([110.0, 120.0]), "thermally_upgraded")
     np.testing.assert_allclose(f_aa, [1.000, 2.709], atol=0.001)
     v = thermal.relative_aging_rate(np.asarray([98.0, 104.0, 92.0]), "normal")
     np.testing.assert_allclose(v, [1.0, 2.0, 0.5], rtol=1e-12)
@@ -178,7 +178,7 @@ def test_array_api_strict_matches_numpy(profiles):
         assert isinstance(hot_s, type(xps.asarray(0.0)))
         np.testing.assert_allclose(np.asarray(hot_s), hot_np, rtol=1e-12)
         np.testing.assert_allclose(np.asarray(oil_s), oil_np, rtol=1e-12)
-        rate = thermal.relative_aging_rate(hot_s)
+        rate = thermal.relative_aging_rate(hot_s, "thermally_upgraded")
         f = thermal.equivalent_aging_factor(rate)
         np.testing.assert_allclose(
             np.asarray(f), thermal.equivalent_aging_factor(np.asarray(rate)), rtol=1e-12
