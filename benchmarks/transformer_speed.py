@@ -8,11 +8,21 @@ Run::
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/transformer_speed.py --meters 3000 --days 30
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/transformer_speed.py --meters 3000 --days 30 --profile
+
+Before and after a change: save a copy of ``phaseid_hpc/transformer_mapping.py`` first, then
+``--baseline COPY`` times the copy and the working tree in alternation (same process, same data, so load on
+a shared machine hits both alike), reports both medians and their ratio, and checks that the two give
+identical tables::
+
+    cp phaseid_hpc/transformer_mapping.py /tmp/tm_before.py   # before the change
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/transformer_speed.py --meters 1500 --days 14 \
+        --repeat 9 --baseline /tmp/tm_before.py
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -75,6 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/phaseid-transformer-speed"))
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one run")
     ap.add_argument("--sort", default="cumulative", help="cProfile sort key (cumulative, tottime)")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a saved copy of phaseid_hpc/transformer_mapping.py to time against the working tree",
+    )
     args = ap.parse_args(argv)
     d = load_feeder(args.meters, args.days, args.seed, args.cache, args.error_rate)
     m = d["meters"]
@@ -95,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
         once()
         pr.disable()
         pstats.Stats(pr).sort_stats(args.sort).print_stats(35)
+    if args.baseline is not None:
+        return compare_with_baseline(args.baseline, d, cfg, args.repeat)
     cpu, wall = [], []
     for _ in range(args.repeat):
         c0, w0 = time.process_time(), time.perf_counter()
@@ -120,6 +138,39 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(out)
     return out
+
+
+def compare_with_baseline(path: Path, d: dict, cfg: TransformerConfig, repeat: int) -> dict:
+    """Median CPU time of a saved copy of the module and of the working tree, run in alternation."""
+    spec = importlib.util.spec_from_file_location("phaseid_hpc._baseline_transformer_mapping", path)
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    m = d["meters"].drop(columns="true_transformer_id")
+    runs = {"baseline": base.map_transformers, "current": map_transformers}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    out = {}
+    for r in range(repeat):
+        for name in sorted(runs, reverse=r % 2 == 1):  # alternate which goes first
+            c0 = time.process_time()
+            out[name] = runs[name](d["voltage"], m, cfg, kw=d["kw"], kvar=d["kvar"])
+            cpu[name].append(time.process_time() - c0)
+    same = all(
+        a.equals(b)
+        and a.attrs.get("diagnostics", pd.DataFrame()).equals(b.attrs.get("diagnostics", pd.DataFrame()))
+        for a, b in zip(out["baseline"], out["current"])
+    )
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    res = {
+        "n_meters": len(m),
+        "n_time": d["voltage"].shape[1],
+        "repeat": repeat,
+        "baseline_cpu_s_median": round(med["baseline"], 3),
+        "current_cpu_s_median": round(med["current"], 3),
+        "current_over_baseline": round(med["current"] / med["baseline"], 3),
+        "identical_tables": bool(same),
+    }
+    print(res)
+    return res
 
 
 if __name__ == "__main__":

@@ -468,8 +468,7 @@ def _judge_round(
     kappa, _, _ = tk.group_mean(zc_own, assign, (w > 0) & np.isfinite(zc_own), n_g)
     best, zb, runner_up, z2 = _best_candidates(corr_own, assign, gmask, pools, sig, lab, space, cfg)
     zo, kappa_o_loo = _gis_evidence(it, assign, w, gmask, pools, pools_gis, sig, lab)
-    gm_o = gmask[o]
-    phase_mis = (lab.pmask != 0) & (gm_o != 0) & ((lab.pmask & gm_o) == 0)
+    phase_mis = tk.phase_disjoint(lab.pmask, gmask[o])
     n_members = tk.group_sum(assign[w > 0], n_g)
     mc = tk.move_candidates(
         zb=zb,
@@ -532,8 +531,7 @@ def _best_candidates(corr_own, assign, gmask, pools, sig, lab, space, cfg):
     xp = array_namespace(sig.z)
     excluded = None
     if cfg.use_phase:
-        ga = gmask[assign]
-        excluded = xp.asarray(~(((lab.pmask & ga) != 0) | (lab.pmask == 0) | (ga == 0)))
+        excluded = xp.asarray(tk.phase_disjoint(lab.pmask, gmask[assign]))
     alt = tk.candidate_correlations(
         pools.s, xp.asarray(pools.pn2), xp.asarray(corr_own), xp.asarray(assign), xp.asarray(lab.gis_index),
         xp.asarray(sig.zz), distance_penalty=space.distance_penalty, own_excluded=excluded,

@@ -60,6 +60,7 @@ __all__ = [
     "orphan_components",
     "pair_reference",
     "partial_from_dots",
+    "phase_disjoint",
     "set_block",
     "set_pairs",
     "set_rows",
@@ -623,6 +624,11 @@ def group_phase_mask(letters: Any, assign: Any, weights: Any, n_groups: int) -> 
     return xp.sum(xp.astype(keep, xp.int64) * bits[None, :], axis=1)
 
 
+def phase_disjoint(a: Any, b: Any) -> Any:
+    """Whether two phase sets, as bits (0: unknown), are both known and share no phase (broadcasting)."""
+    return (a != 0) & (b != 0) & ((a & b) == 0)
+
+
 def far_from_groups(lat: Any, lon: Any, group_index: Any, n_groups: int, max_distance_m: float) -> Any | None:
     """Which groups are farther than ``max_distance_m`` from each meter (group centre: median lat/lon).
 
@@ -1116,11 +1122,7 @@ def orphan_components(corr: Any, se: Any, phase_bits: Any, *, min_corr_se: float
     """
     xp = array_namespace(corr)
     thr = min_corr_se * xp.maximum(se[:, None], se[None, :])
-    disjoint = (
-        (phase_bits[:, None] != 0)
-        & (phase_bits[None, :] != 0)
-        & ((phase_bits[:, None] & phase_bits[None, :]) == 0)
-    )
+    disjoint = phase_disjoint(phase_bits[:, None], phase_bits[None, :])
     link = to_numpy((fisher_z(corr, xp=xp) > thr) & ~disjoint)
     m = link.shape[0]
     np.fill_diagonal(link, True)

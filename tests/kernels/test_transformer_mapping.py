@@ -273,6 +273,8 @@ _RULES = {
 
 @BACKENDS
 def test_small_rules(xp):
+    got = to_np(tk.phase_disjoint(xp.asarray([1, 1, 0, 3, 4]), xp.asarray([2, 1, 2, 1, 0])))
+    np.testing.assert_array_equal(got, [True, False, False, False, False])
     np.testing.assert_allclose(to_np(tk.fisher_se(xp.asarray([106.0, 5.0]))), [0.1, 1 / math.sqrt(10)])
     got = to_np(tk.fisher_z_or(xp.asarray([0.5, -np.inf, np.nan]), -1.0))
     np.testing.assert_allclose(got, [math.atanh(0.5), -1.0, -1.0])
