@@ -4,8 +4,10 @@
 (:class:`GroupPools`), each meter's evidence against its own and its GIS group (:func:`loo_fisher_z`,
 :func:`group_mean`, :func:`leave_one_out_group_mean`), the best and runner-up candidate
 (:func:`candidate_correlations`, :func:`best_two`), the move rules (:func:`move_candidates`,
-:func:`shares_own_signal`, :func:`apply_moves`), the sub-groups split off a GIS group (:func:`split_off`),
-orphans linked into new groups (:func:`orphan_components`) and the confidence (:func:`lead_confidence`).
+:func:`level_evidence`, :func:`level_consistent`, :func:`shares_own_signal`, :func:`apply_moves`), the
+sub-groups split off a GIS group before the first round (:func:`split_off`), orphans linked into new groups
+(:func:`orphan_components`), the confidence (:func:`assignment_lead`, :func:`lead_confidence`) and the
+coherence of the final groups (:func:`final_coherence`).
 
 Two kinds of array meet here:
 
@@ -539,7 +541,7 @@ def candidate_correlations(
     Parameters
     ----------
     s : array of float32, shape (n_meters, n_groups)
-        ``z_i . P_g`` (NaN off the phase-compatible blocks); overwritten where the namespace allows.
+        ``z_i . P_g`` (NaN off the phase-compatible blocks; not modified).
     pooled_norm2 : array, shape (n_groups,)
         ``||P_g||^2``.
     own_corr : array, shape (n_meters,)
