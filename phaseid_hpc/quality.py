@@ -207,8 +207,8 @@ def assess_quality(
     references : tuple of (pandas.DataFrame, array of shape (n_refs, n_time)), optional
         Feeder-head voltages as the pipeline passes them: a table with column ``feeder_id`` (and ``phase``)
         and the voltages, rows aligned, on ``voltage``'s time axis [V]. A feeder with references has its
-        clock offsets measured against them (each meter against the phase it follows best), which halves
-        the error; other feeders use their median. Ignored when ``config.clock_use_references`` is False.
+        clock offsets measured against them (each meter against the phase it follows best; a reference is
+        not blurred by offset meters); other feeders use their median. Ignored when ``config.clock_use_references`` is False.
     xp : module, optional
         Array namespace; default that of ``voltage``.
 

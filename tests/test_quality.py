@@ -330,3 +330,20 @@ def test_local_clock_offsets_ignore_a_zone_wide_delayed_response():
     one_zone = local_clock_offsets(v, np.full(2 * n_zone, 240.0), np.zeros(2 * n_zone, dtype=int),
                                    np.ones(2 * n_zone, bool), 900.0)
     assert one_zone["clock_flag"].sum() > 3  # the whole regulated zone reads as late against the feeder
+
+
+def test_kernel_thresholds_come_from_the_config_only():
+    """Every threshold of the block kernel is a QualityConfig field and is passed from it (no kernel default)."""
+    import dataclasses
+    import inspect
+
+    from phaseid_hpc.kernels import quality as kq
+    from phaseid_hpc.quality import block_parameters
+
+    cfg = QualityConfig(max_flat_run=7, clock_flag_z=0.5, min_pu=0.7)
+    params = block_parameters(cfg)
+    fields = {f.name for f in dataclasses.fields(QualityConfig)}
+    assert set(params) == fields - {"clock_use_references"}
+    assert params["max_flat_run"] == 7 and params["clock_flag_z"] == 0.5 and params["min_pu"] == 0.7
+    sig = inspect.signature(kq.quality_block).parameters
+    assert all(sig[name].default is inspect.Parameter.empty for name in params)

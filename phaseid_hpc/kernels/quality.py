@@ -561,7 +561,7 @@ def estimate_clock_offsets(
 
     The median is robust to a minority of offset meters at each time, but they still blur the common signal
     (a net delay of the offset meters' mix biases every meter's estimate), hence ``exclude_above``. A
-    feeder-head reference is not blurred by offset meters, carries no meter noise and halves the error.
+    feeder-head reference is not blurred by offset meters and carries no meter noise.
 
     Standard error (delta method on the least-squares taps): with residual variance
     ``s^2 = (d'd - h'x) / (n - 3)``, the taps' covariance ``s^2 G^-1`` and the gradient of the centroid
