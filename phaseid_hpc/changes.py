@@ -9,15 +9,16 @@ GIS. One answer over a window that holds both connections is ambiguous, so (per 
    restoration.
 2. **Identification before and after** (:func:`changes_at_restoration`). The meter's feeder is identified
    on each window with :func:`~phaseid_hpc.phase_identification.identify_phases` (one pair of runs per
-   feeder and restoration time). The window after decides the meter's answer; where both windows give a
-   confident answer and they differ the meter gets ``Phase Changed At Restoration``.
+   feeder and restoration time). The window after decides the meter's answer; where it is confident and
+   differs from the answer before (confident, or agreeing with GIS) the meter gets ``Phase Changed At
+   Restoration``.
 3. **Change points** (:func:`change_points`). Every other single-phase meter is scored per window
    (``window_s``) against its nearest meters of each phase (labels of the whole-period identification;
    :mod:`phaseid_hpc.kernels.change_point`); a switch of the best-followed phase that holds on both sides
    of a split by ``change_point_se`` standard errors, with ``min_before_days`` and ``min_after_days`` on
    either side, makes the meter a candidate. A candidate is confirmed as in step 2, with its split as the
-   restoration (the ``max_splits_confirmed`` most significant split times per feeder): both windows
-   confident and different give ``Connection Changed``.
+   restoration (the ``max_splits_confirmed`` most significant split times per feeder, candidates within a
+   window of one of them joining it): a change confirmed there gives ``Connection Changed``.
 4. **Results** (:func:`apply_connection_changes`). New columns ``phase_before``, ``phase_after`` and
    ``changed_at`` (UTC; from when GIS is stale); the recommended phase of a changed meter is the answer after
    the change.
@@ -383,7 +384,7 @@ def connection_changes(
     # interval starts: changed_at is when the first interval on the new connection began
     step = np.timedelta64(int(round(interval_s * 1e9)), "ns")
     t_start = _naive_utc(times).to_numpy(dtype="datetime64[ns]") - step
-    moved = (ca == contract.CLASS_CONFIDENT) & (cb == contract.CLASS_CONFIDENT) & pd.notna(pb) & (pb != pa)
+    moved = _moved(pb, pa, cb, ca, meters["phase_gis"].astype(str).to_numpy())
     reason[moved] = contract.REASON_PHASE_CHANGED_AT_RESTORATION
     changed_at[moved] = t_start[after_start[moved]]
     stat = np.full(n, np.nan)
@@ -391,28 +392,43 @@ def connection_changes(
     if cc.change_point:
         k, _, _, stat = change_points(voltage, meters, labels, after_start < 0, cc, interval_s=interval_s,
                                       random_state=config.phase.random_state)
-        k = _most_significant_splits(k, stat, meters["feeder_id"].astype(str).to_numpy(), cc.max_splits_confirmed)
+        k = _most_significant_splits(k, stat, meters["feeder_id"].astype(str).to_numpy(), cc.max_splits_confirmed,
+                                     snap=round(cc.window_s / interval_s))
         vb, va, vcb, vca, vconf = changes_at_restoration(to_numpy(voltage), meters, k, k, config.phase,
                                                          interval_s=interval_s)
-        found = (k >= 0) & (vca == contract.CLASS_CONFIDENT) & (vcb == contract.CLASS_CONFIDENT) & (vb != va)
+        found = (k >= 0) & _moved(vb, va, vcb, vca, meters["phase_gis"].astype(str).to_numpy())
         pb[found], pa[found], ca[found], conf_a[found] = vb[found], va[found], vca[found], vconf[found]
         reason[found] = contract.REASON_CONNECTION_CHANGED
         changed_at[found] = t_start[k[found]]
     return ChangeResult(pb, pa, conf_a, ca, pd.DatetimeIndex(changed_at).tz_localize("UTC"), reason, stat)
 
 
-def _most_significant_splits(split: np.ndarray, stat: np.ndarray, feeders: np.ndarray, limit: int) -> np.ndarray:
-    """``split`` kept for the candidates of the ``limit`` distinct split times per feeder with the largest
-    statistic (each distinct time costs two identification runs of the feeder); ``-1`` elsewhere."""
+def _moved(before: np.ndarray, after: np.ndarray, class_before: np.ndarray, class_after: np.ndarray,
+           gis: np.ndarray) -> np.ndarray:
+    """A change: a confident answer after that differs from the answer before, where that one is confident
+    or agrees with GIS (a weak answer before that confirms the GIS label still says where the meter was)."""
+    held = (class_before == contract.CLASS_CONFIDENT) | (pd.notna(before) & (before == gis))
+    return (class_after == contract.CLASS_CONFIDENT) & pd.notna(before) & held & (before != after)
+
+
+def _most_significant_splits(split: np.ndarray, stat: np.ndarray, feeders: np.ndarray, limit: int,
+                             snap: int) -> np.ndarray:
+    """The split times confirmed: per feeder the ``limit`` distinct times with the largest statistic (each
+    costs two identification runs of the feeder); a candidate at most ``snap`` samples from one of them is
+    confirmed at it (one outage restores many meters at once; a window's split is uncertain by about one
+    window); ``-1`` for the others."""
     out = np.full_like(split, -1)
     for feeder in sorted(set(feeders[split >= 0])):
         rows = np.flatnonzero((feeders == feeder) & (split >= 0))
         best: dict[int, float] = {}
         for i in rows:
             best[int(split[i])] = max(best.get(int(split[i]), -np.inf), float(stat[i]))
-        keep = sorted(best, key=lambda t: (-best[t], t))[:limit]
-        sel = rows[np.isin(split[rows], keep)]
-        out[sel] = split[sel]
+        keep = np.array(sorted(sorted(best, key=lambda t: (-best[t], t))[:limit]))
+        # a candidate within ``snap`` samples of a kept split time is confirmed at that time
+        near = np.abs(split[rows][:, None] - keep[None, :])
+        j = np.argmin(near, axis=1)
+        ok = near[np.arange(rows.size), j] <= snap
+        out[rows[ok]] = keep[j[ok]]
     return out
 
 

@@ -441,10 +441,10 @@ class ChangesConfig:
     n_neighbours: int = 10
     #: A switch that holds on both sides of the split by this many standard errors (t statistic) makes the
     #: meter a candidate, confirmed by identification before and after the split [-].
-    change_point_se: float = 3.0
+    change_point_se: float = 2.5
     #: Distinct split times confirmed per feeder (most significant first; each costs two identification
     #: runs of the feeder) [-].
-    max_splits_confirmed: int = 4
+    max_splits_confirmed: int = 3
 
     def __post_init__(self) -> None:
         if self.min_after_days <= 0 or self.min_before_days <= 0 or self.window_s <= 0:
