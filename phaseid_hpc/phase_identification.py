@@ -279,7 +279,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     # Step 4: evidence: vote share, and the raw (not denoised) correlation with each phase's neighbourhood
     c, z_strength = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels, share,
-                                         n_obs_h[s_idx], k, config)
+                                         n_obs_h[s_idx], k, config, gis_code[s_idx])
     phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
     conf[s_idx] = c
     for j in np.flatnonzero(z_strength < config.min_strength_se):
@@ -317,14 +317,16 @@ def _neighbour_vote(xp: Any, y: Any, group: np.ndarray, labels: np.ndarray, k: i
 
 
 def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.ndarray, share: np.ndarray,
-                         n_obs: np.ndarray, k: int, config: PhaseConfig) -> tuple[np.ndarray, np.ndarray]:
+                         n_obs: np.ndarray, k: int, config: PhaseConfig,
+                         gis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Step 4: confidence of each answer, and its correlation with its phase's neighbourhood [SE].
 
     The meter (as a virtual meter, :func:`_pool_agreeing`) is correlated with each phase's neighbourhood;
     ``z_strength`` is the correlation with its answer's, ``z_margin`` how far it beats the best other phase,
     both in standard errors (``1 / sqrt(n_obs)``). A split vote (neighbours across a lateral boundary) does
     not outweigh overwhelming direct evidence: with a clear majority and three times the margin threshold,
-    the vote counts as unanimous.
+    the vote counts as unanimous. A change of phase whose nearest meters of each GIS label do not favour it
+    is not confident (:func:`_nearest_gis_factor`).
     """
     r_phase = _phase_neighbourhood_correlation(xp, y, u, group, labels, k, _pool_agreeing(xp, u, group, labels))
     r_phase = r_phase * np.sqrt(n_obs)[:, None]
@@ -334,7 +336,41 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     decisive = (share >= 0.6) & (z_margin >= 3.0 * config.min_margin_se)
     share = np.where(decisive, 1.0, share)
     c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
+    c = c * _nearest_gis_factor(xp, y, group, gis, labels, config)
     return c, z_strength
+
+
+def _nearest_gis_factor(xp: Any, y: Any, group: np.ndarray, gis: np.ndarray, labels: np.ndarray,
+                        config: PhaseConfig) -> np.ndarray:
+    """Step 4b: confidence factor of each change of phase from the nearest meters of each GIS label.
+
+    For a meter whose answer differs from its GIS label: the mean similarity of its
+    ``config.nearest_gis_count`` most similar meters (own GIS group excluded) that GIS puts on the answer's
+    phase, minus the same for its GIS phase. A true GIS error sits among meters of its real phase, so the
+    first is the larger; a small cluster of correctly labelled meters swallowed by a larger neighbourhood of
+    another phase has its nearest meters on its own GIS phase. The factor rises from 0 (no margin) to 1 at
+    ``config.nearest_gis_margin``; 1 for unchanged meters.
+    """
+    factor = np.ones(labels.size)
+    changed = np.flatnonzero((gis >= 0) & (labels != gis))
+    if not changed.size or config.nearest_gis_margin <= 0:
+        return factor
+    q = xp.take(y, xp.asarray(changed), axis=0)
+    q_group = xp.asarray(group[changed])
+    best = np.full((changed.size, 3), -np.inf)
+    for p in range(3):
+        cand = np.flatnonzero(gis == p)
+        if not cand.size:
+            continue
+        _, sim = top_k_neighbours(q, q_group, config.nearest_gis_count,
+                                  candidates=xp.take(y, xp.asarray(cand), axis=0),
+                                  candidate_group=xp.asarray(group[cand]))
+        sim = to_numpy(sim)
+        best[:, p] = np.where(np.isfinite(sim), sim, np.nan).mean(axis=1) if sim.shape[1] else -np.inf
+    margin = best[np.arange(changed.size), labels[changed]] - best[np.arange(changed.size), gis[changed]]
+    margin = np.where(np.isnan(margin), np.inf, margin)  # a phase GIS does not use nearby: nothing to compare
+    factor[changed] = np.clip(margin / config.nearest_gis_margin, 0.0, 1.0)
+    return factor
 
 
 def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, config: PhaseConfig):

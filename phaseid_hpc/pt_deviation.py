@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from . import contract
+from ._compat import to_numpy
 from .config import PTConfig
 from .kernels import pt_deviation as kern
 from .kernels.neighbours import top_k_neighbours
@@ -138,18 +139,6 @@ def _one_feeder(
     return est, flagged & ~big, flagged & big
 
 
-def _aggregate(x: np.ndarray, factor: int) -> np.ndarray:
-    """Means of consecutive ``factor`` samples of each row, NaN-aware (a trailing partial block dropped)."""
-    if factor <= 1 or x.shape[1] < 2 * factor:
-        return x
-    m = x.shape[1] // factor
-    blocks = x[:, : m * factor].reshape(x.shape[0], m, factor)
-    ok = np.isfinite(blocks)
-    cnt = ok.sum(axis=2)
-    total = np.where(ok, blocks, 0.0).sum(axis=2)
-    return np.where(cnt > 0, total / np.maximum(cnt, 1), np.nan)
-
-
 def detect_pt_deviation(
     voltage: np.ndarray,
     kw: np.ndarray | None,
@@ -186,8 +175,9 @@ def detect_pt_deviation(
     slopes need no finer time resolution, and the cost falls in proportion.
     """
     factor = max(1, round(config.aggregate_s / interval_s)) if interval_s > 0 else 1
-    v = _aggregate(np.asarray(voltage, dtype=np.float64), factor)
-    kw = None if kw is None else _aggregate(np.asarray(kw, dtype=np.float64), factor)
+    # averaged where the arrays live (NumPy, CuPy), then the (factor times smaller) means come to the host
+    v = to_numpy(kern.aggregate_means(voltage, factor))
+    kw = None if kw is None else to_numpy(kern.aggregate_means(kw, factor))
     n = v.shape[0]
     if len(meters) != n:
         raise ValueError(

@@ -136,3 +136,15 @@ def test_process_arrays_is_run_block_with_joined_reasons():
     cols = [c for c in b.meters.columns if c != "reasons"]
     pd.testing.assert_frame_equal(a["meters"][cols], b.meters[cols])
     assert a["meters"]["reasons"].tolist() == join_reasons(b.meters["reasons"])
+
+
+def test_run_block_on_array_api_strict_equals_numpy():
+    # every stage takes its namespace from the block's arrays: the array-API reference namespace runs the
+    # whole block (what lets CuPy run it) and gives the same tables as NumPy
+    xps = pytest.importorskip("array_api_strict")
+    block, _ = small_block(wrong=2, seed=5)
+    on_numpy = run_block(block, RunConfig())
+    strict = block.replace(voltage=xps.asarray(block.voltage), kw=xps.asarray(block.kw))
+    on_strict = run_block(strict, RunConfig())
+    pd.testing.assert_frame_equal(on_numpy.meters, on_strict.meters)
+    pd.testing.assert_frame_equal(on_numpy.transformers, on_strict.transformers)

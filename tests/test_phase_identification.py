@@ -246,3 +246,30 @@ def test_single_meter_transformers_keep_gis_transformer():
     assert recommend_transformers(m, inferred, cls, TransformerConfig())[4] == "U1"
     inferred[5] = "F2-NEW000"  # a transformer missing from GIS: review, not a correction
     assert recommend_transformers(m, inferred, cls, TransformerConfig())[5] == "U1"
+
+
+def test_nearest_gis_factor_holds_back_a_change_whose_nearest_gis_meters_disagree():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _nearest_gis_factor
+
+    rng = np.random.default_rng(0)
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    base = rng.normal(size=(2, 8))
+    # row 0: a meter moved from GIS B (1) to C (2); its nearest GIS-B meters (rows 1-3, other groups) are
+    # closer than any GIS-C meter (rows 4-9): the change is held back. Row 10: moved from B to C with only
+    # GIS-C meters near it: kept.
+    y = np.vstack([base[0] + 0.05 * rng.normal(size=(4, 8)), base[0] + 0.6 * rng.normal(size=(6, 8)),
+                   base[1] + 0.05 * rng.normal(size=(1, 8)), base[1] + 0.05 * rng.normal(size=(4, 8))])
+    y = unit(y)
+    gis = np.array([1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 1, 2, 2, 2, 2])
+    labels = gis.copy()
+    labels[[0, 10]] = 2
+    group = np.arange(gis.size)
+    off = _nearest_gis_factor(np, y, group, gis, labels, PhaseConfig(nearest_gis_margin=0.0))
+    assert (off == 1.0).all()  # 0 turns the check off
+    on = _nearest_gis_factor(np, y, group, gis, labels, PhaseConfig(nearest_gis_margin=0.005))
+    assert on[0] == 0.0 and on[10] == 1.0
+    assert (on[labels == gis] == 1.0).all()

@@ -345,3 +345,31 @@ def persistent_deviation(deviation: Any, threshold_pct: float) -> tuple[Any, Any
     up = xp.all(deviation > threshold_pct, axis=1)
     down = xp.all(deviation < -threshold_pct, axis=1)
     return est, (up | down) & xp.isfinite(est)
+
+
+def aggregate_means(x: Any, factor: int) -> Any:
+    """Means of consecutive ``factor`` samples of each row, NaN-aware (a trailing partial block dropped).
+
+    Parameters
+    ----------
+    x : array, shape (n_meters, n_time)
+        Readings, NaN where missing (any unit).
+    factor : int
+        Samples per mean; 1 (or fewer than ``2 * factor`` samples) returns ``x`` as float64.
+
+    Returns
+    -------
+    array, shape (n_meters, n_time // factor), float64
+        NaN where a block has no finite sample.
+    """
+    xp = array_namespace(x)
+    x = xp.asarray(x, dtype=xp.float64)
+    if factor <= 1 or x.shape[1] < 2 * factor:
+        return x
+    m = x.shape[1] // factor
+    blocks = xp.reshape(x[:, : m * factor], (x.shape[0], m, factor))
+    ok = xp.isfinite(blocks)
+    cnt = xp.sum(xp.astype(ok, xp.int64), axis=2)
+    total = xp.sum(xp.where(ok, blocks, 0.0), axis=2)
+    return xp.where(cnt > 0, total / xp.astype(xp.maximum(cnt, xp.ones_like(cnt)), xp.float64), xp.nan)
+

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from phaseid_hpc.kernels.pt_deviation import (
+    aggregate_means,
     drop_corrected_level,
     drop_slope,
     group_median_deviation,
@@ -162,3 +163,21 @@ def test_persistent_deviation_needs_every_window_with_one_sign(xp):
     est, flagged = persistent_deviation(xp.asarray(dev), 1.0)
     np.testing.assert_allclose(to_np(est)[:4], [1.35, 1.0, -1.2, 0.0])
     assert to_np(flagged).tolist() == [True, False, True, False, False]
+
+
+@BACKENDS
+def test_aggregate_means_matches_a_plain_loop(xp):
+    rng = np.random.default_rng(4)
+    x = rng.normal(240, 2, (3, 13))
+    x[0, :4] = np.nan  # a whole first block missing
+    x[1, 5] = np.nan
+    got = to_np(aggregate_means(xp.asarray(x), 4))
+    ref = np.full((3, 3), np.nan)
+    for i in range(3):
+        for b in range(3):
+            seg = x[i, 4 * b : 4 * b + 4]
+            if np.isfinite(seg).any():
+                ref[i, b] = np.nanmean(seg)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(to_np(aggregate_means(xp.asarray(x), 1)), x)
+
