@@ -167,6 +167,8 @@ def compare_with_baseline(path: Path, d: dict, cfg: TransformerConfig, repeat: i
         "baseline_cpu_s_median": round(med["baseline"], 3),
         "current_cpu_s_median": round(med["current"], 3),
         "current_over_baseline": round(med["current"] / med["baseline"], 3),
+        "baseline_cpu_s_min": round(min(cpu["baseline"]), 3),
+        "current_cpu_s_min": round(min(cpu["current"]), 3),
         "identical_tables": bool(same),
     }
     print(res)

@@ -130,4 +130,4 @@ def fisher_z(r: Any, *, limit: float = 0.999999, xp: Any = None) -> Any:
     [0.0, 0.5493, 7.2543]
     """
     xp = array_namespace(r) if xp is None else xp
-    return xp.atanh(xp.clip(r, -limit, limit))
+    return xp.atanh(xp.minimum(xp.maximum(r, -limit), limit))  # clip, without a wrapper's overhead

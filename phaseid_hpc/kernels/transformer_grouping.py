@@ -335,7 +335,7 @@ def loo_correlations(dots: Any, pooled_norm2: Any, own: Any, weights: Any, zz: A
     n2 = pn2 - ownf * (2.0 * w * dots - w * w * zz)
     valid = (n2 > 1e-5 * xp.maximum(pn2, 1.0)) & (zz > 0)
     corr = xp.where(valid, s_loo / xp.sqrt(xp.where(valid, n2, 1.0)), xp.nan)
-    return xp.clip(corr, -1.0, 1.0)
+    return xp.minimum(xp.maximum(corr, -1.0), 1.0)
 
 
 def group_correlations(

@@ -521,7 +521,7 @@ def loo_fisher_z(dots: Any, pooled_norm2: Any, weights: Any, zz: Any) -> tuple[A
         Correlation in ``[-1, 1]`` and ``atanh`` of it; NaN where undefined. [-]
     """
     xp = array_namespace(dots)
-    corr = xp.clip(tg.loo_correlations(dots, pooled_norm2, True, weights, zz), -1, 1)
+    corr = tg.loo_correlations(dots, pooled_norm2, True, weights, zz)  # in [-1, 1]
     return corr, fisher_z(corr, xp=xp)
 
 
@@ -1055,7 +1055,7 @@ def _fiedler_cut(c: Any, se: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     b, k = c.shape[0], c.shape[1]
     zz = fisher_z(c, xp=xp) / xp.astype(se, c.dtype)[:, None, None]
     diag = xp.eye(k, dtype=xp.bool)[None, :, :]
-    aff = xp.where(diag, 0.0, xp.clip(zz, 0.0, None))
+    aff = xp.where(diag, 0.0, xp.maximum(zz, 0.0))
     lap = xp.where(diag, xp.sum(aff, axis=2)[:, :, None], -aff)
     _, vec = xp.linalg.eigh(lap)
     f = vec[:, :, 1]
