@@ -2,8 +2,11 @@
 
 The unit of work is a *substation*: its feeders share the bus, whose voltage (sub-transmission AR(1)
 variation, substation transformer drop, discrete LTC tap steps with a deadband) is the head voltage of
-every feeder on it. A block of substations is one ``dask.delayed`` task; a task holds one substation's
-arrays at a time (bounded memory) and writes its readings part file itself.
+every feeder on it. The run has two steps, each a set of Dask tasks over blocks of whole substations:
+(1) the meter and transformer tables (topology and GIS only), from which the client creates the store;
+(2) the simulation: a task holds one substation's arrays at a time (bounded memory), writes its readings
+part file and the store chunks that lie wholly inside its rows straight to their chunk files; the client
+writes the few chunks shared by two neighbouring blocks as soon as both are in.
 
 Random streams are keyed by ``numpy.random.SeedSequence(seed, spawn_key=...)`` on (stream, substation or
 feeder index), so a feeder's data do not depend on the number of workers, the blocking, or which other
@@ -765,8 +768,9 @@ def generate_utility(
         Write ``readings.parquet`` (turn off when writing only the store at scale).
     store : path-like, optional
         Also write a Zarr store (``voltage``, ``kw``, references, transformers) directly with
-        ``phaseid_hpc.store.initialize_store`` / ``write_meter_block``; voltage as lossless int16
-        deci-volts when the resolution is a multiple of 0.1 V. Replaced if it exists.
+        ``phaseid_hpc.store.initialize_store``, then chunk files written by the tasks (the bytes Zarr
+        writes); voltage as lossless int16 deci-volts when the resolution is a multiple of 0.1 V. Replaced
+        if it exists.
     client : distributed.Client, optional
         Run the substation blocks on this cluster; ``None`` runs them one after the other here.
     readings_layout : {"auto", "file", "partitioned"}
