@@ -294,10 +294,24 @@ def test_distance_rules_out_far_candidates(feeder_case):
     assert res2["transformer"].iloc[c] == "F1-T005"
 
 
-def test_block_runs_on_array_api_strict_as_on_numpy(feeder_case):
-    """The (n_meters, n_time) arrays never need NumPy: array-api-strict gives the NumPy result."""
+def test_block_runs_on_array_api_strict_as_on_numpy(feeder_case, monkeypatch):
+    """The (n_meters, n_time) arrays stay in their namespace: array-api-strict gives the NumPy result, and
+    no array with a time axis is taken to the host (only per-meter and per-group tables are)."""
     xs = pytest.importorskip("array_api_strict")
+    from phaseid_hpc import transformer_mapping as tm
+    from phaseid_hpc._compat import to_numpy
+    from phaseid_hpc.kernels import transformer_mapping as tk
+
     m, v, kw = feeder_case["meters"], feeder_case["v"], feeder_case["kw"]
+    n_time = v.shape[1]
+
+    def guarded(x):
+        if getattr(x, "ndim", 0) >= 2 and x.shape[-1] >= n_time - 1:
+            raise AssertionError(f"an array of shape {x.shape} was taken to the host")
+        return to_numpy(x)
+
+    monkeypatch.setattr(tm, "to_numpy", guarded)
+    monkeypatch.setattr(tk, "to_numpy", guarded)
     res, tx = map_transformers(xs.asarray(v), m, kw=xs.asarray(kw))
     ref, ref_tx = feeder_case["res"], feeder_case["tx"]
     for col in ("transformer", "transformer_class", "transformer_changed", "reasons"):
