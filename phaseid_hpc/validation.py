@@ -185,15 +185,11 @@ def validate_transformers(
         kw, None if kvar is None else xp.asarray(kvar), groups, pairs, tan_phi=tan_phi
     )
     # active power of each transformer [kW]: the health checks remove the voltage its own load explains
-    tx_load = None
-    if voltage is not None and pairs["codes"].size:
-        tx_load = kv.weighted_row_sums(
-            p_pair,
-            pairs["tx"],
-            np.arange(pairs["tx"].size),
-            np.ones(pairs["tx"].size, dtype=_np_dtype(p_pair)),
-            len(tx),
-        )
+    tx_load = (
+        kv.transformer_power(p_pair, pairs["tx"], len(tx))
+        if voltage is not None and pairs["codes"].size
+        else None
+    )
     cols = _loading(p_pair, q_pair, kw_real, groups, pairs, tx, n_t, tan_phi)
     ambient = _ambient_series(ambient_c, times, config.ambient_c)
     th = kv.thermal_summary(
@@ -223,12 +219,6 @@ def validate_transformers(
     out = pd.DataFrame(cols)
     out["flag_codes"], out["flag_reasons"] = _flags(out, hl["correlation_first_lost"], times, config)
     return out
-
-
-def _np_dtype(x: Any) -> type:
-    """The NumPy float type of an array's float dtype (float32 or float64)."""
-    xp = array_namespace(x)
-    return np.float32 if x.dtype == xp.float32 else np.float64
 
 
 def _transformer_table(

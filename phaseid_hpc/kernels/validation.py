@@ -50,6 +50,7 @@ __all__ = [
     "transformer_health",
     "transformer_levels",
     "transformer_loading",
+    "transformer_power",
     "usual_correlation",
     "weighted_row_sums",
     "window_correlation",
@@ -374,6 +375,36 @@ def pair_power(
             )
     kw_real = xp.concat(kw_real) if kw_real else xp.zeros((0,), dtype=xp.int64)
     return p_pair, q_pair, kw_real
+
+
+def transformer_power(p_pair: Any, pair_tx: np.ndarray, n_tx: int) -> Any:
+    """Active power of each transformer, the sum of its pairs' (zero without a loaded pair).
+
+    Parameters
+    ----------
+    p_pair : array, shape (n_pairs, n_time)
+        From :func:`pair_power`. [kW]
+    pair_tx : ndarray of int, shape (n_pairs,)
+        Transformer of each pair, ascending (host).
+    n_tx : int
+
+    Returns
+    -------
+    array, shape (n_tx, n_time), dtype of ``p_pair`` [kW]
+        One sparse product on NumPy; elsewhere a sum over each transformer's (at most three) pairs, so no
+        ``(n_tx, n_pairs)`` matrix is formed.
+    """
+    if _is_numpy(p_pair):
+        return _group_sums(p_pair, pair_tx, n_tx, p_pair.dtype.type)
+    xp = array_namespace(p_pair)
+    first = np.searchsorted(pair_tx, np.arange(n_tx))
+    count = np.searchsorted(pair_tx, np.arange(n_tx), side="right") - first
+    out = xp.zeros((n_tx, p_pair.shape[1]), dtype=p_pair.dtype)
+    last = max(p_pair.shape[0] - 1, 0)
+    for k in range(int(count.max()) if count.size else 0):
+        has = xp.asarray(count > k)[:, None]
+        out = xp.where(has, out + take_rows(p_pair, np.minimum(first + k, last)), out)
+    return out
 
 
 def _multi_pair_sums(

@@ -371,3 +371,11 @@ def test_transformer_health_on_both_backends():
         a["correlation_lost_windows"][6] >= 1
         and a["correlation_lost_windows"][[0, 1, 2, 4, 5, 7, 8, 9]].max() == 0
     )
+
+
+def test_transformer_power_sums_each_units_pairs():
+    p = np.random.default_rng(13).normal(size=(5, 20))
+    pair_tx = np.array([0, 0, 0, 2, 3])
+    want = np.stack([p[0] + p[1] + p[2], np.zeros(20), p[3], p[4]])
+    np.testing.assert_allclose(kv.transformer_power(p, pair_tx, 4), want, rtol=1e-12)
+    np.testing.assert_allclose(to_np(kv.transformer_power(xps.asarray(p), pair_tx, 4)), want, rtol=1e-12)
