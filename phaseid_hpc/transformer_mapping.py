@@ -62,6 +62,7 @@ import pandas as pd
 from . import contract
 from ._compat import array_namespace, to_numpy
 from .config import TransformerConfig
+from .errors import ContractError
 from .kernels import transformer_grouping as tg
 from .kernels import transformer_mapping as tk
 
@@ -154,12 +155,8 @@ def map_transformers(
         ``transformer_id, feeder_id, n_meters_gis, n_meters_inferred, phases, meters_changed,
         group_coherence, proposed_new``.
     """
+    _check_inputs(voltage, meters, kw, kvar)
     n = len(meters)
-    if voltage.shape[0] != n:
-        raise ValueError(f"voltage has {voltage.shape[0]} rows but meters has {n}; they must be aligned")
-    for name, arr in (("kw", kw), ("kvar", kvar)):
-        if arr is not None and tuple(arr.shape) != tuple(voltage.shape):
-            raise ValueError(f"{name} has shape {tuple(arr.shape)} but voltage has {tuple(voltage.shape)}")
     xp = array_namespace(voltage) if xp is None else xp
     m = meters.reset_index(drop=True)
     out_tx = m["transformer_id"].astype(object).to_numpy(copy=True)
@@ -198,6 +195,21 @@ def map_transformers(
         tx = tx.sort_values(["feeder_id", "transformer_id"], kind="stable").reset_index(drop=True)
         tx = tx.astype({"n_meters_gis": "int64", "n_meters_inferred": "int64", "meters_changed": "int64"})
     return meters_result, tx
+
+
+def _check_inputs(voltage: Any, meters: pd.DataFrame, kw: Any, kvar: Any) -> None:
+    """Raise :class:`~phaseid_hpc.errors.ContractError` naming the field when the inputs do not line up."""
+    missing = [c for c in ("meter_id", "feeder_id", "transformer_id") if c not in meters.columns]
+    if missing:
+        raise ContractError(f"meters table lacks column(s) {missing} (has {list(meters.columns)})")
+    if len(voltage.shape) != 2 or voltage.shape[0] != len(meters):
+        raise ContractError(
+            f"voltage has shape {tuple(voltage.shape)} but meters has {len(meters)} rows; "
+            "expected (n_meters, n_time) aligned with the meters table"
+        )
+    for name, arr in (("kw", kw), ("kvar", kvar)):
+        if arr is not None and tuple(arr.shape) != tuple(voltage.shape):
+            raise ContractError(f"{name} has shape {tuple(arr.shape)} but voltage has {tuple(voltage.shape)}")
 
 
 def _rows_of(x, idx):

@@ -10,7 +10,7 @@ import pytest
 
 from phaseid_hpc import contract
 from phaseid_hpc.config import TransformerConfig
-from phaseid_hpc.errors import ConfigError
+from phaseid_hpc.errors import ConfigError, ContractError
 from phaseid_hpc.synth.measurement import MeasurementModel, apply_measurement_model
 from phaseid_hpc.transformer_mapping import (
     REASON_TX_MOVED,
@@ -322,10 +322,12 @@ def test_block_runs_on_array_api_strict_as_on_numpy(feeder_case, monkeypatch):
 
 def test_misaligned_inputs_are_named(feeder_case):
     m, v, kw = feeder_case["meters"], feeder_case["v"], feeder_case["kw"]
-    with pytest.raises(ValueError, match="voltage has"):
+    with pytest.raises(ContractError, match="voltage has shape"):
         map_transformers(v[:-1], m, kw=kw[:-1])
-    with pytest.raises(ValueError, match="kw has shape"):
+    with pytest.raises(ContractError, match="kw has shape"):
         map_transformers(v, m, kw=kw[:, :-1])
+    with pytest.raises(ContractError, match="transformer_id"):
+        map_transformers(v, m.drop(columns="transformer_id"), kw=kw)
 
 
 def test_non_abc_phase_letters_never_link_orphans_of_disjoint_phases():

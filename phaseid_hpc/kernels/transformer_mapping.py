@@ -1052,7 +1052,7 @@ def _fiedler_cut(c: Any, se: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Affinity: the positive Fisher z in standard errors, zero diagonal; graph Laplacian ``D - A``.
     """
     xp = array_namespace(c)
-    b, k = c.shape[0], c.shape[1]
+    k = c.shape[1]
     zz = fisher_z(c, xp=xp) / xp.astype(se, c.dtype)[:, None, None]
     diag = xp.eye(k, dtype=xp.bool)[None, :, :]
     aff = xp.where(diag, 0.0, xp.maximum(zz, 0.0))
@@ -1068,7 +1068,6 @@ def _fiedler_cut(c: Any, se: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     first = rank_of < gap[:, None]
     small = xp.where((gap < k - gap)[:, None], first, ~first)
     cand = xp.nonzero(gap != k - gap)[0]
-    del b
     return to_numpy(small), to_numpy(rank_order), to_numpy(cand)
 
 
