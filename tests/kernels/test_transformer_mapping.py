@@ -159,6 +159,28 @@ def test_group_pools_incremental_update_equals_a_fresh_build(xp):
 
 
 @BACKENDS
+def test_group_pools_phase_blocks_hold_s_on_compatible_pairs_only(xp):
+    z, gi = _signals(5, sizes=(3, 3, 2, 4))
+    n, n_g = len(gi), 4
+    zx = xp.asarray(z)
+    pmask = np.array([1, 1, 2, 2, 2, 2, 0, 0, 4, 4, 4, 4])  # 6, 7: unknown phase (every block); 2: on B in an A group
+    gmask = np.array([1, 2, 0, 4])  # group 2: no phase (every block)
+    blocks = []
+    for k in range(3):
+        rows = np.flatnonzero(((pmask >> k) & 1 == 1) | (pmask == 0))
+        blocks.append((1 << k, rows, xp.take(zx, xp.asarray(rows), axis=0)))
+    pools = tk.GroupPools(zx, None, n_g, blocks)
+    pools.update(gi, np.ones(n), gmask)
+    s = to_np(pools.s)
+    full = z @ ((gi[:, None] == np.arange(n_g)).astype(float).T @ z).T
+    compatible = ((pmask[:, None] & gmask[None, :]) != 0) | (pmask[:, None] == 0) | (gmask[None, :] == 0)
+    compatible[np.arange(n), gi] = True  # the own group is always there
+    np.testing.assert_allclose(s[compatible], full[compatible], rtol=1e-5, atol=1e-6)
+    assert np.isnan(s[~compatible]).all() and (~compatible).any()
+    np.testing.assert_allclose(pools.own, full[np.arange(n), gi], rtol=1e-5, atol=1e-6)
+
+
+@BACKENDS
 def test_candidates_equal_leave_one_out_group_correlations(xp):
     z, gi = _signals(4)
     n, n_g = len(gi), gi.max() + 1
