@@ -163,7 +163,8 @@ def test_group_pools_phase_blocks_hold_s_on_compatible_pairs_only(xp):
     z, gi = _signals(5, sizes=(3, 3, 2, 4))
     n, n_g = len(gi), 4
     zx = xp.asarray(z)
-    pmask = np.array([1, 1, 2, 2, 2, 2, 0, 0, 4, 4, 4, 4])  # 6, 7: unknown phase (every block); 2: on B in an A group
+    # meters 6, 7: unknown phase (in every block); meter 2: on B in an A group
+    pmask = np.array([1, 1, 2, 2, 2, 2, 0, 0, 4, 4, 4, 4])
     gmask = np.array([1, 2, 0, 4])  # group 2: no phase (every block)
     blocks = []
     for k in range(3):
