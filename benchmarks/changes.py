@@ -179,13 +179,15 @@ def delta_cost(n_meters: int, days: float, seed: int, workdir: Path, repeat: int
     for r in range(repeat):  # alternating, fresh folders: medians of each
         tic = time.perf_counter()
         full = run_job(store, workdir / f"full{r}", config=config, report=False)
-        full_t.append((time.perf_counter() - tic, full.timings_s["blocks_wall"]))
+        full_t.append((time.perf_counter() - tic, full.timings_s["blocks_wall"],
+                       full.timings_s.get("block_changes_sum", 0.0)))
         tic = time.perf_counter()
         delta = run_delta(store, workdir / f"delta{r}", since=workdir / f"full{r}", config=config, report=False,
                           events=write_events(events, workdir / "events.csv"))
-        delta_t.append((time.perf_counter() - tic, delta.timings_s["blocks_wall"]))
-    full_s, full_blocks_s = np.median(np.array(full_t), axis=0)
-    delta_s, delta_blocks_s = np.median(np.array(delta_t), axis=0)
+        delta_t.append((time.perf_counter() - tic, delta.timings_s["blocks_wall"],
+                        delta.timings_s.get("block_changes_sum", 0.0)))
+    full_s, full_blocks_s, full_changes_s = np.median(np.array(full_t), axis=0)
+    delta_s, delta_blocks_s, delta_changes_s = np.median(np.array(delta_t), axis=0)
     got = pd.read_parquet(workdir / "delta0" / "meters.parquet").set_index("meter_id").loc[mid]
     share = float((truth["feeder_id"] == small).mean())
     return {"meters": n_meters, "feeders": int(truth["feeder_id"].nunique()), "days": days,
@@ -194,6 +196,7 @@ def delta_cost(n_meters: int, days: float, seed: int, workdir: Path, repeat: int
             "delta_over_full": float(delta_s / full_s),
             "full_blocks_s": float(full_blocks_s), "delta_blocks_s": float(delta_blocks_s),
             "delta_blocks_over_full": float(delta_blocks_s / full_blocks_s), "repeats": repeat,
+            "full_changes_s": float(full_changes_s), "delta_changes_s": float(delta_changes_s),
             "moved_found": bool(contract.REASON_PHASE_CHANGED_AT_RESTORATION in got["reasons"]
                                 and got["phase"] == changes["phase_after"].iloc[0])}
 
