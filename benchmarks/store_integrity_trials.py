@@ -73,7 +73,7 @@ def ingest(store: Path, files: list[Path], meters: Path, batch: int | None = Non
 
 
 def setup(tmp: Path, n_meters: int, days: int, seed: int) -> tuple[Path, list[Path]]:
-    subprocess.run([PY, "-m", "phaseid_hpc.cli", "synth", "--meters", str(n_meters), "--days", str(days),
+    subprocess.run([PY, "-m", "phaseid_hpc.cli", "synth", "--n-meters", str(n_meters), "--days", str(days),
                     "--seed", str(seed), "--out", str(tmp / "export")], cwd=ROOT, check=True, capture_output=True)
     df = pd.read_parquet(tmp / "export" / "readings.parquet")
     ts = pd.to_datetime(df["timestamp"], utc=True)

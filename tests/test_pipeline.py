@@ -131,7 +131,7 @@ def test_kill_9_mid_run_then_resume_is_byte_identical(utility, tmp_path):
     run_job(utility["store"], reference, config=_small_blocks())
     out = tmp_path / "interrupted"
     env = dict(os.environ, PHASEID__JOB__BLOCK_BYTES="1")
-    cmd = [sys.executable, "-m", "phaseid_hpc.cli", "run", "--store", str(utility["store"]), "--out", str(out),
+    cmd = [sys.executable, "-m", "phaseid_hpc.cli", "run", "--store", str(utility["store"]), "--results", str(out),
            "--workers", "0", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out / "partitions"

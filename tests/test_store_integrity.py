@@ -353,6 +353,6 @@ def test_run_fails_with_one_line_naming_the_damaged_chunk(base, tmp_path, capsys
     data = bytearray(f.read_bytes())
     data[10] ^= 1
     f.write_bytes(bytes(data))
-    code = cli_main(["run", "--store", str(store), "--out", str(tmp_path / "r"), "--workers", "0", "--no-progress"])
+    code = cli_main(["run", "--store", str(store), "--results", str(tmp_path / "r"), "--workers", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "chunk voltage/c/0/0 is corrupt" in err
