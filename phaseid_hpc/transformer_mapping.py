@@ -61,6 +61,7 @@ import pandas as pd
 
 from . import contract
 from ._compat import array_namespace, to_numpy
+from .confidence import confidence_class
 from .config import TransformerConfig
 from .errors import ContractError
 from .kernels import transformer_grouping as tg
@@ -616,11 +617,9 @@ def _confidence(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray
         singleton_fit_se=cfg.singleton_fit_se,
     )
     conf = tk.lead_confidence(d)
-    cls = np.where(
-        conf >= cfg.confident_threshold,
-        contract.CLASS_CONFIDENT,
-        np.where(conf >= cfg.suspect_threshold, contract.CLASS_SUSPECT, contract.CLASS_LOW),
-    ).astype(object)
+    cls = confidence_class(
+        conf, confident_threshold=cfg.confident_threshold, suspect_threshold=cfg.suspect_threshold
+    )
     conf[~sig.usable] = 0.0
     cls[~sig.usable] = contract.CLASS_INSUFFICIENT
     return conf, cls
