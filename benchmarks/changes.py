@@ -50,7 +50,12 @@ from phaseid_hpc import contract
 from phaseid_hpc.changes import changes_for_block
 from phaseid_hpc.config import ValidationConfig, load_config
 from phaseid_hpc.pipeline import process_arrays
-from phaseid_hpc.synth.events import inject_tap_change, inject_winding_fault, splice_phase_changes, write_events
+from phaseid_hpc.synth.events import (
+    inject_tap_change,
+    inject_winding_fault,
+    splice_phase_changes,
+    write_events,
+)
 from phaseid_hpc.synth.measurement import MeasurementModel, apply_measurement_model
 from phaseid_hpc.validation import validate_transformers
 
@@ -245,13 +250,13 @@ def main(argv=None) -> None:
                for k in ("events", "no_events")}
         for trial in range(a.trials):
             r = phase_change_trial(feeder, n_t, a.share, a.min_after, a.seed * 1000 + trial, config)
-            for k in acc:
-                acc[k]["moved"] += r["moved"]
-                acc[k]["unchanged"] += r["unchanged"]
-                acc[k]["detected"] += r[k]["detected"]
-                acc[k]["fa"] += r[k]["fa"]
-                acc[k]["err"].append(r[k]["when_err_h"])
-                acc[k]["s"] += r[k]["s"]
+            for k, c in acc.items():
+                c["moved"] += r["moved"]
+                c["unchanged"] += r["unchanged"]
+                c["detected"] += r[k]["detected"]
+                c["fa"] += r[k]["fa"]
+                c["err"].append(r[k]["when_err_h"])
+                c["s"] += r[k]["s"]
         for k, label in (("events", "phase moved, events file"), ("no_events", "phase moved, change point only")):
             c = acc[k]
             emit({"feeder": name, "check": label, "injected": c["moved"], "detected": c["detected"] / c["moved"],

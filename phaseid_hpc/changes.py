@@ -382,7 +382,7 @@ def connection_changes(
     reason = np.full(n, "", dtype=object)
     changed_at = np.full(n, np.datetime64("NaT", "ns"))
     # interval starts: changed_at is when the first interval on the new connection began
-    step = np.timedelta64(int(round(interval_s * 1e9)), "ns")
+    step = np.timedelta64(round(interval_s * 1e9), "ns")
     t_start = _naive_utc(times).to_numpy(dtype="datetime64[ns]") - step
     moved = _moved(pb, pa, cb, ca, meters["phase_gis"].astype(str).to_numpy())
     reason[moved] = contract.REASON_PHASE_CHANGED_AT_RESTORATION

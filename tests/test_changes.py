@@ -18,7 +18,12 @@ from phaseid_hpc.changes import (
 from phaseid_hpc.config import RunConfig
 from phaseid_hpc.errors import ContractError
 from phaseid_hpc.phase_identification import identify_phases
-from phaseid_hpc.synth.events import inject_tap_change, inject_winding_fault, splice_phase_changes, write_events
+from phaseid_hpc.synth.events import (
+    inject_tap_change,
+    inject_winding_fault,
+    splice_phase_changes,
+    write_events,
+)
 
 DAYS, STEP = 10, 96
 
@@ -48,7 +53,8 @@ def _spliced(seed: int = 0):
     return out, meters, times, events, changes
 
 
-def _block(v, meters, times, events, config=RunConfig()):
+def _block(v, meters, times, events, config=None):
+    config = config or RunConfig()
     idm = meters.rename(columns={"phase": "phase_gis"}).assign(nominal_v=240.0)
     whole = identify_phases(v, idm, config.phase)
     res = connection_changes(v, idm, times, events, config, labels=whole["phase"].to_numpy(dtype=object))
@@ -108,7 +114,7 @@ def test_restoration_splits_follow_the_events():
 
 def test_spliced_meter_with_an_event_gets_the_new_phase_and_the_time():
     v, meters, times, events, changes = _spliced()
-    whole, res = _block(v, meters, times, events)
+    _whole, res = _block(v, meters, times, events)
     ids = meters["meter_id"].to_numpy()
     for _, r in changes.iterrows():
         i = int(np.flatnonzero(ids == r["meter_id"])[0])
@@ -123,7 +129,7 @@ def test_spliced_meter_with_an_event_gets_the_new_phase_and_the_time():
 
 
 def test_spliced_meter_without_events_is_found_by_its_change_point():
-    v, meters, times, events, changes = _spliced()
+    v, meters, times, _events, changes = _spliced()
     _, res = _block(v, meters, times, None)
     ids = meters["meter_id"].to_numpy()
     moved = changes[changes["moved"]]

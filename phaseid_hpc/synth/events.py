@@ -93,7 +93,7 @@ def splice_phase_changes(
         When the period is shorter than ``min_before_days + min_after_days`` or no meter can move.
     """
     rng = random_state if isinstance(random_state, np.random.Generator) else np.random.default_rng(random_state)
-    n, n_t = voltage.shape
+    _n, n_t = voltage.shape
     step_s = float((times[1] - times[0]).total_seconds())
     lo = int(np.ceil(min_before_days * 86400 / step_s))
     hi = n_t - int(np.ceil(min_after_days * 86400 / step_s))
