@@ -23,8 +23,10 @@ GIS. One answer over a window that holds both connections is ambiguous, so (per 
    ``changed_at`` (UTC; from when GIS is stale); the recommended phase of a changed meter is the answer after
    the change.
 
-Transformer changes at a restoration are not identified separately (the transformer mapping runs on the
-whole period).
+Transformers are mapped the same way on the two windows of a restoration
+(:func:`transformers_at_restoration`; columns ``transformer_before``, ``transformer_after``): a confident
+answer after that differs from the one before (confident, or the GIS transformer) gives ``Transformer
+Changed At Restoration``, and the recommended transformer is the one after.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ __all__ = [
     "connection_changes",
     "read_events",
     "restoration_splits",
+    "transformers_at_restoration",
     "with_connection_changes",
 ]
 
@@ -79,6 +82,10 @@ class ChangeResult:
         ``Phase Changed At Restoration``, ``Connection Changed`` or ``""``.
     statistic : ndarray, shape (n_meters,)
         Change-point t statistic (NaN where not searched).
+    transformer_before, transformer_after : ndarray of object, shape (n_meters,), optional
+        Transformers mapped before and after a restoration (None where not split or not mapped).
+    transformer_reason : ndarray of object, shape (n_meters,), optional
+        ``Transformer Changed At Restoration`` or ``""``.
     """
 
     phase_before: np.ndarray
@@ -88,6 +95,9 @@ class ChangeResult:
     changed_at: pd.DatetimeIndex
     reason: np.ndarray
     statistic: np.ndarray
+    transformer_before: np.ndarray | None = None
+    transformer_after: np.ndarray | None = None
+    transformer_reason: np.ndarray | None = None
 
 
 def read_events(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -231,6 +241,63 @@ def changes_at_restoration(
     return phase_before, phase_after, class_before, class_after, conf_after
 
 
+def transformers_at_restoration(
+    voltage: np.ndarray,
+    kw: np.ndarray | None,
+    meters: pd.DataFrame,
+    before_stop: np.ndarray,
+    after_start: np.ndarray,
+    phase_before: np.ndarray,
+    phase_after: np.ndarray,
+    config: Any,
+    *,
+    interval_s: float = 900,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Map the feeders of meters with a restoration to transformers on the windows before and after it.
+
+    Parameters
+    ----------
+    voltage : ndarray, shape (n_meters, n_time)
+        Meter voltage. [V]
+    kw : ndarray, shape (n_meters, n_time), optional
+        Meter load. [kW]
+    meters : DataFrame
+        ``meter_id, feeder_id, transformer_id, phase_gis``, optional ``usable``.
+    before_stop, after_start : ndarray of int
+        From :func:`restoration_splits`.
+    phase_before, phase_after : ndarray of object
+        Phases identified on each window (:func:`changes_at_restoration`).
+    config : TransformerConfig
+
+    Returns
+    -------
+    transformer_before, transformer_after, class_before, class_after : ndarray of object
+        None where the meter has no split.
+    """
+    from .transformer_mapping import map_transformers
+
+    n = len(meters)
+    out = [np.full(n, None, dtype=object) for _ in range(4)]
+    split = np.flatnonzero(after_start >= 0)
+    feeders = meters["feeder_id"].astype(str).to_numpy()
+    usable = meters["usable"].to_numpy(dtype=bool) if "usable" in meters else np.ones(n, dtype=bool)
+    for feeder, stop, start in sorted({(feeders[i], int(before_stop[i]), int(after_start[i])) for i in split}):
+        rows = np.flatnonzero(feeders == feeder)
+        mine = (before_stop[rows] == stop) & (after_start[rows] == start)
+        for sl, phase, (tx_out, cls_out) in ((slice(0, stop), phase_before, (out[0], out[2])),
+                                             (slice(start, None), phase_after, (out[1], out[3]))):
+            tm = pd.DataFrame({"meter_id": meters["meter_id"].to_numpy()[rows], "feeder_id": feeder,
+                               "transformer_id": meters["transformer_id"].astype(str).to_numpy()[rows],
+                               "phase_gis": meters["phase_gis"].astype(str).to_numpy()[rows],
+                               "usable": usable[rows], "phase": np.asarray(phase, dtype=object)[rows]})
+            tm["phase"] = tm["phase"].where(tm["phase"].notna(), tm["phase_gis"])
+            res, _ = map_transformers(voltage[rows, sl], tm, config, kw=None if kw is None else kw[rows, sl],
+                                      interval_s=interval_s)
+            tx_out[rows[mine]] = res["transformer"].to_numpy(dtype=object)[mine]
+            cls_out[rows[mine]] = res["transformer_class"].to_numpy(dtype=object)[mine]
+    return out[0], out[1], out[2], out[3]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Step 3: change points without events
 # ----------------------------------------------------------------------------------------------------------
@@ -348,6 +415,7 @@ def connection_changes(
     *,
     labels: np.ndarray,
     interval_s: float = 900,
+    kw: Any | None = None,
 ) -> ChangeResult:
     """Phase changes at restorations (with ``events``) and change points (without) of a block's meters.
 
@@ -367,6 +435,8 @@ def connection_changes(
         Whole-period phase answers (``phase_inferred``).
     interval_s : float
         Grid step. [s]
+    kw : array, shape (n_meters, n_time), optional
+        Meter load for the transformer mapping before and after a restoration. [kW]
 
     Returns
     -------
@@ -387,6 +457,15 @@ def connection_changes(
     moved = _moved(pb, pa, cb, ca, meters["phase_gis"].astype(str).to_numpy())
     reason[moved] = contract.REASON_PHASE_CHANGED_AT_RESTORATION
     changed_at[moved] = t_start[after_start[moved]]
+    tb = ta = None
+    tx_reason = np.full(n, "", dtype=object)
+    if config.transformer.enabled and (after_start >= 0).any():  # transformers before and after, the same way
+        tb, ta, tcb, tca = transformers_at_restoration(to_numpy(voltage), None if kw is None else to_numpy(kw),
+                                                       meters, before_stop, after_start, pb, pa,
+                                                       config.transformer, interval_s=interval_s)
+        tx_moved = _moved(tb, ta, tcb, tca, meters["transformer_id"].astype(str).to_numpy())
+        tx_reason[tx_moved] = contract.REASON_TRANSFORMER_CHANGED_AT_RESTORATION
+        changed_at[tx_moved] = t_start[after_start[tx_moved]]
     stat = np.full(n, np.nan)
     # Step 3: change points of the meters without a restoration, confirmed like a restoration
     if cc.change_point:
@@ -400,13 +479,15 @@ def connection_changes(
         pb[found], pa[found], ca[found], conf_a[found] = vb[found], va[found], vca[found], vconf[found]
         reason[found] = contract.REASON_CONNECTION_CHANGED
         changed_at[found] = t_start[k[found]]
-    return ChangeResult(pb, pa, conf_a, ca, pd.DatetimeIndex(changed_at).tz_localize("UTC"), reason, stat)
+    return ChangeResult(pb, pa, conf_a, ca, pd.DatetimeIndex(changed_at).tz_localize("UTC"), reason, stat,
+                        tb, ta, tx_reason)
 
 
 def _moved(before: np.ndarray, after: np.ndarray, class_before: np.ndarray, class_after: np.ndarray,
            gis: np.ndarray) -> np.ndarray:
-    """A change: a confident answer after that differs from the answer before, where that one is confident
-    or agrees with GIS (a weak answer before that confirms the GIS label still says where the meter was)."""
+    """A change (of phase or transformer): a confident answer after that differs from the answer before,
+    where that one is confident or agrees with GIS (a weak answer before that confirms the GIS label still
+    says where the meter was)."""
     held = (class_before == contract.CLASS_CONFIDENT) | (pd.notna(before) & (before == gis))
     return (class_after == contract.CLASS_CONFIDENT) & pd.notna(before) & held & (before != after)
 
@@ -477,14 +558,24 @@ def apply_connection_changes(out: pd.DataFrame, result: ChangeResult) -> pd.Data
                                  out["phase_inferred"].to_numpy(dtype=object),
                                  out["phase_class"].to_numpy(dtype=object))
         out["changed"] = out["phase"].notna() & (out["phase"] != out["phase_gis"])
-    if (result.reason != "").any():
-        out["reasons"] = [_add_reason(r, str(x)) for r, x in zip(out["reasons"], result.reason)]
+    if result.transformer_after is not None:
+        out["transformer_before"] = pd.Series(result.transformer_before, index=out.index, dtype=object)
+        out["transformer_after"] = pd.Series(result.transformer_after, index=out.index, dtype=object)
+        tx_moved = result.transformer_reason != ""
+        if tx_moved.any() and "transformer" in out:
+            out.loc[out.index[tx_moved], "transformer"] = result.transformer_after[tx_moved]
+            if "transformer_changed" in out:
+                out["transformer_changed"] = out["transformer"].to_numpy() != out["transformer_id"].to_numpy()
+    for codes in (result.reason, result.transformer_reason):
+        if codes is not None and (codes != "").any():
+            out["reasons"] = [_add_reason(r, str(x)) for r, x in zip(out["reasons"], codes)]
     return out
 
 
 def changes_for_block(meters: pd.DataFrame, voltage: Any, times: pd.DatetimeIndex, config: RunConfig, *,
                       interval_s: float = 900, nominal_v: np.ndarray | None = None,
-                      service_type: np.ndarray | None = None, events: pd.DataFrame | None = None) -> pd.DataFrame:
+                      service_type: np.ndarray | None = None, events: pd.DataFrame | None = None,
+                      kw: Any | None = None) -> pd.DataFrame:
     """:func:`connection_changes` then :func:`apply_connection_changes` on a block's results table.
 
     Parameters
@@ -505,6 +596,8 @@ def changes_for_block(meters: pd.DataFrame, voltage: Any, times: pd.DatetimeInde
     service_type : ndarray, shape (n_meters,), optional
     events : DataFrame, optional
         Events (:func:`read_events`) instead of the configured file.
+    kw : array, shape (n_meters, n_time), optional
+        Meter load. [kW]
 
     Returns
     -------
@@ -526,7 +619,7 @@ def changes_for_block(meters: pd.DataFrame, voltage: Any, times: pd.DatetimeInde
         "usable": (meters["phase_class"].astype(str) != contract.CLASS_INSUFFICIENT).to_numpy(),
     })
     res = connection_changes(voltage, id_meters, times, events, config,
-                             labels=meters["phase_inferred"].to_numpy(dtype=object), interval_s=interval_s)
+                             labels=meters["phase_inferred"].to_numpy(dtype=object), interval_s=interval_s, kw=kw)
     return apply_connection_changes(meters, res)
 
 
@@ -554,6 +647,6 @@ def with_connection_changes(block: Any, result: Any, config: RunConfig) -> Any:
     t0 = time.perf_counter()
     meters = changes_for_block(result.meters, block.voltage, block.times, config, interval_s=block.interval_s,
                                nominal_v=block.meters["nominal_v"].to_numpy(dtype=np.float64),
-                               service_type=block.meters["service_type"].to_numpy(dtype=object))
+                               service_type=block.meters["service_type"].to_numpy(dtype=object), kw=block.kw)
     return dataclasses.replace(result, meters=meters,
                                timings={**result.timings, "changes": time.perf_counter() - t0})

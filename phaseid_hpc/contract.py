@@ -69,6 +69,9 @@ REASON_PT_DEVIATION_NEIGHBOURS = "Meter PT Deviation (Checked Against Neighbours
 REASON_PHASE_CHANGED_AT_RESTORATION = "Phase Changed At Restoration"
 #: The same finding without an event: the phase the meter follows switches persistently at ``changed_at``.
 REASON_CONNECTION_CHANGED = "Connection Changed"
+#: Mapped separately before and after a restoration, the meter's transformer differs (``transformer_before``,
+#: ``transformer_after``).
+REASON_TRANSFORMER_CHANGED_AT_RESTORATION = "Transformer Changed At Restoration"
 
 #: Columns of RESULTS/meters.parquet, in order.
 METER_RESULT_COLUMNS: tuple[str, ...] = (

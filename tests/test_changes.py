@@ -122,8 +122,13 @@ def test_spliced_meter_with_an_event_gets_the_new_phase_and_the_time():
             assert res.reason[i] == contract.REASON_PHASE_CHANGED_AT_RESTORATION
             assert (res.phase_before[i], res.phase_after[i]) == (r["phase_before"], r["phase_after"])
             assert res.changed_at[i] == r["changed_at"]
-        else:  # control: outage and restoration, same phase
+            # the donor is on another transformer (two meters of one phase each): the meter moved there too
+            donor_tx = meters.set_index("meter_id").loc[r["donor_id"], "transformer_id"]
+            assert (res.transformer_before[i], res.transformer_after[i]) == (meters["transformer_id"][i], donor_tx)
+            assert res.transformer_reason[i] == contract.REASON_TRANSFORMER_CHANGED_AT_RESTORATION
+        else:  # control: outage and restoration, same phase and transformer
             assert res.reason[i] == "" and res.phase_after[i] == r["phase_after"]
+            assert res.transformer_reason[i] == "" and res.transformer_after[i] == meters["transformer_id"][i]
     others = ~np.isin(ids, changes["meter_id"])
     assert (res.reason[others] == "").all()
 
@@ -167,7 +172,7 @@ def test_apply_puts_the_answer_after_the_change_on_the_worklist():
     assert not got.drop(index=got.index[got["meter_id"].isin(moved.index)])["changed"].any()
     joined = apply_connection_changes(out.assign(reasons=""), res)  # joined-string reasons stay strings
     assert joined.set_index("meter_id").loc[moved.index, "reasons"].eq(
-        contract.REASON_PHASE_CHANGED_AT_RESTORATION).all()
+        f"{contract.REASON_PHASE_CHANGED_AT_RESTORATION}; {contract.REASON_TRANSFORMER_CHANGED_AT_RESTORATION}").all()
 
 
 def test_read_events_names_the_problem(tmp_path):
