@@ -945,7 +945,7 @@ def quality_block(
     (:func:`detect_units`), :func:`_flat_samples` (:func:`flat_run_mask`), :func:`_implausible_samples`,
     :func:`_remove_and_fill` (:func:`fill_short_gaps`), :func:`_clock_offsets_s`
     (:func:`estimate_clock_offsets`) and, with ``correct_clock_offset``, :func:`shift_rows`. (The function
-    is long only by its 18 required thresholds and the 24 fields of its result; the work is in the steps.)
+    is long only by its 17 required keywords and the 24 fields of its result; the work is in the steps.)
     """
     xp = array_namespace(voltage)
     n_m, n_t = voltage.shape
