@@ -185,17 +185,24 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from .config import load_config
     from .ingest import ingest_files
 
-    cfg = load_config(_config_path(args.config))
-    report = ingest_files(
-        args.readings,
-        args.meters,
-        args.store,
-        transformers_path=args.transformers,
-        references_path=args.references,
-        config=cfg.ingest,
-    )
-    from .console import format_ingest
+    from .console import format_ingest, progress_bar
+    from .ingest import count_reading_rows
 
+    cfg = load_config(_config_path(args.config))
+    bar = progress_bar(count_reading_rows(args.readings) if not args.no_progress else 0, "ingest", "row",
+                       enabled=not args.no_progress)
+    try:
+        report = ingest_files(
+            args.readings,
+            args.meters,
+            args.store,
+            transformers_path=args.transformers,
+            references_path=args.references,
+            config=cfg.ingest,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
     print(format_ingest(report))
     return 0
 
@@ -361,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--references", default=None, help="feeder-head reference voltages (optional)")
     s.add_argument("--store", required=True, help="Zarr store to create or extend")
     s.add_argument("--config", default=None, help="run config (TOML/YAML); uses its [ingest] table")
+    s.add_argument("--no-progress", action="store_true", help="no progress display (rows staged, rate, ETA)")
     s.set_defaults(func=_cmd_ingest)
 
     s = command("validate-store", "check a store against the schema; list every problem",

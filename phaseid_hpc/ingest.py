@@ -98,7 +98,7 @@ import re
 import shutil
 import time as _time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1278,6 +1278,26 @@ def _fsync_tree(root: Path) -> None:
         list(pool.map(lambda d: sync(d, directory=True), dirs))
 
 
+def count_reading_rows(paths: Iterable[str | os.PathLike[str]]) -> int:
+    """Rows of readings files, as :func:`ingest_files` reports them to its ``progress`` callback.
+
+    Parquet: from the footers (nothing else is read); CSV: the file's line count less its header.
+    """
+    total = 0
+    for p in map(Path, paths):
+        if p.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += int(pq.ParquetFile(p).metadata.num_rows)
+            continue
+        with open(p, "rb") as fh:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
+            fh.seek(max(0, p.stat().st_size - 1))
+            last = fh.read(1)
+        total += max(0, lines + (1 if last not in (b"\n", b"") else 0) - 1)
+    return total
+
+
 def ingest_files(
     readings_paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     meters_path: str | os.PathLike[str] | None,
@@ -1287,6 +1307,7 @@ def ingest_files(
     references_path: str | os.PathLike[str] | None = None,
     config: IngestConfig | None = None,
     lock_timeout_s: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> IngestReport:
     """Build a store from contract files, or upsert more readings into an existing one: one transaction.
 
@@ -1315,6 +1336,9 @@ def ingest_files(
         Defaults to ``IngestConfig()``.
     lock_timeout_s : float, optional
         Wait at most this long [s] for another writer (then :class:`StoreError` naming it); ``None``: wait.
+    progress : callable, optional
+        Called with the number of input rows staged after each batch (a file read whole, as a channel
+        export is, reports its rows when done); the total to expect is :func:`count_reading_rows`.
 
     Returns
     -------
@@ -1352,7 +1376,7 @@ def ingest_files(
         with exclusive_lock(_creation_lock(store), f"creation of store {str(store)!r}", timeout_s=lock_timeout_s):
             _remove_creation_leftovers(store)
             if not (store / "zarr.json").is_file():
-                _create_store(paths, meters, store, report, config, transformers_path, references_path)
+                _create_store(paths, meters, store, report, config, transformers_path, references_path, progress)
                 report.meters = int(_count_meters_with_data(store))
                 report.elapsed_s = _time.perf_counter() - t_start
                 return report
@@ -1370,7 +1394,7 @@ def ingest_files(
     with StoreTransaction(store, lock_timeout_s=lock_timeout_s) as tx:
         st = _store_state(store)
         _check_meters_match(store, meters, meters_path)
-        _stage_files(tx, st, paths, report, config)
+        _stage_files(tx, st, paths, report, config, progress)
     report.meters = int(_count_meters_with_data(store))
     report.elapsed_s = _time.perf_counter() - t_start
     return report
@@ -1433,11 +1457,13 @@ def _check_meters_match(store: Path, meters: pd.DataFrame, meters_path: Any) -> 
 
 
 def _stage_files(
-    tx: StoreTransaction, st: _StoreState, paths: Sequence[Path], report: IngestReport, config: IngestConfig
+    tx: StoreTransaction, st: _StoreState, paths: Sequence[Path], report: IngestReport, config: IngestConfig,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Stage every batch of every file into ``tx`` (one transaction), merging counts into ``report``."""
     batch_config = dataclasses.replace(config, column_map={})
     for p in paths:
+        reported = 0
         offset = 0
         tally = _TimestampTally()
         pivots: list[Any] = []
@@ -1452,8 +1478,13 @@ def _stage_files(
             tally.examples += [e for e in r.timestamp_examples if e not in tally.examples][: 5 - len(tally.examples)]
             report.merge(r)
             offset += len(batch)
+            if progress is not None and not pivots:  # rows of the file itself (a pivoted file: at its end)
+                progress(len(batch))
+                reported += len(batch)
         if offset == 0:
             raise DataError(f"readings file {str(p)!r} holds no readings (a header only); nothing was written")
+        if progress is not None and pivots:
+            progress(max(0, count_reading_rows([p]) - reported))
         tally.check(p, config)
         if tally.n_bad:
             report.notes.append(_timestamp_help(p.name, _original_name(config, "timestamp"), tally.n_bad, tally.n,
@@ -1480,6 +1511,7 @@ def _create_store(
     config: IngestConfig,
     transformers_path: Any,
     references_path: Any,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Build the store beside ``store``, stage every reading into it, and rename it into place."""
     interval_s, tmin, tmax = _scan_grid(paths, pd.Index(meters["meter_id"]), config)
@@ -1503,7 +1535,7 @@ def _create_store(
             time_chunk=config.time_chunk or 2976,
         )
         with StoreTransaction(tmp) as tx:
-            _stage_files(tx, _store_state(tmp), paths, report, config)
+            _stage_files(tx, _store_state(tmp), paths, report, config, progress)
         for done in (tmp / "_phaseid").glob("done-*"):  # the retired stage: not part of the new store
             shutil.rmtree(done, ignore_errors=True)
         _fsync_tree(tmp)

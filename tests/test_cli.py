@@ -157,6 +157,27 @@ def test_run_progress_is_plain_lines_with_rate_and_eta_when_stderr_is_not_a_term
     assert "block/s" in lines[-1] or "s/block" in lines[-1]  # a rate from tqdm's formatter
 
 
+def test_ingest_progress_counts_every_row_of_the_readings(utility):
+    import pyarrow.parquet as pq
+
+    from phaseid_hpc.ingest import count_reading_rows
+
+    readings = utility["root"] / "export" / "readings.parquet"
+    n = pq.ParquetFile(readings).metadata.num_rows
+    assert count_reading_rows([readings]) == n
+    lines = [ln for ln in utility["printed"]["ingest.err"].splitlines() if ln.startswith("ingest:")]
+    assert lines[0].startswith(f"ingest: 0/{n} rows")
+    assert lines[-1].startswith(f"ingest: {n}/{n} rows (100%)")
+
+
+def test_count_reading_rows_of_a_csv_without_a_final_newline(tmp_path):
+    from phaseid_hpc.ingest import count_reading_rows
+
+    (tmp_path / "a.csv").write_text("meter_id,timestamp,voltage_v\nm1,2026-01-01T00:15Z,240\nm1,2026-01-01T00:30Z,241")
+    (tmp_path / "b.csv").write_text("meter_id,timestamp,voltage_v\nm1,2026-01-01T00:15Z,240\n")
+    assert count_reading_rows([tmp_path / "a.csv", tmp_path / "b.csv"]) == 3
+
+
 def test_progress_bar_on_a_terminal_is_a_tqdm_bar_and_plain_lines_elsewhere():
     import io
 
