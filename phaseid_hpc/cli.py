@@ -183,10 +183,8 @@ def _cmd_capacity(args: argparse.Namespace) -> int:
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .ingest import ingest_files
-
     from .console import format_ingest, progress_bar
-    from .ingest import count_reading_rows
+    from .ingest import count_reading_rows, ingest_files
 
     cfg = load_config(_config_path(args.config))
     bar = progress_bar(count_reading_rows(args.readings) if not args.no_progress else 0, "ingest", "row",
