@@ -11,7 +11,9 @@ For every feeder (the five of ``../shared/data`` and, with ``--scenarios``, the 
   then :func:`phaseid_hpc.changes.changes_for_block` with the events file and without it (change point
   only). Detected: the meter carries ``Phase Changed At Restoration`` or ``Connection Changed`` and its
   ``phase_after`` is the new phase (``when_err_h``: median error of ``changed_at``); false alarm: an
-  unchanged meter (control or not) carries either reason.
+  unchanged meter (control or not) carries either reason. Where the donor is on another transformer the
+  meter moved there too: ``Transformer Changed At Restoration`` with ``transformer_after`` the donor's
+  transformer is a detection, the reason on any other meter a false alarm.
 * Transformer health: ``--xf-share`` of the transformers with at least two meters get a tap change of
   ``--tap-pct`` (:func:`phaseid_hpc.synth.events.inject_tap_change`, a random time in the middle half) and as
   many others a winding fault (:func:`phaseid_hpc.synth.events.inject_winding_fault`, ``--winding-pct`` common
@@ -88,7 +90,7 @@ def phase_change_trial(feeder: dict, n_t: int, share: float, min_after: float, s
             cfg = dataclasses.replace(config, changes=dataclasses.replace(config.changes, enabled=True,
                                                                           events_file=str(ev or "")))
             tic = time.perf_counter()
-            res = changes_for_block(base, meas, times, cfg, interval_s=tables.interval_s,
+            res = changes_for_block(base, meas, times, cfg, interval_s=tables.interval_s, kw=kw,
                                     nominal_v=tables.meters["nominal_v"].to_numpy(dtype=np.float64))
             secs = time.perf_counter() - tic
             flagged = res["reasons"].astype(str).apply(lambda r: any(c in r for c in CHANGE_REASONS)).to_numpy()
@@ -101,6 +103,16 @@ def phase_change_trial(feeder: dict, n_t: int, share: float, min_after: float, s
             out[label] = {"detected": int(right.sum()), "fa": int((flagged & ~is_moved).sum()),
                           "when_err_h": float(np.median(err_h)), "s": secs,
                           "recommended": int((res["phase"].to_numpy(dtype=object)[is_moved] == new[is_moved]).sum())}
+            if label == "events" and "transformer_after" in res:  # the donor's transformer, where it differs
+                tx_true = truth.set_index("meter_id")["transformer_id"].astype(str)
+                donor_tx = tx_true.reindex(moved["donor_id"].reindex(res["meter_id"])).to_numpy(dtype=object)
+                tx_moved = is_moved & (donor_tx != tx_true.reindex(res["meter_id"]).to_numpy(dtype=object))
+                tx_flag = res["reasons"].astype(str).str.contains(
+                    contract.REASON_TRANSFORMER_CHANGED_AT_RESTORATION, regex=False).to_numpy()
+                out["tx"] = {"moved": int(tx_moved.sum()), "unchanged": int((~tx_moved).sum()),
+                             "detected": int((tx_flag & tx_moved
+                                              & (res["transformer_after"].to_numpy(dtype=object) == donor_tx)).sum()),
+                             "fa": int((tx_flag & ~tx_moved).sum())}
     return out
 
 
@@ -248,8 +260,11 @@ def main(argv=None) -> None:
         n_t = min(len(feeder["times"]), round(a.days * 96))
         acc = {k: {"moved": 0, "detected": 0, "fa": 0, "unchanged": 0, "err": [], "s": 0.0}
                for k in ("events", "no_events")}
+        tx_acc = {"moved": 0, "unchanged": 0, "detected": 0, "fa": 0}
         for trial in range(a.trials):
             r = phase_change_trial(feeder, n_t, a.share, a.min_after, a.seed * 1000 + trial, config)
+            for key in tx_acc:
+                tx_acc[key] += r.get("tx", {}).get(key, 0)
             for k, c in acc.items():
                 c["moved"] += r["moved"]
                 c["unchanged"] += r["unchanged"]
@@ -262,6 +277,11 @@ def main(argv=None) -> None:
             emit({"feeder": name, "check": label, "injected": c["moved"], "detected": c["detected"] / c["moved"],
                   "healthy": c["unchanged"], "false_alarms": c["fa"], "false_alarm_rate": c["fa"] / c["unchanged"],
                   "when_err_h": float(np.nanmedian(c["err"])), "s": c["s"] / a.trials})
+        if tx_acc["moved"]:
+            emit({"feeder": name, "check": "transformer moved with it, events file", "injected": tx_acc["moved"],
+                  "detected": tx_acc["detected"] / tx_acc["moved"], "healthy": tx_acc["unchanged"],
+                  "false_alarms": tx_acc["fa"], "false_alarm_rate": tx_acc["fa"] / tx_acc["unchanged"],
+                  "when_err_h": float("nan"), "s": float("nan")})
         if a.no_health:
             continue
         tic = time.perf_counter()
@@ -284,7 +304,7 @@ def main(argv=None) -> None:
             emit({"feeder": name, "check": label, "injected": n_inj, "detected": h[key][0] / n_inj,
                   "healthy": h["healthy"], "false_alarms": h["fa"], "false_alarm_rate": h["fa"] / h["healthy"],
                   "when_err_h": float("nan"), "s": secs})
-    if a.csv:
+    if a.csv and str(a.csv) not in ("", "."):
         a.csv.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows, columns=cols).to_csv(a.csv, index=False)
 
