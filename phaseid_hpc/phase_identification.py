@@ -42,6 +42,7 @@ import pandas as pd
 
 from . import contract
 from ._compat import array_namespace, to_numpy
+from .confidence import confidence_class
 from .config import PhaseConfig
 from .errors import ContractError
 from .kernels.kmeans import batched_kmeans
@@ -570,8 +571,8 @@ def _vote_confidence(share: np.ndarray, z_strength: np.ndarray, n_choices: int, 
 
 def _confidence_class(conf: np.ndarray, config: PhaseConfig) -> np.ndarray:
     """``confident`` / ``suspect`` / ``low`` by the thresholds of ``config``."""
-    return np.where(conf >= config.confident_threshold, contract.CLASS_CONFIDENT,
-                    np.where(conf >= config.suspect_threshold, contract.CLASS_SUSPECT, contract.CLASS_LOW))
+    return confidence_class(conf, confident_threshold=config.confident_threshold,
+                            suspect_threshold=config.suspect_threshold)
 
 
 def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray, labels: np.ndarray,
