@@ -29,8 +29,8 @@ answer after that differs from the one before (confident, or the GIS transformer
 Changed At Restoration``, and the recommended transformer is the one after.
 
 The job calls :func:`with_connection_changes` after a block's stages (``pipeline.process_block`` and
-``pipeline.process_arrays``); the events reach it through ``[changes] events_file`` of the run config (so a
-block's partition key changes with the events file). The windows are identified on the block's voltage as
+``pipeline.process_arrays``); the events reach it through ``[changes] events_file`` of the run config (a
+block's partition key follows the file's path through the config fingerprint, not its content). The windows are identified on the block's voltage as
 read (identification does its own clock alignment; the quality stage's gap filling is not reapplied).
 """
 
