@@ -30,7 +30,8 @@ Changed At Restoration``, and the recommended transformer is the one after.
 
 The job calls :func:`with_connection_changes` after a block's stages (``pipeline.process_block`` and
 ``pipeline.process_arrays``); the events reach it through ``[changes] events_file`` of the run config (a
-block's partition key follows the file's path through the config fingerprint, not its content). The windows are identified on the block's voltage as
+block's partition key follows the file's path through the config fingerprint; ``delta.run_delta`` names the
+copy it uses by its content). The windows are identified on the block's voltage as
 read (identification does its own clock alignment; the quality stage's gap filling is not reapplied).
 """
 

@@ -16,6 +16,7 @@ updating GIS. A nightly delta run takes the previous results and an events file 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -151,7 +152,8 @@ def run_delta(
     since : path-like
         Previous results folder.
     events : path-like
-        ``events.csv`` (see :func:`~phaseid_hpc.changes.read_events`); it becomes ``[changes] events_file``.
+        ``events.csv`` (see :func:`~phaseid_hpc.changes.read_events`); copied into ``out`` as
+        ``events-<sha256>.csv``, which becomes ``[changes] events_file``.
     config : RunConfig, optional
     change_points : bool
         Also search the recomputed feeders' meters without events for change points (``[changes]
@@ -176,10 +178,16 @@ def run_delta(
     plan = delta_plan(read_events(events), meter_table)
     feeders = sorted(plan["feeder_id"].unique().tolist())
     config = config or RunConfig()
-    config = dataclasses.replace(config, changes=dataclasses.replace(
-        config.changes, events_file=str(Path(events).resolve()), change_point=change_points))
-    summary = run_job(store, out, feeders=feeders, previous=since, config=config, **kwargs)
+    # the events travel with the results under a name of their content: the blocks' partition keys (through
+    # the config fingerprint) then change with the events, not with where the file was
+    data = Path(events).read_bytes()
     out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept = out_dir / f"events-{hashlib.sha256(data).hexdigest()[:16]}.csv"
+    kept.write_bytes(data)
+    config = dataclasses.replace(config, changes=dataclasses.replace(
+        config.changes, events_file=str(kept.resolve()), change_point=change_points))
+    summary = run_job(store, out, feeders=feeders, previous=since, config=config, **kwargs)
     meters = pd.read_parquet(out_dir / "meters.parquet")
     _log_plan(out_dir, plan, meters)
     path = out_dir / "summary.json"

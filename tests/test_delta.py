@@ -111,6 +111,9 @@ def test_delta_run_finds_the_move_and_recomputes_only_its_feeder(spliced_utility
     log = (out / "run.log").read_text()
     assert f"delta_feeder_recomputed feeder={feeder}" in log and f"meter={change['meter_id']}" in log
     assert "restoration" in log
+    kept = list(out.glob("events-*.csv"))  # the events the blocks used, named by their content
+    assert len(kept) == 1 and kept[0].read_bytes() == u["events"].read_bytes()
+    assert json.loads((out / "summary.json").read_text())["config"]["changes"]["events_file"] == str(kept[0].resolve())
     doc = json.loads((out / "summary.json").read_text())["delta"]
     assert doc["recomputed_feeders"] == [feeder]
     assert [m["meter_id"] for m in doc["event_meters"]] == [change["meter_id"]]
