@@ -248,12 +248,9 @@ def process_block(
     BlockResult
         One row per meter and per transformer, and the seconds each step took (``read`` first). [s]
     """
-    from .changes import with_connection_changes
-
     t0 = time.perf_counter()
     block = read_block(store, start, stop, tables, device=config.job.device)
-    # connection changes over time (phaseid_hpc/changes.py; events: config.changes.events_file)
-    return with_connection_changes(block, run_block(block, config, timings={"read": time.perf_counter() - t0}), config)
+    return run_block(block, config, timings={"read": time.perf_counter() - t0})
 
 
 def process_arrays(
@@ -288,10 +285,7 @@ def process_arrays(
     def on_device(x: Any) -> Any:
         return None if x is None else xp.asarray(x, dtype=xp.float64)
 
-    from .changes import with_connection_changes
-
-    block = Block.from_tables(on_device(voltage), on_device(kw), on_device(kvar), tables)
-    res = with_connection_changes(block, run_block(block, config), config)  # connection changes (changes.py)
+    res = run_block(Block.from_tables(on_device(voltage), on_device(kw), on_device(kvar), tables), config)
     meters = res.meters.assign(reasons=join_reasons(res.meters["reasons"]))
     return {"meters": meters, "transformers": res.transformers, "timings": res.timings}
 

@@ -10,7 +10,9 @@ The README's steps, in the order :func:`run_block` calls them:
 3. :func:`map_meters_to_transformers` - transformer groups (:mod:`phaseid_hpc.transformer_mapping`);
 4. :func:`check_meter_pts` and :func:`validate` - meter PT deviation (:mod:`phaseid_hpc.pt_deviation`) and
    per-transformer loading, imbalance and thermal model (:mod:`phaseid_hpc.validation`);
-5. :func:`consolidate` - one row per meter and per transformer.
+5. :func:`consolidate` - one row per meter and per transformer;
+6. connection changes over time (:func:`phaseid_hpc.changes.with_connection_changes`): meters whose phase or
+   transformer changed at a restoration event or at a change point get both answers and the time.
 
 Each stage returns one small frozen dataclass; reasons stay lists of codes until :func:`consolidate`'s
 tables are written.
@@ -199,7 +201,12 @@ def run_block(block: Block, config: RunConfig, timings: dict[str, float] | None 
         with timer("validation"):
             loading = validate(block, phases, mapping, config.validation)
     meters, transformers = consolidate(block, quality, phases, clocks, mapping, pt, loading)
-    return BlockResult(meters, transformers, timer.timings)
+    result = BlockResult(meters, transformers, timer.timings)
+    # 6: connection changes over time (restorations in config.changes.events_file, change points), on the
+    # cleaned and clock-aligned block
+    from .changes import with_connection_changes
+
+    return with_connection_changes(block, result, config)
 
 
 def check_quality(block: Block, config: QualityConfig) -> QualityResult:
