@@ -125,7 +125,7 @@ def _stored_voltage(measured: np.ndarray, int16_decivolt: bool) -> np.ndarray:
     return data
 
 
-def _block_tables(sims: list[Any], times: pd.DatetimeIndex, interval_s: float) -> Any:
+def _store_tables_of(sims: list[Any], times: pd.DatetimeIndex, interval_s: float) -> Any:
     """The :class:`~phaseid_hpc.pipeline.StoreTables` a store of these feeders gives (same columns, order
     and dtypes as :meth:`StoreTables.from_dataset`)."""
     from .pipeline import StoreTables
@@ -219,7 +219,7 @@ def _capacity_block(
     kw = np.concatenate([s.kw for s in sims]).astype(np.float64)
     truth = pd.concat([truth_table(s.meters, s.feeder_id) for s in sims], ignore_index=True)
     times = pd.DatetimeIndex(grid.times.tz_convert("UTC").tz_localize(None).as_unit("ns"))
-    tables = _block_tables(sims, times, grid.interval_s)
+    tables = _store_tables_of(sims, times, grid.interval_s)
     del sims
     generate_s = time.perf_counter() - t0
     with threadpool_limits(limits=1, user_api="blas"):

@@ -341,8 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("capacity", "capacity test: generate each block on its worker and run the job on it, nothing stored",
                 "phaseid capacity --n-meters 1000000 --days 30 --out capacity/ --workers 2")
-    _renamed_option(s, "--n-meters", "--meters", type=_positive_int, default=100_000,
-                    help="number of meters to generate")
+    s.add_argument("--n-meters", type=_positive_int, default=100_000, help="number of meters to generate")
     s.add_argument("--days", type=_positive_float, default=30, help="length of the record [days]")
     s.add_argument("--interval", default="15min", help="reading interval (pandas offset: 5min, 15min, 1h)")
     s.add_argument("--seed", type=int, default=0, help="seed of the generator")
