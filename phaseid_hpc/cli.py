@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import PhaseIDError
 
@@ -187,8 +187,16 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest import count_reading_rows, ingest_files
 
     cfg = load_config(_config_path(args.config))
-    bar = progress_bar(count_reading_rows(args.readings) if not args.no_progress else 0, "ingest", "row",
-                       enabled=not args.no_progress)
+    bar: Any = None  # started at the first staged batch: nothing is printed before the files pass their checks
+
+    def staged(n: int) -> None:
+        nonlocal bar
+        if n <= 0:
+            return
+        if bar is None:
+            bar = progress_bar(count_reading_rows(args.readings), "ingest", "row", enabled=not args.no_progress)
+        bar.update(n)
+
     try:
         report = ingest_files(
             args.readings,
@@ -197,10 +205,11 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             transformers_path=args.transformers,
             references_path=args.references,
             config=cfg.ingest,
-            progress=bar.update,
+            progress=staged,
         )
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     print(format_ingest(report))
     return 0
 
