@@ -206,15 +206,13 @@ class PhaseConfig:
     #: The answer's phase neighbourhood must beat every other phase's by this many standard errors of
     #: correlation for full confidence (less scales the confidence down) [-].
     min_margin_se: float = 2.0
-    #: Optional precision check (0: off). When positive, a change of phase is confident only where the
-    #: meter's most similar meters that GIS puts on the new phase are more similar, by this much, than its
-    #: most similar meters that GIS puts on its GIS phase (means of the ``nearest_gis_count`` best, denoised
-    #: similarity; own GIS group excluded). It keeps a small cluster of correctly labelled meters inside a
-    #: larger neighbourhood of another phase from being moved with confidence, but it also holds back the
-    #: correction of two or three adjacent mislabelled transformers. Measured with 0.005 at 7 days
-    #: (benchmarks/feeders.py): the generator's late-clocks feeder loses its 7 wrong confident moves and 6
-    #: right ones; the regulator and large feeders lose 7 of 107 and 16 of 319 right corrections [-].
-    nearest_gis_margin: float = 0.0
+    #: A change of phase is held back (not confident) when the meter's most similar meters that GIS puts on
+    #: its GIS phase are more similar than its most similar meters that GIS puts on the new phase by more
+    #: than this (means of the ``nearest_gis_count`` best denoised similarities; own GIS group excluded):
+    #: a small cluster of correctly labelled meters inside a larger neighbourhood of another phase is then
+    #: not moved with confidence. It also holds back the correction of two or three adjacent mislabelled
+    #: transformers (they look the same locally): corrections must be right first. ``inf`` turns it off [-].
+    nearest_gis_tolerance: float = 0.02
     #: Meters of each GIS phase whose similarities are averaged for that check [-].
     nearest_gis_count: int = 3
     #: A meter's series is shifted by whole intervals when its correlation with the feeder's common

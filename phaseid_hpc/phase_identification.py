@@ -343,22 +343,22 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
 
 def _nearest_gis_factor(xp: Any, y: Any, group: np.ndarray, gis: np.ndarray, labels: np.ndarray,
                         config: PhaseConfig) -> np.ndarray:
-    """Step 4b: confidence factor of each change of phase from the nearest meters of each GIS label.
+    """Step 4b: 0 for a change of phase that the nearest meters of each GIS label speak against, else 1.
 
     For a meter whose answer differs from its GIS label: the mean similarity of its
     ``config.nearest_gis_count`` most similar meters (own GIS group excluded) that GIS puts on the answer's
     phase, minus the same for its GIS phase. A true GIS error sits among meters of its real phase, so the
-    first is the larger; a small cluster of correctly labelled meters swallowed by a larger neighbourhood of
-    another phase has its nearest meters on its own GIS phase. The factor rises from 0 (no margin) to 1 at
-    ``config.nearest_gis_margin``; 1 for unchanged meters.
+    difference is positive or near zero; a small cluster of correctly labelled meters swallowed by a larger
+    neighbourhood of another phase has its nearest meters on its own GIS phase. A change whose difference
+    is below ``-config.nearest_gis_tolerance`` is held back (factor 0); ``inf`` turns the check off.
     """
     factor = np.ones(labels.size)
     changed = np.flatnonzero((gis >= 0) & (labels != gis))
-    if not changed.size or config.nearest_gis_margin <= 0:
+    if not changed.size or not np.isfinite(config.nearest_gis_tolerance):
         return factor
     q = xp.take(y, xp.asarray(changed), axis=0)
     q_group = xp.asarray(group[changed])
-    best = np.full((changed.size, 3), -np.inf)
+    best = np.full((changed.size, 3), np.nan)
     for p in range(3):
         cand = np.flatnonzero(gis == p)
         if not cand.size:
@@ -367,10 +367,10 @@ def _nearest_gis_factor(xp: Any, y: Any, group: np.ndarray, gis: np.ndarray, lab
                                   candidates=xp.take(y, xp.asarray(cand), axis=0),
                                   candidate_group=xp.asarray(group[cand]))
         sim = to_numpy(sim)
-        best[:, p] = np.where(np.isfinite(sim), sim, np.nan).mean(axis=1) if sim.shape[1] else -np.inf
+        best[:, p] = np.where(np.isfinite(sim), sim, np.nan).mean(axis=1)
     margin = best[np.arange(changed.size), labels[changed]] - best[np.arange(changed.size), gis[changed]]
-    margin = np.where(np.isnan(margin), np.inf, margin)  # a phase GIS does not use nearby: nothing to compare
-    factor[changed] = np.clip(margin / config.nearest_gis_margin, 0.0, 1.0)
+    # NaN: no meter of one of the two phases to compare with (a phase GIS does not use nearby): no objection
+    factor[changed] = np.where(np.isnan(margin) | (margin >= -config.nearest_gis_tolerance), 1.0, 0.0)
     return factor
 
 

@@ -268,8 +268,8 @@ def test_nearest_gis_factor_holds_back_a_change_whose_nearest_gis_meters_disagre
     labels = gis.copy()
     labels[[0, 10]] = 2
     group = np.arange(gis.size)
-    off = _nearest_gis_factor(np, y, group, gis, labels, PhaseConfig(nearest_gis_margin=0.0))
-    assert (off == 1.0).all()  # 0 turns the check off
-    on = _nearest_gis_factor(np, y, group, gis, labels, PhaseConfig(nearest_gis_margin=0.005))
+    off = _nearest_gis_factor(np, y, group, gis, labels, PhaseConfig(nearest_gis_tolerance=float("inf")))
+    assert (off == 1.0).all()  # inf turns the check off
+    on = _nearest_gis_factor(np, y, group, gis, labels, PhaseConfig(nearest_gis_tolerance=0.02))
     assert on[0] == 0.0 and on[10] == 1.0
     assert (on[labels == gis] == 1.0).all()
