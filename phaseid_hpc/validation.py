@@ -87,14 +87,7 @@ _NEIGHBOUR_TRANSFORMERS = 8
 #: Contract names of the phase sets (bit 1 = A, 2 = B, 4 = C): pairs as AB, BC, CA (never AC).
 _PHASES_ON_NAMES = np.array(["", "A", "B", "AB", "C", "CA", "BC", "ABC"], dtype=object)
 #: Per-transformer columns of the thermal summary, in table order.
-_THERMAL_COLUMNS = (
-    "max_top_oil_c",
-    "max_hot_spot_c",
-    "hours_above_normal",
-    "hours_above_emergency",
-    "f_eqa",
-    "loss_of_life_h",
-)
+_THERMAL_COLUMNS = kv._THERMAL_KEYS
 
 
 def validate_transformers(

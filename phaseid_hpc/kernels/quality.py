@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._compat import array_namespace
+from .._compat import array_namespace, to_numpy
 
 __all__ = [
     "STANDARD_BASES_V",
@@ -84,11 +84,7 @@ def _shift(x: Any, k: int, fill: Any, xp: Any) -> Any:
 
 def _host(x: Any) -> np.ndarray:
     """A small array (group labels, per-meter flags) on the host as NumPy."""
-    if isinstance(x, np.ndarray):
-        return x
-    if type(x).__module__.startswith("cupy"):
-        return x.get()
-    return np.from_dlpack(x)
+    return to_numpy(x)
 
 
 def _count(mask: Any, axis: int) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from .._compat import array_namespace
+from .._compat import array_namespace, to_numpy
 from . import thermal
 from .correlation import fisher_z
 
@@ -72,11 +72,7 @@ def _is_numpy(x: Any) -> bool:
 
 def _host(x: Any) -> np.ndarray:
     """A small array (per transformer or per meter) on the host as NumPy."""
-    if isinstance(x, np.ndarray):
-        return x
-    if type(x).__module__.startswith("cupy"):
-        return x.get()
-    return np.from_dlpack(x)
+    return to_numpy(x)
 
 
 def _index(xp: Any, idx: np.ndarray) -> Any:
