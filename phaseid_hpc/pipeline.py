@@ -401,72 +401,27 @@ def run_job(
         delta = feeders is not None
         wanted = set(map(str, feeders or ()))
         if delta:
-            if previous is None:
-                raise PhaseIDError("a delta run (feeders=...) needs the previous results folder")
-            unknown = sorted(wanted - set(meter_table["feeder_id"].astype(str)))
-            if unknown:
-                raise PhaseIDError(f"delta run: feeder(s) {unknown[:5]} are not in the store {store!r}")
-            from .delta import affected_blocks
-
-            blocks = affected_blocks(meter_table, blocks, wanted)  # the affected feeders' rows only
+            blocks = _delta_blocks(blocks, meter_table, wanted, previous, store)  # the affected feeders' rows
             log_event(logger, "delta_plan", feeders=",".join(sorted(wanted)), blocks=len(blocks))
-        todo: list[tuple[int, int, int, str]] = []
-        reused = 0
-        paths: list[Path] = []
-        for i, b in enumerate(blocks):
-            start, stop, b_feeders = b.start, b.stop, list(map(str, b.feeder_ids))
-            key = _block_key(start, stop, b_feeders, store_fp, config_fp)
-            path = part_dir / f"block-{start:09d}-{key}.parquet"
-            paths.append(path)
-            if path.exists() and path.with_suffix(".transformers.parquet").exists():
-                reused += 1
-                log_event(logger, "block_reused", block=i, feeders=",".join(b_feeders))
-            else:
-                todo.append((i, start, stop, str(path)))
-        valid = {p.name for p in paths} | {p.with_suffix(".transformers.parquet").name for p in paths}
-        for stale in part_dir.iterdir():  # results of another store or config are never mixed in
-            if stale.name not in valid:
-                stale.unlink()
+        todo, paths = _plan_blocks(blocks, part_dir, store_fp, config_fp, logger)
+        reused = len(blocks) - len(todo)
 
         t_blocks = time.perf_counter()
-        block_timings: dict[str, float] = {}
         if todo:
             say(f"Processing {len(todo)} of {len(blocks)} blocks ({reused} reused from an earlier run)")
         tables = StoreTables.from_dataset(ds) if todo else None
         results = _execute(todo, store, config, client, progress, tables)
-    for i, r in sorted(results.items()):
-        for k, v in r["timings"].items():
-            block_timings[k] = block_timings.get(k, 0.0) + float(v)
-        log_event(logger, "block_done", block=i, meters=r["n"],
-                  **{f"{k}_s": round(float(v), 3) for k, v in r["timings"].items()})
+    block_timings = _log_blocks_done(results, logger)
     t_blocks = time.perf_counter() - t_blocks
 
     t_cons = time.perf_counter()
-    meters = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else pd.DataFrame(
-        columns=list(METER_RESULT_COLUMNS)
-    )
-    meters = meters.sort_values(["feeder_id", "transformer_id", "meter_id"], kind="stable").reset_index(drop=True)
-    xfs = [pd.read_parquet(p.with_suffix(".transformers.parquet")) for p in paths]
-    xfs = [x for x in xfs if len(x)]
-    transformers = pd.concat(xfs, ignore_index=True) if xfs else pd.DataFrame()
-    if delta:
-        meters, transformers = _merge_previous(Path(previous), wanted, meters, transformers)
-        n_meters = len(meters)
-    if len(transformers):
-        transformers = transformers.sort_values(["feeder_id", "transformer_id"], kind="stable").reset_index(
-            drop=True
-        )
-    found = meters[meters["reasons"].astype(str).str.len() > 0]
-    for fid, mid, reason in zip(found["feeder_id"], found["meter_id"], found["reasons"]):
+    meters, transformers = _consolidate(paths, Path(previous) if delta else None, wanted)
+    for fid, mid, reason in _findings(meters):
         log_event(logger, "meter_finding", logging.WARNING, feeder=fid, meter=mid, reason=reason)
     files = _write_outputs(out_dir, meters, transformers)
     t_cons = time.perf_counter() - t_cons
 
-    counts = {c: int((meters["phase_class"] == c).sum()) for c in PHASE_CLASSES}
-    counts["meters"] = len(meters)
-    counts["phase_changed"] = int(meters["changed"].sum())
-    if "transformer_changed" in meters:
-        counts["transformer_changed"] = int(meters["transformer_changed"].sum())
+    counts = _counts(meters)
     timings = {
         "total": time.perf_counter() - t_start,
         "blocks_wall": t_blocks,
@@ -483,18 +438,117 @@ def run_job(
     files["run_log"] = str(out_dir / "run.log")
     if report:
         t_report = time.perf_counter()
-        try:
-            from .report import write_report
-
-            files["report"] = str(write_report(out_dir, store=store))
-        except Exception as exc:  # noqa: BLE001 - the report is a view of written results: never fatal
-            log_event(logger, "report_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
-            say(f"report.html not written ({type(exc).__name__}: {exc}); the results are complete, "
-                f"retry with: phaseid report --results {out_dir}")
+        path = _write_report(out_dir, store, logger, say)
+        if path is not None:
+            files["report"] = path
         timings["report"] = time.perf_counter() - t_report
     log_event(logger, "run_done", meters=len(meters), confident=counts.get("confident", 0),
               changed=counts["phase_changed"], total_s=round(timings["total"], 3))
     return RunSummary(out_dir, len(meters), len(blocks), reused, counts, timings, files)
+
+
+def _delta_blocks(blocks: Sequence[Any], meter_table: pd.DataFrame, feeders: set[str],
+                  previous: str | os.PathLike[str] | None, store: str) -> list[Any]:
+    """Delta run: the blocks cut to the rows of ``feeders`` (checked to be in the store)."""
+    if previous is None:
+        raise PhaseIDError("a delta run (feeders=...) needs the previous results folder")
+    unknown = sorted(feeders - set(meter_table["feeder_id"].astype(str)))
+    if unknown:
+        raise PhaseIDError(f"delta run: feeder(s) {unknown[:5]} are not in the store {store!r}")
+    from .delta import affected_blocks
+
+    return affected_blocks(meter_table, blocks, feeders)
+
+
+def _write_report(out_dir: Path, store: str, logger: logging.Logger, say: Callable[[str], None]) -> str | None:
+    """``report.html`` from the written results; a failure is logged and said, never fatal (``None``)."""
+    try:
+        from .report import write_report
+
+        return str(write_report(out_dir, store=store))
+    except Exception as exc:  # noqa: BLE001 - the report is a view of written results: never fatal
+        log_event(logger, "report_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+        say(f"report.html not written ({type(exc).__name__}: {exc}); the results are complete, "
+            f"retry with: phaseid report --results {out_dir}")
+        return None
+
+
+def _plan_blocks(
+    blocks: Sequence[Any], part_dir: Path, store_fp: str, config_fp: str, logger: logging.Logger
+) -> tuple[list[tuple[int, int, int, str]], list[Path]]:
+    """Each block's partition file, and the blocks still to run (``(index, start, stop, path)``).
+
+    A block whose two partition files exist (same rows, feeders, store and config fingerprints) is reused;
+    any other file in ``part_dir`` belongs to another store or config and is removed, so results are never
+    mixed.
+    """
+    todo: list[tuple[int, int, int, str]] = []
+    paths: list[Path] = []
+    for i, b in enumerate(blocks):
+        start, stop, b_feeders = b.start, b.stop, list(map(str, b.feeder_ids))
+        key = _block_key(start, stop, b_feeders, store_fp, config_fp)
+        path = part_dir / f"block-{start:09d}-{key}.parquet"
+        paths.append(path)
+        if path.exists() and path.with_suffix(".transformers.parquet").exists():
+            log_event(logger, "block_reused", block=i, feeders=",".join(b_feeders))
+        else:
+            todo.append((i, start, stop, str(path)))
+    valid = {p.name for p in paths} | {p.with_suffix(".transformers.parquet").name for p in paths}
+    for stale in part_dir.iterdir():
+        if stale.name not in valid:
+            stale.unlink()
+    return todo, paths
+
+
+def _log_blocks_done(results: dict[int, dict[str, Any]], logger: logging.Logger) -> dict[str, float]:
+    """One ``block_done`` line per finished block, in block order; the stage timings summed [s]."""
+    block_timings: dict[str, float] = {}
+    for i, r in sorted(results.items()):
+        for k, v in r["timings"].items():
+            block_timings[k] = block_timings.get(k, 0.0) + float(v)
+        log_event(logger, "block_done", block=i, meters=r["n"],
+                  **{f"{k}_s": round(float(v), 3) for k, v in r["timings"].items()})
+    return block_timings
+
+
+def _consolidate(
+    paths: Sequence[Path], previous: Path | None, feeders: set[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The meters and transformers tables of every block, in canonical order (stable sorts).
+
+    With ``previous`` (a delta run) the rows of ``feeders`` come from ``paths`` and every other feeder's
+    from the previous results.
+    """
+    meters = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else pd.DataFrame(
+        columns=list(METER_RESULT_COLUMNS)
+    )
+    meters = meters.sort_values(["feeder_id", "transformer_id", "meter_id"], kind="stable").reset_index(drop=True)
+    xfs = [pd.read_parquet(p.with_suffix(".transformers.parquet")) for p in paths]
+    xfs = [x for x in xfs if len(x)]
+    transformers = pd.concat(xfs, ignore_index=True) if xfs else pd.DataFrame()
+    if previous is not None:
+        meters, transformers = _merge_previous(previous, feeders, meters, transformers)
+    if len(transformers):
+        transformers = transformers.sort_values(["feeder_id", "transformer_id"], kind="stable").reset_index(
+            drop=True
+        )
+    return meters, transformers
+
+
+def _findings(meters: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """``(feeder, meter, reasons)`` of every meter with at least one reason code."""
+    found = meters[meters["reasons"].astype(str).str.len() > 0]
+    return list(zip(found["feeder_id"], found["meter_id"], found["reasons"]))
+
+
+def _counts(meters: pd.DataFrame) -> dict[str, int]:
+    """Meters per confidence class, and how many had their phase (and transformer) changed."""
+    counts = {c: int((meters["phase_class"] == c).sum()) for c in PHASE_CLASSES}
+    counts["meters"] = len(meters)
+    counts["phase_changed"] = int(meters["changed"].sum())
+    if "transformer_changed" in meters:
+        counts["transformer_changed"] = int(meters["transformer_changed"].sum())
+    return counts
 
 
 def _merge_previous(
