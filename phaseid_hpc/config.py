@@ -215,6 +215,10 @@ class PhaseConfig:
     nearest_gis_tolerance: float = 0.02
     #: Meters of each GIS phase whose similarities are averaged for that check [-].
     nearest_gis_count: int = 3
+    #: In that check, a meter of another GIS group whose raw similarity with the meter reaches this share
+    #: of the meter's mean raw similarity with its own GIS group-mates is taken for a physical sibling (a
+    #: transformer error in GIS) and does not count; above 1 (or a meter alone in its group) nobody is [-].
+    nearest_gis_sibling_ratio: float = 0.9
     #: A meter's series is shifted by whole intervals when its correlation with the feeder's common
     #: signal at the best lag beats lag 0 by this many standard errors; 0 turns the check off [-].
     clock_lag_se: float = 6.0
@@ -403,8 +407,16 @@ class PTConfig:
     #: median slope: a meter whose voltage does not follow its own load (a large, stiff service) has a level
     #: that its neighbours do not explain [-].
     min_load_response: float = 0.2
+    #: Meters compared with neighbours only are flagged above ``max(threshold_pct, this x the robust
+    #: spread of that comparison on the feeder)``: where healthy meters scatter, a small deviation is not
+    #: evidence; 0 turns the widening off [-].
+    neighbour_spread_factor: float = 4.0
 
     def __post_init__(self) -> None:
+        if not self.neighbour_spread_factor >= 0:
+            raise ConfigError(
+                f"config key 'pt.neighbour_spread_factor' must be >= 0, got {self.neighbour_spread_factor}"
+            )
         if not self.threshold_pct > 0:
             raise ConfigError(f"config key 'pt.threshold_pct' must be > 0, got {self.threshold_pct}")
         if self.n_windows < 1 or self.min_samples < 1 or self.min_group_size < 3 or self.n_neighbours < 1:

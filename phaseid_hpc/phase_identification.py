@@ -65,6 +65,8 @@ _PAIRS = ((0, 1), (1, 2), (2, 0))
 _REQUIRED = ("meter_id", "feeder_id", "transformer_id", "phase_gis")
 #: Largest whole-interval clock error undone before identification [samples].
 _MAX_CLOCK_LAG = 2
+#: Extra nearest meters looked at in the nearest-GIS check, so that excluded siblings leave enough [meters].
+_SIBLING_LOOKAHEAD = 8
 
 
 def identify_phases(
@@ -337,11 +339,11 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     decisive = (share >= 0.6) & (z_margin >= 3.0 * config.min_margin_se)
     share = np.where(decisive, 1.0, share)
     c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
-    c = c * _nearest_gis_factor(xp, y, group, gis, labels, config)
+    c = c * _nearest_gis_factor(xp, y, u, group, gis, labels, config)
     return c, z_strength
 
 
-def _nearest_gis_factor(xp: Any, y: Any, group: np.ndarray, gis: np.ndarray, labels: np.ndarray,
+def _nearest_gis_factor(xp: Any, y: Any, u: Any, group: np.ndarray, gis: np.ndarray, labels: np.ndarray,
                         config: PhaseConfig) -> np.ndarray:
     """Step 4b: 0 for a change of phase that the nearest meters of each GIS label speak against, else 1.
 
@@ -351,6 +353,12 @@ def _nearest_gis_factor(xp: Any, y: Any, group: np.ndarray, gis: np.ndarray, lab
     difference is positive or near zero; a small cluster of correctly labelled meters swallowed by a larger
     neighbourhood of another phase has its nearest meters on its own GIS phase. A change whose difference
     is below ``-config.nearest_gis_tolerance`` is held back (factor 0); ``inf`` turns the check off.
+
+    Meters that are physically the meter's siblings (GIS puts them on another transformer, a transformer
+    error) do not count: a candidate whose raw similarity with the meter reaches
+    ``config.nearest_gis_sibling_ratio`` times the meter's mean raw similarity with its own GIS group-mates
+    shares its secondary voltage, so its GIS label is the same error, not independent evidence. (A meter
+    alone in its group has no such yardstick and excludes nobody.)
     """
     factor = np.ones(labels.size)
     changed = np.flatnonzero((gis >= 0) & (labels != gis))
@@ -358,20 +366,60 @@ def _nearest_gis_factor(xp: Any, y: Any, group: np.ndarray, gis: np.ndarray, lab
         return factor
     q = xp.take(y, xp.asarray(changed), axis=0)
     q_group = xp.asarray(group[changed])
+    sib = _sibling_similarity(xp, u, group, changed) * config.nearest_gis_sibling_ratio
+    n_look = config.nearest_gis_count + (_SIBLING_LOOKAHEAD if np.isfinite(sib).any() else 0)
     best = np.full((changed.size, 3), np.nan)
     for p in range(3):
         cand = np.flatnonzero(gis == p)
         if not cand.size:
             continue
-        _, sim = top_k_neighbours(q, q_group, config.nearest_gis_count,
-                                  candidates=xp.take(y, xp.asarray(cand), axis=0),
-                                  candidate_group=xp.asarray(group[cand]))
+        idx, sim = top_k_neighbours(q, q_group, n_look,
+                                    candidates=xp.take(y, xp.asarray(cand), axis=0),
+                                    candidate_group=xp.asarray(group[cand]))
         sim = to_numpy(sim)
-        best[:, p] = np.where(np.isfinite(sim), sim, np.nan).mean(axis=1)
+        sim = np.where(np.isfinite(sim), sim, np.nan)
+        if n_look > config.nearest_gis_count:
+            rows = cand[to_numpy(idx)]
+            raw = _pair_dots(xp, u, np.repeat(changed, rows.shape[1]), rows.ravel()).reshape(rows.shape)
+            sim = np.where(raw >= sib[:, None], np.nan, sim)  # NaN sib: nobody is a sibling
+        # the best nearest_gis_count of the rest (sorted descending, NaN last)
+        top = -np.sort(-sim, axis=1)[:, : config.nearest_gis_count]
+        cnt = np.isfinite(top).sum(axis=1)
+        best[:, p] = np.where(cnt > 0, np.nansum(top, axis=1) / np.maximum(cnt, 1), np.nan)
     margin = best[np.arange(changed.size), labels[changed]] - best[np.arange(changed.size), gis[changed]]
     # NaN: no meter of one of the two phases to compare with (a phase GIS does not use nearby): no objection
     factor[changed] = np.where(np.isnan(margin) | (margin >= -config.nearest_gis_tolerance), 1.0, 0.0)
     return factor
+
+
+def _pair_dots(xp: Any, u: Any, a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Dot products ``u[a[j]] . u[b[j]]`` of row pairs, on the host as float64 (n_pairs,)."""
+    out = np.empty(a.size)
+    for s in range(0, a.size, chunk):
+        ua = xp.take(u, xp.asarray(a[s : s + chunk]), axis=0)
+        ub = xp.take(u, xp.asarray(b[s : s + chunk]), axis=0)
+        out[s : s + chunk] = to_numpy(xp.vecdot(ua, ub, axis=-1))
+    return out
+
+
+def _sibling_similarity(xp: Any, u: Any, group: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Mean raw similarity of each of ``rows`` with the other members of its group; NaN where alone."""
+    members = pd.Series(np.arange(group.size)).groupby(group).apply(np.asarray)
+    a, b = [], []
+    for i in rows:
+        m = members[group[i]]
+        m = m[m != i]
+        a.append(np.full(m.size, i))
+        b.append(m)
+    a = np.concatenate(a) if a else np.zeros(0, dtype=np.int64)
+    b = np.concatenate(b) if b else np.zeros(0, dtype=np.int64)
+    out = np.full(rows.size, np.nan)
+    if a.size:
+        pos = np.searchsorted(rows, a)  # rows is sorted (np.flatnonzero)
+        dots = _pair_dots(xp, u, a, b)
+        cnt = np.bincount(pos, minlength=rows.size)
+        out = np.where(cnt > 0, np.bincount(pos, weights=dots, minlength=rows.size) / np.maximum(cnt, 1), np.nan)
+    return out
 
 
 def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, config: PhaseConfig):

@@ -268,8 +268,39 @@ def test_nearest_gis_factor_holds_back_a_change_whose_nearest_gis_meters_disagre
     labels = gis.copy()
     labels[[0, 10]] = 2
     group = np.arange(gis.size)
-    off = _nearest_gis_factor(np, y, group, gis, labels, PhaseConfig(nearest_gis_tolerance=float("inf")))
+    off = _nearest_gis_factor(np, y, y, group, gis, labels, PhaseConfig(nearest_gis_tolerance=float("inf")))
     assert (off == 1.0).all()  # inf turns the check off
-    on = _nearest_gis_factor(np, y, group, gis, labels, PhaseConfig(nearest_gis_tolerance=0.02))
+    on = _nearest_gis_factor(np, y, y, group, gis, labels, PhaseConfig(nearest_gis_tolerance=0.02))
     assert on[0] == 0.0 and on[10] == 1.0
     assert (on[labels == gis] == 1.0).all()
+
+
+def test_nearest_gis_factor_ignores_physical_siblings_filed_under_another_transformer():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _nearest_gis_factor
+
+    rng = np.random.default_rng(1)
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    base = rng.normal(size=(2, 12))
+    # rows 0-1: one transformer filed as B, really C (the vote says C); rows 2-3: two meters of that same
+    # transformer that GIS files under another transformer, also as B (as similar to rows 0-1 as those are to
+    # each other); rows 4-9: GIS-C meters of the neighbourhood; rows 10-13: GIS-B meters far away.
+    y = np.vstack([base[0] + 0.05 * rng.normal(size=(4, 12)), base[0] + 0.7 * rng.normal(size=(6, 12)),
+                   base[1] + 0.3 * rng.normal(size=(4, 12))])
+    y = unit(y)
+    gis = np.array([1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1])
+    labels = gis.copy()
+    labels[[0, 1]] = 2
+    group = np.array([0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    # rows 2-3 count as independent GIS-B evidence: held back
+    nobody = PhaseConfig(nearest_gis_tolerance=0.02, nearest_gis_count=2, nearest_gis_sibling_ratio=2.0)
+    assert _nearest_gis_factor(np, y, y, group, gis, labels, nobody)[[0, 1]].tolist() == [0.0, 0.0]
+    # as siblings they do not count; the GIS-B meters left are far: the correction stands
+    siblings = PhaseConfig(nearest_gis_tolerance=0.02, nearest_gis_count=2, nearest_gis_sibling_ratio=0.9)
+    assert _nearest_gis_factor(np, y, y, group, gis, labels, siblings)[[0, 1]].tolist() == [1.0, 1.0]
+    # a meter alone in its group has no yardstick: row 0 alone is held back as before
+    alone = np.arange(gis.size)
+    assert _nearest_gis_factor(np, y, y, alone, gis, labels, siblings)[0] == 0.0
