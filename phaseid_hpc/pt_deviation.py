@@ -14,7 +14,10 @@ For each feeder of a block (meters of one feeder are compared with each other on
   (:data:`~phaseid_hpc.contract.REASON_PT_DEVIATION_NEIGHBOURS`); where its voltage does not follow its own
   load (slope below ``min_load_response`` of the feeder's median: a large, stiff service whose level its
   neighbours do not explain) the deviation is not estimable (NaN);
-* the deviation must exceed ``threshold_pct`` in each of ``n_windows`` consecutive windows, with one sign.
+* the deviation must exceed ``threshold_pct`` in each of ``n_windows`` consecutive windows, with one sign;
+  for meters compared with neighbours only, the level is widened to ``neighbour_spread_factor`` times the
+  robust spread of that comparison on the feeder where it scatters more (a healthy meter there cannot be
+  told from a 1% PT error).
 
 The array maths is in :mod:`phaseid_hpc.kernels.pt_deviation` (named steps, units, equations).
 """
@@ -135,7 +138,12 @@ def _one_feeder(
                                                  queries=lone)  # step 5
     dev_nb = np.where(comparable[:, None], kern.neighbour_deviation(levels, nb), np.nan)
     dev = np.where(big[:, None], dev_group, dev_nb)
-    est, flagged = kern.persistent_deviation(dev, config.threshold_pct)  # step 6
+    # a feeder whose neighbour comparison scatters (taps, regulator zones, long secondaries) gets a wider
+    # flag level for the meters compared with neighbours only
+    thr_nb = kern.neighbour_threshold(dev_nb[lone], config.threshold_pct, config.neighbour_spread_factor)
+    # the same for groups: customers along a long LV feeder of one transformer sit at different levels
+    thr_group = kern.neighbour_threshold(dev_group[big], config.threshold_pct, config.neighbour_spread_factor)
+    est, flagged = kern.persistent_deviation(dev, np.where(big, thr_group, thr_nb))  # step 6
     return est, flagged & ~big, flagged & big
 
 

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._compat import array_namespace
+import numpy as np
+
+from .._compat import array_namespace, to_numpy
 from .neighbours import _top_k_columns, neighbour_sums
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "drop_slope",
     "group_median_deviation",
     "nearest_shape_neighbours",
+    "neighbour_threshold",
     "neighbour_deviation",
     "persistent_deviation",
     "relative_level_pct",
@@ -324,15 +327,15 @@ def neighbour_deviation(levels: Any, index: Any) -> Any:
     return xp.stack(cols, axis=1)
 
 
-def persistent_deviation(deviation: Any, threshold_pct: float) -> tuple[Any, Any]:
+def persistent_deviation(deviation: Any, threshold_pct: Any) -> tuple[Any, Any]:
     """Step 6: the deviation estimate and whether it exceeds the threshold in every window, same sign.
 
     Parameters
     ----------
     deviation : array, shape (n_meters, n_windows)
         Per-window deviation estimates [%].
-    threshold_pct : float
-        Flag level [%].
+    threshold_pct : float or array, shape (n_meters,)
+        Flag level, one for all meters or one per meter [%].
 
     Returns
     -------
@@ -342,9 +345,50 @@ def persistent_deviation(deviation: Any, threshold_pct: float) -> tuple[Any, Any
     """
     xp = array_namespace(deviation)
     est = xp.mean(deviation, axis=1)
-    up = xp.all(deviation > threshold_pct, axis=1)
-    down = xp.all(deviation < -threshold_pct, axis=1)
+    thr = xp.asarray(threshold_pct, dtype=deviation.dtype)
+    thr = thr[:, None] if thr.ndim == 1 else thr
+    up = xp.all(deviation > thr, axis=1)
+    down = xp.all(deviation < -thr, axis=1)
     return est, (up | down) & xp.isfinite(est)
+
+
+def neighbour_threshold(deviation: Any, threshold_pct: float, spread_factor: float,
+                        min_meters: int = 10) -> float:
+    """Flag level of the neighbour-only comparison of one feeder: the set one, or wider where the
+    comparison itself scatters [%].
+
+    A meter without siblings is compared with the level of its nearest meters of other transformers;
+    secondary drops, transformer taps and regulator zones make that comparison scatter even where every
+    PT is healthy. With at least ``min_meters`` compared meters, the level is
+    ``max(threshold_pct, spread_factor * s)`` with ``s`` the robust spread (1.4826 median absolute
+    deviation) of their mean deviations: a feeder where healthy meters scatter by 1% cannot show a 1% PT
+    error. Failing PTs are rare, so they barely move ``s``.
+
+    Parameters
+    ----------
+    deviation : array, shape (n_compared, n_windows)
+        Per-window deviation estimates of the meters compared with neighbours only [%].
+    threshold_pct : float
+        The configured flag level [%].
+    spread_factor : float
+        Multiple of the robust spread below which nothing is flagged [-].
+    min_meters : int
+        Fewest compared meters (finite estimates) for a spread [-].
+
+    Returns
+    -------
+    float
+        The flag level [%].
+    """
+    xp = array_namespace(deviation)
+    est = xp.mean(xp.asarray(deviation, dtype=xp.float64), axis=1)
+    est = est[xp.isfinite(est)]
+    if est.shape[0] < min_meters or spread_factor <= 0:
+        return float(threshold_pct)
+    h = np.sort(np.asarray(to_numpy(est)))
+    med = float(np.median(h))
+    spread = 1.4826 * float(np.median(np.abs(h - med)))
+    return max(float(threshold_pct), spread_factor * spread)
 
 
 def aggregate_means(x: Any, factor: int) -> Any:

@@ -12,6 +12,7 @@ from phaseid_hpc.kernels.pt_deviation import (
     group_median_deviation,
     nearest_shape_neighbours,
     neighbour_deviation,
+    neighbour_threshold,
     persistent_deviation,
     relative_level_pct,
     window_levels,
@@ -163,6 +164,27 @@ def test_persistent_deviation_needs_every_window_with_one_sign(xp):
     est, flagged = persistent_deviation(xp.asarray(dev), 1.0)
     np.testing.assert_allclose(to_np(est)[:4], [1.35, 1.0, -1.2, 0.0])
     assert to_np(flagged).tolist() == [True, False, True, False, False]
+
+
+@BACKENDS
+def test_persistent_deviation_takes_one_threshold_per_meter(xp):
+    dev = np.array([[1.2, 1.5], [1.2, 1.5], [-2.5, -2.2]])
+    _, flagged = persistent_deviation(xp.asarray(dev), xp.asarray([1.0, 2.0, 2.0]))
+    assert to_np(flagged).tolist() == [True, False, True]
+
+
+@BACKENDS
+def test_neighbour_threshold_widens_only_where_the_comparison_scatters(xp):
+    rng = np.random.default_rng(5)
+    tight = rng.normal(0.0, 0.1, (200, 2))
+    tight[:2] += 3.0  # two failing PTs barely move a robust spread
+    assert neighbour_threshold(xp.asarray(tight), 1.0, 4.0) == 1.0
+    loose = rng.normal(0.0, 0.8, (200, 2))
+    thr = neighbour_threshold(xp.asarray(loose), 1.0, 4.0)
+    # the spread of a mean of two windows of sd 0.8 is 0.8 / sqrt(2); four of those
+    assert 1.8 < thr < 2.8  # 4 x 0.8 / sqrt(2) = 2.26
+    assert neighbour_threshold(xp.asarray(loose[:5]), 1.0, 4.0) == 1.0  # too few to judge a spread
+    assert neighbour_threshold(xp.asarray(loose), 1.0, 0.0) == 1.0  # turned off
 
 
 @BACKENDS
