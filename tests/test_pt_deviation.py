@@ -14,22 +14,26 @@ N_TIME = 7 * 96
 
 
 def make_feeder(
-    seed: int = 0, gains: dict[int, float] | None = None
+    seed: int = 0, gains: dict[int, float] | None = None, n_lone: int = 8, lone_offset_pct: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """One feeder: a head level that wanders, 6 transformers of 4 meters (phase A) and 8 lone meters.
+    """One feeder: a head level that wanders, 6 transformers of 4 meters (phase A) and ``n_lone`` lone meters.
 
     Each transformer's secondary voltage follows the head less its impedance drop; each meter less its
     service drop (k P). ``gains``: row -> PT gain error [%] applied to what the meter reports.
+    ``lone_offset_pct``: one sigma of a level offset of each lone meter's transformer (taps, long
+    secondaries) [%].
     """
     rng = np.random.default_rng(seed)
     t = np.arange(N_TIME)
     day = 0.6 + 0.4 * np.sin(2 * np.pi * (t % 96) / 96 - 1.5)
     head = 1.02 + np.cumsum(rng.normal(0, 0.0006, N_TIME)) * 0.3 + 0.003 * np.sin(2 * np.pi * t / 96)
     rows, volts, kws = [], [], []
-    units = [(f"T{j}", 4) for j in range(6)] + [(f"L{j}", 1) for j in range(8)]
+    units = [(f"T{j}", 4) for j in range(6)] + [(f"L{j}", 1) for j in range(n_lone)]
     for u, (tid, n) in enumerate(units):
         loads = [np.abs(1.5 * day * (1 + 0.5 * rng.standard_normal(N_TIME))) for _ in range(n)]
         sec = head - 0.01 * sum(loads) / (5.0 * n) - 0.002 * u / len(units)  # along the feeder
+        if n == 1:
+            sec = sec + rng.normal(0.0, lone_offset_pct / 100)
         for j, load in enumerate(loads):
             k = rng.uniform(0.0008, 0.0015)  # service drop [pu/kW]
             rows.append(
@@ -61,6 +65,18 @@ def test_healthy_feeder_has_no_flag_and_small_estimates():
     assert list(res.columns) == ["pt_deviation_pct", "reasons"] and res.index.equals(meters.index)
     est = res["pt_deviation_pct"].to_numpy()
     assert np.isfinite(est).all() and np.abs(est).max() < 0.4
+
+
+def test_a_scattered_neighbour_comparison_widens_the_flag_level():
+    # 40 lone meters on transformers whose levels scatter by 1.5% (one sigma): a healthy meter there cannot
+    # be told from a 1% PT error, so the level widens to 4 robust spreads; a 10% error is still found
+    v, kw, meters = make_feeder(seed=3, gains={30: 10.0}, n_lone=40, lone_offset_pct=1.5)
+    lone = meters["transformer_id"].str.startswith("L").to_numpy()
+    fixed = detect_pt_deviation(v, kw, meters, PTConfig(neighbour_spread_factor=0.0))
+    n_fixed = sum(1 for i in _flagged(fixed) if lone[i] and i != 30)
+    assert n_fixed >= 5  # at a fixed 1% level, healthy meters are flagged
+    res = detect_pt_deviation(v, kw, meters)
+    assert _flagged(res) == {30: [contract.REASON_PT_DEVIATION_NEIGHBOURS]}
 
 
 def test_failing_pts_are_found_with_the_right_reason_and_size():
