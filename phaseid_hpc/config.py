@@ -219,6 +219,16 @@ class PhaseConfig:
     #: of the meter's mean raw similarity with its own GIS group-mates is taken for a physical sibling (a
     #: transformer error in GIS) and does not count; above 1 (or a meter alone in its group) nobody is [-].
     nearest_gis_sibling_ratio: float = 0.9
+    #: A change of phase is confident only where at least this share of the meter's physical siblings in its
+    #: GIS group (same transformer and GIS phase; raw similarity at least ``nearest_gis_sibling_ratio`` of
+    #: the group's typical best match) get the same answer: one transformer's meters are on one phase, so a
+    #: vote that splits them is not evidence of a GIS error. 0 turns the check off [-].
+    sibling_agreement: float = 0.75
+    #: The margin of a change of phase over the GIS phase is also measured as a batch-means t statistic over
+    #: consecutive blocks of this length (half a day each), and the smaller of the two counts: a meter
+    #: whose residual is autocorrelated (its own load swings) has fewer independent samples than readings.
+    #: Off with fewer than 4 blocks in the window, or 0 [s].
+    margin_batch_s: float = 43200.0
     #: A meter's series is shifted by whole intervals when its correlation with the feeder's common
     #: signal at the best lag beats lag 0 by this many standard errors; 0 turns the check off [-].
     clock_lag_se: float = 6.0

@@ -304,3 +304,56 @@ def test_nearest_gis_factor_ignores_physical_siblings_filed_under_another_transf
     # a meter alone in its group has no yardstick: row 0 alone is held back as before
     alone = np.arange(gis.size)
     assert _nearest_gis_factor(np, y, y, alone, gis, labels, siblings)[0] == 0.0
+
+
+def test_batch_margin_t_sees_a_margin_that_comes_from_one_burst():
+    from phaseid_hpc.phase_identification import _batch_margin_t, _phase_neighbourhood_correlation
+
+    rng = np.random.default_rng(2)
+    n_t = 1400
+
+    def unit(v):
+        v = v - v.mean(axis=-1, keepdims=True)
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    s_a, s_c = rng.normal(size=(2, n_t))
+    # rows 1-10 follow phase A, rows 11-20 phase C (labels 0 and 2); row 0 is filed A, answered C
+    steady = 0.3 * s_a + 0.5 * s_c + rng.normal(size=n_t)
+    burst = 0.3 * s_a + 0.3 * s_c + rng.normal(size=n_t)
+    burst[:100] += 3.0 * s_c[:100]  # the whole excess over A comes from one short stretch
+    labels = np.array([2] + [0] * 10 + [2] * 10)
+    gis = labels.copy()
+    gis[0] = 0
+    group = np.arange(labels.size)
+    t = {}
+    for name, row0 in (("steady", steady), ("burst", burst)):
+        u = unit(np.vstack([row0, s_a + rng.normal(0, 0.5, (10, n_t)), s_c + rng.normal(0, 0.5, (10, n_t))]))
+        r = _phase_neighbourhood_correlation(np, u, u, group, labels, 5)
+        z = (r[0, 2] - r[0, 0]) * np.sqrt(n_t)
+        t[name] = _batch_margin_t(np, u, u, u, group, labels, gis, np.array([0]), 5, 14)[0]
+        assert z > 4.0  # both look decisive by the nominal error
+        if name == "steady":
+            assert 0.6 * z < t[name] < 1.6 * z  # white residual: about the same figure
+    assert t["burst"] < 2.0 < t["steady"]
+
+
+def test_sibling_agreement_holds_back_a_transformer_the_vote_splits():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _sibling_agreement_factor
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=50)
+    # rows 0-5: one transformer (siblings, similar signals), GIS A (0); row 6 filed under it but elsewhere
+    u = np.vstack([base + 0.3 * rng.normal(size=(6, 50)), rng.normal(size=(1, 50))])
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    group = np.zeros(7, dtype=int)
+    gis = np.zeros(7, dtype=int)
+    cfg = PhaseConfig()
+    split = np.array([2, 2, 2, 0, 0, 0, 2])  # the vote splits the transformer; the stray goes to C too
+    f = _sibling_agreement_factor(np, u, group, gis, split, cfg)
+    assert f[:3].tolist() == [0.0, 0.0, 0.0]  # half of their siblings disagree
+    assert f[6] == 1.0  # a stray has no siblings in the group: judged alone
+    whole = np.array([2, 2, 2, 2, 2, 2, 0])  # a whole mislabelled transformer moves together
+    assert (_sibling_agreement_factor(np, u, group, gis, whole, cfg)[:6] == 1.0).all()
+    off = _sibling_agreement_factor(np, u, group, gis, split, PhaseConfig(sibling_agreement=0.0))
+    assert (off == 1.0).all()
