@@ -283,6 +283,10 @@ class TransformerConfig:
     #: IEEE 8500, EPRI K1) neighbouring transformers on one lateral correlate like siblings and nothing
     #: calibrates a move, so the GIS label stays and the inference goes to the review list [-].
     min_sibling_share: float = 0.5
+    #: Whether a three-phase service may be moved to another transformer with confidence. A three-phase
+    #: meter's voltage follows every three-phase bank of its line alike: on the physics-based ckt7 feeder
+    #: 7 of its 33 confident moves (four conditions) named the wrong bank; off, they go to the review list.
+    correct_three_phase: bool = False
     #: Seed of every random choice (none at present; kept for the contract).
     random_state: int = 0
 

@@ -248,6 +248,22 @@ def test_single_meter_transformers_keep_gis_transformer():
     assert recommend_transformers(m, inferred, cls, TransformerConfig())[5] == "U1"
 
 
+def test_three_phase_services_keep_gis_transformer_unless_asked():
+    from phaseid_hpc.config import TransformerConfig
+    from phaseid_hpc.transformer_mapping import recommend_transformers
+
+    m = pd.DataFrame({"feeder_id": ["F"] * 6, "transformer_id": ["U1", "U1", "U2", "U2", "U3", "U3"],
+                      "phase_gis": ["A", "ABC", "A", "A", "B", "B"],
+                      "service_type": ["1ph-240", "3ph", "1ph-240", "1ph-240", "3ph-208", "1ph-240"]})
+    inferred = np.array(["U2", "U2", "U2", "U2", "U1", "U3"], dtype=object)
+    cls = np.array([contract.CLASS_CONFIDENT] * 6, dtype=object)
+    rec = recommend_transformers(m, inferred, cls, TransformerConfig())
+    # row 1 (GIS ABC) and row 4 (a 3ph service type) stay; the single-phase move stands
+    np.testing.assert_array_equal(rec, ["U2", "U1", "U2", "U2", "U3", "U3"])
+    rec = recommend_transformers(m, inferred, cls, TransformerConfig(correct_three_phase=True))
+    np.testing.assert_array_equal(rec, inferred)
+
+
 def test_nearest_gis_factor_holds_back_a_change_whose_nearest_gis_meters_disagree():
     from phaseid_hpc.config import PhaseConfig
     from phaseid_hpc.phase_identification import _nearest_gis_factor
