@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,11 @@ def changes_at_restoration(
         return phase_before, phase_after, class_before, class_after, conf_after
     feeders = meters["feeder_id"].astype(str).to_numpy()
     keys = sorted({(feeders[i], int(before_stop[i]), int(after_start[i])) for i in split})
+    # a restoration (or a change point already found) makes a change likely, and a meter reconnected to
+    # another phase has left its transformer's phase: each window is judged without the two checks that
+    # guard GIS corrections of a whole window (the batch-means margin, whose few half-day blocks after a
+    # late restoration make t too noisy to confirm anything, and the agreement of the meter's siblings)
+    phase_config = dataclasses.replace(phase_config, margin_batch_s=0.0, sibling_agreement=0.0)
     for feeder, stop, start in keys:  # one pair of runs per feeder and restoration
         rows = np.flatnonzero(feeders == feeder)
         sub = meters.iloc[rows]

@@ -187,3 +187,30 @@ def test_read_events_names_the_problem(tmp_path):
         read_events(tmp_path / "bad2.csv")
     with pytest.raises(ContractError, match="does not exist"):
         read_events(tmp_path / "none.csv")
+
+
+def test_windows_around_a_restoration_skip_the_gis_correction_guards(monkeypatch):
+    # a restoration makes a change likely and a reconnected meter has left its siblings' phase: the windows
+    # are identified without the batch-means margin and the sibling agreement (the rest of the config stays)
+    import phaseid_hpc.phase_identification as pi
+    from phaseid_hpc.changes import changes_at_restoration
+    from phaseid_hpc.config import PhaseConfig
+
+    seen = []
+
+    def spy(voltage, meters, config, **kw):
+        seen.append(config)
+        return identify_phases(voltage, meters, config, **kw)
+
+    monkeypatch.setattr(pi, "identify_phases", spy)
+    rng = np.random.default_rng(0)
+    v = 240 + rng.normal(0, 1, (6, 200))
+    meters = pd.DataFrame({"meter_id": [f"M{i}" for i in range(6)], "feeder_id": "F",
+                           "transformer_id": [f"T{i // 2}" for i in range(6)], "phase_gis": list("AABBCC")})
+    stop = np.array([100, -1, -1, -1, -1, -1])
+    start = np.array([110, -1, -1, -1, -1, -1])
+    cfg = PhaseConfig(nearest_gis_tolerance=0.05)
+    changes_at_restoration(v, meters, stop, start, cfg)
+    assert len(seen) == 2
+    assert all(c.margin_batch_s == 0.0 and c.sibling_agreement == 0.0 for c in seen)
+    assert all(c.nearest_gis_tolerance == 0.05 for c in seen)
