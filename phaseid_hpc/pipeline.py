@@ -388,7 +388,7 @@ def run_job(
         ds = open_store(store)
         n_meters = int(ds.sizes["meter"])
         meter_table = ds[[c for c in ds.coords if ds[c].dims == ("meter",)]].to_dataframe().reset_index()
-        blocks = feeder_blocks(ds, config.job.block_bytes)
+        blocks = feeder_blocks(ds, config.job.block_bytes, multiple_of=_worker_threads(client))
         store_fp = store_fingerprint(store)
         config_fp = config_fingerprint(config)
         log_event(logger, "run_start", store=store, meters=n_meters, blocks=len(blocks), store_fingerprint=store_fp,
@@ -445,6 +445,16 @@ def run_job(
     log_event(logger, "run_done", meters=len(meters), confident=counts.get("confident", 0),
               changed=counts["phase_changed"], total_s=round(timings["total"], 3))
     return RunSummary(out_dir, len(meters), len(blocks), reused, counts, timings, files)
+
+
+def _worker_threads(client: Any) -> int:
+    """Threads of the cluster's workers (1 without a client): blocks are planned in multiples of it."""
+    if client is None:
+        return 1
+    try:
+        return max(1, sum(int(v) for v in client.nthreads().values()))
+    except Exception:  # noqa: BLE001 - a client that cannot say: plan as for one worker
+        return 1
 
 
 def _delta_blocks(blocks: Sequence[Any], meter_table: pd.DataFrame, feeders: set[str],

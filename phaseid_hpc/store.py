@@ -783,6 +783,7 @@ def feeder_blocks(
     target_bytes: float,
     *,
     bytes_per_meter: float | None = None,
+    multiple_of: int = 1,
 ) -> list[FeederBlock]:
     """Partition the meters into consecutive blocks of whole feeders of about ``target_bytes``.
 
@@ -795,6 +796,11 @@ def feeder_blocks(
         is a block of its own.
     bytes_per_meter : float, optional
         [bytes]; default ``4 * n_time`` for a Dataset (float32 voltage), ``4 * 2976`` for a table.
+    multiple_of : int
+        Aim at a number of blocks that is a multiple of this (the workers of a cluster), of equal size: the
+        count ``ceil(total / target_bytes)`` is rounded up to a multiple, the size is the total over the
+        count, and each block ends at the feeder boundary nearest that size (so no worker waits on a last,
+        lone block). 1 (default): blocks of at most ``target_bytes``, closed greedily.
 
     Returns
     -------
@@ -825,12 +831,21 @@ def feeder_blocks(
         dup = pd.Series(run_ids)[pd.Series(run_ids).duplicated()].iloc[0]
         raise StoreError(f"feeder {dup!r} is not a contiguous slice of meters (store not sorted by feeder)")
     per_block = max(1.0, float(target_bytes) / float(bytes_per_meter))
+    balanced = multiple_of > 1
+    if balanced:
+        count = int(np.ceil(n / per_block))
+        count = int(np.ceil(count / multiple_of)) * multiple_of
+        per_block = max(1.0, n / count)
     blocks: list[FeederBlock] = []
     cur_start, cur_ids = int(starts[0]), []
     for s, e, f in zip(starts, stops, run_ids):
-        if cur_ids and (e - cur_start) > per_block:
-            blocks.append(FeederBlock(cur_start, int(s), tuple(cur_ids)))
-            cur_start, cur_ids = int(s), []
+        if cur_ids:
+            without, with_f = s - cur_start, e - cur_start
+            # greedy: close before exceeding; balanced: close where the size is nearest the target
+            close = (abs(without - per_block) <= abs(with_f - per_block)) if balanced else with_f > per_block
+            if close:
+                blocks.append(FeederBlock(cur_start, int(s), tuple(cur_ids)))
+                cur_start, cur_ids = int(s), []
         cur_ids.append(str(f))
     blocks.append(FeederBlock(cur_start, n, tuple(cur_ids)))
     return blocks

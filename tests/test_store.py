@@ -95,6 +95,18 @@ def test_feeder_blocks_cover_whole_feeders():
         S.feeder_blocks(pd.DataFrame({"feeder_id": ["a", "b", "a"]}), 10, bytes_per_meter=1)
 
 
+def test_feeder_blocks_balanced_for_the_workers():
+    # 12 feeders of 100 meters, target 500 meters: greedy gives 5+5+2 (a worker of two waits on the last);
+    # balanced for 2 workers gives 4 blocks of 3 feeders
+    table = pd.DataFrame({"feeder_id": np.repeat([f"f{i:02d}" for i in range(12)], 100)})
+    greedy = S.feeder_blocks(table, target_bytes=500, bytes_per_meter=1)
+    assert [b.stop - b.start for b in greedy] == [500, 500, 200]
+    even = S.feeder_blocks(table, target_bytes=500, bytes_per_meter=1, multiple_of=2)
+    assert [b.stop - b.start for b in even] == [300, 300, 300, 300]
+    assert [f for b in even for f in b.feeder_ids] == [f"f{i:02d}" for i in range(12)]
+    assert [b.start for b in even[1:]] == [b.stop for b in even[:-1]] and even[-1].stop == 1200
+
+
 def test_sort_meters_errors_name_row_and_column():
     m = make_meters()
     m.loc[3, "phase"] = "X"
