@@ -425,11 +425,17 @@ class PTConfig:
     #: spread of that comparison on the feeder)``: where healthy meters scatter, a small deviation is not
     #: evidence; 0 turns the widening off [-].
     neighbour_spread_factor: float = 4.0
+    #: Meters compared with neighbours only are also flagged only beyond this multiple of the 90th
+    #: percentile of that comparison's distance from its median on the feeder: where a minority of
+    #: transformers sit on another tap, a lone meter's level differs from its neighbours' by the tap
+    #: (a mixture the median absolute deviation does not see); 0 turns it off [-].
+    neighbour_tail_factor: float = 1.5
 
     def __post_init__(self) -> None:
-        if not self.neighbour_spread_factor >= 0:
+        if not (self.neighbour_spread_factor >= 0 and self.neighbour_tail_factor >= 0):
             raise ConfigError(
-                f"config key 'pt.neighbour_spread_factor' must be >= 0, got {self.neighbour_spread_factor}"
+                "config keys 'pt.neighbour_spread_factor' and 'pt.neighbour_tail_factor' must be >= 0, got "
+                f"{self.neighbour_spread_factor} and {self.neighbour_tail_factor}"
             )
         if not self.threshold_pct > 0:
             raise ConfigError(f"config key 'pt.threshold_pct' must be > 0, got {self.threshold_pct}")

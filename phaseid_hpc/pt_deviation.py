@@ -14,6 +14,8 @@ For each feeder of a block (meters of one feeder are compared with each other on
   (:data:`~phaseid_hpc.contract.REASON_PT_DEVIATION_NEIGHBOURS`); where its voltage does not follow its own
   load (slope below ``min_load_response`` of the feeder's median: a large, stiff service whose level its
   neighbours do not explain) the deviation is not estimable (NaN);
+* a meter with exactly one sibling is flagged only where the two also differ by ``threshold_pct`` (a
+  transformer tap moves both, a failing PT one);
 * the deviation must exceed ``threshold_pct`` in each of ``n_windows`` consecutive windows, with one sign;
   for meters compared with neighbours only, the level is widened to ``neighbour_spread_factor`` times the
   robust spread of that comparison on the feeder where it scatters more (a healthy meter there cannot be
@@ -140,10 +142,19 @@ def _one_feeder(
     dev = np.where(big[:, None], dev_group, dev_nb)
     # a feeder whose neighbour comparison scatters (taps, regulator zones, long secondaries) gets a wider
     # flag level for the meters compared with neighbours only
-    thr_nb = kern.neighbour_threshold(dev_nb[lone], config.threshold_pct, config.neighbour_spread_factor)
+    thr_nb = kern.neighbour_threshold(dev_nb[lone], config.threshold_pct, config.neighbour_spread_factor,
+                                      tail_factor=config.neighbour_tail_factor)
     # the same for groups: customers along a long LV feeder of one transformer sit at different levels
     thr_group = kern.neighbour_threshold(dev_group[big], config.threshold_pct, config.neighbour_spread_factor)
     est, flagged = kern.persistent_deviation(dev, np.where(big, thr_group, thr_nb))  # step 6
+    # a meter with one sibling: a transformer tap moves both, a failing PT one; the pair must differ too
+    pair = np.flatnonzero(flagged & (size == 2))
+    if pair.size:
+        order = np.argsort(group, kind="stable")
+        first = np.searchsorted(group[order], group[pair])
+        mate = np.where(order[first] == pair, order[first + 1], order[first])
+        _, apart = kern.persistent_deviation(levels[pair] - levels[mate], config.threshold_pct)
+        flagged[pair] &= np.asarray(apart, dtype=bool)
     return est, flagged & ~big, flagged & big
 
 

@@ -14,26 +14,30 @@ N_TIME = 7 * 96
 
 
 def make_feeder(
-    seed: int = 0, gains: dict[int, float] | None = None, n_lone: int = 8, lone_offset_pct: float = 0.0
+    seed: int = 0, gains: dict[int, float] | None = None, n_lone: int = 8, lone_offset_pct: float = 0.0,
+    n_pairs: int = 0, taps: dict[int, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """One feeder: a head level that wanders, 6 transformers of 4 meters (phase A) and ``n_lone`` lone meters.
 
     Each transformer's secondary voltage follows the head less its impedance drop; each meter less its
     service drop (k P). ``gains``: row -> PT gain error [%] applied to what the meter reports.
     ``lone_offset_pct``: one sigma of a level offset of each lone meter's transformer (taps, long
-    secondaries) [%].
+    secondaries) [%]. ``n_pairs`` transformers of two meters follow the lone meters; ``taps``: unit index
+    -> a fixed tap of that transformer [%] (both its meters move).
     """
     rng = np.random.default_rng(seed)
     t = np.arange(N_TIME)
     day = 0.6 + 0.4 * np.sin(2 * np.pi * (t % 96) / 96 - 1.5)
     head = 1.02 + np.cumsum(rng.normal(0, 0.0006, N_TIME)) * 0.3 + 0.003 * np.sin(2 * np.pi * t / 96)
     rows, volts, kws = [], [], []
-    units = [(f"T{j}", 4) for j in range(6)] + [(f"L{j}", 1) for j in range(n_lone)]
+    units = ([(f"T{j}", 4) for j in range(6)] + [(f"L{j}", 1) for j in range(n_lone)]
+             + [(f"P{j}", 2) for j in range(n_pairs)])
     for u, (tid, n) in enumerate(units):
         loads = [np.abs(1.5 * day * (1 + 0.5 * rng.standard_normal(N_TIME))) for _ in range(n)]
         sec = head - 0.01 * sum(loads) / (5.0 * n) - 0.002 * u / len(units)  # along the feeder
         if n == 1:
             sec = sec + rng.normal(0.0, lone_offset_pct / 100)
+        sec = sec * (1 + (taps or {}).get(u, 0.0) / 100)
         for j, load in enumerate(loads):
             k = rng.uniform(0.0008, 0.0015)  # service drop [pu/kW]
             rows.append(
@@ -77,6 +81,16 @@ def test_a_scattered_neighbour_comparison_widens_the_flag_level():
     assert n_fixed >= 5  # at a fixed 1% level, healthy meters are flagged
     res = detect_pt_deviation(v, kw, meters)
     assert _flagged(res) == {30: [contract.REASON_PT_DEVIATION_NEIGHBOURS]}
+
+
+def test_a_tap_moves_both_meters_of_a_pair_a_failing_pt_one():
+    # units 14-21 are pairs (rows 32-47); units 14 and 15 sit 4% up on their taps; row 36 (unit 16) has a
+    # failing PT of 4%: only it is flagged, against its neighbours
+    v, kw, meters = make_feeder(seed=4, gains={36: 4.0}, n_lone=8, n_pairs=8, taps={14: 4.0, 15: 4.0})
+    res = detect_pt_deviation(v, kw, meters, PTConfig(neighbour_tail_factor=0.0, neighbour_spread_factor=0.0))
+    assert _flagged(res) == {36: [contract.REASON_PT_DEVIATION_NEIGHBOURS]}
+    # both meters of the tapped pairs do deviate from their neighbours by the tap
+    assert (res["pt_deviation_pct"].iloc[32:36] > 3.0).all()
 
 
 def test_failing_pts_are_found_with_the_right_reason_and_size():

@@ -353,16 +353,18 @@ def persistent_deviation(deviation: Any, threshold_pct: Any) -> tuple[Any, Any]:
 
 
 def neighbour_threshold(deviation: Any, threshold_pct: float, spread_factor: float,
-                        min_meters: int = 10) -> float:
+                        min_meters: int = 10, tail_factor: float = 0.0) -> float:
     """Flag level of the neighbour-only comparison of one feeder: the set one, or wider where the
     comparison itself scatters [%].
 
     A meter without siblings is compared with the level of its nearest meters of other transformers;
     secondary drops, transformer taps and regulator zones make that comparison scatter even where every
     PT is healthy. With at least ``min_meters`` compared meters, the level is
-    ``max(threshold_pct, spread_factor * s)`` with ``s`` the robust spread (1.4826 median absolute
-    deviation) of their mean deviations: a feeder where healthy meters scatter by 1% cannot show a 1% PT
-    error. Failing PTs are rare, so they barely move ``s``.
+    ``max(threshold_pct, spread_factor * s, tail_factor * q90)`` with ``s`` the robust spread (1.4826
+    median absolute deviation) of their mean deviations and ``q90`` the 90th percentile of their distance
+    from the median: a feeder where healthy meters scatter by 1% cannot show a 1% PT error, and one where a
+    minority of transformers sit on another tap (+-2.5%: a mixture the median absolute deviation does not
+    see) cannot show a 3% one. Failing PTs are rare (well under 10% of meters), so they move neither.
 
     Parameters
     ----------
@@ -374,6 +376,9 @@ def neighbour_threshold(deviation: Any, threshold_pct: float, spread_factor: flo
         Multiple of the robust spread below which nothing is flagged [-].
     min_meters : int
         Fewest compared meters (finite estimates) for a spread [-].
+    tail_factor : float
+        Multiple of the 90th percentile of the distance from the median below which nothing is flagged
+        (0: not used) [-].
 
     Returns
     -------
@@ -387,8 +392,9 @@ def neighbour_threshold(deviation: Any, threshold_pct: float, spread_factor: flo
         return float(threshold_pct)
     h = np.sort(np.asarray(to_numpy(est)))
     med = float(np.median(h))
-    spread = 1.4826 * float(np.median(np.abs(h - med)))
-    return max(float(threshold_pct), spread_factor * spread)
+    dist = np.abs(h - med)
+    spread = 1.4826 * float(np.median(dist))
+    return max(float(threshold_pct), spread_factor * spread, tail_factor * float(np.quantile(dist, 0.9)))
 
 
 def aggregate_means(x: Any, factor: int) -> Any:

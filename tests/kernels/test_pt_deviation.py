@@ -185,6 +185,11 @@ def test_neighbour_threshold_widens_only_where_the_comparison_scatters(xp):
     assert 1.8 < thr < 2.8  # 4 x 0.8 / sqrt(2) = 2.26
     assert neighbour_threshold(xp.asarray(loose[:5]), 1.0, 4.0) == 1.0  # too few to judge a spread
     assert neighbour_threshold(xp.asarray(loose), 1.0, 0.0) == 1.0  # turned off
+    # 40% of the transformers on a +-2.5% tap: the median absolute deviation does not see it, the tail does
+    taps = rng.normal(0.0, 0.1, (200, 2))
+    taps[:80] += np.where(np.arange(80) % 2, 2.5, -2.5)[:, None]
+    assert neighbour_threshold(xp.asarray(taps), 1.0, 4.0) < 1.5
+    assert neighbour_threshold(xp.asarray(taps), 1.0, 4.0, tail_factor=1.5) > 3.5
 
 
 @BACKENDS
