@@ -215,6 +215,12 @@ class PhaseConfig:
     nearest_gis_tolerance: float = 0.02
     #: Meters of each GIS phase whose similarities are averaged for that check [-].
     nearest_gis_count: int = 3
+    #: The same check again on the raw signals (not denoised), the meter as a virtual meter (averaged with
+    #: its group-mates of the same answer), with this tolerance: a transformer whose own load dominates its
+    #: voltage projects onto the feeder's principal directions almost at random, so its denoised
+    #: neighbours can be of another phase while its raw ones are of its own. Raw similarities are small
+    #: (0.2-0.4 for such a meter), hence half the slack of the denoised check; ``inf`` turns it off [-].
+    nearest_gis_raw_tolerance: float = 0.01
     #: In that check, a meter of another GIS group whose raw similarity with the meter reaches this share
     #: of the meter's mean raw similarity with its own GIS group-mates is taken for a physical sibling (a
     #: transformer error in GIS) and does not count; above 1 (or a meter alone in its group) nobody is [-].
@@ -287,6 +293,12 @@ class TransformerConfig:
     #: meter's voltage follows every three-phase bank of its line alike: on the physics-based ckt7 feeder
     #: 7 of its 33 confident moves (four conditions) named the wrong bank; off, they go to the review list.
     correct_three_phase: bool = False
+    #: A confident move to another transformer stays confident only where its lead over the GIS group holds
+    #: as a batch-means t statistic over blocks of ``move_batch_s`` of at least this; below it the move is
+    #: ``suspect`` (review list). Off with fewer than 4 blocks, or ``move_batch_s = 0`` [-].
+    move_batch_se: float = 0.0
+    #: Length of those blocks (half a day: each holds a day or a night) [s].
+    move_batch_s: float = 43200.0
     #: Seed of every random choice (none at present; kept for the contract).
     random_state: int = 0
 

@@ -292,7 +292,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     # Step 5: phase-to-phase services vote among their single-phase neighbours (two phases win);
     # three-phase services keep ABC
-    _identify_pairs(xp, y, u, ok & (kind == "pair"), s_idx, labels, n_obs_h, config, phase, conf, reasons)
+    _identify_pairs(xp, y, u, ok & (kind == "pair"), s_idx, labels, n_obs_h, config, phase, conf, reasons, gis)
     three = ok & (kind == "three")
     phase[three], conf[three] = contract.THREE_PHASE, 1.0
 
@@ -348,6 +348,9 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     share = np.where(decisive, 1.0, share)
     c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
     c = c * _nearest_gis_factor(xp, y, u, group, gis, labels, config)
+    # the same in the raw signals, the meter as a virtual meter: the denoised space can mislead an isolated group
+    c = c * _nearest_gis_factor(xp, u, u, group, gis, labels, config, query=u_eval,
+                                tolerance=config.nearest_gis_raw_tolerance)
     c = c * _sibling_agreement_factor(xp, u, group, gis, labels, config)
     return c, z_strength
 
@@ -395,7 +398,8 @@ def _batch_margin_t(xp: Any, y: Any, u: Any, u_eval: Any, group: np.ndarray, lab
 
 
 def _nearest_gis_factor(xp: Any, y: Any, u: Any, group: np.ndarray, gis: np.ndarray, labels: np.ndarray,
-                        config: PhaseConfig) -> np.ndarray:
+                        config: PhaseConfig, query: Any | None = None,
+                        tolerance: float | None = None) -> np.ndarray:
     """Step 4b: 0 for a change of phase that the nearest meters of each GIS label speak against, else 1.
 
     For a meter whose answer differs from its GIS label: the mean similarity of its
@@ -410,12 +414,17 @@ def _nearest_gis_factor(xp: Any, y: Any, u: Any, group: np.ndarray, gis: np.ndar
     ``config.nearest_gis_sibling_ratio`` times the meter's mean raw similarity with its own GIS group-mates
     shares its secondary voltage, so its GIS label is the same error, not independent evidence. (A meter
     alone in its group has no such yardstick and excludes nobody.)
+
+    ``y`` is the space the neighbours are searched in (the denoised coordinates, or the raw signals ``u``
+    for the second pass), ``query`` what is searched with (default the rows of ``y``; the virtual meters in
+    the raw pass) and ``tolerance`` overrides ``config.nearest_gis_tolerance``.
     """
     factor = np.ones(labels.size)
     changed = np.flatnonzero((gis >= 0) & (labels != gis))
-    if not changed.size or not np.isfinite(config.nearest_gis_tolerance):
+    tol = config.nearest_gis_tolerance if tolerance is None else tolerance
+    if not changed.size or not np.isfinite(tol):
         return factor
-    q = xp.take(y, xp.asarray(changed), axis=0)
+    q = xp.take(y if query is None else query, xp.asarray(changed), axis=0)
     q_group = xp.asarray(group[changed])
     sib = _sibling_similarity(xp, u, group, changed) * config.nearest_gis_sibling_ratio
     n_look = config.nearest_gis_count + (_SIBLING_LOOKAHEAD if np.isfinite(sib).any() else 0)
@@ -441,7 +450,7 @@ def _nearest_gis_factor(xp: Any, y: Any, u: Any, group: np.ndarray, gis: np.ndar
         best[:, p] = np.where(cnt > 0, np.nansum(top, axis=1) / np.maximum(cnt, 1), np.nan)
     margin = best[np.arange(changed.size), labels[changed]] - best[np.arange(changed.size), gis[changed]]
     # NaN: no meter of one of the two phases to compare with (a phase GIS does not use nearby): no objection
-    factor[changed] = np.where(np.isnan(margin) | (margin >= -config.nearest_gis_tolerance), 1.0, 0.0)
+    factor[changed] = np.where(np.isnan(margin) | (margin >= -tol), 1.0, 0.0)
     return factor
 
 
@@ -722,7 +731,7 @@ def _confidence_class(conf: np.ndarray, config: PhaseConfig) -> np.ndarray:
 
 def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray, labels: np.ndarray,
                     n_obs: np.ndarray, config: PhaseConfig, phase: np.ndarray, conf: np.ndarray,
-                    reasons: list[list[str]]) -> None:
+                    reasons: list[list[str]], gis: np.ndarray | None = None) -> None:
     """Phase-to-phase services: the two phases with most votes among their single-phase neighbours.
 
     A line-to-line voltage moves with both of its phases, so its nearest single-phase meters come from
@@ -747,6 +756,21 @@ def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray
         candidates=xp.take(u, xp.asarray(s_idx), axis=0)))
     z_strength = strength * np.sqrt(n_obs[p_idx])
     c = _vote_confidence(share, z_strength, 1.5, config) * np.clip(second / 0.25, 0.0, 1.0)
+    if gis is not None:
+        # a change of pair must also win the vote of the raw (not denoised) nearest neighbours' GIS labels:
+        # the denoised space can mislead a service whose own load dominates its voltage
+        answer = np.array([names[(int(a), int(b))] for a, b in top2], dtype=object)
+        changed = np.flatnonzero((answer != gis[p_idx]) & np.isin(gis[p_idx], list(names.values())))
+        if changed.size:
+            ridx, rsim = top_k_neighbours(xp.take(u, xp.asarray(p_idx[changed]), axis=0),
+                                          xp.asarray(np.zeros(changed.size, np.int64)), 2 * config.n_neighbours,
+                                          candidates=xp.take(u, xp.asarray(s_idx), axis=0),
+                                          candidate_group=xp.asarray(np.ones(s_idx.size, np.int64)))
+            # voted with the GIS labels: the answers of the same misled neighbourhood would only echo
+            rvotes = to_numpy(neighbour_votes(ridx, rsim, xp.asarray(np.maximum(_phase_codes(gis[s_idx]), 0)), 3))
+            rtop2 = np.sort(np.argsort(-rvotes, axis=1, kind="stable")[:, :2], axis=1)
+            differs = np.any(rtop2 != top2[changed], axis=1)
+            c[changed[differs]] = np.minimum(c[changed[differs]], 0.5 * config.suspect_threshold)
     for j, i in enumerate(p_idx):
         phase[i] = names[(int(top2[j, 0]), int(top2[j, 1]))]
         conf[i] = c[j]

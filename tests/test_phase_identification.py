@@ -373,3 +373,31 @@ def test_sibling_agreement_holds_back_a_transformer_the_vote_splits():
     assert (_sibling_agreement_factor(np, u, group, gis, whole, cfg)[:6] == 1.0).all()
     off = _sibling_agreement_factor(np, u, group, gis, split, PhaseConfig(sibling_agreement=0.0))
     assert (off == 1.0).all()
+
+
+def test_nearest_gis_check_in_the_raw_signals_sees_what_the_denoised_space_hides():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _nearest_gis_factor
+
+    rng = np.random.default_rng(5)
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    # raw signals: row 0 (GIS C, answered B) follows the C meters (rows 1-4) weakly and the B meters (5-8)
+    # not at all; in a misleading "denoised" space it sits on top of the B meters
+    s_c, s_b = rng.normal(size=(2, 400))
+    u = unit(np.vstack([0.4 * s_c + rng.normal(size=400), s_c + 0.5 * rng.normal(size=(4, 400)),
+                        s_b + 0.5 * rng.normal(size=(4, 400))]))
+    y = unit(np.vstack([np.r_[0.0, 1.0], np.tile([1.0, 0.0], (4, 1)), np.tile([0.0, 1.0], (4, 1))])
+             + 0.01 * rng.normal(size=(9, 2)))
+    gis = np.array([2, 2, 2, 2, 2, 1, 1, 1, 1])
+    labels = gis.copy()
+    labels[0] = 1
+    group = np.arange(9)
+    cfg = PhaseConfig(nearest_gis_tolerance=0.02, nearest_gis_raw_tolerance=0.01)
+    assert _nearest_gis_factor(np, y, u, group, gis, labels, cfg)[0] == 1.0  # the denoised check passes it
+    raw = _nearest_gis_factor(np, u, u, group, gis, labels, cfg, query=u, tolerance=cfg.nearest_gis_raw_tolerance)
+    assert raw[0] == 0.0 and (raw[1:] == 1.0).all()
+    off = _nearest_gis_factor(np, u, u, group, gis, labels, cfg, query=u, tolerance=float("inf"))
+    assert (off == 1.0).all()
