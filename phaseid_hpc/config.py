@@ -293,12 +293,6 @@ class TransformerConfig:
     #: meter's voltage follows every three-phase bank of its line alike: on the physics-based ckt7 feeder
     #: 7 of its 33 confident moves (four conditions) named the wrong bank; off, they go to the review list.
     correct_three_phase: bool = False
-    #: A confident move to another transformer stays confident only where its lead over the GIS group holds
-    #: as a batch-means t statistic over blocks of ``move_batch_s`` of at least this; below it the move is
-    #: ``suspect`` (review list). Off with fewer than 4 blocks, or ``move_batch_s = 0`` [-].
-    move_batch_se: float = 0.0
-    #: Length of those blocks (half a day: each holds a day or a night) [s].
-    move_batch_s: float = 43200.0
     #: Seed of every random choice (none at present; kept for the contract).
     random_state: int = 0
 

@@ -170,8 +170,7 @@ def map_transformers(
     for feeder in sorted(set(feeders)):
         idx = np.flatnonzero(feeders == feeder)
         kw_f, kvar_f = (None if a is None else _rows_of(a, idx) for a in (kw, kvar))
-        res = _map_feeder(feeder, m.iloc[idx], xp.asarray(_rows_of(voltage, idx)), kw_f, kvar_f, config,
-                          interval_s=interval_s)
+        res = _map_feeder(feeder, m.iloc[idx], xp.asarray(_rows_of(voltage, idx)), kw_f, kvar_f, config)
         out_tx[idx], out_conf[idx], out_cls[idx] = res.transformer, res.confidence, res.klass
         for i, r in zip(idx, res.reasons):
             out_reasons[i] = r
@@ -313,7 +312,7 @@ class _Rounds:
 
 
 def _map_feeder(
-    feeder: str, sub: pd.DataFrame, v: Any, kw: Any, kvar: Any, cfg: TransformerConfig, interval_s: float = 900.0
+    feeder: str, sub: pd.DataFrame, v: Any, kw: Any, kvar: Any, cfg: TransformerConfig
 ) -> _FeederResult:
     """Verify the transformers of one feeder (steps 1-5 of the module docstring)."""
     lab = _feeder_labels(feeder, sub)
@@ -329,7 +328,6 @@ def _map_feeder(
     is_new = np.zeros(len(lab.gis), bool)
     is_new[list(new_ids)] = True
     conf, cls = _confidence(lab, sig, rounds, is_new, cfg)
-    t_move = _held_moves(lab, sig, rounds, is_new, conf, cls, cfg, interval_s)
     diag = pd.DataFrame(
         {
             "meter_id": sub["meter_id"].to_numpy(),
@@ -342,7 +340,6 @@ def _map_feeder(
             "level_rms_best": lvl_b,
             "level_rms_ref": lvl_ref,
             "phase_mismatch": ev.phase_mismatch,
-            "t_move": t_move,
         }
     )
     return _FeederResult(
@@ -626,50 +623,6 @@ def _confidence(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray
     conf[~sig.usable] = 0.0
     cls[~sig.usable] = contract.CLASS_INSUFFICIENT
     return conf, cls
-
-
-def _held_moves(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray, conf: np.ndarray,
-                cls: np.ndarray, cfg: TransformerConfig, interval_s: float) -> np.ndarray:
-    """Step 5b: a confident move whose lead does not hold over time becomes ``suspect`` (in place).
-
-    For each meter moved to another known transformer, the correlation of its shape signal with the new
-    group's pool (itself left out) minus that with its GIS group's pool is split into half-day blocks
-    (``cfg.move_batch_s``); ``t = mean / (sd / sqrt(blocks))``. A move carried by a few hours (PV
-    midday swings shared by two transformers, a burst of load) has a small ``t`` however large its
-    nominal lead. Returns ``t`` per meter (NaN where not moved or not measurable).
-    """
-    n = len(lab.gis)
-    t = np.full(n, np.nan)
-    moved = np.flatnonzero((rounds.assign != lab.gis_index) & ~is_new & sig.usable)
-    n_t = int(sig.z.shape[1])
-    n_b = int(n_t * interval_s // cfg.move_batch_s) if cfg.move_batch_s > 0 else 0
-    if not moved.size or n_b < 4:
-        return t
-    xp = array_namespace(sig.z)
-    groups = np.unique(np.concatenate([rounds.assign[moved], lab.gis_index[moved]]))
-    pos = np.full(lab.n_groups, -1)
-    pos[groups] = np.arange(groups.size)
-    sel = np.flatnonzero(np.isin(rounds.assign, groups))
-    onehot = np.zeros((groups.size, sel.size))
-    onehot[pos[rounds.assign[sel]], np.arange(sel.size)] = rounds.weights[sel]
-    pools = to_numpy(xp.asarray(onehot, dtype=sig.z.dtype) @ xp.take(sig.z, xp.asarray(sel), axis=0))
-    zi = np.asarray(to_numpy(xp.take(sig.z, xp.asarray(moved), axis=0)), dtype=np.float64)
-    new = pools[pos[rounds.assign[moved]]] - rounds.weights[moved][:, None] * zi  # itself left out
-    old = pools[pos[lab.gis_index[moved]]]
-    bounds = np.append(np.arange(n_b) * (n_t // n_b), n_t)[:-1]
-    per = []
-    for pool in (new, old):
-        norm = np.linalg.norm(pool, axis=1, keepdims=True)
-        per.append(np.add.reduceat(zi * pool / np.where(norm > 0, norm, 1.0), bounds, axis=1))
-    margin = per[0] - per[1]
-    sd = margin.std(axis=1, ddof=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tm = margin.mean(axis=1) / (sd / np.sqrt(n_b))
-    t[moved] = np.where(np.isfinite(tm), tm, np.nan)
-    hold = moved[(tm < cfg.move_batch_se) & (cls[moved] == contract.CLASS_CONFIDENT)]
-    conf[hold] = np.minimum(conf[hold], cfg.suspect_threshold)
-    cls[hold] = contract.CLASS_SUSPECT
-    return t
 
 
 def _reasons(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray, cfg: TransformerConfig):
