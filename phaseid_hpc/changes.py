@@ -234,10 +234,12 @@ def changes_at_restoration(
     feeders = meters["feeder_id"].astype(str).to_numpy()
     keys = sorted({(feeders[i], int(before_stop[i]), int(after_start[i])) for i in split})
     # a restoration (or a change point already found) makes a change likely, and a meter reconnected to
-    # another phase has left its transformer's phase: each window is judged without the two checks that
+    # another phase has left its transformer's phase: each window is judged without three checks that
     # guard GIS corrections of a whole window (the batch-means margin, whose few half-day blocks after a
-    # late restoration make t too noisy to confirm anything, and the agreement of the meter's siblings)
-    phase_config = dataclasses.replace(phase_config, margin_batch_s=0.0, sibling_agreement=0.0)
+    # late restoration make t too noisy to confirm anything, the agreement of the meter's siblings, and the
+    # raw-signal nearest-GIS check)
+    phase_config = dataclasses.replace(phase_config, margin_batch_s=0.0, sibling_agreement=0.0,
+                                       nearest_gis_raw_tolerance=float("inf"))
     for feeder, stop, start in keys:  # one pair of runs per feeder and restoration
         rows = np.flatnonzero(feeders == feeder)
         sub = meters.iloc[rows]

@@ -213,4 +213,5 @@ def test_windows_around_a_restoration_skip_the_gis_correction_guards(monkeypatch
     changes_at_restoration(v, meters, stop, start, cfg)
     assert len(seen) == 2
     assert all(c.margin_batch_s == 0.0 and c.sibling_agreement == 0.0 for c in seen)
+    assert all(c.nearest_gis_raw_tolerance == float("inf") for c in seen)
     assert all(c.nearest_gis_tolerance == 0.05 for c in seen)
