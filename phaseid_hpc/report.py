@@ -398,8 +398,8 @@ def _feeder_map(fid: str, rows: pd.DataFrame, corr_ids: set[str], review_ids: se
         sel = phases == ph
         ax.scatter(lon[sel], lat[sel], s=10, c=_PHASE_COLOURS.get(ph, "#bbbbbb"), label=ph, alpha=0.85)
     ids = rows["meter_id"].astype(str).to_numpy()
-    c_sel = np.isin(ids, list(corr_ids))
-    r_sel = np.isin(ids, list(review_ids))
+    c_sel = np.fromiter((i in corr_ids for i in ids), dtype=bool, count=ids.size)  # set lookups, no sort
+    r_sel = np.fromiter((i in review_ids for i in ids), dtype=bool, count=ids.size)
     if c_sel.any():
         ax.scatter(lon[c_sel], lat[c_sel], s=80, facecolors="none", edgecolors="k", linewidths=1.4,
                    label=f"correction ({int(c_sel.sum())})")
@@ -536,8 +536,8 @@ def write_report(
     corr_ids = set() if corr is None else set(corr["meter_id"].astype(str))
     review_ids = set() if review is None else set(review["meter_id"].astype(str))
     if mloc is not None and "lat" in mloc and mloc["lat"].notna().any():
-        maps = [_feeder_map(fid, mloc[mloc["feeder_id"].astype(str) == fid], corr_ids, review_ids)
-                for fid in chosen]
+        at = mloc["feeder_id"].astype(str).groupby(mloc["feeder_id"].astype(str).to_numpy()).indices
+        maps = [_feeder_map(fid, mloc.iloc[at.get(fid, [])], corr_ids, review_ids) for fid in chosen]
         maps = [m for m in maps if m]
         if maps:
             parts.append(f"<h2>Maps ({len(maps)} of {meters['feeder_id'].nunique()} feeders)</h2>"
@@ -554,12 +554,17 @@ def write_report(
         ids = ds["meter"].values.astype(str)
         pos = pd.Series(np.arange(len(ids)), index=ids)
         plots = []
+        # each feeder's rows by one grouping, meters found in the store by one hash lookup (not per feeder)
+        feeder_str = meters["feeder_id"].astype(str).to_numpy()
+        at = pd.Series(feeder_str).groupby(feeder_str).indices
+        store_pos = pos.reindex(meters["meter_id"].astype(str).to_numpy()).to_numpy()
         for fid in chosen:
-            rows = meters[meters["feeder_id"].astype(str) == fid]
-            rows = rows[rows["meter_id"].astype(str).isin(pos.index)]
+            sel = np.asarray(at.get(fid, []), dtype=np.int64)
+            sel = sel[np.isfinite(store_pos[sel])]
+            rows = meters.iloc[sel]
             if len(rows) < 3:
                 continue
-            idx = np.sort(pos.loc[rows["meter_id"].astype(str).to_numpy()].to_numpy())
+            idx = np.sort(store_pos[sel].astype(np.int64))
             v = ds["voltage"].isel(meter=slice(int(idx.min()), int(idx.max()) + 1),
                                    time=slice(-_PROJECTION_SAMPLES, None)).values
             v = v[idx - idx.min()]
