@@ -758,20 +758,32 @@ def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray
     z_strength = strength * np.sqrt(n_obs[p_idx])
     c = _vote_confidence(share, z_strength, 1.5, config) * np.clip(second / 0.25, 0.0, 1.0)
     if gis is not None:
-        # a change of pair must also win the vote of the raw (not denoised) nearest neighbours' GIS labels:
-        # the denoised space can mislead a service whose own load dominates its voltage
+        # a change of pair must also be backed by the raw (not denoised) signals: the denoised space can
+        # mislead a service whose own load dominates its voltage. The two pairs share one phase; the one
+        # only the answer has must be at least as close, in raw similarity to the nearest meters GIS files
+        # under it, as the one only the GIS label has (``nearest_gis_raw_tolerance``)
         answer = np.array([names[(int(a), int(b))] for a, b in top2], dtype=object)
+        letters = {v: k for k, v in names.items()}
         changed = np.flatnonzero((answer != gis[p_idx]) & np.isin(gis[p_idx], list(names.values())))
-        if changed.size:
-            ridx, rsim = top_k_neighbours(xp.take(u, xp.asarray(p_idx[changed]), axis=0),
-                                          xp.asarray(np.zeros(changed.size, np.int64)), 2 * config.n_neighbours,
-                                          candidates=xp.take(u, xp.asarray(s_idx), axis=0),
-                                          candidate_group=xp.asarray(np.ones(s_idx.size, np.int64)))
-            # voted with the GIS labels: the answers of the same misled neighbourhood would only echo
-            rvotes = to_numpy(neighbour_votes(ridx, rsim, xp.asarray(np.maximum(_phase_codes(gis[s_idx]), 0)), 3))
-            rtop2 = np.sort(np.argsort(-rvotes, axis=1, kind="stable")[:, :2], axis=1)
-            differs = np.any(rtop2 != top2[changed], axis=1)
-            c[changed[differs]] = np.minimum(c[changed[differs]], 0.5 * config.suspect_threshold)
+        if changed.size and np.isfinite(config.nearest_gis_raw_tolerance):
+            q = xp.take(u, xp.asarray(p_idx[changed]), axis=0)
+            s_gis = _phase_codes(gis[s_idx])
+            near = np.full((changed.size, 3), np.nan)
+            for p in range(3):
+                cand = s_idx[s_gis == p]
+                if cand.size:
+                    _, sim_p = top_k_neighbours(q, xp.asarray(np.zeros(changed.size, np.int64)),
+                                                config.nearest_gis_count, candidates=xp.take(u, xp.asarray(cand), axis=0),
+                                                candidate_group=xp.asarray(np.ones(cand.size, np.int64)))
+                    sim_p = to_numpy(sim_p)
+                    near[:, p] = np.where(np.isfinite(sim_p), sim_p, np.nan).mean(axis=1)
+            for j, k in enumerate(changed):
+                only_answer = set(top2[k]) - set(letters[gis[p_idx[k]]])
+                only_gis = set(letters[gis[p_idx[k]]]) - set(top2[k])
+                if len(only_answer) == 1 and len(only_gis) == 1:
+                    d = near[j, only_answer.pop()] - near[j, only_gis.pop()]
+                    if not d >= -config.nearest_gis_raw_tolerance:  # NaN too: no backing
+                        c[k] = min(c[k], 0.5 * config.suspect_threshold)
     for j, i in enumerate(p_idx):
         phase[i] = names[(int(top2[j, 0]), int(top2[j, 1]))]
         conf[i] = c[j]

@@ -401,3 +401,53 @@ def test_nearest_gis_check_in_the_raw_signals_sees_what_the_denoised_space_hides
     assert raw[0] == 0.0 and (raw[1:] == 1.0).all()
     off = _nearest_gis_factor(np, u, u, group, gis, labels, cfg, query=u, tolerance=float("inf"))
     assert (off == 1.0).all()
+
+
+def test_a_pair_change_must_win_the_raw_neighbours_gis_vote():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _identify_pairs
+
+    rng = np.random.default_rng(6)
+    n_t = 500
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    s = rng.normal(size=(3, n_t))
+    singles = np.vstack([s[p] + 0.4 * rng.normal(size=(8, n_t)) for p in range(3)])  # rows 0-23: A, B, C
+    pair_raw = s[1] + s[2] + 0.4 * rng.normal(size=n_t)  # really BC
+    u = unit(np.vstack([singles, pair_raw]))
+    labels = np.repeat([0, 1, 2], 8)
+    gis = np.array(list("A" * 8 + "B" * 8 + "C" * 8) + ["BC"], dtype=object)
+    s_idx = np.arange(24)
+    pair = np.zeros(25, dtype=bool)
+    pair[24] = True
+    cfg = PhaseConfig(n_neighbours=4)
+
+    def run(y):
+        phase = np.full(25, None, dtype=object)
+        conf = np.zeros(25)
+        reasons = [[] for _ in range(25)]
+        _identify_pairs(np, y, u, pair, s_idx, labels, np.full(25, n_t), cfg, phase, conf, reasons, gis)
+        return phase[24], conf[24]
+
+    # a denoised space that puts the pair among the A and B meters: it answers AB, which the raw vote denies
+    y_bad = unit(np.vstack([np.tile([1.0, 0.0, 0.0], (8, 1)), np.tile([0.0, 1.0, 0.0], (8, 1)),
+                            np.tile([0.0, 0.0, 1.0], (8, 1)), [[1.0, 1.0, 0.0]]]) + 0.01 * rng.normal(size=(25, 3)))
+    answer, conf = run(y_bad)
+    assert answer == "AB" and conf < cfg.suspect_threshold
+    # the same change where the raw neighbours agree keeps its confidence
+    y_good = y_bad.copy()
+    y_good[24] = unit(np.array([[0.0, 1.0, 1.0]]))[0]
+    answer, conf = run(y_good)
+    assert answer == "BC"  # no change from GIS: not touched by the check
+    gis_wrong = gis.copy()
+    gis_wrong[24] = "CA"
+    phase = np.full(25, None, dtype=object)
+    c = np.zeros(25)
+    _identify_pairs(np, y_good, u, pair, s_idx, labels, np.full(25, n_t), cfg, phase, c, [[] for _ in range(25)],
+                    gis_wrong)
+    phase0 = np.full(25, None, dtype=object)
+    c0 = np.zeros(25)
+    _identify_pairs(np, y_good, u, pair, s_idx, labels, np.full(25, n_t), cfg, phase0, c0, [[] for _ in range(25)])
+    assert phase[24] == "BC" and c[24] == c0[24] > 0  # a real correction keeps its confidence
