@@ -347,12 +347,28 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     decisive = (share >= 0.6) & (z_margin >= 3.0 * config.min_margin_se)
     share = np.where(decisive, 1.0, share)
     c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
-    c = c * _nearest_gis_factor(xp, y, u, group, gis, labels, config)
+    pairs = _group_pair_dots(xp, u, group, changed) if changed.size else None  # shared by the three checks
+    c = c * _nearest_gis_factor(xp, y, u, group, gis, labels, config, pairs=pairs)
     # the same in the raw signals, the meter as a virtual meter: the denoised space can mislead an isolated group
     c = c * _nearest_gis_factor(xp, u, u, group, gis, labels, config, query=u_eval,
-                                tolerance=config.nearest_gis_raw_tolerance)
-    c = c * _sibling_agreement_factor(xp, u, group, gis, labels, config)
+                                tolerance=config.nearest_gis_raw_tolerance, pairs=pairs)
+    c = c * _sibling_agreement_factor(xp, u, group, gis, labels, config, pairs=pairs)
     return c, z_strength
+
+
+def _nearest_by_gis_phase(xp: Any, q: Any, q_group: np.ndarray, space: Any, group: np.ndarray, gis: np.ndarray,
+                          k: int):
+    """For each phase GIS uses (codes 0-2 in ``gis``): ``(phase, candidate rows, index, similarity)`` of the
+    ``k`` rows of ``space`` filed under it most similar to each query row (own group excluded), on the host;
+    similarity NaN where fewer than ``k`` candidates."""
+    for p in range(3):
+        cand = np.flatnonzero(gis == p)
+        if not cand.size:
+            continue
+        idx, sim = top_k_neighbours(q, xp.asarray(q_group), k, candidates=xp.take(space, xp.asarray(cand), axis=0),
+                                    candidate_group=xp.asarray(group[cand]))
+        sim = to_numpy(sim)
+        yield p, cand, to_numpy(idx), np.where(np.isfinite(sim), sim, np.nan)
 
 
 def _batch_margin_t(xp: Any, y: Any, u: Any, u_eval: Any, group: np.ndarray, labels: np.ndarray,
@@ -400,7 +416,7 @@ def _batch_margin_t(xp: Any, y: Any, u: Any, u_eval: Any, group: np.ndarray, lab
 
 def _nearest_gis_factor(xp: Any, y: Any, u: Any, group: np.ndarray, gis: np.ndarray, labels: np.ndarray,
                         config: PhaseConfig, query: Any | None = None,
-                        tolerance: float | None = None) -> np.ndarray:
+                        tolerance: float | None = None, pairs: pd.DataFrame | None = None) -> np.ndarray:
     """Step 4b: 0 for a change of phase that the nearest meters of each GIS label speak against, else 1.
 
     For a meter whose answer differs from its GIS label: the mean similarity of its
@@ -418,7 +434,8 @@ def _nearest_gis_factor(xp: Any, y: Any, u: Any, group: np.ndarray, gis: np.ndar
 
     ``y`` is the space the neighbours are searched in (the denoised coordinates, or the raw signals ``u``
     for the second pass), ``query`` what is searched with (default the rows of ``y``; the virtual meters in
-    the raw pass) and ``tolerance`` overrides ``config.nearest_gis_tolerance``.
+    the raw pass), ``tolerance`` overrides ``config.nearest_gis_tolerance`` and ``pairs`` are the group pair
+    similarities (:func:`_group_pair_dots`) if already computed.
     """
     factor = np.ones(labels.size)
     changed = np.flatnonzero((gis >= 0) & (labels != gis))
@@ -426,23 +443,14 @@ def _nearest_gis_factor(xp: Any, y: Any, u: Any, group: np.ndarray, gis: np.ndar
     if not changed.size or not np.isfinite(tol):
         return factor
     q = xp.take(y if query is None else query, xp.asarray(changed), axis=0)
-    q_group = xp.asarray(group[changed])
-    sib = _sibling_similarity(xp, u, group, changed) * config.nearest_gis_sibling_ratio
+    sib = _sibling_similarity(xp, u, group, changed, pairs) * config.nearest_gis_sibling_ratio
     n_look = config.nearest_gis_count + (_SIBLING_LOOKAHEAD if np.isfinite(sib).any() else 0)
     best = np.full((changed.size, 3), np.nan)
-    for p in range(3):
-        cand = np.flatnonzero(gis == p)
-        if not cand.size:
-            continue
-        idx, sim = top_k_neighbours(q, q_group, n_look,
-                                    candidates=xp.take(y, xp.asarray(cand), axis=0),
-                                    candidate_group=xp.asarray(group[cand]))
-        sim = to_numpy(sim)
-        sim = np.where(np.isfinite(sim), sim, np.nan)
+    for p, cand, idx, sim in _nearest_by_gis_phase(xp, q, group[changed], y, group, gis, n_look):
         # only the two phases compared, and only meters with a yardstick, need the raw similarities
         need = np.flatnonzero(((labels[changed] == p) | (gis[changed] == p)) & np.isfinite(sib))
         if n_look > config.nearest_gis_count and need.size:
-            rows = cand[to_numpy(idx)[need]]
+            rows = cand[idx[need]]
             raw = _pair_dots(xp, u, np.repeat(changed[need], rows.shape[1]), rows.ravel()).reshape(rows.shape)
             sim[need] = np.where(raw >= sib[need, None], np.nan, sim[need])
         # the best nearest_gis_count of the rest (sorted descending, NaN last)
@@ -456,7 +464,7 @@ def _nearest_gis_factor(xp: Any, y: Any, u: Any, group: np.ndarray, gis: np.ndar
 
 
 def _sibling_agreement_factor(xp: Any, u: Any, group: np.ndarray, gis: np.ndarray, labels: np.ndarray,
-                              config: PhaseConfig) -> np.ndarray:
+                              config: PhaseConfig, pairs: pd.DataFrame | None = None) -> np.ndarray:
     """Step 4c: 0 for a change of phase that the meter's physical siblings do not share, else 1.
 
     Meters of one single-phase transformer are on one phase. The siblings of a meter are the members of its
@@ -466,26 +474,16 @@ def _sibling_agreement_factor(xp: Any, u: Any, group: np.ndarray, gis: np.ndarra
     confident only where at least ``config.sibling_agreement`` of them get the same answer: a whole
     mislabelled transformer moves together; a stray meter filed under the wrong transformer has no siblings
     there and is judged alone; a transformer whose meters the vote splits between phases is not evidence of
-    an error (a large transformer alone among meters of another phase). 0 turns the check off.
+    an error (a large transformer alone among meters of another phase). 0 turns the check off. ``pairs``:
+    :func:`_group_pair_dots` of the groups of the changed meters, if already computed.
     """
     factor = np.ones(labels.size)
     changed = np.flatnonzero((gis >= 0) & (labels != gis))
     if not changed.size or config.sibling_agreement <= 0:
         return factor
-    rows = np.flatnonzero(np.isin(group, np.unique(group[changed])))
-    rows = rows[np.argsort(group[rows], kind="stable")]
-    bounds = np.flatnonzero(np.diff(group[rows])) + 1
-    a, b = [], []
-    for members in np.split(rows, bounds):
-        if members.size >= 2:
-            ii, jj = np.meshgrid(members, members, indexing="ij")
-            off = ii != jj
-            a.append(ii[off])
-            b.append(jj[off])
-    if not a:
+    dots = (_group_pair_dots(xp, u, group, changed) if pairs is None else pairs).copy()
+    if dots.empty:
         return factor
-    a, b = np.concatenate(a), np.concatenate(b)
-    dots = pd.DataFrame({"a": a, "b": b, "g": group[a], "dot": _pair_dots(xp, u, a, b)})
     best = dots.groupby("a")["dot"].max()
     level = best.groupby(group[best.index.to_numpy()]).median()
     dots["sib"] = dots["dot"].to_numpy() >= config.nearest_gis_sibling_ratio * level.reindex(dots["g"]).to_numpy()
@@ -509,23 +507,41 @@ def _pair_dots(xp: Any, u: Any, a: np.ndarray, b: np.ndarray, chunk: int = 4096)
     return out
 
 
-def _sibling_similarity(xp: Any, u: Any, group: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Mean raw similarity of each of ``rows`` with the other members of its group; NaN where alone."""
-    members = pd.Series(np.arange(group.size)).groupby(group).apply(np.asarray)
+def _group_pair_dots(xp: Any, u: Any, group: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
+    """Raw similarity of every ordered pair of distinct members of the groups of ``rows``.
+
+    Columns ``a``, ``b`` (row indices, ``a != b``), ``g`` (their group) and ``dot``; pairs in group order,
+    each ``a``'s partners ascending. Computed once per feeder and shared by the sibling yardstick of
+    :func:`_nearest_gis_factor` (both passes) and :func:`_sibling_agreement_factor`.
+    """
+    members = np.flatnonzero(np.isin(group, np.unique(group[rows])))
+    members = members[np.argsort(group[members], kind="stable")]
     a, b = [], []
-    for i in rows:
-        m = members[group[i]]
-        m = m[m != i]
-        a.append(np.full(m.size, i))
-        b.append(m)
+    for m in np.split(members, np.flatnonzero(np.diff(group[members])) + 1):
+        if m.size >= 2:
+            ii, jj = np.meshgrid(m, m, indexing="ij")
+            off = ii != jj
+            a.append(ii[off])
+            b.append(jj[off])
     a = np.concatenate(a) if a else np.zeros(0, dtype=np.int64)
     b = np.concatenate(b) if b else np.zeros(0, dtype=np.int64)
+    return pd.DataFrame({"a": a, "b": b, "g": group[a], "dot": _pair_dots(xp, u, a, b)})
+
+
+def _sibling_similarity(xp: Any, u: Any, group: np.ndarray, rows: np.ndarray,
+                        pairs: pd.DataFrame | None = None) -> np.ndarray:
+    """Mean raw similarity of each of ``rows`` (sorted) with the other members of its group; NaN where alone.
+
+    ``pairs``: :func:`_group_pair_dots` of (at least) the groups of ``rows``, if already computed.
+    """
+    pairs = _group_pair_dots(xp, u, group, rows) if pairs is None else pairs
+    mine = pairs[np.isin(pairs["a"].to_numpy(), rows)]
     out = np.full(rows.size, np.nan)
-    if a.size:
-        pos = np.searchsorted(rows, a)  # rows is sorted (np.flatnonzero)
-        dots = _pair_dots(xp, u, a, b)
+    if len(mine):
+        pos = np.searchsorted(rows, mine["a"].to_numpy())
         cnt = np.bincount(pos, minlength=rows.size)
-        out = np.where(cnt > 0, np.bincount(pos, weights=dots, minlength=rows.size) / np.maximum(cnt, 1), np.nan)
+        sums = np.bincount(pos, weights=mine["dot"].to_numpy(), minlength=rows.size)
+        out = np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
     return out
 
 
@@ -767,16 +783,12 @@ def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray
         changed = np.flatnonzero((answer != gis[p_idx]) & np.isin(gis[p_idx], list(names.values())))
         if changed.size and np.isfinite(config.nearest_gis_raw_tolerance):
             q = xp.take(u, xp.asarray(p_idx[changed]), axis=0)
-            s_gis = _phase_codes(gis[s_idx])
             near = np.full((changed.size, 3), np.nan)
-            for p in range(3):
-                cand = s_idx[s_gis == p]
-                if cand.size:
-                    _, sim_p = top_k_neighbours(q, xp.asarray(np.zeros(changed.size, np.int64)),
-                                                config.nearest_gis_count, candidates=xp.take(u, xp.asarray(cand), axis=0),
-                                                candidate_group=xp.asarray(np.ones(cand.size, np.int64)))
-                    sim_p = to_numpy(sim_p)
-                    near[:, p] = np.where(np.isfinite(sim_p), sim_p, np.nan).mean(axis=1)
+            codes = np.full(u.shape[0], -1, dtype=np.int64)  # single-phase meters by GIS phase; none excluded
+            codes[s_idx] = _phase_codes(gis[s_idx])
+            for p, _, _, sim_p in _nearest_by_gis_phase(xp, q, np.full(changed.size, -1), u,
+                                                         np.zeros(u.shape[0], np.int64), codes, config.nearest_gis_count):
+                near[:, p] = sim_p.mean(axis=1)
             for j, k in enumerate(changed):
                 only_answer = set(top2[k]) - set(letters[gis[p_idx[k]]])
                 only_gis = set(letters[gis[p_idx[k]]]) - set(top2[k])

@@ -13,6 +13,11 @@ from phaseid_hpc.phase_identification import RESULT_COLUMNS, identify_phases
 PHASES = np.array(["A", "B", "C"])
 
 
+def _unit(v):
+    """Rows scaled to unit norm (the signals the identification kernels take)."""
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
 def simulated_feeder(seed=0, n_tr=50, days=7, feeder="F1", phases=(0, 1, 2), wrong_phase=0.12,
                      wrong_tr=0.03, noise_pct=0.07, resolution=0.1, n_pairs=0):
     """A toy feeder: voltage = source + phase drop + transformer drop + own drop + meter noise.
@@ -270,16 +275,13 @@ def test_nearest_gis_factor_holds_back_a_change_whose_nearest_gis_meters_disagre
 
     rng = np.random.default_rng(0)
 
-    def unit(v):
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
-
     base = rng.normal(size=(2, 8))
     # row 0: a meter moved from GIS B (1) to C (2); its nearest GIS-B meters (rows 1-3, other groups) are
     # closer than any GIS-C meter (rows 4-9): the change is held back. Row 10: moved from B to C with only
     # GIS-C meters near it: kept.
     y = np.vstack([base[0] + 0.05 * rng.normal(size=(4, 8)), base[0] + 0.6 * rng.normal(size=(6, 8)),
                    base[1] + 0.05 * rng.normal(size=(1, 8)), base[1] + 0.05 * rng.normal(size=(4, 8))])
-    y = unit(y)
+    y = _unit(y)
     gis = np.array([1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 1, 2, 2, 2, 2])
     labels = gis.copy()
     labels[[0, 10]] = 2
@@ -297,16 +299,13 @@ def test_nearest_gis_factor_ignores_physical_siblings_filed_under_another_transf
 
     rng = np.random.default_rng(1)
 
-    def unit(v):
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
-
     base = rng.normal(size=(2, 12))
     # rows 0-1: one transformer filed as B, really C (the vote says C); rows 2-3: two meters of that same
     # transformer that GIS files under another transformer, also as B (as similar to rows 0-1 as those are to
     # each other); rows 4-9: GIS-C meters of the neighbourhood; rows 10-13: GIS-B meters far away.
     y = np.vstack([base[0] + 0.05 * rng.normal(size=(4, 12)), base[0] + 0.7 * rng.normal(size=(6, 12)),
                    base[1] + 0.3 * rng.normal(size=(4, 12))])
-    y = unit(y)
+    y = _unit(y)
     gis = np.array([1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1])
     labels = gis.copy()
     labels[[0, 1]] = 2
@@ -328,10 +327,6 @@ def test_batch_margin_t_sees_a_margin_that_comes_from_one_burst():
     rng = np.random.default_rng(2)
     n_t = 1400
 
-    def unit(v):
-        v = v - v.mean(axis=-1, keepdims=True)
-        return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
     s_a, s_c = rng.normal(size=(2, n_t))
     # rows 1-10 follow phase A, rows 11-20 phase C (labels 0 and 2); row 0 is filed A, answered C
     steady = 0.3 * s_a + 0.5 * s_c + rng.normal(size=n_t)
@@ -343,7 +338,8 @@ def test_batch_margin_t_sees_a_margin_that_comes_from_one_burst():
     group = np.arange(labels.size)
     t = {}
     for name, row0 in (("steady", steady), ("burst", burst)):
-        u = unit(np.vstack([row0, s_a + rng.normal(0, 0.5, (10, n_t)), s_c + rng.normal(0, 0.5, (10, n_t))]))
+        rows = np.vstack([row0, s_a + rng.normal(0, 0.5, (10, n_t)), s_c + rng.normal(0, 0.5, (10, n_t))])
+        u = _unit(rows - rows.mean(axis=-1, keepdims=True))
         r = _phase_neighbourhood_correlation(np, u, u, group, labels, 5)
         z = (r[0, 2] - r[0, 0]) * np.sqrt(n_t)
         t[name] = _batch_margin_t(np, u, u, u, group, labels, gis, np.array([0]), 5, 14)[0]
@@ -381,15 +377,12 @@ def test_nearest_gis_check_in_the_raw_signals_sees_what_the_denoised_space_hides
 
     rng = np.random.default_rng(5)
 
-    def unit(v):
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
-
     # raw signals: row 0 (GIS C, answered B) follows the C meters (rows 1-4) weakly and the B meters (5-8)
     # not at all; in a misleading "denoised" space it sits on top of the B meters
     s_c, s_b = rng.normal(size=(2, 400))
-    u = unit(np.vstack([0.4 * s_c + rng.normal(size=400), s_c + 0.5 * rng.normal(size=(4, 400)),
+    u = _unit(np.vstack([0.4 * s_c + rng.normal(size=400), s_c + 0.5 * rng.normal(size=(4, 400)),
                         s_b + 0.5 * rng.normal(size=(4, 400))]))
-    y = unit(np.vstack([np.r_[0.0, 1.0], np.tile([1.0, 0.0], (4, 1)), np.tile([0.0, 1.0], (4, 1))])
+    y = _unit(np.vstack([np.r_[0.0, 1.0], np.tile([1.0, 0.0], (4, 1)), np.tile([0.0, 1.0], (4, 1))])
              + 0.01 * rng.normal(size=(9, 2)))
     gis = np.array([2, 2, 2, 2, 2, 1, 1, 1, 1])
     labels = gis.copy()
@@ -410,13 +403,10 @@ def test_a_pair_change_must_win_the_raw_neighbours_gis_vote():
     rng = np.random.default_rng(6)
     n_t = 500
 
-    def unit(v):
-        return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
     s = rng.normal(size=(3, n_t))
     singles = np.vstack([s[p] + 0.4 * rng.normal(size=(8, n_t)) for p in range(3)])  # rows 0-23: A, B, C
     pair_raw = s[1] + s[2] + 0.4 * rng.normal(size=n_t)  # really BC
-    u = unit(np.vstack([singles, pair_raw]))
+    u = _unit(np.vstack([singles, pair_raw]))
     labels = np.repeat([0, 1, 2], 8)
     gis = np.array(list("A" * 8 + "B" * 8 + "C" * 8) + ["BC"], dtype=object)
     s_idx = np.arange(24)
@@ -432,13 +422,13 @@ def test_a_pair_change_must_win_the_raw_neighbours_gis_vote():
         return phase[24], conf[24]
 
     # a denoised space that puts the pair among the A and B meters: it answers AB, which the raw vote denies
-    y_bad = unit(np.vstack([np.tile([1.0, 0.0, 0.0], (8, 1)), np.tile([0.0, 1.0, 0.0], (8, 1)),
+    y_bad = _unit(np.vstack([np.tile([1.0, 0.0, 0.0], (8, 1)), np.tile([0.0, 1.0, 0.0], (8, 1)),
                             np.tile([0.0, 0.0, 1.0], (8, 1)), [[1.0, 1.0, 0.0]]]) + 0.01 * rng.normal(size=(25, 3)))
     answer, conf = run(y_bad)
     assert answer == "AB" and conf < cfg.suspect_threshold
     # the same change where the raw neighbours agree keeps its confidence
     y_good = y_bad.copy()
-    y_good[24] = unit(np.array([[0.0, 1.0, 1.0]]))[0]
+    y_good[24] = _unit(np.array([[0.0, 1.0, 1.0]]))[0]
     answer, conf = run(y_good)
     assert answer == "BC"  # no change from GIS: not touched by the check
     gis_wrong = gis.copy()
