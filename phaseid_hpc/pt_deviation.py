@@ -11,9 +11,11 @@ For each feeder of a block (meters of one feeder are compared with each other on
   differenced series, so free of ``d``), is compared with the group's median level;
 * a meter alone (or one of two) on its transformer and phase is compared with the ``n_neighbours`` meters
   of other transformers whose drop-corrected voltage shape is nearest, and its reason says so
-  (:data:`~phaseid_hpc.contract.REASON_PT_DEVIATION_NEIGHBOURS`); where its voltage does not follow its own
-  load (slope below ``min_load_response`` of the feeder's median: a large, stiff service whose level its
-  neighbours do not explain) the deviation is not estimable (NaN);
+  (:data:`~phaseid_hpc.contract.REASON_PT_DEVIATION_NEIGHBOURS`); meters whose voltage does not follow
+  their own load (slope below ``min_load_response`` of the feeder's median: a large, stiff service, or an
+  idle one) are never anyone's neighbour and get a flag level of their own, from the scatter of their
+  comparison (tight where they are merely lightly loaded, wide where they sit at another level, as the
+  large services of IEEE 8500 do, 1-2.5% below); fewer than 10 of them on a feeder: not estimable (NaN);
 * a meter with exactly one sibling is flagged only where the two also differ by ``threshold_pct`` (a
   transformer tap moves both, a failing PT one);
 * the deviation must exceed ``threshold_pct`` in each of ``n_windows`` consecutive windows, with one sign;
@@ -38,6 +40,8 @@ from .kernels.neighbours import top_k_neighbours
 __all__ = ["detect_pt_deviation"]
 
 _DEFAULT_CONFIG = PTConfig()
+#: Fewest meters that do not follow their own load for them to be compared as a cohort [-].
+_MIN_COHORT = 10
 #: Standard service voltages [V] a meter without ``nominal_v`` is snapped to (its median reading's nearest).
 _STANDARD_V = np.array([120.0, 208.0, 230.0, 240.0, 277.0, 347.0, 400.0, 480.0])
 
@@ -133,17 +137,31 @@ def _one_feeder(
     if kw is not None:
         comparable = slope >= config.min_load_response * (np.median(slope) if n else 0.0)
     shape = np.nan_to_num(level - np.nanmean(level, axis=1, keepdims=True) if level.shape[1] else level)
-    lone = np.flatnonzero(~big & comparable)  # only meters without a big enough group need neighbours
+    alone = np.flatnonzero(~big)  # only meters without a big enough group need neighbours
+    lone = np.flatnonzero(~big & comparable)
+    stiff = np.flatnonzero(~big & ~comparable)
     nb = np.full((n, max(1, min(config.n_neighbours, n))), -1, dtype=np.int64)
-    if lone.size:
-        nb[lone] = kern.nearest_shape_neighbours(shape, tx_code, config.n_neighbours, allowed=comparable,
-                                                 queries=lone)  # step 5
-    dev_nb = np.where(comparable[:, None], kern.neighbour_deviation(levels, nb), np.nan)
-    dev = np.where(big[:, None], dev_group, dev_nb)
+    if alone.size:
+        nb[alone] = kern.nearest_shape_neighbours(shape, tx_code, config.n_neighbours, allowed=comparable,
+                                                  queries=alone)  # step 5
+    dev_nb = kern.neighbour_deviation(levels, nb)
     # a feeder whose neighbour comparison scatters (taps, regulator zones, long secondaries) gets a wider
     # flag level for the meters compared with neighbours only
-    thr_nb = kern.neighbour_threshold(dev_nb[lone], config.threshold_pct, config.neighbour_spread_factor,
-                                      tail_factor=config.neighbour_tail_factor)
+    thr_nb = np.full(n, kern.neighbour_threshold(dev_nb[lone], config.threshold_pct,
+                                                 config.neighbour_spread_factor,
+                                                 tail_factor=config.neighbour_tail_factor))
+    # meters whose voltage does not follow their own load: their level is not explained by the drop model;
+    # they are compared with their neighbours as a cohort of their own, whose scatter sets their flag level
+    # (tight where such meters are just lightly loaded, wide where they sit at another level, as on
+    # ieee8500); too few of them for a spread: not estimable
+    if stiff.size >= _MIN_COHORT:
+        thr_nb[stiff] = kern.neighbour_threshold(dev_nb[stiff], config.threshold_pct,
+                                                 config.neighbour_spread_factor,
+                                                 tail_factor=config.neighbour_tail_factor,
+                                                 min_meters=_MIN_COHORT)
+    else:
+        dev_nb[stiff] = np.nan
+    dev = np.where(big[:, None], dev_group, dev_nb)
     # the same for groups: customers along a long LV feeder of one transformer sit at different levels
     thr_group = kern.neighbour_threshold(dev_group[big], config.threshold_pct, config.neighbour_spread_factor)
     est, flagged = kern.persistent_deviation(dev, np.where(big, thr_group, thr_nb))  # step 6

@@ -15,7 +15,7 @@ N_TIME = 7 * 96
 
 def make_feeder(
     seed: int = 0, gains: dict[int, float] | None = None, n_lone: int = 8, lone_offset_pct: float = 0.0,
-    n_pairs: int = 0, taps: dict[int, float] | None = None,
+    n_pairs: int = 0, taps: dict[int, float] | None = None, n_stiff: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """One feeder: a head level that wanders, 6 transformers of 4 meters (phase A) and ``n_lone`` lone meters.
 
@@ -23,7 +23,8 @@ def make_feeder(
     service drop (k P). ``gains``: row -> PT gain error [%] applied to what the meter reports.
     ``lone_offset_pct``: one sigma of a level offset of each lone meter's transformer (taps, long
     secondaries) [%]. ``n_pairs`` transformers of two meters follow the lone meters; ``taps``: unit index
-    -> a fixed tap of that transformer [%] (both its meters move).
+    -> a fixed tap of that transformer [%] (both its meters move). The first ``n_stiff`` lone meters have
+    no transformer or service drop (their voltage does not follow their own load).
     """
     rng = np.random.default_rng(seed)
     t = np.arange(N_TIME)
@@ -34,12 +35,14 @@ def make_feeder(
              + [(f"P{j}", 2) for j in range(n_pairs)])
     for u, (tid, n) in enumerate(units):
         loads = [np.abs(1.5 * day * (1 + 0.5 * rng.standard_normal(N_TIME))) for _ in range(n)]
-        sec = head - 0.01 * sum(loads) / (5.0 * n) - 0.002 * u / len(units)  # along the feeder
+        stiff = n == 1 and tid[0] == "L" and int(tid[1:]) < n_stiff
+        sec = head - (0.0 if stiff else 0.01) * sum(loads) / (5.0 * n) - 0.002 * u / len(units)
         if n == 1:
             sec = sec + rng.normal(0.0, lone_offset_pct / 100)
         sec = sec * (1 + (taps or {}).get(u, 0.0) / 100)
         for j, load in enumerate(loads):
             k = rng.uniform(0.0008, 0.0015)  # service drop [pu/kW]
+            k = 0.0 if stiff else k
             rows.append(
                 {
                     "meter_id": f"{tid}m{j}",
@@ -91,6 +94,23 @@ def test_a_tap_moves_both_meters_of_a_pair_a_failing_pt_one():
     assert _flagged(res) == {36: [contract.REASON_PT_DEVIATION_NEIGHBOURS]}
     # both meters of the tapped pairs do deviate from their neighbours by the tap
     assert (res["pt_deviation_pct"].iloc[32:36] > 3.0).all()
+
+
+@pytest.mark.parametrize("n_stiff", [12, 6])
+def test_meters_that_do_not_follow_their_load_are_a_cohort_of_their_own(n_stiff):
+    # lone meters 0..n_stiff-1 (rows 24..) have no service drop: their drop slope is ~0, so the drop model
+    # does not explain their level; with 10 or more they are compared with their neighbours as a cohort
+    # (row 25: a 3% PT error found); with fewer, not estimable (NaN, never flagged)
+    v, kw, meters = make_feeder(seed=5, gains={25: 3.0}, n_lone=16, n_stiff=n_stiff)
+    res = detect_pt_deviation(v, kw, meters)
+    est = res["pt_deviation_pct"].to_numpy()
+    if n_stiff >= 10:
+        assert _flagged(res) == {25: [contract.REASON_PT_DEVIATION_NEIGHBOURS]}
+        assert abs(est[25] - 3.0) < 0.5
+        assert np.isfinite(est[24 : 24 + n_stiff]).all()
+    else:
+        assert _flagged(res) == {}
+        assert np.isnan(est[24 : 24 + n_stiff]).all() and np.isfinite(est[24 + n_stiff :]).all()
 
 
 def test_failing_pts_are_found_with_the_right_reason_and_size():
