@@ -85,6 +85,15 @@ def test_splice_moves_meters_to_a_donor_of_another_phase():
         splice_phase_changes(v, meters, times, min_before_days=6, min_after_days=6)
 
 
+def test_splice_gives_each_moved_meter_its_own_donor():
+    # 20% of the meters moved, mostly from the same transformers' phase: no two carry one donor's readings
+    v, meters, times = _feeder()
+    _, _, changes = splice_phase_changes(v, meters, times, share=0.2, control_share=0.0,
+                                         min_before_days=4, min_after_days=4, random_state=1)
+    moved = changes[changes["moved"]]
+    assert len(moved) == 18 and moved["donor_id"].is_unique
+
+
 def test_tap_and_winding_injection():
     v, _, _ = _feeder()
     rows = np.array([4, 5])

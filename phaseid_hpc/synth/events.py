@@ -117,6 +117,7 @@ def splice_phase_changes(
     outage_n = max(1, round(outage_hours * 3600 / step_s))
     ev_rows, ch_rows = [], []
     restore_at = np.sort(rng.integers(lo, hi, size=max(1, n_restorations)))
+    used: list[int] = []
     for i in np.concatenate([moved, control]):
         k = int(rng.choice(restore_at))
         is_moved = bool(np.isin(i, moved))
@@ -126,10 +127,15 @@ def splice_phase_changes(
                       and ((feeder == feeder[i]) & (phase == p)).any()]
             new_phase = str(rng.choice(others))
             cand = np.flatnonzero((feeder == feeder[i]) & (phase == new_phase))
+            # one donor per moved meter: two meters carrying the same donor's readings would be copies of
+            # each other (same load, same noise), which no pair of real customers is
+            fresh = cand[~np.isin(cand, used)]
+            cand = fresh if fresh.size else cand
             j = _donor(voltage[:, :k], i, cand, tx == tx[i])
             level = np.nanmean(voltage[i, :k]) / np.nanmean(voltage[j, :k])
             out[i, k:] = voltage[j, k:] * level
             donor = str(meters["meter_id"].iloc[j])
+            used.append(j)
         out[i, max(0, k - outage_n):k] = np.nan
         mid = str(meters["meter_id"].iloc[i])
         # readings are interval ends: the outage starts with the first missing interval
