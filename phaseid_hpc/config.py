@@ -165,6 +165,9 @@ class QualityConfig:
     clock_min_correlation: float = 0.2
     #: Fewest usable meters on a feeder for its common signal (and so any clock offset) [meters].
     clock_min_meters: int = 3
+    #: A clock flag stands only where the offset also holds against the median of the meter's this many most
+    #: similar meters of its feeder (a group sharing a lag is physics, not clocks); 0: no such check [meters].
+    clock_nearest_meters: int = 5
     #: Shift meters whose offset exceeds ``max_clock_offset_s`` back onto the grid in the cleaned voltage.
     correct_clock_offset: bool = False
 

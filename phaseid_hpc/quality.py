@@ -65,7 +65,8 @@ from .contract import (
 )
 from .kernels import quality as kq
 
-__all__ = ["QUALITY_COLUMNS", "QualityResult", "assess_quality", "block_parameters", "local_clock_offsets"]
+__all__ = ["QUALITY_COLUMNS", "QualityResult", "assess_quality", "block_parameters", "local_clock_offsets",
+           "nearest_clock_offsets"]
 
 #: Columns of :attr:`QualityResult.table`, in order.
 QUALITY_COLUMNS: tuple[str, ...] = (
@@ -365,6 +366,100 @@ def local_clock_offsets(
         )
         offset[rows] = np.asarray(to_numpy(off), dtype=np.float64) * interval_s
         se[rows] = np.asarray(to_numpy(s_e), dtype=np.float64) * interval_s
+    se = np.where(np.isfinite(offset), se, np.nan)
+    flag = kq.clock_offset_flag(offset, se, limit_s=config.max_clock_offset_s, z=config.clock_flag_z)
+    return pd.DataFrame({"clock_offset_s": offset, "clock_offset_se_s": se, "clock_flag": flag})
+
+
+def nearest_clock_offsets(
+    voltage: Any,
+    nominal_v: Any,
+    feeders: Any,
+    usable: Any,
+    rows: Any,
+    interval_s: float,
+    config: QualityConfig = QualityConfig(),  # noqa: B008 - frozen dataclass, safe as a default
+    *,
+    k: int = 5,
+) -> pd.DataFrame:
+    """Clock offsets of some meters measured against their ``k`` most similar meters of the same feeder.
+
+    A clock offset is one meter's fault; a group of meters sharing a lag against their zone is physics
+    (e.g. customers at the end of a long LV feeder whose own loads move their voltage with a timing of
+    their own, read on hourly means as a quarter of an hour). Against the median of its nearest meters (the
+    highest correlation of the differenced per-unit series at lag 0) only the meter's own offset remains.
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Cleaned meter voltage. [V]
+    nominal_v : array, shape (n_meters,)
+        Per-unit base of each meter. [V]
+    feeders : array, shape (n_meters,)
+        Feeder of each meter (neighbours are taken within it).
+    usable : array of bool, shape (n_meters,)
+        Meters that may be neighbours.
+    rows : array of int
+        The meters to measure (e.g. those still flagged).
+    interval_s : float
+        Grid step. [s]
+    config : QualityConfig
+        As :func:`local_clock_offsets`.
+    k : int
+        Neighbours whose median is the reference.
+
+    Returns
+    -------
+    DataFrame, one row per entry of ``rows``
+        ``clock_offset_s``, ``clock_offset_se_s`` [s] (NaN where not estimable) and ``clock_flag``.
+    """
+    from .kernels.neighbours import top_k_neighbours
+
+    rows = np.asarray(rows, dtype=np.int64)
+    offset = np.full(rows.size, np.nan)
+    se = np.full(rows.size, np.nan)
+    v = np.asarray(to_numpy(voltage), dtype=np.float64)
+    if rows.size and v.shape[1] >= 3:
+        base = np.asarray(to_numpy(nominal_v), dtype=np.float64)
+        base = np.where(np.isfinite(base) & (base > 0), base, 1.0)
+        pu = v / base[:, None]
+        d = np.diff(pu, axis=1)
+        with np.errstate(invalid="ignore"):
+            d = d - np.nanmean(d, axis=1, keepdims=True)
+        d = np.nan_to_num(d)
+        norm = np.linalg.norm(d, axis=1, keepdims=True)
+        u = d / np.where(norm > 0, norm, 1.0)
+        feeder_code = pd.factorize(pd.Series(np.asarray(feeders)).astype(str))[0]
+        ok = np.asarray(to_numpy(usable), dtype=bool)
+        cand = np.flatnonzero(ok)
+        # a candidate is never its own neighbour (own group), nor one of another feeder (groups by feeder
+        # below: the query's group is its row, candidates of other feeders are masked after)
+        stacked, groups, include = [], [], []
+        for f in np.unique(feeder_code[rows]):
+            q = rows[feeder_code[rows] == f]
+            c = cand[feeder_code[cand] == f]
+            if c.size < 2:
+                continue
+            nb, sim = top_k_neighbours(u[q], q, k, candidates=u[c], candidate_group=c)
+            for j, i in enumerate(q):
+                good = nb[j][np.isfinite(sim[j])]
+                if good.size < min(k, 2):
+                    continue
+                pos = int(np.flatnonzero(rows == i)[0])
+                stacked.append(np.concatenate([[i], c[good]]))
+                groups.append(np.full(good.size + 1, pos))
+                include.append(np.r_[False, np.ones(good.size, dtype=bool)])
+        if stacked:
+            idx = np.concatenate(stacked)
+            g = np.concatenate(groups)
+            lag = max(1, int(np.ceil(config.clock_search_s / interval_s))) if interval_s > 0 else 1
+            off, _, s_e = kq.estimate_clock_offsets(
+                pu[idx], g, max_lag=lag, include=np.concatenate(include), min_pairs=config.min_usable_samples,
+                min_correlation=config.clock_min_correlation, min_meters=2, n_refine=0,
+            )
+            first = np.r_[True, g[1:] != g[:-1]]
+            offset[g[first]] = np.asarray(off)[first] * interval_s
+            se[g[first]] = np.asarray(s_e)[first] * interval_s
     se = np.where(np.isfinite(offset), se, np.nan)
     flag = kq.clock_offset_flag(offset, se, limit_s=config.max_clock_offset_s, z=config.clock_flag_z)
     return pd.DataFrame({"clock_offset_s": offset, "clock_offset_se_s": se, "clock_flag": flag})

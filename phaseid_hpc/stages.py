@@ -283,7 +283,7 @@ def confirm_clock_offsets(block: Block, quality: QualityResult, phases: PhaseRes
     where the meter's neighbourhood (one phase, nearby; :func:`phaseid_hpc.quality.local_clock_offsets`)
     confirms it.
     """
-    from .quality import local_clock_offsets
+    from .quality import local_clock_offsets, nearest_clock_offsets
 
     feeder = block.meters["feeder_id"].astype(str)
     zone = phases.table["zone"].to_numpy(dtype=np.int64)
@@ -293,7 +293,18 @@ def confirm_clock_offsets(block: Block, quality: QualityResult, phases: PhaseRes
                                 usable, block.interval_s, config)
     has_local = np.isfinite(local["clock_offset_s"].to_numpy())
     offset = np.where(has_local, local["clock_offset_s"], quality.table["clock_offset_s"]).astype(np.float64)
-    return ClockCheck(offset, has_local & ~local["clock_flag"].to_numpy(dtype=bool))
+    unconfirmed = has_local & ~local["clock_flag"].to_numpy(dtype=bool)
+    # a flag still standing must also hold against the meter's nearest meters: a group sharing a lag is
+    # physics, a clock is one meter's
+    flagged = np.array([contract.REASON_CLOCK_OFFSET in r for r in quality.table["reasons"]], dtype=bool)
+    rows = np.flatnonzero(flagged & ~unconfirmed)
+    if rows.size and config.clock_nearest_meters > 0:
+        near = nearest_clock_offsets(block.voltage, quality.table["nominal_v_used"].to_numpy(dtype=np.float64),
+                                     feeder.to_numpy(), usable, rows, block.interval_s, config,
+                                     k=config.clock_nearest_meters)
+        estimated = np.isfinite(near["clock_offset_s"].to_numpy())
+        unconfirmed[rows[estimated & ~near["clock_flag"].to_numpy(dtype=bool)]] = True
+    return ClockCheck(offset, unconfirmed)
 
 
 def map_meters_to_transformers(block: Block, quality: QualityResult, phases: PhaseResult,

@@ -332,6 +332,37 @@ def test_local_clock_offsets_ignore_a_zone_wide_delayed_response():
     assert one_zone["clock_flag"].sum() > 3  # the whole regulated zone reads as late against the feeder
 
 
+def test_nearest_clock_offsets_ignore_a_group_that_shares_a_lag():
+    """Five meters at the end of a long feeder respond to their own loads with a lag of their own: against
+    the feeder they read as late; against their nearest meters (each other) they are not, while one meter
+    whose clock is 300 s late still is."""
+    from phaseid_hpc.quality import nearest_clock_offsets
+    from phaseid_hpc.synth.measurement import _shift
+
+    rng = np.random.default_rng(7)
+    n_t, n = 96 * 14, 24
+    walk = np.cumsum(rng.standard_normal((2, n_t)), axis=1) * 0.002
+    v = 240 * (1 + walk[0] + 0.0005 * rng.standard_normal((n, n_t)))
+    # rows 0-4: the feeder's signal delayed by 0.4 intervals and a shared local signal of their own
+    v[:5] = 240 * (1 + _shift(walk[:1], np.array([0.4]))[0] + walk[1] + 0.0005 * rng.standard_normal((5, n_t)))
+    v[10] = _shift(v[10:11], np.array([300 / 900]))[0]  # one meter's clock 300 s late
+    feeders = np.array(["F"] * n)
+    rows = np.array([0, 1, 2, 3, 4, 10])
+    res = nearest_clock_offsets(v, np.full(n, 240.0), feeders, np.ones(n, bool), rows, 900.0)
+    assert len(res) == rows.size
+    assert res["clock_flag"].to_numpy().tolist() == [False] * 5 + [True]
+    assert 150 < res["clock_offset_s"].iloc[5] < 400 and (res["clock_offset_s"].iloc[:5].abs() < 60).all()
+    # against the feeder (one zone) the group reads as late
+    from phaseid_hpc.quality import local_clock_offsets
+
+    feeder_wide = local_clock_offsets(v, np.full(n, 240.0), np.zeros(n, dtype=int), np.ones(n, bool), 900.0)
+    assert feeder_wide["clock_flag"].iloc[:5].sum() >= 3
+    # no neighbours on its feeder: not estimable
+    alone = nearest_clock_offsets(v, np.full(n, 240.0), np.array(["G"] + ["F"] * (n - 1)), np.ones(n, bool),
+                                  np.array([0]), 900.0)
+    assert alone["clock_offset_s"].isna().all() and not alone["clock_flag"].any()
+
+
 def test_kernel_thresholds_come_from_the_config_only():
     """Every threshold of the block kernel is a QualityConfig field and is passed from it (no kernel default)."""
     import dataclasses
@@ -343,7 +374,7 @@ def test_kernel_thresholds_come_from_the_config_only():
     cfg = QualityConfig(max_flat_run=7, clock_flag_z=0.5, min_pu=0.7)
     params = block_parameters(cfg)
     fields = {f.name for f in dataclasses.fields(QualityConfig)}
-    assert set(params) == fields - {"clock_use_references"}
+    assert set(params) == fields - {"clock_use_references", "clock_nearest_meters"}
     assert params["max_flat_run"] == 7 and params["clock_flag_z"] == 0.5 and params["min_pu"] == 0.7
     sig = inspect.signature(kq.quality_block).parameters
     assert all(sig[name].default is inspect.Parameter.empty for name in params)
