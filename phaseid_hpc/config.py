@@ -167,7 +167,7 @@ class QualityConfig:
     clock_min_meters: int = 3
     #: A clock flag stands only where the offset also holds against the median of the meter's this many most
     #: similar meters of its feeder (a group sharing a lag is physics, not clocks); 0: no such check [meters].
-    clock_nearest_meters: int = 5
+    clock_nearest_meters: int = 3
     #: Shift meters whose offset exceeds ``max_clock_offset_s`` back onto the grid in the cleaned voltage.
     correct_clock_offset: bool = False
 

@@ -380,7 +380,7 @@ def nearest_clock_offsets(
     interval_s: float,
     config: QualityConfig = QualityConfig(),  # noqa: B008 - frozen dataclass, safe as a default
     *,
-    k: int = 5,
+    k: int = 3,
 ) -> pd.DataFrame:
     """Clock offsets of some meters measured against their ``k`` most similar meters of the same feeder.
 
