@@ -432,20 +432,19 @@ def nearest_clock_offsets(
         feeder_code = pd.factorize(pd.Series(np.asarray(feeders)).astype(str))[0]
         ok = np.asarray(to_numpy(usable), dtype=bool)
         cand = np.flatnonzero(ok)
-        # a candidate is never its own neighbour (own group), nor one of another feeder (groups by feeder
-        # below: the query's group is its row, candidates of other feeders are masked after)
+        # neighbours come from the meter's own feeder, never the meter itself (its row is its group)
         stacked, groups, include = [], [], []
         for f in np.unique(feeder_code[rows]):
-            q = rows[feeder_code[rows] == f]
+            qpos = np.flatnonzero(feeder_code[rows] == f)
+            q = rows[qpos]
             c = cand[feeder_code[cand] == f]
             if c.size < 2:
                 continue
             nb, sim = top_k_neighbours(u[q], q, k, candidates=u[c], candidate_group=c)
-            for j, i in enumerate(q):
+            for j, (i, pos) in enumerate(zip(q, qpos)):
                 good = nb[j][np.isfinite(sim[j])]
                 if good.size < min(k, 2):
                     continue
-                pos = int(np.flatnonzero(rows == i)[0])
                 stacked.append(np.concatenate([[i], c[good]]))
                 groups.append(np.full(good.size + 1, pos))
                 include.append(np.r_[False, np.ones(good.size, dtype=bool)])
