@@ -414,51 +414,51 @@ def nearest_clock_offsets(
         ``clock_offset_s``, ``clock_offset_se_s`` [s] (NaN where not estimable) and ``clock_flag``.
     """
     from .kernels.neighbours import top_k_neighbours
+    from .kernels.preprocess import unit_rows
 
     rows = np.asarray(rows, dtype=np.int64)
     offset = np.full(rows.size, np.nan)
     se = np.full(rows.size, np.nan)
     v = np.asarray(to_numpy(voltage), dtype=np.float64)
-    if rows.size and v.shape[1] >= 3:
-        base = np.asarray(to_numpy(nominal_v), dtype=np.float64)
-        base = np.where(np.isfinite(base) & (base > 0), base, 1.0)
-        pu = v / base[:, None]
+    base = np.asarray(to_numpy(nominal_v), dtype=np.float64)
+    base = np.where(np.isfinite(base) & (base > 0), base, 1.0)
+    feeder_code = pd.factorize(pd.Series(np.asarray(feeders)).astype(str))[0]
+    ok = np.asarray(to_numpy(usable), dtype=bool)
+    pu_rows, d_rows, groups, include = [], [], [], []
+    # only the feeders of the queried meters are read; neighbours come from the meter's own feeder, never
+    # the meter itself (its row is its group)
+    for f in np.unique(feeder_code[rows]) if v.shape[1] >= 3 else []:
+        members = np.flatnonzero(feeder_code == f)
+        qpos = np.flatnonzero(feeder_code[rows] == f)
+        q = np.searchsorted(members, rows[qpos])  # positions within the feeder
+        c = np.flatnonzero(ok[members])
+        if c.size < 2:
+            continue
+        pu = v[members] / base[members, None]
         d = np.diff(pu, axis=1)
         with np.errstate(invalid="ignore"):
-            d = d - np.nanmean(d, axis=1, keepdims=True)
-        d = np.nan_to_num(d)
-        norm = np.linalg.norm(d, axis=1, keepdims=True)
-        u = d / np.where(norm > 0, norm, 1.0)
-        feeder_code = pd.factorize(pd.Series(np.asarray(feeders)).astype(str))[0]
-        ok = np.asarray(to_numpy(usable), dtype=bool)
-        cand = np.flatnonzero(ok)
-        # neighbours come from the meter's own feeder, never the meter itself (its row is its group)
-        stacked, groups, include = [], [], []
-        for f in np.unique(feeder_code[rows]):
-            qpos = np.flatnonzero(feeder_code[rows] == f)
-            q = rows[qpos]
-            c = cand[feeder_code[cand] == f]
-            if c.size < 2:
+            u = unit_rows(d - np.nanmean(d, axis=1, keepdims=True))
+        nb, sim = top_k_neighbours(u[q], q, k, candidates=u[c], candidate_group=c)
+        for j, (i, pos) in enumerate(zip(q, qpos)):
+            good = c[nb[j][np.isfinite(sim[j])]]
+            if good.size < min(k, 2):
                 continue
-            nb, sim = top_k_neighbours(u[q], q, k, candidates=u[c], candidate_group=c)
-            for j, (i, pos) in enumerate(zip(q, qpos)):
-                good = nb[j][np.isfinite(sim[j])]
-                if good.size < min(k, 2):
-                    continue
-                stacked.append(np.concatenate([[i], c[good]]))
-                groups.append(np.full(good.size + 1, pos))
-                include.append(np.r_[False, np.ones(good.size, dtype=bool)])
-        if stacked:
-            idx = np.concatenate(stacked)
-            g = np.concatenate(groups)
-            lag = max(1, int(np.ceil(config.clock_search_s / interval_s))) if interval_s > 0 else 1
-            off, _, s_e = kq.estimate_clock_offsets(
-                pu[idx], g, max_lag=lag, include=np.concatenate(include), min_pairs=config.min_usable_samples,
-                min_correlation=config.clock_min_correlation, min_meters=2, n_refine=0,
-            )
-            first = np.r_[True, g[1:] != g[:-1]]
-            offset[g[first]] = np.asarray(off)[first] * interval_s
-            se[g[first]] = np.asarray(s_e)[first] * interval_s
+            take = np.r_[i, good]
+            pu_rows.append(pu[take])
+            d_rows.append(d[take])
+            groups.append(np.full(take.size, pos))
+            include.append(np.r_[False, np.ones(good.size, dtype=bool)])
+    if groups:
+        g = np.concatenate(groups)
+        lag = max(1, int(np.ceil(config.clock_search_s / interval_s))) if interval_s > 0 else 1
+        off, _, s_e = kq.estimate_clock_offsets(
+            np.concatenate(pu_rows), g, max_lag=lag, include=np.concatenate(include),
+            min_pairs=config.min_usable_samples, min_correlation=config.clock_min_correlation, min_meters=2,
+            n_refine=0, diff=np.concatenate(d_rows),
+        )
+        first = np.r_[True, g[1:] != g[:-1]]
+        offset[g[first]] = np.asarray(off)[first] * interval_s
+        se[g[first]] = np.asarray(s_e)[first] * interval_s
     se = np.where(np.isfinite(offset), se, np.nan)
     flag = kq.clock_offset_flag(offset, se, limit_s=config.max_clock_offset_s, z=config.clock_flag_z)
     return pd.DataFrame({"clock_offset_s": offset, "clock_offset_se_s": se, "clock_flag": flag})
