@@ -46,6 +46,19 @@ def test_nanmedian_matches_numpy():
     np.testing.assert_allclose(kq.nanmedian(x, axis=0), np.nanmedian(x, axis=0), equal_nan=True)
 
 
+@pytest.mark.parametrize("nan_share", [0.01, 0.6])
+def test_nanmedian_selection_and_sort_agree(nan_share, monkeypatch):
+    # few missing values: the medians' order positions span a few places (np.partition); many, varying per
+    # column: they span more than _MAX_PARTITION_KTH (the sort); either way exactly np.nanmedian
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 50))
+    x[rng.random(x.shape) < nan_share] = np.nan
+    got = kq.nanmedian(x, axis=0)
+    np.testing.assert_array_equal(got, np.nanmedian(x, axis=0))
+    monkeypatch.setattr(kq, "_MAX_PARTITION_KTH", 0)  # always sort
+    np.testing.assert_array_equal(kq.nanmedian(x, axis=0), got)
+
+
 @pytest.mark.parametrize("gap", [1, 2, 3])
 def test_gaps_up_to_max_are_interpolated_exactly(gap):
     v = np.tile(np.arange(20, dtype=np.float64) * 2.0 + 230.0, (2, 1))
