@@ -409,10 +409,45 @@ def initialize_store(
     Data arrays are created empty: chunks that were never written read as NaN and take no space.
     """
     path = Path(path)
+    _clear_store_path(path, overwrite)
+    m, t, variables = _validated_schema(meters, times, interval_s, variables, voltage_encoding)
+    coords = _meter_coords(m, t)
+    data_vars: dict[str, Any] = {}
+    if transformers is not None:
+        coords.update(_transformer_coords(transformers))
+    if references is not None:
+        ref_coords, ref_voltage = _reference_coords(references, t)
+        coords.update(ref_coords)
+        data_vars["reference_voltage"] = ref_voltage
+    n_time_chunk = max(1, int(time_chunk))
+    _write_coordinates(path, _coordinate_dataset(coords, data_vars, interval_s), n_time_chunk)
+    chunks = (min(_meter_chunk(block_bytes, n_time_chunk), max(len(m), 1)), n_time_chunk)
+    group = zarr.open_group(str(path), mode="a")
+    for var in variables:
+        _create_data_array(group, path, var, (len(m), len(t)), chunks, voltage_encoding)
+    _write_group_markers(path)
+    _consolidate(path)
+
+
+def _clear_store_path(path: Path, overwrite: bool) -> None:
+    """Remove an existing store directory at ``path`` if ``overwrite``, else refuse to touch it."""
     if path.exists():
         if not overwrite:
             raise StoreError(f"store {str(path)!r} already exists (pass overwrite=True to replace it)")
         shutil.rmtree(path)
+
+
+def _validated_schema(
+    meters: pd.DataFrame,
+    times: Sequence[Any] | pd.DatetimeIndex,
+    interval_s: int,
+    variables: Sequence[str],
+    voltage_encoding: str,
+) -> tuple[pd.DataFrame, pd.DatetimeIndex, list[str]]:
+    """Check the arguments of :func:`initialize_store`; return sorted meters, UTC times [ns], variables.
+
+    ``voltage`` is put first in the returned variables.
+    """
     if voltage_encoding not in ("float32", "int16_decivolt"):
         raise StoreError(
             f"unknown voltage encoding {voltage_encoding!r}: expected 'float32' or 'int16_decivolt'"
@@ -425,7 +460,11 @@ def initialize_store(
     unknown = sorted(set(variables) - set(DATA_VARIABLES))
     if unknown:
         raise StoreError(f"initialize_store: unknown variable(s) {unknown}; allowed {list(DATA_VARIABLES)}")
+    return m, t, variables
 
+
+def _meter_coords(m: pd.DataFrame, t: pd.DatetimeIndex) -> dict[str, Any]:
+    """Coordinates along ``meter`` (ids, GIS columns, NaN sampling statistics) and ``time``."""
     coords: dict[str, Any] = {
         "meter": ("meter", _str_array(m["meter_id"])),
         "feeder_id": ("meter", _str_array(m["feeder_id"])),
@@ -438,47 +477,72 @@ def initialize_store(
         coords[c] = ("meter", m[c].to_numpy(np.float64))
     coords["sampling_interval_s"] = ("meter", np.full(len(m), np.nan))
     coords["off_grid_fraction"] = ("meter", np.full(len(m), np.nan))
-    data_vars: dict[str, Any] = {}
-    if transformers is not None:
-        tr = transformers
-        miss = [c for c in contract.TRANSFORMERS_REQUIRED if c not in tr.columns]
-        if miss:
-            raise ContractError(f"transformers: missing required column(s) {miss}; found {list(tr.columns)}")
-        tr = tr.sort_values(["feeder_id", "transformer_id"], kind="stable")
-        coords["transformer"] = ("transformer", _str_array(tr["transformer_id"]))
-        coords["kva_rating"] = (
+    return coords
+
+
+def _transformer_coords(transformers: pd.DataFrame) -> dict[str, Any]:
+    """Coordinates along ``transformer`` (sorted by feeder, transformer id); ``kva_rating`` [kVA]."""
+    tr = transformers
+    miss = [c for c in contract.TRANSFORMERS_REQUIRED if c not in tr.columns]
+    if miss:
+        raise ContractError(f"transformers: missing required column(s) {miss}; found {list(tr.columns)}")
+    tr = tr.sort_values(["feeder_id", "transformer_id"], kind="stable")
+    return {
+        "transformer": ("transformer", _str_array(tr["transformer_id"])),
+        "kva_rating": (
             "transformer",
             pd.to_numeric(tr["kva_rating"], errors="coerce").to_numpy(np.float64),
-        )
-        coords["n_phases"] = ("transformer", pd.to_numeric(tr["n_phases"]).to_numpy(np.int64))
-        coords["transformer_feeder_id"] = ("transformer", _str_array(tr["feeder_id"]))
-    ref_values = None
-    if references is not None:
-        miss = [c for c in contract.REFERENCES_REQUIRED if c not in references.columns]
-        if miss:
-            raise ContractError(
-                f"references: missing required column(s) {miss}; found {list(references.columns)}"
-            )
-        r = references.copy()
-        r["timestamp"] = _to_utc_naive(r["timestamp"])
-        r["feeder_id"] = r["feeder_id"].astype(str)
-        r["phase"] = r["phase"].astype(str)
-        keys = r[["feeder_id", "phase"]].drop_duplicates().sort_values(["feeder_id", "phase"], kind="stable")
-        coords["reference"] = ("reference", _str_array(keys["feeder_id"] + "/" + keys["phase"]))
-        coords["reference_feeder_id"] = ("reference", _str_array(keys["feeder_id"]))
-        coords["reference_phase"] = ("reference", _str_array(keys["phase"]))
-        ref_values = np.full((len(keys), len(t)), np.nan, np.float32)
-        row = pd.Index(keys["feeder_id"] + "/" + keys["phase"]).get_indexer(r["feeder_id"] + "/" + r["phase"])
-        col = pd.Index(t).get_indexer(pd.DatetimeIndex(r["timestamp"]))
-        ok = col >= 0
-        ref_values[row[ok], col[ok]] = pd.to_numeric(r["voltage_v"], errors="coerce").to_numpy(np.float32)[ok]
-        data_vars["reference_voltage"] = (("reference", "time"), ref_values, {"units": "V"})
+        ),
+        "n_phases": ("transformer", pd.to_numeric(tr["n_phases"]).to_numpy(np.int64)),
+        "transformer_feeder_id": ("transformer", _str_array(tr["feeder_id"])),
+    }
 
+
+def _reference_coords(
+    references: pd.DataFrame, t: pd.DatetimeIndex
+) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """Coordinates along ``reference`` (one per feeder/phase, sorted) and the ``reference_voltage`` variable.
+
+    The variable, shape (n_reference, n_time), holds the voltages [V] of the reads on the grid ``t``
+    (NaN elsewhere); reads off the grid are dropped.
+    """
+    miss = [c for c in contract.REFERENCES_REQUIRED if c not in references.columns]
+    if miss:
+        raise ContractError(
+            f"references: missing required column(s) {miss}; found {list(references.columns)}"
+        )
+    r = references.copy()
+    r["timestamp"] = _to_utc_naive(r["timestamp"])
+    r["feeder_id"] = r["feeder_id"].astype(str)
+    r["phase"] = r["phase"].astype(str)
+    keys = r[["feeder_id", "phase"]].drop_duplicates().sort_values(["feeder_id", "phase"], kind="stable")
+    coords = {
+        "reference": ("reference", _str_array(keys["feeder_id"] + "/" + keys["phase"])),
+        "reference_feeder_id": ("reference", _str_array(keys["feeder_id"])),
+        "reference_phase": ("reference", _str_array(keys["phase"])),
+    }
+    ref_values = np.full((len(keys), len(t)), np.nan, np.float32)
+    row = pd.Index(keys["feeder_id"] + "/" + keys["phase"]).get_indexer(r["feeder_id"] + "/" + r["phase"])
+    col = pd.Index(t).get_indexer(pd.DatetimeIndex(r["timestamp"]))
+    ok = col >= 0
+    ref_values[row[ok], col[ok]] = pd.to_numeric(r["voltage_v"], errors="coerce").to_numpy(np.float32)[ok]
+    return coords, (("reference", "time"), ref_values, {"units": "V"})
+
+
+def _coordinate_dataset(coords: dict[str, Any], data_vars: dict[str, Any], interval_s: int) -> xr.Dataset:
+    """The store's coordinates (and ``reference_voltage``) with CF attributes and the root attributes."""
     ds = xr.Dataset(data_vars, coords=coords)
     for name, variable in ds.variables.items():
         variable.attrs.update(CF_ATTRIBUTES[str(name)])
     ds.attrs = {"interval_s": int(interval_s), "phaseid_store_version": STORE_VERSION}
-    n_time_chunk = max(1, int(time_chunk))
+    return ds
+
+
+def _write_coordinates(path: Path, ds: xr.Dataset, n_time_chunk: int) -> None:
+    """Write ``ds`` as a new Zarr v3 store at ``path``: epoch-seconds ``time``, zstd + CRC-32C everywhere.
+
+    ``n_time_chunk`` is the storage chunk along ``time`` [samples] (``time`` itself takes 16 of them).
+    """
     encoding: dict[str, Any] = {
         "time": {
             "units": _EPOCH_UNITS,
@@ -488,47 +552,58 @@ def initialize_store(
         },
     }
     for c in ("sampling_interval_s", "off_grid_fraction"):
-        encoding[c] = {"chunks": (max(len(m), 1),)}
-    if ref_values is not None:
-        encoding["reference_voltage"] = {"chunks": (max(len(ref_values), 1), n_time_chunk)}
+        encoding[c] = {"chunks": (max(ds.sizes["meter"], 1),)}
+    if "reference_voltage" in ds.data_vars:
+        encoding["reference_voltage"] = {"chunks": (max(ds.sizes["reference"], 1), n_time_chunk)}
     for name in list(ds.variables):
         encoding.setdefault(str(name), {})["compressors"] = _coordinate_compressors()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.to_zarr(str(path), zarr_format=3, encoding=encoding, mode="w", consolidated=False)
 
-    group = zarr.open_group(str(path), mode="a")
-    mchunk = _meter_chunk(block_bytes, n_time_chunk)
-    for var in variables:
-        if var == "voltage" and voltage_encoding == "int16_decivolt":
-            dtype, fill = np.int16, INT16_FILL
-            attrs: dict[str, Any] = {"scale_factor": DECIVOLT_SCALE, "_FillValue": INT16_FILL}
-        else:
-            dtype, fill = np.float32, np.nan
-            # xarray reads a float _FillValue attribute of a v3 array as base64 of a float64.
-            from xarray.backends.zarr import FillValueCoder
 
-            attrs = {"_FillValue": FillValueCoder.encode(np.nan, np.dtype(np.float32))}
-        attrs.update(CF_ATTRIBUTES[var])
-        attrs["coordinates"] = (
-            "feeder_id transformer_id phase_gis service_type nominal_v lat lon "
-            "sampling_interval_s off_grid_fraction"
-        )
-        group.create_array(
-            var,
-            shape=(len(m), len(t)),
-            chunks=(min(mchunk, max(len(m), 1)), n_time_chunk),
-            dtype=dtype,
-            fill_value=fill,
-            dimension_names=("meter", "time"),
-            attributes=attrs,
-            compressors=_compressors(np.dtype(dtype)),
-        )
-        # Every chunk exists from the start (fill values compress to a few bytes), so that a deleted chunk
-        # file is detectable instead of reading as missing data.
-        arr = group[var]
-        write_fill_chunks(path / var, arr, list(np.ndindex(*arr.cdata_shape)))
-    _write_group_markers(path)
-    _consolidate(path)
+def _data_array_encoding(var: str, voltage_encoding: str) -> tuple[type[np.generic], float, dict[str, Any]]:
+    """Stored dtype, fill value and attributes (``_FillValue``, CF, ``coordinates``) of a data variable."""
+    if var == "voltage" and voltage_encoding == "int16_decivolt":
+        dtype, fill = np.int16, INT16_FILL
+        attrs: dict[str, Any] = {"scale_factor": DECIVOLT_SCALE, "_FillValue": INT16_FILL}
+    else:
+        dtype, fill = np.float32, np.nan
+        # xarray reads a float _FillValue attribute of a v3 array as base64 of a float64.
+        from xarray.backends.zarr import FillValueCoder
+
+        attrs = {"_FillValue": FillValueCoder.encode(np.nan, np.dtype(np.float32))}
+    attrs.update(CF_ATTRIBUTES[var])
+    attrs["coordinates"] = (
+        "feeder_id transformer_id phase_gis service_type nominal_v lat lon "
+        "sampling_interval_s off_grid_fraction"
+    )
+    return dtype, fill, attrs
+
+
+def _create_data_array(
+    group: zarr.Group,
+    path: Path,
+    var: str,
+    shape: tuple[int, int],
+    chunks: tuple[int, int],
+    voltage_encoding: str,
+) -> None:
+    """Create the (meter, time) array ``var`` of shape ``shape`` with every chunk written as fill values."""
+    dtype, fill, attrs = _data_array_encoding(var, voltage_encoding)
+    group.create_array(
+        var,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=fill,
+        dimension_names=("meter", "time"),
+        attributes=attrs,
+        compressors=_compressors(np.dtype(dtype)),
+    )
+    # Every chunk exists from the start (fill values compress to a few bytes), so that a deleted chunk
+    # file is detectable instead of reading as missing data.
+    arr = group[var]
+    write_fill_chunks(path / var, arr, list(np.ndindex(*arr.cdata_shape)))
 
 
 def _strings(values: Any) -> np.ndarray:
