@@ -789,15 +789,8 @@ def generate_utility(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = _make_grid(start, days, interval)
-    subs = list(enumerate(plan_utility(n_meters, seed, feeder_meters)))
-    blocks: list[list[tuple[int, list[tuple[int, int]]]]] = [[]]
-    size = 0
-    for s in subs:
-        if size >= meters_per_block:
-            blocks.append([])
-            size = 0
-        blocks[-1].append(s)
-        size += sum(n for _, n in s[1])
+    plan = plan_utility(n_meters, seed, feeder_meters)
+    blocks = _substation_blocks(plan, meters_per_block)
     params = {
         "seed": seed,
         "measurement": measurement,
@@ -805,22 +798,100 @@ def generate_utility(
         "transformer_error_rate": transformer_error_rate,
         "pv_fraction": pv_fraction,
     }
-    layout = readings_layout
-    if layout == "auto":
-        layout = "partitioned" if n_meters > _PARTITION_ABOVE else "file"
-    readings = out / "readings.parquet"
-    parts_dir = None
+    readings = None
     if write_readings:
-        if readings.is_dir():
-            shutil.rmtree(readings)
-        elif readings.exists():
-            readings.unlink()
-        parts_dir = readings if layout == "partitioned" else out / ".readings_parts"
-    # One file without a cluster: blocks run here in order and append to it (no merge pass).
-    direct = write_readings and layout == "file" and client is None
-    if write_readings and not direct:
-        parts_dir.mkdir(parents=True, exist_ok=True)
+        readings = _prepare_readings(out, _readings_layout(readings_layout, n_meters), client)
     # Step 1: the meter and transformer tables (topology and GIS only), block by block on the cluster.
+    meters, xfs = _utility_tables(blocks, params, client)
+    truth = truth_table(meters, meters["feeder_id"])
+    store_info = None
+    if store is not None:
+        encoding = _voltage_encoding(measurement)
+        store_info = _initialize_store(str(store), grid, _gis_view(meters), xfs, encoding)
+    # Step 2: simulate and write each block; edges and references are taken in as blocks finish.
+    ref_ids, ref_values = _simulate_blocks(blocks, grid, params, client, readings, store_info)
+    if store_info is not None:
+        _finish_store(store_info["path"], ref_ids, ref_values, grid)
+    paths = _write_tables(out, meters, truth, xfs, _references_table(ref_ids, ref_values, grid))
+    if readings is not None:
+        _finish_readings(readings)
+        paths["readings"] = readings.path
+    if store_info is not None:
+        paths["store"] = Path(store_info["path"])
+    return SynthResult(
+        out_dir=out,
+        paths=paths,
+        n_meters=len(meters),
+        n_feeders=meters.feeder_id.nunique(),
+        n_substations=len(plan),
+        n_transformers=len(xfs),
+        n_time=grid.n_time,
+        n_phase_corrupted=int(truth.phase_label_corrupted.sum()),
+        n_transformer_corrupted=int(truth.transformer_label_corrupted.sum()),
+        interval_s=grid.interval_s,
+    )
+
+
+def _substation_blocks(
+    plan: list[list[tuple[int, int]]], meters_per_block: int
+) -> list[list[tuple[int, list[tuple[int, int]]]]]:
+    """Group the planned substations, in order, into blocks of about ``meters_per_block`` meters.
+
+    Returns
+    -------
+    list of blocks, each a list of ``(substation_index, [(feeder_index, n_meters), ...])``.
+    """
+    blocks: list[list[tuple[int, list[tuple[int, int]]]]] = [[]]
+    size = 0
+    for s in enumerate(plan):
+        if size >= meters_per_block:
+            blocks.append([])
+            size = 0
+        blocks[-1].append(s)
+        size += sum(n for _, n in s[1])
+    return blocks
+
+
+def _readings_layout(readings_layout: str, n_meters: int) -> str:
+    """Resolve ``"auto"``: partitioned above ``_PARTITION_ABOVE`` meters, else one file."""
+    if readings_layout == "auto":
+        return "partitioned" if n_meters > _PARTITION_ABOVE else "file"
+    return readings_layout
+
+
+@dataclass(frozen=True)
+class _ReadingsTarget:
+    """Where the readings go.
+
+    ``path`` is ``readings.parquet``; unless ``direct`` (one file that the blocks, run here in order,
+    append to), the blocks write part files into ``parts_dir``, which ``merge`` joins into ``path``.
+    """
+
+    path: Path
+    parts_dir: Path
+    direct: bool
+    merge: bool
+
+
+def _prepare_readings(out: Path, layout: str, client: Any) -> _ReadingsTarget:
+    """Remove old readings and create the part-file directory the blocks will write into, if any."""
+    readings = out / "readings.parquet"
+    if readings.is_dir():
+        shutil.rmtree(readings)
+    elif readings.exists():
+        readings.unlink()
+    parts_dir = readings if layout == "partitioned" else out / ".readings_parts"
+    # One file without a cluster: blocks run here in order and append to it (no merge pass).
+    direct = layout == "file" and client is None
+    if not direct:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+    return _ReadingsTarget(readings, parts_dir, direct, merge=layout == "file" and not direct)
+
+
+def _utility_tables(
+    blocks: list[list[tuple[int, list[tuple[int, int]]]]], params: dict, client: Any
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Meters (GIS view and truth) and transformers of every block, on the cluster when there is one."""
     if client is not None:
         tabs = client.gather(client.map(_block_tables, [[s for s in blk] for blk in blocks],
                                         params=params, pure=False))
@@ -828,24 +899,44 @@ def generate_utility(
         tabs = [_block_tables(blk, params) for blk in blocks]
     meters = pd.concat([t["meters"] for t in tabs], ignore_index=True)
     xfs = pd.concat([t["transformers"] for t in tabs], ignore_index=True)
-    del tabs
-    truth = truth_table(meters, meters["feeder_id"])
-    store_path = None
-    store_info = None
-    edge_chunks = None
-    if store is not None:
-        store_path = str(store)
-        lossless_decivolt = (
-            measurement is not None
-            and measurement.resolution_v > 0
-            and abs(measurement.resolution_v / 0.1 - round(measurement.resolution_v / 0.1)) < 1e-9
-        )
-        store_info = _initialize_store(
-            store_path, grid, meters.drop(columns=["true_transformer_id", "true_phase"]), xfs,
-            "int16_decivolt" if lossless_decivolt else "float32",
-        )
-        edge_chunks = _EdgeChunks(store_path)
-    # Step 2: simulate and write each block; edges and references are taken in as blocks finish.
+    return meters, xfs
+
+
+def _gis_view(meters: pd.DataFrame) -> pd.DataFrame:
+    """The contract ``meters.csv`` columns: the meters table without its truth columns."""
+    return meters.drop(columns=["true_transformer_id", "true_phase"])
+
+
+def _voltage_encoding(measurement: MeasurementModel | None) -> str:
+    """Store voltage encoding: ``"int16_decivolt"`` when the meters' resolution is a multiple of 0.1 V
+    (lossless), else ``"float32"``."""
+    lossless_decivolt = (
+        measurement is not None
+        and measurement.resolution_v > 0
+        and abs(measurement.resolution_v / 0.1 - round(measurement.resolution_v / 0.1)) < 1e-9
+    )
+    return "int16_decivolt" if lossless_decivolt else "float32"
+
+
+def _simulate_blocks(
+    blocks: list[list[tuple[int, list[tuple[int, int]]]]],
+    grid: TimeGrid,
+    params: dict,
+    client: Any,
+    readings: _ReadingsTarget | None,
+    store_info: dict | None,
+) -> tuple[list[str], np.ndarray]:
+    """Simulate and write every block, on the cluster or here in order.
+
+    Returns
+    -------
+    feeder_ids : list of str
+        In block order.
+    references : ndarray, shape (n_feeders, 3, n_time), float32
+        Feeder-head line-to-neutral voltage [V].
+    """
+    parts_dir = None if readings is None or readings.direct else str(readings.parts_dir)
+    edge_chunks = None if store_info is None else _EdgeChunks(store_info["path"])
     refs_by_block: dict[int, list[tuple[str, np.ndarray]]] = {}
 
     def take(b: int, res: dict[str, Any]) -> None:
@@ -854,68 +945,83 @@ def generate_utility(
             edge_chunks.add(res["edges"])
 
     if client is not None:
-        from distributed import as_completed
-
-        futures = {
-            client.submit(_run_block, b, blk, grid, params, None if parts_dir is None else str(parts_dir),
-                          store_info, pure=False): b
-            for b, blk in enumerate(blocks)
-        }
-        for fut in as_completed(list(futures)):
-            take(futures[fut], fut.result())
-            fut.release()
+        _run_blocks_on_cluster(client, blocks, grid, params, parts_dir, store_info, take)
     else:
-        sink = _Sink(readings) if direct else None
+        sink = _Sink(readings.path) if readings is not None and readings.direct else None
         for b, blk in enumerate(blocks):
-            take(b, _run_block(b, blk, grid, params, None if (parts_dir is None or direct) else str(parts_dir),
-                               store_info, sink))
+            take(b, _run_block(b, blk, grid, params, parts_dir, store_info, sink))
         if sink is not None:
             sink.close()
     ref_ids = [fid for b in sorted(refs_by_block) for fid, _ in refs_by_block[b]]
     ref_values = np.stack([v for b in sorted(refs_by_block) for _, v in refs_by_block[b]])  # (n_feeders, 3, T)
     refs_by_block.clear()
-    if store_info is not None:
+    if edge_chunks is not None:
         edge_chunks.close()
-        _finish_store(store_path, ref_ids, ref_values, grid)
+    return ref_ids, ref_values
 
+
+def _run_blocks_on_cluster(
+    client: Any,
+    blocks: list[list[tuple[int, list[tuple[int, int]]]]],
+    grid: TimeGrid,
+    params: dict,
+    parts_dir: str | None,
+    store_info: dict | None,
+    take: Any,
+) -> None:
+    """Submit one task per block and hand each result to ``take(block, result)`` as it completes."""
+    from distributed import as_completed
+
+    futures = {
+        client.submit(_run_block, b, blk, grid, params, parts_dir, store_info, pure=False): b
+        for b, blk in enumerate(blocks)
+    }
+    for fut in as_completed(list(futures)):
+        take(futures[fut], fut.result())
+        fut.release()
+
+
+def _references_table(feeder_ids: list[str], references: np.ndarray, grid: TimeGrid) -> pa.Table:
+    """``references.parquet`` rows from references, shape (n_feeders, 3, n_time) [V], in long form."""
+    n_f, n_t = len(feeder_ids), grid.n_time
+    return pa.table(
+        {
+            "feeder_id": pa.array(np.repeat(np.array(feeder_ids, dtype=object), 3 * n_t), pa.string()),
+            "phase": pa.array(np.tile(np.repeat(np.array(list("ABC"), dtype=object), n_t), n_f), pa.string()),
+            "timestamp": pa.array(np.tile(grid.times.as_unit("us").asi8, 3 * n_f), pa.timestamp("us", tz="UTC")),
+            "voltage_v": pa.array(references.reshape(-1), pa.float32()),
+        }
+    )
+
+
+def _write_tables(
+    out: Path, meters: pd.DataFrame, truth: pd.DataFrame, transformers: pd.DataFrame, references: pa.Table
+) -> dict[str, Path]:
+    """Write ``meters.csv``, ``truth.csv``, ``transformers.csv`` and ``references.parquet``.
+
+    Returns
+    -------
+    dict
+        Their paths, keyed ``meters``, ``transformers``, ``references``, ``truth``.
+    """
     paths = {
         "meters": out / "meters.csv",
         "transformers": out / "transformers.csv",
         "references": out / "references.parquet",
         "truth": out / "truth.csv",
     }
-    meters.drop(columns=["true_transformer_id", "true_phase"]).to_csv(paths["meters"], index=False)
+    _gis_view(meters).to_csv(paths["meters"], index=False)
     truth.to_csv(paths["truth"], index=False)
-    xfs.to_csv(paths["transformers"], index=False)
-    n_f, n_t = len(ref_ids), grid.n_time
-    ref_tab = pa.table(
-        {
-            "feeder_id": pa.array(np.repeat(np.array(ref_ids, dtype=object), 3 * n_t), pa.string()),
-            "phase": pa.array(np.tile(np.repeat(np.array(list("ABC"), dtype=object), n_t), n_f), pa.string()),
-            "timestamp": pa.array(np.tile(grid.times.as_unit("us").asi8, 3 * n_f), pa.timestamp("us", tz="UTC")),
-            "voltage_v": pa.array(ref_values.reshape(-1), pa.float32()),
-        }
-    )
-    pq.write_table(ref_tab, paths["references"], compression="zstd", store_schema=False)
-    if write_readings:
-        if layout == "file" and not direct:
-            _merge_parts(parts_dir, readings)
-            shutil.rmtree(parts_dir)
-        paths["readings"] = readings
-    if store_path is not None:
-        paths["store"] = Path(store_path)
-    return SynthResult(
-        out_dir=out,
-        paths=paths,
-        n_meters=len(meters),
-        n_feeders=meters.feeder_id.nunique(),
-        n_substations=len(subs),
-        n_transformers=len(xfs),
-        n_time=grid.n_time,
-        n_phase_corrupted=int(truth.phase_label_corrupted.sum()),
-        n_transformer_corrupted=int(truth.transformer_label_corrupted.sum()),
-        interval_s=grid.interval_s,
-    )
+    transformers.to_csv(paths["transformers"], index=False)
+    pq.write_table(references, paths["references"], compression="zstd", store_schema=False)
+    return paths
+
+
+def _finish_readings(readings: _ReadingsTarget) -> None:
+    """Merge the part files into the one ``readings.parquet`` file where that layout was asked for."""
+    if readings.merge:
+        _merge_parts(readings.parts_dir, readings.path)
+        shutil.rmtree(readings.parts_dir)
 
 
 def _merge_parts(parts_dir: Path, dest: Path) -> None:
