@@ -585,30 +585,80 @@ def _ingest_batch(
     """Stage one batch of reads (columns mapped) into ``tx``; fill ``report``; return the state after it.
 
     ``st`` is the store as this transaction sees it (earlier batches of the same transaction included).
+    Each row gets a quarantine reason code (``reason``, 0: accepted) from checks in a fixed order (a row
+    keeps the first reason it gets): meter, timestamp, value, grid, time range, encoding, duplicates. The
+    transaction is then written in this order: data chunks, time axis, sampling statistics, quarantine.
     """
-    path = tx.path
     n = len(df)
     if n == 0:
         return st
     reason = np.zeros(n, np.int8)
-
-    # meters
     mi = _meter_positions(df["meter_id"], st.meter_index, st.meter_ids)
     reason[mi < 0] = _R["unknown_meter"]
-    # timestamps
-    ts = _parse_timestamps(df["timestamp"], config.timestamp_format, config.timezone)
+    ts = _batch_timestamps(df["timestamp"], reason, report, config)
+    raw = (mi >= 0) & (ts != _NAT)  # a raw read of a known meter (counts for the sampling statistics)
+    volt = _batch_voltages(df["voltage_v"], reason)
+    extra = _optional_values(df, st, report, source)
+    if config.kv_detection:
+        _scale_kv_meters(volt, mi, reason, st, report, source)
+    grid, off, snapped = _snap_to_grid(ts, reason, st.interval_ns, config.snap_tolerance_s)
+    t0 = st.t0_ns if st.t0_ns is not None else _first_grid_time(grid, reason)
+    ti = _time_steps(grid, t0, reason, st, config.max_extend_steps)
+    venc = _encode_voltage(volt, reason, st)
+    report.snapped = int((snapped & (reason == 0)).sum())
+    accepted = reason == 0
+    n_time_new = max(st.n_time, int(ti[accepted].max()) + 1) if accepted.any() else st.n_time
+    keep = _drop_duplicates(mi, ti, venc, extra, reason, n_time_new, report)
+    new_read = _write_kept(tx, st, mi, ti, venc, extra, keep, n_time_new, t0, report)
+    if n_time_new != st.n_time or st.t0_ns is None:
+        _extend_time(tx, st, t0, n_time_new)
+        report.time_steps_added = n_time_new - st.n_time
+    # Raw reads that wrote no cell (off grid, rejected values, conflicts): counted once per (meter, raw
+    # timestamp) via the bounded key log of the statistics file; rows identical to a kept row are not
+    # reads of their own.
+    unplaced = raw & (reason > 0)
+    _update_sampling_stats(tx.path, tx, st, mi, ts, off, new_read, unplaced)
+    _write_quarantine(tx, df, reason, report, source, row_offset)
+    t0_new = st.t0_ns if st.t0_ns is not None or n_time_new == 0 else t0
+    return dataclasses.replace(st, n_time=n_time_new, t0_ns=t0_new)
+
+
+def _batch_timestamps(
+    timestamps: pd.Series, reason: np.ndarray, report: IngestReport, config: IngestConfig
+) -> np.ndarray:
+    """Parse the timestamps; mark unparsable ones ``invalid_timestamp``; count them (examples) in ``report``.
+
+    Returns
+    -------
+    ndarray of int64, shape (n_rows,)
+        Raw timestamps [ns since epoch, UTC]; ``_NAT`` where unparsable.
+    """
+    ts = _parse_timestamps(timestamps, config.timestamp_format, config.timezone)
     reason[(reason == 0) & (ts == _NAT)] = _R["invalid_timestamp"]
     report.timezone = config.timezone
     bad_ts = ts == _NAT
     report.timestamps_unparsed = int(bad_ts.sum())
     if report.timestamps_unparsed:
-        report.timestamp_examples = list(dict.fromkeys(df["timestamp"][bad_ts].head(20).astype(str)))[:5]
-    raw = (mi >= 0) & (ts != _NAT)  # a raw read of a known meter (counts for the sampling statistics)
-    # values
-    volt = _parse_numbers(df["voltage_v"])
+        report.timestamp_examples = list(dict.fromkeys(timestamps[bad_ts].head(20).astype(str)))[:5]
+    return ts
+
+
+def _batch_voltages(values: pd.Series, reason: np.ndarray) -> np.ndarray:
+    """Parse the voltages [V]; mark ``invalid_value`` (not a finite number) and ``out_of_range`` (> 1 MV)."""
+    volt = _parse_numbers(values)
     reason[(reason == 0) & ~np.isfinite(volt)] = _R["invalid_value"]
     with np.errstate(invalid="ignore"):
         reason[(reason == 0) & (np.abs(volt) > _MAX_ABS_V)] = _R["out_of_range"]
+    return volt
+
+
+def _optional_values(
+    df: pd.DataFrame, st: _StoreState, report: IngestReport, source: str
+) -> dict[str, np.ndarray]:
+    """The optional columns (``kw [kW]``, ``kvar [kvar]``) the store holds, as stored (float32; NaN: none).
+
+    A column the store has no variable for is ignored with a note in ``report``.
+    """
     extra: dict[str, np.ndarray] = {}
     for c in contract.READINGS_OPTIONAL:
         if c in df.columns:
@@ -618,30 +668,52 @@ def _ingest_batch(
                 extra[c] = v.astype(np.float32)  # the stored dtype: compare and deduplicate as stored
             else:
                 report.notes.append(f"{source}: column {c!r} ignored (the store has no {c!r} variable)")
+    return extra
 
-    # kV detection (per meter, this call)
-    if config.kv_detection:
-        ok = reason == 0
-        if ok.any():
-            med = pd.Series(np.abs(volt[ok])).groupby(mi[ok]).median()
-            nom = st.nominal_v[med.index.to_numpy()]
-            kv = med.to_numpy() * 1000.0
-            ratio = kv / nom
-            is_kv = np.where(np.isfinite(nom), (ratio >= 0.5) & (ratio <= 2.0), (kv >= 60) & (kv <= 1000))
-            for m_idx in med.index.to_numpy()[is_kv]:
-                rows = ok & (mi == m_idx)
-                volt[rows] *= 1000.0
-                name = str(st.meter_index[m_idx])
-                report.kv_scaled_meters.append(name)
-                if len(report.kv_scaled_meters) <= 20:
-                    report.notes.append(
-                        f"{source}: meter {name}: median {med[m_idx]:.4g} looks like kV "
-                        f"(nominal {st.nominal_v[m_idx]:g} V): {int(rows.sum())} reads scaled x1000"
-                    )
 
-    # grid
-    iv = st.interval_ns
-    tol = round(config.snap_tolerance_s * 1e9)
+def _scale_kv_meters(
+    volt: np.ndarray, mi: np.ndarray, reason: np.ndarray, st: _StoreState, report: IngestReport, source: str
+) -> None:
+    """Scale x1000 (in place) the accepted reads of meters whose median voltage of this batch looks like kV.
+
+    A meter looks like kV when its median x 1000 lies within [0.5, 2] x ``nominal_v`` (60..1000 V where
+    the nominal voltage is unknown); each is listed in ``report`` (a note for the first 20).
+    """
+    ok = reason == 0
+    if ok.any():
+        med = pd.Series(np.abs(volt[ok])).groupby(mi[ok]).median()
+        nom = st.nominal_v[med.index.to_numpy()]
+        kv = med.to_numpy() * 1000.0
+        ratio = kv / nom
+        is_kv = np.where(np.isfinite(nom), (ratio >= 0.5) & (ratio <= 2.0), (kv >= 60) & (kv <= 1000))
+        for m_idx in med.index.to_numpy()[is_kv]:
+            rows = ok & (mi == m_idx)
+            volt[rows] *= 1000.0
+            name = str(st.meter_index[m_idx])
+            report.kv_scaled_meters.append(name)
+            if len(report.kv_scaled_meters) <= 20:
+                report.notes.append(
+                    f"{source}: meter {name}: median {med[m_idx]:.4g} looks like kV "
+                    f"(nominal {st.nominal_v[m_idx]:g} V): {int(rows.sum())} reads scaled x1000"
+                )
+
+
+def _snap_to_grid(
+    ts: np.ndarray, reason: np.ndarray, interval_ns: int, tolerance_s: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Snap timestamps within ``tolerance_s`` [s] of the grid onto it; mark the others ``off_grid``.
+
+    Returns
+    -------
+    grid : ndarray of int64, shape (n_rows,)
+        Timestamp on the grid [ns since epoch, UTC] (meaningless where ``off``).
+    off : ndarray of bool, shape (n_rows,)
+        Farther than the tolerance from the grid.
+    snapped : ndarray of bool, shape (n_rows,)
+        Moved onto the grid.
+    """
+    iv = interval_ns
+    tol = round(tolerance_s * 1e9)
     rem = np.where(ts != _NAT, np.mod(ts, iv), 0)
     on = rem == 0
     snap_down = ~on & (rem <= tol)
@@ -649,94 +721,158 @@ def _ingest_batch(
     off = ~(on | snap_down | snap_up)
     grid = np.where(snap_up, ts - rem + iv, ts - rem)
     reason[(reason == 0) & off & (ts != _NAT)] = _R["off_grid"]
-    t0 = st.t0_ns
-    if t0 is None:
-        cand = grid[reason == 0]
-        t0 = int(cand.min()) if len(cand) else 0
-    ti = np.where(reason == 0, (grid - t0) // iv, 0)
+    return grid, off, snap_up | snap_down
+
+
+def _first_grid_time(grid: np.ndarray, reason: np.ndarray) -> int:
+    """Start of a store without a time axis yet: the earliest accepted grid time [ns] (0 if none)."""
+    cand = grid[reason == 0]
+    return int(cand.min()) if len(cand) else 0
+
+
+def _time_steps(
+    grid: np.ndarray, t0: int, reason: np.ndarray, st: _StoreState, max_extend_steps: int
+) -> np.ndarray:
+    """Grid time index of each accepted row (0 elsewhere) from the store start ``t0`` [ns].
+
+    Marks ``before_store_start`` and ``time_out_of_range`` (more than ``max_extend_steps`` after the end).
+    """
+    ti = np.where(reason == 0, (grid - t0) // st.interval_ns, 0)
     reason[(reason == 0) & (ti < 0)] = _R["before_store_start"]
-    limit = max(st.n_time, 1) - 1 + int(config.max_extend_steps)
+    limit = max(st.n_time, 1) - 1 + int(max_extend_steps)
     reason[(reason == 0) & (ti > limit)] = _R["time_out_of_range"]
+    return ti
+
+
+def _encode_voltage(volt: np.ndarray, reason: np.ndarray, st: _StoreState) -> np.ndarray:
+    """Voltages [V] in the store's encoding (float32 or int16 deci-volts; fill where rejected).
+
+    For int16 marks ``out_of_range`` the reads beyond +-3276.7 V.
+    """
     v_dtype = np.dtype(st.arrays["voltage"]["data_type"])
     if v_dtype == np.int16:
         with np.errstate(invalid="ignore"):
             reason[(reason == 0) & (np.abs(volt) > 32767 * DECIVOLT_SCALE)] = _R["out_of_range"]
         safe = np.where(reason == 0, volt, 0.0)
-        venc = np.where(reason == 0, np.rint(safe / DECIVOLT_SCALE), INT16_FILL).astype(np.int16)
-    else:
-        venc = np.where(reason == 0, volt, 0.0).astype(np.float32)
-    report.snapped = int(((snap_up | snap_down) & (reason == 0)).sum())
+        return np.where(reason == 0, np.rint(safe / DECIVOLT_SCALE), INT16_FILL).astype(np.int16)
+    return np.where(reason == 0, volt, 0.0).astype(np.float32)
 
-    # duplicates on (meter, grid time)
+
+def _drop_duplicates(
+    mi: np.ndarray,
+    ti: np.ndarray,
+    venc: np.ndarray,
+    extra: dict[str, np.ndarray],
+    reason: np.ndarray,
+    n_time_new: int,
+    report: IngestReport,
+) -> np.ndarray:
+    """Resolve accepted rows sharing a (meter, grid time) cell; return the rows to write.
+
+    Identical rows (same encoded values) keep their first and are counted in ``report``; a group with
+    different values is marked ``conflicting_duplicate`` (every row of it).
+
+    Returns
+    -------
+    ndarray of int, shape (n_keep,)
+        Row positions to write, sorted by (meter, time).
+    """
     acc = np.flatnonzero(reason == 0)
-    n_time_new = st.n_time
-    keep = acc
-    if len(acc):
-        n_time_new = max(st.n_time, int(ti[acc].max()) + 1)
-        key = mi[acc].astype(np.int64) * (n_time_new + 1) + ti[acc]
-        order = np.argsort(key, kind="stable")
-        acc = acc[order]
-        key = key[order]
-        same = np.empty(len(acc), bool)
-        same[0] = False
-        same[1:] = key[1:] == key[:-1]
-        equal = np.ones(len(acc), bool)
-        for vals in [venc] + [extra[c] for c in extra]:
-            a, b = vals[acc[1:]], vals[acc[:-1]]
-            eq = (a == b) | (np.isnan(a) & np.isnan(b)) if vals.dtype.kind == "f" else a == b
-            equal[1:] &= eq
-        group = np.cumsum(~same) - 1
-        conflict_group = np.zeros(group[-1] + 1, bool)
-        np.logical_or.at(conflict_group, group[same & ~equal], True)
-        conflict = conflict_group[group]
-        reason[acc[conflict]] = _R["conflicting_duplicate"]
-        dup = same & ~conflict
-        report.duplicates_identical = int(dup.sum())
-        keep = acc[~conflict & ~dup]
+    if not len(acc):
+        return acc
+    key = mi[acc].astype(np.int64) * (n_time_new + 1) + ti[acc]
+    order = np.argsort(key, kind="stable")
+    acc = acc[order]
+    key = key[order]
+    same = np.empty(len(acc), bool)
+    same[0] = False
+    same[1:] = key[1:] == key[:-1]
+    equal = _equal_to_previous(acc, [venc] + [extra[c] for c in extra])
+    group = np.cumsum(~same) - 1
+    conflict_group = np.zeros(group[-1] + 1, bool)
+    np.logical_or.at(conflict_group, group[same & ~equal], True)
+    conflict = conflict_group[group]
+    reason[acc[conflict]] = _R["conflicting_duplicate"]
+    dup = same & ~conflict
+    report.duplicates_identical = int(dup.sum())
+    return acc[~conflict & ~dup]
 
-    new_read = np.zeros(n, bool)  # accepted rows whose voltage cell was missing: reads not seen before
-    if len(keep):
-        changed, was_empty = _write_cells(
-            path,
-            tx,
-            st,
-            mi[keep],
-            ti[keep],
-            venc[keep],
-            {c: v[keep] for c, v in extra.items()},
-            n_time_new,
-        )
-        new_read[keep] = was_empty
-        report.rows_written = int(changed.sum())
-        report.rows_unchanged = len(keep) - report.rows_written
-        report.meters = int((np.bincount(mi[keep], minlength=1) > 0).sum())
-        report.time_start = pd.Timestamp(t0 + int(ti[keep].min()) * iv)
-        report.time_end = pd.Timestamp(t0 + int(ti[keep].max()) * iv)
-    if n_time_new != st.n_time or st.t0_ns is None:
-        _extend_time(tx, st, t0, n_time_new)
-        report.time_steps_added = n_time_new - st.n_time
-    # Raw reads that wrote no cell (off grid, rejected values, conflicts): counted once per (meter, raw
-    # timestamp) via the bounded key log of the statistics file; rows identical to a kept row are not
-    # reads of their own.
-    unplaced = raw & (reason > 0)
-    _update_sampling_stats(path, tx, st, mi, ts, off, new_read, unplaced)
+
+def _equal_to_previous(acc: np.ndarray, columns: list[np.ndarray]) -> np.ndarray:
+    """Whether row ``acc[i]`` has the same values as ``acc[i - 1]`` in every column (NaN equals NaN).
+
+    The first row counts as equal.
+    """
+    equal = np.ones(len(acc), bool)
+    for vals in columns:
+        a, b = vals[acc[1:]], vals[acc[:-1]]
+        eq = (a == b) | (np.isnan(a) & np.isnan(b)) if vals.dtype.kind == "f" else a == b
+        equal[1:] &= eq
+    return equal
+
+
+def _write_kept(
+    tx: StoreTransaction,
+    st: _StoreState,
+    mi: np.ndarray,
+    ti: np.ndarray,
+    venc: np.ndarray,
+    extra: dict[str, np.ndarray],
+    keep: np.ndarray,
+    n_time_new: int,
+    t0: int,
+    report: IngestReport,
+) -> np.ndarray:
+    """Stage the cells of the ``keep`` rows; written / unchanged rows, meters and time span to ``report``.
+
+    Returns
+    -------
+    ndarray of bool, shape (n_rows,)
+        Kept rows whose ``voltage`` cell was missing: reads the store had not seen.
+    """
+    new_read = np.zeros(len(mi), bool)
+    if not len(keep):
+        return new_read
+    changed, was_empty = _write_cells(
+        tx.path, tx, st, mi[keep], ti[keep], venc[keep], {c: v[keep] for c, v in extra.items()}, n_time_new
+    )
+    new_read[keep] = was_empty
+    report.rows_written = int(changed.sum())
+    report.rows_unchanged = len(keep) - report.rows_written
+    report.meters = int((np.bincount(mi[keep], minlength=1) > 0).sum())
+    report.time_start = pd.Timestamp(t0 + int(ti[keep].min()) * st.interval_ns)
+    report.time_end = pd.Timestamp(t0 + int(ti[keep].max()) * st.interval_ns)
+    return new_read
+
+
+def _write_quarantine(
+    tx: StoreTransaction,
+    df: pd.DataFrame,
+    reason: np.ndarray,
+    report: IngestReport,
+    source: str,
+    row_offset: int,
+) -> None:
+    """Stage the rejected rows (as text, with ``row``, ``reason``, ``source``) as one quarantine Parquet file.
+
+    The file is named by the source and the hash of its bytes; counts per reason go to ``report``.
+    """
     bad = np.flatnonzero(reason > 0)
-    if len(bad):
-        names = np.array(("",) + QUARANTINE_REASONS, dtype=object)
-        q = df.iloc[bad].astype(str).reset_index(drop=True)
-        q.insert(0, "row", bad + row_offset)
-        q["reason"] = names[reason[bad]]
-        q["source"] = source
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(q, preserve_index=False), buf)
-        data = buf.getvalue()
-        rel = f"quarantine/{_safe_name(source)}-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
-        tx.write_file(rel, data)
-        report.quarantine_files.append(rel)
-        counts = np.bincount(reason[bad], minlength=len(names))
-        report.quarantined = {names[i]: int(counts[i]) for i in range(1, len(names)) if counts[i]}
-    t0_new = st.t0_ns if st.t0_ns is not None or n_time_new == 0 else t0
-    return dataclasses.replace(st, n_time=n_time_new, t0_ns=t0_new)
+    if not len(bad):
+        return
+    names = np.array(("",) + QUARANTINE_REASONS, dtype=object)
+    q = df.iloc[bad].astype(str).reset_index(drop=True)
+    q.insert(0, "row", bad + row_offset)
+    q["reason"] = names[reason[bad]]
+    q["source"] = source
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(q, preserve_index=False), buf)
+    data = buf.getvalue()
+    rel = f"quarantine/{_safe_name(source)}-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
+    tx.write_file(rel, data)
+    report.quarantine_files.append(rel)
+    counts = np.bincount(reason[bad], minlength=len(names))
+    report.quarantined = {names[i]: int(counts[i]) for i in range(1, len(names)) if counts[i]}
 
 
 def _write_cells(
