@@ -309,19 +309,36 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``phaseid`` (all subcommands)."""
     p = _Parser(prog="phaseid",
-                                description=__doc__.split("\n")[0].replace("``", "") if __doc__ else None,
-                                epilog=_EXAMPLES, formatter_class=_HelpFormatter)
+                description=__doc__.split("\n")[0].replace("``", "") if __doc__ else None,
+                epilog=_EXAMPLES, formatter_class=_HelpFormatter)
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"phaseid-hpc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_synth_parser(sub)
+    _add_capacity_parser(sub)
+    _add_ingest_parser(sub)
+    _add_validate_store_parser(sub)
+    _add_run_parser(sub)
+    _add_score_parser(sub)
+    _add_report_parser(sub)
+    _add_ingest_service_parser(sub)
+    _add_config_parser(sub)
+    _add_demo_parser(sub)
+    return p
 
-    def command(name: str, help: str, epilog: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
-                              epilog="example:\n  " + epilog, formatter_class=_HelpFormatter)
 
-    s = command("synth", "generate a synthetic utility (AMI export + truth, optionally a store)",
-                "phaseid synth --n-meters 2000 --days 14 --out export/ --store store.zarr")
+def _add_command(sub: argparse._SubParsersAction, name: str, help: str,
+                 epilog: str) -> argparse.ArgumentParser:
+    """Add subcommand ``name``: its help, a description made from it, and one example as epilog."""
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          epilog="example:\n  " + epilog, formatter_class=_HelpFormatter)
+
+
+def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``phaseid synth``: generate a synthetic utility."""
+    s = _add_command(sub, "synth", "generate a synthetic utility (AMI export + truth, optionally a store)",
+                     "phaseid synth --n-meters 2000 --days 14 --out export/ --store store.zarr")
     _renamed_option(s, "--n-meters", "--meters", type=_positive_int, default=2000,
                     help="number of meters to generate")
     s.add_argument("--days", type=_positive_float, default=14, help="length of the record [days]")
@@ -348,8 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_cmd_synth)
 
-    s = command("capacity", "capacity test: generate each block on its worker and run the job on it, nothing stored",
-                "phaseid capacity --n-meters 1000000 --days 30 --out capacity/ --workers 2")
+
+def _add_capacity_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``phaseid capacity``: generate and run each block on its worker, nothing stored."""
+    s = _add_command(sub, "capacity",
+                     "capacity test: generate each block on its worker and run the job on it, nothing stored",
+                     "phaseid capacity --n-meters 1000000 --days 30 --out capacity/ --workers 2")
     s.add_argument("--n-meters", type=_positive_int, default=100_000, help="number of meters to generate")
     s.add_argument("--days", type=_positive_float, default=30, help="length of the record [days]")
     s.add_argument("--interval", default="15min", help="reading interval (pandas offset: 5min, 15min, 1h)")
@@ -362,9 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster-config", default=None, help="deployment config (as for 'phaseid run')")
     s.set_defaults(func=_cmd_capacity)
 
-    s = command("ingest", "build or extend a Zarr store from contract files",
-                "phaseid ingest --readings export/readings*.parquet --meters export/meters.csv \\\n"
-                "                 --transformers export/transformers.csv --store store.zarr")
+
+def _add_ingest_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``phaseid ingest``: build or extend a store from contract files."""
+    s = _add_command(sub, "ingest", "build or extend a Zarr store from contract files",
+                     "phaseid ingest --readings export/readings*.parquet --meters export/meters.csv \\\n"
+                     "                 --transformers export/transformers.csv --store store.zarr")
     s.add_argument("--readings", nargs="+", required=True, help="readings CSV/Parquet file(s)")
     s.add_argument("--meters", default=None,
                    help="meters table (GIS view): CSV/Parquet, GeoPackage/GeoJSON (extra 'gis'), or a database URL "
@@ -377,16 +401,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress display (rows staged, rate, ETA)")
     s.set_defaults(func=_cmd_ingest)
 
-    s = command("validate-store", "check a store against the schema; list every problem",
-                "phaseid validate-store --store store.zarr --deep")
+
+def _add_validate_store_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``phaseid validate-store``: check a store against the schema."""
+    s = _add_command(sub, "validate-store", "check a store against the schema; list every problem",
+                     "phaseid validate-store --store store.zarr --deep")
     s.add_argument("--store", required=True, help="Zarr store to check")
     s.add_argument("--deep", action="store_true",
                    help="also read every chunk: checksums, missing and corrupt chunks (names each bad chunk)")
     s.set_defaults(func=_cmd_validate_store)
 
-    s = command("run", "identify phases (and transformers) for every meter of a store",
-                "phaseid run --store store.zarr --results results/ --workers 4\n"
-                "  phaseid run --store store.zarr --results results/ --cluster-config cluster-slurm")
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``phaseid run``: identify phases and transformers for every meter of a store."""
+    s = _add_command(sub, "run", "identify phases (and transformers) for every meter of a store",
+                     "phaseid run --store store.zarr --results results/ --workers 4\n"
+                     "  phaseid run --store store.zarr --results results/ --cluster-config cluster-slurm")
     s.add_argument("--store", required=True, help="Zarr store written by 'phaseid ingest'")
     _renamed_option(s, "--results", "--out", required=True,
                     help="results folder to write (meters.parquet, corrections.csv, review.csv, report.html, ...)")
@@ -406,24 +436,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_run)
 
-    s = command("score", "score results against a truth.csv",
-                "phaseid score --results results/ --truth export/truth.csv --json score.json")
+
+def _add_score_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``phaseid score``: score results against a truth.csv."""
+    s = _add_command(sub, "score", "score results against a truth.csv",
+                     "phaseid score --results results/ --truth export/truth.csv --json score.json")
     _renamed_option(s, "--results", "--out", required=True, help="results folder of 'phaseid run'")
     s.add_argument("--truth", required=True, help="truth.csv (meter_id, phase, transformer_id, ...)")
     s.add_argument("--json", default=None, help="also write the score as JSON here")
     s.set_defaults(func=_cmd_score)
 
-    s = command("report", "write RESULTS/report.html (static, opens offline)",
-                "phaseid report --results results/")
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``phaseid report``: write the static report.html of a results folder."""
+    s = _add_command(sub, "report", "write RESULTS/report.html (static, opens offline)",
+                     "phaseid report --results results/")
     _renamed_option(s, "--results", "--out", required=True, help="results folder of 'phaseid run'")
     s.add_argument("--store", default=None,
                    help="store, for the data period, locations and projections (default: the run's store)")
     s.set_defaults(func=_cmd_report)
 
-    s = command("ingest-service", "consume meter reads from a broker (AMQP or STOMP) into a store",
-                "PHASEID_AMQP_URL=amqp://... phaseid ingest-service --queue meter-reads --store store.zarr\n"
-                "  PHASEID_STOMP_URL_FILE=/run/credentials/stomp-url phaseid ingest-service --stomp \\\n"
-                "      --queue meter-reads --store store.zarr")
+
+def _add_ingest_service_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``phaseid ingest-service``: consume meter reads from a broker into a store."""
+    s = _add_command(sub, "ingest-service", "consume meter reads from a broker (AMQP or STOMP) into a store",
+                     "PHASEID_AMQP_URL=amqp://... phaseid ingest-service "
+                     "--queue meter-reads --store store.zarr\n"
+                     "  PHASEID_STOMP_URL_FILE=/run/credentials/stomp-url phaseid ingest-service --stomp \\\n"
+                     "      --queue meter-reads --store store.zarr")
     from .ingest_service import add_broker_arguments
 
     add_broker_arguments(s)
@@ -437,9 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-when-idle", type=float, default=None, help="exit after this many idle seconds")
     s.set_defaults(func=_cmd_ingest_service)
 
-    s = command("config", "show the run configuration: every key, its default and what it does",
-                "phaseid config show                      # defaults\n"
-                "  phaseid config show --config my.toml --toml > my-full.toml")
+
+def _add_config_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``phaseid config`` and its action ``show``: the run configuration, documented."""
+    s = _add_command(sub, "config", "show the run configuration: every key, its default and what it does",
+                     "phaseid config show                      # defaults\n"
+                     "  phaseid config show --config my.toml --toml > my-full.toml")
     csub = s.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     c = csub.add_parser("show", help="print every key with its value and documentation",
                         formatter_class=_HelpFormatter)
@@ -447,8 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--toml", action="store_true", help="print as a documented TOML file")
     c.set_defaults(func=_cmd_config_show)
 
-    s = command("demo", "generate a synthetic utility, ingest it, run the job, score it",
-                "phaseid demo --out demo --n-meters 3000 --days 14")
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``phaseid demo``: synth, ingest, run and score in one go."""
+    s = _add_command(sub, "demo", "generate a synthetic utility, ingest it, run the job, score it",
+                     "phaseid demo --out demo --n-meters 3000 --days 14")
     s.add_argument("--out", default="demo", help="demo folder (export/, store.zarr, results/)")
     _renamed_option(s, "--n-meters", "--meters", type=_positive_int, default=3000,
                     help="number of meters to generate")
@@ -457,7 +503,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LocalCluster workers (default: one per core; 0 = run in this process)")
     s.add_argument("--seed", type=int, default=0, help="seed of the generator")
     s.set_defaults(func=_cmd_demo)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
