@@ -955,7 +955,6 @@ def quality_block(
     is long only by its 17 required keywords and the 24 fields of its result; the work is in the steps.)
     """
     xp = array_namespace(voltage)
-    n_m, n_t = voltage.shape
     v, raw_ok = _clean_copy(voltage)
     n_readings = _count(raw_ok, 1)
     no_readings = n_readings == 0
@@ -966,76 +965,55 @@ def quality_block(
         sampling_rel_tol=sampling_rel_tol,
         max_off_grid_fraction=max_off_grid_fraction,
     )
-    stride = max(1, n_t // _UNITS_SAMPLE)
+    stride = max(1, voltage.shape[1] // _UNITS_SAMPLE)
     v, scale, base, units_code, inferred = _rescale_units(
         v, xp.astype(nominal_v, v.dtype), stride, min_pu=min_pu, max_pu=max_pu
     )
-    flat_mask, constant = _flat_samples(v, raw_ok, max_flat_run)
-    n_flat = _count(flat_mask, 1)
-    implaus_s = _implausible_samples(v, base, raw_ok, min_pu=min_pu, max_pu=max_pu)
-    n_implausible = _count(implaus_s, 1)
-    denom = xp.astype(xp.maximum(n_readings, xp.ones_like(n_readings)), xp.float64)
-    implausible = ~no_readings & (xp.astype(n_implausible, xp.float64) / denom > max_implausible_fraction)
-    v, n_filled, n_gaps_filled, n_long_gaps, n_ok = _remove_and_fill(v, implaus_s, flat_mask, max_interp_gap)
-    del implaus_s, flat_mask
-    usable_fraction = xp.astype(n_ok, xp.float64) / max(n_t, 1)
-    insufficient = ~no_readings & ((usable_fraction < min_usable_fraction) | (n_ok < min_usable_samples))
-    usable = ~no_readings & ~insufficient & ~implausible & ~constant
-    if inconsistent_sampling_unusable:
-        usable = usable & ~sampling_bad
-
-    max_lag = max(1, math.ceil(clock_search_s / interval_s)) if interval_s > 0 else 1
-    off, corr, se = _clock_offsets_samples(
+    v, counts, n_ok, constant = _screen_samples(
+        v, base, raw_ok, max_flat_run, max_interp_gap, min_pu=min_pu, max_pu=max_pu
+    )
+    findings = _meter_findings(
+        n_readings,
+        counts,
+        n_ok,
+        constant,
+        sampling_bad,
+        n_time=voltage.shape[1],
+        max_implausible_fraction=max_implausible_fraction,
+        min_usable_fraction=min_usable_fraction,
+        min_usable_samples=min_usable_samples,
+        inconsistent_sampling_unusable=inconsistent_sampling_unusable,
+    )
+    v, clock = _check_clocks(
         v,
         base,
         groups,
-        usable,
+        findings.usable,
+        no_readings,
         references,
         reference_groups,
         stride,
-        max_lag=max_lag,
-        min_pairs=min_usable_samples,
-        min_correlation=clock_min_correlation,
-        min_meters=clock_min_meters,
-        exclude_above=max_clock_offset_s / interval_s,
+        interval_s=interval_s,
+        clock_search_s=clock_search_s,
+        min_usable_samples=min_usable_samples,
+        clock_min_correlation=clock_min_correlation,
+        clock_min_meters=clock_min_meters,
+        max_clock_offset_s=max_clock_offset_s,
+        clock_flag_z=clock_flag_z,
+        correct_clock_offset=correct_clock_offset,
     )
-    off = xp.where(no_readings, xp.full_like(off, xp.nan), off)
-    clock_offset_s = xp.astype(off, xp.float64) * interval_s
-    se_s = xp.astype(se, xp.float64) * interval_s
-    clock_offset_se_s = xp.where(xp.isfinite(clock_offset_s), se_s, xp.full_like(se_s, xp.nan))
-    clock_flag = clock_offset_flag(
-        clock_offset_s, clock_offset_se_s, limit_s=max_clock_offset_s, z=clock_flag_z
-    )
-    clock_corrected = xp.zeros((n_m,), dtype=xp.bool)
-    if correct_clock_offset:
-        v = shift_rows(v, xp.where(clock_flag, off, xp.zeros_like(off)), max_shift=max_lag + 1)
-        clock_corrected = clock_flag
-
     return QualityArrays(
         voltage=v,
-        usable=usable,
-        usable_fraction=usable_fraction,
         n_readings=n_readings,
-        n_implausible=n_implausible,
-        n_flat=n_flat,
-        n_filled=n_filled,
-        n_gaps_filled=n_gaps_filled,
-        n_long_gaps=n_long_gaps,
         units_code=units_code,
         unit_scale=scale,
         base_v=base,
         nominal_inferred=inferred,
         no_readings=no_readings,
         sampling_bad=sampling_bad,
-        implausible=implausible,
-        flat_line=n_flat > 0,
-        insufficient=insufficient,
-        long_gaps=(n_long_gaps > 0) & ~no_readings,
-        clock_offset_s=clock_offset_s,
-        clock_offset_se_s=clock_offset_se_s,
-        clock_correlation=corr,
-        clock_flag=clock_flag,
-        clock_corrected=clock_corrected,
+        **counts._asdict(),  # n_implausible, n_flat, n_filled, n_gaps_filled, n_long_gaps
+        **findings._asdict(),  # usable, usable_fraction, implausible, flat_line, insufficient, long_gaps
+        **clock._asdict(),  # clock_{offset_s, offset_se_s, correlation, flag, corrected}
     )
 
 
@@ -1111,6 +1089,33 @@ def _rescale_units(
     return v, scale, base, code, inferred
 
 
+class _SampleCounts(NamedTuple):
+    """Samples per meter removed or filled by :func:`_screen_samples` (fields of :class:`QualityArrays`)."""
+
+    n_implausible: Any
+    n_flat: Any
+    n_filled: Any
+    n_gaps_filled: Any
+    n_long_gaps: Any
+
+
+def _screen_samples(
+    v: Any, base_v: Any, raw_ok: Any, max_flat_run: int, max_interp_gap: int, *, min_pu: float, max_pu: float
+) -> tuple[Any, _SampleCounts, Any, Any]:
+    """Steps 4-6: find flat-line and implausible samples, remove them, fill the short gaps.
+
+    Returns ``(v, counts, n_ok, constant)``: the cleaned readings (on NumPy ``v`` itself, cleaned in place),
+    the counts per meter, the finite samples left per meter and the constant meters.
+    """
+    flat_mask, constant = _flat_samples(v, raw_ok, max_flat_run)
+    n_flat = _count(flat_mask, 1)
+    implaus_s = _implausible_samples(v, base_v, raw_ok, min_pu=min_pu, max_pu=max_pu)
+    n_implausible = _count(implaus_s, 1)
+    v, n_filled, n_gaps_filled, n_long_gaps, n_ok = _remove_and_fill(v, implaus_s, flat_mask, max_interp_gap)
+    counts = _SampleCounts(n_implausible, n_flat, n_filled, n_gaps_filled, n_long_gaps)
+    return v, counts, n_ok, constant
+
+
 def _flat_samples(v: Any, raw_ok: Any, max_flat_run: int) -> tuple[Any, Any]:
     """Step 4: samples to remove as flat lines (over-long runs, every reading of a constant meter).
 
@@ -1177,6 +1182,144 @@ def _remove_and_fill(v: Any, implausible: Any, flat: Any, max_interp_gap: int) -
         n_filled[miss_rows], n_gaps_filled[miss_rows], n_long_gaps[miss_rows] = f1, f2, f3
         n_ok[miss_rows] = _count(~np.isnan(sub), 1)
     return v, n_filled, n_gaps_filled, n_long_gaps, n_ok
+
+
+class _MeterFindings(NamedTuple):
+    """Per-meter findings of :func:`_meter_findings` (fields of :class:`QualityArrays`)."""
+
+    usable: Any
+    usable_fraction: Any
+    implausible: Any
+    flat_line: Any
+    insufficient: Any
+    long_gaps: Any
+
+
+def _meter_findings(
+    n_readings: Any,
+    counts: _SampleCounts,
+    n_ok: Any,
+    constant: Any,
+    sampling_bad: Any,
+    *,
+    n_time: int,
+    max_implausible_fraction: float,
+    min_usable_fraction: float,
+    min_usable_samples: int,
+    inconsistent_sampling_unusable: bool,
+) -> _MeterFindings:
+    """Per-meter findings from the counts of steps 1-6, and whether the meter is usable.
+
+    A meter without readings has no finding but is not usable; ``sampling_bad`` makes a meter unusable only
+    with ``inconsistent_sampling_unusable``.
+    """
+    xp = array_namespace(n_readings)
+    no_readings = n_readings == 0
+    denom = xp.astype(xp.maximum(n_readings, xp.ones_like(n_readings)), xp.float64)
+    share = xp.astype(counts.n_implausible, xp.float64) / denom
+    implausible = ~no_readings & (share > max_implausible_fraction)
+    usable_fraction = xp.astype(n_ok, xp.float64) / max(n_time, 1)
+    insufficient = ~no_readings & ((usable_fraction < min_usable_fraction) | (n_ok < min_usable_samples))
+    usable = ~no_readings & ~insufficient & ~implausible & ~constant
+    if inconsistent_sampling_unusable:
+        usable = usable & ~sampling_bad
+    return _MeterFindings(
+        usable=usable,
+        usable_fraction=usable_fraction,
+        implausible=implausible,
+        flat_line=counts.n_flat > 0,
+        insufficient=insufficient,
+        long_gaps=(counts.n_long_gaps > 0) & ~no_readings,
+    )
+
+
+class _ClockFindings(NamedTuple):
+    """Clock results of :func:`_check_clocks` (fields of :class:`QualityArrays`)."""
+
+    clock_offset_s: Any
+    clock_offset_se_s: Any
+    clock_correlation: Any
+    clock_flag: Any
+    clock_corrected: Any
+
+
+def _check_clocks(
+    v: Any,
+    base_v: Any,
+    groups: Any,
+    usable: Any,
+    no_readings: Any,
+    references: Any | None,
+    reference_groups: Any | None,
+    stride: int,
+    *,
+    interval_s: float,
+    clock_search_s: float,
+    min_usable_samples: int,
+    clock_min_correlation: float,
+    clock_min_meters: int,
+    max_clock_offset_s: float,
+    clock_flag_z: float,
+    correct_clock_offset: bool,
+) -> tuple[Any, _ClockFindings]:
+    """Steps 7-8: clock offsets, their flag and, with ``correct_clock_offset``, the flagged rows shifted back.
+
+    Offsets from :func:`_clock_offsets_s`, the flag from :func:`clock_offset_flag`, the shift by
+    :func:`shift_rows`. Returns ``(v, clock)``: the readings (corrected or as they were) and the findings.
+    """
+    xp = array_namespace(v)
+    max_lag = max(1, math.ceil(clock_search_s / interval_s)) if interval_s > 0 else 1
+    off, offset_s, offset_se_s, corr = _clock_offsets_s(
+        v,
+        base_v,
+        groups,
+        usable,
+        no_readings,
+        references,
+        reference_groups,
+        stride,
+        interval_s=interval_s,
+        max_lag=max_lag,
+        min_pairs=min_usable_samples,
+        min_correlation=clock_min_correlation,
+        min_meters=clock_min_meters,
+        exclude_above=max_clock_offset_s / interval_s,
+    )
+    flag = clock_offset_flag(offset_s, offset_se_s, limit_s=max_clock_offset_s, z=clock_flag_z)
+    corrected = xp.zeros((v.shape[0],), dtype=xp.bool)
+    if correct_clock_offset:
+        v = shift_rows(v, xp.where(flag, off, xp.zeros_like(off)), max_shift=max_lag + 1)
+        corrected = flag
+    return v, _ClockFindings(offset_s, offset_se_s, corr, flag, corrected)
+
+
+def _clock_offsets_s(
+    v: Any,
+    base_v: Any,
+    groups: Any,
+    usable: Any,
+    no_readings: Any,
+    references: Any | None,
+    reference_groups: Any | None,
+    stride: int,
+    *,
+    interval_s: float,
+    **params: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """Step 7 in seconds: :func:`_clock_offsets_samples` (with ``params``) times ``interval_s``.
+
+    Returns ``(offset_samples, offset_s, offset_se_s, correlation)``; the offsets are NaN for meters without
+    readings, the standard error wherever the offset is.
+    """
+    xp = array_namespace(v)
+    off, corr, se = _clock_offsets_samples(
+        v, base_v, groups, usable, references, reference_groups, stride, **params
+    )
+    off = xp.where(no_readings, xp.full_like(off, xp.nan), off)
+    offset_s = xp.astype(off, xp.float64) * interval_s
+    se_s = xp.astype(se, xp.float64) * interval_s
+    offset_se_s = xp.where(xp.isfinite(offset_s), se_s, xp.full_like(se_s, xp.nan))
+    return off, offset_s, offset_se_s, corr
 
 
 def _clock_offsets_samples(
