@@ -907,6 +907,7 @@ def feeder_blocks(
         raise StoreError(f"feeder {dup!r} is not a contiguous slice of meters (store not sorted by feeder)")
     per_block = max(1.0, float(target_bytes) / float(bytes_per_meter))
     balanced = multiple_of > 1
+    count = 1
     if balanced:
         count = int(np.ceil(n / per_block))
         count = int(np.ceil(count / multiple_of)) * multiple_of
@@ -915,9 +916,13 @@ def feeder_blocks(
     cur_start, cur_ids = int(starts[0]), []
     for s, e, f in zip(starts, stops, run_ids):
         if cur_ids:
-            without, with_f = s - cur_start, e - cur_start
-            # greedy: close before exceeding; balanced: close where the size is nearest the target
-            close = (abs(without - per_block) <= abs(with_f - per_block)) if balanced else with_f > per_block
+            if balanced:
+                # close at the feeder boundary nearest the block's cumulative end (the k-th of ``count``
+                # equal shares), never opening more than ``count`` blocks: sizes do not drift
+                end = (len(blocks) + 1) * per_block
+                close = len(blocks) < count - 1 and abs(s - end) <= abs(e - end)
+            else:  # greedy: close before exceeding
+                close = e - cur_start > per_block
             if close:
                 blocks.append(FeederBlock(cur_start, int(s), tuple(cur_ids)))
                 cur_start, cur_ids = int(s), []

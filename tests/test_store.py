@@ -107,6 +107,20 @@ def test_feeder_blocks_balanced_for_the_workers():
     assert [b.start for b in even[1:]] == [b.stop for b in even[:-1]] and even[-1].stop == 1200
 
 
+def test_feeder_blocks_balanced_do_not_drift_into_an_extra_block():
+    # 10 feeders of 130 meters, 4 blocks of 325 wanted: closing each block where its own size is nearest 325
+    # gave five blocks of 260 (one worker of two then runs the fifth alone); closing at the boundary nearest
+    # each cumulative end gives exactly four
+    table = pd.DataFrame({"feeder_id": np.repeat([f"f{i:02d}" for i in range(10)], 130)})
+    even = S.feeder_blocks(table, target_bytes=500, bytes_per_meter=1, multiple_of=2)
+    assert [b.stop - b.start for b in even] == [260, 390, 260, 390]
+    # a feeder larger than a share is a block of its own, and the count is never exceeded
+    table = pd.DataFrame({"feeder_id": np.repeat(["a", "big", "c", "d", "e"], [10, 1000, 10, 10, 10])})
+    blocks = S.feeder_blocks(table, target_bytes=300, bytes_per_meter=1, multiple_of=2)
+    assert len(blocks) <= 4 and ("big",) in [b.feeder_ids for b in blocks]
+    assert [f for b in blocks for f in b.feeder_ids] == ["a", "big", "c", "d", "e"]
+
+
 def test_sort_meters_errors_name_row_and_column():
     m = make_meters()
     m.loc[3, "phase"] = "X"
