@@ -579,6 +579,10 @@ def estimate_clock_offsets(
     yardstick for "clearly non-zero", not a confidence interval on the size.
     """
     xp = array_namespace(voltage_pu)
+    n_m, n_t = voltage_pu.shape
+    nan = xp.full((n_m,), xp.nan, dtype=voltage_pu.dtype)
+    if n_m == 0 or n_t < 3:
+        return nan, nan, nan
     kw = {
         "max_lag": max_lag,
         "min_pairs": min_pairs,
@@ -586,42 +590,75 @@ def estimate_clock_offsets(
         "min_meters": min_meters,
         "max_common_meters": max_common_meters,
     }
-    n_m, n_t = voltage_pu.shape
-    if n_m == 0 or n_t < 3:
-        nan = xp.full((n_m,), xp.nan, dtype=voltage_pu.dtype)
-        return nan, nan, nan
     diffs = _differenced(voltage_pu[:, 1:] - voltage_pu[:, :-1] if diff is None else diff)
-    d = diffs[0]
     rows_list = _group_rows(groups)
     ref_rows = _reference_rows_of_groups(groups, references, reference_groups, len(rows_list))
-    need_median = any(not r for r in ref_rows)
-    nan = xp.full((n_m,), xp.nan, dtype=voltage_pu.dtype)
-    off, corr, se = nan, nan, nan
-    if need_median:
-        off, corr, se = _clock_offsets_once(diffs, rows_list, include=include, **kw)
-        if exclude_above is not None:
-            inc = xp.ones(off.shape, dtype=xp.bool) if include is None else include
-            for _ in range(n_refine):
-                inc2 = inc & xp.isfinite(off) & (xp.abs(off) <= exclude_above)
-                off2, corr2, se2 = _clock_offsets_once(diffs, rows_list, include=inc2, **kw)
-                keep = xp.isfinite(off2)
-                off, corr, se = (
-                    xp.where(keep, off2, off),
-                    xp.where(keep, corr2, corr),
-                    xp.where(keep, se2, se),
-                )
+    est = (nan, nan, nan)
+    if any(not r for r in ref_rows):  # a feeder without reference rows: its median common mode
+        est = _median_offsets(diffs, rows_list, include, exclude_above, n_refine, kw, xp)
+    return _reference_offsets(est, diffs, rows_list, ref_rows, references, include, kw, xp)
+
+
+def _take(keep: Any, new: tuple[Any, ...], old: tuple[Any, ...], xp: Any) -> tuple[Any, ...]:
+    """Each array of ``new`` where ``keep`` (bool, shape (n_meters,)), else the one of ``old``."""
+    return tuple(xp.where(keep, a, b) for a, b in zip(new, old))
+
+
+def _median_offsets(
+    diffs: tuple[Any, ...],
+    rows_list: list[np.ndarray],
+    include: Any | None,
+    exclude_above: float | None,
+    n_refine: int,
+    kw: dict[str, Any],
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    """``(offset [samples], correlation [-], standard error [samples])`` against each group's median.
+
+    With ``exclude_above`` [samples], each of ``n_refine`` passes rebuilds the medians from the included
+    meters whose last offset is finite and within it; rows a pass cannot estimate keep their earlier values.
+    ``kw`` holds the thresholds of :func:`_clock_offsets_once`.
+    """
+    est = _clock_offsets_once(diffs, rows_list, include=include, **kw)
+    if exclude_above is None:
+        return est
+    inc = xp.ones(est[0].shape, dtype=xp.bool) if include is None else include
+    for _ in range(n_refine):
+        inc2 = inc & xp.isfinite(est[0]) & (xp.abs(est[0]) <= exclude_above)
+        new = _clock_offsets_once(diffs, rows_list, include=inc2, **kw)
+        est = _take(xp.isfinite(new[0]), new, est, xp)
+    return est
+
+
+def _reference_offsets(
+    est: tuple[Any, Any, Any],
+    diffs: tuple[Any, ...],
+    rows_list: list[np.ndarray],
+    ref_rows: list[list[int]],
+    references: Any | None,
+    include: Any | None,
+    kw: dict[str, Any],
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    """``est`` (offset, correlation, standard error) replaced where a reference row correlates best.
+
+    Each meter of a feeder with rows in ``references`` (shape (n_refs, n_time), NaN = missing) [pu] takes
+    the estimate against the row it correlates with best; other meters keep ``est``.
+    """
     n_cand = max((len(r) for r in ref_rows), default=0)
-    if n_cand:
-        rd = references[:, 1:] - references[:, :-1]
-        rd = xp.where(xp.isnan(rd), xp.zeros_like(rd), xp.astype(rd, d.dtype))
-        best_r = xp.full((n_m,), -xp.inf, dtype=d.dtype)
-        for k in range(n_cand):  # k-th reference row of each feeder (a feeder with fewer repeats its last)
-            sig = [None if not r else rd[r[min(k, len(r) - 1)], :][None, :] for r in ref_rows]
-            o_k, c_k, s_k = _clock_offsets_once(diffs, rows_list, include=include, signals=sig, **kw)
-            take = xp.isfinite(c_k) & (c_k > best_r)
-            best_r = xp.where(take, c_k, best_r)
-            off, corr, se = xp.where(take, o_k, off), xp.where(take, c_k, corr), xp.where(take, s_k, se)
-    return off, corr, se
+    if not n_cand:
+        return est
+    d = diffs[0]
+    rd = references[:, 1:] - references[:, :-1]
+    rd = xp.where(xp.isnan(rd), xp.zeros_like(rd), xp.astype(rd, d.dtype))
+    best_r = xp.full((d.shape[0],), -xp.inf, dtype=d.dtype)
+    for k in range(n_cand):  # k-th reference row of each feeder (a feeder with fewer repeats its last)
+        sig = [None if not r else rd[r[min(k, len(r) - 1)], :][None, :] for r in ref_rows]
+        new = _clock_offsets_once(diffs, rows_list, include=include, signals=sig, **kw)
+        take = xp.isfinite(new[1]) & (new[1] > best_r)
+        best_r = xp.where(take, new[1], best_r)
+        est = _take(take, new, est, xp)
+    return est
 
 
 def _differenced(d: Any) -> tuple[Any, Any, Any, Any, Any]:
