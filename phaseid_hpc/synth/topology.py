@@ -250,6 +250,165 @@ def _meters_per_transformer(
     return sizes, bank[:m]
 
 
+@dataclass
+class _NodeTree:
+    """MV nodes drawn so far, in topological order; node 0 is the substation bus at the origin."""
+
+    parent: list[int] = field(default_factory=lambda: [-1])
+    length_km: list[float] = field(default_factory=lambda: [0.0])
+    three_phase: list[bool] = field(default_factory=lambda: [True])
+    phases: list[np.ndarray] = field(default_factory=lambda: [np.ones(3, bool)])
+    xy: list[np.ndarray] = field(default_factory=lambda: [np.zeros(2)])
+
+    def add(self, parent: int, seg_km: float, angle: float, phase: int | None = None) -> int:
+        """Append a section of ``seg_km`` [km] heading ``angle`` [rad] from ``parent``; return its node.
+
+        ``phase`` is ``None`` for a three-phase section, else the phase index of a single-phase one.
+        """
+        ph_vec = np.ones(3, bool)
+        if phase is not None:
+            ph_vec = np.zeros(3, bool)
+            ph_vec[phase] = True
+        self.parent.append(parent)
+        self.length_km.append(seg_km)
+        self.three_phase.append(phase is None)
+        self.phases.append(ph_vec)
+        self.xy.append(self.xy[parent] + 1000 * seg_km * np.array([np.cos(angle), np.sin(angle)]))
+        return len(self.parent) - 1
+
+
+def _draw_backbone(rng: np.random.Generator, n_bb: int, layout: FeederLayout) -> _NodeTree:
+    """Three-phase trunk of ``n_bb`` sections from the substation, with occasional right-angle branches."""
+    tree = _NodeTree()
+    heading = rng.uniform(0, 2 * np.pi)
+    for k in range(1, n_bb + 1):
+        p = k - 1 if (k < 3 or rng.random() < layout.trunk_prob) else int(rng.integers(1, k))
+        seg = rng.uniform(*layout.backbone_section_km)
+        ang = heading + (rng.normal(0, 0.25) if p == k - 1 else rng.choice([-1, 1]) * np.pi / 2)
+        tree.add(p, seg, ang)
+    return tree
+
+
+def _plan_lateral(
+    rng: np.random.Generator, lat: int, remaining: int, w: np.ndarray, n_bb: int, layout: FeederLayout
+) -> tuple[int, int, int, bool]:
+    """Draw lateral ``lat``: transformer count, phase index, backbone tap node, and whether it is long.
+
+    The first ``layout.long_laterals`` laterals are long: one per phase in turn, from the far half of
+    the backbone. ``w`` holds the phase weights [-].
+    """
+    k = min(int(rng.integers(2, 13)), remaining)
+    ph = int(rng.choice(3, p=w))
+    tap_node = int(rng.integers(1, n_bb + 1))
+    long_lateral = lat < layout.long_laterals
+    if long_lateral:
+        k = min(int(rng.integers(20, 41)), remaining)
+        ph = lat % 3
+        tap_node = int(rng.integers(n_bb // 2, n_bb + 1))
+    return k, ph, tap_node, long_lateral
+
+
+def _grow_lateral(
+    rng: np.random.Generator, tree: _NodeTree, tap_node: int, ph: int, k: int, long_lateral: bool
+) -> list[int]:
+    """Append a straight chain of ``k`` single-phase sections from ``tap_node``; return its nodes in order."""
+    ang = rng.uniform(0, 2 * np.pi)
+    nodes = [tap_node]
+    for _ in range(k):
+        seg = rng.uniform(0.10, 0.25) if long_lateral else rng.uniform(0.04, 0.15)
+        nodes.append(tree.add(nodes[-1], seg, ang, phase=ph))
+    return nodes[1:]
+
+
+def _place_transformers(
+    rng: np.random.Generator, tree: _NodeTree, bank: np.ndarray, n_bb: int, layout: FeederLayout
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hang single-phase transformers on new laterals (grown into ``tree``) and banks on backbone nodes.
+
+    Returns
+    -------
+    xfmr_node, xfmr_phase, xfmr_lateral, xfmr_pos : ndarray, shape (n_xfmr,)
+        As in :class:`FeederTopology`; ``xfmr_phase`` still of dtype object.
+    """
+    n_x = len(bank)
+    # Load is unbalanced by a few percent across phases, as on real feeders.
+    w = rng.dirichlet([30, 30, 30])
+    singles = np.flatnonzero(~bank)
+    xfmr_node = np.zeros(n_x, int)
+    xfmr_phase = np.empty(n_x, object)
+    xfmr_lat = np.full(n_x, -1)
+    xfmr_pos = np.zeros(n_x, int)
+    i = lat = 0
+    while i < len(singles):
+        k, ph, tap_node, long_lateral = _plan_lateral(rng, lat, len(singles) - i, w, n_bb, layout)
+        t = singles[i : i + k]
+        xfmr_node[t] = _grow_lateral(rng, tree, tap_node, ph, k, long_lateral)
+        xfmr_phase[t] = "ABC"[ph]
+        xfmr_lat[t] = lat
+        xfmr_pos[t] = np.arange(k)
+        i += k
+        lat += 1
+    for t in np.flatnonzero(bank):
+        xfmr_node[t] = int(rng.integers(1, n_bb + 1))
+        xfmr_phase[t] = "ABC"
+        xfmr_pos[t] = xfmr_node[t]
+    return xfmr_node, xfmr_phase, xfmr_lat, xfmr_pos
+
+
+def _transformer_ratings(
+    rng: np.random.Generator, sizes: np.ndarray, bank: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rating [kVA], secondary-main loop resistance [ohm] and fixed tap [pu] of each transformer."""
+    n_x = len(sizes)
+    kva = np.where(
+        bank,
+        np.select([sizes <= 2, sizes <= 4], [75.0, 112.5], 150.0),
+        np.select(
+            [sizes <= 1, sizes <= 3, sizes <= 6, sizes <= 10],
+            [rng.choice([15.0, 25.0], n_x), 25.0, 37.5, 50.0],
+            75.0,
+        ),
+    )
+    # Secondary main shared by the transformer's meters: 0-60 m of 4/0 triplex (0.56 ohm/km loop).
+    sec = np.where((sizes > 1) & ~bank, rng.uniform(0.0, 0.060, n_x) * 0.56, 0.0)
+    tap = 1.0 + 0.025 * rng.choice([-1, 0, 0, 0, 1], n_x)
+    return kva, sec, tap
+
+
+def _draw_meters(
+    rng: np.random.Generator,
+    sizes: np.ndarray,
+    bank: np.ndarray,
+    xfmr_phase: np.ndarray,
+    xfmr_xy: np.ndarray,
+    layout: FeederLayout,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Draw the meters of each transformer: services, service drops and positions.
+
+    Returns ``meter_xfmr``, ``meter_phase``, ``meter_service`` (both of dtype object),
+    ``meter_nominal_v`` [V], ``meter_service_ohm`` [ohm] and ``meter_xy`` [m] as in :class:`FeederTopology`.
+    """
+    m_x = np.repeat(np.arange(len(sizes)), sizes)
+    n_m = len(m_x)
+    m_phase = np.empty(n_m, object)
+    m_serv = np.empty(n_m, object)
+    m_nom = np.empty(n_m)
+    on_bank = bank[m_x]
+    m_phase[~on_bank] = xfmr_phase[m_x[~on_bank]]
+    m_serv[~on_bank] = "1ph-240"
+    m_nom[~on_bank] = 240.0
+    nb = int(on_bank.sum())
+    if nb:
+        kind = rng.choice(np.array(["ABC", "AB", "BC", "CA"], object), nb, p=list(layout.bank_services))
+        m_phase[on_bank] = kind
+        m_serv[on_bank] = np.where(kind == "ABC", layout.three_phase_service, "2ph-208")
+        m_nom[on_bank] = np.where(kind == "ABC", 120.0, 208.0)
+    # Service drop: 10-50 m of 1/0 triplex (1.1 ohm/km loop); banks feed short, heavy services.
+    m_serv_ohm = np.where(on_bank, rng.uniform(0.005, 0.02, n_m) * 0.35, rng.uniform(0.010, 0.050, n_m) * 1.1)
+    m_xy = xfmr_xy[m_x] + rng.normal(0, 20, (n_m, 2))
+    return m_x, m_phase, m_serv, m_nom, m_serv_ohm, m_xy
+
+
 def build_feeder_topology(
     rng: np.random.Generator, feeder_id: str, n_meters: int, layout: FeederLayout = _DEFAULT_LAYOUT
 ) -> FeederTopology:
@@ -269,113 +428,20 @@ def build_feeder_topology(
     FeederTopology
     """
     sizes, bank = _meters_per_transformer(rng, n_meters, layout)
-    n_x = len(sizes)
     n_single = int((~bank).sum())
-
-    # --- backbone: trunk with occasional three-phase branches --------------------------------------
     n_bb = max(3, int(np.ceil(n_single / layout.meters_per_backbone_node)) + 2)
-    parent = [-1]
-    length = [0.0]
-    three = [True]
-    xy = [np.zeros(2)]
-    heading = rng.uniform(0, 2 * np.pi)
-    for k in range(1, n_bb + 1):
-        p = k - 1 if (k < 3 or rng.random() < layout.trunk_prob) else int(rng.integers(1, k))
-        seg = rng.uniform(*layout.backbone_section_km)
-        ang = heading + (rng.normal(0, 0.25) if p == k - 1 else rng.choice([-1, 1]) * np.pi / 2)
-        parent.append(p)
-        length.append(seg)
-        three.append(True)
-        xy.append(xy[p] + 1000 * seg * np.array([np.cos(ang), np.sin(ang)]))
-    phases = [np.ones(3, bool) for _ in parent]
-
-    # --- laterals: single-phase chains of transformers ---------------------------------------------
-    # Load is unbalanced by a few percent across phases, as on real feeders.
-    w = rng.dirichlet([30, 30, 30])
-    singles = np.flatnonzero(~bank)
-    xfmr_node = np.zeros(n_x, int)
-    xfmr_phase = np.empty(n_x, object)
-    xfmr_lat = np.full(n_x, -1)
-    xfmr_pos = np.zeros(n_x, int)
-    i = 0
-    lat = 0
-    while i < len(singles):
-        long_lateral = lat < layout.long_laterals
-        k = min(int(rng.integers(2, 13)), len(singles) - i)
-        ph = int(rng.choice(3, p=w))
-        tap_node = int(rng.integers(1, n_bb + 1))
-        if long_lateral:  # one per phase in turn, from the far half of the backbone
-            k = min(int(rng.integers(20, 41)), len(singles) - i)
-            ph = lat % 3
-            tap_node = int(rng.integers(n_bb // 2, n_bb + 1))
-        prev = tap_node
-        ang = rng.uniform(0, 2 * np.pi)
-        for j in range(k):
-            seg = rng.uniform(0.10, 0.25) if long_lateral else rng.uniform(0.04, 0.15)
-            parent.append(prev)
-            length.append(seg)
-            three.append(False)
-            ph_vec = np.zeros(3, bool)
-            ph_vec[ph] = True
-            phases.append(ph_vec)
-            xy.append(xy[prev] + 1000 * seg * np.array([np.cos(ang), np.sin(ang)]))
-            node = len(parent) - 1
-            t = singles[i + j]
-            xfmr_node[t] = node
-            xfmr_phase[t] = "ABC"[ph]
-            xfmr_lat[t] = lat
-            xfmr_pos[t] = j
-            prev = node
-        i += k
-        lat += 1
-    for t in np.flatnonzero(bank):
-        xfmr_node[t] = int(rng.integers(1, n_bb + 1))
-        xfmr_phase[t] = "ABC"
-        xfmr_pos[t] = xfmr_node[t]
-    node_xy = np.array(xy)
-    xfmr_xy = node_xy[xfmr_node] + rng.normal(0, 8, (n_x, 2))
-
-    # --- transformers -------------------------------------------------------------------------------
-    sizes_a = sizes
-    kva = np.where(
-        bank,
-        np.select([sizes_a <= 2, sizes_a <= 4], [75.0, 112.5], 150.0),
-        np.select(
-            [sizes_a <= 1, sizes_a <= 3, sizes_a <= 6, sizes_a <= 10],
-            [rng.choice([15.0, 25.0], n_x), 25.0, 37.5, 50.0],
-            75.0,
-        ),
-    )
-    # Secondary main shared by the transformer's meters: 0-60 m of 4/0 triplex (0.56 ohm/km loop).
-    sec = np.where((sizes_a > 1) & ~bank, rng.uniform(0.0, 0.060, n_x) * 0.56, 0.0)
-    tap = 1.0 + 0.025 * rng.choice([-1, 0, 0, 0, 1], n_x)
-
-    # --- meters -------------------------------------------------------------------------------------
-    m_x = np.repeat(np.arange(n_x), sizes_a)
-    n_m = len(m_x)
-    m_phase = np.empty(n_m, object)
-    m_serv = np.empty(n_m, object)
-    m_nom = np.empty(n_m)
-    on_bank = bank[m_x]
-    m_phase[~on_bank] = xfmr_phase[m_x[~on_bank]]
-    m_serv[~on_bank] = "1ph-240"
-    m_nom[~on_bank] = 240.0
-    nb = int(on_bank.sum())
-    if nb:
-        kind = rng.choice(np.array(["ABC", "AB", "BC", "CA"], object), nb, p=list(layout.bank_services))
-        m_phase[on_bank] = kind
-        m_serv[on_bank] = np.where(kind == "ABC", layout.three_phase_service, "2ph-208")
-        m_nom[on_bank] = np.where(kind == "ABC", 120.0, 208.0)
-    # Service drop: 10-50 m of 1/0 triplex (1.1 ohm/km loop); banks feed short, heavy services.
-    m_serv_ohm = np.where(on_bank, rng.uniform(0.005, 0.02, n_m) * 0.35, rng.uniform(0.010, 0.050, n_m) * 1.1)
-    m_xy = xfmr_xy[m_x] + rng.normal(0, 20, (n_m, 2))
-
+    tree = _draw_backbone(rng, n_bb, layout)
+    xfmr_node, xfmr_phase, xfmr_lat, xfmr_pos = _place_transformers(rng, tree, bank, n_bb, layout)
+    xfmr_xy = np.array(tree.xy)[xfmr_node] + rng.normal(0, 8, (len(sizes), 2))
+    kva, sec, tap = _transformer_ratings(rng, sizes, bank)
+    meters = _draw_meters(rng, sizes, bank, xfmr_phase, xfmr_xy, layout)
+    m_x, m_phase, m_serv, m_nom, m_serv_ohm, m_xy = meters
     return FeederTopology(
         feeder_id=feeder_id,
-        node_parent=np.array(parent),
-        node_phases=np.array(phases),
-        node_length_km=np.array(length),
-        node_three_phase=np.array(three),
+        node_parent=np.array(tree.parent),
+        node_phases=np.array(tree.phases),
+        node_length_km=np.array(tree.length_km),
+        node_three_phase=np.array(tree.three_phase),
         xfmr_node=xfmr_node,
         xfmr_phase=xfmr_phase.astype(str),
         xfmr_kva=kva,
