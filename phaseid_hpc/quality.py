@@ -229,34 +229,68 @@ def assess_quality(
     """
     if xp is None:
         xp = array_namespace(voltage)
+    v = _block_voltage(voltage, interval_s, xp)
+    r = _run_quality_block(
+        v, nominal_v, sampling_interval_s, off_grid_fraction, interval_s, config, feeder_ids, references, xp
+    )
+    h = {k: to_numpy(val) for k, val in r._asdict().items() if k != "voltage"}
+    table = _quality_table(h, _reason_lists(h, v.shape[0]))
+    if meter_ids is not None:
+        table.index = _meter_index(meter_ids, v.shape[0])
+    return QualityResult(voltage=r.voltage, table=table)
+
+
+def _block_voltage(voltage: Any, interval_s: float, xp: Any) -> Any:
+    """``voltage`` as a 2-D array of ``xp``, after checking it and the grid step ``interval_s`` [s]."""
     v = xp.asarray(voltage)
     if v.ndim != 2:
         raise ValueError(f"voltage must have shape (n_meters, n_time), got {tuple(v.shape)}")
-    n_m = v.shape[0]
     if not interval_s > 0:
         raise ValueError(f"interval_s must be a positive number of seconds, got {interval_s!r}")
+    return v
 
-    def per_meter(x: Any, name: str) -> Any:
-        a = np.asarray(to_numpy(x), dtype=np.float64).reshape(-1)
-        if a.shape != (n_m,):
-            raise ValueError(f"{name} must have shape ({n_m},) to match voltage rows, got {a.shape}")
-        return xp.asarray(a)
 
+def _per_meter(x: Any, name: str, n: int, xp: Any) -> Any:
+    """Per-meter input ``x`` (argument ``name``) as a float64 array of ``xp``, shape ``(n,)``."""
+    a = np.asarray(to_numpy(x), dtype=np.float64).reshape(-1)
+    if a.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match voltage rows, got {a.shape}")
+    return xp.asarray(a)
+
+
+def _run_quality_block(
+    v: Any,
+    nominal_v: Any,
+    sampling_interval_s: Any,
+    off_grid_fraction: Any,
+    interval_s: float,
+    config: QualityConfig,
+    feeder_ids: Any,
+    references: Any,
+    xp: Any,
+) -> kq.QualityArrays:
+    """Run :func:`~phaseid_hpc.kernels.quality.quality_block` on the inputs of :func:`assess_quality`."""
+    n_m = v.shape[0]
     groups = xp.asarray(_codes(feeder_ids, n_m))
     refs = _reference_rows(references, feeder_ids, v.shape[1]) if config.clock_use_references else None
-    r = kq.quality_block(
+    return kq.quality_block(
         v,
-        per_meter(nominal_v, "nominal_v"),
-        per_meter(sampling_interval_s, "sampling_interval_s"),
-        per_meter(off_grid_fraction, "off_grid_fraction"),
+        _per_meter(nominal_v, "nominal_v", n_m, xp),
+        _per_meter(sampling_interval_s, "sampling_interval_s", n_m, xp),
+        _per_meter(off_grid_fraction, "off_grid_fraction", n_m, xp),
         groups,
         interval_s=float(interval_s),
         references=None if refs is None else xp.asarray(refs[0]),
         reference_groups=None if refs is None else xp.asarray(refs[1]),
         **block_parameters(config),
     )
-    h = {k: to_numpy(val) for k, val in r._asdict().items() if k != "voltage"}
 
+
+def _reason_lists(h: dict[str, np.ndarray], n: int) -> list[list[str]]:
+    """Contract reason codes of each of the ``n`` meters, in the order the checks are applied.
+
+    ``h`` holds the kernel's per-meter findings as NumPy arrays.
+    """
     flags = (
         (h["no_readings"], REASON_NO_READINGS),
         (h["sampling_bad"], REASON_INCONSISTENT_SAMPLING),
@@ -267,12 +301,16 @@ def assess_quality(
         (h["long_gaps"], REASON_LONG_GAPS),
         (h["clock_flag"], REASON_CLOCK_OFFSET),
     )
-    reasons: list[list[str]] = [[] for _ in range(n_m)]
+    reasons: list[list[str]] = [[] for _ in range(n)]
     for mask, code in flags:
         for i in np.flatnonzero(mask):
             reasons[i].append(code)
+    return reasons
 
-    table = pd.DataFrame(
+
+def _quality_table(h: dict[str, np.ndarray], reasons: list[list[str]]) -> pd.DataFrame:
+    """Table of :class:`QualityResult` (columns :data:`QUALITY_COLUMNS`, default index) from ``h``."""
+    return pd.DataFrame(
         {
             "usable": h["usable"].astype(bool),
             "usable_fraction": h["usable_fraction"].astype(np.float64),
@@ -294,12 +332,14 @@ def assess_quality(
         },
         columns=list(QUALITY_COLUMNS),
     )
-    if meter_ids is not None:
-        ids = np.asarray(to_numpy(meter_ids))
-        if ids.shape != (n_m,):
-            raise ValueError(f"meter_ids must have shape ({n_m},) to match voltage rows, got {ids.shape}")
-        table.index = pd.Index(ids, name="meter_id")
-    return QualityResult(voltage=r.voltage, table=table)
+
+
+def _meter_index(meter_ids: Any, n: int) -> pd.Index:
+    """``meter_ids`` as the table's index (name ``meter_id``), checked to have ``n`` entries."""
+    ids = np.asarray(to_numpy(meter_ids))
+    if ids.shape != (n,):
+        raise ValueError(f"meter_ids must have shape ({n},) to match voltage rows, got {ids.shape}")
+    return pd.Index(ids, name="meter_id")
 
 
 def local_clock_offsets(
