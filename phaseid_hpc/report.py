@@ -456,6 +456,149 @@ def _thresholds(summary: dict) -> dict[str, tuple[float, float]]:
 # ----------------------------------------------------------------------------------------------------------
 # The page
 # ----------------------------------------------------------------------------------------------------------
+def _read_results(
+    rdir: Path,
+) -> tuple[pd.DataFrame, dict, pd.DataFrame | None, pd.DataFrame | None, pd.DataFrame | None]:
+    """The run's meters, summary, transformers, corrections and review tables (None where absent)."""
+    meters = pd.read_parquet(rdir / "meters.parquet")
+    summary = json.loads((rdir / "summary.json").read_text()) if (rdir / "summary.json").exists() else {}
+    xf = pd.read_parquet(rdir / "transformers.parquet") if (rdir / "transformers.parquet").exists() else None
+    if xf is not None and "flags" in xf and "flag_codes" not in xf:  # results written before the rename
+        xf = xf.rename(columns={"flags": "flag_codes"})
+    corr, review = _read_csv(rdir / "corrections.csv"), _read_csv(rdir / "review.csv")
+    return meters, summary, xf, corr, review
+
+
+def _located(df: pd.DataFrame | None, locations: pd.DataFrame | None) -> pd.DataFrame | None:
+    """``df`` with the store's service type and coordinates of its meters joined on (if both exist)."""
+    if df is None or locations is None:
+        return df
+    return df.merge(locations, on="meter_id", how="left", sort=False)
+
+
+def _chosen_feeders(meters: pd.DataFrame, max_feeders: int) -> list[str]:
+    """Ids of the feeders drawn: most changed meters first, then by id."""
+    by_feeder = meters.groupby("feeder_id", sort=True)["changed"].sum().sort_values(ascending=False,
+                                                                                   kind="stable")
+    return [str(f) for f in by_feeder.index[:max_feeders]]
+
+
+def _worklist_parts(rdir: Path, corr: pd.DataFrame | None, review: pd.DataFrame | None,
+                    max_rows: int) -> list[str]:
+    """The worklist section: links to the files, then the corrections and review tables."""
+    links = [f"<a href='{name}'>{name}</a>" for name in ("corrections.csv", "review.csv", "meters.parquet",
+                                                          "transformers.parquet", "summary.json", "run.log")
+             if (rdir / name).exists()]
+    parts = ["<h2>Corrections worklist</h2><p>Files beside this page: " + " · ".join(links)
+             + ". Click a column header to sort; type in the box to filter.</p>"]
+    if corr is not None:
+        parts.append(f"<h3>Confident corrections ({len(corr):,} meters)</h3><p>The recommended phase or "
+                     "transformer differs from GIS with a confident assignment: the field worklist "
+                     "(<a href='corrections.csv'>corrections.csv</a>).</p>")
+        recommended = {k: v.replace("(inferred)", "(recommended)") for k, v in _WORKLIST_COLUMNS.items()}
+        parts.append(_table(corr, recommended, "corrections", max_rows) if len(corr) else
+                     "<p class='muted'>None.</p>")
+    if review is not None:
+        parts.append(f"<h3>Review items ({len(review):,} meters)</h3><p>The inference disagrees with GIS but "
+                     "is not confident: GIS is kept; worth a look when a crew is nearby "
+                     "(<a href='review.csv'>review.csv</a>). The phase and transformer columns show the "
+                     "inference.</p>")
+        parts.append(_table(review, _WORKLIST_COLUMNS, "review", max_rows) if len(review) else
+                     "<p class='muted'>None.</p>")
+    return parts
+
+
+def _maps_parts(meters: pd.DataFrame, mloc: pd.DataFrame | None, corr: pd.DataFrame | None,
+                review: pd.DataFrame | None, chosen: list[str]) -> list[str]:
+    """The maps section (empty where no meter has coordinates)."""
+    corr_ids = set() if corr is None else set(corr["meter_id"].astype(str))
+    review_ids = set() if review is None else set(review["meter_id"].astype(str))
+    if mloc is None or "lat" not in mloc or not mloc["lat"].notna().any():
+        return []
+    at = mloc["feeder_id"].astype(str).groupby(mloc["feeder_id"].astype(str).to_numpy()).indices
+    maps = [_feeder_map(fid, mloc.iloc[at.get(fid, [])], corr_ids, review_ids) for fid in chosen]
+    maps = [m for m in maps if m]
+    if not maps:
+        return []
+    return [f"<h2>Maps ({len(maps)} of {meters['feeder_id'].nunique()} feeders)</h2>"
+            "<p>Meters at "
+            "their GIS coordinates, coloured by recommended phase; circles mark confident "
+            "corrections, grey squares review items. Feeders with most corrections first.</p>"
+            "<div class='grid'>" + "".join(maps) + "</div>"]
+
+
+def _confidence_part(meters: pd.DataFrame, summary: dict) -> str:
+    """The confidence section: histograms with the class thresholds of the run's config."""
+    return ("<h2>Confidence</h2><p>Meters per confidence bin (log scale, so small classes stay "
+            "visible); dashed lines are the class thresholds.</p>" + _confidence_hist(meters,
+                                                                                 _thresholds(summary)))
+
+
+def _feeder_plots(ds: Any, meters: pd.DataFrame, chosen: list[str]) -> list[str]:
+    """Projection plots of the ``chosen`` feeders with at least 3 meters in the store."""
+    ids = ds["meter"].values.astype(str)
+    pos = pd.Series(np.arange(len(ids)), index=ids)
+    plots = []
+    # each feeder's rows by one grouping, meters found in the store by one hash lookup (not per feeder)
+    feeder_str = meters["feeder_id"].astype(str).to_numpy()
+    at = pd.Series(feeder_str).groupby(feeder_str).indices
+    store_pos = pos.reindex(meters["meter_id"].astype(str).to_numpy()).to_numpy()
+    for fid in chosen:
+        sel = np.asarray(at.get(fid, []), dtype=np.int64)
+        sel = sel[np.isfinite(store_pos[sel])]
+        rows = meters.iloc[sel]
+        if len(rows) < 3:
+            continue
+        idx = np.sort(store_pos[sel].astype(np.int64))
+        v = ds["voltage"].isel(meter=slice(int(idx.min()), int(idx.max()) + 1),
+                               time=slice(-_PROJECTION_SAMPLES, None)).values
+        v = v[idx - idx.min()]
+        rows = rows.set_index(rows["meter_id"].astype(str)).loc[ids[idx]].reset_index(drop=True)
+        plots.append(_feeder_plot(fid, feeder_projection(v), rows))
+    return plots
+
+
+def _feeders_parts(ds: Any, meters: pd.DataFrame, chosen: list[str]) -> list[str]:
+    """The feeder-projection section (empty without a store holding voltage)."""
+    if ds is None or "voltage" not in ds:
+        return []
+    plots = _feeder_plots(ds, meters, chosen)
+    if not plots:
+        return []
+    return [f"<h2>Feeders ({len(plots)} of {meters['feeder_id'].nunique()} shown)</h2>"
+            "<p>Each point is a meter, coloured by recommended phase; circled points are phase "
+            "corrections. Tight, separated clusters mean confident assignments. (The last "
+            f"{min(_PROJECTION_SAMPLES, ds.sizes['time']):,} intervals of the record.)</p>"
+            "<div class='grid'>" + "".join(plots) + "</div>"]
+
+
+def _transformers_parts(xf: pd.DataFrame | None, summary: dict, max_rows: int) -> list[str]:
+    """The transformers section: loading and hot-spot histograms, then the flagged transformers."""
+    if xf is None or not len(xf):
+        return []
+    val = summary.get("config", {}).get("validation", {})
+    limits = (float(val.get("hot_spot_normal_c", 120.0)), float(val.get("hot_spot_emergency_c", 140.0)))
+    parts = ["<h2>Transformers</h2>"]
+    plot = _transformer_plot(xf, limits)
+    if plot:
+        parts.append(plot)
+    if "flag_codes" in xf:
+        flagged = xf[xf["flag_codes"].fillna("").astype(str).str.len() > 0]
+        parts.append(f"<h3>Flagged transformers ({len(flagged):,} of {len(xf):,})</h3><p>All columns are "
+                     "in <a href='transformers.parquet'>transformers.parquet</a>.</p>")
+        parts.append(_table(flagged, _TRANSFORMER_COLUMNS, "transformers", max_rows) if len(flagged)
+                     else "<p class='muted'>None.</p>")
+    return parts
+
+
+def _write_atomically(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it, so readers never see half a page."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def write_report(
     results: str | os.PathLike[str],
     *,
@@ -486,113 +629,22 @@ def write_report(
 
     matplotlib.use("Agg", force=False)
     rdir = Path(results)
-    meters = pd.read_parquet(rdir / "meters.parquet")
-    summary = json.loads((rdir / "summary.json").read_text()) if (rdir / "summary.json").exists() else {}
-    xf = pd.read_parquet(rdir / "transformers.parquet") if (rdir / "transformers.parquet").exists() else None
-    if xf is not None and "flags" in xf and "flag_codes" not in xf:  # results written before the rename
-        xf = xf.rename(columns={"flags": "flag_codes"})
-    corr, review = _read_csv(rdir / "corrections.csv"), _read_csv(rdir / "review.csv")
+    meters, summary, xf, corr, review = _read_results(rdir)
     if store is None:
         store = summary.get("inputs", {}).get("store")
     ds, facts, locations = _store_facts(store)
-
-    def located(df: pd.DataFrame | None) -> pd.DataFrame | None:
-        if df is None or locations is None:
-            return df
-        return df.merge(locations, on="meter_id", how="left", sort=False)
-
-    corr, review, mloc = located(corr), located(review), located(meters)
-
+    corr, review, mloc = (_located(df, locations) for df in (corr, review, meters))
+    chosen = _chosen_feeders(meters, max_feeders)
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>phaseid-hpc report</title>",
         f"<style>{_CSS}</style><script>{_JS}</script></head><body>",
         "<h1>phaseid-hpc: phase and transformer identification</h1>",
         _summary_html(rdir, summary, meters, corr, review, xf, facts, store),
+        *_worklist_parts(rdir, corr, review, max_rows),
+        *_maps_parts(meters, mloc, corr, review, chosen),
+        _confidence_part(meters, summary),
+        *_feeders_parts(ds, meters, chosen),
+        *_transformers_parts(xf, summary, max_rows),
+        "</body></html>",
     ]
-
-    links = [f"<a href='{name}'>{name}</a>" for name in ("corrections.csv", "review.csv", "meters.parquet",
-                                                          "transformers.parquet", "summary.json", "run.log")
-             if (rdir / name).exists()]
-    parts.append("<h2>Corrections worklist</h2><p>Files beside this page: " + " · ".join(links)
-                 + ". Click a column header to sort; type in the box to filter.</p>")
-    if corr is not None:
-        parts.append(f"<h3>Confident corrections ({len(corr):,} meters)</h3><p>The recommended phase or "
-                     "transformer differs from GIS with a confident assignment: the field worklist "
-                     "(<a href='corrections.csv'>corrections.csv</a>).</p>")
-        recommended = {k: v.replace("(inferred)", "(recommended)") for k, v in _WORKLIST_COLUMNS.items()}
-        parts.append(_table(corr, recommended, "corrections", max_rows) if len(corr) else
-                     "<p class='muted'>None.</p>")
-    if review is not None:
-        parts.append(f"<h3>Review items ({len(review):,} meters)</h3><p>The inference disagrees with GIS but "
-                     "is not confident: GIS is kept; worth a look when a crew is nearby "
-                     "(<a href='review.csv'>review.csv</a>). The phase and transformer columns show the "
-                     "inference.</p>")
-        parts.append(_table(review, _WORKLIST_COLUMNS, "review", max_rows) if len(review) else
-                     "<p class='muted'>None.</p>")
-
-    by_feeder = meters.groupby("feeder_id", sort=True)["changed"].sum().sort_values(ascending=False,
-                                                                                   kind="stable")
-    chosen = [str(f) for f in by_feeder.index[:max_feeders]]
-    corr_ids = set() if corr is None else set(corr["meter_id"].astype(str))
-    review_ids = set() if review is None else set(review["meter_id"].astype(str))
-    if mloc is not None and "lat" in mloc and mloc["lat"].notna().any():
-        at = mloc["feeder_id"].astype(str).groupby(mloc["feeder_id"].astype(str).to_numpy()).indices
-        maps = [_feeder_map(fid, mloc.iloc[at.get(fid, [])], corr_ids, review_ids) for fid in chosen]
-        maps = [m for m in maps if m]
-        if maps:
-            parts.append(f"<h2>Maps ({len(maps)} of {meters['feeder_id'].nunique()} feeders)</h2>"
-                         "<p>Meters at "
-                         "their GIS coordinates, coloured by recommended phase; circles mark confident "
-                         "corrections, grey squares review items. Feeders with most corrections first.</p>"
-                         "<div class='grid'>" + "".join(maps) + "</div>")
-
-    parts.append("<h2>Confidence</h2><p>Meters per confidence bin (log scale, so small classes stay "
-                 "visible); dashed lines are the class thresholds.</p>" + _confidence_hist(meters,
-                                                                                      _thresholds(summary)))
-
-    if ds is not None and "voltage" in ds:
-        ids = ds["meter"].values.astype(str)
-        pos = pd.Series(np.arange(len(ids)), index=ids)
-        plots = []
-        # each feeder's rows by one grouping, meters found in the store by one hash lookup (not per feeder)
-        feeder_str = meters["feeder_id"].astype(str).to_numpy()
-        at = pd.Series(feeder_str).groupby(feeder_str).indices
-        store_pos = pos.reindex(meters["meter_id"].astype(str).to_numpy()).to_numpy()
-        for fid in chosen:
-            sel = np.asarray(at.get(fid, []), dtype=np.int64)
-            sel = sel[np.isfinite(store_pos[sel])]
-            rows = meters.iloc[sel]
-            if len(rows) < 3:
-                continue
-            idx = np.sort(store_pos[sel].astype(np.int64))
-            v = ds["voltage"].isel(meter=slice(int(idx.min()), int(idx.max()) + 1),
-                                   time=slice(-_PROJECTION_SAMPLES, None)).values
-            v = v[idx - idx.min()]
-            rows = rows.set_index(rows["meter_id"].astype(str)).loc[ids[idx]].reset_index(drop=True)
-            plots.append(_feeder_plot(fid, feeder_projection(v), rows))
-        if plots:
-            parts.append(f"<h2>Feeders ({len(plots)} of {meters['feeder_id'].nunique()} shown)</h2>"
-                         "<p>Each point is a meter, coloured by recommended phase; circled points are phase "
-                         "corrections. Tight, separated clusters mean confident assignments. (The last "
-                         f"{min(_PROJECTION_SAMPLES, ds.sizes['time']):,} intervals of the record.)</p>"
-                         "<div class='grid'>" + "".join(plots) + "</div>")
-
-    if xf is not None and len(xf):
-        val = summary.get("config", {}).get("validation", {})
-        limits = (float(val.get("hot_spot_normal_c", 120.0)), float(val.get("hot_spot_emergency_c", 140.0)))
-        parts.append("<h2>Transformers</h2>")
-        plot = _transformer_plot(xf, limits)
-        if plot:
-            parts.append(plot)
-        if "flag_codes" in xf:
-            flagged = xf[xf["flag_codes"].fillna("").astype(str).str.len() > 0]
-            parts.append(f"<h3>Flagged transformers ({len(flagged):,} of {len(xf):,})</h3><p>All columns are "
-                         "in <a href='transformers.parquet'>transformers.parquet</a>.</p>")
-            parts.append(_table(flagged, _TRANSFORMER_COLUMNS, "transformers", max_rows) if len(flagged)
-                         else "<p class='muted'>None.</p>")
-    parts.append("</body></html>")
-    path = rdir / "report.html"
-    tmp = path.with_name(f".report.html.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return _write_atomically(rdir / "report.html", "\n".join(parts))
