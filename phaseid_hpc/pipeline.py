@@ -365,60 +365,22 @@ def run_job(
     -------
     RunSummary
     """
-    from .store import feeder_blocks, open_store, read_lock
-
     config = config or RunConfig()
     say = echo or (lambda s: None)
     t_start = time.perf_counter()
-    out_dir = check_output_writable(out)
-    part_dir = out_dir / PARTITION_DIR
-    part_dir.mkdir(exist_ok=True)
-    logger = get_run_logger(out_dir / "run.log", json_lines=log_json)
-    store = str(store)
-    if not Path(store).exists():
-        raise StoreError(f"store {store!r} does not exist; create it with 'phaseid ingest' or 'phaseid synth'")
+    out_dir, part_dir, logger = _prepare_output(out, log_json)
+    store = _existing_store(store)
+    wanted = None if feeders is None else set(map(str, feeders))  # a delta run recomputes only these feeders
 
-    # one consistent version of the store for the whole run: ingests wait for it (and it for them); the
-    # lock is released once every block has read its rows
-    def busy(holder: str) -> None:
-        say(f"Waiting for a write to the store to finish ({holder})")
-        log_event(logger, "store_busy", store=store, holder=holder)
-
-    with read_lock(store, on_wait=busy):
-        ds = open_store(store)
-        n_meters = int(ds.sizes["meter"])
-        meter_table = ds[[c for c in ds.coords if ds[c].dims == ("meter",)]].to_dataframe().reset_index()
-        blocks = feeder_blocks(ds, config.job.block_bytes, multiple_of=_worker_threads(client))
-        store_fp = store_fingerprint(store)
-        config_fp = config_fingerprint(config)
-        log_event(logger, "run_start", store=store, meters=n_meters, blocks=len(blocks), store_fingerprint=store_fp,
-                  config_fingerprint=config_fp, device=config.job.device)
-        if client is not None:
-            say(f"Dask dashboard: {getattr(client, 'dashboard_link', 'n/a')}")
-            log_event(logger, "dask_client", dashboard=getattr(client, "dashboard_link", ""),
-                      workers=len(client.scheduler_info().get("workers", {})))
-
-        delta = feeders is not None
-        wanted = set(map(str, feeders or ()))
-        if delta:
-            blocks = _delta_blocks(blocks, meter_table, wanted, previous, store)  # the affected feeders' rows
-            log_event(logger, "delta_plan", feeders=",".join(sorted(wanted)), blocks=len(blocks))
-        todo, paths = _plan_blocks(blocks, part_dir, store_fp, config_fp, logger)
-        reused = len(blocks) - len(todo)
-
-        t_blocks = time.perf_counter()
-        if todo:
-            say(f"Processing {len(todo)} of {len(blocks)} blocks ({reused} reused from an earlier run)")
-        tables = StoreTables.from_dataset(ds) if todo else None
-        results = _execute(todo, store, config, client, progress, tables)
+    plan, results, t_blocks = _plan_and_run_blocks(store, part_dir, config, client, progress, logger, say,
+                                                   wanted, previous)
     block_timings = _log_blocks_done(results, logger)
     t_blocks = time.perf_counter() - t_blocks
 
     t_cons = time.perf_counter()
-    meters, transformers = _consolidate(paths, Path(previous) if delta else None, wanted)
-    for fid, mid, reason in _findings(meters):
-        log_event(logger, "meter_finding", logging.WARNING, feeder=fid, meter=mid, reason=reason)
-    files = _write_outputs(out_dir, meters, transformers)
+    meters, transformers, files = _consolidate_and_write(
+        out_dir, plan.paths, None if wanted is None else Path(previous), wanted or set(), logger
+    )
     t_cons = time.perf_counter() - t_cons
 
     counts = _counts(meters)
@@ -428,13 +390,10 @@ def run_job(
         "consolidate": t_cons,
         **{f"block_{k}_sum": v for k, v in block_timings.items()},
     }
-    summary = _summary(meters, transformers, counts, config, store, store_fp, config_fp, len(blocks), reused,
-                       meter_table)
-    if delta:
-        summary["delta"] = {"previous": os.path.abspath(previous), "recomputed_feeders": sorted(wanted)}
-    summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    files["summary"] = str(out_dir / "summary.json")
+    delta = None if wanted is None else {"previous": os.path.abspath(previous),
+                                         "recomputed_feeders": sorted(wanted)}
+    files["summary"] = _write_summary(out_dir, meters, transformers, counts, config, store, plan, timings,
+                                      delta)
     files["run_log"] = str(out_dir / "run.log")
     if report:
         t_report = time.perf_counter()
@@ -444,7 +403,138 @@ def run_job(
         timings["report"] = time.perf_counter() - t_report
     log_event(logger, "run_done", meters=len(meters), confident=counts.get("confident", 0),
               changed=counts["phase_changed"], total_s=round(timings["total"], 3))
-    return RunSummary(out_dir, len(meters), len(blocks), reused, counts, timings, files)
+    return RunSummary(out_dir, len(meters), len(plan.blocks), plan.reused, counts, timings, files)
+
+
+@dataclass(frozen=True)
+class _BlockPlan:
+    """What a run works on: the store's meter table, its blocks, their partition files and fingerprints."""
+
+    meter_table: pd.DataFrame
+    blocks: Sequence[Any]
+    paths: list[Path]
+    reused: int
+    store_fp: str
+    config_fp: str
+
+
+def _prepare_output(out: str | os.PathLike[str], log_json: bool) -> tuple[Path, Path, logging.Logger]:
+    """The writable output folder, its ``partitions/`` folder and the run logger (``run.log``)."""
+    out_dir = check_output_writable(out)
+    part_dir = out_dir / PARTITION_DIR
+    part_dir.mkdir(exist_ok=True)
+    return out_dir, part_dir, get_run_logger(out_dir / "run.log", json_lines=log_json)
+
+
+def _existing_store(store: str | os.PathLike[str]) -> str:
+    """The store's path as a string, once it is known to exist (:class:`StoreError` otherwise)."""
+    store = str(store)
+    if not Path(store).exists():
+        raise StoreError(f"store {store!r} does not exist; create it with 'phaseid ingest' or 'phaseid synth'")
+    return store
+
+
+def _plan_and_run_blocks(
+    store: str,
+    part_dir: Path,
+    config: RunConfig,
+    client: Any,
+    progress: bool,
+    logger: logging.Logger,
+    say: Callable[[str], None],
+    wanted: set[str] | None,
+    previous: str | os.PathLike[str] | None,
+) -> tuple[_BlockPlan, dict[int, dict[str, Any]], float]:
+    """Under the store's read lock: plan the blocks, then run those without a partition file yet.
+
+    One consistent version of the store for the whole run: ingests wait for it (and it for them); the lock
+    is released once every block has read its rows. Returns the plan, the result of each block run, and
+    when the blocks started (``time.perf_counter``). [s]
+    """
+    from .store import open_store, read_lock
+
+    def busy(holder: str) -> None:
+        say(f"Waiting for a write to the store to finish ({holder})")
+        log_event(logger, "store_busy", store=store, holder=holder)
+
+    with read_lock(store, on_wait=busy):
+        ds = open_store(store)
+        plan, todo = _plan_run(ds, store, part_dir, config, client, logger, say, wanted, previous)
+        t_blocks = time.perf_counter()
+        if todo:
+            say(f"Processing {len(todo)} of {len(plan.blocks)} blocks "
+                f"({plan.reused} reused from an earlier run)")
+        tables = StoreTables.from_dataset(ds) if todo else None
+        results = _execute(todo, store, config, client, progress, tables)
+    return plan, results, t_blocks
+
+
+def _plan_run(
+    ds: Any,
+    store: str,
+    part_dir: Path,
+    config: RunConfig,
+    client: Any,
+    logger: logging.Logger,
+    say: Callable[[str], None],
+    wanted: set[str] | None,
+    previous: str | os.PathLike[str] | None,
+) -> tuple[_BlockPlan, list[tuple[int, int, int, str]]]:
+    """Log the run's start, cut the opened store into blocks (a delta run: the ``wanted`` feeders' rows
+    only) and name each block's partition file; the blocks still to run come second."""
+    from .store import feeder_blocks
+
+    n_meters = int(ds.sizes["meter"])
+    meter_table = ds[[c for c in ds.coords if ds[c].dims == ("meter",)]].to_dataframe().reset_index()
+    blocks = feeder_blocks(ds, config.job.block_bytes, multiple_of=_worker_threads(client))
+    store_fp = store_fingerprint(store)
+    config_fp = config_fingerprint(config)
+    log_event(logger, "run_start", store=store, meters=n_meters, blocks=len(blocks), store_fingerprint=store_fp,
+              config_fingerprint=config_fp, device=config.job.device)
+    if client is not None:
+        say(f"Dask dashboard: {getattr(client, 'dashboard_link', 'n/a')}")
+        log_event(logger, "dask_client", dashboard=getattr(client, "dashboard_link", ""),
+                  workers=len(client.scheduler_info().get("workers", {})))
+    if wanted is not None:
+        blocks = _delta_blocks(blocks, meter_table, wanted, previous, store)  # the affected feeders' rows
+        log_event(logger, "delta_plan", feeders=",".join(sorted(wanted)), blocks=len(blocks))
+    todo, paths = _plan_blocks(blocks, part_dir, store_fp, config_fp, logger)
+    plan = _BlockPlan(meter_table, blocks, paths, len(blocks) - len(todo), store_fp, config_fp)
+    return plan, todo
+
+
+def _consolidate_and_write(
+    out_dir: Path, paths: Sequence[Path], previous: Path | None, feeders: set[str], logger: logging.Logger
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
+    """The consolidated meters and transformers tables (see :func:`_consolidate`), each meter finding logged,
+    and the result files written (:func:`_write_outputs`, whose paths come third)."""
+    meters, transformers = _consolidate(paths, previous, feeders)
+    for fid, mid, reason in _findings(meters):
+        log_event(logger, "meter_finding", logging.WARNING, feeder=fid, meter=mid, reason=reason)
+    files = _write_outputs(out_dir, meters, transformers)
+    return meters, transformers, files
+
+
+def _write_summary(
+    out_dir: Path,
+    meters: pd.DataFrame,
+    transformers: pd.DataFrame,
+    counts: dict[str, int],
+    config: RunConfig,
+    store: str,
+    plan: _BlockPlan,
+    timings: dict[str, float],
+    delta: dict[str, Any] | None,
+) -> str:
+    """Write ``summary.json`` (with ``delta`` when given, and ``timings`` rounded to ms) and return its path."""
+    summary = _summary(meters, transformers, counts, config, store, plan.store_fp, plan.config_fp,
+                       len(plan.blocks), plan.reused, plan.meter_table)
+    if delta is not None:
+        summary["delta"] = delta
+    summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return str(path)
 
 
 def _worker_threads(client: Any) -> int:
