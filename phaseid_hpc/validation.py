@@ -158,6 +158,32 @@ def validate_transformers(
     unit and phase), :func:`_loading` (loading and imbalance), :func:`~phaseid_hpc.kernels.validation.thermal_summary`,
     :func:`_health` and :func:`_flags`.
     """
+    xp, kw, times = _checked_inputs(kw, meters, times)
+    n_t = kw.shape[1]
+    tx, groups, pairs = _meter_groups(meters, transformers)
+    tan_phi = math.tan(math.acos(config.default_power_factor))
+    p_pair, q_pair, kw_real = kv.pair_power(
+        kw, None if kvar is None else xp.asarray(kvar), groups, pairs, tan_phi=tan_phi
+    )
+    tx_load = _transformer_load(p_pair, pairs, len(tx), voltage)
+    cols = _loading(p_pair, q_pair, kw_real, groups, pairs, tx, n_t, tan_phi)
+    loading = cols.pop("loading")
+    cols.update(_thermal_columns(loading, cols["mean_loading_pu"], times, ambient_c, config, xp))
+    hl = _health(voltage, meters, tx, groups, references, times, config, tx_load)
+    cols.update(_health_columns(hl, times))
+    out = pd.DataFrame(cols)
+    out["flag_codes"], out["flag_reasons"] = _flags(out, hl["correlation_first_lost"], times, config)
+    return out
+
+
+def _checked_inputs(kw: Any, meters: pd.DataFrame, times: Any) -> tuple[Any, Any, np.ndarray]:
+    """The array namespace of ``kw``, ``kw`` in it and ``times`` as datetime64[ns], shapes checked.
+
+    Raises
+    ------
+    ValueError
+        ``kw`` is not (n_meters, n_time) with ``len(meters)`` rows and ``times`` of shape (n_time,).
+    """
     xp = array_namespace(kw)
     kw = xp.asarray(kw)
     times = np.asarray(times, dtype="datetime64[ns]")
@@ -167,51 +193,76 @@ def validate_transformers(
             f"validate_transformers: kw is {tuple(kw.shape)}, meters has {len(meters)} rows and times "
             f"{times.shape}; expected (n_meters, n_time), n_meters rows and (n_time,)"
         )
-    interval_min = (
-        float(np.median(np.diff(times)).astype("timedelta64[s]").astype(float)) / 60 if n_t > 1 else 15.0
-    )
+    return xp, kw, times
+
+
+def _interval_min(times: np.ndarray) -> float:
+    """Sampling interval [min]: the median step of ``times``; 15 with fewer than two samples."""
+    n_t = times.size
+    return float(np.median(np.diff(times)).astype("timedelta64[s]").astype(float)) / 60 if n_t > 1 else 15.0
+
+
+def _meter_groups(
+    meters: pd.DataFrame, transformers: pd.DataFrame | None
+) -> tuple[pd.DataFrame, kv.MeterGroups, dict[str, np.ndarray]]:
+    """The block's transformer table, its meters grouped by unit and the loaded (unit, phase) pairs; see
+    :func:`_transformer_table` and :func:`_phase_pairs`."""
     tx, tx_of_meter = _transformer_table(meters, transformers)
     groups = kv.MeterGroups.from_assignment(tx_of_meter, len(tx))
-    pairs = _phase_pairs(meters, groups)
-    tan_phi = math.tan(math.acos(config.default_power_factor))
-    p_pair, q_pair, kw_real = kv.pair_power(
-        kw, None if kvar is None else xp.asarray(kvar), groups, pairs, tan_phi=tan_phi
-    )
-    # active power of each transformer [kW]: the health checks remove the voltage its own load explains
-    tx_load = (
-        kv.transformer_power(p_pair, pairs["tx"], len(tx))
-        if voltage is not None and pairs["codes"].size
-        else None
-    )
-    cols = _loading(p_pair, q_pair, kw_real, groups, pairs, tx, n_t, tan_phi)
+    return tx, groups, _phase_pairs(meters, groups)
+
+
+def _transformer_load(
+    p_pair: Any, pairs: dict[str, np.ndarray], n_tx: int, voltage: Any | None
+) -> Any | None:
+    """Active power of each transformer (n_tx, n_time) [kW], which the health checks use to remove the voltage
+    its own load explains; ``None`` without voltage or without a loaded pair."""
+    if voltage is None or not pairs["codes"].size:
+        return None
+    return kv.transformer_power(p_pair, pairs["tx"], n_tx)
+
+
+def _thermal_columns(
+    loading: Any,
+    mean_loading_pu: np.ndarray,
+    times: np.ndarray,
+    ambient_c: Any,
+    config: ValidationConfig,
+    xp: Any,
+) -> dict[str, np.ndarray]:
+    """Thermal columns of the result (host arrays, shape (n_tx,)) from ``loading`` (n_tx, n_time) [pu] and
+    ``ambient_c`` [degC]; units without a finite mean loading are skipped. See
+    :func:`~phaseid_hpc.kernels.validation.thermal_summary`."""
     ambient = _ambient_series(ambient_c, times, config.ambient_c)
     th = kv.thermal_summary(
-        cols.pop("loading"),
-        xp.asarray(np.isfinite(cols["mean_loading_pu"])),
+        loading,
+        xp.asarray(np.isfinite(mean_loading_pu)),
         ambient,
-        interval_min,
+        _interval_min(times),
         standard=config.thermal_standard,
         insulation=config.insulation,
         hot_spot_normal_c=config.hot_spot_normal_c,
         hot_spot_emergency_c=config.hot_spot_emergency_c,
         params=config.thermal_parameters(),
     )
-    cols.update({k: to_numpy(th[k]) for k in _THERMAL_COLUMNS})
-    hl = _health(voltage, meters, tx, groups, references, times, config, tx_load)
+    return {k: to_numpy(th[k]) for k in _THERMAL_COLUMNS}
+
+
+def _health_columns(hl: dict[str, np.ndarray], times: np.ndarray) -> dict[str, Any]:
+    """Health columns of the result: ``voltage_step_pu`` [pu], ``voltage_step_time`` (NaT: no step) and
+    ``correlation_lost_windows``, from the host arrays of :func:`_health`."""
+    n_t = times.size
     step_idx = hl["voltage_step_index"]
     step_time = np.where(
         step_idx >= 0,
         times[np.clip(step_idx, 0, max(n_t - 1, 0))] if n_t else np.datetime64("NaT"),
         np.datetime64("NaT"),
     ).astype("datetime64[ns]")
-    cols.update(
-        voltage_step_pu=hl["voltage_step_pu"],
-        voltage_step_time=pd.DatetimeIndex(step_time),
-        correlation_lost_windows=hl["correlation_lost_windows"].astype(int),
-    )
-    out = pd.DataFrame(cols)
-    out["flag_codes"], out["flag_reasons"] = _flags(out, hl["correlation_first_lost"], times, config)
-    return out
+    return {
+        "voltage_step_pu": hl["voltage_step_pu"],
+        "voltage_step_time": pd.DatetimeIndex(step_time),
+        "correlation_lost_windows": hl["correlation_lost_windows"].astype(int),
+    }
 
 
 def _transformer_table(
