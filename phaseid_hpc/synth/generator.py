@@ -241,6 +241,162 @@ def _tables(
     return meters, xf, order
 
 
+@dataclass
+class _FeederLoads:
+    """One feeder before its substation's bus voltage is known (see :func:`_feeder_loads`)."""
+
+    fidx: int
+    top: FeederTopology
+    #: Meter loads, shape (n_meters, n_time), float32, topology order [kW], [kvar].
+    kw: np.ndarray
+    kvar: np.ndarray
+    #: Head-phase weights of each meter, shape (n_meters, 3) [-].
+    head_weight: np.ndarray
+    #: Voltage drop of each meter below its head, shape (n_meters, n_time) [V].
+    drop: np.ndarray
+    #: Per-phase load at the feeder head, shape (3, n_time) [kW], [kvar].
+    feeder_p: np.ndarray
+    feeder_q: np.ndarray
+
+
+def _feeder_loads(
+    seed: int,
+    fidx: int,
+    n_meters: int,
+    grid: TimeGrid,
+    *,
+    hours: np.ndarray,
+    weekday: np.ndarray,
+    region: _Region,
+    pv_fraction: float,
+) -> _FeederLoads:
+    """Topology, customer loads (with rooftop PV) and voltage drops of one feeder.
+
+    Every draw comes from the feeder's own stream ``(_S_FEEDER, fidx)``, in the order topology, PV,
+    loads, transformer impedances.
+
+    Parameters
+    ----------
+    hours, weekday : ndarray, shape (n_time,)
+        Local hour of the interval midpoint [h] and weekday (0 = Monday).
+    pv_fraction : float
+        Share of residential customers with rooftop PV [-].
+    """
+    rng = _rng(seed, _S_FEEDER, fidx)
+    top = build_feeder_topology(rng, _feeder_id(fidx), n_meters)
+    commercial = top.meter_service != "1ph-240"
+    pv = np.where(rng.random(n_meters) < pv_fraction, rng.uniform(3, 9, n_meters), 0.0) * ~commercial
+    kw, kvar = customer_loads(
+        rng,
+        hours,
+        weekday,
+        region.temperature,
+        commercial,
+        grid.interval_s / 3600,
+        pv_kw=pv if pv_fraction > 0 else None,
+        irradiance=region.irradiance,
+    )
+    w, drop, fp, fq = feeder_drops(top, kw, kvar, rng)
+    return _FeederLoads(fidx, top, kw.astype(np.float32), kvar.astype(np.float32), w, drop, fp, fq)
+
+
+def _substation_load(loads: list[_FeederLoads], n_time: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-phase load on the substation bus, shape (3, n_time) [kW], [kvar], summed in feeder order."""
+    tot_p = np.zeros((3, n_time))
+    tot_q = np.zeros((3, n_time))
+    for part in loads:
+        tot_p += part.feeder_p
+        tot_q += part.feeder_q
+    return tot_p, tot_q
+
+
+def _subtransmission_voltage(rng_sub: np.random.Generator, region: _Region, grid: TimeGrid) -> np.ndarray:
+    """Sub-transmission voltage per phase at the substation, shape (3, n_time) [pu].
+
+    The regional component + this substation's own AR(1) (2 h, 0.15%) + a small per-phase unbalance
+    (1 h, 0.05%) + a fixed per-phase offset, drawn from ``rng_sub`` in that order.
+    """
+    return (
+        1.0
+        + region.upstream[None, :]
+        + _ar1(rng_sub, grid.n_time, np.exp(-grid.interval_s / 7200), 0.0015)[None, :]
+        + _ar1(rng_sub, grid.n_time, np.exp(-grid.interval_s / 3600), 0.0005, rows=3)
+        + rng_sub.normal(0, 0.004, (3, 1))
+    )
+
+
+def _measured_voltage(
+    v: np.ndarray,
+    measurement: MeasurementModel | None,
+    meter_xy: np.ndarray,
+    *,
+    seed: int,
+    fidx: int,
+    interval_s: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reported voltage, shape (n_meters, n_time), float32 [V], and clock offsets, shape (n_meters,) [s].
+
+    ``measurement=None`` reports ``v`` itself with zero offsets. ``meter_xy`` [m] is in the row order of
+    ``v``; it sets the hops to the collector when the model loses readings with distance.
+    """
+    if measurement is None:
+        return v, np.zeros(len(v))
+    dist = None
+    if measurement.missing_hop_m > 0:  # RF-mesh loss grows with the hops to the collector
+        dist = collector_distance_m(meter_xy, random_state=_rng(seed, _S_MEAS, fidx, 1))
+    meas, off = apply_measurement_model(
+        v,
+        measurement,
+        interval_s=interval_s,
+        random_state=_rng(seed, _S_MEAS, fidx),
+        distance_m=dist,
+    )
+    return meas.astype(np.float32), off
+
+
+def _finish_feeder(
+    part: _FeederLoads,
+    v_bus: np.ndarray,
+    tap: np.ndarray,
+    grid: TimeGrid,
+    *,
+    seed: int,
+    measurement: MeasurementModel | None,
+    phase_error_rate: float,
+    transformer_error_rate: float,
+    keep_topology: bool,
+) -> FeederSimulation:
+    """Meter voltages under the bus ``v_bus``, shape (3, n_time) [pu]; tables and readings in output order."""
+    fid, top = _feeder_id(part.fidx), part.top
+    tap_x = top.xfmr_tap[top.meter_xfmr]
+    v = (top.meter_nominal_v * tap_x)[:, None] * (part.head_weight @ v_bus) - part.drop
+    meters, xf, order = _tables(top, fid, seed, part.fidx, phase_error_rate, transformer_error_rate)
+    v = v[order].astype(np.float32)
+    # What a meter register reports [kW], [kvar].
+    kw, kvar = np.round(part.kw[order], 3), np.round(part.kvar[order], 3)
+    meas, off = _measured_voltage(
+        v, measurement, top.meter_xy[order], seed=seed, fidx=part.fidx, interval_s=grid.interval_s
+    )
+    truth = truth_table(meters, fid)
+    refs = pd.DataFrame((v_bus * V_LN_MV).astype(np.float32), index=pd.Index(list("ABC"), name="phase"))
+    return FeederSimulation(
+        fid,
+        meters,
+        truth,
+        xf,
+        refs,
+        v,
+        meas,
+        kw,
+        kvar,
+        off,
+        tap,
+        grid.times,
+        top if keep_topology else None,
+        order,
+    )
+
+
 def simulate_substation(
     sub_index: int,
     feeders: list[tuple[int, int]],
@@ -276,84 +432,30 @@ def simulate_substation(
     """
     region = region if region is not None else _region(seed, grid)
     hours, _, weekday = grid.local_calendar()
-    interval_h = grid.interval_s / 3600
+    loads = [
+        _feeder_loads(
+            seed, fidx, n_m, grid, hours=hours, weekday=weekday, region=region, pv_fraction=pv_fraction
+        )
+        for fidx, n_m in feeders
+    ]
     rng_sub = _rng(seed, _S_SUB, sub_index)
-    parts = []
-    tot_p = np.zeros((3, grid.n_time))
-    tot_q = np.zeros((3, grid.n_time))
-    for fidx, n_m in feeders:
-        rng = _rng(seed, _S_FEEDER, fidx)
-        top = build_feeder_topology(rng, _feeder_id(fidx), n_m)
-        commercial = top.meter_service != "1ph-240"
-        pv = np.where(rng.random(n_m) < pv_fraction, rng.uniform(3, 9, n_m), 0.0) * ~commercial
-        kw, kvar = customer_loads(
-            rng,
-            hours,
-            weekday,
-            region.temperature,
-            commercial,
-            interval_h,
-            pv_kw=pv if pv_fraction > 0 else None,
-            irradiance=region.irradiance,
-        )
-        w, drop, fp, fq = feeder_drops(top, kw, kvar, rng)
-        tot_p += fp
-        tot_q += fq
-        parts.append((fidx, top, kw.astype(np.float32), kvar.astype(np.float32), w, drop))
-        del kw, kvar
-    # Sub-transmission: regional component + this substation's own AR(1) (2 h, 0.15%) + small
-    # per-phase unbalance (1 h, 0.05%) + a fixed per-phase offset.
-    up = (
-        1.0
-        + region.upstream[None, :]
-        + _ar1(rng_sub, grid.n_time, np.exp(-grid.interval_s / 7200), 0.0015)[None, :]
-        + _ar1(rng_sub, grid.n_time, np.exp(-grid.interval_s / 3600), 0.0005, rows=3)
-        + rng_sub.normal(0, 0.004, (3, 1))
-    )
+    up = _subtransmission_voltage(rng_sub, region, grid)
+    tot_p, tot_q = _substation_load(loads, grid.n_time)
     v_bus, tap = substation_bus_voltage(rng_sub, up, tot_p, tot_q, interval_s=grid.interval_s)
-    out = []
-    for fidx, top, kw, kvar, w, drop in parts:
-        fid = _feeder_id(fidx)
-        tap_x = top.xfmr_tap[top.meter_xfmr]
-        v = (top.meter_nominal_v * tap_x)[:, None] * (w @ v_bus) - drop
-        meters, xf, order = _tables(top, fid, seed, fidx, phase_error_rate, transformer_error_rate)
-        v = v[order].astype(np.float32)
-        kw, kvar = np.round(kw[order], 3), np.round(kvar[order], 3)  # what a meter register reports [kW]
-        if measurement is not None:
-            dist = None
-            if measurement.missing_hop_m > 0:  # RF-mesh loss grows with the hops to the collector
-                dist = collector_distance_m(top.meter_xy[order], random_state=_rng(seed, _S_MEAS, fidx, 1))
-            meas, off = apply_measurement_model(
-                v,
-                measurement,
-                interval_s=grid.interval_s,
-                random_state=_rng(seed, _S_MEAS, fidx),
-                distance_m=dist,
-            )
-            meas = meas.astype(np.float32)
-        else:
-            meas, off = v, np.zeros(len(v))
-        truth = truth_table(meters, fid)
-        refs = pd.DataFrame((v_bus * V_LN_MV).astype(np.float32), index=pd.Index(list("ABC"), name="phase"))
-        out.append(
-            FeederSimulation(
-                fid,
-                meters,
-                truth,
-                xf,
-                refs,
-                v,
-                meas,
-                kw,
-                kvar,
-                off,
-                tap,
-                grid.times,
-                top if keep_topology else None,
-                order,
-            )
+    return [
+        _finish_feeder(
+            part,
+            v_bus,
+            tap,
+            grid,
+            seed=seed,
+            measurement=measurement,
+            phase_error_rate=phase_error_rate,
+            transformer_error_rate=transformer_error_rate,
+            keep_topology=keep_topology,
         )
-    return out
+        for part in loads
+    ]
 
 
 def simulate_feeder(
