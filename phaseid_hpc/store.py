@@ -953,25 +953,50 @@ def validate_store(
         Raise :class:`StoreError` listing every problem instead of returning them.
     """
     path = Path(path)
-    problems: list[str] = []
-    leftovers = sorted(q.name for q in path.parent.glob(f"{glob.escape(path.name)}.init-*"))
-    if leftovers:
-        problems.append(f"leftover(s) of a killed store creation beside the store: {leftovers} "
-                        "(removed by the next ingest)")
+    problems = _leftover_problems(path)
     if not (path / "zarr.json").is_file():
         problems.append(f"store {str(path)!r} does not open: no Zarr store there (missing zarr.json)")
         return _finish(problems, path, raise_on_error)
     try:
-        pending = [p.name for p in _txn_root(path).glob("txn-*")] if (path / "_phaseid").is_dir() else []
-        if pending:
-            problems.append(f"interrupted transaction(s) {sorted(pending)} in _phaseid (run recover_store)")
+        problems += _pending_transaction_problems(path)
         ds = open_store(path, recover=False, block_bytes=None)
     except Exception as exc:  # noqa: BLE001 - reported as a problem
         problems.append(f"store {str(path)!r} does not open: {exc}")
         return _finish(problems, path, raise_on_error)
-    for a in ("interval_s", "phaseid_store_version"):
-        if a not in ds.attrs:
-            problems.append(f"missing attribute {a!r}")
+    problems += _attribute_problems(ds)
+    problems += _variable_problems(ds)
+    problems += _meter_order_problems(ds)
+    problems += _storage_chunk_problems(ds)
+    problems += _time_axis_problems(ds)
+    if deep:
+        problems += _deep_chunk_problems(path, int(ds.attrs.get("phaseid_store_version", 1)))
+    return _finish(problems, path, raise_on_error)
+
+
+def _leftover_problems(path: Path) -> list[str]:
+    """A problem naming the leftovers of a killed store creation beside ``path`` (``<name>.init-*``)."""
+    leftovers = sorted(q.name for q in path.parent.glob(f"{glob.escape(path.name)}.init-*"))
+    if not leftovers:
+        return []
+    return [f"leftover(s) of a killed store creation beside the store: {leftovers} "
+            "(removed by the next ingest)"]
+
+
+def _pending_transaction_problems(path: Path) -> list[str]:
+    """A problem naming the interrupted transactions (``_phaseid/txn-*``) of the store at ``path``, if any."""
+    pending = [p.name for p in _txn_root(path).glob("txn-*")] if (path / "_phaseid").is_dir() else []
+    if not pending:
+        return []
+    return [f"interrupted transaction(s) {sorted(pending)} in _phaseid (run recover_store)"]
+
+
+def _attribute_problems(ds: xr.Dataset) -> list[str]:
+    """One problem per store attribute (``interval_s``, ``phaseid_store_version``) missing from ``ds``."""
+    return [f"missing attribute {a!r}" for a in ("interval_s", "phaseid_store_version") if a not in ds.attrs]
+
+
+def _variable_problems(ds: xr.Dataset) -> list[str]:
+    """Schema variables missing or with the wrong dimensions; a voltage that does not decode to floats."""
     expected = {
         "voltage": ("meter", "time"),
         "meter": ("meter",),
@@ -988,6 +1013,7 @@ def validate_store(
         "n_phases": ("transformer",),
         "transformer_feeder_id": ("transformer",),
     }
+    problems: list[str] = []
     for name, dims in expected.items():
         if name not in ds.variables:
             problems.append(f"missing variable {name!r} (expected dims {dims})")
@@ -998,56 +1024,80 @@ def validate_store(
             problems.append(f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
     if "voltage" in ds and not np.issubdtype(ds["voltage"].dtype, np.floating):
         problems.append(f"voltage decodes to {ds['voltage'].dtype}, expected float32")
-    if all(c in ds.variables for c in ("meter", "feeder_id", "transformer_id")):
-        table = pd.DataFrame({c: _strings(ds[c].values) for c in ("meter", "feeder_id", "transformer_id")})
-        if table["meter"].duplicated().any():
-            problems.append(
-                f"duplicate meter id(s) {table['meter'][table['meter'].duplicated()].head(3).tolist()}"
-            )
-        order = table.sort_values(["feeder_id", "transformer_id", "meter"], kind="stable").index.to_numpy()
-        if not (order == np.arange(len(order))).all():
-            row = int(np.flatnonzero(order != np.arange(len(order)))[0])
-            problems.append(
-                f"meters not sorted by feeder, transformer, meter id: first out of place at row {row} "
-                f"(meter {table['meter'].iloc[row]!r})"
-            )
-        else:
-            try:
-                blocks = feeder_blocks(ds, 100e6)
-                dask_ds = ds.chunk({"meter": tuple(b.stop - b.start for b in blocks)}) if len(table) else ds
-                bounds = np.cumsum((0,) + tuple(dask_ds.chunks.get("meter", ())))
-                feeders = table["feeder_id"].to_numpy()
-                for b in bounds[1:-1]:
-                    if feeders[b - 1] == feeders[b]:
-                        problems.append(
-                            f"chunks not aligned to feeders: boundary at row {b} splits feeder {feeders[b]!r}"
-                        )
-                        break
-            except StoreError as exc:
-                problems.append(str(exc))
+    return problems
+
+
+def _meter_order_problems(ds: xr.Dataset) -> list[str]:
+    """Duplicate meter ids; meters not sorted by feeder, transformer, meter id; else feeder-misaligned chunks.
+
+    Nothing is checked unless ``meter``, ``feeder_id`` and ``transformer_id`` are all present.
+    """
+    if not all(c in ds.variables for c in ("meter", "feeder_id", "transformer_id")):
+        return []
+    table = pd.DataFrame({c: _strings(ds[c].values) for c in ("meter", "feeder_id", "transformer_id")})
+    problems: list[str] = []
+    if table["meter"].duplicated().any():
+        duplicates = table["meter"][table["meter"].duplicated()]
+        problems.append(f"duplicate meter id(s) {duplicates.head(3).tolist()}")
+    order = table.sort_values(["feeder_id", "transformer_id", "meter"], kind="stable").index.to_numpy()
+    if not (order == np.arange(len(order))).all():
+        row = int(np.flatnonzero(order != np.arange(len(order)))[0])
+        problems.append(
+            f"meters not sorted by feeder, transformer, meter id: first out of place at row {row} "
+            f"(meter {table['meter'].iloc[row]!r})"
+        )
+        return problems
+    return problems + _feeder_alignment_problems(ds, table)
+
+
+def _feeder_alignment_problems(ds: xr.Dataset, table: pd.DataFrame) -> list[str]:
+    """The first Dask chunk boundary of :func:`open_store` that splits a feeder (``table``: meters in store
+    order, column ``feeder_id``), or the :class:`StoreError` of :func:`feeder_blocks`, as a problem."""
+    try:
+        blocks = feeder_blocks(ds, 100e6)
+        dask_ds = ds.chunk({"meter": tuple(b.stop - b.start for b in blocks)}) if len(table) else ds
+        bounds = np.cumsum((0,) + tuple(dask_ds.chunks.get("meter", ())))
+        feeders = table["feeder_id"].to_numpy()
+        for b in bounds[1:-1]:
+            if feeders[b - 1] == feeders[b]:
+                return [f"chunks not aligned to feeders: boundary at row {b} splits feeder {feeders[b]!r}"]
+    except StoreError as exc:
+        return [str(exc)]
+    return []
+
+
+def _storage_chunk_problems(ds: xr.Dataset) -> list[str]:
+    """A problem if the data variables present (voltage, kw, kvar) do not share one storage chunk shape."""
     data_vars = [v for v in DATA_VARIABLES if v in ds]
     storage_chunks = {
         v: ds[v].encoding.get("chunks") or ds[v].encoding.get("preferred_chunks") for v in data_vars
     }
     if len({str(c) for c in storage_chunks.values()}) > 1:
-        problems.append(f"data variables have different storage chunks: {storage_chunks}")
-    if "time" in ds.variables:
-        t = pd.DatetimeIndex(ds["time"].values)
-        if t.tz is not None:
-            problems.append("time coordinate carries a time zone (expected naive UTC)")
-        if len(t) > 1:
-            d = np.diff(t.asi8)
-            step = int(ds.attrs.get("interval_s", 0)) * 10**9
-            if (d <= 0).any():
-                problems.append(f"time not strictly increasing at index {int(np.flatnonzero(d <= 0)[0]) + 1}")
-            elif step and (d != step).any():
-                i = int(np.flatnonzero(d != step)[0])
-                problems.append(
-                    f"non-regular time grid: step {d[i] / 1e9:g} s at index {i + 1}, expected interval_s={step // 10**9}"
-                )
-    if deep:
-        problems += _deep_chunk_problems(path, int(ds.attrs.get("phaseid_store_version", 1)))
-    return _finish(problems, path, raise_on_error)
+        return [f"data variables have different storage chunks: {storage_chunks}"]
+    return []
+
+
+def _time_axis_problems(ds: xr.Dataset) -> list[str]:
+    """Problems of the ``time`` coordinate: a time zone; not strictly increasing, else off the ``interval_s``
+    grid (not checked when ``interval_s`` is missing or 0)."""
+    if "time" not in ds.variables:
+        return []
+    problems: list[str] = []
+    t = pd.DatetimeIndex(ds["time"].values)
+    if t.tz is not None:
+        problems.append("time coordinate carries a time zone (expected naive UTC)")
+    if len(t) > 1:
+        d = np.diff(t.asi8)
+        step = int(ds.attrs.get("interval_s", 0)) * 10**9
+        if (d <= 0).any():
+            problems.append(f"time not strictly increasing at index {int(np.flatnonzero(d <= 0)[0]) + 1}")
+        elif step and (d != step).any():
+            i = int(np.flatnonzero(d != step)[0])
+            problems.append(
+                f"non-regular time grid: step {d[i] / 1e9:g} s at index {i + 1}, "
+                f"expected interval_s={step // 10**9}"
+            )
+    return problems
 
 
 def _deep_chunk_problems(path: Path, version: int) -> list[str]:
