@@ -1055,8 +1055,10 @@ def _feeder_alignment_problems(ds: xr.Dataset, table: pd.DataFrame) -> list[str]
     order, column ``feeder_id``), or the :class:`StoreError` of :func:`feeder_blocks`, as a problem."""
     try:
         blocks = feeder_blocks(ds, 100e6)
-        dask_ds = ds.chunk({"meter": tuple(b.stop - b.start for b in blocks)}) if len(table) else ds
-        bounds = np.cumsum((0,) + tuple(dask_ds.chunks.get("meter", ())))
+        # the meter chunks open_store gives the Dataset are exactly these blocks (asking the rechunked
+        # Dataset for them failed on a store whose variables are chunked differently along time, which
+        # _storage_chunk_problems reports)
+        bounds = np.cumsum((0,) + tuple(b.stop - b.start for b in blocks)) if len(table) else np.zeros(1, int)
         feeders = table["feeder_id"].to_numpy()
         for b in bounds[1:-1]:
             if feeders[b - 1] == feeders[b]:

@@ -167,6 +167,23 @@ def test_validate_store_missing_variable(store):
     )
 
 
+def test_validate_store_reports_data_variables_chunked_differently(store):
+    # kw rewritten with other chunks along time: a problem in the list, not a ValueError from the
+    # feeder-alignment check
+    import shutil
+
+    a = zarr.open_array(str(store / "kw"), mode="r")
+    data, attrs = a[:], dict(a.attrs)
+    shutil.rmtree(store / "kw")
+    b = zarr.create_array(str(store / "kw"), shape=a.shape, chunks=(a.shape[0], 3), dtype=a.dtype,
+                          fill_value=a.fill_value, dimension_names=["meter", "time"], attributes=attrs,
+                          zarr_format=3)
+    b[:] = data
+    S._consolidate(store)
+    problems = S.validate_store(store)
+    assert any("different storage chunks" in p for p in problems), problems
+
+
 def _snapshot(path):
     # Retired stages (``_phaseid/done-*``) are pruned from the walk: a background thread may be deleting them.
     out = {}
