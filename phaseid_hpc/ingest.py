@@ -902,95 +902,172 @@ def _write_cells(
     bytes are identical to what Zarr writes); each staged chunk is fsynced by the worker that wrote it, so
     the I/O overlaps the encoding of other chunks. Other codec chains go through the Zarr array API.
     """
-    meta = st.arrays["voltage"]
-    cm, ct = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    cm, ct = st.arrays["voltage"]["chunk_grid"]["configuration"]["chunk_shape"]
+    order, starts, stops = _chunk_runs(mi, ti, cm, ct, n_time_new)
+    columns = [("voltage", venc[order])] + [(c, v[order]) for c, v in extra.items()]
+    w = _CellWrite(
+        path, tx, st, mi[order], ti[order], cm, ct, n_time_new, starts, stops,
+        changed_row=np.zeros(len(mi), bool), was_empty=np.zeros(len(mi), bool),
+    )
+    for name, values in columns:
+        _rewrite_chunks(w, _open_chunk_var(path, tx, name, values, n_time_new))
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return w.changed_row[inverse], w.was_empty[inverse]
+
+
+@dataclass(frozen=True, eq=False)
+class _CellWrite:
+    """One :func:`_write_cells` call as its chunk workers share it.
+
+    ``mi``, ``ti`` are the cells sorted by storage chunk (``cm`` x ``ct`` cells), chunk ``k`` holding
+    sorted rows ``starts[k]:stops[k]``; the workers set ``changed_row`` / ``was_empty`` (sorted rows).
+    """
+
+    path: Path
+    tx: StoreTransaction
+    st: _StoreState
+    mi: np.ndarray
+    ti: np.ndarray
+    cm: int
+    ct: int
+    n_time_new: int
+    starts: np.ndarray
+    stops: np.ndarray
+    changed_row: np.ndarray
+    was_empty: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class _ChunkVar:
+    """One (meter, time) variable being written: committed and staged array, codec, sorted new values."""
+
+    name: str
+    values: np.ndarray
+    main: Any  # the committed zarr.Array (read only)
+    staged: Any  # the staged zarr.Array, grown to the new time length
+    codec: ChunkCodec | None
+    fill: Any
+    dtype: Any
+
+
+def _chunk_runs(
+    mi: np.ndarray, ti: np.ndarray, cm: int, ct: int, n_time_new: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stable order of the cells by storage chunk, and where each chunk's run starts and stops in it.
+
+    Returns
+    -------
+    order : ndarray of int, shape (n,)
+        Cell positions sorted by chunk (stable: input order within a chunk).
+    starts, stops : ndarray of int, shape (n_chunks,)
+        The sorted cells of the k-th touched chunk are ``order[starts[k]:stops[k]]``.
+    """
     cid = (mi // cm).astype(np.int64) * (n_time_new // ct + 2) + ti // ct
     order = np.argsort(cid, kind="stable")
-    mi, ti, cid = mi[order], ti[order], cid[order]
-    venc = venc[order]
-    extra = {c: v[order] for c, v in extra.items()}
+    cid = cid[order]
     bounds = np.flatnonzero(np.diff(cid)) + 1
     starts = np.concatenate([[0], bounds])
     stops = np.concatenate([bounds, [len(cid)]])
-    changed_row = np.zeros(len(mi), bool)
-    was_empty = np.zeros(len(mi), bool)
-    for name, values in [("voltage", venc)] + list(extra.items()):
-        main = zarr.open_array(str(path / name), mode="r")
-        staged = tx.array(name)
-        if staged.shape[1] != n_time_new:
-            staged.resize((staged.shape[0], n_time_new))
-        codec = _direct_codec(main)
-        fill = main.fill_value
-        dtype = main.dtype
+    return order, starts, stops
 
-        def update_chunk(
-            s: int,
-            e: int,
-            name: str = name,
-            values: np.ndarray = values,
-            main: Any = main,
-            staged: Any = staged,
-            codec: Any = codec,
-            fill: Any = fill,
-            dtype: Any = dtype,
-        ) -> None:
-            ci, cj = int(mi[s] // cm), int(ti[s] // ct)
-            m0, t0 = ci * cm, cj * ct
-            m1, t1 = min(m0 + cm, st.n_meters), min(t0 + ct, n_time_new)
-            key = main.metadata.encode_chunk_key((ci, cj))
-            # The chunk as this transaction sees it: staged by an earlier batch, or the committed one (whose
-            # content is trusted up to the committed end of the array only).
-            staged_file = tx.files / name / key
-            in_stage = staged_file.is_file()
-            src = staged_file if in_stage else path / name / key
-            old_t1 = min(t1, st.n_time if in_stage else st.n_time_main)
-            if not in_stage and old_t1 > t0 and st.complete_chunks and not src.is_file():
-                raise StoreError(_damaged(path, f"chunk {name}/{key} is missing"))
-            try:
-                if codec is not None:  # the whole (padded) chunk, decoded in place
-                    block = np.empty((cm, ct), dtype=dtype)
-                    if old_t1 > t0 and src.is_file():
-                        codec.decode(src.read_bytes(), out=block)
-                        if old_t1 < t0 + ct:  # beyond the old end of the array: fill (never trust padding)
-                            block[:, old_t1 - t0 :] = fill
-                    else:
-                        block[...] = fill
-                else:
-                    block = np.full((m1 - m0, t1 - t0), fill, dtype=dtype)
-                    if old_t1 > t0:
-                        block[:, : old_t1 - t0] = (staged if in_stage else main)[m0:m1, t0:old_t1]
-            except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: name it, write nothing
-                raise StoreError(_damaged(path, f"chunk {name}/{key} is corrupt ({_line(exc)})")) from None
-            lm, lt = mi[s:e] - m0, ti[s:e] - t0
-            new = values[s:e]
-            if name != "voltage":  # optional variables: a missing value never erases a stored one
-                has = ~np.isnan(new)
-                lm, lt, new, idx = lm[has], lt[has], new[has], np.arange(s, e)[has]
-            else:
-                idx = np.arange(s, e)
-            cur = block[lm, lt]
-            if block.dtype.kind == "f":
-                empty = np.isnan(cur)
-                diff = ~((cur == new) | (empty & np.isnan(new)))
-            else:
-                empty = cur == fill
-                diff = cur != new
-            if name == "voltage":
-                was_empty[idx] = empty
-            if diff.any():
-                block[lm[diff], lt[diff]] = new[diff]
-                if codec is not None:
-                    tx.write_synced(f"{name}/{key}", codec.encode(block))
-                else:
-                    staged[m0:m1, t0:t1] = block
-                changed_row[idx[diff]] = True
 
-        # Chunks are independent: decode, merge and encode them in parallel (codecs release the GIL).
-        with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
-            list(pool.map(update_chunk, starts.tolist(), stops.tolist()))
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return changed_row[inverse], was_empty[inverse]
+def _open_chunk_var(
+    path: Path, tx: StoreTransaction, name: str, values: np.ndarray, n_time_new: int
+) -> _ChunkVar:
+    """Open variable ``name`` for writing ``values``: its staged array is grown to ``n_time_new`` steps."""
+    main = zarr.open_array(str(path / name), mode="r")
+    staged = tx.array(name)
+    if staged.shape[1] != n_time_new:
+        staged.resize((staged.shape[0], n_time_new))
+    return _ChunkVar(name, values, main, staged, _direct_codec(main), main.fill_value, main.dtype)
+
+
+def _rewrite_chunks(w: _CellWrite, var: _ChunkVar) -> None:
+    """Update every touched chunk of ``var``, in parallel: chunks are independent, codecs release the GIL."""
+    with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
+        list(pool.map(lambda s, e: _update_chunk(w, var, s, e), w.starts.tolist(), w.stops.tolist()))
+
+
+def _update_chunk(w: _CellWrite, var: _ChunkVar, s: int, e: int) -> None:
+    """Read the chunk holding sorted cells ``s:e``, merge them in and stage the chunk if a cell changed."""
+    ci, cj = int(w.mi[s] // w.cm), int(w.ti[s] // w.ct)
+    m0, t0 = ci * w.cm, cj * w.ct
+    m1, t1 = min(m0 + w.cm, w.st.n_meters), min(t0 + w.ct, w.n_time_new)
+    key = var.main.metadata.encode_chunk_key((ci, cj))
+    block = _read_chunk(w, var, key, (m0, t0, m1, t1))
+    changed = _merge_cells(w, var, block, s, e, m0, t0)
+    if len(changed):
+        if var.codec is not None:
+            w.tx.write_synced(f"{var.name}/{key}", var.codec.encode(block))
+        else:
+            var.staged[m0:m1, t0:t1] = block
+        w.changed_row[changed] = True
+
+
+def _read_chunk(w: _CellWrite, var: _ChunkVar, key: str, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Chunk ``key`` of ``var`` (cells ``box`` = m0, t0, m1, t1) as this transaction sees it.
+
+    That is the chunk staged by an earlier batch, or the committed one (whose content is trusted up to the
+    committed end of the array only). A missing chunk that must exist, or one that does not decode, is a
+    :class:`StoreError` naming it.
+    """
+    m0, t0, m1, t1 = box
+    staged_file = w.tx.files / var.name / key
+    in_stage = staged_file.is_file()
+    src = staged_file if in_stage else w.path / var.name / key
+    old_t1 = min(t1, w.st.n_time if in_stage else w.st.n_time_main)
+    if not in_stage and old_t1 > t0 and w.st.complete_chunks and not src.is_file():
+        raise StoreError(_damaged(w.path, f"chunk {var.name}/{key} is missing"))
+    try:
+        if var.codec is not None:  # the whole (padded) chunk, decoded in place
+            block = np.empty((w.cm, w.ct), dtype=var.dtype)
+            if old_t1 > t0 and src.is_file():
+                var.codec.decode(src.read_bytes(), out=block)
+                if old_t1 < t0 + w.ct:  # beyond the old end of the array: fill (never trust padding)
+                    block[:, old_t1 - t0 :] = var.fill
+            else:
+                block[...] = var.fill
+        else:
+            block = np.full((m1 - m0, t1 - t0), var.fill, dtype=var.dtype)
+            if old_t1 > t0:
+                block[:, : old_t1 - t0] = (var.staged if in_stage else var.main)[m0:m1, t0:old_t1]
+    except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: name it, write nothing
+        raise StoreError(_damaged(w.path, f"chunk {var.name}/{key} is corrupt ({_line(exc)})")) from None
+    return block
+
+
+def _merge_cells(
+    w: _CellWrite, var: _ChunkVar, block: np.ndarray, s: int, e: int, m0: int, t0: int
+) -> np.ndarray:
+    """Write sorted cells ``s:e`` of ``var`` into ``block`` (origin ``m0, t0``); note missing voltages.
+
+    An optional variable's missing value never erases a stored one. Sets ``w.was_empty`` for voltage.
+
+    Returns
+    -------
+    ndarray of int
+        Sorted rows whose cell was new or changed.
+    """
+    lm, lt = w.mi[s:e] - m0, w.ti[s:e] - t0
+    new = var.values[s:e]
+    if var.name != "voltage":
+        has = ~np.isnan(new)
+        lm, lt, new, idx = lm[has], lt[has], new[has], np.arange(s, e)[has]
+    else:
+        idx = np.arange(s, e)
+    cur = block[lm, lt]
+    if block.dtype.kind == "f":
+        empty = np.isnan(cur)
+        diff = ~((cur == new) | (empty & np.isnan(new)))
+    else:
+        empty = cur == var.fill
+        diff = cur != new
+    if var.name == "voltage":
+        w.was_empty[idx] = empty
+    if diff.any():
+        block[lm[diff], lt[diff]] = new[diff]
+    return idx[diff]
 
 
 def _direct_codec(arr: zarr.Array) -> ChunkCodec | None:
