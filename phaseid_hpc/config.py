@@ -275,6 +275,12 @@ class TransformerConfig:
     #: A meter moves to a transformer with one meter only if it correlates with it at least this fraction of
     #: the feeder's median same-transformer pair (Fisher-z) [-].
     pair_fit_fraction: float = 0.4
+    #: A moved meter's target must hold together with the meters it moves with there: the mean
+    #: correlation between the two sides (the members it moves with, and the rest) must reach this share
+    #: of the geometric mean of the sides' own mean correlations, else the move is not confident (the
+    #: siblings it follows may be the ones GIS files wrongly). Right moves on the shared and generated
+    #: feeders score 0.70-1.46, the wrong one 0.15 [-].
+    anchor_ratio: float = 0.5
     #: Level check: residual at the target may exceed the reference residual by at most this factor [-].
     level_tolerance: float = 1.5
     #: Reactance-to-resistance ratio of a service drop, for kvar in the level model [-].
@@ -294,7 +300,8 @@ class TransformerConfig:
     min_sibling_share: float = 0.5
     #: Whether a three-phase service may be moved to another transformer with confidence. A three-phase
     #: meter's voltage follows every three-phase bank of its line alike: on the physics-based ckt7 feeder
-    #: 7 of its 33 confident moves (four conditions) named the wrong bank; off, they go to the review list.
+    #: 7 of its 33 confident moves (four conditions) named the wrong bank; off, they go to the review list,
+    #: and so does a single-phase meter's move to a transformer whose other meters are all three-phase.
     correct_three_phase: bool = False
     #: Seed of every random choice (none at present; kept for the contract).
     random_state: int = 0
@@ -307,6 +314,8 @@ class TransformerConfig:
             )
         if self.n_iterations < 1:
             raise ConfigError(f"config key transformer.n_iterations must be >= 1, got {self.n_iterations}")
+        if not 0 <= self.anchor_ratio <= 1:
+            raise ConfigError(f"config key transformer.anchor_ratio must lie in [0, 1], got {self.anchor_ratio}")
 
 
 @dataclass(frozen=True)

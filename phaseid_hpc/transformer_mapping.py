@@ -44,7 +44,11 @@ Method (per feeder, :func:`_map_feeder`)
    keeps its label, with the reason and a low confidence.
 5. **Confidence** (:func:`_confidence`): ``Phi(d / sqrt 2)`` with ``d`` the assigned group's Fisher-z lead
    over the best alternative (or over the threshold it would need) in standard errors
-   (``assignment_lead``); classes from ``confident_threshold`` and ``suspect_threshold``. Then the reasons
+   (``assignment_lead``); classes from ``confident_threshold`` and ``suspect_threshold``. A moved meter's
+   lead is at most how well the target's members it moves with hold together with the target's other
+   usable members (``anchoring_lead``): a meter following true siblings that GIS files under another
+   transformer would otherwise carry their wrong label with full confidence (on the shared and generated
+   feeders 5 of the 8 wrong transformer corrections of the README's table were such moves). Then the reasons
    (:func:`_reasons`) and the transformer table (:func:`_transformer_rows`).
 
 The ``(n_meters, n_time)`` signals stay in the namespace of ``voltage`` (NumPy, CuPy); per-meter and
@@ -74,6 +78,7 @@ __all__ = [
     "REASON_TX_NEW",
     "REASON_TX_PHASE_MISMATCH",
     "REASON_TX_SINGLETON",
+    "REASON_TX_UNANCHORED",
     "REASON_TX_UNRELATED",
     "map_transformers",
     "recommend_transformers",
@@ -86,6 +91,7 @@ REASON_TX_UNRELATED = "Does Not Move With GIS Transformer Group"
 REASON_TX_SINGLETON = "Alone On GIS Transformer (Checked Against Neighbours Only)"
 REASON_TX_PHASE_MISMATCH = "Phase Differs From GIS Transformer Phase"
 REASON_TX_AMBIGUOUS = "Ambiguous Between Transformers"
+REASON_TX_UNANCHORED = "Moves With Meters That Do Not Move With Their Transformer"
 
 _TX_COLUMNS = [
     "transformer_id",
@@ -327,7 +333,8 @@ def _map_feeder(
     final_id, new_ids = _propose_new_groups(lab, sig, rounds, cfg)
     is_new = np.zeros(len(lab.gis), bool)
     is_new[list(new_ids)] = True
-    conf, cls = _confidence(lab, sig, rounds, is_new, cfg)
+    anchor = _anchoring(lab, sig, rounds, is_new, cfg)
+    conf, cls = _confidence(lab, sig, rounds, is_new, anchor, cfg)
     diag = pd.DataFrame(
         {
             "meter_id": sub["meter_id"].to_numpy(),
@@ -346,7 +353,7 @@ def _map_feeder(
         transformer=np.where(sig.usable, final_id, lab.gis.astype(object)),
         confidence=conf,
         klass=cls,
-        reasons=_reasons(lab, sig, rounds, is_new, cfg),
+        reasons=_reasons(lab, sig, rounds, is_new, anchor, cfg),
         transformers=_transformer_rows(lab, sig, rounds, final_id, new_ids, is_new),
         diagnostics=diag,
     )
@@ -599,7 +606,21 @@ def _propose_new_groups(lab: _Labels, sig: _Signals, rounds: _Rounds, cfg: Trans
     return final_id, new_ids
 
 
-def _confidence(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray, cfg: TransformerConfig):
+def _anchoring(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray, cfg: TransformerConfig):
+    """Step 5a: lead of each moved meter's target holding together with the meters it follows (else inf)."""
+    out = np.full(len(lab.gis), np.inf)
+    moved = np.flatnonzero((rounds.assign != lab.gis_index) & ~is_new & sig.usable)
+    if len(moved):
+        out[moved] = tk.anchoring_lead(
+            sig.z, moved, rounds.assign, sig.usable, sig.se,
+            unrelated_se=cfg.unrelated_se, min_corr_se=cfg.min_corr_se, ratio=cfg.anchor_ratio,
+        )  # fmt: skip
+    return out
+
+
+def _confidence(
+    lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray, anchor: np.ndarray, cfg: TransformerConfig
+):
     """Step 5: confidence ``Phi(d / sqrt 2)`` of the lead ``d`` and its class (0 / insufficient if unusable)."""
     ev = rounds.evidence
     d = tk.assignment_lead(
@@ -616,6 +637,7 @@ def _confidence(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray
         min_corr_se=cfg.min_corr_se,
         singleton_fit_se=cfg.singleton_fit_se,
     )
+    d = np.minimum(np.asarray(to_numpy(d), dtype=np.float64), anchor)
     conf = tk.lead_confidence(d)
     cls = confidence_class(
         conf, confident_threshold=cfg.confident_threshold, suspect_threshold=cfg.suspect_threshold
@@ -625,7 +647,9 @@ def _confidence(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray
     return conf, cls
 
 
-def _reasons(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray, cfg: TransformerConfig):
+def _reasons(
+    lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray, anchor: np.ndarray, cfg: TransformerConfig
+):
     """Reason codes of every meter (a meter that moves with its GIS group has none)."""
     ev, se = rounds.evidence, sig.se
     moved = rounds.assign != lab.gis_index
@@ -643,6 +667,8 @@ def _reasons(lab: _Labels, sig: _Signals, rounds: _Rounds, is_new: np.ndarray, c
             reasons += [REASON_TX_UNRELATED, REASON_TX_NEW]
         elif moved[i]:
             reasons.append(REASON_TX_MOVED)
+            if anchor[i] < 0:
+                reasons.append(REASON_TX_UNANCHORED)
         elif has_own[i]:
             # REASON_TX_CONSISTENT stays exported for readers of older outputs
             if unrel[i]:
@@ -729,6 +755,8 @@ def recommend_transformers(
         ``config.correct_three_phase`` (their change goes to the review list): a three-phase meter's
         voltage follows every three-phase bank of its line alike, and on the physics-based ckt7 feeder 21%
         of their confident moves named the wrong bank (7 of 33 over four conditions; single-phase: 0 of 47).
+        For the same reason a single-phase meter does not join a transformer whose other meters are all
+        three-phase services (on the generated feeders the one such confident move was wrong).
     """
     gis = meters["transformer_id"].astype(object).to_numpy()
     feeder = meters["feeder_id"].astype(str).to_numpy()
@@ -747,6 +775,11 @@ def recommend_transformers(
             st = pd.Series(meters["service_type"].to_numpy(dtype=object), dtype=object)
             three |= st.where(st.map(type) == str, "").str.lower().str.startswith("3ph").to_numpy(dtype=bool)
         take &= ~three
+        # nor may a single-phase meter join a transformer whose other meters are all three-phase services
+        inf_key = pd.Series(list(zip(feeder, inferred.astype(str))))
+        others = inf_key.map(inf_key.value_counts()).to_numpy() - 1
+        others_three = inf_key.map(inf_key[three].value_counts()).fillna(0).to_numpy()  # i is not one
+        take &= ~(~three & (others >= 1) & (others_three == others))
     # a transformer missing from GIS is a field survey item, not a correction GIS can take: review list
     known = set(zip(feeder, gis.astype(str)))
     take &= np.array([(f, str(t)) in known for f, t in zip(feeder, inferred)], dtype=bool)

@@ -269,6 +269,21 @@ def test_three_phase_services_keep_gis_transformer_unless_asked():
     np.testing.assert_array_equal(rec, inferred)
 
 
+def test_a_single_phase_meter_does_not_join_a_bank_of_three_phase_services_unless_asked():
+    from phaseid_hpc.config import TransformerConfig
+    from phaseid_hpc.transformer_mapping import recommend_transformers
+
+    m = pd.DataFrame({"feeder_id": ["F"] * 6, "transformer_id": ["U1", "U1", "U2", "U2", "U3", "U3"],
+                      "phase_gis": ["A", "A", "ABC", "ABC", "B", "B"]})
+    # row 0 follows the three-phase bank U2; row 4 joins U1, which keeps a single-phase meter
+    inferred = np.array(["U2", "U1", "U2", "U2", "U1", "U3"], dtype=object)
+    cls = np.array([contract.CLASS_CONFIDENT] * 6, dtype=object)
+    rec = recommend_transformers(m, inferred, cls, TransformerConfig())
+    np.testing.assert_array_equal(rec, ["U1", "U1", "U2", "U2", "U1", "U3"])
+    rec = recommend_transformers(m, inferred, cls, TransformerConfig(correct_three_phase=True))
+    np.testing.assert_array_equal(rec, inferred)
+
+
 def test_nearest_gis_factor_holds_back_a_change_whose_nearest_gis_meters_disagree():
     from phaseid_hpc.config import PhaseConfig
     from phaseid_hpc.phase_identification import _nearest_gis_factor

@@ -15,6 +15,7 @@ from phaseid_hpc.synth.measurement import MeasurementModel, apply_measurement_mo
 from phaseid_hpc.transformer_mapping import (
     REASON_TX_MOVED,
     REASON_TX_NEW,
+    REASON_TX_UNANCHORED,
     REASON_TX_UNRELATED,
     map_transformers,
 )
@@ -349,3 +350,23 @@ def test_non_abc_phase_letters_never_link_orphans_of_disjoint_phases():
     assert bits[0] & bits[1] == 0 and bits[1] != 0  # X and A: known and disjoint
     assert bits[0] & bits[3] != 0  # A and AB share A
     np.testing.assert_array_equal(lab.phase_code, [0, -1, 2, -1])
+
+
+@pytest.mark.parametrize("seed, target", [(0, "F1-T000"), (1, "F1-T009")])
+def test_a_meter_never_follows_its_siblings_into_a_group_that_does_not_hold_together(seed, target):
+    """Two of T006's three meters are filed under a one-meter transformer (with a stray of T015); the
+    third, filed right, follows them there with full confidence unless the target's own member counts."""
+    v, kw, meters, truth = build_feeder(seed=seed, days=14)
+    gis = truth.copy()
+    t006 = np.flatnonzero(truth == "F1-T006")
+    gis[t006[1:]] = target
+    gis[np.flatnonzero(truth == "F1-T015")[0]] = target
+    res, _ = map_transformers(v, meters.assign(transformer_id=gis), TransformerConfig(), kw=kw)
+    confident = (res["transformer_class"] == contract.CLASS_CONFIDENT).to_numpy()
+    moved = res["transformer"].to_numpy() != gis
+    assert not (confident & moved & (res["transformer"].to_numpy() != truth)).any()
+    # the stray of T015 still goes home
+    assert res["transformer"].iloc[np.flatnonzero(truth == "F1-T015")[0]] == "F1-T015"
+    assert res["transformer_confidence"].iloc[t006[0]] < 0.5
+    if res["transformer"].iloc[t006[0]] != gis[t006[0]]:
+        assert REASON_TX_UNANCHORED in res["reasons"].iloc[t006[0]]

@@ -1266,6 +1266,79 @@ def assignment_lead(
     return xp.where(is_new, d_new, xp.where(moved, d_moved, xp.where(has_own, d_own, d_single)))
 
 
+def anchoring_lead(
+    z: Any,
+    moved_rows: np.ndarray,
+    assign: np.ndarray,
+    usable: np.ndarray,
+    se: np.ndarray,
+    *,
+    unrelated_se: float,
+    min_corr_se: float,
+    ratio: float = 0.5,
+) -> np.ndarray:
+    """Whether each moved meter's target group holds together with the meters it follows there.
+
+    A meter whose true siblings are themselves filed under another GIS transformer follows them there:
+    the move names the siblings' wrong label, not the meter's. The target's members are split into the
+    ones the meter moves with (Fisher z above ``min_corr_se``) and the rest. The move is not borne by the
+    target transformer where the rest form no block with the meter's side: the sides' pools are
+    uncorrelated (Fisher z below ``unrelated_se``, the test of :func:`split_off`), or, with two or more
+    meters on each side, their mean correlation is below ``ratio`` times the geometric mean of the sides'
+    own mean correlations (members of one transformer with different noise score about 1; two
+    transformers of one lateral, whose residuals correlate a little, far less, however long the window).
+
+    Parameters
+    ----------
+    z : array, shape (n_meters, n_time)
+        Unit-norm signals.
+    moved_rows : ndarray of int, shape (m,)
+        Meters moved off their GIS group.
+    assign : ndarray of int, shape (n_meters,)
+        Final group of every meter.
+    usable : ndarray of bool, shape (n_meters,)
+        Members that count: every usable meter of the target, also one that does not move with the rest
+        (a target whose own members do not hold together bears no move).
+    se : ndarray, shape (n_meters,)
+        Standard error of each meter's Fisher z. [-]
+    unrelated_se, min_corr_se : float
+        Thresholds in standard errors.
+    ratio : float
+        Least ratio of the between-sides to the within-sides mean correlation [-].
+
+    Returns
+    -------
+    ndarray of float, shape (m,)
+        How far the pools of the two sides correlate above ``unrelated_se`` [std. errors], at most 0 where
+        the ratio test fails; ``+inf`` where the meter moves with every other member (or none, or the
+        target has fewer than two others).
+    """
+    xp = array_namespace(z)
+    out = np.full(len(moved_rows), np.inf)
+    for k, i in enumerate(moved_rows):
+        mem = np.flatnonzero((assign == assign[i]) & usable)
+        mem = mem[mem != i]
+        if len(mem) < 2:
+            continue
+        idx = np.concatenate([[i], mem])
+        zi = xp.take(z, xp.asarray(idx), axis=0)
+        c = to_numpy(zi @ xp.matrix_transpose(zi)).astype(np.float64)
+        follows = fisher_z(c[0, 1:]) / se[i] > min_corr_se
+        if follows.all() or not follows.any():
+            continue
+        side = np.concatenate([[True], follows])
+        a, b = side.astype(np.float64), (~side).astype(np.float64)
+        cross = a @ c @ b / np.sqrt(max((a @ c @ a) * (b @ c @ b), 1e-12))
+        out[k] = float(fisher_z(cross)) / se[i] - unrelated_se
+        a_idx, b_idx = np.flatnonzero(side), np.flatnonzero(~side)
+        if len(a_idx) >= 2 and len(b_idx) >= 2:
+            within = [c[np.ix_(x, x)][np.triu_indices(len(x), 1)].mean() for x in (a_idx, b_idx)]
+            between = c[np.ix_(a_idx, b_idx)].mean()
+            if min(within) <= 0 or between < ratio * math.sqrt(within[0] * within[1]):
+                out[k] = min(out[k], 0.0)
+    return out
+
+
 def final_coherence(z: Any, group_index: np.ndarray, n_groups: int, usable: np.ndarray) -> np.ndarray:
     """Mean leave-one-out correlation of each group's usable members with the group's pool.
 

@@ -528,3 +528,37 @@ def test_final_coherence(xp):
     for g in range(2):
         assert got[g] == pytest.approx(np.tanh(np.mean(np.arctanh(ref[gi == g]))), abs=1e-6)
     assert np.isnan(got[2])
+
+
+@BACKENDS
+def test_anchoring_lead_sees_a_target_that_splits_along_the_meters_followed(xp):
+    """Meter 0 moved to group 1 = {1, 2, 3, 4}: it moves with 1 and 2; 3 and 4 form a block of their own."""
+    rng = np.random.default_rng(3)
+    n_t = 2000
+    a, b = rng.standard_normal(n_t), rng.standard_normal(n_t)
+    x = np.stack([a, a, a, b, b]) + 0.8 * rng.standard_normal((5, n_t))
+    x -= x.mean(1, keepdims=True)
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    se = np.full(5, 1 / np.sqrt(n_t - 3))
+    assign = np.array([1, 1, 1, 1, 1])
+    usable = np.ones(5, bool)
+    kw = dict(unrelated_se=3.0, min_corr_se=6.0)
+    lead = tk.anchoring_lead(xp.asarray(z), np.array([0]), assign, usable, se, **kw)
+    assert lead[0] < 0
+    # the same target holding together (3, 4 share the signal too): the move is borne by it
+    x2 = np.stack([a, a, a, a + b, a + b]) + 0.8 * rng.standard_normal((5, n_t))
+    z2 = x2 / np.linalg.norm(x2, axis=1, keepdims=True)
+    assert tk.anchoring_lead(xp.asarray(z2), np.array([0]), assign, usable, se, **kw)[0] == np.inf
+    lead3 = tk.anchoring_lead(xp.asarray(z2), np.array([0]), assign, usable, se, **{**kw, "min_corr_se": 20.0})
+    assert lead3[0] > 0
+    # two transformers of one lateral: the sides share a little (significant over a long window, but far
+    # below what members of one transformer share): the ratio test holds the move
+    c_ = rng.standard_normal(n_t)
+    x3 = np.stack([a + 0.3 * c_, a + 0.3 * c_, a + 0.3 * c_, b + 0.3 * c_, b + 0.3 * c_])
+    x3 = x3 + 0.8 * rng.standard_normal((5, n_t))
+    z3 = x3 / np.linalg.norm(x3, axis=1, keepdims=True)
+    assert tk.anchoring_lead(xp.asarray(z3), np.array([0]), assign, usable, se, **{**kw, "ratio": 0.0})[0] > 0
+    assert tk.anchoring_lead(xp.asarray(z3), np.array([0]), assign, usable, se, **kw)[0] == 0.0
+    # fewer than two other members, or an unusable rest: no test
+    usable[3:] = False
+    assert tk.anchoring_lead(xp.asarray(z), np.array([0]), assign, usable, se, **kw)[0] == np.inf
