@@ -292,7 +292,8 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     # Step 5: phase-to-phase services vote among their single-phase neighbours (two phases win);
     # three-phase services keep ABC
-    _identify_pairs(xp, y, u, ok & (kind == "pair"), s_idx, labels, n_obs_h, config, phase, conf, reasons, gis)
+    _identify_pairs(xp, y, u, ok & (kind == "pair"), s_idx, labels, n_obs_h, config, phase, conf, reasons, gis,
+                    interval_s)
     three = ok & (kind == "three")
     phase[three], conf[three] = contract.THREE_PHASE, 1.0
 
@@ -530,18 +531,36 @@ def _group_pair_dots(xp: Any, u: Any, group: np.ndarray, rows: np.ndarray) -> pd
 
 def _sibling_similarity(xp: Any, u: Any, group: np.ndarray, rows: np.ndarray,
                         pairs: pd.DataFrame | None = None) -> np.ndarray:
-    """Mean raw similarity of each of ``rows`` (sorted) with the other members of its group; NaN where alone.
+    """How similar siblings of each of ``rows`` (sorted) are: the mean raw similarity of the other members
+    of its group with each other (with the meter itself where it has one group-mate); NaN where alone.
+
+    The other members' own similarity is the yardstick, not the meter's with them: a meter filed under the
+    wrong transformer is little like its group-mates, and a yardstick taken from it would call every
+    meter of its neighbourhood a sibling (on the generated regulator feeder with PV, a meter whose GIS
+    phase was right was moved with its whole phase neighbourhood excluded so).
 
     ``pairs``: :func:`_group_pair_dots` of (at least) the groups of ``rows``, if already computed.
     """
     pairs = _group_pair_dots(xp, u, group, rows) if pairs is None else pairs
-    mine = pairs[np.isin(pairs["a"].to_numpy(), rows)]
     out = np.full(rows.size, np.nan)
-    if len(mine):
-        pos = np.searchsorted(rows, mine["a"].to_numpy())
-        cnt = np.bincount(pos, minlength=rows.size)
-        sums = np.bincount(pos, weights=mine["dot"].to_numpy(), minlength=rows.size)
-        out = np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
+    if not len(pairs):
+        return out
+    a, b, g, dot = (pairs[c].to_numpy() for c in ("a", "b", "g", "dot"))
+    n_groups = int(group.max()) + 1
+    size = np.bincount(group, minlength=n_groups)
+    g_sum = np.bincount(g, weights=dot, minlength=n_groups)  # every ordered pair of the group
+    g_cnt = np.bincount(g, minlength=n_groups).astype(np.float64)
+    own = np.isin(a, rows)
+    pos = np.searchsorted(rows, a[own])
+    a_sum = np.bincount(pos, weights=dot[own], minlength=rows.size)  # ordered pairs (row, b) ...
+    a_cnt = np.bincount(pos, minlength=rows.size).astype(np.float64)
+    gr = group[rows]
+    # ... and (b, row) have the same dot: the pairs without the row are the group's less twice the row's
+    rest_cnt = g_cnt[gr] - 2 * a_cnt
+    rest = (g_sum[gr] - 2 * a_sum) / np.maximum(rest_cnt, 1)
+    mine = a_sum / np.maximum(a_cnt, 1)
+    out = np.where(rest_cnt > 0, rest, np.where(a_cnt > 0, mine, np.nan))
+    out[size[gr] < 2] = np.nan
     return out
 
 
@@ -746,9 +765,52 @@ def _confidence_class(conf: np.ndarray, config: PhaseConfig) -> np.ndarray:
                             suspect_threshold=config.suspect_threshold)
 
 
+def _pair_margin(xp: Any, y: Any, u: Any, s_idx: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                 top2: np.ndarray, k: int, n_obs: np.ndarray, n_batches: int) -> np.ndarray:
+    """Margin [SE] of phase-to-phase services ``rows`` answered ``top2`` (phase codes, (m, 2)) over the third.
+
+    Each row is correlated with the pooled raw signal of its ``k`` nearest single-phase meters (rows
+    ``s_idx``, answered ``labels``) of each phase, as in :func:`_phase_neighbourhood_correlation`; the
+    margin is the weaker of its two phases' correlation less the third's, in standard errors
+    (``sqrt(n_obs)``), and, with ``n_batches >= 4``, at most the batch-means t of the same difference
+    (:func:`_batch_margin_t`: the nominal error is too small where a service's own load dominates its voltage).
+    ``inf`` where the third phase has no meter.
+    """
+    n_t = int(u.shape[1])
+    per = np.full((rows.size, 3, max(n_batches, 1)), np.nan)
+    which = np.minimum(np.arange(n_t) // max(n_t // max(n_batches, 1), 1), max(n_batches, 1) - 1)
+    blocks = xp.asarray((which[:, None] == np.arange(max(n_batches, 1))[None, :]).astype(np.float64))
+    q = xp.take(y, xp.asarray(rows), axis=0)
+    q_u = xp.take(u, xp.asarray(rows), axis=0)
+    for p in range(3):
+        cand = s_idx[labels == p]
+        if not cand.size:
+            continue
+        idx, sim = top_k_neighbours(q, xp.asarray(np.full(rows.size, -1, dtype=np.int64)), min(k, cand.size),
+                                    candidates=xp.take(y, xp.asarray(cand), axis=0),
+                                    candidate_group=xp.asarray(np.zeros(cand.size, np.int64)))
+        acc = neighbour_sums(xp.take(u, xp.asarray(cand), axis=0), idx, xp.asarray(np.maximum(to_numpy(sim), 0.0)))
+        norm = xp.sqrt(xp.vecdot(acc, acc, axis=-1))
+        prod = q_u * acc / xp.where(norm > 0, norm, xp.ones_like(norm))[:, None]
+        per[:, p, :] = to_numpy(prod @ blocks)
+    total = per.sum(axis=2)  # (m, 3): the correlations over the whole window
+    m = np.arange(rows.size)
+    third = 3 - top2.sum(axis=1)
+    weaker = np.where(total[m, top2[:, 0]] <= total[m, top2[:, 1]], top2[:, 0], top2[:, 1])
+    rival = np.where(np.isnan(total[m, third]), -np.inf, total[m, third])  # a phase without meters: no rival
+    z = (total[m, weaker] - rival) * np.sqrt(n_obs)
+    if n_batches < 4 or n_t // n_batches < 2:
+        return z
+    diff = per[m, weaker, :] - per[m, third, :]
+    sd = np.std(diff, axis=1, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = diff.mean(axis=1) / (sd / np.sqrt(n_batches))
+    return np.fmin(z, np.where(np.isfinite(t), t, np.nan))
+
+
 def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray, labels: np.ndarray,
                     n_obs: np.ndarray, config: PhaseConfig, phase: np.ndarray, conf: np.ndarray,
-                    reasons: list[list[str]], gis: np.ndarray | None = None) -> None:
+                    reasons: list[list[str]], gis: np.ndarray | None = None, interval_s: float = 0.0) -> None:
     """Phase-to-phase services: the two phases with most votes among their single-phase neighbours.
 
     A line-to-line voltage moves with both of its phases, so its nearest single-phase meters come from
@@ -773,6 +835,16 @@ def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray
         candidates=xp.take(u, xp.asarray(s_idx), axis=0)))
     z_strength = strength * np.sqrt(n_obs[p_idx])
     c = _vote_confidence(share, z_strength, 1.5, config) * np.clip(second / 0.25, 0.0, 1.0)
+    if gis is not None and interval_s > 0:
+        # the margin test of single-phase changes (:func:`_evidence_confidence`): the weaker of the answer's
+        # two phases must beat the third, nominally and as a batch-means t, by ``min_margin_se``
+        answer_ = np.array([names[(int(a), int(b))] for a, b in top2], dtype=object)
+        moved = np.flatnonzero((answer_ != gis[p_idx]) & np.isin(gis[p_idx], list(names.values())))
+        n_batches = int(u.shape[1] * interval_s // config.margin_batch_s) if config.margin_batch_s > 0 else 0
+        if moved.size:
+            z_margin = _pair_margin(xp, y, u, s_idx, labels, p_idx[moved], top2[moved], config.n_neighbours,
+                                    n_obs[p_idx[moved]], n_batches)
+            c[moved] = c[moved] * np.clip(np.nan_to_num(z_margin, nan=0.0) / config.min_margin_se, 0.0, 1.0)
     if gis is not None:
         # a change of pair must also be backed by the raw (not denoised) signals: the denoised space can
         # mislead a service whose own load dominates its voltage. The two pairs share one phase; the one

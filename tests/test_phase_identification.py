@@ -336,6 +336,24 @@ def test_nearest_gis_factor_ignores_physical_siblings_filed_under_another_transf
     assert _nearest_gis_factor(np, y, y, alone, gis, labels, siblings)[0] == 0.0
 
 
+def test_sibling_yardstick_is_how_alike_the_other_group_mates_are():
+    from phaseid_hpc.phase_identification import _sibling_similarity
+
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(2, 40))
+    # group 0: a stray (row 0) and three siblings (rows 1-3); group 1: a pair (rows 4-5); row 6 alone
+    y = _unit(np.vstack([base[0] + 0.3 * rng.normal(size=(1, 40)), base[1] + 0.3 * rng.normal(size=(3, 40)),
+                         base[0] + 0.3 * rng.normal(size=(2, 40)), base[1]]))
+    group = np.array([0, 0, 0, 0, 1, 1, 2])
+    rows = np.array([0, 1, 4, 6])
+    got = _sibling_similarity(np, y, group, rows)
+    c = y @ y.T
+    np.testing.assert_allclose(got[0], np.mean([c[1, 2], c[1, 3], c[2, 3]]))  # the siblings', not the stray's
+    np.testing.assert_allclose(got[1], np.mean([c[0, 2], c[0, 3], c[2, 3]]))
+    np.testing.assert_allclose(got[2], c[4, 5])  # one group-mate: the pair's own similarity
+    assert np.isnan(got[3])  # alone
+
+
 def test_batch_margin_t_sees_a_margin_that_comes_from_one_burst():
     from phaseid_hpc.phase_identification import _batch_margin_t, _phase_neighbourhood_correlation
 
@@ -456,3 +474,29 @@ def test_a_pair_change_must_win_the_raw_neighbours_gis_vote():
     c0 = np.zeros(25)
     _identify_pairs(np, y_good, u, pair, s_idx, labels, np.full(25, n_t), cfg, phase0, c0, [[] for _ in range(25)])
     assert phase[24] == "BC" and c[24] == c0[24] > 0  # a real correction keeps its confidence
+
+
+def test_pair_margin_is_the_weaker_answer_phase_over_the_third():
+    from phaseid_hpc.phase_identification import _pair_margin
+
+    rng = np.random.default_rng(6)
+    n_t = 1400
+    s = rng.normal(size=(3, n_t))
+    # rows 0-29: single-phase meters, ten per phase; rows 30-31: a line-to-line C-A service (twice)
+    single = np.vstack([s[p] + 0.8 * rng.normal(size=(10, n_t)) for p in range(3)])
+    pair = s[0] + s[2] + 0.8 * rng.normal(size=(2, n_t))
+    u = _unit(np.vstack([single, pair]) - np.vstack([single, pair]).mean(axis=1, keepdims=True))
+    y = u  # search in the raw space
+    s_idx = np.arange(30)
+    labels = np.repeat([0, 1, 2], 10)
+    rows = np.array([30, 31])
+    n_obs = np.full(32, n_t)
+    right = _pair_margin(np, y, u, s_idx, labels, rows, np.array([[0, 2], [0, 2]]), 5, n_obs[rows], 28)
+    wrong = _pair_margin(np, y, u, s_idx, labels, rows, np.array([[0, 1], [1, 2]]), 5, n_obs[rows], 28)
+    assert (right > 4).all() and (wrong < 0).all()
+    # nominal only (too few batches): larger in size than the batch-means figure
+    nominal = _pair_margin(np, y, u, s_idx, labels, rows, np.array([[0, 2], [0, 2]]), 5, n_obs[rows], 1)
+    assert (nominal >= right).all()
+    # a feeder without C meters: the third phase is no rival
+    no_c = _pair_margin(np, y, u, s_idx[:20], labels[:20], rows, np.array([[0, 1], [0, 1]]), 5, n_obs[rows], 28)
+    assert np.isinf(no_c).all()
