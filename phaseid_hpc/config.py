@@ -448,8 +448,20 @@ class PTConfig:
     #: transformers sit on another tap, a lone meter's level differs from its neighbours' by the tap
     #: (a mixture the median absolute deviation does not see); 0 turns it off [-].
     neighbour_tail_factor: float = 1.5
+    #: Meters that do not follow their own load are compared with the median of this many others of them
+    #: whose mean load is within ``cohort_load_ratio`` of theirs (a constant load's own drop sets their
+    #: level: on ieee8500 the ~11 kW services sit ~2.2% below their neighbours, the ~3 kW ones level with
+    #: them); fewer such: compared with the cohort as a whole; 0 turns the matching off [-].
+    cohort_load_neighbours: int = 5
+    #: Largest ratio of mean loads for two such meters to count as alike [-].
+    cohort_load_ratio: float = 1.5
 
     def __post_init__(self) -> None:
+        if self.cohort_load_neighbours < 0 or not self.cohort_load_ratio >= 1:
+            raise ConfigError(
+                "config keys 'pt.cohort_load_neighbours' >= 0 and 'pt.cohort_load_ratio' >= 1 required, got "
+                f"{self.cohort_load_neighbours} and {self.cohort_load_ratio}"
+            )
         if not (self.neighbour_spread_factor >= 0 and self.neighbour_tail_factor >= 0):
             raise ConfigError(
                 "config keys 'pt.neighbour_spread_factor' and 'pt.neighbour_tail_factor' must be >= 0, got "

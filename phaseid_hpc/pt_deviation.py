@@ -15,7 +15,10 @@ For each feeder of a block (meters of one feeder are compared with each other on
   their own load (slope below ``min_load_response`` of the feeder's median: a large, stiff service, or an
   idle one) are never anyone's neighbour and get a flag level of their own, from the scatter of their
   comparison (tight where they are merely lightly loaded, wide where they sit at another level, as the
-  large services of IEEE 8500 do, 1-2.5% below); fewer than 10 of them on a feeder: not estimable (NaN);
+  large services of IEEE 8500 do, 1-2.5% below); where ``cohort_load_neighbours`` of them carry a like
+  mean load (within ``cohort_load_ratio``), a meter's deviation is taken relative to their median (a
+  steady load's own drop sets the level) and those so matched get the flag level of their own scatter;
+  fewer than 10 of them on a feeder: not estimable (NaN);
 * a meter with exactly one sibling is flagged only where the two also differ by ``threshold_pct`` (a
   transformer tap moves both, a failing PT one);
 * the deviation must exceed ``threshold_pct`` in each of ``n_windows`` consecutive windows, with one sign;
@@ -27,6 +30,8 @@ The array maths is in :mod:`phaseid_hpc.kernels.pt_deviation` (named steps, unit
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -159,6 +164,21 @@ def _one_feeder(
                                                  config.neighbour_spread_factor,
                                                  tail_factor=config.neighbour_tail_factor,
                                                  min_meters=_MIN_COHORT)
+        # a constant load's own drop sets such a meter's level: where enough of them carry a like load,
+        # the level is taken relative to theirs, and those so matched get the flag level of their scatter
+        if kw is not None and config.cohort_load_neighbours > 0:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row: no estimate
+                mean_kw = np.nanmean(np.asarray(kw, dtype=np.float64)[stiff], axis=1)
+                ref = kern.load_matched_reference(np.nanmean(dev_nb[stiff], axis=1), mean_kw,
+                                                  config.cohort_load_neighbours, config.cohort_load_ratio)
+            matched = stiff[np.isfinite(ref)]
+            if matched.size >= _MIN_COHORT:
+                dev_nb[matched] = dev_nb[matched] - ref[np.isfinite(ref)][:, None]
+                thr_nb[matched] = kern.neighbour_threshold(dev_nb[matched], config.threshold_pct,
+                                                           config.neighbour_spread_factor,
+                                                           tail_factor=config.neighbour_tail_factor,
+                                                           min_meters=_MIN_COHORT)
     else:
         dev_nb[stiff] = np.nan
     dev = np.where(big[:, None], dev_group, dev_nb)

@@ -113,6 +113,22 @@ def test_meters_that_do_not_follow_their_load_are_a_cohort_of_their_own(n_stiff)
         assert np.isnan(est[24 : 24 + n_stiff]).all() and np.isfinite(est[24 + n_stiff :]).all()
 
 
+def test_stiff_meters_are_compared_with_those_of_like_load():
+    # 20 stiff lone meters (rows 24-43): rows 24-33 carry a large, steady load (6x) whose own drop puts them
+    # 2.2% below the rest (ieee8500's ~11 kW services); row 26 reads 3% high, which brings it back to its
+    # neighbours' level. Against the whole cohort (bimodal) it hides; against meters of like load it stands out
+    v, kw, meters = make_feeder(seed=5, n_lone=24, n_stiff=20)
+    heavy = np.arange(24, 34)
+    kw[heavy] *= 6.0
+    v[heavy] *= 1 - 0.022
+    v[26] *= 1.03
+    off = detect_pt_deviation(v, kw, meters, PTConfig(cohort_load_neighbours=0))
+    assert 26 not in _flagged(off)
+    res = detect_pt_deviation(v, kw, meters)
+    assert _flagged(res) == {26: [contract.REASON_PT_DEVIATION_NEIGHBOURS]}
+    assert res["pt_deviation_pct"].iloc[26] == pytest.approx(3.0, abs=0.5)
+
+
 def test_failing_pts_are_found_with_the_right_reason_and_size():
     # row 1: in a group of four; row 26: alone on its transformer (checked against neighbours)
     v, kw, meters = make_feeder(gains={1: 1.5, 26: -3.0})

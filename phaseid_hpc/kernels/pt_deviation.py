@@ -35,6 +35,7 @@ a failing internal PT"); ANSI C12.20 accuracy classes (class 0.5: +/-0.5% of rea
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -395,6 +396,40 @@ def neighbour_threshold(deviation: Any, threshold_pct: float, spread_factor: flo
     dist = np.abs(h - med)
     spread = 1.4826 * float(np.median(dist))
     return max(float(threshold_pct), spread_factor * spread, tail_factor * float(np.quantile(dist, 0.9)))
+
+
+def load_matched_reference(deviation: np.ndarray, mean_kw: np.ndarray, k: int, ratio: float) -> np.ndarray:
+    """Median deviation of the meters of like mean load, for each meter (itself left out) [%].
+
+    Parameters
+    ----------
+    deviation : ndarray, shape (m,)
+        Mean deviation of each meter from its neighbours [%].
+    mean_kw : ndarray, shape (m,)
+        Mean active power of each meter [kW].
+    k : int
+        Fewest meters of like load for a reference [-].
+    ratio : float
+        Largest ratio of two mean loads counted alike [-].
+
+    Returns
+    -------
+    ndarray of float, shape (m,)
+        NaN where fewer than ``k`` other meters (with a finite deviation) have a mean load within ``ratio``.
+    """
+    dev = np.asarray(deviation, dtype=np.float64)
+    logp = np.log(np.maximum(np.asarray(mean_kw, dtype=np.float64), 1e-6))
+    out = np.full(dev.size, np.nan)
+    if k < 1:
+        return out
+    ok = np.isfinite(dev) & np.isfinite(logp)
+    lim = math.log(ratio) + 1e-12
+    for i in range(dev.size):
+        alike = ok & (np.abs(logp - logp[i]) <= lim)
+        alike[i] = False
+        if alike.sum() >= k:
+            out[i] = float(np.median(dev[alike]))
+    return out
 
 
 def aggregate_means(x: Any, factor: int) -> Any:

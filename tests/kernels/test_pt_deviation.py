@@ -10,6 +10,7 @@ from phaseid_hpc.kernels.pt_deviation import (
     drop_corrected_level,
     drop_slope,
     group_median_deviation,
+    load_matched_reference,
     nearest_shape_neighbours,
     neighbour_deviation,
     neighbour_threshold,
@@ -208,3 +209,15 @@ def test_aggregate_means_matches_a_plain_loop(xp):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(to_np(aggregate_means(xp.asarray(x), 1)), x)
 
+
+
+def test_load_matched_reference_takes_the_median_of_like_loads():
+    dev = np.array([0.0, 0.1, -0.1, 0.05, -2.2, -2.0, -2.4, -2.1, 1.0, np.nan])
+    kw = np.array([2.0, 2.2, 1.9, 2.5, 11.0, 12.0, 11.5, 10.5, 40.0, 11.2])
+    ref = load_matched_reference(dev, kw, k=3, ratio=1.5)
+    assert ref[0] == pytest.approx(np.median([0.1, -0.1, 0.05]))  # itself left out
+    assert ref[4] == pytest.approx(np.median([-2.0, -2.4, -2.1]))  # the NaN row does not count
+    assert np.isnan(ref[8])  # no meter of like load
+    assert np.isfinite(ref[9])  # a meter without a deviation still gets a reference
+    assert np.isnan(load_matched_reference(dev, kw, k=4, ratio=1.5)[4])  # three alike: too few
+    assert np.isnan(load_matched_reference(dev, kw, k=0, ratio=1.5)).all()
