@@ -372,6 +372,35 @@ def _nearest_by_gis_phase(xp: Any, q: Any, q_group: np.ndarray, space: Any, grou
         yield p, cand, to_numpy(idx), np.where(np.isfinite(sim), sim, np.nan)
 
 
+def _time_blocks(xp: Any, n_t: int, n_batches: int) -> Any:
+    """(n_time, n_batches) 0/1 matrix of consecutive blocks of ``n_t // n_batches`` samples (the remainder
+    joins the last), in the namespace ``xp``: ``x @ blocks`` sums each row over each block."""
+    which = np.minimum(np.arange(n_t) // (n_t // n_batches), n_batches - 1)
+    return xp.asarray((which[:, None] == np.arange(n_batches)[None, :]).astype(np.float64))
+
+
+def _neighbourhood_block_products(xp: Any, q_y: Any, q_u: Any, q_group: np.ndarray, y: Any, u: Any,
+                                  cand: np.ndarray, group: np.ndarray, k: int, blocks: Any) -> np.ndarray:
+    """Per time block, each query's unit signal ``q_u`` times the unit pooled raw signal of its ``k`` nearest
+    ``cand`` rows (searched in ``y`` with ``q_y``, own group excluded, similarity weights), on the host
+    (m, n_batches): summed over the blocks, the correlation of :func:`_phase_neighbourhood_correlation`."""
+    idx, sim = top_k_neighbours(q_y, xp.asarray(q_group), min(k, cand.size),
+                                candidates=xp.take(y, xp.asarray(cand), axis=0),
+                                candidate_group=xp.asarray(group[cand]))
+    acc = neighbour_sums(xp.take(u, xp.asarray(cand), axis=0), idx, xp.asarray(np.maximum(to_numpy(sim), 0.0)))
+    norm = xp.sqrt(xp.vecdot(acc, acc, axis=-1))
+    prod = q_u * acc / xp.where(norm > 0, norm, xp.ones_like(norm))[:, None]
+    return to_numpy(prod @ blocks)
+
+
+def _batch_t(diff: np.ndarray) -> np.ndarray:
+    """Batch-means t statistic of each row of per-block differences (m, n_batches); NaN where undefined."""
+    sd = np.std(diff, axis=1, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = diff.mean(axis=1) / (sd / np.sqrt(diff.shape[1]))
+    return np.where(np.isfinite(t), t, np.nan)
+
+
 def _batch_margin_t(xp: Any, y: Any, u: Any, u_eval: Any, group: np.ndarray, labels: np.ndarray,
                     gis: np.ndarray, rows: np.ndarray, k: int, n_batches: int) -> np.ndarray:
     """Step 4a: the margin of a change of phase as a batch-means t statistic, for ``rows``.
@@ -390,8 +419,7 @@ def _batch_margin_t(xp: Any, y: Any, u: Any, u_eval: Any, group: np.ndarray, lab
     if n_t // n_batches < 2:
         return np.full(rows.size, np.nan)
     # block sums on the device: (n, n_time) @ (n_time, n_batches); only the small result comes to the host
-    which = np.minimum(np.arange(n_t) // (n_t // n_batches), n_batches - 1)
-    blocks = xp.asarray((which[:, None] == np.arange(n_batches)[None, :]).astype(np.float64))
+    blocks = _time_blocks(xp, n_t, n_batches)
     per = np.zeros((rows.size, 2, n_batches))
     for side, target in enumerate((labels[rows], gis[rows])):
         for p in range(3):
@@ -400,19 +428,10 @@ def _batch_margin_t(xp: Any, y: Any, u: Any, u_eval: Any, group: np.ndarray, lab
             if not sel.size or not cand.size:
                 per[sel, side, :] = np.nan
                 continue
-            q = rows[sel]
-            idx, sim = top_k_neighbours(xp.take(y, xp.asarray(q), axis=0), xp.asarray(group[q]), min(k, cand.size),
-                                        candidates=xp.take(y, xp.asarray(cand), axis=0),
-                                        candidate_group=xp.asarray(group[cand]))
-            acc = neighbour_sums(xp.take(u, xp.asarray(cand), axis=0), idx, xp.asarray(np.maximum(to_numpy(sim), 0.0)))
-            norm = xp.sqrt(xp.vecdot(acc, acc, axis=-1))
-            prod = xp.take(u_eval, xp.asarray(q), axis=0) * acc / xp.where(norm > 0, norm, xp.ones_like(norm))[:, None]
-            per[sel, side, :] = to_numpy(prod @ blocks)
-    margin = per[:, 0, :] - per[:, 1, :]
-    sd = np.std(margin, axis=1, ddof=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = margin.mean(axis=1) / (sd / np.sqrt(n_batches))
-    return np.where(np.isfinite(t), t, np.nan)
+            q = xp.asarray(rows[sel])
+            per[sel, side, :] = _neighbourhood_block_products(
+                xp, xp.take(y, q, axis=0), xp.take(u_eval, q, axis=0), group[rows[sel]], y, u, cand, group, k, blocks)
+    return _batch_t(per[:, 0, :] - per[:, 1, :])
 
 
 def _nearest_gis_factor(xp: Any, y: Any, u: Any, group: np.ndarray, gis: np.ndarray, labels: np.ndarray,
@@ -777,35 +796,26 @@ def _pair_margin(xp: Any, y: Any, u: Any, s_idx: np.ndarray, labels: np.ndarray,
     ``inf`` where the third phase has no meter.
     """
     n_t = int(u.shape[1])
-    per = np.full((rows.size, 3, max(n_batches, 1)), np.nan)
-    which = np.minimum(np.arange(n_t) // max(n_t // max(n_batches, 1), 1), max(n_batches, 1) - 1)
-    blocks = xp.asarray((which[:, None] == np.arange(max(n_batches, 1))[None, :]).astype(np.float64))
+    batched = n_batches >= 4 and n_t // n_batches >= 2
+    blocks = _time_blocks(xp, n_t, n_batches if batched else 1)
+    per = np.full((rows.size, 3, int(blocks.shape[1])), np.nan)
     q = xp.take(y, xp.asarray(rows), axis=0)
     q_u = xp.take(u, xp.asarray(rows), axis=0)
+    no_group = np.full(u.shape[0], -2, dtype=np.int64)  # pairs exclude no single-phase meter
     for p in range(3):
         cand = s_idx[labels == p]
-        if not cand.size:
-            continue
-        idx, sim = top_k_neighbours(q, xp.asarray(np.full(rows.size, -1, dtype=np.int64)), min(k, cand.size),
-                                    candidates=xp.take(y, xp.asarray(cand), axis=0),
-                                    candidate_group=xp.asarray(np.zeros(cand.size, np.int64)))
-        acc = neighbour_sums(xp.take(u, xp.asarray(cand), axis=0), idx, xp.asarray(np.maximum(to_numpy(sim), 0.0)))
-        norm = xp.sqrt(xp.vecdot(acc, acc, axis=-1))
-        prod = q_u * acc / xp.where(norm > 0, norm, xp.ones_like(norm))[:, None]
-        per[:, p, :] = to_numpy(prod @ blocks)
+        if cand.size:
+            per[:, p, :] = _neighbourhood_block_products(xp, q, q_u, np.full(rows.size, -1, dtype=np.int64), y, u,
+                                                         cand, no_group, k, blocks)
     total = per.sum(axis=2)  # (m, 3): the correlations over the whole window
     m = np.arange(rows.size)
     third = 3 - top2.sum(axis=1)
     weaker = np.where(total[m, top2[:, 0]] <= total[m, top2[:, 1]], top2[:, 0], top2[:, 1])
     rival = np.where(np.isnan(total[m, third]), -np.inf, total[m, third])  # a phase without meters: no rival
     z = (total[m, weaker] - rival) * np.sqrt(n_obs)
-    if n_batches < 4 or n_t // n_batches < 2:
+    if not batched:
         return z
-    diff = per[m, weaker, :] - per[m, third, :]
-    sd = np.std(diff, axis=1, ddof=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = diff.mean(axis=1) / (sd / np.sqrt(n_batches))
-    return np.fmin(z, np.where(np.isfinite(t), t, np.nan))
+    return np.fmin(z, _batch_t(per[m, weaker, :] - per[m, third, :]))
 
 
 def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray, labels: np.ndarray,
