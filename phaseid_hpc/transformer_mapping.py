@@ -28,7 +28,8 @@ Method (per feeder, :func:`_map_feeder`)
      (``pair_fit_fraction``) (``move_candidates``);
    * a meter **alone on its GIS transformer** has no group to be tested against: from the second round on
      (after strays of multi-meter groups, possibly its lost sibling, have moved) it joins a group of two or
-     more only when it fits it as the group's own members do (``singleton_fit_se``), also after the
+     more only when it fits it as the group's own members do (``singleton_fit_se``), and no worse than the
+     feeder's typical same-transformer pair (a group whose members hardly hold together sets no bar), also after the
      runner-up's pool is partialled out (``shares_own_signal``: sharing the lateral is not enough), and
      passes the level check;
    * a meter that does **not move with its GIS group** (own-group z below ``unrelated_se`` while the rest of
@@ -490,6 +491,7 @@ def _judge_round(
     zo, kappa_o_loo = _gis_evidence(it, assign, w, gmask, pools, pools_gis, sig, lab)
     phase_mis = tk.phase_disjoint(lab.pmask, gmask[o])
     n_members = tk.group_sum(assign[w > 0], n_g)
+    pair_ref = tk.pair_reference(zc_own / se, assign, w, n_g)
     mc = tk.move_candidates(
         zb=zb,
         z2=z2,
@@ -499,13 +501,14 @@ def _judge_round(
         kappa_gis_loo=kappa_o_loo,
         phase_mismatch=phase_mis,
         lone_target=n_members[best] == 1,
-        pair_reference_se=tk.pair_reference(zc_own / se, assign, w, n_g) * cfg.pair_fit_fraction,
+        pair_reference_se=pair_ref * cfg.pair_fit_fraction,
         min_corr_se=cfg.min_corr_se,
         unrelated_se=cfg.unrelated_se,
         ambiguity_se=cfg.ambiguity_se,
         flag_margin_se=cfg.flag_margin_se,
         weak_gis_margin_se=cfg.weak_gis_margin_se,
         singleton_fit_se=cfg.singleton_fit_se,
+        fit_floor_se=pair_ref,
     )
     # level check (service drop), only where it can decide a move
     level_ok = np.ones(len(assign), bool)

@@ -730,6 +730,7 @@ def move_candidates(
     flag_margin_se: float,
     weak_gis_margin_se: float,
     singleton_fit_se: float,
+    fit_floor_se: float | None = None,
 ) -> MoveCandidates:
     """The move rules in Fisher-z units (all arrays shape (n_meters,); ``*_se`` thresholds in std. errors).
 
@@ -751,6 +752,11 @@ def move_candidates(
         The best candidate has one member.
     pair_reference_se : float
         Fisher z a lone target must reach (:func:`pair_reference` times ``pair_fit_fraction``).
+    fit_floor_se : float, optional
+        Least fit a meter alone on its GIS group is held to, whatever its target's members show
+        (:func:`pair_reference`: the feeder's median same-transformer pair) [std. errors]. On the generated
+        regulator feeders, meters rightly alone on their transformer joined a neighbour whose members were
+        two transformers' (a stray among them) with confidence 0.93-0.96 (and on M1 at 30 days).
 
     Returns
     -------
@@ -776,7 +782,10 @@ def move_candidates(
     fits_own = has_own & (zo > min_corr_se * se) & (zo >= kappa_ref - singleton_fit_se * se)
     lead = zb - xp.where(has_own, zo, 0.0)
     multi = has_own & ~fits_own & sig_b & clear_b & (lead > margin) & lone_target_ok
-    fit_b = xp.isfinite(kappa_best) & (zb >= kappa_best - singleton_fit_se * se)
+    # the bar a lone meter must clear: how its target's members hold together, and no lower than the
+    # feeder's typical same-transformer pair (a target whose members hardly hold together sets no bar)
+    bar = kappa_best if fit_floor_se is None else xp.maximum(kappa_best, fit_floor_se * se)
+    fit_b = xp.isfinite(kappa_best) & (zb >= bar - singleton_fit_se * se)
     single = (~has_own | phase_mismatch & (zo < unrelated_se * se)) & sig_b & clear_b & fit_b
     return MoveCandidates(multi=multi, single=single, strength=lead / se)
 

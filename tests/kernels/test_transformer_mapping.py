@@ -341,6 +341,14 @@ def test_move_candidates_rules(xp):
     np.testing.assert_array_equal(to_np(mc.multi), [1, 0, 0, 0, 0, 1, 0, 0])
     np.testing.assert_array_equal(to_np(mc.single), [0, 0, 0, 1, 0, 0, 0, 0])
     np.testing.assert_allclose(to_np(mc.strength), zb - np.where(np.isfinite(zo), zo, 0.0))
+    # row 3 again, its target's members hardly holding together (kappa 2): the feeder's typical pair (z 13)
+    # sets the bar it must clear instead; 8 is short of 13 - 2, not of 9 - 2
+    a3 = {**a, "kappa_best": xp.asarray(np.where(np.arange(8) == 3, 2.0, kb))}
+    args = dict(se=xp.asarray(np.ones(8)), phase_mismatch=xp.asarray(mis), lone_target=xp.asarray(lone),
+                pair_reference_se=6.0, **_RULES)
+    assert bool(to_np(tk.move_candidates(**a3, **args).single)[3])
+    assert not bool(to_np(tk.move_candidates(**a3, **args, fit_floor_se=13.0).single)[3])
+    assert bool(to_np(tk.move_candidates(**a3, **args, fit_floor_se=9.0).single)[3])
 
 
 @BACKENDS
