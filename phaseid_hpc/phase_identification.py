@@ -277,6 +277,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     # Step 3: votes of the neighbours' labels: GIS first, then the previous round's answers
     group = _gis_groups(meters, gis, s_idx, config)
+    tx_group = _transformer_groups(meters, gis, s_idx, config)
     y_s = _pool_groups(xp, xp.take(y, xp.asarray(s_idx), axis=0), group, config)
     # small feeders (an LV network of a dozen customers): a few meters per phase, so fewer voters
     k = min(config.n_neighbours, max(3, s_idx.size // 6))
@@ -284,7 +285,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     # Step 4: evidence: vote share, and the raw (not denoised) correlation with each phase's neighbourhood
     c, z_strength = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels, share,
-                                         n_obs_h[s_idx], k, config, gis_code[s_idx], interval_s)
+                                         n_obs_h[s_idx], k, config, gis_code[s_idx], interval_s, tx_group)
     phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
     conf[s_idx] = c
     for j in np.flatnonzero(z_strength < config.min_strength_se):
@@ -324,7 +325,8 @@ def _neighbour_vote(xp: Any, y: Any, group: np.ndarray, labels: np.ndarray, k: i
 
 def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.ndarray, share: np.ndarray,
                          n_obs: np.ndarray, k: int, config: PhaseConfig,
-                         gis: np.ndarray, interval_s: float = 900.0) -> tuple[np.ndarray, np.ndarray]:
+                         gis: np.ndarray, interval_s: float = 900.0,
+                         tx_group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Step 4: confidence of each answer, and its correlation with its phase's neighbourhood [SE].
 
     The meter (as a virtual meter, :func:`_pool_agreeing`) is correlated with each phase's neighbourhood;
@@ -349,11 +351,16 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     share = np.where(decisive, 1.0, share)
     c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
     pairs = _group_pair_dots(xp, u, group, changed) if changed.size else None  # shared by the three checks
-    c = c * _nearest_gis_factor(xp, y, u, group, gis, labels, config, pairs=pairs)
+    near = _nearest_gis_factor(xp, y, u, group, gis, labels, config, pairs=pairs)
     # the same in the raw signals, the meter as a virtual meter: the denoised space can mislead an isolated group
-    c = c * _nearest_gis_factor(xp, u, u, group, gis, labels, config, query=u_eval,
-                                tolerance=config.nearest_gis_raw_tolerance, pairs=pairs)
-    c = c * _sibling_agreement_factor(xp, u, group, gis, labels, config, pairs=pairs)
+    near = near * _nearest_gis_factor(xp, u, u, group, gis, labels, config, query=u_eval,
+                                      tolerance=config.nearest_gis_raw_tolerance, pairs=pairs)
+    c = c * near * _sibling_agreement_factor(xp, u, group, gis, labels, config, pairs=pairs)
+    if tx_group is not None and changed.size:
+        # siblings GIS files on another phase of the meter's transformer count too, as they stand: their
+        # answer, or their GIS phase where the nearest-GIS checks held their own change back
+        stands = np.where((labels != gis) & (near == 0), gis, labels)
+        c = c * _sibling_agreement_factor(xp, u, tx_group, gis, labels, config, sibling_labels=stands)
     return c, z_strength
 
 
@@ -484,7 +491,8 @@ def _nearest_gis_factor(xp: Any, y: Any, u: Any, group: np.ndarray, gis: np.ndar
 
 
 def _sibling_agreement_factor(xp: Any, u: Any, group: np.ndarray, gis: np.ndarray, labels: np.ndarray,
-                              config: PhaseConfig, pairs: pd.DataFrame | None = None) -> np.ndarray:
+                              config: PhaseConfig, pairs: pd.DataFrame | None = None,
+                              sibling_labels: np.ndarray | None = None) -> np.ndarray:
     """Step 4c: 0 for a change of phase that the meter's physical siblings do not share, else 1.
 
     Meters of one single-phase transformer are on one phase. The siblings of a meter are the members of its
@@ -496,6 +504,11 @@ def _sibling_agreement_factor(xp: Any, u: Any, group: np.ndarray, gis: np.ndarra
     there and is judged alone; a transformer whose meters the vote splits between phases is not evidence of
     an error (a large transformer alone among meters of another phase). 0 turns the check off. ``pairs``:
     :func:`_group_pair_dots` of the groups of the changed meters, if already computed.
+
+    With ``group`` the GIS transformer alone (:func:`_transformer_groups`), siblings GIS files on another
+    phase are compared by ``sibling_labels`` (what they stand at), those of the meter's own GIS phase by their
+    answers: on the generated regulator feeder with PV a meter filed on A among four C siblings was moved
+    to B with full confidence while the C siblings' own change to B was held back by the nearest-GIS checks.
     """
     factor = np.ones(labels.size)
     changed = np.flatnonzero((gis >= 0) & (labels != gis))
@@ -510,7 +523,9 @@ def _sibling_agreement_factor(xp: Any, u: Any, group: np.ndarray, gis: np.ndarra
     mine = dots[dots["sib"] & np.isin(dots["a"].to_numpy(), changed)]
     if mine.empty:
         return factor
-    agree = (labels[mine["b"].to_numpy()] == labels[mine["a"].to_numpy()]).astype(np.float64)
+    a, b = mine["a"].to_numpy(), mine["b"].to_numpy()
+    theirs = labels[b] if sibling_labels is None else np.where(gis[b] == gis[a], labels[b], sibling_labels[b])
+    agree = (theirs == labels[a]).astype(np.float64)
     share = pd.Series(agree).groupby(mine["a"].to_numpy()).mean()
     held = share.index.to_numpy()[share.to_numpy() < config.sibling_agreement]
     factor[held] = 0.0
@@ -651,13 +666,34 @@ def _gis_groups(meters: pd.DataFrame, gis: np.ndarray, s_idx: np.ndarray, config
     with that GIS phase (one three-phase transformer serving a whole LV network), carry no local
     information: each of their meters gets a group of its own (else a phase would vote only for others).
     """
+    code, large = _gis_group_codes(meters, gis, s_idx, config)
+    return np.where(large, code.max(initial=-1) + 1 + np.arange(code.size), code).astype(np.int64)
+
+
+def _gis_group_codes(meters: pd.DataFrame, gis: np.ndarray, s_idx: np.ndarray,
+                     config: PhaseConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Code of each single-phase meter's (GIS transformer, GIS phase) key, and whether its group is too large."""
     labels = gis[s_idx].astype(str)
     key = meters["transformer_id"].astype(str).to_numpy()[s_idx] + "|" + labels
     code, uniq = pd.factorize(key, sort=True)
     size = np.bincount(code, minlength=len(uniq))[code]
     per_label = pd.Series(labels).map(pd.Series(labels).value_counts()).to_numpy()
-    large = (size > config.max_group_size) | (size > 0.25 * per_label)
-    return np.where(large, len(uniq) + np.arange(code.size), code).astype(np.int64)
+    return code, (size > config.max_group_size) | (size > 0.25 * per_label)
+
+
+#: Fewest single-phase meters on a GIS transformer for its meters of other GIS phases to count as siblings
+#: (with two or three, any two meters filed together look alike enough: strays would vote).
+_MIN_TRANSFORMER_SIBLINGS = 4
+
+
+def _transformer_groups(meters: pd.DataFrame, gis: np.ndarray, s_idx: np.ndarray, config: PhaseConfig) -> np.ndarray:
+    """Group code per single-phase meter (rows ``s_idx``): its GIS transformer, whatever its GIS phase, where
+    that transformer has ``_MIN_TRANSFORMER_SIBLINGS`` or more; any other meter, and one of a group too large
+    to carry local information (:func:`_gis_groups`), has a group of its own."""
+    code, _ = pd.factorize(meters["transformer_id"].astype(str).to_numpy()[s_idx], sort=True)
+    _, large = _gis_group_codes(meters, gis, s_idx, config)
+    alone = large | (np.bincount(code)[code] < _MIN_TRANSFORMER_SIBLINGS)
+    return np.where(alone, code.max(initial=-1) + 1 + np.arange(code.size), code).astype(np.int64)
 
 
 def _pool_groups(xp: Any, y: Any, group: np.ndarray, config: PhaseConfig) -> Any:

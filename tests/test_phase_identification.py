@@ -336,6 +336,33 @@ def test_nearest_gis_factor_ignores_physical_siblings_filed_under_another_transf
     assert _nearest_gis_factor(np, y, y, alone, gis, labels, siblings)[0] == 0.0
 
 
+def test_transformer_siblings_of_another_gis_phase_count_as_they_stand():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _sibling_agreement_factor, _transformer_groups
+
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(2, 200))
+    # transformer 0: row 0 filed A (0), rows 1-3 filed C (2); all four answered B (1), but the C rows'
+    # change was held back (they stand at C). Transformer 1: rows 4-6 filed C, answered A, row 6 held back.
+    y = _unit(np.vstack([base[0] + 0.2 * rng.normal(size=(4, 200)), base[1] + 0.2 * rng.normal(size=(3, 200))]))
+    gis = np.array([0, 2, 2, 2, 2, 2, 2])
+    labels = np.array([1, 1, 1, 1, 0, 0, 0])
+    stands = np.array([1, 2, 2, 2, 0, 0, 2])
+    tx = np.array([0, 0, 0, 0, 1, 1, 1])
+    cfg = PhaseConfig()
+    f = _sibling_agreement_factor(np, y, tx, gis, labels, cfg, sibling_labels=stands)
+    assert f[0] == 0.0  # its C siblings stand at C: B alone is not confident
+    assert (f[4:] == 1.0).all()  # siblings of its own GIS phase: compared by their answers, no cascade
+    assert _sibling_agreement_factor(np, y, tx, gis, labels, cfg, sibling_labels=labels)[0] == 1.0
+    # only transformers of four or more single-phase meters form such groups
+    # (among 36 others, each alone: a group of more than a quarter of its phase's meters carries no local
+    # information and is split anyway)
+    meters = pd.DataFrame({"transformer_id": ["T0"] * 4 + ["T1"] * 3 + [f"S{i}" for i in range(36)]})
+    phases = np.array(["A", "C", "C", "C", "C", "C", "C"] + ["ABC"[i % 3] for i in range(36)], dtype=object)
+    codes = _transformer_groups(meters, phases, np.arange(43), cfg)
+    assert len(set(codes[:4])) == 1 and len(set(codes[4:7])) == 3 and len(set(codes)) == 40
+
+
 def test_sibling_yardstick_is_how_alike_the_other_group_mates_are():
     from phaseid_hpc.phase_identification import _sibling_similarity
 
