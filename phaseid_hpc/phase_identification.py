@@ -551,16 +551,29 @@ def _group_pair_dots(xp: Any, u: Any, group: np.ndarray, rows: np.ndarray) -> pd
     """
     members = np.flatnonzero(np.isin(group, np.unique(group[rows])))
     members = members[np.argsort(group[members], kind="stable")]
-    a, b = [], []
-    for m in np.split(members, np.flatnonzero(np.diff(group[members])) + 1):
-        if m.size >= 2:
-            ii, jj = np.meshgrid(m, m, indexing="ij")
-            off = ii != jj
-            a.append(ii[off])
-            b.append(jj[off])
+    blocks = [m for m in np.split(members, np.flatnonzero(np.diff(group[members])) + 1) if m.size >= 2]
+    # each group's Gram matrix, groups of one size in one batched product (rows read once per group,
+    # not once per pair); only the small matrices come to the host
+    gram: list[np.ndarray | None] = [None] * len(blocks)
+    sizes = np.array([m.size for m in blocks], dtype=np.int64)
+    for k in np.unique(sizes):
+        which = np.flatnonzero(sizes == k)
+        idx = np.stack([blocks[w] for w in which])  # (B, k)
+        zm = xp.reshape(xp.take(u, xp.asarray(idx.reshape(-1)), axis=0), (len(which), int(k), int(u.shape[1])))
+        c = to_numpy(zm @ xp.matrix_transpose(zm)).astype(np.float64)
+        for j, w in enumerate(which):
+            gram[w] = c[j]
+    a, b, dot = [], [], []
+    for m, c in zip(blocks, gram):
+        ii, jj = np.meshgrid(m, m, indexing="ij")
+        off = ii != jj
+        a.append(ii[off])
+        b.append(jj[off])
+        dot.append(c[off])
     a = np.concatenate(a) if a else np.zeros(0, dtype=np.int64)
     b = np.concatenate(b) if b else np.zeros(0, dtype=np.int64)
-    return pd.DataFrame({"a": a, "b": b, "g": group[a], "dot": _pair_dots(xp, u, a, b)})
+    dot = np.concatenate(dot) if dot else np.zeros(0)
+    return pd.DataFrame({"a": a, "b": b, "g": group[a], "dot": dot})
 
 
 def _sibling_similarity(xp: Any, u: Any, group: np.ndarray, rows: np.ndarray,
