@@ -183,7 +183,7 @@ def run_capacity_block(
         ``n`` meters, ``timings`` [s] (``generate`` then the stages of
         :func:`~phaseid_hpc.pipeline.process_arrays`), ``score`` (:func:`~phaseid_hpc.score.score_frames`).
     """
-    from .synth.generator import heap_for_arrays
+    from ._memory import heap_for_arrays
 
     with heap_for_arrays():
         return _capacity_block(block, subs, params, config, part_dir)

@@ -453,8 +453,21 @@ def aggregate_means(x: Any, factor: int) -> Any:
         return x
     m = x.shape[1] // factor
     blocks = xp.reshape(x[:, : m * factor], (x.shape[0], m, factor))
-    ok = xp.isfinite(blocks)
+    # one summing pass; only rows where a sum came out non-finite (a NaN or inf inside) are redone with
+    # the mask (the same sums where every sample is finite)
+    total = xp.sum(blocks, axis=2)
+    out = total / float(factor)
+    bad = ~xp.isfinite(total)
+    if not bool(xp.any(bad)):
+        return out
+    row_bad = xp.any(bad, axis=1)
+    sub = xp.take(blocks, xp.nonzero(row_bad)[0], axis=0)
+    ok = xp.isfinite(sub)
     cnt = xp.sum(xp.astype(ok, xp.int64), axis=2)
-    total = xp.sum(xp.where(ok, blocks, 0.0), axis=2)
-    return xp.where(cnt > 0, total / xp.astype(xp.maximum(cnt, xp.ones_like(cnt)), xp.float64), xp.nan)
+    part = xp.sum(xp.where(ok, sub, 0.0), axis=2)
+    part = xp.where(cnt > 0, part / xp.astype(xp.maximum(cnt, xp.ones_like(cnt)), xp.float64), xp.nan)
+    # row i of the result: part[(number of redone rows before i)] where redone, else out[i]
+    pos = xp.cumulative_sum(xp.astype(row_bad, xp.int64)) - 1
+    redone = xp.take(part, xp.clip(pos, 0, None), axis=0)
+    return xp.where(row_bad[:, None], redone, out)
 

@@ -113,6 +113,10 @@ def nanmedian(x: Any, axis: int = -1) -> Any:
         The median, shape of ``x`` without ``axis``.
     """
     xp = array_namespace(x)
+    if isinstance(x, np.ndarray) and x.size and x.shape[axis] and bool(np.isfinite(x).all()):
+        # NumPy, nothing to ignore (the usual case): NumPy's own median takes the same two middle
+        # elements and their mean, with one selection along the axis instead of a masked copy and two
+        return np.median(x, axis=axis)
     x = xp.moveaxis(x, axis, -1)
     ok = xp.isfinite(x)
     filled = xp.where(ok, x, xp.asarray(xp.inf, dtype=x.dtype))
