@@ -162,6 +162,17 @@ def _block_compute(summary) -> float:
     return float(sum(v for k, v in summary.timings_s.items() if k.startswith("block_") and k.endswith("_sum")))
 
 
+def _logged_block_compute(run_log: Path, block: int) -> float:
+    """Stage seconds (reading included) of one block, from the ``block_done`` line of a run's log [s]."""
+    for line in run_log.read_text().splitlines():
+        if " block_done " not in line:
+            continue
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if int(fields["block"]) == block:
+            return float(sum(float(v) for k, v in fields.items() if k.endswith("_s")))
+    raise ValueError(f"{run_log}: no block_done line for block {block}")
+
+
 def delta_cost(n_meters: int, days: float, seed: int, workdir: Path, repeat: int = 3) -> dict:
     """Full run, then a delta run after one event on one feeder: wall time of each and the feeder's share.
 
@@ -205,8 +216,17 @@ def delta_cost(n_meters: int, days: float, seed: int, workdir: Path, repeat: int
     # before/after identification of the meter with events, and the delta run is compared like for like
     full_config = dataclasses.replace(config, changes=dataclasses.replace(config.changes,
                                                                           events_file=str(events_csv)))
-    full_t, delta_t = [], []
+    # the affected feeder's own cost within a full run: the same full run with every feeder its own block,
+    # that feeder's block's stage seconds (the event's before/after identification included)
+    per_feeder_config = dataclasses.replace(full_config, job=dataclasses.replace(full_config.job, block_bytes=1))
+    from phaseid_hpc.store import open_store
+
+    order = pd.unique(open_store(store, block_bytes=None, recover=False)["feeder_id"].to_numpy().astype(str))
+    feeder_block = int(np.flatnonzero(order == small)[0])
+    full_t, delta_t, feeder_t = [], [], []
     for r in range(repeat):  # alternating, fresh folders: medians of each
+        run_job(store, workdir / f"perfeeder{r}", config=per_feeder_config, report=False)
+        feeder_t.append(_logged_block_compute(workdir / f"perfeeder{r}" / "run.log", feeder_block))
         tic = time.perf_counter()
         full = run_job(store, workdir / f"full{r}", config=full_config, report=False)
         full_t.append((time.perf_counter() - tic, full.timings_s["blocks_wall"],
@@ -220,6 +240,7 @@ def delta_cost(n_meters: int, days: float, seed: int, workdir: Path, repeat: int
     delta_s, delta_blocks_s, delta_changes_s, delta_compute_s = np.median(np.array(delta_t), axis=0)
     got = pd.read_parquet(workdir / "delta0" / "meters.parquet").set_index("meter_id").loc[mid]
     share = float((truth["feeder_id"] == small).mean())
+    feeder_s = float(np.median(feeder_t))
     return {"meters": n_meters, "feeders": int(truth["feeder_id"].nunique()), "days": days,
             "blocks_full": full.n_blocks, "affected_feeder_meters": int((truth["feeder_id"] == small).sum()),
             "affected_share": share, "full_s": float(full_s), "delta_s": float(delta_s),
@@ -228,6 +249,8 @@ def delta_cost(n_meters: int, days: float, seed: int, workdir: Path, repeat: int
             "delta_blocks_over_full": float(delta_blocks_s / full_blocks_s),
             "full_block_compute_s": float(full_compute_s), "delta_block_compute_s": float(delta_compute_s),
             "delta_compute_over_full": float(delta_compute_s / full_compute_s), "repeats": repeat,
+            "feeder_in_full_compute_s": feeder_s, "delta_compute_over_feeder_in_full": float(delta_compute_s / feeder_s),
+            "feeder_share_of_full_compute": float(feeder_s / full_compute_s),
             "full_changes_s": float(full_changes_s), "delta_changes_s": float(delta_changes_s),
             "moved_found": bool(contract.REASON_PHASE_CHANGED_AT_RESTORATION in got["reasons"]
                                 and got["phase"] == changes["phase_after"].iloc[0])}

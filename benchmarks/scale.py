@@ -3,8 +3,13 @@
 For each size, a synthetic utility of N meters x D days at 15 minutes is written straight into a store (no
 readings export), then the job runs on a LocalCluster of this machine's cores. Reported per size: wall time,
 time per meter, peak resident memory of the client and of the workers (sampled), and the share of summed
-block time spent reading (I/O), in quality, phase, transformer and validation kernels; the rest of the wall
-time (wall x workers - summed block time) is scheduling and idle.
+block time spent reading (I/O) and in each stage; the rest of the wall time (wall x workers - summed block
+time) is scheduling and idle.
+
+Beside each figure, the floor it is measured against (``floor_s``): reading and decoding the store once
+(its rate measured here on the first ~20,000 meters, one thread, page cache warm: the decoding floor) plus the one product any correlation
+method needs, each feeder's meters against each other (``2 n_f^2 (n_time - 1)`` FLOPs per feeder, at the
+GEMM rate measured here on one thread), both spread over the workers. ``x_floor`` is run wall / floor.
 
 Usage::
 
@@ -39,6 +44,36 @@ def _sample_peak(stop: threading.Event, peak: dict) -> None:
         time.sleep(0.2)
 
 
+def floor_s(store: Path, n_workers: int, sample_meters: int = 20_000) -> dict:
+    """The run's floor on this machine: read + within-feeder Gram products, spread over ``n_workers``. [s]"""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from phaseid_hpc.store import open_store, read_meter_block
+
+    ds = open_store(store, block_bytes=None, recover=False)
+    feeders = ds["feeder_id"].to_numpy().astype(str)
+    n, n_t = ds.sizes["meter"], ds.sizes["time"]
+    stop = min(n, sample_meters)
+    read_rate = 0.0
+    for _ in range(2):  # the second read finds the sample in the page cache: the decoding floor
+        t0 = time.perf_counter()
+        read_meter_block(store, 0, stop)
+        read_rate = max(read_rate, stop / (time.perf_counter() - t0))  # meters per second, one thread
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, n_t - 1))
+    with threadpool_limits(limits=1, user_api="blas"):
+        a @ a.T
+        t0 = time.perf_counter()
+        a @ a.T
+        gemm_rate = 2 * 2000**2 * (n_t - 1) / (time.perf_counter() - t0)  # FLOP/s, one thread
+    _, sizes = np.unique(feeders, return_counts=True)
+    flops = float(np.sum(2.0 * sizes.astype(np.float64) ** 2 * (n_t - 1)))
+    read_s, gemm_s = n / read_rate / n_workers, flops / gemm_rate / n_workers
+    return {"read_floor_s": round(read_s, 1), "gemm_floor_s": round(gemm_s, 1), "floor_s": round(read_s + gemm_s, 1),
+            "read_meters_per_s": round(read_rate), "gemm_gflops": round(gemm_rate / 1e9, 1)}
+
+
 def run_size(n_meters: int, days: float, workers: int | None, root: Path) -> dict:
     from phaseid_hpc.cluster import ClusterSpec
     from phaseid_hpc.jobs import run_with_cluster
@@ -65,7 +100,12 @@ def run_size(n_meters: int, days: float, workers: int | None, root: Path) -> dic
     n_workers = workers or psutil.cpu_count()
     shares = {k[len("block_"):-len("_sum")]: v / max(block_sum, 1e-9) for k, v in tim.items()
               if k.startswith("block_") and k.endswith("_sum")}
+    floor = floor_s(store, n_workers)
+    cpu_us = 1e6 * block_sum / n_meters
     return {
+        **floor,
+        "x_floor": round(wall / max(floor["floor_s"], 1e-9), 1),
+        "block_cpu_us_per_meter": round(cpu_us),
         "meters": n_meters,
         "days": days,
         "generate_s": round(t_gen, 1),
@@ -94,15 +134,16 @@ def main() -> None:
         r = run_size(n, args.days, args.workers, root)
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print("\n| meters | days | run wall [s] | per meter [us] | peak RSS total [GiB] | read | quality | phase "
-          "| transformer | validation | sched/idle |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    stages = ("read", "quality", "phase", "clock", "transformer", "pt", "validation", "changes")
+    print("\n| meters | days | run wall [s] | per meter [us] | block CPU per meter [us] | floor [s] (read + GEMM) "
+          "| x floor | peak RSS total [GiB] | " + " | ".join(stages) + " | sched/idle |")
+    print("| --- " * (9 + len(stages)) + "|")
     for r in rows:
         sh = r["share_of_block_time"]
         print(f"| {r['meters']:,} | {r['days']:g} | {r['run_wall_s']} | {r['us_per_meter']} | "
-              f"{r['peak_rss_total_gib']} | {sh.get('read', 0):.0%} | {sh.get('quality', 0):.0%} | "
-              f"{sh.get('phase', 0):.0%} | {sh.get('transformer', 0):.0%} | {sh.get('validation', 0):.0%} | "
-              f"{r['scheduling_idle_share']:.0%} |")
+              f"{r['block_cpu_us_per_meter']:,} | {r['floor_s']} ({r['read_floor_s']} + {r['gemm_floor_s']}) | "
+              f"{r['x_floor']} | {r['peak_rss_total_gib']} | "
+              + " | ".join(f"{sh.get(k, 0):.0%}" for k in stages) + f" | {r['scheduling_idle_share']:.0%} |")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

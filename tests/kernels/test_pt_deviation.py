@@ -211,6 +211,24 @@ def test_aggregate_means_matches_a_plain_loop(xp):
 
 
 
+@BACKENDS
+def test_aggregate_means_redoes_only_rows_with_a_gap(xp):
+    # most rows complete (one summing pass), a few with NaN or inf inside (masked): each row equals the
+    # masked mean of its own blocks, whatever the other rows hold
+    rng = np.random.default_rng(5)
+    x = rng.normal(240, 2, (6, 16))
+    x[2, 3] = np.nan
+    x[4, 8:12] = np.nan  # a whole block
+    x[5, 1] = np.inf
+    got = to_np(aggregate_means(xp.asarray(x), 4))
+    for i in range(6):
+        seg = x[i].reshape(4, 4)
+        ok = np.isfinite(seg)
+        want = np.where(ok.any(axis=1), np.where(ok, seg, 0.0).sum(axis=1) / np.maximum(ok.sum(axis=1), 1), np.nan)
+        np.testing.assert_array_equal(got[i], want)
+    np.testing.assert_array_equal(to_np(aggregate_means(xp.asarray(x[[0, 1, 3]]), 4)), got[[0, 1, 3]])
+
+
 def test_load_matched_reference_takes_the_median_of_like_loads():
     dev = np.array([0.0, 0.1, -0.1, 0.05, -2.2, -2.0, -2.4, -2.1, 1.0, np.nan])
     kw = np.array([2.0, 2.2, 1.9, 2.5, 11.0, 12.0, 11.5, 10.5, 40.0, 11.2])

@@ -34,6 +34,15 @@ def feeder_voltage(n_meters: int, n_time: int, seed: int, base: float = 240.0) -
     return base * (1.0 + 0.02 + common + local + rng.normal(0.0, 0.0003, (n_meters, n_time)))
 
 
+def test_nanmedian_without_missing_values_is_the_middle_of_the_sorted_values():
+    rng = np.random.default_rng(2)
+    for shape in ((7, 33), (8, 40)):
+        x = rng.normal(size=shape)
+        s = np.sort(x, axis=0)
+        n = x.shape[0]
+        np.testing.assert_array_equal(kq.nanmedian(x, axis=0), (s[(n - 1) // 2] + s[n // 2]) / 2)
+
+
 def test_nanmedian_matches_numpy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(7, 33))
