@@ -11,32 +11,51 @@ from collections.abc import Iterator
 __all__ = ["heap_for_arrays"]
 
 
+#: mallopt parameters (glibc malloc.h) and glibc's defaults, restored after a block where the environment
+#: does not set them
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULTS = {
+    _M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", 128 * 1024),
+    _M_MMAP_THRESHOLD: ("MALLOC_MMAP_THRESHOLD_", 128 * 1024),
+    _M_MMAP_MAX: ("MALLOC_MMAP_MAX_", 65536),
+}
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc (whose ``mallopt`` this module sets), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 @contextlib.contextmanager
 def heap_for_arrays() -> Iterator[None]:
-    """Keep freed array memory for reuse while a block runs, where the process asked glibc to return it at once.
+    """Serve every array of a block from the heap and keep freed memory for the next one; trim after.
 
-    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_`` set, which also pins glibc's mmap threshold
-    at 128 kB: then every temporary array is a fresh mmap whose pages fault in one by one (a third of a
-    generator worker's CPU time). Inside this context large arrays come from the heap (up to glibc's
-    32 MB mmap limit) and freed memory is kept; on exit it is trimmed and the settings from the
-    environment are restored. Elsewhere (no such variable, or not glibc) it does nothing.
+    glibc hands out large allocations as fresh memory maps whose pages fault in one by one, every time: a
+    block allocates hundreds of (meter, time) temporaries, and faulting them in cost a third of a block's
+    CPU (more where Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_``, which also pins the map threshold at
+    128 kB). Inside this context the heap serves them (``M_MMAP_MAX = 0``; a thread with its own malloc
+    arena still maps what exceeds that arena's 64 MB heaps, hence ``MALLOC_ARENA_MAX=1`` on the local
+    cluster's workers) and freed memory stays for reuse (``M_TRIM_THRESHOLD`` 1 GiB); on exit the settings
+    of the environment (or glibc's defaults) are restored and the free memory is returned to the system.
+    Elsewhere (not glibc) it does nothing.
     """
-    trim_env = os.environ.get("MALLOC_TRIM_THRESHOLD_")
-    libc = None
-    if trim_env is not None and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            libc = None
+    libc = _glibc()
     if libc is None:
         yield
         return
-    m_trim, m_mmap = -1, -3  # mallopt parameters M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
-    libc.mallopt(m_mmap, 32 * 2**20)
-    libc.mallopt(m_trim, 2**30)
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
     try:
         yield
     finally:
-        libc.mallopt(m_trim, int(trim_env))
-        libc.mallopt(m_mmap, int(os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")))
+        for param, (env, default) in _DEFAULTS.items():
+            libc.mallopt(param, int(os.environ.get(env, default)))
         libc.malloc_trim(0)

@@ -114,6 +114,7 @@ def get_client(spec: ClusterSpec | None = None, *, timeout_s: float = 60.0) -> I
 
     Everything started here is closed on exit; a joined external cluster is left running.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     spec = spec or ClusterSpec()
@@ -131,7 +132,10 @@ def get_client(spec: ClusterSpec | None = None, *, timeout_s: float = 60.0) -> I
             )
             if security is not None:
                 kwargs.update(security=security, protocol="tls")
-            cluster = LocalCluster(**kwargs)
+            # one malloc arena per worker process: the block's arrays then come from the heap that
+            # heap_for_arrays keeps (a task thread's own arena maps and faults in every large array afresh)
+            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": 1}):
+                cluster = LocalCluster(**kwargs)
             client = Client(cluster, security=security, timeout=timeout_s)
         elif spec.kind == "scheduler":
             if not spec.address:

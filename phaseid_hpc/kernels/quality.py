@@ -627,10 +627,18 @@ def _median_offsets(
     if exclude_above is None:
         return est
     inc = xp.ones(est[0].shape, dtype=xp.bool) if include is None else include
+    used = _host(inc).astype(bool)  # the contributors behind each group's current estimates
     for _ in range(n_refine):
         inc2 = inc & xp.isfinite(est[0]) & (xp.abs(est[0]) <= exclude_above)
-        new = _clock_offsets_once(diffs, rows_list, include=inc2, **kw)
+        inc2_h = _host(inc2).astype(bool)
+        # a group's estimates depend only on its own contributors: a group whose set did not change would
+        # give the same numbers again, so only the others are recomputed
+        redo = [rows for rows in rows_list if not np.array_equal(inc2_h[rows], used[rows])]
+        if not redo:
+            break
+        new = _clock_offsets_once(diffs, redo, include=inc2, **kw)
         est = _take(xp.isfinite(new[0]), new, est, xp)
+        used = inc2_h
     return est
 
 
@@ -781,12 +789,22 @@ def _clock_offsets_once(
         n_c = np.iinfo(np.int64).max if own else int(np.count_nonzero(inc_h[rows]))
         ncs.append(np.full(rows.size, n_c, dtype=np.int64))
     order = np.concatenate(rows_list)
+    X, E, P1, P2 = (xp.concat(a, axis=0) for a in (Xs, Es, P1s, P2s))
+    n_contrib = np.concatenate(ncs)
+    if order.size < n_m:  # some groups only: their rows' estimates, NaN elsewhere
+        ix = xp.asarray(order)
+        part = _centroid_fit(X, E, P1, P2, xp.take(dd, ix, axis=0), xp.take(n_pairs, ix, axis=0),
+                             xp.asarray(n_contrib), K, min_pairs, min_correlation, min_meters)
+        pos = np.full(n_m, -1, dtype=np.int64)
+        pos[order] = np.arange(order.size)
+        have = xp.asarray(pos >= 0)
+        gather = xp.asarray(np.maximum(pos, 0))
+        return tuple(xp.where(have, xp.take(a, gather, axis=0), xp.full((n_m,), xp.nan, dtype=a.dtype))
+                     for a in part)
     if np.array_equal(order, np.arange(n_m)):
         back = None
     else:
         back = xp.asarray(np.argsort(order, kind="stable"))
-    X, E, P1, P2 = (xp.concat(a, axis=0) for a in (Xs, Es, P1s, P2s))
-    n_contrib = np.concatenate(ncs)
     if back is not None:
         X, E, P1, P2 = (xp.take(a, back, axis=0) for a in (X, E, P1, P2))
         n_contrib = n_contrib[np.argsort(order, kind="stable")]

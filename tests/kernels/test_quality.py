@@ -173,6 +173,41 @@ def test_groups_in_one_call_equal_separate_calls():
     np.testing.assert_allclose(off_p, off[perm], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("xp", [np, xps], ids=["numpy", "array_api_strict"])
+def test_refinement_recomputes_only_groups_whose_contributors_changed(xp):
+    # three feeders, offset meters on two of them: the refinement passes must give exactly what recomputing
+    # every group each pass gives (a group whose contributors did not change keeps its numbers)
+    model = MeasurementModel(accuracy_class=0.2, resolution_v=0.0, clock_offset_fraction=0.3, clock_offset_max_s=800.0)
+    parts = [feeder_voltage(15, 600, seed=s) for s in (11, 12, 13)]
+    parts[0], _ = apply_measurement_model(parts[0], model, interval_s=900.0, random_state=1)
+    parts[2], _ = apply_measurement_model(parts[2], model, interval_s=900.0, random_state=2)
+    v = np.concatenate(parts) / 240.0
+    groups = np.repeat([0, 1, 2], 15)
+    kw = {**CLOCK, "max_lag": 1, "max_common_meters": 256}
+    got = kq.estimate_clock_offsets(xp.asarray(v), xp.asarray(groups), exclude_above=60.0 / 900.0, n_refine=2,
+                                    max_lag=1, **CLOCK)
+    diffs = kq._differenced(xp.asarray(v[:, 1:] - v[:, :-1]))
+    rows_list = kq._group_rows(groups)
+    est = kq._clock_offsets_once(diffs, rows_list, include=None, **kw)
+    changed = []
+    for _ in range(2):  # every group recomputed, as before the shortcut
+        inc = xp.isfinite(est[0]) & (xp.abs(est[0]) <= 60.0 / 900.0)
+        new = kq._clock_offsets_once(diffs, rows_list, include=inc, **kw)
+        changed.append(int(np.sum(np.isfinite(np.asarray(new[0])) & (np.asarray(new[0]) != np.asarray(est[0])))))
+        est = kq._take(xp.isfinite(new[0]), new, est, xp)
+    assert changed[0] > 0  # the offset meters moved their feeders' estimates
+    for a, b in zip(got, est):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # some groups only: those rows as in the full call, NaN elsewhere
+    inc = xp.isfinite(est[0])
+    full = kq._clock_offsets_once(diffs, rows_list, include=inc, **kw)
+    part = kq._clock_offsets_once(diffs, [rows_list[2], rows_list[0]], include=inc, **kw)
+    for a, b in zip(full, part):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_array_equal(b[groups != 1], a[groups != 1])
+        assert np.isnan(b[groups == 1]).all()
+
+
 def test_clock_offset_needs_enough_meters():
     v = feeder_voltage(2, 500, seed=7) / 240.0
     off, _, _ = kq.estimate_clock_offsets(v, np.zeros(2, dtype=np.int64), max_lag=1, **CLOCK)  # needs 3
