@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -70,22 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or Path(tempfile.mkdtemp(prefix="capacity_"))
     sampler = _Sampler()
     sampler.start()
-    client = cluster = None
     t0 = time.perf_counter()
-    if a.workers:
-        from distributed import Client, LocalCluster
+    with contextlib.ExitStack() as stack:
+        client = None
+        if a.workers:  # the job's own local cluster (its worker settings included)
+            from phaseid_hpc.cluster import ClusterSpec, get_client
 
-        cluster = LocalCluster(n_workers=a.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, memory_limit=a.memory_limit)
-        client = Client(cluster)
-    t1 = time.perf_counter()
-    s = run_capacity(out, n_meters=a.meters, days=a.days, seed=a.seed, config=cfg, client=client)
-    time.sleep(2 * sampler.period_s)
-    sampler.stop()
-    cpu = sum(sampler.cpu.values())
-    if client is not None:
-        client.close()
-        cluster.close()
+            client = stack.enter_context(get_client(ClusterSpec(
+                kind="local", n_workers=a.workers, threads_per_worker=1, memory_limit=a.memory_limit,
+                dashboard_address=None)))
+        t1 = time.perf_counter()
+        s = run_capacity(out, n_meters=a.meters, days=a.days, seed=a.seed, config=cfg, client=client)
+        time.sleep(2 * sampler.period_s)
+        sampler.stop()
+        cpu = sum(sampler.cpu.values())
     p, x = s.score["phase"], s.score.get("transformer", {})
     print("| meters | days | blocks | workers | run [s] | blocks [s] | consolidate [s] | us per meter | "
           "CPU per meter [us] | client peak [GiB] | total peak [GiB] | phase accuracy | GIS phase | "
