@@ -14,9 +14,17 @@ def _square(x: int) -> int:
     return x * x
 
 
+def _malloc_arenas() -> str | None:
+    import os
+
+    return os.environ.get("MALLOC_ARENA_MAX")
+
+
 def test_local_cluster_runs_tasks():
     with get_client(ClusterSpec(kind="local", n_workers=1, dashboard_address=None)) as client:
         assert client.submit(_square, 7).result() == 49
+        # one malloc arena per worker: the block's arrays come from the heap heap_for_arrays keeps
+        assert set(client.run(_malloc_arenas).values()) == {"1"}
 
 
 def test_unreachable_scheduler_fails_fast_with_address():
