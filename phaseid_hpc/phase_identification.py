@@ -391,13 +391,19 @@ def _neighbourhood_block_products(xp: Any, q_y: Any, q_u: Any, q_group: np.ndarr
     """Per time block, each query's unit signal ``q_u`` times the unit pooled raw signal of its ``k`` nearest
     ``cand`` rows (searched in ``y`` with ``q_y``, own group excluded, similarity weights), on the host
     (m, n_batches): summed over the blocks, the correlation of :func:`_phase_neighbourhood_correlation`."""
+    return to_numpy((q_u * _neighbourhood_signal(xp, q_y, q_group, y, u, cand, group, k)) @ blocks)
+
+
+def _neighbourhood_signal(xp: Any, q_y: Any, q_group: np.ndarray, y: Any, u: Any, cand: np.ndarray,
+                          group: np.ndarray, k: int) -> Any:
+    """Unit pooled raw signal (m, n_time) of each query's ``k`` nearest ``cand`` rows (searched in ``y`` with
+    ``q_y``, own group excluded, similarity weights); zero where nothing pools."""
     idx, sim = top_k_neighbours(q_y, xp.asarray(q_group), min(k, cand.size),
                                 candidates=xp.take(y, xp.asarray(cand), axis=0),
                                 candidate_group=xp.asarray(group[cand]))
     acc = neighbour_sums(xp.take(u, xp.asarray(cand), axis=0), idx, xp.asarray(np.maximum(to_numpy(sim), 0.0)))
     norm = xp.sqrt(xp.vecdot(acc, acc, axis=-1))
-    prod = q_u * acc / xp.where(norm > 0, norm, xp.ones_like(norm))[:, None]
-    return to_numpy(prod @ blocks)
+    return acc / xp.where(norm > 0, norm, xp.ones_like(norm))[:, None]
 
 
 def _batch_t(diff: np.ndarray) -> np.ndarray:
@@ -834,7 +840,7 @@ def _confidence_class(conf: np.ndarray, config: PhaseConfig) -> np.ndarray:
 
 
 def _pair_margin(xp: Any, y: Any, u: Any, s_idx: np.ndarray, labels: np.ndarray, rows: np.ndarray,
-                 top2: np.ndarray, k: int, n_obs: np.ndarray, n_batches: int) -> np.ndarray:
+                 top2: np.ndarray, k: int, n_obs: np.ndarray, n_batches: int, regression: bool = True) -> np.ndarray:
     """Margin [SE] of phase-to-phase services ``rows`` answered ``top2`` (phase codes, (m, 2)) over the third.
 
     Each row is correlated with the pooled raw signal of its ``k`` nearest single-phase meters (rows
@@ -842,7 +848,11 @@ def _pair_margin(xp: Any, y: Any, u: Any, s_idx: np.ndarray, labels: np.ndarray,
     margin is the weaker of its two phases' correlation less the third's, in standard errors
     (``sqrt(n_obs)``), and, with ``n_batches >= 4``, at most the batch-means t of the same difference
     (:func:`_batch_margin_t`: the nominal error is too small where a service's own load dominates its voltage).
-    ``inf`` where the third phase has no meter.
+    ``inf`` where the third phase has no meter. With ``regression`` the margin is at most 0 unless the
+    service's signal, regressed (least squares) on the three pooled phase signals, gives the third phase the
+    smallest weight: near a phase that moves with another phase's load (mutual coupling, a regulated
+    lateral elsewhere) the correlations rank a phase the service does not have above one it has (a C-A
+    service of the generated regulator feeder with PV, seed 2, called A-B with full confidence).
     """
     n_t = int(u.shape[1])
     batched = n_batches >= 4 and n_t // n_batches >= 2
@@ -851,20 +861,38 @@ def _pair_margin(xp: Any, y: Any, u: Any, s_idx: np.ndarray, labels: np.ndarray,
     q = xp.take(y, xp.asarray(rows), axis=0)
     q_u = xp.take(u, xp.asarray(rows), axis=0)
     no_group = np.full(u.shape[0], -2, dtype=np.int64)  # pairs exclude no single-phase meter
+    basis = np.zeros((rows.size, 3, 3))  # Gram matrix of the three pooled phase signals, per row
+    signals = [None, None, None]
     for p in range(3):
         cand = s_idx[labels == p]
         if cand.size:
-            per[:, p, :] = _neighbourhood_block_products(xp, q, q_u, np.full(rows.size, -1, dtype=np.int64), y, u,
-                                                         cand, no_group, k, blocks)
+            signals[p] = _neighbourhood_signal(xp, q, np.full(rows.size, -1, dtype=np.int64), y, u, cand, no_group, k)
+            per[:, p, :] = to_numpy((q_u * signals[p]) @ blocks)
+    for a in range(3):
+        for b in range(a, 3):
+            if signals[a] is not None and signals[b] is not None:
+                basis[:, a, b] = basis[:, b, a] = to_numpy(xp.vecdot(signals[a], signals[b], axis=-1))
     total = per.sum(axis=2)  # (m, 3): the correlations over the whole window
     m = np.arange(rows.size)
     third = 3 - top2.sum(axis=1)
+    if regression:
+        # the three local phase signals overlap (a phase near the service can move with another phase's load),
+        # so the correlations alone can rank a phase the service does not have above one it has: the weights of
+        # the service's signal regressed on the three (least squares) must also put the third phase last
+        have = np.array([s is not None for s in signals])
+        beta = np.full((rows.size, 3), np.nan)
+        for j in range(rows.size):
+            g = basis[j][np.ix_(have, have)]
+            beta[j, have] = np.linalg.lstsq(g, total[j, have], rcond=None)[0]
+        last = np.nan_to_num(beta[m, third], nan=-np.inf) < np.fmin(beta[m, top2[:, 0]], beta[m, top2[:, 1]])
     weaker = np.where(total[m, top2[:, 0]] <= total[m, top2[:, 1]], top2[:, 0], top2[:, 1])
     rival = np.where(np.isnan(total[m, third]), -np.inf, total[m, third])  # a phase without meters: no rival
     z = (total[m, weaker] - rival) * np.sqrt(n_obs)
-    if not batched:
-        return z
-    return np.fmin(z, _batch_t(per[m, weaker, :] - per[m, third, :]))
+    if batched:
+        z = np.fmin(z, _batch_t(per[m, weaker, :] - per[m, third, :]))
+    if regression:
+        z = np.where(last, z, np.fmin(z, 0.0))
+    return z
 
 
 def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray, labels: np.ndarray,

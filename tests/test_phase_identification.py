@@ -527,3 +527,29 @@ def test_pair_margin_is_the_weaker_answer_phase_over_the_third():
     # a feeder without C meters: the third phase is no rival
     no_c = _pair_margin(np, y, u, s_idx[:20], labels[:20], rows, np.array([[0, 1], [0, 1]]), 5, n_obs[rows], 28)
     assert np.isinf(no_c).all()
+
+
+def test_pair_margin_needs_the_regression_to_put_the_third_phase_last():
+    """Local phase signals overlap (B's meters here move with A's load): a C-A service correlates more with
+    the B neighbourhood than with the C one, but regressed on the three it needs no B; A-B is not confident."""
+    from phaseid_hpc.phase_identification import _pair_margin
+
+    rng = np.random.default_rng(11)
+    n_t = 1400
+    s = rng.normal(size=(3, n_t))
+    centre = [s[0], s[1] + 0.8 * s[0], s[2]]
+    single = np.vstack([centre[p] + 0.3 * rng.normal(size=(10, n_t)) for p in range(3)])
+    pair = s[0] + 0.5 * s[2] + 0.3 * rng.normal(size=(2, n_t))
+    x = np.vstack([single, pair])
+    u = _unit(x - x.mean(axis=1, keepdims=True))
+    s_idx, labels, rows = np.arange(30), np.repeat([0, 1, 2], 10), np.array([30, 31])
+    n_obs = np.full(2, n_t)
+    ab = np.array([[0, 1], [0, 1]])
+    # by correlation alone A-B beats C by more than the confidence threshold (2 SE)
+    assert (_pair_margin(np, u, u, s_idx, labels, rows, ab, 5, n_obs, 28, regression=False) > 2).all()
+    assert (_pair_margin(np, u, u, s_idx, labels, rows, ab, 5, n_obs, 28) <= 0).all()
+    # a real A-B service keeps its margin
+    u2 = u.copy()
+    ab_pair = s[0] + s[1] + 0.3 * rng.normal(size=(2, n_t))
+    u2[30:] = _unit(ab_pair - ab_pair.mean(axis=1, keepdims=True))
+    assert (_pair_margin(np, u2, u2, s_idx, labels, rows, ab, 5, n_obs, 28) > 4).all()
