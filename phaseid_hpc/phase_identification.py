@@ -355,12 +355,11 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     # the same in the raw signals, the meter as a virtual meter: the denoised space can mislead an isolated group
     near = near * _nearest_gis_factor(xp, u, u, group, gis, labels, config, query=u_eval,
                                       tolerance=config.nearest_gis_raw_tolerance, pairs=pairs)
-    # siblings count as they stand: their answer, or their GIS phase where the nearest-GIS checks held their
-    # own change back (a sibling whose change is held is no support for the meter's)
-    stands = np.where((labels != gis) & (near == 0), gis, labels)
-    c = c * near * _sibling_agreement_factor(xp, u, group, gis, labels, config, pairs=pairs, sibling_labels=stands)
+    c = c * near * _sibling_agreement_factor(xp, u, group, gis, labels, config, pairs=pairs)
     if tx_group is not None and changed.size:
-        # siblings GIS files on another phase of the meter's transformer count too
+        # siblings GIS files on another phase of the meter's transformer count too, as they stand: their
+        # answer, or their GIS phase where the nearest-GIS checks held their own change back
+        stands = np.where((labels != gis) & (near == 0), gis, labels)
         c = c * _sibling_agreement_factor(xp, u, tx_group, gis, labels, config, sibling_labels=stands)
     return c, z_strength
 
@@ -512,13 +511,10 @@ def _sibling_agreement_factor(xp: Any, u: Any, group: np.ndarray, gis: np.ndarra
     an error (a large transformer alone among meters of another phase). 0 turns the check off. ``pairs``:
     :func:`_group_pair_dots` of the groups of the changed meters, if already computed.
 
-    Siblings are compared by ``sibling_labels`` (what they stand at: their answer, or their GIS phase where
-    their own change was held back), by their answers when it is None. With ``group`` the GIS transformer
-    alone (:func:`_transformer_groups`), siblings GIS files on another phase count too: on the generated
-    regulator feeder with PV a meter filed on A among four C siblings was moved to B with full confidence
-    while the C siblings' own change to B was held back by the nearest-GIS checks; on the generated
-    late-clock feeder (seed 0, 14 days) a meter was moved A -> B while its one GIS sibling's same change was
-    held back.
+    With ``group`` the GIS transformer alone (:func:`_transformer_groups`), siblings GIS files on another
+    phase are compared by ``sibling_labels`` (what they stand at), those of the meter's own GIS phase by their
+    answers: on the generated regulator feeder with PV a meter filed on A among four C siblings was moved
+    to B with full confidence while the C siblings' own change to B was held back by the nearest-GIS checks.
     """
     factor = np.ones(labels.size)
     changed = np.flatnonzero((gis >= 0) & (labels != gis))
@@ -534,7 +530,7 @@ def _sibling_agreement_factor(xp: Any, u: Any, group: np.ndarray, gis: np.ndarra
     if mine.empty:
         return factor
     a, b = mine["a"].to_numpy(), mine["b"].to_numpy()
-    theirs = labels[b] if sibling_labels is None else sibling_labels[b]
+    theirs = labels[b] if sibling_labels is None else np.where(gis[b] == gis[a], labels[b], sibling_labels[b])
     agree = (theirs == labels[a]).astype(np.float64)
     share = pd.Series(agree).groupby(mine["a"].to_numpy()).mean()
     held = share.index.to_numpy()[share.to_numpy() < config.sibling_agreement]
