@@ -374,6 +374,12 @@ class ValidationConfig:
     #: usual one (its best window out of at most 8, else the upper quartile of its windows, at least the
     #: second-best) and its Fisher z this many standard errors (``1 / sqrt(health_window - 3)``) below it [-].
     health_loss_se: float = 3.0
+    #: A window is also lost when the typical size of its transformer's differenced mean, relative to the
+    #: reference's in the same window, exceeds this many times the unit's usual ratio (its quietest window out
+    #: of at most 8, else the lower quartile of its windows): a noisy winding or loose connection adds a
+    #: fluctuation of its own that a unit whose own load dominates its voltage hides from the correlation.
+    #: 0 turns the rule off [-].
+    health_noise_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.default_power_factor <= 1:
@@ -384,6 +390,10 @@ class ValidationConfig:
             raise ConfigError(
                 "config keys 'validation.hot_spot_normal_c' <= 'validation.hot_spot_emergency_c' expected, "
                 f"got {self.hot_spot_normal_c} and {self.hot_spot_emergency_c}"
+            )
+        if self.health_noise_factor < 0:
+            raise ConfigError(
+                f"config key 'validation.health_noise_factor' must be >= 0 (0: off), got {self.health_noise_factor}"
             )
         if self.health_window < 2:
             raise ConfigError(f"config key 'validation.health_window' must be >= 2, got {self.health_window}")

@@ -26,7 +26,9 @@ block's transformers) and flags what needs a field audit:
     the rest of the feeder does not lose it too: winding or connection problem. Lost: correlation below
     ``health_min_correlation``, or below half the unit's usual one (its best window out of at most 8, else
     the upper quartile of its windows, at least the second-best) and ``health_loss_se`` standard errors of
-    Fisher z below it. The reference of the level step is the median of the 8 transformers of the feeder
+    Fisher z below it; or, with ``health_noise_factor``, its typical differenced step against the
+    reference's above that many times its usual ratio (a noisy winding in a unit whose own load dominates
+    its voltage). The reference of the level step is the median of the 8 transformers of the feeder
     whose fluctuations follow the unit's most closely (its regulator zone or lateral).
 ``no_rating``
     no usable ``kva_rating``: loading and thermal figures are NaN.
@@ -409,6 +411,7 @@ def _health(
         min_correlation=config.health_min_correlation,
         loss_se=config.health_loss_se,
         neighbours=_NEIGHBOUR_TRANSFORMERS,
+        noise_factor=config.health_noise_factor,
     )
     return {k: to_numpy(v) for k, v in hl.items()}
 
@@ -536,9 +539,9 @@ def _flags(
             why_t = times[min(first, n_t - 1)] if first >= 0 else None
             f.append("correlation_loss")
             why.append(
-                f"its meters lost correlation with the feeder reference together, still following each other, "
-                f"in {col['correlation_lost_windows'][i]} consecutive window(s) from {why_t}: check windings "
-                "and connections"
+                f"its meters lost correlation with the feeder reference (or fluctuated more than usual against it) "
+                f"together, still following each other, in {col['correlation_lost_windows'][i]} consecutive "
+                f"window(s) from {why_t}: check windings and connections"
             )
     return flags, reasons
 

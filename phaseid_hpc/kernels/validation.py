@@ -1002,6 +1002,62 @@ def siblings_agree(
     return agree
 
 
+def window_scale(d: Any, window: int) -> Any:
+    """Typical size of each row in consecutive windows: the median absolute value (NaN ignored).
+
+    Parameters
+    ----------
+    d : array, shape (n, n_time)
+        Differenced series, NaN = missing. [any unit]
+    window : int
+        Samples per window; the last ``n_time % window`` samples are left out (pass the series from the first
+        window's start).
+
+    Returns
+    -------
+    array, shape (n, n_time // window)
+        NaN where a window has no finite sample. [unit of ``d``]
+    """
+    from .quality import nanmedian
+
+    xp = array_namespace(d)
+    n, m = d.shape
+    n_win = m // window
+    return nanmedian(xp.abs(xp.reshape(d[:, : n_win * window], (n, n_win, window))), axis=-1)
+
+
+def noisy_windows(scale_tx: Any, scale_ref: Any, factor: float) -> Any:
+    """Windows in which a transformer fluctuates more than usual against its reference.
+
+    Parameters
+    ----------
+    scale_tx, scale_ref : array, shape (n_tx, n_win)
+        :func:`window_scale` of each transformer's differenced mean and of its reference's. [pu]
+    factor : float
+        A window is noisy where ``scale_tx / scale_ref`` exceeds ``factor`` times the unit's usual ratio: its
+        quietest window out of at most 8, else the lower quartile of its windows (the mirror of
+        :func:`usual_correlation`). 0: none is. [-]
+
+    Returns
+    -------
+    array of bool, shape (n_tx, n_win)
+
+    Notes
+    -----
+    A winding or connection that adds noise of its own (0.5% per sample) raises a unit's typical step
+    several fold, in every window from the fault on; a unit whose own load dominates its voltage (correlation
+    with the feeder head 0.3-0.6 when healthy) loses too little correlation for :func:`lost_windows` alone.
+    The reference's own size in the same window takes out what moves the whole feeder (weather, an LTC).
+    """
+    xp = array_namespace(scale_tx)
+    if factor <= 0 or scale_tx.shape[1] == 0:
+        return xp.zeros(scale_tx.shape, dtype=xp.bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = xp.where(scale_ref > 0, scale_tx / xp.where(scale_ref > 0, scale_ref, 1.0), xp.nan)
+    usual = -usual_correlation(-ratio)
+    return xp.isfinite(ratio) & (usual > 0)[:, None] & (ratio > factor * usual[:, None])
+
+
 def usual_correlation(r_tx: Any) -> Any:
     """A transformer's usual correlation with its reference: its best window out of at most 8, else the
     upper quartile of its windows (at least the second-best); NaN without a finite window.
@@ -1038,6 +1094,7 @@ def lost_windows(
     window: int,
     min_correlation: float,
     loss_se: float,
+    noisy: Any | None = None,
 ) -> Any:
     """Windows in which a transformer lost correlation with its reference for a cause of its own.
 
@@ -1055,6 +1112,8 @@ def lost_windows(
         Samples per window (the standard error of Fisher z is ``1 / sqrt(window - 3)``).
     min_correlation, loss_se : float
         See :class:`phaseid_hpc.config.ValidationConfig` (``health_min_correlation``, ``health_loss_se``).
+    noisy : array of bool, shape (n_tx, n_win), optional
+        :func:`noisy_windows`: such a window is lost too (same conditions on siblings and feeder).
 
     Returns
     -------
@@ -1070,7 +1129,7 @@ def lost_windows(
     ok = enough[:, None] & xp.isfinite(r_tx)
     z_se = loss_se / math.sqrt(max(window - 3, 1))
     fell = (usual >= min_correlation)[:, None] & (z_drop > z_se) & (r_tx < 0.5 * usual[:, None])
-    lost = ok & agree & ((r_tx < min_correlation) | fell)
+    lost = ok & agree & ((r_tx < min_correlation) | fell | (False if noisy is None else noisy))
     ok_f, lost_f = xp.astype(ok, xp.float64), xp.astype(lost, xp.float64)
     rest_ok = take_rows(_segment_sums(ok_f, feeder_start), feeder_code) - ok_f
     rest_lost = take_rows(_segment_sums(lost_f, feeder_start), feeder_code) - lost_f
@@ -1118,6 +1177,7 @@ def transformer_health(
     min_correlation: float,
     loss_se: float,
     neighbours: int,
+    noise_factor: float = 0.0,
 ) -> dict[str, Any]:
     """Voltage-level step and correlation loss of each transformer.
 
@@ -1140,6 +1200,8 @@ def transformer_health(
         :class:`phaseid_hpc.config.ValidationConfig`.
     neighbours : int
         Transformers of the feeder whose median is the level reference (:func:`neighbourhood_median`).
+    noise_factor : float
+        ``health_noise_factor`` (:func:`noisy_windows`; 0: off).
 
     Returns
     -------
@@ -1179,6 +1241,7 @@ def transformer_health(
     n_win = (n_t - 1) // window
     lead = n_t - 1 - n_win * window
     r_tx = xp.zeros((n_tx, 0), dtype=xp.float64)
+    noisy = None
     if n_win:
         refs = references_pu[:, 1:] - references_pu[:, :-1]
         table = xp.concat([rest_level[:, 1:] - rest_level[:, :-1], xp.astype(refs, rest_level.dtype)], axis=0)
@@ -1188,7 +1251,11 @@ def transformer_health(
             else np.arange(n_tx)
         )
         tx_diff = tx_mean[:, 1:] - tx_mean[:, :-1]
-        r_tx = window_correlation(tx_diff[:, lead:], take_rows(table, ref_tx)[:, lead:], window)
+        ref_diff = take_rows(table, ref_tx)[:, lead:]
+        r_tx = window_correlation(tx_diff[:, lead:], ref_diff, window)
+        if noise_factor > 0:
+            noisy = noisy_windows(window_scale(tx_diff[:, lead:], window), window_scale(ref_diff, window),
+                                  noise_factor)
     agree = siblings_agree(voltage, groups, levels, window=window, lead=lead, min_correlation=min_correlation)
     win_lost = lost_windows(
         r_tx,
@@ -1199,6 +1266,7 @@ def transformer_health(
         window=window,
         min_correlation=min_correlation,
         loss_se=loss_se,
+        noisy=noisy,
     )
     longest, start = longest_lost_run(win_lost)
     return {

@@ -239,6 +239,58 @@ def test_lost_windows_need_a_cause_of_the_unit_alone(xp):
     assert not to_np(kv.lost_windows(xp.asarray(r_all), xp.asarray(agree), every, *feeder, **kw)).any()
 
 
+@BACKENDS
+def test_window_scale_is_the_median_absolute_value_per_window(xp):
+    rng = np.random.default_rng(21)
+    d = rng.normal(size=(3, 50))
+    d[1, 3] = np.nan
+    d[2, 10:20] = np.nan  # a whole window missing
+    got = to_np(kv.window_scale(xp.asarray(d), 10))
+    want = np.array([[np.nanmedian(np.abs(d[r, w * 10 : (w + 1) * 10])) if np.isfinite(d[r, w * 10 : (w + 1) * 10]).any()
+                      else np.nan for w in range(5)] for r in range(3)])
+    np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+
+
+@BACKENDS
+def test_noisy_windows_against_the_quietest_one(xp):
+    ref = np.ones((4, 6))
+    tx = np.ones((4, 6))
+    tx[0, 3:] = 3.0  # unit 0 fluctuates three times as much from window 3 on
+    tx[1, :] = [1.0, 1.5, 1.9, 1.2, 1.0, 1.8]  # day-to-day scatter below twice the quietest
+    tx[2, 3:] = 3.0
+    ref[2, 3:] = 3.0  # the whole reference moves as much: nothing of the unit's own
+    tx[3, 2] = np.nan
+    got = to_np(kv.noisy_windows(xp.asarray(tx), xp.asarray(ref), 2.0))
+    assert np.flatnonzero(got[0]).tolist() == [3, 4, 5]
+    assert not got[1:].any()
+    assert not to_np(kv.noisy_windows(xp.asarray(tx), xp.asarray(ref), 0.0)).any()
+
+
+def test_transformer_health_sees_a_noisy_winding_the_correlation_misses():
+    """On an LTC feeder the head's tap steps carry most of a unit's correlation with it: a noisy winding
+    (0.2% per sample from sample 300) leaves that correlation above half its usual value, but the unit's
+    typical step (median absolute difference) grows several fold against the head's."""
+    rng = np.random.default_rng(5)
+    n_t, per = 96 * 7, 3
+    tx_of = np.repeat(np.arange(12), per)
+    steps = np.where(rng.random(n_t) < 15 / 96, rng.choice([-1.0, 1.0], n_t) * 0.00625, 0.0)
+    head = 1.0 + np.cumsum(rng.normal(0, 0.0003, n_t) + steps)
+    v = 240.0 * (head + rng.normal(0, 0.0005, (12, n_t))[tx_of] + rng.normal(0, 0.0002, (36, n_t)))
+    v[tx_of == 4, 300:] *= 1 + 0.002 * rng.standard_normal(n_t - 300)[None, :]
+    groups = kv.MeterGroups.from_assignment(tx_of, 12)
+    kw = {"window": 96, "min_meters": 2, "min_correlation": 0.3, "loss_se": 3.0, "neighbours": 8}
+    args = (groups, np.zeros(12, dtype=np.int64), np.zeros(36, dtype=np.int64), (head / head.mean())[None, :], None)
+    without = kv.transformer_health(v, *args, **kw)
+    with_noise = kv.transformer_health(v, *args, **kw, noise_factor=2.0)
+    assert without["correlation_lost_windows"][4] == 0
+    assert with_noise["correlation_lost_windows"][4] >= 2
+    # healthy units scatter (up to 2.1 times their quietest window here), never two windows running
+    assert with_noise["correlation_lost_windows"][np.arange(12) != 4].max() < 2
+    b = kv.transformer_health(xps.asarray(v), groups, np.zeros(12, dtype=np.int64), np.zeros(36, dtype=np.int64),
+                              xps.asarray((head / head.mean())[None, :]), None, **kw, noise_factor=2.0)
+    np.testing.assert_array_equal(to_np(b["correlation_lost_windows"]), with_noise["correlation_lost_windows"])
+
+
 # --- sums, rows, loading ------------------------------------------------------------------------------
 
 
