@@ -308,6 +308,33 @@ def test_nearest_gis_factor_holds_back_a_change_whose_nearest_gis_meters_disagre
     assert (on[labels == gis] == 1.0).all()
 
 
+def test_second_look_releases_a_change_held_by_labels_this_pass_corrects():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _nearest_gis_checks, _nearest_gis_second_look
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(2, 8))
+    # row 0: filed B, answered C; its nearest meters (rows 1-3, another transformer) are filed B too, but
+    # answered C; the GIS-C meters (rows 4-9) are farther: held back. Rows 10-14: B meters elsewhere.
+    y = _unit(np.vstack([base[0] + 0.05 * rng.normal(size=(4, 8)), base[0] + 0.6 * rng.normal(size=(6, 8)),
+                         base[1] + 0.05 * rng.normal(size=(5, 8))]))
+    gis = np.array([1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1])
+    labels = gis.copy()
+    labels[[0, 1, 2, 3]] = 2
+    group = np.array([0, 1, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+    cfg = PhaseConfig(nearest_gis_tolerance=0.02, nearest_gis_raw_tolerance=0.02)
+    near = _nearest_gis_checks(np, y, y, y, group, gis, labels, cfg, None)
+    assert near[0] == 0.0
+    # rows 1-3 not confident: their GIS label still counts, row 0 stays held
+    none = np.zeros(gis.size, dtype=bool)
+    assert _nearest_gis_second_look(np, y, y, y, group, gis, labels, cfg, None, near, none)[0] == 0.0
+    # rows 1-3 corrected with confidence: row 0's nearest meters now stand at C, the change is released
+    sure = np.isin(np.arange(gis.size), [1, 2, 3])
+    again = _nearest_gis_second_look(np, y, y, y, group, gis, labels, cfg, None, near, sure)
+    assert again[0] == 1.0
+    assert (again[1:] == near[1:]).all()  # only held changes are looked at again
+
+
 def test_nearest_gis_factor_ignores_physical_siblings_filed_under_another_transformer():
     from phaseid_hpc.config import PhaseConfig
     from phaseid_hpc.phase_identification import _nearest_gis_factor
