@@ -332,8 +332,8 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     The meter (as a virtual meter, :func:`_pool_agreeing`) is correlated with each phase's neighbourhood;
     ``z_strength`` is the correlation with its answer's, ``z_margin`` how far it beats the best other phase,
     both in standard errors (``1 / sqrt(n_obs)``). A split vote (neighbours across a lateral boundary) does
-    not outweigh overwhelming direct evidence: with a clear majority and twice the margin threshold
-    (``_DECISIVE_MARGINS``), the vote counts as unanimous. A change of phase whose nearest meters of each
+    not outweigh overwhelming direct evidence: with a clear majority and twice the margin threshold for a
+    change (``_DECISIVE_MARGINS``; three times for an answer that confirms GIS), the vote counts as unanimous. A change of phase whose nearest meters of each
     GIS label do not favour it is not confident (:func:`_nearest_gis_checks`), unless those labels are
     themselves corrected with confidence (:func:`_nearest_gis_second_look`).
     """
@@ -348,7 +348,8 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     if changed.size and n_batches >= 4:
         t = _batch_margin_t(xp, y, u, u_eval, group, labels, gis, changed, k, n_batches)
         z_margin[changed] = np.fmin(z_margin[changed], t)
-    decisive = (share >= 0.6) & (z_margin >= _DECISIVE_MARGINS * config.min_margin_se)
+    # a change must still pass every check below; a confirmation of GIS has no such checks: three times
+    decisive = (share >= 0.6) & (z_margin >= np.where(labels != gis, _DECISIVE_MARGINS, 3.0) * config.min_margin_se)
     share = np.where(decisive, 1.0, share)
     c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
     pairs = _group_pair_dots(xp, u, group, changed) if changed.size else None  # shared by the three checks
@@ -740,7 +741,8 @@ def _gis_group_codes(meters: pd.DataFrame, gis: np.ndarray, s_idx: np.ndarray,
 
 #: A change with a clear majority of the vote (60%) and a margin of this many times ``min_margin_se`` counts
 #: as unanimous (a split vote across a lateral boundary does not outweigh such direct evidence). 3 before
-#: 2026-12-07; at 2, 15 more right corrections on the generated and shared feeders and no wrong one.
+#: 2026-12-07; at 2, 15 more right corrections on the generated and shared feeders and no wrong one. An
+#: answer that confirms GIS keeps 3 (at 2 one wrong GIS label of `lv_european` was confirmed confidently).
 _DECISIVE_MARGINS = 2.0
 
 #: Fewest single-phase meters on a GIS transformer for its meters of other GIS phases to count as siblings
