@@ -1164,6 +1164,27 @@ def longest_lost_run(win_lost: Any) -> tuple[Any, Any]:
     return longest, start
 
 
+def _reference_windows(tx_mean: Any, rest_level: Any, groups: MeterGroups, ref_of_meter: np.ndarray,
+                       references_pu: Any, lead: int, *, window: int, noise_factor: float) -> tuple[Any, Any]:
+    """Each transformer's differenced mean against its reference, per window from sample ``lead + 1``: the
+    correlation (:func:`window_correlation`, shape (n_tx, n_win)) and, with ``noise_factor``, the
+    :func:`noisy_windows` (None without). The reference is the feeder head of its meters' phase where they
+    share one (:func:`reference_of_transformer`), else its neighbourhood ``rest_level``. [pu]"""
+    xp = array_namespace(tx_mean)
+    n_tx, n_t = tx_mean.shape
+    if (n_t - 1) // window == 0:
+        return xp.zeros((n_tx, 0), dtype=xp.float64), None
+    refs = references_pu[:, 1:] - references_pu[:, :-1]
+    table = xp.concat([rest_level[:, 1:] - rest_level[:, :-1], xp.astype(refs, rest_level.dtype)], axis=0)
+    ref_tx = reference_of_transformer(groups.tx_sorted, ref_of_meter, n_tx) if refs.shape[0] else np.arange(n_tx)
+    tx_diff = (tx_mean[:, 1:] - tx_mean[:, :-1])[:, lead:]
+    ref_diff = take_rows(table, ref_tx)[:, lead:]
+    r_tx = window_correlation(tx_diff, ref_diff, window)
+    if noise_factor <= 0:
+        return r_tx, None
+    return r_tx, noisy_windows(window_scale(tx_diff, window), window_scale(ref_diff, window), noise_factor)
+
+
 def transformer_health(
     voltage: Any,
     groups: MeterGroups,
@@ -1213,9 +1234,9 @@ def transformer_health(
     Notes
     -----
     The steps: :func:`transformer_levels` (pass 1 over the meters: each transformer's mean ``v_pu``),
-    :func:`neighbourhood_median` (its level reference), :func:`level_steps`, :func:`window_correlation` of
-    its differenced mean with its reference (the feeder head of its meters' phase where they share one,
-    :func:`reference_of_transformer`, else the neighbourhood) in windows ending at the last sample,
+    :func:`neighbourhood_median` (its level reference), :func:`level_steps`, :func:`_reference_windows`
+    (the correlation of its differenced mean with its reference, and the noisy windows, in windows ending at
+    the last sample),
     :func:`siblings_agree` (pass 2), :func:`lost_windows` and :func:`longest_lost_run`.
     """
     xp = array_namespace(voltage)
@@ -1238,24 +1259,9 @@ def transformer_health(
     rest_level = neighbourhood_median(tx_mean, feeder_start, k=neighbours)
     step, split = level_steps(tx_mean, rest_level, tx_load, np.flatnonzero(enough_h), window=window)
     # windows end at the last sample (an ongoing fault is seen in full windows)
-    n_win = (n_t - 1) // window
-    lead = n_t - 1 - n_win * window
-    r_tx = xp.zeros((n_tx, 0), dtype=xp.float64)
-    noisy = None
-    if n_win:
-        refs = references_pu[:, 1:] - references_pu[:, :-1]
-        table = xp.concat([rest_level[:, 1:] - rest_level[:, :-1], xp.astype(refs, rest_level.dtype)], axis=0)
-        ref_tx = (
-            reference_of_transformer(groups.tx_sorted, ref_of_meter, n_tx)
-            if refs.shape[0]
-            else np.arange(n_tx)
-        )
-        tx_diff = tx_mean[:, 1:] - tx_mean[:, :-1]
-        ref_diff = take_rows(table, ref_tx)[:, lead:]
-        r_tx = window_correlation(tx_diff[:, lead:], ref_diff, window)
-        if noise_factor > 0:
-            noisy = noisy_windows(window_scale(tx_diff[:, lead:], window), window_scale(ref_diff, window),
-                                  noise_factor)
+    lead = n_t - 1 - ((n_t - 1) // window) * window
+    r_tx, noisy = _reference_windows(tx_mean, rest_level, groups, ref_of_meter, references_pu, lead,
+                                     window=window, noise_factor=noise_factor)
     agree = siblings_agree(voltage, groups, levels, window=window, lead=lead, min_correlation=min_correlation)
     win_lost = lost_windows(
         r_tx,
