@@ -363,7 +363,42 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
         # answer, or their GIS phase where the nearest-GIS checks held their own change back
         stands = np.where((labels != gis) & (near == 0), gis, labels)
         c = c * _sibling_agreement_factor(xp, u, tx_group, gis, labels, config, sibling_labels=stands)
-    return c, z_strength
+    return _group_consensus(group, gis, labels, c, config), z_strength
+
+
+#: Fewest members of a GIS group for :func:`_group_consensus`, and the least confidence each must have.
+_CONSENSUS_MEMBERS = 3
+_CONSENSUS_FLOOR = 0.5
+
+
+def _group_consensus(group: np.ndarray, gis: np.ndarray, labels: np.ndarray, c: np.ndarray,
+                     config: PhaseConfig) -> np.ndarray:
+    """Step 4d: a whole GIS group that moves together is confident together.
+
+    Where every member of a GIS group (transformer and GIS phase) of ``_CONSENSUS_MEMBERS`` or more answers
+    the same phase other than the GIS one, at least half of them with confidence and none below
+    ``_CONSENSUS_FLOOR`` (no check held any of them back), the others are confident too: a whole
+    mislabelled transformer, some of whose meters carry their own load swings. The mirror of the sibling
+    agreement (:func:`_sibling_agreement_factor`), which holds back a change the siblings do not share. On
+    the generated feeders (class 0.5, 7-30 days) 17 more right corrections and no wrong one; every whole
+    group the vote moved wrongly there had no confident member.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        ``c`` raised to ``config.confident_threshold`` on the members of such groups.
+    """
+    changed = (gis >= 0) & (labels != gis)
+    if not changed.any():
+        return c
+    df = pd.DataFrame({"g": group, "lab": labels, "ch": changed, "c": c,
+                       "sure": c >= config.confident_threshold})
+    agg = df.groupby("g").agg(n=("lab", "size"), n_lab=("lab", "nunique"), all_ch=("ch", "all"),
+                              c_min=("c", "min"), n_sure=("sure", "sum"))
+    whole = ((agg["n"] >= _CONSENSUS_MEMBERS) & (agg["n_lab"] == 1) & agg["all_ch"]
+             & (agg["c_min"] >= _CONSENSUS_FLOOR) & (2 * agg["n_sure"] >= agg["n"]))
+    lift = np.isin(group, agg.index[whole].to_numpy())
+    return np.where(lift, np.maximum(c, config.confident_threshold), c)
 
 
 def _nearest_gis_checks(xp: Any, y: Any, u: Any, u_eval: Any, group: np.ndarray, gis: np.ndarray,

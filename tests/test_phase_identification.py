@@ -335,6 +335,26 @@ def test_second_look_releases_a_change_held_by_labels_this_pass_corrects():
     assert (again[1:] == near[1:]).all()  # only held changes are looked at again
 
 
+def test_group_consensus_makes_a_whole_moving_group_confident_together():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _group_consensus
+
+    cfg = PhaseConfig()
+    # group 0: four meters filed A (0), all answered C, three confident, one at 0.6: all confident.
+    # group 1: the same but one member held back (0.2): unchanged. group 2: two of four confident, but one
+    # answers B: unchanged. group 3: three members, one confident: unchanged. group 4: two members: unchanged.
+    group = np.array([0] * 4 + [1] * 4 + [2] * 4 + [3] * 3 + [4] * 2)
+    gis = np.zeros(group.size, dtype=np.int64)
+    labels = np.full(group.size, 2)
+    labels[11] = 1
+    c = np.array([1.0, 0.9, 0.95, 0.6, 1.0, 1.0, 0.9, 0.2, 1.0, 1.0, 0.6, 0.9, 1.0, 0.6, 0.6, 1.0, 0.6])
+    out = _group_consensus(group, gis, labels, c, cfg)
+    assert (out[:4] >= cfg.confident_threshold).all()
+    np.testing.assert_array_equal(out[4:], c[4:])
+    # an answer that confirms GIS is not a move: nothing to lift
+    np.testing.assert_array_equal(_group_consensus(group, labels, labels, c, cfg), c)
+
+
 def test_nearest_gis_factor_ignores_physical_siblings_filed_under_another_transformer():
     from phaseid_hpc.config import PhaseConfig
     from phaseid_hpc.phase_identification import _nearest_gis_factor
