@@ -136,6 +136,29 @@ def one_transformer_per_feeder(feeder: dict) -> dict:
     return out
 
 
+def more_transformer_errors(feeder: dict, fraction: float, seed: int) -> dict:
+    """The same feeder with ``fraction`` of its meters (single-phase, GIS transformer right) filed in GIS
+    under a transformer one or two places away in the feeder's transformer list (a drafting error),
+    seeded."""
+    out = dict(feeder)
+    m = feeder["meters"].copy()
+    true_tx = feeder["truth"].set_index("meter_id").loc[m["meter_id"], "transformer_id"].to_numpy()
+    rng = np.random.default_rng(seed + 11)
+    single = m["phase"].astype(str).isin(["A", "B", "C"]).to_numpy()
+    cand = np.flatnonzero((m["transformer_id"].to_numpy() == true_tx) & single)
+    pick = np.sort(rng.choice(cand, min(cand.size, round(fraction * len(m))), replace=False))
+    tx = m["transformer_id"].to_numpy(dtype=object).copy()
+    for i in pick:
+        same = np.flatnonzero((m["feeder_id"] == m.at[i, "feeder_id"]).to_numpy())
+        names = pd.unique(m["transformer_id"].to_numpy()[same])
+        k = int(np.flatnonzero(names == tx[i])[0])
+        j = int(np.clip(k + rng.choice([-2, -1, 1, 2]), 0, len(names) - 1))
+        tx[i] = names[j] if j != k else names[(k + 1) % len(names)]
+    m["transformer_id"] = tx
+    out["meters"] = m
+    return out
+
+
 def late_clocks(voltage: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Shift ``fraction`` of the meters one interval late (they stamp the start of the interval)."""
     rng = np.random.default_rng(seed + 7)
@@ -238,6 +261,9 @@ def main(argv=None) -> None:
                    help="offset this share of clocks uniformly within +-300 s (reports clock_caught)")
     p.add_argument("--one-transformer", action="store_true",
                    help="GIS and truth: one three-phase transformer per feeder serves every meter")
+    p.add_argument("--more-transformer-errors", type=float, default=0.0, metavar="FRACTION",
+                   help="file this share of the meters under a neighbouring transformer in GIS, on top of "
+                        "the errors the data already has")
     a = p.parse_args(argv)
     # the defaults, with PHASEID__SECTION__KEY environment overrides (e.g. PHASEID__PHASE__N_NEIGHBOURS=20)
     config = load_config(overrides={"validation": {"enabled": False},
@@ -249,6 +275,9 @@ def main(argv=None) -> None:
         feeder = load_feeder(path)
         if a.one_transformer:
             feeder, name = one_transformer_per_feeder(feeder), name + "/1xf"
+        if a.more_transformer_errors > 0:
+            feeder = more_transformer_errors(feeder, a.more_transformer_errors, a.seed)
+            name = f"{name}/+{100 * a.more_transformer_errors:g}%xf"
         for d, c, r, m in itertools.product(a.days, a.classes, a.resolutions, a.missing):
             row = run_case(name, feeder, d, c, r, m, a.seed, config, a.late_clocks, a.clock_offsets)
             rows.append(row)
