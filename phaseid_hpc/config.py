@@ -305,10 +305,23 @@ class TransformerConfig:
     #: 7 of its 33 confident moves (four conditions) named the wrong bank; off, they go to the review list,
     #: and so does a single-phase meter's move to a transformer whose other meters are all three-phase.
     correct_three_phase: bool = False
+    #: Where the readings' resolution swallows most steps (the median meter of a feeder has more than this
+    #: share of exact-zero differences between consecutive readings; 1 V on a feeder whose 15-minute steps
+    #: are 0.3-0.5 V: about half, 0.1 V: under 11%), the shape signals are means over
+    #: ``coarse_aggregate_s`` (class 1.0, 1 V, 10% wrong labels, 30 days: ckt5 95.5 -> 97.5%, M1 94.1 ->
+    #: 98.4%, ckt7 90.0 -> 93.8% on the right transformer, every correction right) [-]. 1 turns it off.
+    coarse_zero_share: float = 0.3
+    #: Length of those means [s].
+    coarse_aggregate_s: float = 3600.0
     #: Seed of every random choice (none at present; kept for the contract).
     random_state: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.coarse_zero_share <= 1 or self.coarse_aggregate_s < 0:
+            raise ConfigError(
+                "config keys transformer.coarse_zero_share must lie in [0, 1] and transformer.coarse_aggregate_s "
+                f"be >= 0, got {self.coarse_zero_share} and {self.coarse_aggregate_s}"
+            )
         if not 0 <= self.suspect_threshold <= self.confident_threshold <= 1:
             raise ConfigError(
                 "config keys transformer.suspect_threshold <= transformer.confident_threshold must lie in "

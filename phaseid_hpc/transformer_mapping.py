@@ -149,7 +149,8 @@ def map_transformers(
     kw, kvar : array, shape (n_meters, n_time), optional
         Meter active / reactive load, NaN where missing. [kW], [kvar]
     interval_s : float
-        Sampling interval (kept for the record; the method is interval-agnostic). [s]
+        Sampling interval: the length of the means of a coarse resolution (``config.coarse_aggregate_s``)
+        in readings. [s]
     xp : array namespace, optional
         Namespace for the kernels (``numpy``, ``cupy``); default: that of ``voltage``.
 
@@ -177,7 +178,8 @@ def map_transformers(
     for feeder in sorted(set(feeders)):
         idx = np.flatnonzero(feeders == feeder)
         kw_f, kvar_f = (None if a is None else _rows_of(a, idx) for a in (kw, kvar))
-        res = _map_feeder(feeder, m.iloc[idx], xp.asarray(_rows_of(voltage, idx)), kw_f, kvar_f, config)
+        res = _map_feeder(feeder, m.iloc[idx], xp.asarray(_rows_of(voltage, idx)), kw_f, kvar_f, config,
+                          interval_s)
         out_tx[idx], out_conf[idx], out_cls[idx] = res.transformer, res.confidence, res.klass
         for i, r in zip(idx, res.reasons):
             out_reasons[i] = r
@@ -319,11 +321,11 @@ class _Rounds:
 
 
 def _map_feeder(
-    feeder: str, sub: pd.DataFrame, v: Any, kw: Any, kvar: Any, cfg: TransformerConfig
+    feeder: str, sub: pd.DataFrame, v: Any, kw: Any, kvar: Any, cfg: TransformerConfig, interval_s: float = 900.0
 ) -> _FeederResult:
     """Verify the transformers of one feeder (steps 1-5 of the module docstring)."""
     lab = _feeder_labels(feeder, sub)
-    sig = _feeder_signals(v, kw, kvar, lab, cfg)
+    sig = _feeder_signals(v, kw, kvar, lab, cfg, interval_s)
     space = _candidate_space(sig, lab, cfg)
     rounds = _rounds(sig, lab, space, cfg)
     ev = rounds.evidence
@@ -394,13 +396,38 @@ def _feeder_labels(feeder: str, sub: pd.DataFrame) -> _Labels:
     )
 
 
-def _feeder_signals(v: Any, kw: Any, kvar: Any, lab: _Labels, cfg: TransformerConfig) -> _Signals:
+def _coarse_means(v: Any, interval_s: float, cfg: TransformerConfig) -> tuple[Any, int]:
+    """Step 1a: the voltage the shape signals are taken from, and how many readings each of its samples
+    averages: ``v`` itself (1), or NaN-aware means over ``cfg.coarse_aggregate_s`` where the median meter's
+    share of exact-zero differences exceeds ``cfg.coarse_zero_share`` (a resolution that swallows most
+    steps: averaging brings back what the meters of one transformer share)."""
+    xp = array_namespace(v)
+    factor = int(round(cfg.coarse_aggregate_s / interval_s)) if interval_s > 0 else 1
+    n, n_t = v.shape
+    if factor < 2 or n_t // factor < 3 or n == 0:
+        return v, 1
+    d = v[:, 1:] - v[:, :-1]
+    fin = xp.isfinite(d)
+    n_fin = xp.sum(xp.astype(fin, xp.float64), axis=1)
+    zero = xp.sum(xp.astype(fin & (d == 0), xp.float64), axis=1) / xp.where(n_fin > 0, n_fin, 1.0)
+    if not float(np.median(to_numpy(zero))) > cfg.coarse_zero_share:
+        return v, 1
+    w = xp.reshape(v[:, : (n_t // factor) * factor], (n, n_t // factor, factor))
+    ok = xp.isfinite(w)
+    cnt = xp.sum(xp.astype(ok, v.dtype), axis=2)
+    total = xp.sum(xp.where(ok, w, xp.zeros_like(w)), axis=2)
+    return xp.where(cnt > 0, total / xp.where(cnt > 0, cnt, xp.ones_like(cnt)), xp.nan), factor
+
+
+def _feeder_signals(v: Any, kw: Any, kvar: Any, lab: _Labels, cfg: TransformerConfig,
+                    interval_s: float = 900.0) -> _Signals:
     """Step 1: shape and level signals; every GIS transformer counts once in its phase's common mode."""
     xp = array_namespace(v)
     gsize = tk.group_sum(lab.gis_index, lab.n_groups).astype(float)
+    v_shape, factor = _coarse_means(v, interval_s, cfg)
     # float32 signals: correlations good to ~1e-6
     z, n_valid = tg.differenced_signals(
-        v, xp.asarray(lab.phase_code), 3, weights=xp.asarray(1.0 / gsize[lab.gis_index]), dtype=xp.float32
+        v_shape, xp.asarray(lab.phase_code), 3, weights=xp.asarray(1.0 / gsize[lab.gis_index]), dtype=xp.float32
     )
     n_valid = to_numpy(n_valid)
     vc, ic, level_stats = tg.level_signals(
@@ -416,7 +443,7 @@ def _feeder_signals(v: Any, kw: Any, kvar: Any, lab: _Labels, cfg: TransformerCo
         ic=ic,
         level_stats=level_stats,
         n_valid=n_valid,
-        usable=lab.usable & (n_valid >= cfg.min_samples),
+        usable=lab.usable & (n_valid * factor >= cfg.min_samples),  # min_samples counts readings
         se=tk.fisher_se(n_valid),
         zz=to_numpy(xp.vecdot(z, z, axis=-1)).astype(float),
     )

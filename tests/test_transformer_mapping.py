@@ -370,3 +370,31 @@ def test_a_meter_never_follows_its_siblings_into_a_group_that_does_not_hold_toge
     assert res["transformer_confidence"].iloc[t006[0]] < 0.5
     if res["transformer"].iloc[t006[0]] != gis[t006[0]]:
         assert REASON_TX_UNANCHORED in res["reasons"].iloc[t006[0]]
+
+
+def test_coarse_resolution_takes_the_shape_from_hourly_means():
+    from phaseid_hpc.transformer_mapping import _coarse_means
+
+    rng = np.random.default_rng(2)
+    n, t = 6, 96 * 3
+    fine = 240.0 + np.cumsum(rng.normal(0.0, 0.35, (n, t)), axis=1)  # 15-minute steps of ~0.35 V
+    cfg = TransformerConfig()
+    # 0.1 V: few exact-zero steps, the readings are used as they are
+    v = np.round(fine, 1)
+    same, factor = _coarse_means(v, 900.0, cfg)
+    assert factor == 1 and same is v
+    # 1 V: most steps read zero, hourly means (four readings each, missing ones left out)
+    v = np.round(fine)
+    v[0, 5] = np.nan
+    v[1, 8:12] = np.nan
+    means, factor = _coarse_means(v, 900.0, cfg)
+    assert factor == 4 and means.shape == (n, t // 4)
+    np.testing.assert_allclose(means[0, 1], np.mean(v[0, [4, 6, 7]]))
+    assert np.isnan(means[1, 2]) and np.isfinite(means[1, 3])
+    # hourly readings are not averaged again, nor is a record too short for it
+    assert _coarse_means(v, 3600.0, cfg)[1] == 1
+    assert _coarse_means(v[:, :8], 900.0, cfg)[1] == 1
+    # 1 turns it off
+    assert _coarse_means(v, 900.0, TransformerConfig(coarse_zero_share=1.0))[1] == 1
+    with pytest.raises(ConfigError, match="coarse_zero_share"):
+        TransformerConfig(coarse_zero_share=1.5)
