@@ -319,8 +319,9 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.coarse_zero_share <= 1 or self.coarse_aggregate_s < 0:
             raise ConfigError(
-                "config keys transformer.coarse_zero_share must lie in [0, 1] and transformer.coarse_aggregate_s "
-                f"be >= 0, got {self.coarse_zero_share} and {self.coarse_aggregate_s}"
+                "config keys transformer.coarse_zero_share must lie in [0, 1] and "
+                f"transformer.coarse_aggregate_s be >= 0, got {self.coarse_zero_share} and "
+                f"{self.coarse_aggregate_s}"
             )
         if not 0 <= self.suspect_threshold <= self.confident_threshold <= 1:
             raise ConfigError(
@@ -406,7 +407,8 @@ class ValidationConfig:
             )
         if self.health_noise_factor < 0:
             raise ConfigError(
-                f"config key 'validation.health_noise_factor' must be >= 0 (0: off), got {self.health_noise_factor}"
+                "config key 'validation.health_noise_factor' must be >= 0 (0: off), "
+                f"got {self.health_noise_factor}"
             )
         if self.health_window < 2:
             raise ConfigError(f"config key 'validation.health_window' must be >= 2, got {self.health_window}")

@@ -333,9 +333,10 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     ``z_strength`` is the correlation with its answer's, ``z_margin`` how far it beats the best other phase,
     both in standard errors (``1 / sqrt(n_obs)``). A split vote (neighbours across a lateral boundary) does
     not outweigh overwhelming direct evidence: with a clear majority and twice the margin threshold for a
-    change (``_DECISIVE_MARGINS``; three times for an answer that confirms GIS), the vote counts as unanimous. A change of phase whose nearest meters of each
-    GIS label do not favour it is not confident (:func:`_nearest_gis_checks`), unless those labels are
-    themselves corrected with confidence (:func:`_nearest_gis_second_look`).
+    change (``_DECISIVE_MARGINS``; three times for an answer that confirms GIS), the vote counts as
+    unanimous. A change of phase whose nearest meters of each GIS label do not favour it is not confident
+    (:func:`_nearest_gis_checks`), unless those labels are themselves corrected with confidence
+    (:func:`_nearest_gis_second_look`).
     """
     u_eval = _pool_agreeing(xp, u, group, labels)
     r_phase = _phase_neighbourhood_correlation(xp, y, u, group, labels, k, u_eval)
@@ -349,7 +350,8 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
         t = _batch_margin_t(xp, y, u, u_eval, group, labels, gis, changed, k, n_batches)
         z_margin[changed] = np.fmin(z_margin[changed], t)
     # a change must still pass every check below; a confirmation of GIS has no such checks: three times
-    decisive = (share >= 0.6) & (z_margin >= np.where(labels != gis, _DECISIVE_MARGINS, 3.0) * config.min_margin_se)
+    margins = np.where(labels != gis, _DECISIVE_MARGINS, 3.0)
+    decisive = (share >= 0.6) & (z_margin >= margins * config.min_margin_se)
     share = np.where(decisive, 1.0, share)
     c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
     pairs = _group_pair_dots(xp, u, group, changed) if changed.size else None  # shared by the three checks
@@ -920,7 +922,8 @@ def _confidence_class(conf: np.ndarray, config: PhaseConfig) -> np.ndarray:
 
 
 def _pair_margin(xp: Any, y: Any, u: Any, s_idx: np.ndarray, labels: np.ndarray, rows: np.ndarray,
-                 top2: np.ndarray, k: int, n_obs: np.ndarray, n_batches: int, regression: bool = True) -> np.ndarray:
+                 top2: np.ndarray, k: int, n_obs: np.ndarray, n_batches: int,
+                 regression: bool = True) -> np.ndarray:
     """Margin [SE] of phase-to-phase services ``rows`` answered ``top2`` (phase codes, (m, 2)) over the third.
 
     Each row is correlated with the pooled raw signal of its ``k`` nearest single-phase meters (rows
@@ -946,7 +949,8 @@ def _pair_margin(xp: Any, y: Any, u: Any, s_idx: np.ndarray, labels: np.ndarray,
     for p in range(3):
         cand = s_idx[labels == p]
         if cand.size:
-            signals[p] = _neighbourhood_signal(xp, q, np.full(rows.size, -1, dtype=np.int64), y, u, cand, no_group, k)
+            signals[p] = _neighbourhood_signal(xp, q, np.full(rows.size, -1, dtype=np.int64), y, u, cand,
+                                               no_group, k)
             per[:, p, :] = to_numpy((q_u * signals[p]) @ blocks)
     for a in range(3):
         for b in range(a, 3):
@@ -956,9 +960,10 @@ def _pair_margin(xp: Any, y: Any, u: Any, s_idx: np.ndarray, labels: np.ndarray,
     m = np.arange(rows.size)
     third = 3 - top2.sum(axis=1)
     if regression:
-        # the three local phase signals overlap (a phase near the service can move with another phase's load),
-        # so the correlations alone can rank a phase the service does not have above one it has: the weights of
-        # the service's signal regressed on the three (least squares) must also put the third phase last
+        # the three local phase signals overlap (a phase near the service can move with another phase's
+        # load), so the correlations alone can rank a phase the service does not have above one it has: the
+        # weights of the service's signal regressed on the three (least squares) must also put the third
+        # phase last
         have = np.array([s is not None for s in signals])
         beta = np.full((rows.size, 3), np.nan)
         for j in range(rows.size):

@@ -321,7 +321,8 @@ class _Rounds:
 
 
 def _map_feeder(
-    feeder: str, sub: pd.DataFrame, v: Any, kw: Any, kvar: Any, cfg: TransformerConfig, interval_s: float = 900.0
+    feeder: str, sub: pd.DataFrame, v: Any, kw: Any, kvar: Any, cfg: TransformerConfig,
+    interval_s: float = 900.0,
 ) -> _FeederResult:
     """Verify the transformers of one feeder (steps 1-5 of the module docstring)."""
     lab = _feeder_labels(feeder, sub)
@@ -402,7 +403,7 @@ def _coarse_means(v: Any, interval_s: float, cfg: TransformerConfig) -> tuple[An
     share of exact-zero differences exceeds ``cfg.coarse_zero_share`` (a resolution that swallows most
     steps: averaging brings back what the meters of one transformer share)."""
     xp = array_namespace(v)
-    factor = int(round(cfg.coarse_aggregate_s / interval_s)) if interval_s > 0 else 1
+    factor = round(cfg.coarse_aggregate_s / interval_s) if interval_s > 0 else 1
     n, n_t = v.shape
     if factor < 2 or n_t // factor < 3 or n == 0:
         return v, 1
@@ -412,11 +413,9 @@ def _coarse_means(v: Any, interval_s: float, cfg: TransformerConfig) -> tuple[An
     zero = xp.sum(xp.astype(fin & (d == 0), xp.float64), axis=1) / xp.where(n_fin > 0, n_fin, 1.0)
     if not float(np.median(to_numpy(zero))) > cfg.coarse_zero_share:
         return v, 1
-    w = xp.reshape(v[:, : (n_t // factor) * factor], (n, n_t // factor, factor))
-    ok = xp.isfinite(w)
-    cnt = xp.sum(xp.astype(ok, v.dtype), axis=2)
-    total = xp.sum(xp.where(ok, w, xp.zeros_like(w)), axis=2)
-    return xp.where(cnt > 0, total / xp.where(cnt > 0, cnt, xp.ones_like(cnt)), xp.nan), factor
+    from .kernels.pt_deviation import aggregate_means
+
+    return aggregate_means(v, factor), factor
 
 
 def _feeder_signals(v: Any, kw: Any, kvar: Any, lab: _Labels, cfg: TransformerConfig,
@@ -427,7 +426,8 @@ def _feeder_signals(v: Any, kw: Any, kvar: Any, lab: _Labels, cfg: TransformerCo
     v_shape, factor = _coarse_means(v, interval_s, cfg)
     # float32 signals: correlations good to ~1e-6
     z, n_valid = tg.differenced_signals(
-        v_shape, xp.asarray(lab.phase_code), 3, weights=xp.asarray(1.0 / gsize[lab.gis_index]), dtype=xp.float32
+        v_shape, xp.asarray(lab.phase_code), 3, weights=xp.asarray(1.0 / gsize[lab.gis_index]),
+        dtype=xp.float32,
     )
     n_valid = to_numpy(n_valid)
     vc, ic, level_stats = tg.level_signals(

@@ -539,9 +539,9 @@ def _flags(
             why_t = times[min(first, n_t - 1)] if first >= 0 else None
             f.append("correlation_loss")
             why.append(
-                f"its meters lost correlation with the feeder reference (or fluctuated more than usual against it) "
-                f"together, still following each other, in {col['correlation_lost_windows'][i]} consecutive "
-                f"window(s) from {why_t}: check windings and connections"
+                "its meters lost correlation with the feeder reference (or fluctuated more than usual "
+                f"against it) together, still following each other, in {col['correlation_lost_windows'][i]} "
+                f"consecutive window(s) from {why_t}: check windings and connections"
             )
     return flags, reasons
 

@@ -1018,12 +1018,10 @@ def window_scale(d: Any, window: int) -> Any:
     array, shape (n, n_time // window)
         NaN where a window has no finite sample. [unit of ``d``]
     """
+    from .change_point import windowed
     from .quality import nanmedian
 
-    xp = array_namespace(d)
-    n, m = d.shape
-    n_win = m // window
-    return nanmedian(xp.abs(xp.reshape(d[:, : n_win * window], (n, n_win, window))), axis=-1)
+    return nanmedian(windowed(array_namespace(d).abs(d), window), axis=-1)
 
 
 def noisy_windows(scale_tx: Any, scale_ref: Any, factor: float) -> Any:
@@ -1176,7 +1174,8 @@ def _reference_windows(tx_mean: Any, rest_level: Any, groups: MeterGroups, ref_o
         return xp.zeros((n_tx, 0), dtype=xp.float64), None
     refs = references_pu[:, 1:] - references_pu[:, :-1]
     table = xp.concat([rest_level[:, 1:] - rest_level[:, :-1], xp.astype(refs, rest_level.dtype)], axis=0)
-    ref_tx = reference_of_transformer(groups.tx_sorted, ref_of_meter, n_tx) if refs.shape[0] else np.arange(n_tx)
+    ref_tx = (reference_of_transformer(groups.tx_sorted, ref_of_meter, n_tx) if refs.shape[0]
+              else np.arange(n_tx))
     tx_diff = (tx_mean[:, 1:] - tx_mean[:, :-1])[:, lead:]
     ref_diff = take_rows(table, ref_tx)[:, lead:]
     r_tx = window_correlation(tx_diff, ref_diff, window)
