@@ -170,7 +170,8 @@ def late_clocks(voltage: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
 
 
 def run_case(name: str, feeder: dict, days: float, cls: float, res_v: float, missing: float, seed: int,
-             config: RunConfig, late_fraction: float = 0.0, offset_fraction: float = 0.0) -> dict:
+             config: RunConfig, late_fraction: float = 0.0, offset_fraction: float = 0.0,
+             dump: Path | None = None) -> dict:
     times = feeder["times"]
     step = float((times[1] - times[0]).total_seconds())
     n_t = min(round(days * 86400 / step), len(times))
@@ -188,6 +189,15 @@ def run_case(name: str, feeder: dict, days: float, cls: float, res_v: float, mis
     seconds = time.perf_counter() - tic
     meters = res["meters"]
     s = score_frames(meters, feeder["truth"])
+    if dump is not None:  # per-meter answers beside the GIS labels and the truth, to read the wrong rows
+        dump.mkdir(parents=True, exist_ok=True)
+        per = meters.drop(columns=[c for c in ("reasons",) if c in meters]).copy()
+        per["reasons"] = meters["reasons"].map(lambda r: ";".join(map(str, r)) if isinstance(r, list) else str(r))
+        t = feeder["truth"].set_index("meter_id").reindex(per["meter_id"].astype(str))
+        per["phase_true"] = t["phase"].astype(str).to_numpy()
+        per["transformer_true"] = t["transformer_id"].astype(str).to_numpy()
+        per.to_parquet(dump / f"{name.replace(':', '-').replace('/', '_')}-d{days:g}-c{cls:g}-r{res_v:g}"
+                              f"-m{missing:g}-s{seed}.parquet")
     truth_phase = feeder["truth"]["phase"].astype(str).to_numpy()
     gis = tables.meters["phase_gis"].astype(str).to_numpy()
     dz = np.diff(meas / np.nanmean(meas, axis=1, keepdims=True), axis=1)
@@ -264,6 +274,7 @@ def main(argv=None) -> None:
     p.add_argument("--more-transformer-errors", type=float, default=0.0, metavar="FRACTION",
                    help="file this share of the meters under a neighbouring transformer in GIS, on top of "
                         "the errors the data already has")
+    p.add_argument("--dump", type=Path, help="also write each case's per-meter results (with the truth) here")
     a = p.parse_args(argv)
     # the defaults, with PHASEID__SECTION__KEY environment overrides (e.g. PHASEID__PHASE__N_NEIGHBOURS=20)
     config = load_config(overrides={"validation": {"enabled": False},
@@ -279,7 +290,8 @@ def main(argv=None) -> None:
             feeder = more_transformer_errors(feeder, a.more_transformer_errors, a.seed)
             name = f"{name}/+{100 * a.more_transformer_errors:g}%xf"
         for d, c, r, m in itertools.product(a.days, a.classes, a.resolutions, a.missing):
-            row = run_case(name, feeder, d, c, r, m, a.seed, config, a.late_clocks, a.clock_offsets)
+            row = run_case(name, feeder, d, c, r, m, a.seed, config, a.late_clocks, a.clock_offsets,
+                           a.dump)
             rows.append(row)
             line = "| " + " | ".join(_fmt(row[k]) for k in COLUMNS) + " |"
             if "clock_caught" in row:
