@@ -285,7 +285,9 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     # Step 4: evidence: vote share, and the raw (not denoised) correlation with each phase's neighbourhood
     c, z_strength = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels, share,
-                                         n_obs_h[s_idx], k, config, gis_code[s_idx], interval_s, tx_group)
+                                         n_obs_h[s_idx], k, config, gis_code[s_idx], interval_s, tx_group,
+                                         pd.factorize(meters["transformer_id"].astype(str).to_numpy()[s_idx],
+                                                      sort=True)[0])
     phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
     conf[s_idx] = c
     for j in np.flatnonzero(z_strength < config.min_strength_se):
@@ -326,7 +328,8 @@ def _neighbour_vote(xp: Any, y: Any, group: np.ndarray, labels: np.ndarray, k: i
 def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.ndarray, share: np.ndarray,
                          n_obs: np.ndarray, k: int, config: PhaseConfig,
                          gis: np.ndarray, interval_s: float = 900.0,
-                         tx_group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                         tx_group: np.ndarray | None = None,
+                         tx_code: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Step 4: confidence of each answer, and its correlation with its phase's neighbourhood [SE].
 
     The meter (as a virtual meter, :func:`_pool_agreeing`) is correlated with each phase's neighbourhood;
@@ -336,7 +339,8 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     change (``_DECISIVE_MARGINS``; three times for an answer that confirms GIS), the vote counts as
     unanimous. A change of phase whose nearest meters of each GIS label do not favour it is not confident
     (:func:`_nearest_gis_checks`), unless those labels are themselves corrected with confidence
-    (:func:`_nearest_gis_second_look`).
+    (:func:`_nearest_gis_second_look`). A change of a meter whose physical siblings GIS files under
+    other transformers must be shared by them (:func:`_stray_sibling_factor`, with ``tx_code``).
     """
     u_eval = _pool_agreeing(xp, u, group, labels)
     r_phase = _phase_neighbourhood_correlation(xp, y, u, group, labels, k, u_eval)
@@ -365,17 +369,71 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
         # answer, or their GIS phase where the nearest-GIS checks held their own change back
         stands = np.where((labels != gis) & (near == 0), gis, labels)
         c = c * _sibling_agreement_factor(xp, u, tx_group, gis, labels, config, sibling_labels=stands)
-    return _group_consensus(group, gis, labels, c, config), z_strength
+    c = _group_consensus(group, gis, labels, c, config)
+    if tx_code is not None and changed.size:
+        c = c * _stray_sibling_factor(xp, u, tx_code, gis, labels, c, config)
+    return c, z_strength
+
+
+#: Raw neighbours of a changed meter searched for its physical siblings (:func:`_stray_sibling_factor`) [meters].
+_STRAY_LOOK = 16
+#: A physical sibling's raw similarity is at least this many times that of the meter's ``_STRAY_LOOK``-th
+#: nearest meter: a shared secondary stands out of the phase neighbourhood.
+_STRAY_CONTRAST = 2.0
+
+
+def _stray_sibling_factor(xp: Any, u: Any, tx_code: np.ndarray, gis: np.ndarray, labels: np.ndarray,
+                          c: np.ndarray, config: PhaseConfig) -> np.ndarray:
+    """Step 4e: 0 for a change of phase that the meter's physical siblings under other GIS transformers do
+    not share with confidence, else 1.
+
+    A meter filed under the wrong transformer (a stray) has its physical siblings elsewhere: meters whose raw
+    similarity with it reaches ``config.nearest_gis_sibling_ratio`` of its best and ``_STRAY_CONTRAST`` times
+    that of its ``_STRAY_LOOK``-th nearest meter (they share its secondary voltage, which stands out of the
+    phase neighbourhood). Found without GIS, among the single-phase meters of other GIS transformers (those
+    of its own are :func:`_sibling_agreement_factor`'s). Each stands at its answer where that confirms its
+    GIS phase or changes it with confidence (``c``), else at its GIS phase: a stray cannot move with more
+    confidence than the transformer it hangs on. Without this, on the generated 4,200-meter LTC feeder
+    (seed 3, 7 and 14 days) two strays of a 12-meter transformer whose own load hides its phase (raw
+    similarity 0.8 with each other, under 0.2 with anyone else) were moved with full confidence while the
+    transformer's own, unconfident, answer swung from A (7 d) to C (14 d).
+
+    Returns
+    -------
+    ndarray, shape (n,)
+    """
+    factor = np.ones(labels.size)
+    changed = np.flatnonzero((gis >= 0) & (labels != gis) & (c >= config.confident_threshold))
+    if not changed.size or config.sibling_agreement <= 0 or labels.size <= _STRAY_LOOK:
+        return factor
+    idx, sim = top_k_neighbours(xp.take(u, xp.asarray(changed), axis=0), xp.asarray(-1 - np.arange(changed.size)),
+                                _STRAY_LOOK + 1, candidates=u, candidate_group=xp.asarray(np.arange(labels.size)))
+    idx, sim = to_numpy(idx), to_numpy(sim)
+    own = idx == changed[:, None]  # the meter itself (the only candidate of similarity 1)
+    sim = np.where(own, -np.inf, sim)
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :_STRAY_LOOK]
+    idx, sim = np.take_along_axis(idx, order, axis=1), np.take_along_axis(sim, order, axis=1)
+    floor = np.maximum(config.nearest_gis_sibling_ratio * sim[:, :1], _STRAY_CONTRAST * sim[:, -1:])
+    sib = (sim >= floor) & (sim > 0) & (tx_code[idx] != tx_code[changed][:, None])
+    sure = (labels == gis) | (c >= config.confident_threshold)
+    stands = np.where(sure, labels, gis)
+    agree = (stands[idx] == labels[changed][:, None]) & sib
+    n_sib = sib.sum(axis=1)
+    held = (n_sib > 0) & (agree.sum(axis=1) < config.sibling_agreement * np.maximum(n_sib, 1))
+    factor[changed[held]] = 0.0
+    return factor
 
 
 #: Fewest members of a GIS group for :func:`_group_consensus`, and the least confidence each must have.
 _CONSENSUS_MEMBERS = 3
 _CONSENSUS_FLOOR = 0.5
+#: A member of a group moving together at or below this confidence was held back by a check: a veto.
+_VETO_CONFIDENCE = 0.05
 
 
 def _group_consensus(group: np.ndarray, gis: np.ndarray, labels: np.ndarray, c: np.ndarray,
                      config: PhaseConfig) -> np.ndarray:
-    """Step 4d: a whole GIS group that moves together is confident together.
+    """Step 4d: a whole GIS group that moves together is confident together, or not at all.
 
     Where every member of a GIS group (transformer and GIS phase) of ``_CONSENSUS_MEMBERS`` or more answers
     the same phase other than the GIS one, at least half of them with confidence and none below
@@ -384,6 +442,12 @@ def _group_consensus(group: np.ndarray, gis: np.ndarray, labels: np.ndarray, c: 
     agreement (:func:`_sibling_agreement_factor`), which holds back a change the siblings do not share. On
     the generated feeders (class 0.5, 7-30 days) 17 more right corrections and no wrong one; every whole
     group the vote moved wrongly there had no confident member.
+
+    The veto is the other side: where every member of a GIS group of two or more answers the same new phase
+    but a check held one of them back (confidence at most ``_VETO_CONFIDENCE``), none is confident (at most
+    ``config.suspect_threshold``: the review list). Its members share one voltage, so the evidence against
+    the move holds for all. On 70 runs (the six generated scenarios, seeds 0-4, and the five shared feeders,
+    7 and 14 days) it removed all 4 wrong worklist rows of moving groups and 6 right ones.
 
     Returns
     -------
@@ -397,10 +461,16 @@ def _group_consensus(group: np.ndarray, gis: np.ndarray, labels: np.ndarray, c: 
                        "sure": c >= config.confident_threshold})
     agg = df.groupby("g").agg(n=("lab", "size"), n_lab=("lab", "nunique"), all_ch=("ch", "all"),
                               c_min=("c", "min"), n_sure=("sure", "sum"))
-    whole = ((agg["n"] >= _CONSENSUS_MEMBERS) & (agg["n_lab"] == 1) & agg["all_ch"]
-             & (agg["c_min"] >= _CONSENSUS_FLOOR) & (2 * agg["n_sure"] >= agg["n"]))
+    together = (agg["n_lab"] == 1) & agg["all_ch"]
+    whole = together & (agg["n"] >= _CONSENSUS_MEMBERS) & (agg["c_min"] >= _CONSENSUS_FLOOR) \
+        & (2 * agg["n_sure"] >= agg["n"])
     lift = np.isin(group, agg.index[whole].to_numpy())
-    return np.where(lift, np.maximum(c, config.confident_threshold), c)
+    # the veto: a check held one member of the moving group back (confidence about 0), and it shares its
+    # siblings' voltage, so the evidence against the move holds for all of them
+    vetoed = together & (agg["n"] >= 2) & (agg["c_min"] <= _VETO_CONFIDENCE) & (agg["n_sure"] > 0)
+    veto = np.isin(group, agg.index[vetoed].to_numpy())
+    out = np.where(lift, np.maximum(c, config.confident_threshold), c)
+    return np.where(veto, np.minimum(out, config.suspect_threshold), out)
 
 
 def _nearest_gis_checks(xp: Any, y: Any, u: Any, u_eval: Any, group: np.ndarray, gis: np.ndarray,

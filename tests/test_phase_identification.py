@@ -355,6 +355,68 @@ def test_group_consensus_makes_a_whole_moving_group_confident_together():
     np.testing.assert_array_equal(_group_consensus(group, labels, labels, c, cfg), c)
 
 
+def test_group_veto_a_check_that_holds_one_moving_member_back_holds_them_all():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _group_consensus
+
+    cfg = PhaseConfig()
+    # group 0: three filed A, all answered C, one confident, one held back by a check (0): none confident.
+    # group 1: two filed A answered C, one confident and one held back: none confident. group 2: the same
+    # but the held one answers B: not moving together, unchanged. group 3: held at 0.3, not a veto.
+    group = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3])
+    gis = np.zeros(group.size, dtype=np.int64)
+    labels = np.array([2, 2, 2, 2, 2, 2, 1, 2, 2])
+    c = np.array([1.0, 0.6, 0.0, 0.95, 0.0, 1.0, 0.0, 1.0, 0.3])
+    out = _group_consensus(group, gis, labels, c, cfg)
+    assert (out[:5] < cfg.confident_threshold).all()
+    np.testing.assert_array_equal(out[5:], c[5:])
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_stray_sibling_factor_holds_a_stray_whose_transformer_does_not_move_with_confidence(strict):
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _stray_sibling_factor
+
+    rng = np.random.default_rng(3)
+    n_t = 400
+    phase_sig = rng.normal(size=(3, n_t))
+    own = rng.normal(size=(2, n_t))
+    # rows 0-5: transformer 0, truly A; its own load dominates (similar to each other, weakly to phase A)
+    # rows 6-7: strays of transformer 0 that GIS files under transformers 1 and 2
+    # rows 8-9: strays of transformer 3 (rows 10-14, really B, GIS right) filed under transformers 4 and 5
+    # rows 15-34: single meters of every phase, one per transformer
+    x = np.vstack([own[0] + 0.3 * phase_sig[0] + 0.3 * rng.normal(size=(8, n_t)),
+                   own[1] + 0.3 * phase_sig[1] + 0.3 * rng.normal(size=(7, n_t)),
+                   phase_sig[np.arange(20) % 3] + rng.normal(size=(20, n_t))])
+    u = _unit(x - x.mean(axis=1, keepdims=True))
+    tx = np.array([0] * 6 + [1, 2, 4, 5] + [3] * 5 + list(range(6, 26)))
+    gis = np.array([0] * 8 + [1] * 7 + list(np.arange(20) % 3))
+    labels = gis.copy()
+    labels[:8] = 2  # transformer 0 and its strays answered C ...
+    c = np.full(gis.size, 0.3)
+    c[[6, 7]] = 1.0  # ... the strays with confidence, the transformer's own meters without
+    labels[[8, 9]] = 2
+    gis[[8, 9]] = 0  # the other strays: filed A, answered B with confidence
+    labels[[8, 9]] = 1
+    c[[8, 9]] = 1.0
+    c[10:] = 1.0
+    cfg = PhaseConfig()
+    xp_u = u
+    if strict:
+        xps = pytest.importorskip("array_api_strict")
+        xp_u = xps.asarray(u)
+    from phaseid_hpc._compat import array_namespace
+
+    f = _stray_sibling_factor(array_namespace(xp_u), xp_u, tx, gis, labels, c, cfg)
+    assert f[[6, 7]].tolist() == [0.0, 0.0]  # their siblings stand at GIS A: held back
+    assert f[[8, 9]].tolist() == [1.0, 1.0]  # their siblings stand at B, which GIS confirms: the move stands
+    assert (f[10:] == 1.0).all()
+    # once transformer 0's own change is confident, its strays move with it
+    c2 = c.copy()
+    c2[:6] = 1.0
+    assert _stray_sibling_factor(array_namespace(xp_u), xp_u, tx, gis, labels, c2, cfg)[[6, 7]].tolist() == [1.0, 1.0]
+
+
 def test_nearest_gis_factor_ignores_physical_siblings_filed_under_another_transformer():
     from phaseid_hpc.config import PhaseConfig
     from phaseid_hpc.phase_identification import _nearest_gis_factor
