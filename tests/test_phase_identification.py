@@ -360,16 +360,19 @@ def test_group_veto_a_check_that_holds_one_moving_member_back_holds_them_all():
     from phaseid_hpc.phase_identification import _group_consensus
 
     cfg = PhaseConfig()
-    # group 0: three filed A, all answered C, one confident, one held back by a check (0): none confident.
+    # group 0: three filed A, all answered C, one confident, one held back by a check: none confident.
     # group 1: two filed A answered C, one confident and one held back: none confident. group 2: the same
-    # but the held one answers B: not moving together, unchanged. group 3: held at 0.3, not a veto.
+    # but the held one answers B: not moving together, unchanged. group 3: one member at 0 from its own
+    # weak evidence, no check held it: not a veto.
     group = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3])
     gis = np.zeros(group.size, dtype=np.int64)
     labels = np.array([2, 2, 2, 2, 2, 2, 1, 2, 2])
-    c = np.array([1.0, 0.6, 0.0, 0.95, 0.0, 1.0, 0.0, 1.0, 0.3])
-    out = _group_consensus(group, gis, labels, c, cfg)
+    c = np.array([1.0, 0.6, 0.0, 0.95, 0.0, 1.0, 0.0, 1.0, 0.0])
+    held = np.array([0, 0, 1, 0, 1, 0, 1, 0, 0], dtype=bool)
+    out = _group_consensus(group, gis, labels, c, cfg, held=held)
     assert (out[:5] < cfg.confident_threshold).all()
     np.testing.assert_array_equal(out[5:], c[5:])
+    np.testing.assert_array_equal(_group_consensus(group, gis, labels, c, cfg), c)  # nobody held: no veto
 
 
 @pytest.mark.parametrize("strict", [False, True])
