@@ -21,7 +21,9 @@ Method (per feeder; no cross-feeder pairs are ever formed). One function per ste
    misaligned or foreign meter: ``Low Correlation Coefficient``, never guessed), and where that
    correlation does not beat the other phases' by ``min_margin_se`` standard errors. The meter enters as a
    virtual meter (:func:`_pool_agreeing`); a clear majority with three times that margin counts as a
-   unanimous vote.
+   unanimous vote. A GIS group moves as one (:func:`_group_consensus`: confident together, or not at all
+   where a check held one member back), and a meter filed under the wrong transformer moves no more
+   confidently than its physical siblings do (:func:`_stray_sibling_factor`).
 5. **Multi-phase services** (:func:`_identify_pairs`). Phase-to-phase services take the two phases with
    most votes among their single-phase neighbours; three-phase services keep ``ABC``.
 

@@ -253,6 +253,24 @@ def test_single_meter_transformers_keep_gis_transformer():
     assert recommend_transformers(m, inferred, cls, TransformerConfig())[5] == "U1"
 
 
+def test_a_swap_no_voltage_can_orient_goes_to_the_review_list():
+    from phaseid_hpc.config import TransformerConfig
+    from phaseid_hpc.transformer_mapping import recommend_transformers
+
+    # U1 and U2, two meters each, one of each misfiled on the other: rows 0 and 2 moving pairs them as
+    # rows 1 and 3 moving would; held. V1/V2: the same swap, but three meters stay on each: it stands.
+    m = pd.DataFrame({"feeder_id": ["F"] * 12,
+                      "transformer_id": ["U1", "U1", "U2", "U2"] + ["V1"] * 4 + ["V2"] * 4})
+    inferred = np.array(["U2", "U1", "U1", "U2", "V2", "V1", "V1", "V1", "V1", "V2", "V2", "V2"], dtype=object)
+    cls = np.array([contract.CLASS_CONFIDENT] * 12, dtype=object)
+    rec = recommend_transformers(m, inferred, cls, TransformerConfig())
+    np.testing.assert_array_equal(rec[:4], m["transformer_id"].to_numpy()[:4])
+    np.testing.assert_array_equal(rec[4:], inferred[4:])
+    # a one-way move onto a two-meter transformer is no swap: it stands
+    inferred1 = np.array(["U2", "U1", "U2", "U2"] + list(m["transformer_id"][4:]), dtype=object)
+    assert recommend_transformers(m, inferred1, cls, TransformerConfig())[0] == "U2"
+
+
 def test_three_phase_services_keep_gis_transformer_unless_asked():
     from phaseid_hpc.config import TransformerConfig
     from phaseid_hpc.transformer_mapping import recommend_transformers
