@@ -435,7 +435,12 @@ def test_stray_sibling_factor_holds_a_stray_whose_transformer_does_not_move_with
     # once transformer 0's own change is confident, its strays move with it
     c2 = c.copy()
     c2[:6] = 1.0
-    assert _stray_sibling_factor(array_namespace(xp_u), xp_u, tx, gis, labels, c2, cfg)[[6, 7]].tolist() == [1.0, 1.0]
+    f2 = _stray_sibling_factor(array_namespace(xp_u), xp_u, tx, gis, labels, c2, cfg)
+    assert f2[[6, 7]].tolist() == [1.0, 1.0]
+    # and the transformer never waits on its own strays: most of its family is filed with it
+    c3 = c2.copy()
+    c3[[6, 7]] = 0.3
+    assert (_stray_sibling_factor(array_namespace(xp_u), xp_u, tx, gis, labels, c3, cfg)[:6] == 1.0).all()
 
 
 def test_nearest_gis_factor_ignores_physical_siblings_filed_under_another_transformer():
