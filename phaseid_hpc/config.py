@@ -243,6 +243,15 @@ class PhaseConfig:
     clock_lag_se: float = 6.0
     #: Meters per zone (a neighbourhood of one phase) for local comparisons, e.g. the clock check [meters].
     zone_meters: int = 40
+    #: Where the readings' resolution swallows most steps (the median meter of a feeder has more than this
+    #: share of exact-zero differences between consecutive readings: 1 V on feeders whose 15-minute steps
+    #: are 0.3-0.5 V), the feeder is identified a second time on means over ``coarse_aggregate_s``, and a
+    #: meter that second pass calls confident takes that confidence where the first pass gave the same
+    #: phase (class 1.0, 1 V, 30 days, shared feeders, three measurement seeds: M1 96.7-97.5 -> 99.2-99.4%,
+    #: no wrong row). 1 turns it off [-].
+    coarse_zero_share: float = 0.3
+    #: Length of the means of that second pass [s].
+    coarse_aggregate_s: float = 3600.0
     #: Seed of every random choice in identification.
     random_state: int = 0
 
@@ -655,6 +664,11 @@ def _validate(obj: Any, prefix: str) -> None:
             raise ConfigError(
                 f"config keys {prefix}min_strength_se > 0, {prefix}min_margin_se > 0 and {prefix}clock_lag_se >= 0 "
                 f"required, got {obj.min_strength_se}, {obj.min_margin_se} and {obj.clock_lag_se}"
+            )
+        if not 0 <= obj.coarse_zero_share <= 1 or obj.coarse_aggregate_s < 0:
+            raise ConfigError(
+                f"config keys {prefix}coarse_zero_share must lie in [0, 1] and {prefix}coarse_aggregate_s be >= 0, "
+                f"got {obj.coarse_zero_share} and {obj.coarse_aggregate_s}"
             )
     if isinstance(obj, QualityConfig):
         if obj.max_interp_gap < 0:

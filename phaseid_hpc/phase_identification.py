@@ -37,6 +37,7 @@ denoising); Olivier et al., PSCC 2018 (local structure of LV networks).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -138,6 +139,7 @@ def identify_phases(
 
     out_phase = np.full(n_m, None, dtype=object)
     out_conf = np.zeros(n_m)
+    coarse = _coarse_feeders(xp, v, meters, config, interval_s)
     out_class = np.full(n_m, contract.CLASS_INSUFFICIENT, dtype=object)
     out_reasons: list[list[str]] = [[] for _ in range(n_m)]
     out_zone = np.full(n_m, -1, dtype=np.int64)
@@ -154,6 +156,9 @@ def identify_phases(
                 rv = xp.asarray(reference_voltage, dtype=xp.float64)
                 ref_v = xp.stack([rv[int(rsel[phases.index(p)]), :] for p in _PHASES], axis=0)
         res = _identify_feeder(xp, _take_rows(xp, v, rows), meters.iloc[rows], config, ref_v, interval_s)
+        if feeder in coarse:
+            res = _coarse_second_look(xp, _take_rows(xp, v, rows), meters.iloc[rows], config, ref_v, interval_s,
+                                      coarse[feeder], res)
         out_phase[rows], out_conf[rows], out_class[rows] = res[0], res[1], res[2]
         for j, i in enumerate(rows):
             out_reasons[i] = res[3][j]
@@ -169,6 +174,44 @@ def identify_phases(
         },
         index=meters.index,
     )
+
+
+def _coarse_feeders(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, interval_s: float) -> dict[str, int]:
+    """Feeders whose resolution swallows most steps, with the number of readings each coarse mean takes:
+    the median meter's share of exact-zero differences above ``config.coarse_zero_share``."""
+    factor = round(config.coarse_aggregate_s / interval_s) if interval_s > 0 else 1
+    if factor < 2 or v.shape[1] // factor < 3 or config.coarse_zero_share >= 1:
+        return {}
+    d = v[:, 1:] - v[:, :-1]
+    fin = xp.isfinite(d)
+    n_fin = xp.sum(xp.astype(fin, xp.float64), axis=1)
+    zero = to_numpy(xp.sum(xp.astype(fin & (d == 0), xp.float64), axis=1) / xp.where(n_fin > 0, n_fin, 1.0))
+    share = pd.Series(zero).groupby(meters["feeder_id"].astype(str).to_numpy()).median()
+    return {str(f): factor for f in share.index[share.to_numpy() > config.coarse_zero_share]}
+
+
+def _coarse_second_look(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, ref_v: Any | None,
+                        interval_s: float, factor: int, res: tuple) -> tuple:
+    """A feeder whose readings' resolution swallows most steps, identified again on means of ``factor``
+    readings: a single-phase meter this pass calls confident keeps the first pass's answer and takes this
+    pass's confidence where both give the same phase and the first pass's was only weak (above 0, cut by
+    no check or group rule: ``free``). The means bring back what the rounding hid; neither pass moves a
+    meter the other contradicts, and what a check held back stays held (at class 1.0, 1 V, 30 days, lifting
+    those too added 8 wrong rows to 177 right ones). Clock shifts, zones and reasons stay the first pass's.
+
+    Returns ``res`` (:func:`_identify_feeder`'s tuple) with confidence and class raised where so.
+    """
+    from .kernels.pt_deviation import aggregate_means
+
+    phase, conf, cls, reasons, zone, lag, free = res
+    vc = aggregate_means(shift_rows(v, lag) if np.any(lag) else v, factor)
+    ref_c = None if ref_v is None else aggregate_means(ref_v, factor)
+    p2, c2, k2, _, _, _, _ = _identify_feeder(xp, vc, meters, dataclasses.replace(config, clock_lag_se=0.0),
+                                              ref_c, interval_s * factor)
+    lift = free & (k2 == contract.CLASS_CONFIDENT) & (cls != contract.CLASS_CONFIDENT) & (p2 == phase)
+    conf = np.where(lift, np.maximum(conf, c2), conf)
+    cls = np.where(lift, contract.CLASS_CONFIDENT, cls)
+    return phase, conf, cls, reasons, zone, lag, free
 
 
 def shift_rows(x: Any, lag: Any) -> Any:
@@ -231,8 +274,8 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
                      interval_s: float = 900.0):
     """Phase of every meter of one feeder: the named steps of the module docstring.
 
-    Returns ``(phase, confidence, class, reasons, zone, lag)`` arrays of the raw inference (no decision
-    policy).
+    Returns ``(phase, confidence, class, reasons, zone, lag, free)`` arrays of the raw inference (no decision
+    policy); ``free``: single-phase answers whose confidence, above 0, no check or group rule cut.
     """
     n = len(meters)
     gis = meters["phase_gis"].to_numpy(dtype=object)
@@ -246,10 +289,11 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     cls = np.full(n, contract.CLASS_INSUFFICIENT, dtype=object)
     reasons: list[list[str]] = [[] for _ in range(n)]
     zone = np.full(n, -1, dtype=np.int64)
+    free = np.zeros(n, dtype=bool)  # single-phase answers whose confidence no check or group rule cut
     if v.shape[1] < 2:
         for i in range(n):
             reasons[i].append(contract.REASON_INSUFFICIENT_DATA)
-        return phase, conf, cls, reasons, zone, np.zeros(n, dtype=np.int64)
+        return phase, conf, cls, reasons, zone, np.zeros(n, dtype=np.int64), free
 
     # Step 1: features, with whole-interval clock errors undone first
     v, lag, (z, observed, n_obs) = _align_clocks(xp, v, nominal,
@@ -271,7 +315,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         # Too few meters (or no labels) to vote: keep GIS, unverified.
         for i in np.flatnonzero(ok):
             phase[i], conf[i], cls[i] = gis[i], 0.0, contract.CLASS_LOW
-        return phase, conf, cls, reasons, zone, lag
+        return phase, conf, cls, reasons, zone, lag, free
 
     # Step 2: denoised coordinates (principal subspace of the single-phase meters)
     s_idx = np.flatnonzero(single)
@@ -286,12 +330,13 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     labels, share = _neighbour_vote(xp, y_s, group, gis_code[s_idx], k, config)
 
     # Step 4: evidence: vote share, and the raw (not denoised) correlation with each phase's neighbourhood
-    c, z_strength = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels, share,
+    c, z_strength, free_s = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels, share,
                                          n_obs_h[s_idx], k, config, gis_code[s_idx], interval_s, tx_group,
                                          pd.factorize(meters["transformer_id"].astype(str).to_numpy()[s_idx],
                                                       sort=True)[0])
     phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
     conf[s_idx] = c
+    free[s_idx] = free_s
     for j in np.flatnonzero(z_strength < config.min_strength_se):
         reasons[s_idx[j]].append(contract.REASON_LOW_CORRELATION)
 
@@ -305,7 +350,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     scored = ok & pd.notna(phase)
     cls[scored] = _confidence_class(conf[scored], config)
     zone[s_idx] = _zones(xp, y_s, labels, config)
-    return phase, conf, cls, reasons, zone, lag
+    return phase, conf, cls, reasons, zone, lag, free
 
 
 def _neighbour_vote(xp: Any, y: Any, group: np.ndarray, labels: np.ndarray, k: int,
@@ -371,10 +416,11 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
         # answer, or their GIS phase where the nearest-GIS checks held their own change back
         stands = np.where((labels != gis) & (near == 0), gis, labels)
         checks = checks * _sibling_agreement_factor(xp, u, tx_group, gis, labels, config, sibling_labels=stands)
+    evidence = c
     c = _group_consensus(group, gis, labels, c * checks, config, held=(labels != gis) & (checks == 0))
     if tx_code is not None and changed.size:
         c = c * _stray_sibling_factor(xp, u, tx_code, gis, labels, c, config)
-    return c, z_strength
+    return c, z_strength, (c == evidence) & (c > 0)
 
 
 #: Raw neighbours of a changed meter searched for its physical siblings (:func:`_stray_sibling_factor`) [meters].
