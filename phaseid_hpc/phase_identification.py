@@ -57,7 +57,7 @@ from .kernels.neighbours import (
     principal_basis,
     top_k_neighbours,
 )
-from .kernels.preprocess import common_mode_residual, standardized_differences, unit_rows
+from .kernels.preprocess import common_mode_residual, standardized_differences, unit_rows, zero_step_share
 
 __all__ = ["RESULT_COLUMNS", "identify_phases", "recommend", "shift_rows"]
 
@@ -139,7 +139,7 @@ def identify_phases(
 
     out_phase = np.full(n_m, None, dtype=object)
     out_conf = np.zeros(n_m)
-    coarse = _coarse_feeders(xp, v, meters, config, interval_s)
+    coarse = _coarse_feeders(v, meters, config, interval_s)
     out_class = np.full(n_m, contract.CLASS_INSUFFICIENT, dtype=object)
     out_reasons: list[list[str]] = [[] for _ in range(n_m)]
     out_zone = np.full(n_m, -1, dtype=np.int64)
@@ -176,16 +176,13 @@ def identify_phases(
     )
 
 
-def _coarse_feeders(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, interval_s: float) -> dict[str, int]:
+def _coarse_feeders(v: Any, meters: pd.DataFrame, config: PhaseConfig, interval_s: float) -> dict[str, int]:
     """Feeders whose resolution swallows most steps, with the number of readings each coarse mean takes:
     the median meter's share of exact-zero differences above ``config.coarse_zero_share``."""
     factor = round(config.coarse_aggregate_s / interval_s) if interval_s > 0 else 1
     if factor < 2 or v.shape[1] // factor < 3 or config.coarse_zero_share >= 1:
         return {}
-    d = v[:, 1:] - v[:, :-1]
-    fin = xp.isfinite(d)
-    n_fin = xp.sum(xp.astype(fin, xp.float64), axis=1)
-    zero = to_numpy(xp.sum(xp.astype(fin & (d == 0), xp.float64), axis=1) / xp.where(n_fin > 0, n_fin, 1.0))
+    zero = to_numpy(zero_step_share(v))
     share = pd.Series(zero).groupby(meters["feeder_id"].astype(str).to_numpy()).median()
     return {str(f): factor for f in share.index[share.to_numpy() > config.coarse_zero_share]}
 

@@ -71,6 +71,7 @@ from .config import TransformerConfig
 from .errors import ContractError
 from .kernels import transformer_grouping as tg
 from .kernels import transformer_mapping as tk
+from .kernels.preprocess import zero_step_share
 
 __all__ = [
     "REASON_TX_AMBIGUOUS",
@@ -402,16 +403,11 @@ def _coarse_means(v: Any, interval_s: float, cfg: TransformerConfig) -> tuple[An
     averages: ``v`` itself (1), or NaN-aware means over ``cfg.coarse_aggregate_s`` where the median meter's
     share of exact-zero differences exceeds ``cfg.coarse_zero_share`` (a resolution that swallows most
     steps: averaging brings back what the meters of one transformer share)."""
-    xp = array_namespace(v)
     factor = round(cfg.coarse_aggregate_s / interval_s) if interval_s > 0 else 1
     n, n_t = v.shape
     if factor < 2 or n_t // factor < 3 or n == 0:
         return v, 1
-    d = v[:, 1:] - v[:, :-1]
-    fin = xp.isfinite(d)
-    n_fin = xp.sum(xp.astype(fin, xp.float64), axis=1)
-    zero = xp.sum(xp.astype(fin & (d == 0), xp.float64), axis=1) / xp.where(n_fin > 0, n_fin, 1.0)
-    if not float(np.median(to_numpy(zero))) > cfg.coarse_zero_share:
+    if not float(np.median(to_numpy(zero_step_share(v)))) > cfg.coarse_zero_share:
         return v, 1
     from .kernels.pt_deviation import aggregate_means
 

@@ -259,9 +259,9 @@ def test_coarse_resolution_gets_a_second_look_on_hourly_means():
     from phaseid_hpc.phase_identification import _coarse_feeders
 
     meters, truth, v, _, _ = simulated_feeder(seed=0, n_tr=80, days=14, resolution=1.0)
-    assert _coarse_feeders(np, v, meters, PhaseConfig(), 900.0) == {"F1": 4}  # 1 V: most steps read as 0
+    assert _coarse_feeders(v, meters, PhaseConfig(), 900.0) == {"F1": 4}  # 1 V: most steps read as 0
     fine = simulated_feeder(seed=0, n_tr=80, days=14, resolution=0.1)
-    assert _coarse_feeders(np, fine[2], fine[0], PhaseConfig(), 900.0) == {}
+    assert _coarse_feeders(fine[2], fine[0], PhaseConfig(), 900.0) == {}
     off = identify_phases(v, meters, PhaseConfig(coarse_zero_share=1.0))
     on = identify_phases(v, meters)
     # the same answers; many more confident (0.69 -> 0.99 of the meters), none of them wrong

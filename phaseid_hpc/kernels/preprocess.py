@@ -17,6 +17,7 @@ __all__ = [
     "standardize_rows",
     "standardized_differences",
     "unit_rows",
+    "zero_step_share",
 ]
 
 
@@ -124,6 +125,28 @@ def remove_common_mode(x: Any, weights: Any | None = None) -> tuple[Any, Any]:
     resid = beta[:, None] * common[None, :]
     resid = x0 - resid
     return xp.where(obs, resid, xp.full((), float("nan"), dtype=resid.dtype)), common
+
+
+def zero_step_share(voltage: Any) -> Any:
+    """Share of each row's observed steps (differences of consecutive readings) that are exactly zero.
+
+    High where the meter's resolution swallows most steps (1 V on a feeder whose 15-minute steps are
+    0.3-0.5 V: about half; 0.1 V: under 11%).
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Readings, NaN where missing. [V]
+
+    Returns
+    -------
+    array, shape (n_meters,), float64 in [0, 1] (0 where a row has no observed step) [-]
+    """
+    xp = array_namespace(voltage)
+    d = voltage[:, 1:] - voltage[:, :-1]
+    fin = xp.isfinite(d)
+    n_fin = xp.sum(xp.astype(fin, xp.float64), axis=1)
+    return xp.sum(xp.astype(fin & (d == 0), xp.float64), axis=1) / xp.where(n_fin > 0, n_fin, 1.0)
 
 
 def unit_rows(x: Any) -> Any:

@@ -6,6 +6,7 @@ from phaseid_hpc.kernels.preprocess import (
     remove_common_mode,
     standardize_rows,
     unit_rows,
+    zero_step_share,
 )
 from tests.kernels.backends import BACKENDS, array_api_strict, to_np  # noqa: F401
 
@@ -77,3 +78,12 @@ def test_zero_filled_pipeline_equals_nan_kernels(xp, missing, bad_nominal):
     np.testing.assert_allclose(to_np(f), np.where(nan, 0.0, to_np(f_ref)), atol=1e-12)
     np.testing.assert_allclose(to_np(c), to_np(c_ref), atol=1e-12)
     assert np.abs(to_np(z)).max() == 6.0  # the step was clipped
+
+
+@BACKENDS
+def test_zero_step_share_counts_observed_flat_steps(xp):
+    v = np.array([[240.0, 240.0, 241.0, 241.0, np.nan, 241.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                  [np.nan, np.nan, 7.0, np.nan, np.nan, np.nan]])
+    share = to_np(zero_step_share(xp.asarray(v)))
+    # row 0: steps 0, 1, 0, -, - -> 2 of 3 observed; row 1: none; row 2: no observed step -> 0
+    np.testing.assert_allclose(share, [2 / 3, 0.0, 0.0])
