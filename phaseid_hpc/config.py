@@ -667,8 +667,8 @@ def _validate(obj: Any, prefix: str) -> None:
             )
         if not 0 <= obj.coarse_zero_share <= 1 or obj.coarse_aggregate_s < 0:
             raise ConfigError(
-                f"config keys {prefix}coarse_zero_share must lie in [0, 1] and {prefix}coarse_aggregate_s be >= 0, "
-                f"got {obj.coarse_zero_share} and {obj.coarse_aggregate_s}"
+                f"config keys {prefix}coarse_zero_share must lie in [0, 1] and {prefix}coarse_aggregate_s be "
+                f">= 0, got {obj.coarse_zero_share} and {obj.coarse_aggregate_s}"
             )
     if isinstance(obj, QualityConfig):
         if obj.max_interp_gap < 0:

@@ -139,13 +139,13 @@ def identify_phases(
 
     out_phase = np.full(n_m, None, dtype=object)
     out_conf = np.zeros(n_m)
-    coarse = _coarse_feeders(v, meters, config, interval_s)
     out_class = np.full(n_m, contract.CLASS_INSUFFICIENT, dtype=object)
     out_reasons: list[list[str]] = [[] for _ in range(n_m)]
     out_zone = np.full(n_m, -1, dtype=np.int64)
     out_lag = np.zeros(n_m, dtype=np.int64)
 
     feeders = meters["feeder_id"].astype(str).to_numpy()
+    coarse = _coarse_feeders(v, meters, config, interval_s)
     for feeder in sorted(set(feeders)):
         rows = np.flatnonzero(feeders == feeder)
         ref_v = None
@@ -155,10 +155,10 @@ def identify_phases(
             if sorted(phases) == sorted(_PHASES):
                 rv = xp.asarray(reference_voltage, dtype=xp.float64)
                 ref_v = xp.stack([rv[int(rsel[phases.index(p)]), :] for p in _PHASES], axis=0)
-        res = _identify_feeder(xp, _take_rows(xp, v, rows), meters.iloc[rows], config, ref_v, interval_s)
+        v_f, m_f = _take_rows(xp, v, rows), meters.iloc[rows]
+        res = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s)
         if feeder in coarse:
-            res = _coarse_second_look(xp, _take_rows(xp, v, rows), meters.iloc[rows], config, ref_v, interval_s,
-                                      coarse[feeder], res)
+            res = _coarse_second_look(xp, v_f, m_f, config, ref_v, interval_s, coarse[feeder], res)
         out_phase[rows], out_conf[rows], out_class[rows] = res[0], res[1], res[2]
         for j, i in enumerate(rows):
             out_reasons[i] = res[3][j]
@@ -327,10 +327,10 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     labels, share = _neighbour_vote(xp, y_s, group, gis_code[s_idx], k, config)
 
     # Step 4: evidence: vote share, and the raw (not denoised) correlation with each phase's neighbourhood
-    c, z_strength, free_s = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels, share,
-                                         n_obs_h[s_idx], k, config, gis_code[s_idx], interval_s, tx_group,
-                                         pd.factorize(meters["transformer_id"].astype(str).to_numpy()[s_idx],
-                                                      sort=True)[0])
+    tx_code = pd.factorize(meters["transformer_id"].astype(str).to_numpy()[s_idx], sort=True)[0]
+    c, z_strength, free_s = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels,
+                                                 share, n_obs_h[s_idx], k, config, gis_code[s_idx], interval_s,
+                                                 tx_group, tx_code)
     phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
     conf[s_idx] = c
     free[s_idx] = free_s
@@ -373,8 +373,9 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
                          n_obs: np.ndarray, k: int, config: PhaseConfig,
                          gis: np.ndarray, interval_s: float = 900.0,
                          tx_group: np.ndarray | None = None,
-                         tx_code: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Step 4: confidence of each answer, and its correlation with its phase's neighbourhood [SE].
+                         tx_code: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 4: confidence of each answer, its correlation with its phase's neighbourhood [SE], and whether
+    no check or group rule cut its (non-zero) confidence.
 
     The meter (as a virtual meter, :func:`_pool_agreeing`) is correlated with each phase's neighbourhood;
     ``z_strength`` is the correlation with its answer's, ``z_margin`` how far it beats the best other phase,
@@ -412,7 +413,8 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
         # siblings GIS files on another phase of the meter's transformer count too, as they stand: their
         # answer, or their GIS phase where the nearest-GIS checks held their own change back
         stands = np.where((labels != gis) & (near == 0), gis, labels)
-        checks = checks * _sibling_agreement_factor(xp, u, tx_group, gis, labels, config, sibling_labels=stands)
+        checks = checks * _sibling_agreement_factor(xp, u, tx_group, gis, labels, config,
+                                                    sibling_labels=stands)
     evidence = c
     c = _group_consensus(group, gis, labels, c * checks, config, held=(labels != gis) & (checks == 0))
     if tx_code is not None and changed.size:
@@ -420,7 +422,8 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     return c, z_strength, (c == evidence) & (c > 0)
 
 
-#: Raw neighbours of a changed meter searched for its physical siblings (:func:`_stray_sibling_factor`) [meters].
+#: Raw neighbours of a changed meter searched for its physical siblings (:func:`_stray_sibling_factor`)
+#: [meters].
 _STRAY_LOOK = 16
 #: A physical sibling's raw similarity is at least this many times that of the meter's ``_STRAY_LOOK``-th
 #: nearest meter: a shared secondary stands out of the phase neighbourhood.
@@ -438,9 +441,8 @@ def _stray_sibling_factor(xp: Any, u: Any, tx_code: np.ndarray, gis: np.ndarray,
     phase neighbourhood). Found without GIS, among the single-phase meters of other GIS transformers (those
     of its own are :func:`_sibling_agreement_factor`'s); only a meter with more of them there than under its
     own GIS transformer is a stray (else a transformer would wait on its own strays). Each stands at its
-    answer where that confirms its
-    GIS phase or changes it with confidence (``c``), else at its GIS phase: a stray cannot move with more
-    confidence than the transformer it hangs on. Without this, on the generated 4,200-meter LTC feeder
+    answer where that confirms its GIS phase or changes it with confidence (``c``), else at its GIS phase:
+    a stray cannot move with more confidence than the transformer it hangs on. Without this, on the generated 4,200-meter LTC feeder
     (seed 3, 7 and 14 days) two strays of a 12-meter transformer whose own load hides its phase (raw
     similarity 0.8 with each other, under 0.2 with anyone else) were moved with full confidence while the
     transformer's own, unconfident, answer swung from A (7 d) to C (14 d).
@@ -453,13 +455,10 @@ def _stray_sibling_factor(xp: Any, u: Any, tx_code: np.ndarray, gis: np.ndarray,
     changed = np.flatnonzero((gis >= 0) & (labels != gis) & (c >= config.confident_threshold))
     if not changed.size or config.sibling_agreement <= 0 or labels.size <= _STRAY_LOOK:
         return factor
-    idx, sim = top_k_neighbours(xp.take(u, xp.asarray(changed), axis=0), xp.asarray(-1 - np.arange(changed.size)),
-                                _STRAY_LOOK + 1, candidates=u, candidate_group=xp.asarray(np.arange(labels.size)))
+    # every row its own group: the meter itself is the one candidate left out
+    idx, sim = top_k_neighbours(xp.take(u, xp.asarray(changed), axis=0), xp.asarray(changed), _STRAY_LOOK,
+                                candidates=u, candidate_group=xp.asarray(np.arange(labels.size)))
     idx, sim = to_numpy(idx), to_numpy(sim)
-    own = idx == changed[:, None]  # the meter itself (the only candidate of similarity 1)
-    sim = np.where(own, -np.inf, sim)
-    order = np.argsort(-sim, axis=1, kind="stable")[:, :_STRAY_LOOK]
-    idx, sim = np.take_along_axis(idx, order, axis=1), np.take_along_axis(sim, order, axis=1)
     floor = np.maximum(config.nearest_gis_sibling_ratio * sim[:, :1], _STRAY_CONTRAST * sim[:, -1:])
     family = (sim >= floor) & (sim > 0)
     sib = family & (tx_code[idx] != tx_code[changed][:, None])
@@ -496,9 +495,10 @@ def _group_consensus(group: np.ndarray, gis: np.ndarray, labels: np.ndarray, c: 
     or sibling checks), none is confident (at most ``config.suspect_threshold``: the review list). Its
     members share one voltage, so the evidence against the move holds for all (a group confident but for
     one held member is not vetoed: on the generated regulator feeder, class 1.0, a 7-meter transformer
-    moved rightly at 6-8 batch-means standard errors had one member held). On 70 runs (the six generated scenarios, seeds 0-4, and the five shared
-    feeders, 7 and 14 days) it removed all 4 wrong worklist rows of moving groups (a 12-meter transformer
-    whose own load hides its phase: 11-17 nominal standard errors for A at 7 days, for C at 14).
+    moved rightly at 6-8 batch-means standard errors had one member held). On 70 runs (the six generated
+    scenarios, seeds 0-4, and the five shared feeders, 7 and 14 days) it removed all 4 wrong worklist rows
+    of moving groups (a 12-meter transformer whose own load hides its phase: 11-17 nominal standard errors
+    for A at 7 days, for C at 14).
 
     Returns
     -------
@@ -519,7 +519,8 @@ def _group_consensus(group: np.ndarray, gis: np.ndarray, labels: np.ndarray, c: 
     lift = np.isin(group, agg.index[whole].to_numpy())
     # the veto: a check held one member of the moving group back (confidence about 0), and it shares its
     # siblings' voltage, so the evidence against the move holds for all of them
-    vetoed = together & (agg["n"] >= 2) & agg["any_held"] & (agg["n_sure"] > 0) & (2 * agg["n_sure"] <= agg["n"])
+    vetoed = together & (agg["n"] >= 2) & agg["any_held"] & (agg["n_sure"] > 0) \
+        & (2 * agg["n_sure"] <= agg["n"])
     veto = np.isin(group, agg.index[vetoed].to_numpy())
     out = np.where(lift, np.maximum(c, config.confident_threshold), c)
     return np.where(veto, np.minimum(out, config.suspect_threshold), out)
