@@ -31,6 +31,7 @@ from .contract import METER_RESULT_COLUMNS, PHASE_CLASSES
 from .errors import PhaseIDError, StoreError
 from .logging_utils import get_run_logger, log_event
 from .stages import BlockResult, run_block
+from .transformer_mapping import REASON_TX_THREE_PHASE_ON_SINGLE
 
 __all__ = ["RunSummary", "check_output_writable", "process_block", "run_job", "store_fingerprint"]
 
@@ -743,7 +744,8 @@ def _worklist(meters: pd.DataFrame, rows: np.ndarray, phase_col: str, tx_col: st
 def _write_outputs(out_dir: Path, meters: pd.DataFrame, transformers: pd.DataFrame) -> dict[str, str]:
     """``meters.parquet``, the field worklist ``corrections.csv`` (confident changes only: the recommended
     phase or transformer differs from GIS) and ``review.csv`` (the inference disagrees with GIS but is not
-    confident: GIS kept, worth a look), and ``transformers.parquet``."""
+    confident, or GIS contradicts itself: a three-phase service on a single-phase transformer; GIS kept,
+    worth a look), and ``transformers.parquet``."""
     _atomic_write_bytes(out_dir / "meters.parquet", _parquet_bytes(meters))
     changed = meters["changed"].to_numpy(dtype=bool)
     if "transformer_changed" in meters:
@@ -754,7 +756,9 @@ def _write_outputs(out_dir: Path, meters: pd.DataFrame, transformers: pd.DataFra
     if "transformer_inferred" in meters:
         disagree = disagree | (meters["transformer_inferred"].notna()
                                & (meters["transformer_inferred"] != meters["transformer_id"]))
-    disagree = disagree.to_numpy(dtype=bool)
+    disagree = disagree.to_numpy(dtype=bool, copy=True)
+    # GIS records that contradict each other go to review whatever the voltage says
+    disagree |= meters["reasons"].astype(str).str.contains(REASON_TX_THREE_PHASE_ON_SINGLE, regex=False).to_numpy()
     review = _worklist(meters, disagree & ~changed, "phase_inferred", "transformer_inferred")
     _atomic_write_bytes(out_dir / "review.csv", review.to_csv(index=False, float_format="%.4f").encode())
     files = {"meters": str(out_dir / "meters.parquet"), "corrections": str(out_dir / "corrections.csv"),

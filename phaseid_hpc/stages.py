@@ -311,7 +311,8 @@ def map_meters_to_transformers(block: Block, quality: QualityResult, phases: Pha
                                config: TransformerConfig) -> MappingResult:
     """Step 3: each meter's transformer (:func:`phaseid_hpc.transformer_mapping.map_transformers`),
     recommended by the policy of :func:`phaseid_hpc.transformer_mapping.recommend_transformers`."""
-    from .transformer_mapping import map_transformers, recommend_transformers
+    from .transformer_mapping import (REASON_TX_THREE_PHASE_ON_SINGLE, map_transformers, recommend_transformers,
+                                      three_phase_on_single_phase)
 
     m = block.meters
     tm_meters = pd.DataFrame({
@@ -329,7 +330,10 @@ def map_meters_to_transformers(block: Block, quality: QualityResult, phases: Pha
         "transformer_confidence": mres["transformer_confidence"].to_numpy(dtype=np.float64),
         "transformer_class": mres["transformer_class"].astype(str).to_numpy(),
     })
-    return MappingResult(table, [list(r) for r in mres["reasons"]], transformers)
+    reasons = [list(r) for r in mres["reasons"]]
+    for i in np.flatnonzero(three_phase_on_single_phase(tm_meters, block.transformers)):
+        reasons[i].append(REASON_TX_THREE_PHASE_ON_SINGLE)
+    return MappingResult(table, reasons, transformers)
 
 
 def _recommended(block: Block, phases: PhaseResult, mapping: MappingResult | None) -> pd.DataFrame:

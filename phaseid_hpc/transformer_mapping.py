@@ -80,10 +80,12 @@ __all__ = [
     "REASON_TX_NEW",
     "REASON_TX_PHASE_MISMATCH",
     "REASON_TX_SINGLETON",
+    "REASON_TX_THREE_PHASE_ON_SINGLE",
     "REASON_TX_UNANCHORED",
     "REASON_TX_UNRELATED",
     "map_transformers",
     "recommend_transformers",
+    "three_phase_on_single_phase",
 ]
 
 REASON_TX_CONSISTENT = "Moves With GIS Transformer Group"
@@ -94,6 +96,9 @@ REASON_TX_SINGLETON = "Alone On GIS Transformer (Checked Against Neighbours Only
 REASON_TX_PHASE_MISMATCH = "Phase Differs From GIS Transformer Phase"
 REASON_TX_AMBIGUOUS = "Ambiguous Between Transformers"
 REASON_TX_UNANCHORED = "Moves With Meters That Do Not Move With Their Transformer"
+#: GIS files a three-phase service under a transformer it records as single-phase (``n_phases`` 1): the
+#: records contradict each other, whatever the voltage says (review list; GIS kept).
+REASON_TX_THREE_PHASE_ON_SINGLE = "Three-Phase Service On Single-Phase GIS Transformer"
 
 _TX_COLUMNS = [
     "transformer_id",
@@ -795,13 +800,7 @@ def recommend_transformers(
     take = (np.asarray(transformer_class, dtype=object) == contract.CLASS_CONFIDENT) & pd.notna(inferred)
     take &= share >= config.min_sibling_share
     if not config.correct_three_phase:
-        three = np.zeros(len(meters), dtype=bool)
-        for col in ("phase_gis", "phase"):
-            if col in meters:
-                three |= (meters[col].astype(object).to_numpy() == contract.THREE_PHASE)
-        if "service_type" in meters:
-            st = pd.Series(meters["service_type"].to_numpy(dtype=object), dtype=object)
-            three |= st.where(st.map(type) == str, "").str.lower().str.startswith("3ph").to_numpy(dtype=bool)
+        three = _three_phase_services(meters, ("phase_gis", "phase"))
         take &= ~three
         # nor may a single-phase meter join a transformer whose other meters are all three-phase services
         inf_key = pd.Series(list(zip(feeder, inferred.astype(str))))
@@ -813,6 +812,61 @@ def recommend_transformers(
     take &= np.array([(f, str(t)) in known for f, t in zip(feeder, inferred)], dtype=bool)
     take &= ~_ambiguous_swaps(feeder, gis, np.where(take, inferred, gis))
     return np.where(take, inferred, gis)
+
+
+def _three_phase_services(meters: pd.DataFrame, phase_columns: tuple[str, ...]) -> np.ndarray:
+    """Meters that are three-phase services: phase ``ABC`` in any of ``phase_columns``, or service type
+    ``3ph...``."""
+    three = np.zeros(len(meters), dtype=bool)
+    for col in phase_columns:
+        if col in meters:
+            three |= meters[col].astype(object).to_numpy() == contract.THREE_PHASE
+    if "service_type" in meters:
+        st = pd.Series(meters["service_type"].to_numpy(dtype=object), dtype=object)
+        three |= st.where(st.map(type) == str, "").str.lower().str.startswith("3ph").to_numpy(dtype=bool)
+    return three
+
+
+def three_phase_on_single_phase(meters: pd.DataFrame, transformers: pd.DataFrame | None) -> np.ndarray:
+    """Three-phase services that GIS files under a transformer it records as single-phase.
+
+    A three-phase service needs a three-phase bank, so such a record pair is wrong on one side whatever the
+    voltage shows: on the physics-based ckt7 feeder every one of the 14 such meters had a wrong GIS
+    transformer (14 of its 33 wrong transformer labels; 2 other three-phase services were misfiled on
+    three-phase banks). Voltage cannot name the right bank with the confidence a correction needs (a
+    three-phase meter follows every bank of its line alike: the most correlated bank was right for 8 of the
+    14), so these meters go to the review list with the reason, and GIS is kept.
+
+    Parameters
+    ----------
+    meters : DataFrame
+        ``feeder_id``, ``transformer_id`` (GIS), ``phase_gis`` and optional ``service_type`` per meter
+        (a three-phase service: GIS phase ``ABC`` or service type ``3ph...``).
+    transformers : DataFrame or None
+        The GIS transformer table (``transformer_id``, ``feeder_id``, ``n_phases``); None or without
+        ``n_phases``: nothing is flagged.
+
+    Returns
+    -------
+    ndarray of bool, shape (n_meters,)
+        True for a three-phase service whose GIS transformer has ``n_phases == 1``.
+    """
+    n = len(meters)
+    if transformers is None or not len(transformers) or "n_phases" not in transformers or n == 0:
+        return np.zeros(n, dtype=bool)
+    three = _three_phase_services(meters, ("phase_gis",))
+    n_phases = pd.to_numeric(transformers["n_phases"], errors="coerce").to_numpy(dtype=np.float64)
+    tx = transformers["transformer_id"].astype(str).to_numpy()
+    if "feeder_id" in transformers:
+        key = pd.Index(list(zip(transformers["feeder_id"].astype(str).to_numpy(), tx)))
+        mkey = pd.Index(list(zip(meters["feeder_id"].astype(str).to_numpy(),
+                                 meters["transformer_id"].astype(str).to_numpy())))
+    else:
+        key, mkey = pd.Index(tx), pd.Index(meters["transformer_id"].astype(str).to_numpy())
+    pos = key.get_indexer(mkey)
+    single = np.zeros(n, dtype=bool)
+    single[pos >= 0] = n_phases[pos[pos >= 0]] == 1
+    return three & single
 
 
 def _ambiguous_swaps(feeder: np.ndarray, gis: np.ndarray, rec: np.ndarray) -> np.ndarray:

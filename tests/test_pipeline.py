@@ -268,3 +268,23 @@ def test_a_run_reads_one_version_of_the_store(utility, tmp_path):
     t.join(timeout=240)
     assert events and (tmp_path / "r" / "meters.parquet").exists()
     assert "store_busy" in (tmp_path / "r" / "run.log").read_text()
+
+
+def test_a_three_phase_service_on_a_single_phase_transformer_goes_to_review(tmp_path):
+    """GIS contradicting itself reaches review.csv even where the voltage gave no other answer."""
+    from phaseid_hpc.pipeline import _write_outputs
+    from phaseid_hpc.transformer_mapping import REASON_TX_THREE_PHASE_ON_SINGLE
+
+    meters = pd.DataFrame({
+        "meter_id": ["M1", "M2", "M3"], "feeder_id": "F1", "transformer_id": ["T1", "T1", "T2"],
+        "phase_gis": ["ABC", "A", "B"], "phase": ["ABC", "A", "B"], "phase_inferred": ["ABC", "A", "B"],
+        "phase_confidence": [0.1, 0.99, 0.99], "phase_class": ["low", "confident", "confident"],
+        "changed": False, "transformer": ["T1", "T1", "T2"], "transformer_inferred": ["T1", "T1", "T2"],
+        "transformer_confidence": [0.0, 0.99, 0.99], "transformer_class": ["low", "confident", "confident"],
+        "transformer_changed": False,
+        "reasons": [REASON_TX_THREE_PHASE_ON_SINGLE, "", ""],
+    })
+    _write_outputs(tmp_path, meters, pd.DataFrame())
+    review = pd.read_csv(tmp_path / "review.csv")
+    assert review["meter_id"].tolist() == ["M1"]
+    assert pd.read_csv(tmp_path / "corrections.csv").empty

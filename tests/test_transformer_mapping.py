@@ -18,9 +18,11 @@ from phaseid_hpc.transformer_mapping import (
     REASON_TX_UNANCHORED,
     REASON_TX_UNRELATED,
     map_transformers,
+    three_phase_on_single_phase,
 )
 
 CKT5 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "epri-ckt5"
+CKT7 = CKT5.parent / "epri-ckt7"
 
 
 def build_feeder(seed: int = 0, days: int = 14, feeder: str = "F1"):
@@ -398,3 +400,35 @@ def test_coarse_resolution_takes_the_shape_from_hourly_means():
     assert _coarse_means(v, 900.0, TransformerConfig(coarse_zero_share=1.0))[1] == 1
     with pytest.raises(ConfigError, match="coarse_zero_share"):
         TransformerConfig(coarse_zero_share=1.5)
+
+
+def test_three_phase_service_on_a_single_phase_transformer_is_flagged():
+    """GIS contradicting itself: a three-phase service (phase ABC or service type 3ph) under a transformer
+    recorded with one phase; the same service under a three-phase bank, a single-phase meter under a
+    single-phase transformer, and transformers GIS does not list are not flagged."""
+    meters = pd.DataFrame({
+        "feeder_id": ["F1", "F1", "F1", "F1", "F2", "F1"],
+        "transformer_id": ["T1", "T3", "T1", "T1", "T1", "T9"],
+        "phase_gis": ["ABC", "ABC", "A", "B", "ABC", "ABC"],
+        "service_type": [None, "3ph", "1ph-240", "3ph-480", None, None],
+    })
+    transformers = pd.DataFrame({"transformer_id": ["T1", "T3", "T1"], "feeder_id": ["F1", "F1", "F2"],
+                                 "kva_rating": [25.0, 300.0, 500.0], "n_phases": [1, 3, 3]})
+    got = three_phase_on_single_phase(meters, transformers)
+    assert got.tolist() == [True, False, False, True, False, False]
+    assert not three_phase_on_single_phase(meters, None).any()
+    assert not three_phase_on_single_phase(meters, transformers.drop(columns="n_phases")).any()
+
+
+@pytest.mark.requires_shared
+@pytest.mark.skipif(
+    not CKT7.is_dir(), reason="../shared/data/epri-ckt7 not present (a user's clone has none)"
+)
+def test_ckt7_three_phase_services_on_single_phase_transformers_are_gis_errors():
+    """On ckt7 as shipped, every three-phase service GIS files under a single-phase transformer has a wrong
+    GIS transformer (14 meters): the flag is a review item that is right without any voltage."""
+    meters = pd.read_csv(CKT7 / "meters.csv").rename(columns={"phase": "phase_gis"})
+    truth = pd.read_csv(CKT7 / "truth.csv").set_index("meter_id").loc[meters["meter_id"]]
+    flagged = three_phase_on_single_phase(meters, pd.read_csv(CKT7 / "transformers.csv"))
+    assert flagged.sum() == 14
+    assert (truth["transformer_id"].to_numpy()[flagged] != meters["transformer_id"].to_numpy()[flagged]).all()
