@@ -127,6 +127,12 @@ def remove_common_mode(x: Any, weights: Any | None = None) -> tuple[Any, Any]:
     return xp.where(obs, resid, xp.full((), float("nan"), dtype=resid.dtype)), common
 
 
+#: Rows per chunk of the row-wise reductions here: (256, 2,880) float64 temporaries are 5.9 MB, so a chunk's
+#: passes run in cache instead of streaming whole-block temporaries through memory (zero_step_share on a
+#: 9,667 x 2,880 block: 3-6x faster, same values).
+_ROW_CHUNK = 256
+
+
 def zero_step_share(voltage: Any) -> Any:
     """Share of each row's observed steps (differences of consecutive readings) that are exactly zero.
 
@@ -143,10 +149,14 @@ def zero_step_share(voltage: Any) -> Any:
     array, shape (n_meters,), float64 in [0, 1] (0 where a row has no observed step) [-]
     """
     xp = array_namespace(voltage)
-    d = voltage[:, 1:] - voltage[:, :-1]
-    fin = xp.isfinite(d)
-    n_fin = xp.sum(xp.astype(fin, xp.float64), axis=1)
-    return xp.sum(xp.astype(fin & (d == 0), xp.float64), axis=1) / xp.where(n_fin > 0, n_fin, 1.0)
+    parts = []
+    for a in range(0, voltage.shape[0], _ROW_CHUNK):  # row chunks: the temporaries stay in cache
+        x = voltage[a : min(a + _ROW_CHUNK, voltage.shape[0]), :]
+        d = x[:, 1:] - x[:, :-1]
+        fin = xp.isfinite(d)
+        n_fin = xp.sum(xp.astype(fin, xp.float64), axis=1)
+        parts.append(xp.sum(xp.astype(fin & (d == 0), xp.float64), axis=1) / xp.where(n_fin > 0, n_fin, 1.0))
+    return xp.concat(parts) if parts else xp.zeros((0,), dtype=xp.float64)
 
 
 def unit_rows(x: Any) -> Any:
