@@ -475,6 +475,10 @@ class PTConfig:
     #: median slope: a meter whose voltage does not follow its own load (a large, stiff service) has a level
     #: that its neighbours do not explain [-].
     min_load_response: float = 0.2
+    #: A meter whose mean load, at the feeder's median drop slope, drops its voltage by at most this share
+    #: of ``threshold_pct`` meets ``min_load_response`` whatever its own slope: an idle or lightly loaded
+    #: meter's slope is noise, but its level needs (almost) no drop correction [-].
+    idle_drop_share: float = 0.1
     #: Meters compared with neighbours only are flagged above ``max(threshold_pct, this x the robust
     #: spread of that comparison on the feeder)``: where healthy meters scatter, a small deviation is not
     #: evidence; 0 turns the widening off [-].
@@ -513,6 +517,8 @@ class PTConfig:
             )
         if self.min_load_response < 0:
             raise ConfigError(f"config key 'pt.min_load_response' must be >= 0, got {self.min_load_response}")
+        if not self.idle_drop_share >= 0:
+            raise ConfigError(f"config key 'pt.idle_drop_share' must be >= 0, got {self.idle_drop_share}")
 
 
 @dataclass(frozen=True)

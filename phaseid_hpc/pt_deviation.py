@@ -11,9 +11,13 @@ For each feeder of a block (meters of one feeder are compared with each other on
   differenced series, so free of ``d``), is compared with the group's median level;
 * a meter alone (or one of two) on its transformer and phase is compared with the ``n_neighbours`` meters
   of other transformers whose drop-corrected voltage shape is nearest, and its reason says so
-  (:data:`~phaseid_hpc.contract.REASON_PT_DEVIATION_NEIGHBOURS`); meters whose voltage does not follow
-  their own load (slope below ``min_load_response`` of the feeder's median: a large, stiff service, or an
-  idle one) are never anyone's neighbour and get a flag level of their own, from the scatter of their
+  (:data:`~phaseid_hpc.contract.REASON_PT_DEVIATION_NEIGHBOURS`); such a meter's slope reference is the
+  meters elsewhere most correlated with the part of its differenced level that its own load does not
+  explain (picked on the whole of it, a heavily loaded meter's references would follow its load, and its
+  slope come out biased towards 0); meters whose voltage does not follow their own load (slope below
+  ``min_load_response`` of the feeder's median: a large, stiff service), unless their mean load drops
+  them by ``idle_drop_share`` of ``threshold_pct`` at most at that median (idle: their level needs no
+  drop correction), are never anyone's neighbour and get a flag level of their own, from the scatter of their
   comparison (tight where they are merely lightly loaded, wide where they sit at another level, as the
   large services of IEEE 8500 do, 1-2.5% below); where ``cohort_load_neighbours`` of them carry a like
   mean load (within ``cohort_load_ratio``), a meter's deviation is taken relative to their median (a
@@ -70,11 +74,20 @@ def _nominal(voltage: np.ndarray, table_nominal: np.ndarray) -> np.ndarray:
 
 
 def _slope_reference(
-    y: np.ndarray, tx_code: np.ndarray, group: np.ndarray, big: np.ndarray, k: int
+    y: np.ndarray, kw: np.ndarray, tx_code: np.ndarray, group: np.ndarray, big: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each meter's slope reference as (index, weight) arrays (n, m): its group's other meters where the
-    group is big enough, else its ``k`` most correlated meters (differenced levels) of other transformers;
-    weights equal and summing to 1 per row (0 padding)."""
+    group is big enough, else the ``k`` meters of other transformers whose differenced level is most
+    correlated with the part of the meter's own that its own load does not explain; weights equal and
+    summing to 1 per row (0 padding).
+
+    Picked on the whole differenced level, a heavily loaded meter's references are those whose swings
+    happen to follow its load (a like load shape, or noise); the reference then takes part of its drop
+    away and its slope comes out biased low, near 0 or below (a 14 kW service judged not to follow its
+    load). The meter's own load is first projected out
+    (:func:`~phaseid_hpc.kernels.pt_deviation.unexplained_by_own_load`), so the references are picked on
+    what the meter shares with the feeder.
+    """
     n = y.shape[0]
     members = pd.Series(np.arange(n)).groupby(group).apply(list).to_dict() if n else {}
     width = max([k] + [len(v) - 1 for v in members.values()]) if n else 1
@@ -91,7 +104,7 @@ def _slope_reference(
         for arr in (dy, dy_all):
             if arr.shape[1]:
                 arr -= np.nanmean(arr, axis=1, keepdims=True)
-        u = np.nan_to_num(dy)
+        u = kern.unexplained_by_own_load(dy, np.diff(kw[small], axis=1))  # step 2a
         u /= np.where(np.linalg.norm(u, axis=1, keepdims=True) > 0, np.linalg.norm(u, axis=1, keepdims=True), 1.0)
         c = np.nan_to_num(dy_all)
         c /= np.where(np.linalg.norm(c, axis=1, keepdims=True) > 0, np.linalg.norm(c, axis=1, keepdims=True), 1.0)
@@ -127,7 +140,7 @@ def _one_feeder(
         p = np.zeros_like(y)
     else:
         p = np.asarray(kw, dtype=np.float64)
-        ref_index, ref_weight = _slope_reference(y, tx_code, group, big, config.n_neighbours)
+        ref_index, ref_weight = _slope_reference(y, p, tx_code, group, big, config.n_neighbours)
         slope = kern.drop_slope(y, p, ref_index, ref_weight)  # step 2
     level = kern.drop_corrected_level(y, p, slope)  # step 3
     # at most half a window's samples are required (hourly data has fewer samples per window)
@@ -137,10 +150,13 @@ def _one_feeder(
     big = size >= config.min_group_size
     # a meter whose voltage does not follow its own load (a large, stiff service) has a level that its
     # neighbours do not explain (on ieee8500 such services sit ~2% below their neighbours, and not
-    # consistently among themselves): not estimable, and no one's neighbour
+    # consistently among themselves): not estimable, and no one's neighbour; a meter whose load is too
+    # small for its drop to matter (idle) is explained whatever its slope
     comparable = np.ones(n, dtype=bool)
     if kw is not None:
-        comparable = slope >= config.min_load_response * (np.median(slope) if n else 0.0)
+        median_slope = float(np.median(slope)) if n else 0.0
+        comparable = (slope >= config.min_load_response * median_slope) | kern.negligible_drop(
+            p, median_slope, config.idle_drop_share * config.threshold_pct)
     shape = np.nan_to_num(level - np.nanmean(level, axis=1, keepdims=True) if level.shape[1] else level)
     alone = np.flatnonzero(~big)  # only meters without a big enough group need neighbours
     lone = np.flatnonzero(~big & comparable)

@@ -311,8 +311,12 @@ def map_meters_to_transformers(block: Block, quality: QualityResult, phases: Pha
                                config: TransformerConfig) -> MappingResult:
     """Step 3: each meter's transformer (:func:`phaseid_hpc.transformer_mapping.map_transformers`),
     recommended by the policy of :func:`phaseid_hpc.transformer_mapping.recommend_transformers`."""
-    from .transformer_mapping import (REASON_TX_THREE_PHASE_ON_SINGLE, map_transformers, recommend_transformers,
-                                      three_phase_on_single_phase)
+    from .transformer_mapping import (
+        REASON_TX_THREE_PHASE_ON_SINGLE,
+        map_transformers,
+        recommend_transformers,
+        three_phase_on_single_phase,
+    )
 
     m = block.meters
     tm_meters = pd.DataFrame({

@@ -12,8 +12,10 @@ per step:
 1. :func:`relative_level_pct`: ``y = 100 ln(V / V_nom)`` [%].
 2. :func:`drop_slope`: ``k_i`` from the DIFFERENCED series (free of any level offset, so of ``d``):
    least squares of ``dy_i - dy_ref,i`` on ``-dP_i`` against a reference made of the meter's siblings
-   (leave-one-out mean) or, for a meter without enough siblings, its most correlated meters elsewhere;
-   where the meter's load does not vary, the median slope of the others.
+   (leave-one-out mean) or, for a meter without enough siblings, the meters elsewhere most correlated
+   with :func:`unexplained_by_own_load` (its differenced level less its own load's part); where the
+   meter's load does not vary, the median slope of the others. :func:`negligible_drop` marks the meters
+   whose load is too small for the slope to matter.
 3. :func:`drop_corrected_level` and :func:`window_levels`: the drop-corrected level ``z = y + k P`` less
    the feeder's common level, averaged in ``n_windows`` consecutive windows [%].
 4. :func:`group_median_deviation`: for a meter in a group of at least ``min_group_size`` meters (same
@@ -48,10 +50,12 @@ __all__ = [
     "drop_slope",
     "group_median_deviation",
     "nearest_shape_neighbours",
-    "neighbour_threshold",
+    "negligible_drop",
     "neighbour_deviation",
+    "neighbour_threshold",
     "persistent_deviation",
     "relative_level_pct",
+    "unexplained_by_own_load",
     "window_levels",
 ]
 
@@ -134,6 +138,71 @@ def drop_slope(y: Any, kw: Any, ref_index: Any, ref_weight: Any, *, min_kw_varia
     n_good = int(xp.sum(xp.astype(good, xp.int64)))
     fill = 0.0 if n_good == 0 else float(0.5 * (kk[(n_good - 1) // 2] + kk[n_good // 2]))
     return xp.where(good, k, xp.full_like(k, fill))
+
+
+def unexplained_by_own_load(dy: Any, dkw: Any) -> Any:
+    """Step 2a: the part of each meter's differenced level that its own differenced load does not explain.
+
+    Parameters
+    ----------
+    dy : array, shape (n_meters, n_time - 1)
+        Differenced levels [%], NaN where missing.
+    dkw : array, shape (n_meters, n_time - 1)
+        The same meters' differenced active power [kW], NaN where missing.
+
+    Returns
+    -------
+    array, shape (n_meters, n_time - 1)
+        ``dy_i - b_i (dP_i - mean dP_i)`` with ``b_i`` the least-squares slope over the samples where both
+        are finite [%]; ``dy_i`` itself where ``dP_i`` is missing (or does not vary), 0 where ``dy_i`` is
+        missing.
+
+    Notes
+    -----
+    What a meter without siblings shares with the feeder (upstream voltage swings) is in this residual;
+    its own drop, ``-k_i dP_i``, is not. Its slope reference (:func:`drop_slope`) is picked by correlation
+    with the residual, so that meters whose swings merely follow its load (a like load shape; noise, where
+    its own drop dominates) are not favoured: taken as its reference they would take part of its drop
+    away and bias ``k_i`` low.
+    """
+    xp = array_namespace(dy, dkw)
+    ok = xp.isfinite(dy) & xp.isfinite(dkw)
+    dp_mean, _ = _nan_row_mean(xp, xp.where(ok, dkw, xp.full_like(dkw, xp.nan)))
+    dp = xp.where(ok, dkw - dp_mean[:, None], xp.zeros_like(dkw))
+    dy0 = xp.where(xp.isfinite(dy), dy, xp.zeros_like(dy))
+    spp = xp.sum(dp * dp, axis=1)
+    b = xp.where(spp > 0, xp.sum(dy0 * dp, axis=1) / xp.where(spp > 0, spp, xp.ones_like(spp)),
+                 xp.zeros_like(spp))
+    return xp.where(xp.isfinite(dy), dy0 - b[:, None] * dp, xp.zeros_like(dy0))
+
+
+def negligible_drop(kw: Any, slope: Any, limit_pct: float) -> Any:
+    """Step 2b: meters whose mean load, at the given drop slope, drops the voltage by ``limit_pct`` at most.
+
+    Parameters
+    ----------
+    kw : array, shape (n_meters, n_time)
+        Active power, NaN where missing [kW].
+    slope : float
+        Drop slope [%/kW] (the feeder's median ``k`` from :func:`drop_slope`).
+    limit_pct : float
+        Largest drop counted negligible [%].
+
+    Returns
+    -------
+    array of bool, shape (n_meters,)
+        ``slope * mean |P_i| <= limit_pct``; False where the meter has no load sample.
+
+    Notes
+    -----
+    An idle or lightly loaded meter's differenced voltage hardly moves with its load, so its own slope
+    is noise and can come out near 0 or below: it then looks like a stiff service whose level the drop
+    model does not explain. Its level is explained all the same: the drop it could be missing is no more
+    than a few times ``slope * mean |P_i|``.
+    """
+    xp = array_namespace(kw)
+    mean_kw, _ = _nan_row_mean(xp, xp.abs(kw))
+    return xp.isfinite(mean_kw) & (slope * mean_kw <= limit_pct)
 
 
 def drop_corrected_level(y: Any, kw: Any, slope: Any) -> Any:

@@ -12,10 +12,12 @@ from phaseid_hpc.kernels.pt_deviation import (
     group_median_deviation,
     load_matched_reference,
     nearest_shape_neighbours,
+    negligible_drop,
     neighbour_deviation,
     neighbour_threshold,
     persistent_deviation,
     relative_level_pct,
+    unexplained_by_own_load,
     window_levels,
 )
 
@@ -80,6 +82,39 @@ def test_drop_slope_without_load_variation_takes_the_median(xp):
     p[0] = 3.0  # constant load: no slope estimable
     got = to_np(drop_slope(xp.asarray(y), xp.asarray(p), *_loo(group, xp)))
     assert got[0] == pytest.approx(np.median(got[1:]), abs=1e-12)
+
+
+@BACKENDS
+def test_unexplained_by_own_load_keeps_what_the_meter_shares_with_the_feeder(xp):
+    # dy = shared swing - k dP: the residual is the shared swing (less its own share along dP), orthogonal
+    # to the meter's centred load over the samples where both are valid
+    rng = np.random.default_rng(6)
+    shared = rng.normal(0.0, 0.05, (3, 300))
+    dp = rng.normal(0.0, 2.0, (3, 300))
+    dy = shared - np.array([[0.1], [0.0], [0.3]]) * dp
+    dy[0, 10:20] = np.nan
+    dp[2, ::9] = np.nan
+    dp[1] = np.nan  # no load at all: the residual is dy itself
+    got = to_np(unexplained_by_own_load(xp.asarray(dy), xp.asarray(dp)))
+    assert (got[0, 10:20] == 0.0).all()  # missing dy: 0
+    np.testing.assert_allclose(got[1], dy[1], atol=1e-12)
+    for i in (0, 2):
+        ok = np.isfinite(dy[i]) & np.isfinite(dp[i])
+        centred = dp[i, ok] - dp[i, ok].mean()
+        assert abs(got[i, ok] @ centred) < 1e-9  # nothing along its own load is left
+        # the shared swing is kept (up to a constant: k times the mean load step)
+        kept, want = got[i, ok], shared[i, ok]
+        np.testing.assert_allclose(kept - kept.mean(), want - want.mean(), atol=0.01)
+        np.testing.assert_allclose(got[i, ~ok & np.isfinite(dy[i])], dy[i, ~ok & np.isfinite(dy[i])])
+
+
+@BACKENDS
+def test_negligible_drop_is_the_mean_load_at_the_slope(xp):
+    kw = np.array([[0.01, 0.02, np.nan], [1.0, 3.0, 2.0], [-0.5, -0.5, 0.5], [np.nan] * 3])
+    got = to_np(negligible_drop(xp.asarray(kw), 0.05, 0.1))
+    # mean |P|: 0.015, 2.0, 0.5 kW, none; at 0.05 %/kW: 0.00075, 0.1, 0.025 %
+    assert got.tolist() == [True, True, True, False]
+    assert to_np(negligible_drop(xp.asarray(kw), 0.05, 0.099)).tolist() == [True, False, True, False]
 
 
 @BACKENDS
