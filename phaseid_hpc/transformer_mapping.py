@@ -863,7 +863,9 @@ def three_phase_on_single_phase(meters: pd.DataFrame, transformers: pd.DataFrame
                                  meters["transformer_id"].astype(str).to_numpy())))
     else:
         key, mkey = pd.Index(tx), pd.Index(meters["transformer_id"].astype(str).to_numpy())
-    pos = key.get_indexer(mkey)
+    first = ~key.duplicated()  # a transformer listed twice: its first row
+    pos = key[first].get_indexer(mkey)
+    n_phases = n_phases[first]
     single = np.zeros(n, dtype=bool)
     single[pos >= 0] = n_phases[pos[pos >= 0]] == 1
     return three & single

@@ -417,6 +417,8 @@ def test_three_phase_service_on_a_single_phase_transformer_is_flagged():
     got = three_phase_on_single_phase(meters, transformers)
     assert got.tolist() == [True, False, False, True, False, False]
     assert not three_phase_on_single_phase(meters, None).any()
+    twice = pd.concat([transformers, transformers.iloc[:1]], ignore_index=True)
+    assert three_phase_on_single_phase(meters, twice).tolist() == got.tolist()
     assert not three_phase_on_single_phase(meters, transformers.drop(columns="n_phases")).any()
 
 
