@@ -150,7 +150,8 @@ def test_array_api_strict_matches_numpy(resolution):
     a = identify_phases(v, meters)
     b = identify_phases(xps.asarray(v), meters)
     assert a["phase"].tolist() == b["phase"].tolist()
-    np.testing.assert_allclose(a["phase_confidence"], b["phase_confidence"], atol=1e-9)
+    # float32 unit signals: sums taken in another order (scipy's sparse products on NumPy, loops elsewhere)
+    np.testing.assert_allclose(a["phase_confidence"], b["phase_confidence"], atol=1e-6)
 
 
 def test_contract_errors_name_the_problem(feeder):
