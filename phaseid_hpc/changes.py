@@ -387,10 +387,11 @@ def change_points(
         look = searched[rows] & single
         if not look.any() or np.unique(codes[rows][single]).size < 2:
             continue
+        # float32 features, as identification's
         z, observed, _ = standardized_differences(xp.take(xp.asarray(voltage), xp.asarray(rows), axis=0),
-                                                  xp.asarray(nominal[rows]))
+                                                  xp.asarray(nominal[rows]), dtype=xp.float32)
         feat, _ = common_mode_residual(z, observed, xp.asarray(single.astype(np.float64)))
-        u = xp.astype(unit_rows(feat), xp.float32)  # float32 signals, as identification's
+        u = unit_rows(feat)
         s_idx = np.flatnonzero(single)
         rank = max(2, min(20, s_idx.size - 1, u.shape[1] - 1))
         y = unit_rows(u @ principal_basis(xp.take(u, xp.asarray(s_idx), axis=0), rank, random_state=random_state))

@@ -305,11 +305,10 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         reasons[i].append(contract.REASON_CLOCK_SHIFTED)
     gis_code = _phase_codes(gis)
     feat, _ = common_mode_residual(z, observed, xp.asarray(single.astype(np.float64)))
-    # float32 unit signals, as transformer mapping's: the neighbour searches, pooled sums and products
-    # that follow move half the bytes; correlations stay good to ~1e-6 (on the shared feeders and the
-    # generated scenarios at 7 and 14 days, every phase, class and reason the same as in float64,
-    # confidences within 1e-6)
-    u = xp.astype(unit_rows(feat), xp.float32)
+    # float32 signals (from _align_clocks), as transformer mapping's: the neighbour searches, pooled sums
+    # and products that follow move half the bytes; correlations stay good to ~1e-6 (every README accuracy
+    # table: every phase, class and reason the same as in float64, confidences within 1e-6)
+    u = unit_rows(feat)
     if not (gis_code[single] >= 0).any() and ref_v is not None:
         gis_code = np.where(single, _reference_labels(xp, ref_v, u, n_obs_h), -1)
     if single.sum() < 3 or not (gis_code[single] >= 0).any():
@@ -835,7 +834,7 @@ def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, confi
     """
     n = v.shape[0]
     lag = np.zeros(n, dtype=np.int64)
-    features = standardized_differences(v, xp.asarray(nominal))
+    features = standardized_differences(v, xp.asarray(nominal), dtype=xp.float32)
     if config.clock_lag_se <= 0 or (label >= 0).sum() < 3 or v.shape[1] < 8:
         return v, lag, features
     z = features[0]
@@ -857,7 +856,8 @@ def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, confi
     v = shift_rows(v, lag)
     # the features of the shifted rows only (they are row-wise)
     rows = np.flatnonzero(shift)
-    sub = standardized_differences(xp.take(v, xp.asarray(rows), axis=0), xp.asarray(nominal[rows]))
+    sub = standardized_differences(xp.take(v, xp.asarray(rows), axis=0), xp.asarray(nominal[rows]),
+                                   dtype=xp.float32)
     merged = []
     for full, part in zip(features, sub):
         h = np.array(to_numpy(full), copy=True)

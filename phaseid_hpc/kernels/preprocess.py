@@ -177,7 +177,8 @@ def unit_rows(x: Any) -> Any:
     return x0
 
 
-def standardized_differences(voltage: Any, nominal_v: Any, clip: float = 6.0) -> tuple[Any, Any, Any]:
+def standardized_differences(voltage: Any, nominal_v: Any, clip: float = 6.0,
+                             dtype: Any | None = None) -> tuple[Any, Any, Any]:
     """``standardize_rows(per_unit_differences(voltage, nominal_v), clip)`` in few passes, zero-filled.
 
     Parameters
@@ -188,6 +189,8 @@ def standardized_differences(voltage: Any, nominal_v: Any, clip: float = 6.0) ->
         Nominal voltage; NaN or <= 0 uses the meter's own mean voltage. [V]
     clip : float
         Clipping of the standardised differences. [-]
+    dtype : dtype, optional
+        Of ``z`` (computed in float64 either way); default float64.
 
     Returns
     -------
@@ -230,7 +233,8 @@ def standardized_differences(voltage: Any, nominal_v: Any, clip: float = 6.0) ->
     sd = xp.sqrt(xp.vecdot(dev, dev, axis=-1) / denom)
     sd = xp.where(sd > 0, sd, xp.ones_like(sd))
     dev /= sd[:, None]
-    return xp.clip(dev, -clip, clip), obs, n_obs
+    z = xp.clip(dev, -clip, clip)
+    return (z if dtype is None else xp.astype(z, dtype)), obs, n_obs
 
 
 def common_mode_residual(z: Any, observed: Any, weights: Any | None = None) -> tuple[Any, Any]:

@@ -78,6 +78,14 @@ def test_zero_filled_pipeline_equals_nan_kernels(xp, missing, bad_nominal):
     np.testing.assert_allclose(to_np(f), np.where(nan, 0.0, to_np(f_ref)), atol=1e-12)
     np.testing.assert_allclose(to_np(c), to_np(c_ref), atol=1e-12)
     assert np.abs(to_np(z)).max() == 6.0  # the step was clipped
+    # float32 features (what identification keeps): computed in float64, the same values to float32
+    z32, obs32, _ = standardized_differences(xp.asarray(v), xp.asarray(nominal), dtype=xp.float32)
+    assert z32.dtype == xp.float32 and np.array_equal(to_np(obs32), to_np(obs))
+    np.testing.assert_array_equal(to_np(z32), to_np(z).astype(np.float32))
+    f32, c32 = common_mode_residual(z32, obs, xp.asarray(w))
+    assert f32.dtype == xp.float32
+    np.testing.assert_allclose(to_np(f32), to_np(f), atol=1e-5)
+    np.testing.assert_allclose(to_np(c32), to_np(c), atol=1e-5)
 
 
 @BACKENDS
