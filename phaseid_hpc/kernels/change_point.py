@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from .._compat import array_namespace
 
 __all__ = ["best_split", "window_correlations", "windowed"]
@@ -101,36 +103,52 @@ def best_split(scores: Any, min_before: int, min_after: int, min_sd: float = 0.0
     For the difference ``d_w = s_w[q] - s_w[p]`` and a split at ``k``, with means ``m_b`` (windows ``< k``)
     and ``m_a`` and the pooled within-segment standard deviation ``s`` (at least ``min_sd``):
     ``t_before = -m_b sqrt(k) / s`` and ``t_after = m_a sqrt(W - k) / s``. A meter that follows one phase
-    throughout has ``d`` of one sign, so one of the two is negative.
+    throughout has ``d`` of one sign, so one of the two is negative. Every split is scored at once from
+    running sums over the windows (float64); ties go to the first phase pair, then the earliest split.
     """
     xp = array_namespace(scores)
     n, n_w, n_p = scores.shape
-    best_stat = xp.full((n,), -math.inf, dtype=scores.dtype)
-    best_k = xp.full((n,), -1, dtype=xp.int64)
-    best_p = xp.full((n,), -1, dtype=xp.int64)
-    best_q = xp.full((n,), -1, dtype=xp.int64)
+    first, last = max(min_before, 1), n_w - max(min_after, 1)
+    if first > last or n == 0:
+        return (xp.full((n,), -1, dtype=xp.int64), xp.full((n,), -1, dtype=xp.int64),
+                xp.full((n,), -1, dtype=xp.int64), xp.full((n,), -math.inf, dtype=scores.dtype))
     dof = max(n_w - 2, 1)
-    splits = range(max(min_before, 1), n_w - max(min_after, 1) + 1)
+    ks = xp.asarray(np.arange(first, last + 1, dtype=np.float64))  # every split at once: (n_k,)
+    # running sums over windows (float64): segment sums and sums of squares for every split
+    x = xp.astype(scores, xp.float64)
+    cs = xp.cumulative_sum(x, axis=1)  # (n, n_w, n_p)
+    s_b = cs[:, first - 1 : last, :]  # windows < k, for k = first .. last
+    s_a = cs[:, -1:, :] - s_b
     # the phase each segment follows best (mean score): a switch between two phases the meter does not
     # follow is noise
-    top_b = {k: xp.argmax(xp.mean(scores[:, :k, :], axis=1), axis=1) for k in splits}
-    top_a = {k: xp.argmax(xp.mean(scores[:, k:, :], axis=1), axis=1) for k in splits}
+    top_b = xp.argmax(s_b / ks[None, :, None], axis=2)  # (n, n_k)
+    top_a = xp.argmax(s_a / (n_w - ks)[None, :, None], axis=2)
+    stats, ps, qs = [], [], []
     for p in range(n_p):
         for q in range(n_p):
             if p == q:
                 continue
-            d = scores[:, :, q] - scores[:, :, p]
-            for k in splits:
-                b, a = d[:, :k], d[:, k:]
-                m_b, m_a = xp.mean(b, axis=1), xp.mean(a, axis=1)
-                ss = xp.sum((b - m_b[:, None]) ** 2, axis=1) + xp.sum((a - m_a[:, None]) ** 2, axis=1)
-                sd = xp.clip(xp.sqrt(ss / dof), float(min_sd), None)
-                sd = xp.where(sd > 0, sd, xp.full_like(sd, 1e-12))
-                stat = xp.minimum(-m_b * math.sqrt(k) / sd, m_a * math.sqrt(n_w - k) / sd)
-                stat = xp.where((top_b[k] == p) & (top_a[k] == q), stat, xp.full_like(stat, -math.inf))
-                better = stat > best_stat
-                best_stat = xp.where(better, stat, best_stat)
-                best_k = xp.where(better, xp.full_like(best_k, k), best_k)
-                best_p = xp.where(better, xp.full_like(best_p, p), best_p)
-                best_q = xp.where(better, xp.full_like(best_q, q), best_q)
+            d = x[:, :, q] - x[:, :, p]
+            c1, c2 = xp.cumulative_sum(d, axis=1), xp.cumulative_sum(d * d, axis=1)
+            b1, b2 = c1[:, first - 1 : last], c2[:, first - 1 : last]
+            a1, a2 = c1[:, -1:] - b1, c2[:, -1:] - b2
+            m_b, m_a = b1 / ks, a1 / (n_w - ks)
+            ss = (b2 - b1 * m_b) + (a2 - a1 * m_a)
+            sd = xp.clip(xp.sqrt(xp.clip(ss, 0.0, None) / dof), float(min_sd), None)
+            sd = xp.where(sd > 0, sd, xp.full_like(sd, 1e-12))
+            stat = xp.minimum(-m_b * xp.sqrt(ks) / sd, m_a * xp.sqrt(n_w - ks) / sd)
+            stats.append(xp.where((top_b == p) & (top_a == q), stat, xp.full_like(stat, -math.inf)))
+            ps.append(p)
+            qs.append(q)
+    # the first maximum in the order (p, q, split): as a loop that keeps only strictly better ones
+    flat = xp.reshape(xp.stack(stats, axis=1), (n, -1))  # (n, n_pairs * n_k)
+    j = xp.argmax(flat, axis=1)
+    best_stat = xp.astype(xp.max(flat, axis=1), scores.dtype)
+    n_k = last - first + 1
+    pair, k = j // n_k, j % n_k + first
+    found = best_stat > -math.inf
+    none = xp.full((n,), -1, dtype=xp.int64)
+    best_k = xp.where(found, xp.astype(k, xp.int64), none)
+    best_p = xp.where(found, xp.take(xp.asarray(np.array(ps, dtype=np.int64)), pair), none)
+    best_q = xp.where(found, xp.take(xp.asarray(np.array(qs, dtype=np.int64)), pair), none)
     return best_k, best_p, best_q, best_stat

@@ -83,3 +83,38 @@ def test_best_split_respects_the_minimum_segments(xp):
     assert k[0] != 7 and stat[0] < 1.0
     k, before, after, stat = (to_np(a) for a in best_split(xp.asarray(scores), 2, 1, min_sd=0.1))
     assert (k[0], before[0], after[0]) == (7, 0, 1) and stat[0] > 4.0
+
+
+def _best_split_by_loop(scores, min_before, min_after, min_sd):
+    """The statistic of :func:`best_split`'s docstring, split by split (float64 reference)."""
+    n, n_w, n_p = scores.shape
+    best = (np.full(n, -1), np.full(n, -1), np.full(n, -1), np.full(n, -np.inf))
+    for i in range(n):
+        for p in range(n_p):
+            for q in range(n_p):
+                if p == q:
+                    continue
+                d = scores[i, :, q] - scores[i, :, p]
+                for k in range(max(min_before, 1), n_w - max(min_after, 1) + 1):
+                    if scores[i, :k].mean(axis=0).argmax() != p or scores[i, k:].mean(axis=0).argmax() != q:
+                        continue
+                    b, a = d[:k], d[k:]
+                    ss = ((b - b.mean()) ** 2).sum() + ((a - a.mean()) ** 2).sum()
+                    sd = max(np.sqrt(ss / max(n_w - 2, 1)), min_sd)
+                    stat = min(-b.mean() * np.sqrt(k) / sd, a.mean() * np.sqrt(n_w - k) / sd)
+                    if stat > best[3][i]:
+                        best[0][i], best[1][i], best[2][i], best[3][i] = k, p, q, stat
+    return best
+
+
+@BACKENDS
+def test_best_split_scores_every_split_as_the_definition(xp):
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal((40, 12, 3)) * 0.1
+    scores[:20, :5, 0] += 0.3
+    scores[:20, 5:, 2] += 0.3  # half the meters switch from A to C at window 5
+    k, p, q, stat = (to_np(a) for a in best_split(xp.asarray(scores), 2, 3, min_sd=0.05))
+    rk, rp, rq, rstat = _best_split_by_loop(scores, 2, 3, 0.05)
+    assert np.array_equal(k, rk) and np.array_equal(p, rp) and np.array_equal(q, rq)
+    np.testing.assert_allclose(stat, rstat, rtol=1e-9)
+    assert (k[:20] == 5).all() and (p[:20] == 0).all() and (q[:20] == 2).all()
