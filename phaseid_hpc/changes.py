@@ -199,6 +199,7 @@ def changes_at_restoration(
     phase_config: PhaseConfig,
     *,
     interval_s: float = 900,
+    kw: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Identify the feeders of meters with a restoration on the windows before and after it.
 
@@ -212,6 +213,8 @@ def changes_at_restoration(
     before_stop, after_start : ndarray of int, shape (n_meters,)
         From :func:`restoration_splits` (``-1``: no split).
     phase_config : PhaseConfig
+    kw : ndarray, shape (n_meters, n_time), optional
+        Meter load, for the load compensation of each window. [kW]
 
     Returns
     -------
@@ -243,8 +246,10 @@ def changes_at_restoration(
     for feeder, stop, start in keys:  # one pair of runs per feeder and restoration
         rows = np.flatnonzero(feeders == feeder)
         sub = meters.iloc[rows]
-        before = identify_phases(voltage[rows, :stop], sub, phase_config, interval_s=interval_s)
-        after = identify_phases(voltage[rows, start:], sub, phase_config, interval_s=interval_s)
+        before = identify_phases(voltage[rows, :stop], sub, phase_config, interval_s=interval_s,
+                                 kw=None if kw is None else kw[rows, :stop])
+        after = identify_phases(voltage[rows, start:], sub, phase_config, interval_s=interval_s,
+                                kw=None if kw is None else kw[rows, start:])
         mine = (before_stop[rows] == stop) & (after_start[rows] == start)
         idx = rows[mine]
         phase_before[idx] = before["phase"].to_numpy(dtype=object)[mine]
@@ -451,7 +456,8 @@ def connection_changes(
     interval_s : float
         Grid step. [s]
     kw : array, shape (n_meters, n_time), optional
-        Meter load for the transformer mapping before and after a restoration. [kW]
+        Meter load, for the load compensation of phase identification and the transformer mapping before
+        and after a restoration. [kW]
 
     Returns
     -------
@@ -462,8 +468,9 @@ def connection_changes(
     # Step 1: where each meter's period splits at a restoration
     before_stop, after_start = restoration_splits(events, meters["meter_id"].astype(str).to_numpy(), times, cc)
     # Step 2: identification before and after each restoration
+    kw_h = None if kw is None else to_numpy(kw)
     pb, pa, cb, ca, conf_a = changes_at_restoration(to_numpy(voltage), meters, before_stop, after_start,
-                                                    config.phase, interval_s=interval_s)
+                                                    config.phase, interval_s=interval_s, kw=kw_h)
     reason = np.full(n, "", dtype=object)
     changed_at = np.full(n, np.datetime64("NaT", "ns"))
     # interval starts: changed_at is when the first interval on the new connection began
@@ -475,7 +482,7 @@ def connection_changes(
     tb = ta = None
     tx_reason = np.full(n, "", dtype=object)
     if config.transformer.enabled and (after_start >= 0).any():  # transformers before and after, the same way
-        tb, ta, tcb, tca = transformers_at_restoration(to_numpy(voltage), None if kw is None else to_numpy(kw),
+        tb, ta, tcb, tca = transformers_at_restoration(to_numpy(voltage), kw_h,
                                                        meters, before_stop, after_start, pb, pa,
                                                        config.transformer, interval_s=interval_s)
         tx_moved = _moved(tb, ta, tcb, tca, meters["transformer_id"].astype(str).to_numpy())
@@ -489,7 +496,7 @@ def connection_changes(
         k = _most_significant_splits(k, stat, meters["feeder_id"].astype(str).to_numpy(), cc.max_splits_confirmed,
                                      snap=round(cc.window_s / interval_s))
         vb, va, vcb, vca, vconf = changes_at_restoration(to_numpy(voltage), meters, k, k, config.phase,
-                                                         interval_s=interval_s)
+                                                         interval_s=interval_s, kw=kw_h)
         found = (k >= 0) & _moved(vb, va, vcb, vca, meters["phase_gis"].astype(str).to_numpy())
         pb[found], pa[found], ca[found], conf_a[found] = vb[found], va[found], vca[found], vconf[found]
         reason[found] = contract.REASON_CONNECTION_CHANGED

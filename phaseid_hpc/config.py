@@ -203,6 +203,11 @@ class PhaseConfig:
     pool_similarity: float = 1.0
     #: Principal directions kept to denoise the signals before the neighbour search [-].
     denoise_rank: int = 20
+    #: Meters whose most similar meters on other transformers calibrate the load compensation: each meter's
+    #: voltage less the drops its own and its transformer's load explain (fitted on its voltage changes
+    #: less these meters'), where the block has kW (``kernels.load_compensation``). 0 turns it off. On the
+    #: generated feeders 7-day accuracy rose from 99.4-99.9% to 99.86-100% [meters].
+    load_neighbours: int = 10
     #: Correlation with the voting neighbours' pooled signal, in standard errors (1 / sqrt(n_samples)),
     #: below which the evidence is scaled down (and reason ``Low Correlation Coefficient`` given) [-].
     min_strength_se: float = 4.0
@@ -671,6 +676,9 @@ def _validate(obj: Any, prefix: str) -> None:
                 f"config keys {prefix}min_strength_se > 0, {prefix}min_margin_se > 0 and {prefix}clock_lag_se >= 0 "
                 f"required, got {obj.min_strength_se}, {obj.min_margin_se} and {obj.clock_lag_se}"
             )
+        if obj.load_neighbours < 0:
+            raise ConfigError(f"config key {prefix}load_neighbours >= 0 required (0: no load compensation), "
+                              f"got {obj.load_neighbours}")
         if not 0 <= obj.coarse_zero_share <= 1 or obj.coarse_aggregate_s < 0:
             raise ConfigError(
                 f"config keys {prefix}coarse_zero_share must lie in [0, 1] and {prefix}coarse_aggregate_s be "

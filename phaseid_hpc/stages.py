@@ -243,6 +243,7 @@ def identify(block: Block, quality: QualityResult, config: PhaseConfig) -> Phase
         config,
         references=block.references,
         interval_s=block.interval_s,
+        kw=block.kw,
     )
     gis = m["phase_gis"].astype(str).to_numpy()
     inferred = ph["phase"].to_numpy(dtype=object)

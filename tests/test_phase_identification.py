@@ -8,6 +8,7 @@ import pytest
 
 from phaseid_hpc import contract
 from phaseid_hpc.config import PhaseConfig
+from phaseid_hpc.errors import ContractError
 from phaseid_hpc.phase_identification import RESULT_COLUMNS, identify_phases
 
 PHASES = np.array(["A", "B", "C"])
@@ -709,3 +710,72 @@ def test_pair_margin_needs_the_regression_to_put_the_third_phase_last():
     ab_pair = s[0] + s[1] + 0.3 * rng.normal(size=(2, n_t))
     u2[30:] = _unit(ab_pair - ab_pair.mean(axis=1, keepdims=True))
     assert (_pair_margin(np, u2, u2, s_idx, labels, rows, ab, 5, n_obs, 28) > 4).all()
+
+
+def feeder_with_loads(seed=0, n_tr=60, days=7, heavy=8, z_heavy=0.025):
+    """A feeder with loads: voltage = source - phase drop (the phase's summed load) - transformer drop
+    (its summed load) - service drop (own load) + meter noise. One heavy transformer (``heavy`` meters on A,
+    all filed on B in GIS) has an impedance of ``z_heavy`` [pu/kW], the others 0.0015.
+
+    Returns meters (GIS view), truth phase, voltage (n, t) [V], kW (n, t) and the heavy transformer's rows.
+    """
+    rng = np.random.default_rng(seed)
+    t = 96 * days
+
+    def load(n):
+        base = 0.5 + 0.5 * (1 - np.cos(2 * np.pi * np.arange(t) / 96))[None, :] * rng.uniform(0.5, 1.5, (n, 1))
+        steps = (rng.random((n, t)) < 0.05).cumsum(1) % 2 * rng.uniform(1, 4, (n, 1))  # appliances on and off
+        return base + steps + 0.2 * rng.random((n, t))
+
+    tr_phase, tr_id, kws, zs = [], [], [], []
+    for k in range(n_tr):
+        m = int(rng.integers(2, 5))
+        kws.append(load(m))
+        tr_phase += [k % 3] * m
+        tr_id += [f"T{k:03d}"] * m
+        zs += [0.0015] * m
+    kws.append(load(heavy))
+    tr_phase += [0] * heavy
+    tr_id += ["TH"] * heavy
+    zs += [z_heavy] * heavy
+    kw, tr_phase, tr_id, zs = np.vstack(kws), np.array(tr_phase), np.array(tr_id), np.array(zs)
+    n = len(kw)
+    phase_load = np.stack([kw[tr_phase == p].sum(0) for p in range(3)])
+    source = 0.01 * np.cumsum(rng.standard_normal(t)) / np.sqrt(96)
+    primary = (source[None, :] - 0.0012 * phase_load / np.sqrt(n / 3)
+               + 0.002 * np.cumsum(rng.standard_normal((3, t)), 1) / np.sqrt(96))
+    tx_load = pd.DataFrame(kw).groupby(tr_id).transform("sum").to_numpy()
+    pu = 1 + primary[tr_phase] * rng.uniform(0.7, 1.3, (n, 1)) - zs[:, None] * tx_load - 0.001 * kw
+    v = np.round(240 * pu * (1 + 0.0007 * rng.standard_normal((n, t))), 1)
+    gis = PHASES[tr_phase].copy()
+    gis[tr_id == "TH"] = "B"
+    meters = pd.DataFrame({"meter_id": [f"M{i:04d}" for i in range(n)], "feeder_id": "F", "transformer_id": tr_id,
+                           "phase_gis": gis, "service_type": "1ph-240", "nominal_v": 240.0, "usable": True})
+    return meters, PHASES[tr_phase], v, kw, tr_id == "TH"
+
+
+def test_load_compensation_reveals_a_transformer_whose_own_load_hides_its_phase():
+    """Its meters share a drop ten times their phase's swings: on voltage alone the mislabelled transformer
+    is not corrected with confidence; with its kW the drop is compensated and it is, and nobody else moves."""
+    meters, truth, v, kw, heavy = feeder_with_loads()
+    raw = identify_phases(v, meters, PhaseConfig())
+    comp = identify_phases(v, meters, PhaseConfig(), kw=kw)
+    assert (raw["phase_class"][heavy] != contract.CLASS_CONFIDENT).all()
+    assert (comp["phase"][heavy] == "A").all() and (comp["phase_class"][heavy] == contract.CLASS_CONFIDENT).all()
+    for res in (raw, comp):
+        assert (res["phase"].to_numpy()[~heavy] == truth[~heavy]).all()
+        assert not ((res["phase"].to_numpy() != truth) & (res["phase_class"] == contract.CLASS_CONFIDENT)).any()
+    # turned off, kW changes nothing
+    off = identify_phases(v, meters, PhaseConfig(load_neighbours=0), kw=kw)
+    pd.testing.assert_frame_equal(off, raw)
+
+
+def test_load_compensation_contract():
+    meters, _, v, kw, _ = feeder_with_loads(n_tr=12, days=2)
+    with pytest.raises(ContractError, match="kw must have the shape of voltage"):
+        identify_phases(v, meters, PhaseConfig(), kw=kw[:, 1:])
+    kw_gaps = kw.copy()
+    kw_gaps[::3, 10:40] = np.nan  # missing kW: fitted without those samples, never a NaN answer
+    kw_gaps[0] = np.nan  # a meter without kW keeps its voltage
+    res = identify_phases(v, meters, PhaseConfig(), kw=kw_gaps)
+    assert res["phase"].notna().all()
