@@ -176,10 +176,15 @@ def identify_phases(
                 rv = xp.asarray(reference_voltage, dtype=xp.float64)
                 ref_v = xp.stack([rv[int(rsel[phases.index(p)]), :] for p in _PHASES], axis=0)
         v_f, m_f = _take_rows(xp, v, rows), meters.iloc[rows]
-        kw_f = None if kw is None else _take_rows(xp, kw, rows)
-        res = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s, kw_f)
+        res = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s)
         if feeder in coarse:
-            res = _coarse_second_look(xp, v_f, m_f, config, ref_v, interval_s, coarse[feeder], res, kw_f)
+            res = _coarse_second_look(xp, v_f, m_f, config, ref_v, interval_s, coarse[feeder], res)
+        if kw is not None and config.load_neighbours > 0:
+            kw_f = _take_rows(xp, kw, rows)
+            res_c = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s, kw_f)
+            if feeder in coarse:
+                res_c = _coarse_second_look(xp, v_f, m_f, config, ref_v, interval_s, coarse[feeder], res_c, kw_f)
+            res = _combine_passes(res, res_c, config)
         out_phase[rows], out_conf[rows], out_class[rows] = res[0], res[1], res[2]
         for j, i in enumerate(rows):
             out_reasons[i] = res[3][j]
@@ -195,6 +200,42 @@ def identify_phases(
         },
         index=meters.index,
     )
+
+
+def _combine_passes(raw: tuple, comp: tuple, config: PhaseConfig) -> tuple:
+    """One answer per meter from the pass on the voltage as measured and the load-compensated pass.
+
+    Each meter takes the answer of the more confident pass (the measured one on ties). Where the two
+    passes give different answers and the less confident one is itself at least ``suspect``, the meter is
+    at most ``suspect`` (the review list): the evidence contradicts itself. Clock shifts and zones are the
+    measured pass's (the compensation comes after the clock alignment). Each pass keeps its own checks; the
+    compensated one judges its changes against the measured signals (:func:`_evidence_confidence`).
+
+    Why both: compensation reveals a transformer whose own load hides its phase (generated ``large``,
+    ``late_clocks``, 7 days), while on some feeders the shared transformer drop is what ties a mislabelled
+    meter to its siblings, or carries a whole transformer's vote (generated ``regulators_pv``, 14 days: a
+    12-meter transformer confident on the measured voltage, 0.5-0.8 compensated).
+
+    Returns
+    -------
+    tuple
+        :func:`_identify_feeder`'s ``(phase, confidence, class, reasons, zone, lag, free)``.
+    """
+    p0, c0, k0, r0, z0, l0, f0 = raw
+    p1, c1, k1, r1, _, _, f1 = comp
+    take = c1 > c0
+    phase = np.where(take, p1, p0)
+    conf = np.where(take, c1, c0)
+    cls = np.where(take, k1, k0)
+    reasons = [list(b) if t else list(a) for a, b, t in zip(r0, r1, take)]
+    free = np.where(take, f1, f0)
+    differ = np.array([a != b for a, b in zip(p0, p1)], dtype=bool) & pd.notna(p0) & pd.notna(p1)
+    contested = differ & (np.minimum(c0, c1) >= config.suspect_threshold)
+    if contested.any():
+        conf = np.where(contested, np.minimum(conf, config.suspect_threshold), conf)
+        cls = np.where(contested, _confidence_class(conf, config), cls)
+        free = free & ~contested
+    return phase, conf, cls, reasons, z0, l0, free
 
 
 def _coarse_feeders(v: Any, meters: pd.DataFrame, config: PhaseConfig, interval_s: float) -> dict[str, int]:
@@ -326,7 +367,9 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     for i in np.flatnonzero(ok & (lag != 0)):
         reasons[i].append(contract.REASON_CLOCK_SHIFTED)
     gis_code = _phase_codes(gis)
+    raw_feat = None
     if kw is not None and config.load_neighbours > 0:
+        raw_feat = (z, observed)  # the checks of step 4 look at the voltage as measured
         z, observed, n_obs = _compensate_load(xp, v, kw, lag, nominal, meters, z, observed, n_obs, single,
                                              config)
     feat, _ = common_mode_residual(z, observed, xp.asarray(single.astype(np.float64)))
@@ -356,9 +399,16 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     # Step 4: evidence: vote share, and the raw (not denoised) correlation with each phase's neighbourhood
     tx_code = pd.factorize(meters["transformer_id"].astype(str).to_numpy()[s_idx], sort=True)[0]
+    check = None
+    if raw_feat is not None:
+        fr, _ = common_mode_residual(raw_feat[0], raw_feat[1], xp.asarray(single.astype(np.float64)))
+        ur = unit_rows(fr)
+        yr = _pool_groups(xp, xp.take(_denoised_coordinates(xp, ur, s_idx, config), xp.asarray(s_idx), axis=0),
+                          group, config)
+        check = (yr, xp.take(ur, xp.asarray(s_idx), axis=0))
     c, z_strength, free_s = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels,
                                                  share, n_obs_h[s_idx], k, config, gis_code[s_idx], interval_s,
-                                                 tx_group, tx_code)
+                                                 tx_group, tx_code, check=check)
     phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
     conf[s_idx] = c
     free[s_idx] = free_s
@@ -401,7 +451,8 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
                          n_obs: np.ndarray, k: int, config: PhaseConfig,
                          gis: np.ndarray, interval_s: float = 900.0,
                          tx_group: np.ndarray | None = None,
-                         tx_code: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         tx_code: np.ndarray | None = None,
+                         check: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Step 4: confidence of each answer, its correlation with its phase's neighbourhood [SE], and whether
     no check or group rule cut its (non-zero) confidence.
 
@@ -431,6 +482,9 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     decisive = (share >= 0.6) & (z_margin >= margins * config.min_margin_se)
     share = np.where(decisive, 1.0, share)
     c = _vote_confidence(share, z_strength, 3, config) * np.clip(z_margin / config.min_margin_se, 0.0, 1.0)
+    if check is not None:
+        y, u = check
+        u_eval = _pool_agreeing(xp, u, group, labels)
     pairs = _group_pair_dots(xp, u, group, changed) if changed.size else None  # shared by the three checks
     near = _nearest_gis_checks(xp, y, u, u_eval, group, gis, labels, config, pairs)
     sib = _sibling_agreement_factor(xp, u, group, gis, labels, config, pairs=pairs)
