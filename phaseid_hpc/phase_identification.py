@@ -176,12 +176,14 @@ def identify_phases(
                 rv = xp.asarray(reference_voltage, dtype=xp.float64)
                 ref_v = xp.stack([rv[int(rsel[phases.index(p)]), :] for p in _PHASES], axis=0)
         v_f, m_f = _take_rows(xp, v, rows), meters.iloc[rows]
-        res = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s)
+        two = kw is not None and config.load_neighbours > 0
+        shared: dict | None = {} if two else None
+        res = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s, shared=shared)
         if feeder in coarse:
             res = _coarse_second_look(xp, v_f, m_f, config, ref_v, interval_s, coarse[feeder], res)
-        if kw is not None and config.load_neighbours > 0:
+        if two:
             kw_f = _take_rows(xp, kw, rows)
-            res_c = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s, kw_f)
+            res_c = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s, kw_f, shared=shared)
             if feeder in coarse:
                 res_c = _coarse_second_look(xp, v_f, m_f, config, ref_v, interval_s, coarse[feeder], res_c, kw_f)
             res = _combine_passes(res, res_c, config)
@@ -331,11 +333,13 @@ def _service_kinds(meters: pd.DataFrame) -> np.ndarray:
 
 
 def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, ref_v: Any | None = None,
-                     interval_s: float = 900.0, kw: Any | None = None):
+                     interval_s: float = 900.0, kw: Any | None = None, shared: dict | None = None):
     """Phase of every meter of one feeder: the named steps of the module docstring.
 
     Returns ``(phase, confidence, class, reasons, zone, lag, free)`` arrays of the raw inference (no decision
-    policy); ``free``: single-phase answers whose confidence, above 0, no check or group rule cut.
+    policy); ``free``: single-phase answers whose confidence, above 0, no check or group rule cut. ``shared``
+    (a dict, for two passes over one feeder): the pass on the measured voltage leaves its clock alignment
+    and its signals there, and the load-compensated pass (``kw``) takes them instead of computing them again.
     """
     n = len(meters)
     gis = meters["phase_gis"].to_numpy(dtype=object)
@@ -356,9 +360,14 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         return phase, conf, cls, reasons, zone, np.zeros(n, dtype=np.int64), free
 
     # Step 1: features, with whole-interval clock errors undone first
-    v, lag, (z, observed, n_obs) = _align_clocks(xp, v, nominal,
-                                                  np.where(usable & (kind == "single"), _phase_codes(gis), -1),
-                                                  config)
+    if shared is not None and "aligned" in shared:  # the second pass: the first pass's alignment
+        v, lag, (z, observed, n_obs) = shared["aligned"]
+    else:
+        v, lag, (z, observed, n_obs) = _align_clocks(xp, v, nominal,
+                                                      np.where(usable & (kind == "single"), _phase_codes(gis), -1),
+                                                      config)
+        if shared is not None:
+            shared["aligned"] = (v, lag, (z, observed, n_obs))
     n_obs_h = to_numpy(n_obs)
     ok = usable & (n_obs_h >= config.min_samples)
     single = ok & (kind == "single")
@@ -393,14 +402,16 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     group = _gis_groups(meters, gis, s_idx, config)
     tx_group = _transformer_groups(meters, gis, s_idx, config)
     y_s = _pool_groups(xp, xp.take(y, xp.asarray(s_idx), axis=0), group, config)
+    if shared is not None and raw_feat is None:  # the measured pass: its signals are the checks' of the next
+        shared["check"] = (y_s, xp.take(u, xp.asarray(s_idx), axis=0))
     # small feeders (an LV network of a dozen customers): a few meters per phase, so fewer voters
     k = min(config.n_neighbours, max(3, s_idx.size // 6))
     labels, share = _neighbour_vote(xp, y_s, group, gis_code[s_idx], k, config)
 
     # Step 4: evidence: vote share, and the raw (not denoised) correlation with each phase's neighbourhood
     tx_code = pd.factorize(meters["transformer_id"].astype(str).to_numpy()[s_idx], sort=True)[0]
-    check = None
-    if raw_feat is not None:
+    check = None if shared is None else shared.get("check")
+    if raw_feat is not None and check is None:
         fr, _ = common_mode_residual(raw_feat[0], raw_feat[1], xp.asarray(single.astype(np.float64)))
         ur = unit_rows(fr)
         yr = _pool_groups(xp, xp.take(_denoised_coordinates(xp, ur, s_idx, config), xp.asarray(s_idx), axis=0),
