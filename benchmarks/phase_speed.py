@@ -7,6 +7,8 @@ input must give the same output).
 Examples
 --------
     OPENBLAS_NUM_THREADS=1 python benchmarks/phase_speed.py --meters 3000 --days 14 30
+    OPENBLAS_NUM_THREADS=1 python benchmarks/phase_speed.py --meters 3000 --days 30 --kw   # with the
+                                                                     # load-compensated second pass
     OPENBLAS_NUM_THREADS=1 python benchmarks/phase_speed.py --profile     # cProfile of one run
 """
 
@@ -30,16 +32,17 @@ CACHE = Path("/tmp/phaseid_phase_speed")
 
 
 def feeder(n_meters: int, days: float, seed: int = 0):
-    """Measured voltage (n_meters, n_time) [V], meters table (GIS view), references (table, voltage)."""
+    """Measured voltage (n_meters, n_time) [V], meters table (GIS view), references (table, voltage), kW."""
     from phaseid_hpc.synth import simulate_feeder
 
-    path = CACHE / f"feeder_{n_meters}_{days:g}_{seed}.pkl"
+    path = CACHE / f"feeder_kw_{n_meters}_{days:g}_{seed}.pkl"
     if path.exists():
         return pd.read_pickle(path)
     sim = simulate_feeder(n_meters, days=days, seed=seed, measurement=MeasurementModel(accuracy_class=0.5))
     meters = sim.meters.rename(columns={"phase": "phase_gis"}).assign(usable=True)
     refs = pd.DataFrame({"feeder_id": meters["feeder_id"].iloc[0], "phase": sim.references.index})
-    out = (np.asarray(sim.measured, dtype=np.float64), meters, (refs, sim.references.to_numpy(np.float64)))
+    out = (np.asarray(sim.measured, dtype=np.float64), meters, (refs, sim.references.to_numpy(np.float64)),
+           np.asarray(sim.kw, dtype=np.float64))
     CACHE.mkdir(parents=True, exist_ok=True)
     pd.to_pickle(out, path)
     return out
@@ -57,28 +60,30 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="cProfile one run (first --days) instead")
+    p.add_argument("--kw", action="store_true", help="give the meters' kW (the load-compensated second pass)")
     a = p.parse_args(argv)
     for days in a.days:
-        v, meters, refs = feeder(a.meters, days, a.seed)
+        v, meters, refs, kw = feeder(a.meters, days, a.seed)
+        kw = kw if a.kw else None
         truth = meters["true_phase"].to_numpy() if "true_phase" in meters else None
         if a.profile:
             prof = cProfile.Profile()
             prof.enable()
-            identify_phases(v, meters, PhaseConfig(random_state=a.seed), references=refs)
+            identify_phases(v, meters, PhaseConfig(random_state=a.seed), references=refs, kw=kw)
             prof.disable()
             pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
             return
         cpu, prints = [], set()
         for _ in range(a.repeat):
             tic = time.process_time()
-            res = identify_phases(v, meters, PhaseConfig(random_state=a.seed), references=refs)
+            res = identify_phases(v, meters, PhaseConfig(random_state=a.seed), references=refs, kw=kw)
             cpu.append(time.process_time() - tic)
             prints.add(fingerprint(res))
         med = float(np.median(cpu))
         acc = float((res["phase"].to_numpy() == truth).mean()) if truth is not None else float("nan")
         conf = (res["phase_class"] == "confident").to_numpy()
         prec = float((res["phase"].to_numpy() == truth)[conf].mean()) if conf.any() else float("nan")
-        print(f"meters={a.meters} days={days:g} n_time={v.shape[1]} cpu_s median={med:.3f} "
+        print(f"meters={a.meters} days={days:g} kw={a.kw} n_time={v.shape[1]} cpu_s median={med:.3f} "
               f"(runs {', '.join(f'{c:.2f}' for c in cpu)}) per_meter_us={1e6 * med / a.meters:.0f} min_cpu_s={min(cpu):.3f} "
               f"accuracy={acc:.4f} confident={conf.mean():.3f} conf_precision={prec:.4f} "
               f"deterministic={len(prints) == 1} fingerprint={min(prints)}", flush=True)
