@@ -186,7 +186,7 @@ def identify_phases(
             res_c = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s, kw_f, shared=shared)
             if feeder in coarse:
                 res_c = _coarse_second_look(xp, v_f, m_f, config, ref_v, interval_s, coarse[feeder], res_c, kw_f)
-            res = _combine_passes(res, res_c, config)
+            res = _combine_passes(res, res_c, config, m_f)
         out_phase[rows], out_conf[rows], out_class[rows] = res[0], res[1], res[2]
         for j, i in enumerate(rows):
             out_reasons[i] = res[3][j]
@@ -204,10 +204,13 @@ def identify_phases(
     )
 
 
-def _combine_passes(raw: tuple, comp: tuple, config: PhaseConfig) -> tuple:
+def _combine_passes(raw: tuple, comp: tuple, config: PhaseConfig, meters: pd.DataFrame | None = None) -> tuple:
     """One answer per meter from the pass on the voltage as measured and the load-compensated pass.
 
-    Each meter takes the answer of the more confident pass (the measured one on ties). Where the two
+    Each meter takes the answer of the more confident pass (the measured one on ties), unless a check or
+    group rule lowered the measured pass's confidence (generated ``large``, fourth realisation: an
+    11-meter transformer whose own load hides its phase, held back by the group veto there, half of it
+    confidently moved by the compensated pass, to A at 7 days and to C at 14; it is on B). Where the two
     passes give different answers and the less confident one is itself at least ``suspect``, the meter is
     at most ``suspect`` (the review list): the evidence contradicts itself. Clock shifts and zones are the
     measured pass's (the compensation comes after the clock alignment). Each pass keeps its own checks; the
@@ -221,11 +224,22 @@ def _combine_passes(raw: tuple, comp: tuple, config: PhaseConfig) -> tuple:
     Returns
     -------
     tuple
-        :func:`_identify_feeder`'s ``(phase, confidence, class, reasons, zone, lag, free)``.
+        :func:`_identify_feeder`'s ``(phase, confidence, class, reasons, zone, lag, free, cut)``.
     """
-    p0, c0, k0, r0, z0, l0, f0 = raw
-    p1, c1, k1, r1, _, _, f1 = comp
-    take = c1 > c0
+    p0, c0, k0, r0, z0, l0, f0, cut0 = raw
+    p1, c1, k1, r1, _, _, f1, _ = comp
+    # a measured-pass answer that a check or group rule cut keeps that verdict: the objection (a group
+    # whose members split, nearest GIS meters that disagree) is about the meters, not about their load
+    cut_any = cut0 | comp[7]
+    if meters is not None:
+        # ... and so does the rest of its GIS group (transformer and GIS phase) making the same change: one
+        # voltage, one verdict
+        gis = meters["phase_gis"].astype(str).to_numpy()
+        key = pd.Series(meters["transformer_id"].astype(str).to_numpy() + "|" + gis + "|" + p0.astype(str))
+        changed = pd.notna(p0) & (p0.astype(str) != gis)
+        held_keys = set(key[changed & cut_any])
+        cut0 = cut0 | (changed & key.isin(held_keys).to_numpy())
+    take = (c1 > c0) & ~cut0
     phase = np.where(take, p1, p0)
     conf = np.where(take, c1, c0)
     cls = np.where(take, k1, k0)
@@ -237,7 +251,7 @@ def _combine_passes(raw: tuple, comp: tuple, config: PhaseConfig) -> tuple:
         conf = np.where(contested, np.minimum(conf, config.suspect_threshold), conf)
         cls = np.where(contested, _confidence_class(conf, config), cls)
         free = free & ~contested
-    return phase, conf, cls, reasons, z0, l0, free
+    return phase, conf, cls, reasons, z0, l0, free, cut0
 
 
 def _coarse_feeders(v: Any, meters: pd.DataFrame, config: PhaseConfig, interval_s: float) -> dict[str, int]:
@@ -266,11 +280,11 @@ def _coarse_second_look(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConf
     """
     from .kernels.pt_deviation import aggregate_means
 
-    phase, conf, cls, reasons, zone, lag, free = res
+    phase, conf, cls, reasons, zone, lag, free, cut = res
     vc = aggregate_means(shift_rows(v, lag) if np.any(lag) else v, factor)
     ref_c = None if ref_v is None else aggregate_means(ref_v, factor)
     kw_c = None if kw is None else aggregate_means(shift_rows(kw, lag) if np.any(lag) else kw, factor)
-    p2, c2, k2, _, _, _, _ = _identify_feeder(xp, vc, meters, dataclasses.replace(config, clock_lag_se=0.0),
+    p2, c2, k2, _, _, _, _, _ = _identify_feeder(xp, vc, meters, dataclasses.replace(config, clock_lag_se=0.0),
                                               ref_c, interval_s * factor, kw_c)
     # in the load-compensated pass, a meter that does not correlate significantly with its phase's
     # neighbourhood at full resolution is not lifted (ckt7, class 1.0, 1 V, 30 days: a lone meter with a
@@ -280,7 +294,7 @@ def _coarse_second_look(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConf
     lift = free & ~weak & (k2 == contract.CLASS_CONFIDENT) & (cls != contract.CLASS_CONFIDENT) & (p2 == phase)
     conf = np.where(lift, np.maximum(conf, c2), conf)
     cls = np.where(lift, contract.CLASS_CONFIDENT, cls)
-    return phase, conf, cls, reasons, zone, lag, free
+    return phase, conf, cls, reasons, zone, lag, free, cut
 
 
 def shift_rows(x: Any, lag: Any) -> Any:
@@ -343,8 +357,9 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
                      interval_s: float = 900.0, kw: Any | None = None, shared: dict | None = None):
     """Phase of every meter of one feeder: the named steps of the module docstring.
 
-    Returns ``(phase, confidence, class, reasons, zone, lag, free)`` arrays of the raw inference (no decision
-    policy); ``free``: single-phase answers whose confidence, above 0, no check or group rule cut. ``shared``
+    Returns ``(phase, confidence, class, reasons, zone, lag, free, cut)`` arrays of the raw inference (no
+    decision policy); ``free``: single-phase answers whose confidence, above 0, no check or group rule cut;
+    ``cut``: those whose confidence a check or group rule lowered. ``shared``
     (a dict, for two passes over one feeder): the pass on the measured voltage leaves its clock alignment
     and its signals there, and the load-compensated pass (``kw``) takes them instead of computing them again.
     """
@@ -361,10 +376,11 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     reasons: list[list[str]] = [[] for _ in range(n)]
     zone = np.full(n, -1, dtype=np.int64)
     free = np.zeros(n, dtype=bool)  # single-phase answers whose confidence no check or group rule cut
+    cut = np.zeros(n, dtype=bool)  # answers whose confidence a check or group rule lowered
     if v.shape[1] < 2:
         for i in range(n):
             reasons[i].append(contract.REASON_INSUFFICIENT_DATA)
-        return phase, conf, cls, reasons, zone, np.zeros(n, dtype=np.int64), free
+        return phase, conf, cls, reasons, zone, np.zeros(n, dtype=np.int64), free, cut
 
     # Step 1: features, with whole-interval clock errors undone first
     if shared is not None and "aligned" in shared:  # the second pass: the first pass's alignment
@@ -399,7 +415,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         # Too few meters (or no labels) to vote: keep GIS, unverified.
         for i in np.flatnonzero(ok):
             phase[i], conf[i], cls[i] = gis[i], 0.0, contract.CLASS_LOW
-        return phase, conf, cls, reasons, zone, lag, free
+        return phase, conf, cls, reasons, zone, lag, free, cut
 
     # Step 2: denoised coordinates (principal subspace of the single-phase meters)
     s_idx = np.flatnonzero(single)
@@ -424,12 +440,13 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         yr = _pool_groups(xp, xp.take(_denoised_coordinates(xp, ur, s_idx, config), xp.asarray(s_idx), axis=0),
                           group, config)
         check = (yr, xp.take(ur, xp.asarray(s_idx), axis=0))
-    c, z_strength, free_s = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels,
+    c, z_strength, free_s, cut_s = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels,
                                                  share, n_obs_h[s_idx], k, config, gis_code[s_idx], interval_s,
                                                  tx_group, tx_code, check=check)
     phase[s_idx] = np.array(_PHASES, dtype=object)[labels]
     conf[s_idx] = c
     free[s_idx] = free_s
+    cut[s_idx] = cut_s
     for j in np.flatnonzero(z_strength < config.min_strength_se):
         reasons[s_idx[j]].append(contract.REASON_LOW_CORRELATION)
 
@@ -443,7 +460,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     scored = ok & pd.notna(phase)
     cls[scored] = _confidence_class(conf[scored], config)
     zone[s_idx] = _zones(xp, y_s, labels, config)
-    return phase, conf, cls, reasons, zone, lag, free
+    return phase, conf, cls, reasons, zone, lag, free, cut
 
 
 def _neighbour_vote(xp: Any, y: Any, group: np.ndarray, labels: np.ndarray, k: int,
@@ -470,9 +487,10 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
                          gis: np.ndarray, interval_s: float = 900.0,
                          tx_group: np.ndarray | None = None,
                          tx_code: np.ndarray | None = None,
-                         check: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step 4: confidence of each answer, its correlation with its phase's neighbourhood [SE], and whether
-    no check or group rule cut its (non-zero) confidence.
+                         check: tuple[Any, Any] | None = None,
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Step 4: confidence of each answer, its correlation with its phase's neighbourhood [SE], whether
+    no check or group rule cut its (non-zero) confidence, and whether one lowered it.
 
     The meter (as a virtual meter, :func:`_pool_agreeing`) is correlated with each phase's neighbourhood;
     ``z_strength`` is the correlation with its answer's, ``z_margin`` how far it beats the best other phase,
@@ -519,7 +537,7 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     c = _group_consensus(group, gis, labels, c * checks, config, held=(labels != gis) & (checks == 0))
     if tx_code is not None and changed.size:
         c = c * _stray_sibling_factor(xp, u, tx_code, gis, labels, c, config)
-    return c, z_strength, (c == evidence) & (c > 0)
+    return c, z_strength, (c == evidence) & (c > 0), c < evidence
 
 
 #: Raw neighbours of a changed meter searched for its physical siblings (:func:`_stray_sibling_factor`)

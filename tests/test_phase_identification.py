@@ -788,14 +788,20 @@ def test_combine_passes_takes_the_more_confident_answer_and_reviews_contradictio
     obj = lambda *x: np.array(x, dtype=object)  # noqa: E731
     raw = (obj("A", "B", "C", "A", None), np.array([0.9, 0.2, 0.8, 0.5, 0.0]),
            obj("confident", "low", "suspect", "low", "insufficient_data"), [["r0"], [], [], [], []],
-           np.array([1, 1, 2, 2, -1]), np.array([0, 1, 0, 0, 0]), np.array([True, False, True, True, False]))
+           np.array([1, 1, 2, 2, -1]), np.array([0, 1, 0, 0, 0]), np.array([True, False, True, True, False]),
+           np.array([False, False, False, False, False]))
     comp = (obj("A", "C", "A", "B", None), np.array([0.95, 1.0, 0.9, 0.3, 0.0]),
             obj("confident", "confident", "confident", "low", "insufficient_data"), [["r1"], [], [], [], []],
-            np.array([7, 7, 7, 7, -1]), np.array([0, 0, 0, 0, 0]), np.array([True, True, True, False, False]))
-    phase, conf, cls, reasons, zone, lag, free = _combine_passes(raw, comp, cfg)
+            np.array([7, 7, 7, 7, -1]), np.array([0, 0, 0, 0, 0]), np.array([True, True, True, False, False]),
+            np.array([False, False, False, False, False]))
+    phase, conf, cls, reasons, zone, lag, free, _ = _combine_passes(raw, comp, cfg)
     assert phase.tolist() == ["A", "C", "A", "A", None]
     np.testing.assert_allclose(conf, [0.95, 1.0, cfg.suspect_threshold, 0.5, 0.0])
     # meter 2: both passes suspect or better on different answers -> the review list, not the worklist
     assert cls.tolist() == ["confident", "confident", "suspect", "low", "insufficient_data"]
     assert reasons[0] == ["r1"] and free.tolist() == [True, True, False, True, False]
     assert zone.tolist() == [1, 1, 2, 2, -1] and lag.tolist() == [0, 1, 0, 0, 0]  # the measured pass's
+    # a measured answer that a check or group rule held back stays held, however sure the other pass is
+    held = raw[:7] + (np.array([False, True, False, False, False]),)
+    phase, conf, *_ = _combine_passes(held, comp, cfg)
+    assert phase[1] == "B" and conf[1] == 0.2
