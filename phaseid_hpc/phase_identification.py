@@ -52,6 +52,7 @@ from .confidence import confidence_class
 from .config import PhaseConfig
 from .errors import ContractError
 from .kernels.kmeans import batched_kmeans
+from .kernels.load_compensation import compensate_load, fit_load_coefficients, neighbour_mean, sibling_load
 from .kernels.neighbours import (
     clock_lag,
     neighbour_sums,
@@ -60,7 +61,6 @@ from .kernels.neighbours import (
     principal_basis,
     top_k_neighbours,
 )
-from .kernels.load_compensation import compensate_load, fit_load_coefficients, neighbour_mean, sibling_load
 from .kernels.preprocess import (
     common_mode_residual,
     per_unit_differences,
@@ -86,7 +86,7 @@ _SIBLING_LOOKAHEAD = 8
 def identify_phases(
     voltage: Any,
     meters: pd.DataFrame,
-    config: PhaseConfig = PhaseConfig(),  # noqa: B008 - frozen dataclass, safe as a default
+    config: PhaseConfig = PhaseConfig(),
     *,
     references: tuple[pd.DataFrame, Any] | None = None,
     interval_s: float = 900,

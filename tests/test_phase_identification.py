@@ -785,7 +785,7 @@ def test_combine_passes_takes_the_more_confident_answer_and_reviews_contradictio
     from phaseid_hpc.phase_identification import _combine_passes
 
     cfg = PhaseConfig()
-    obj = lambda *x: np.array(x, dtype=object)  # noqa: E731
+    obj = lambda *x: np.array(x, dtype=object)
     raw = (obj("A", "B", "C", "A", None), np.array([0.9, 0.2, 0.8, 0.5, 0.0]),
            obj("confident", "low", "suspect", "low", "insufficient_data"), [["r0"], [], [], [], []],
            np.array([1, 1, 2, 2, -1]), np.array([0, 1, 0, 0, 0]), np.array([True, False, True, True, False]),
