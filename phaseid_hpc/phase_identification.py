@@ -403,7 +403,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     if kw is not None and config.load_neighbours > 0:
         raw_feat = (z, observed)  # the checks of step 4 look at the voltage as measured
         z, observed, n_obs = _compensate_load(xp, v, kw, lag, nominal, meters, z, observed, n_obs, single,
-                                             config)
+                                              config, None if shared is None else shared.get("space"))
     feat, _ = common_mode_residual(z, observed, xp.asarray(single.astype(np.float64)))
     # float32 signals (from _align_clocks), as transformer mapping's: the neighbour searches, pooled sums
     # and products that follow move half the bytes; correlations stay good to ~1e-6 (every README accuracy
@@ -427,6 +427,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     y_s = _pool_groups(xp, xp.take(y, xp.asarray(s_idx), axis=0), group, config)
     if shared is not None and raw_feat is None:  # the measured pass: its signals are the checks' of the next
         shared["check"] = (y_s, xp.take(u, xp.asarray(s_idx), axis=0))
+        shared["space"] = y
     # small feeders (an LV network of a dozen customers): a few meters per phase, so fewer voters
     k = min(config.n_neighbours, max(3, s_idx.size // 6))
     labels, share = _neighbour_vote(xp, y_s, group, gis_code[s_idx], k, config)
@@ -983,12 +984,13 @@ def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, confi
 
 def _compensate_load(xp: Any, v: Any, kw: Any, lag: np.ndarray, nominal: np.ndarray, meters: pd.DataFrame,
                      z: Any, observed: Any, n_obs: Any, single: np.ndarray,
-                     config: PhaseConfig) -> tuple[Any, Any, Any]:
+                     config: PhaseConfig, space: Any | None = None) -> tuple[Any, Any, Any]:
     """Step 1b: the features again, of each meter's voltage less the drops its own load and its GIS
     transformer's load explain (``kernels.load_compensation``).
 
     The coefficients are fitted on the meter's per-unit voltage changes less the mean of its
-    ``config.load_neighbours`` most similar single-phase meters on other GIS transformers (the primary
+    ``config.load_neighbours`` most similar single-phase meters on other GIS transformers, by their
+    denoised coordinates ``space`` (the measured pass's, else computed here) (the primary
     voltage they share is not fitted away; a transformer carrying much of its lateral's load would otherwise
     lose its phase signal). ``kw`` is moved by the clock shifts ``lag`` as the voltage was. Returns
     ``(z, observed, n_obs)`` as :func:`~phaseid_hpc.kernels.preprocess.standardized_differences` does.
@@ -1006,17 +1008,16 @@ def _compensate_load(xp: Any, v: Any, kw: Any, lag: np.ndarray, nominal: np.ndar
     sib_rows, large = _sibling_term_rows(meters, single, config)
     # neighbours on other transformers; under a transformer serving a whole network, any other meter
     excl = np.where(large, tx.max(initial=-1) + 1 + np.arange(tx.size), tx)
-    feat, _ = common_mode_residual(z, observed, xp.asarray(single.astype(np.float64)))
-    u = unit_rows(feat)
+    if space is None:
+        feat, _ = common_mode_residual(z, observed, xp.asarray(single.astype(np.float64)))
+        space = _denoised_coordinates(xp, unit_rows(feat), s_idx, config)
     k = min(config.load_neighbours, s_idx.size - 1)
-    idx, sim = top_k_neighbours(u, xp.asarray(excl), k, candidates=xp.take(u, xp.asarray(s_idx), axis=0),
+    idx, sim = top_k_neighbours(space, xp.asarray(excl), k, candidates=xp.take(space, xp.asarray(s_idx), axis=0),
                                 candidate_group=xp.asarray(excl[s_idx]))
-    # a missing neighbour (fewer candidates than k on other transformers) points at an all-NaN row
-    idx = xp.where(xp.isinf(sim), s_idx.size, idx)
+    present = ~xp.isinf(sim)  # fewer candidates than k on other transformers: padding, weight 0
     dv = per_unit_differences(v, xp.asarray(nominal))
-    cand = xp.concat([xp.take(dv, xp.asarray(s_idx), axis=0), xp.full((1, dv.shape[1]), xp.nan, dtype=dv.dtype)],
-                     axis=0)
-    target = dv - neighbour_mean(cand, idx)
+    target = dv - neighbour_mean(xp.take(dv, xp.asarray(s_idx), axis=0), xp.where(present, idx, 0),
+                                 xp.astype(present, dv.dtype))
     own, sib = sibling_load(kw, tx)
     d_own = kw[:, 1:] - kw[:, :-1]
     d_sib = sib[:, 1:] - sib[:, :-1]

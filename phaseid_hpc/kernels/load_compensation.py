@@ -55,6 +55,12 @@ def sibling_load(kw: Any, group: Any) -> tuple[Any, Any]:
     g = np.asarray(group).astype(np.int64)
     if g.size == 0:
         return own, xp.zeros_like(own)
+    if isinstance(own, np.ndarray):  # one sparse product: group totals, no sorted copy
+        from scipy import sparse
+
+        code, g = np.unique(g, return_inverse=True)
+        member = sparse.csr_matrix((np.ones(g.size), g, np.arange(g.size + 1)), shape=(g.size, code.size))
+        return own, np.asarray(member @ (member.T @ own)) - own
     order = np.argsort(g, kind="stable")
     gs = g[order]
     start = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
@@ -66,7 +72,7 @@ def sibling_load(kw: Any, group: Any) -> tuple[Any, Any]:
     return own, xp.take(totals, xp.asarray(slot), axis=0) - own
 
 
-def neighbour_mean(x: Any, index: Any) -> Any:
+def neighbour_mean(x: Any, index: Any, weights: Any | None = None) -> Any:
     """Mean over each row's neighbour rows, NaN-aware.
 
     Parameters
@@ -75,21 +81,22 @@ def neighbour_mean(x: Any, index: Any) -> Any:
         Signals, NaN where missing.
     index : array of int, shape (n_meters, k)
         Rows of ``x`` to average for each meter.
+    weights : array, shape (n_meters, k), optional
+        1 for a neighbour, 0 for padding (default: all 1).
 
     Returns
     -------
     array, shape (n_meters, n_samples)
         The mean of the observed neighbour samples; NaN where none is observed.
     """
+    from .neighbours import neighbour_sums
+
     xp = array_namespace(x)
     idx = xp.asarray(index)
-    acc = xp.zeros((idx.shape[0], x.shape[1]), dtype=x.dtype)
-    cnt = xp.zeros((idx.shape[0], x.shape[1]), dtype=x.dtype)
-    for j in range(idx.shape[1]):  # k takes of (n, T): memory stays at two (n, T) arrays
-        part = xp.take(x, idx[:, j], axis=0)
-        obs = ~xp.isnan(part)
-        acc = acc + xp.where(obs, part, 0.0)
-        cnt = cnt + xp.astype(obs, x.dtype)
+    w = xp.ones(idx.shape, dtype=x.dtype) if weights is None else xp.asarray(weights, dtype=x.dtype)
+    obs = ~xp.isnan(x)
+    acc = neighbour_sums(xp.where(obs, x, 0.0), idx, w)
+    cnt = neighbour_sums(xp.astype(obs, x.dtype), idx, w)
     return xp.where(cnt > 0, acc / xp.where(cnt > 0, cnt, 1.0), xp.nan)
 
 
@@ -121,8 +128,8 @@ def fit_load_coefficients(dv: Any, d_own: Any, d_siblings: Any, min_samples: int
     p = xp.where(obs, d_own, 0.0)
     o = xp.where(obs, d_siblings, 0.0)
     n = xp.sum(xp.astype(obs, xp.float64), axis=1)
-    spp, soo, spo = xp.sum(p * p, axis=1), xp.sum(o * o, axis=1), xp.sum(p * o, axis=1)
-    spy, soy = xp.sum(p * y, axis=1), xp.sum(o * y, axis=1)
+    spp, soo, spo = xp.vecdot(p, p, axis=-1), xp.vecdot(o, o, axis=-1), xp.vecdot(p, o, axis=-1)
+    spy, soy = xp.vecdot(p, y, axis=-1), xp.vecdot(o, y, axis=-1)
     det = spp * soo - spo * spo
     joint = det > 1e-9 * spp * soo
     safe_det = xp.where(joint, det, 1.0)

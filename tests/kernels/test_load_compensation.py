@@ -29,6 +29,11 @@ def test_neighbour_mean_skips_missing_samples(xp):
     np.testing.assert_allclose(m[0], [2.0, np.nan, 3.0])
     np.testing.assert_allclose(m[1], [3.0, np.nan, np.nan])
     np.testing.assert_allclose(m[2], [3.0, 6.0, 5.0])
+    # weight 0: padding, not a neighbour
+    w = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    m = to_np(neighbour_mean(xp.asarray(x), xp.asarray(idx), xp.asarray(w)))
+    np.testing.assert_allclose(m[0], [1.0, np.nan, 3.0])
+    np.testing.assert_allclose(m[2], [1.0, np.nan, 3.0])
 
 
 @BACKENDS
