@@ -995,10 +995,10 @@ def _compensate_load(xp: Any, v: Any, kw: Any, lag: np.ndarray, nominal: np.ndar
     lose its phase signal). ``kw`` is moved by the clock shifts ``lag`` as the voltage was. Returns
     ``(z, observed, n_obs)`` as :func:`~phaseid_hpc.kernels.preprocess.standardized_differences` does.
 
-    Measured with ``benchmarks/feeders.py`` (class 0.5, 0.1 V, 7 days): the generated ``large`` feeder's
-    own-phase neighbours correlate 0.29 instead of 0.21 (median), its meters whose own phase's ten best
-    neighbours did not beat another phase's fell from 23 to 0; 7-day accuracy on the generated feeders
-    rose to 99.86-100%. Without the neighbours (the meter's voltage alone) EPRI M1 lost accuracy.
+    Measured with ``benchmarks/feeders.py`` (class 0.5, 0.1 V, 7 days, truth-labelled neighbourhoods): the
+    generated ``large`` feeder's own-phase neighbours correlate 0.29 instead of 0.21 (median), its meters
+    whose own phase's ten best neighbours did not beat another phase's fell from 23 to 0. Without the
+    neighbours (fitted on the meter's voltage alone) EPRI M1 lost accuracy.
     """
     s_idx = np.flatnonzero(single)
     if s_idx.size < 2:
