@@ -14,6 +14,7 @@ GEMM rate measured here on one thread), both spread over the workers. ``x_floor`
 Usage::
 
     python benchmarks/scale.py --sizes 10000 100000 --days 30 [--workers 2] [--keep DIR]
+    PHASEID__PHASE__LOAD_NEIGHBOURS=0 python benchmarks/scale.py ...   # run config overrides apply
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ def run_size(n_meters: int, days: float, workers: int | None, root: Path) -> dic
     th = threading.Thread(target=_sample_peak, args=(stop, peak), daemon=True)
     th.start()
     t1 = time.perf_counter()
+    from phaseid_hpc.config import load_config
+
+    # the default run config, with any PHASEID__SECTION__KEY overrides of the environment
     s = run_with_cluster(store, out, spec=ClusterSpec(kind="local", n_workers=workers, dashboard_address=None),
-                         progress=False, echo=lambda m: None)
+                         config=load_config(None), progress=False, echo=lambda m: None)
     wall = time.perf_counter() - t1
     stop.set()
     th.join()
