@@ -175,18 +175,8 @@ def identify_phases(
             if sorted(phases) == sorted(_PHASES):
                 rv = xp.asarray(reference_voltage, dtype=xp.float64)
                 ref_v = xp.stack([rv[int(rsel[phases.index(p)]), :] for p in _PHASES], axis=0)
-        v_f, m_f = _take_rows(xp, v, rows), meters.iloc[rows]
-        two = kw is not None and config.load_neighbours > 0
-        shared: dict | None = {} if two else None
-        res = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s, shared=shared)
-        if feeder in coarse:
-            res = _coarse_second_look(xp, v_f, m_f, config, ref_v, interval_s, coarse[feeder], res)
-        if two:
-            kw_f = _take_rows(xp, kw, rows)
-            res_c = _identify_feeder(xp, v_f, m_f, config, ref_v, interval_s, kw_f, shared=shared)
-            if feeder in coarse:
-                res_c = _coarse_second_look(xp, v_f, m_f, config, ref_v, interval_s, coarse[feeder], res_c, kw_f)
-            res = _combine_passes(res, res_c, config, m_f)
+        res = _feeder_passes(xp, _take_rows(xp, v, rows), meters.iloc[rows], config, ref_v, interval_s,
+                             coarse.get(feeder), None if kw is None else _take_rows(xp, kw, rows))
         out_phase[rows], out_conf[rows], out_class[rows] = res[0], res[1], res[2]
         for j, i in enumerate(rows):
             out_reasons[i] = res[3][j]
@@ -202,6 +192,24 @@ def identify_phases(
         },
         index=meters.index,
     )
+
+
+def _feeder_passes(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, ref_v: Any | None,
+                   interval_s: float, coarse_factor: int | None, kw: Any | None) -> tuple:
+    """One feeder: the pass on the measured voltage, the load-compensated one where ``kw`` is given
+    (:func:`_combine_passes`), each with its second look on coarse means where the feeder's resolution
+    asks for it (``coarse_factor``). Returns :func:`_identify_feeder`'s tuple."""
+    two = kw is not None and config.load_neighbours > 0
+    shared: dict | None = {} if two else None
+    res = _identify_feeder(xp, v, meters, config, ref_v, interval_s, shared=shared)
+    if coarse_factor:
+        res = _coarse_second_look(xp, v, meters, config, ref_v, interval_s, coarse_factor, res)
+    if not two:
+        return res
+    res_c = _identify_feeder(xp, v, meters, config, ref_v, interval_s, kw, shared=shared)
+    if coarse_factor:
+        res_c = _coarse_second_look(xp, v, meters, config, ref_v, interval_s, coarse_factor, res_c, kw)
+    return _combine_passes(res, res_c, config, meters)
 
 
 def _combine_passes(raw: tuple, comp: tuple, config: PhaseConfig, meters: pd.DataFrame | None = None) -> tuple:
