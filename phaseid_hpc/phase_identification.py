@@ -63,6 +63,7 @@ from .kernels.neighbours import (
 )
 from .kernels.preprocess import (
     common_mode_residual,
+    per_unit_base,
     per_unit_differences,
     standardized_differences,
     unit_rows,
@@ -444,11 +445,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     tx_code = pd.factorize(meters["transformer_id"].astype(str).to_numpy()[s_idx], sort=True)[0]
     check = None if shared is None else shared.get("check")
     if raw_feat is not None and check is None:
-        fr, _ = common_mode_residual(raw_feat[0], raw_feat[1], xp.asarray(single.astype(np.float64)))
-        ur = unit_rows(fr)
-        yr = _pool_groups(xp, xp.take(_denoised_coordinates(xp, ur, s_idx, config), xp.asarray(s_idx), axis=0),
-                          group, config)
-        check = (yr, xp.take(ur, xp.asarray(s_idx), axis=0))
+        check = _measured_signals(xp, raw_feat, single, s_idx, group, config)
     c, z_strength, free_s, cut_s = _evidence_confidence(xp, y_s, xp.take(u, xp.asarray(s_idx), axis=0), group, labels,
                                                  share, n_obs_h[s_idx], k, config, gis_code[s_idx], interval_s,
                                                  tx_group, tx_code, check=check)
@@ -990,6 +987,17 @@ def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, confi
     return v, lag, tuple(merged)
 
 
+def _measured_signals(xp: Any, raw_feat: tuple[Any, Any], single: np.ndarray, s_idx: np.ndarray,
+                      group: np.ndarray, config: PhaseConfig) -> tuple[Any, Any]:
+    """The pooled denoised coordinates and unit signals of the single-phase rows ``s_idx``, from the
+    features of the voltage as measured (``raw_feat``: standardised differences and their mask): what the
+    load-compensated pass's checks look at when the measured pass did not leave them."""
+    feat, _ = common_mode_residual(raw_feat[0], raw_feat[1], xp.asarray(single.astype(np.float64)))
+    u = unit_rows(feat)
+    y = xp.take(_denoised_coordinates(xp, u, s_idx, config), xp.asarray(s_idx), axis=0)
+    return _pool_groups(xp, y, group, config), xp.take(u, xp.asarray(s_idx), axis=0)
+
+
 def _compensate_load(xp: Any, v: Any, kw: Any, lag: np.ndarray, nominal: np.ndarray, meters: pd.DataFrame,
                      z: Any, observed: Any, n_obs: Any, single: np.ndarray,
                      config: PhaseConfig, space: Any | None = None) -> tuple[Any, Any, Any]:
@@ -1031,7 +1039,7 @@ def _compensate_load(xp: Any, v: Any, kw: Any, lag: np.ndarray, nominal: np.ndar
     d_sib = sib[:, 1:] - sib[:, :-1]
     a, c = fit_load_coefficients(target, d_own, d_sib, config.min_samples)
     c = c * xp.asarray(sib_rows.astype(np.float64))
-    nom = _nominal_used(xp, v, nominal)
+    nom = per_unit_base(v, xp.asarray(nominal))
     return standardized_differences(compensate_load(v, nom, own, sib, a, c), xp.asarray(nominal),
                                     dtype=xp.float32)
 
@@ -1058,17 +1066,6 @@ def _sibling_term_rows(meters: pd.DataFrame, single: np.ndarray,
     _, large = _gis_group_codes(meters, gis, s_idx, config)
     network = np.isin(tx, np.unique(tx[s_idx][large]))
     return one_phase | network, network
-
-
-def _nominal_used(xp: Any, v: Any, nominal: np.ndarray) -> Any:
-    """The voltage per-unit values refer to (:func:`~phaseid_hpc.kernels.preprocess.per_unit_differences`):
-    the nominal, or the meter's mean where that is missing or not positive. [V]"""
-    obs = ~xp.isnan(v)
-    n_obs = xp.sum(xp.astype(obs, xp.float64), axis=1)
-    mean = xp.sum(xp.where(obs, v, 0.0), axis=1) / xp.where(n_obs > 0, n_obs, 1.0)
-    nom = xp.asarray(nominal, dtype=xp.float64)
-    nom = xp.where(~xp.isnan(nom) & (nom > 0), nom, mean)
-    return xp.where(nom > 0, nom, 1.0)
 
 
 def _reference_labels(xp: Any, ref_v: Any, u: Any, n_obs: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from .._compat import array_namespace
 
 __all__ = [
     "common_mode_residual",
+    "per_unit_base",
     "per_unit_differences",
     "remove_common_mode",
     "standardize_rows",
@@ -24,6 +25,35 @@ __all__ = [
 def _nan_to_zero(xp: Any, x: Any) -> tuple[Any, Any]:
     observed = ~xp.isnan(x)
     return xp.where(observed, x, xp.zeros((), dtype=x.dtype)), observed
+
+
+def per_unit_base(voltage: Any, nominal_v: Any) -> Any:
+    """The voltage each meter's per-unit values refer to: its nominal, or its own mean where that is missing
+    or not positive (1 where neither is).
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Meter voltage magnitude, NaN where missing. [V]
+    nominal_v : array, shape (n_meters,)
+        Nominal voltage of each meter; NaN or <= 0: not known. [V]
+
+    Returns
+    -------
+    array, shape (n_meters,)
+        [V]
+    """
+    xp = array_namespace(voltage)
+    v = xp.asarray(voltage, dtype=xp.float64)
+    nom = xp.asarray(nominal_v, dtype=xp.float64)
+    good_nom = (~xp.isnan(nom)) & (nom > 0)
+    if bool(xp.all(good_nom)):  # the own mean voltage only where the nominal is unusable
+        return nom
+    v0, obs_v = _nan_to_zero(xp, v)
+    cnt = xp.astype(xp.count_nonzero(obs_v, axis=1), xp.float64)
+    own_mean = xp.sum(v0, axis=1) / xp.where(cnt > 0, cnt, xp.ones_like(cnt))
+    nom = xp.where(good_nom, nom, own_mean)
+    return xp.where(nom > 0, nom, xp.ones_like(nom))
 
 
 def per_unit_differences(voltage: Any, nominal_v: Any) -> Any:
@@ -48,14 +78,7 @@ def per_unit_differences(voltage: Any, nominal_v: Any) -> Any:
     """
     xp = array_namespace(voltage)
     v = xp.asarray(voltage, dtype=xp.float64)
-    nom = xp.asarray(nominal_v, dtype=xp.float64)
-    v0, obs = _nan_to_zero(xp, v)
-    n_obs = xp.sum(xp.astype(obs, xp.float64), axis=1)
-    own_mean = xp.sum(v0, axis=1) / xp.where(n_obs > 0, n_obs, xp.ones_like(n_obs))
-    good_nom = (~xp.isnan(nom)) & (nom > 0)
-    nom = xp.where(good_nom, nom, own_mean)
-    nom = xp.where(nom > 0, nom, xp.ones_like(nom))
-    pu = v / nom[:, None]
+    pu = v / per_unit_base(v, nominal_v)[:, None]
     return pu[:, 1:] - pu[:, :-1]
 
 
@@ -208,15 +231,7 @@ def standardized_differences(voltage: Any, nominal_v: Any, clip: float = 6.0,
     """
     xp = array_namespace(voltage)
     v = xp.asarray(voltage, dtype=xp.float64)
-    nom = xp.asarray(nominal_v, dtype=xp.float64)
-    good_nom = (~xp.isnan(nom)) & (nom > 0)
-    if not bool(xp.all(good_nom)):  # the own mean voltage only where the nominal is unusable
-        v0, obs_v = _nan_to_zero(xp, v)
-        cnt = xp.astype(xp.count_nonzero(obs_v, axis=1), xp.float64)
-        own_mean = xp.sum(v0, axis=1) / xp.where(cnt > 0, cnt, xp.ones_like(cnt))
-        nom = xp.where(good_nom, nom, own_mean)
-        nom = xp.where(nom > 0, nom, xp.ones_like(nom))
-    pu = v / nom[:, None]
+    pu = v / per_unit_base(v, nominal_v)[:, None]
     x = pu[:, 1:] - pu[:, :-1]
     obs = ~xp.isnan(x)
     complete = bool(xp.all(obs))

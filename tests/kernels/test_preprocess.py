@@ -95,3 +95,14 @@ def test_zero_step_share_counts_observed_flat_steps(xp):
     share = to_np(zero_step_share(xp.asarray(v)))
     # row 0: steps 0, 1, 0, -, - -> 2 of 3 observed; row 1: none; row 2: no observed step -> 0
     np.testing.assert_allclose(share, [2 / 3, 0.0, 0.0])
+
+
+@BACKENDS
+def test_per_unit_base_falls_back_to_the_own_mean(xp):
+    from phaseid_hpc.kernels.preprocess import per_unit_base
+
+    v = np.array([[240.0, 242.0, np.nan], [118.0, 122.0, 120.0], [np.nan, np.nan, np.nan]])
+    np.testing.assert_allclose(to_np(per_unit_base(xp.asarray(v), xp.asarray([240.0, 120.0, 240.0]))),
+                               [240.0, 120.0, 240.0])
+    np.testing.assert_allclose(to_np(per_unit_base(xp.asarray(v), xp.asarray([np.nan, -1.0, np.nan]))),
+                               [241.0, 120.0, 1.0])
