@@ -52,7 +52,7 @@ from .confidence import confidence_class
 from .config import PhaseConfig
 from .errors import ContractError
 from .kernels.kmeans import batched_kmeans
-from .kernels.load_compensation import compensate_load, fit_load_coefficients, neighbour_mean, sibling_load
+from .kernels.load_compensation import fit_load_coefficients, load_drop, neighbour_mean, sibling_load
 from .kernels.neighbours import (
     clock_lag,
     neighbour_sums,
@@ -63,7 +63,6 @@ from .kernels.neighbours import (
 )
 from .kernels.preprocess import (
     common_mode_residual,
-    per_unit_base,
     per_unit_differences,
     standardized_differences,
     unit_rows,
@@ -1042,11 +1041,9 @@ def _compensate_load(xp: Any, v: Any, kw: Any, lag: np.ndarray, nominal: np.ndar
     _, sib_f = sibling_load(kw_f, tx)
     a, c = fit_load_coefficients(target, kw_f[:, 1:] - kw_f[:, :-1], sib_f[:, 1:] - sib_f[:, :-1],
                                  config.min_samples)
-    own, sib = sibling_load(kw, tx)
     c = c * xp.asarray(sib_rows.astype(np.float64))
-    nom = per_unit_base(v, xp.asarray(nominal))
-    return standardized_differences(compensate_load(v, nom, own, sib, a, c), xp.asarray(nominal),
-                                    dtype=xp.float32)
+    own, sib = sibling_load(kw, tx)
+    return standardized_differences(v, nom, dtype=xp.float32, less=load_drop(own, sib, a, c))
 
 
 def _sibling_term_rows(meters: pd.DataFrame, single: np.ndarray,

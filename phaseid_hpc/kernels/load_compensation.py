@@ -25,7 +25,7 @@ import numpy as np
 
 from .._compat import array_namespace
 
-__all__ = ["compensate_load", "fit_load_coefficients", "neighbour_mean", "sibling_load"]
+__all__ = ["fit_load_coefficients", "load_drop", "neighbour_mean", "sibling_load"]
 
 
 def sibling_load(kw: Any, group: Any) -> tuple[Any, Any]:
@@ -146,15 +146,11 @@ def fit_load_coefficients(dv: Any, d_own: Any, d_siblings: Any, min_samples: int
     return xp.where(enough, a, 0.0), xp.where(enough, c, 0.0)
 
 
-def compensate_load(voltage: Any, nominal_v: Any, own: Any, siblings: Any, a: Any, c: Any) -> Any:
-    """Voltage with the drops that the meter's own and its siblings' load explain added back.
+def load_drop(own: Any, siblings: Any, a: Any, c: Any) -> Any:
+    """The per-unit voltage change that a meter's own load and its siblings' load explain.
 
     Parameters
     ----------
-    voltage : array, shape (n_meters, n_time)
-        Meter voltage, NaN where missing. [V]
-    nominal_v : array, shape (n_meters,)
-        Voltage the per-unit coefficients refer to. [V]
     own, siblings : array, shape (n_meters, n_time)
         Loads from :func:`sibling_load` (gaps filled). [kW]
     a, c : array, shape (n_meters,)
@@ -163,7 +159,10 @@ def compensate_load(voltage: Any, nominal_v: Any, own: Any, siblings: Any, a: An
     Returns
     -------
     array, shape (n_meters, n_time)
-        ``voltage - v_nom (a own + c siblings)``, NaN where ``voltage`` is. [V]
+        ``a own + c siblings`` (<= 0 for loads >= 0); subtracted from the per-unit voltage, it leaves the
+        voltage with those drops added back (the ``less`` of
+        :func:`~phaseid_hpc.kernels.preprocess.standardized_differences`). [pu]
     """
-    drop = a[:, None] * own + c[:, None] * siblings
-    return voltage - nominal_v[:, None] * drop
+    drop = a[:, None] * own
+    drop += c[:, None] * siblings
+    return drop

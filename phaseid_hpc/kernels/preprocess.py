@@ -201,7 +201,7 @@ def unit_rows(x: Any) -> Any:
 
 
 def standardized_differences(voltage: Any, nominal_v: Any, clip: float = 6.0,
-                             dtype: Any | None = None) -> tuple[Any, Any, Any]:
+                             dtype: Any | None = None, less: Any | None = None) -> tuple[Any, Any, Any]:
     """``standardize_rows(per_unit_differences(voltage, nominal_v), clip)`` in few passes, zero-filled.
 
     Parameters
@@ -214,6 +214,9 @@ def standardized_differences(voltage: Any, nominal_v: Any, clip: float = 6.0,
         Clipping of the standardised differences. [-]
     dtype : dtype, optional
         Of ``z`` (computed in float64 either way); default float64.
+    less : array, shape (n_meters, n_time), optional
+        Subtracted from the per-unit voltage before differencing (the load drops of
+        :func:`~phaseid_hpc.kernels.load_compensation.load_drop`). [pu]
 
     Returns
     -------
@@ -232,6 +235,8 @@ def standardized_differences(voltage: Any, nominal_v: Any, clip: float = 6.0,
     xp = array_namespace(voltage)
     v = xp.asarray(voltage, dtype=xp.float64)
     pu = v / per_unit_base(v, nominal_v)[:, None]
+    if less is not None:
+        pu -= less
     x = pu[:, 1:] - pu[:, :-1]
     obs = ~xp.isnan(x)
     complete = bool(xp.all(obs))

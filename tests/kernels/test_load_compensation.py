@@ -1,11 +1,12 @@
 import numpy as np
 
 from phaseid_hpc.kernels.load_compensation import (
-    compensate_load,
     fit_load_coefficients,
+    load_drop,
     neighbour_mean,
     sibling_load,
 )
+from phaseid_hpc.kernels.preprocess import standardized_differences
 from tests.kernels.backends import BACKENDS, array_api_strict, to_np  # noqa: F401
 
 
@@ -84,5 +85,12 @@ def test_compensation_removes_a_transformer_drop_and_keeps_the_primary(xp):
                                  xp.asarray(np.diff(to_np(sib), axis=1)))
     np.testing.assert_allclose(to_np(a)[:2], -0.006, rtol=1e-6)
     np.testing.assert_allclose(to_np(c)[:2], -0.004, rtol=1e-6)
-    out = to_np(compensate_load(xp.asarray(v), xp.full((3,), 240.0, dtype=xp.float64), own, sib, a, c))
-    np.testing.assert_allclose(out, np.broadcast_to(primary, (3, n_t)), atol=1e-8)
+    drop = to_np(load_drop(own, sib, a, c))
+    np.testing.assert_allclose(v / 240.0 - drop, np.broadcast_to(primary / 240.0, (3, n_t)), atol=1e-10)
+    # the features of the compensated voltage: those of the primary, for all three meters
+    z, _, _ = standardized_differences(xp.asarray(v), xp.full((3,), 240.0, dtype=xp.float64),
+                                       less=load_drop(own, sib, a, c))
+    z_primary, _, _ = standardized_differences(xp.asarray(primary[None, :]), xp.full((1,), 240.0, dtype=xp.float64))
+    np.testing.assert_allclose(to_np(z), np.broadcast_to(to_np(z_primary), (3, n_t - 1)), atol=1e-6)
+    z_raw, _, _ = standardized_differences(xp.asarray(v), xp.full((3,), 240.0, dtype=xp.float64))
+    assert np.abs(to_np(z_raw)[0] - to_np(z_primary)[0]).max() > 0.1  # without it, they differ
