@@ -209,10 +209,6 @@ class PhaseConfig:
     #: more confident of the two answers. 0 turns the second pass off. On the generated feeders (7 days)
     #: accuracy rose from 98.9-99.9% to 99.4-100%, at about 4 times the phase stage's CPU [meters].
     load_neighbours: int = 10
-    #: The load coefficients are fitted on the changes between means over this span (the compensation is
-    #: then applied at full resolution): a quarter of the fitting work at 15-minute data [s]. Below the
-    #: sampling interval: fitted at full resolution.
-    load_fit_s: float = 3600.0
     #: Correlation with the voting neighbours' pooled signal, in standard errors (1 / sqrt(n_samples)),
     #: below which the evidence is scaled down (and reason ``Low Correlation Coefficient`` given) [-].
     min_strength_se: float = 4.0

@@ -410,8 +410,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     if kw is not None and config.load_neighbours > 0:
         raw_feat = (z, observed)  # the checks of step 4 look at the voltage as measured
         z, observed, n_obs = _compensate_load(xp, v, kw, lag, nominal, meters, z, observed, n_obs, single,
-                                              config, None if shared is None else shared.get("space"),
-                                              interval_s)
+                                              config, None if shared is None else shared.get("space"))
     feat, _ = common_mode_residual(z, observed, xp.asarray(single.astype(np.float64)))
     # float32 signals (from _align_clocks), as transformer mapping's: the neighbour searches, pooled sums
     # and products that follow move half the bytes; correlations stay good to ~1e-6 (every README accuracy
@@ -999,8 +998,7 @@ def _measured_signals(xp: Any, raw_feat: tuple[Any, Any], single: np.ndarray, s_
 
 def _compensate_load(xp: Any, v: Any, kw: Any, lag: np.ndarray, nominal: np.ndarray, meters: pd.DataFrame,
                      z: Any, observed: Any, n_obs: Any, single: np.ndarray,
-                     config: PhaseConfig, space: Any | None = None,
-                     interval_s: float = 900.0) -> tuple[Any, Any, Any]:
+                     config: PhaseConfig, space: Any | None = None) -> tuple[Any, Any, Any]:
     """Step 1b: the features again, of each meter's voltage less the drops its own load and its GIS
     transformer's load explain (``kernels.load_compensation``).
 
@@ -1031,18 +1029,13 @@ def _compensate_load(xp: Any, v: Any, kw: Any, lag: np.ndarray, nominal: np.ndar
     idx, sim = top_k_neighbours(space, xp.asarray(excl), k, candidates=xp.take(space, xp.asarray(s_idx), axis=0),
                                 candidate_group=xp.asarray(excl[s_idx]))
     present = ~xp.isinf(sim)  # fewer candidates than k on other transformers: padding, weight 0
-    # the fit on changes between means over config.load_fit_s (hourly: a quarter of the samples at 15 min)
-    factor = max(1, round(config.load_fit_s / interval_s)) if interval_s > 0 else 1
     nom = xp.asarray(nominal)
-    dv = per_unit_differences(aggregate_means(v, factor), nom)
-    kw_f = aggregate_means(kw, factor)
+    dv = per_unit_differences(v, nom)
     target = dv - neighbour_mean(xp.take(dv, xp.asarray(s_idx), axis=0), xp.where(present, idx, 0),
                                  xp.astype(present, dv.dtype))
-    _, sib_f = sibling_load(kw_f, tx)
-    a, c = fit_load_coefficients(target, kw_f[:, 1:] - kw_f[:, :-1], sib_f[:, 1:] - sib_f[:, :-1],
-                                 config.min_samples)
-    c = c * xp.asarray(sib_rows.astype(np.float64))
     own, sib = sibling_load(kw, tx)
+    a, c = fit_load_coefficients(target, kw[:, 1:] - kw[:, :-1], sib[:, 1:] - sib[:, :-1], config.min_samples)
+    c = c * xp.asarray(sib_rows.astype(np.float64))
     return standardized_differences(v, nom, dtype=xp.float32, less=load_drop(own, sib, a, c))
 
 
