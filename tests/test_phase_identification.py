@@ -613,7 +613,7 @@ def test_nearest_gis_check_in_the_raw_signals_sees_what_the_denoised_space_hides
     assert (off == 1.0).all()
 
 
-def test_a_pair_change_must_win_the_raw_neighbours_gis_vote():
+def test_a_pair_is_the_two_phases_whose_signals_explain_it_and_a_change_needs_raw_backing():
     from phaseid_hpc.config import PhaseConfig
     from phaseid_hpc.phase_identification import _identify_pairs
 
@@ -625,39 +625,39 @@ def test_a_pair_change_must_win_the_raw_neighbours_gis_vote():
     pair_raw = s[1] + s[2] + 0.4 * rng.normal(size=n_t)  # really BC
     u = _unit(np.vstack([singles, pair_raw]))
     labels = np.repeat([0, 1, 2], 8)
-    gis = np.array(list("A" * 8 + "B" * 8 + "C" * 8) + ["BC"], dtype=object)
     s_idx = np.arange(24)
     pair = np.zeros(25, dtype=bool)
     pair[24] = True
     cfg = PhaseConfig(n_neighbours=4)
 
-    def run(y):
+    def run(y, gis):
         phase = np.full(25, None, dtype=object)
         conf = np.zeros(25)
         reasons = [[] for _ in range(25)]
         _identify_pairs(np, y, u, pair, s_idx, labels, np.full(25, n_t), cfg, phase, conf, reasons, gis)
         return phase[24], conf[24]
 
-    # a denoised space that puts the pair among the A and B meters: it answers AB, which the raw vote denies
+    # a denoised space that puts the service among the A and B meters (their votes would say AB): the
+    # regression of its raw signal on each phase's local signal still finds B and C, with confidence
     y_bad = _unit(np.vstack([np.tile([1.0, 0.0, 0.0], (8, 1)), np.tile([0.0, 1.0, 0.0], (8, 1)),
                             np.tile([0.0, 0.0, 1.0], (8, 1)), [[1.0, 1.0, 0.0]]]) + 0.01 * rng.normal(size=(25, 3)))
-    answer, conf = run(y_bad)
-    assert answer == "AB" and conf < cfg.suspect_threshold
-    # the same change where the raw neighbours agree keeps its confidence
-    y_good = y_bad.copy()
-    y_good[24] = _unit(np.array([[0.0, 1.0, 1.0]]))[0]
-    answer, conf = run(y_good)
-    assert answer == "BC"  # no change from GIS: not touched by the check
-    gis_wrong = gis.copy()
-    gis_wrong[24] = "CA"
-    phase = np.full(25, None, dtype=object)
-    c = np.zeros(25)
-    _identify_pairs(np, y_good, u, pair, s_idx, labels, np.full(25, n_t), cfg, phase, c, [[] for _ in range(25)],
-                    gis_wrong)
+    gis = np.array(list("A" * 8 + "B" * 8 + "C" * 8) + ["AB"], dtype=object)
+    answer, conf = run(y_bad, gis)
+    assert answer == "BC" and conf >= cfg.confident_threshold
+    # the same change where GIS files no meter nearby on C (the C meters' labels say A): the raw nearest
+    # meters of each GIS label do not back it, so it is not confident
+    gis_no_c = np.array(list("A" * 8 + "B" * 8 + "A" * 8) + ["AB"], dtype=object)
+    answer, conf = run(y_bad, gis_no_c)
+    assert answer == "BC" and conf < cfg.suspect_threshold
+    # backed, the correction keeps the confidence it has without GIS
     phase0 = np.full(25, None, dtype=object)
     c0 = np.zeros(25)
-    _identify_pairs(np, y_good, u, pair, s_idx, labels, np.full(25, n_t), cfg, phase0, c0, [[] for _ in range(25)])
-    assert phase[24] == "BC" and c[24] == c0[24] > 0  # a real correction keeps its confidence
+    _identify_pairs(np, y_bad, u, pair, s_idx, labels, np.full(25, n_t), cfg, phase0, c0, [[] for _ in range(25)])
+    assert phase0[24] == "BC" and c0[24] == run(y_bad, gis)[1]
+    # a service whose signal follows one phase only gets no confident pair
+    u[24] = _unit((s[1] + 0.4 * rng.normal(size=n_t))[None, :])[0]
+    answer, conf = run(y_bad, gis)
+    assert conf < cfg.confident_threshold
 
 
 def test_pair_margin_is_the_weaker_answer_phase_over_the_third():
