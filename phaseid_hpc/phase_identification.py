@@ -27,8 +27,9 @@ Method (per feeder; no cross-feeder pairs are ever formed). One function per ste
    unanimous vote. A GIS group moves as one (:func:`_group_consensus`: confident together, or not at all
    where a check held one member back), and a meter filed under the wrong transformer moves no more
    confidently than its physical siblings do (:func:`_stray_sibling_factor`).
-5. **Multi-phase services** (:func:`_identify_pairs`). Phase-to-phase services take the two phases with
-   most votes among their single-phase neighbours; three-phase services keep ``ABC``.
+5. **Multi-phase services** (:func:`_identify_pairs`). A phase-to-phase service takes the pair of phases
+   whose local signals (pooled from its nearest single-phase meters of each phase), regressed together,
+   best explain its own; three-phase services keep ``ABC``.
 
 The result is the raw inference. The decision policy (GIS stays unless the evidence against it is
 confident) is applied by :func:`recommend`.
@@ -75,8 +76,8 @@ __all__ = ["RESULT_COLUMNS", "identify_phases", "recommend", "shift_rows"]
 RESULT_COLUMNS: tuple[str, ...] = ("phase", "phase_confidence", "phase_class", "reasons", "zone",
                                    "clock_shift_intervals")
 _PHASES = contract.SINGLE_PHASES
-#: Candidate labels of a phase-to-phase service, as pairs of template indices.
-_PAIRS = ((0, 1), (1, 2), (2, 0))
+#: Candidate labels of a phase-to-phase service, as sorted pairs of phase codes (AB, BC, CA).
+_PAIRS = ((0, 1), (1, 2), (0, 2))
 _REQUIRED = ("meter_id", "feeder_id", "transformer_id", "phase_gis")
 #: Largest whole-interval clock error undone before identification [samples].
 _MAX_CLOCK_LAG = 2
@@ -454,7 +455,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     for j in np.flatnonzero(z_strength < config.min_strength_se):
         reasons[s_idx[j]].append(contract.REASON_LOW_CORRELATION)
 
-    # Step 5: phase-to-phase services vote among their single-phase neighbours (two phases win);
+    # Step 5: phase-to-phase services: the pair of phases whose local signals best explain theirs;
     # three-phase services keep ABC
     _identify_pairs(xp, y, u, ok & (kind == "pair"), s_idx, labels, n_obs_h, config, phase, conf, reasons, gis,
                     interval_s)
@@ -1302,10 +1303,6 @@ def _pair_margin(xp: Any, y: Any, u: Any, s_idx: np.ndarray, labels: np.ndarray,
     if regression:
         z = np.where(last, z, np.fmin(z, 0.0))
     return z
-
-
-#: Phase pairs of a phase-to-phase service (phase codes) [-].
-_PAIRS = ((0, 1), (1, 2), (0, 2))
 
 
 def _pair_fit(xp: Any, y: Any, u: Any, rows: np.ndarray, s_idx: np.ndarray, labels: np.ndarray,
