@@ -78,6 +78,7 @@ RESULT_COLUMNS: tuple[str, ...] = ("phase", "phase_confidence", "phase_class", "
 _PHASES = contract.SINGLE_PHASES
 #: Candidate labels of a phase-to-phase service, as sorted pairs of phase codes (AB, BC, CA).
 _PAIRS = ((0, 1), (1, 2), (0, 2))
+_PAIR_NAMES = {(0, 1): "AB", (1, 2): "BC", (0, 2): "CA"}
 _REQUIRED = ("meter_id", "feeder_id", "transformer_id", "phase_gis")
 #: Largest whole-interval clock error undone before identification [samples].
 _MAX_CLOCK_LAG = 2
@@ -391,27 +392,14 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
         return phase, conf, cls, reasons, zone, np.zeros(n, dtype=np.int64), free, cut
 
     # Step 1: features, with whole-interval clock errors undone first
-    if shared is not None and "aligned" in shared:  # the second pass: the first pass's alignment
-        v, lag, (z, observed, n_obs) = shared["aligned"]
-    else:
-        v, lag, (z, observed, n_obs) = _align_clocks(xp, v, nominal,
-                                                      np.where(usable & (kind == "single"), _phase_codes(gis), -1),
-                                                      config)
-        if shared is not None:
-            shared["aligned"] = (v, lag, (z, observed, n_obs))
-    n_obs_h = to_numpy(n_obs)
-    ok = usable & (n_obs_h >= config.min_samples)
+    lag, n_obs_h, ok, (z, observed), raw_feat = _feeder_features(xp, v, kw, meters, kind, usable, nominal,
+                                                                 config, shared)
     single = ok & (kind == "single")
     for i in np.flatnonzero(~ok):
         reasons[i].append(contract.REASON_INSUFFICIENT_DATA)
     for i in np.flatnonzero(ok & (lag != 0)):
         reasons[i].append(contract.REASON_CLOCK_SHIFTED)
     gis_code = _phase_codes(gis)
-    raw_feat = None
-    if kw is not None and config.load_neighbours > 0:
-        raw_feat = (z, observed)  # the checks of step 4 look at the voltage as measured
-        z, observed, n_obs = _compensate_load(xp, v, kw, lag, nominal, meters, z, observed, n_obs, single,
-                                              config, None if shared is None else shared.get("space"))
     feat, _ = common_mode_residual(z, observed, xp.asarray(single.astype(np.float64)))
     # float32 signals (from _align_clocks), as transformer mapping's: the neighbour searches, pooled sums
     # and products that follow move half the bytes; correlations stay good to ~1e-6 (every README accuracy
@@ -457,8 +445,12 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     # Step 5: phase-to-phase services: the pair of phases whose local signals best explain theirs;
     # three-phase services keep ABC
-    _identify_pairs(xp, y, u, ok & (kind == "pair"), s_idx, labels, n_obs_h, config, phase, conf, reasons, gis,
-                    interval_s)
+    p_idx = np.flatnonzero(ok & (kind == "pair"))
+    if p_idx.size:
+        phase[p_idx], conf[p_idx], weak = _identify_pairs(xp, y, u, p_idx, s_idx, labels, n_obs_h, config,
+                                                          gis, interval_s)
+        for i in p_idx[weak]:
+            reasons[i].append(contract.REASON_LOW_CORRELATION)
     three = ok & (kind == "three")
     phase[three], conf[three] = contract.THREE_PHASE, 1.0
 
@@ -466,6 +458,35 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     cls[scored] = _confidence_class(conf[scored], config)
     zone[s_idx] = _zones(xp, y_s, labels, config)
     return phase, conf, cls, reasons, zone, lag, free, cut
+
+
+def _feeder_features(xp: Any, v: Any, kw: Any | None, meters: pd.DataFrame, kind: np.ndarray,
+                     usable: np.ndarray, nominal: np.ndarray, config: PhaseConfig,
+                     shared: dict | None) -> tuple:
+    """Step 1: clock shifts undone (:func:`_align_clocks`; the first pass's where ``shared`` holds them) and
+    the standardised differences, load-compensated where ``kw`` is given (:func:`_compensate_load`).
+
+    Returns ``(lag, n_obs, ok, (z, observed), raw_feat)``: whole-interval shifts, observed samples per meter
+    (host), meters usable with enough samples, the features with their mask, and the features of the voltage
+    as measured where they were compensated (the checks of step 4 look at those; else None).
+    """
+    if shared is not None and "aligned" in shared:  # the second pass: the first pass's alignment
+        v, lag, (z, observed, n_obs) = shared["aligned"]
+    else:
+        gis_codes = _phase_codes(meters["phase_gis"].to_numpy(dtype=object))
+        gis_single = np.where(usable & (kind == "single"), gis_codes, -1)
+        v, lag, (z, observed, n_obs) = _align_clocks(xp, v, nominal, gis_single, config)
+        if shared is not None:
+            shared["aligned"] = (v, lag, (z, observed, n_obs))
+    n_obs_h = to_numpy(n_obs)
+    ok = usable & (n_obs_h >= config.min_samples)
+    raw_feat = None
+    if kw is not None and config.load_neighbours > 0:
+        raw_feat = (z, observed)
+        z, observed, _ = _compensate_load(xp, v, kw, lag, nominal, meters, z, observed, n_obs,
+                                          ok & (kind == "single"), config,
+                                          None if shared is None else shared.get("space"))
+    return lag, n_obs_h, ok, (z, observed), raw_feat
 
 
 def _neighbour_vote(xp: Any, y: Any, group: np.ndarray, labels: np.ndarray, k: int,
@@ -1342,74 +1363,71 @@ def _pair_fit(xp: Any, y: Any, u: Any, rows: np.ndarray, s_idx: np.ndarray, labe
     return np.array(_PAIRS, dtype=np.int64)[order[:, 0]], r[m, order[:, 0]], r[m, order[:, 1]]
 
 
-def _identify_pairs(xp: Any, y: Any, u: Any, pair: np.ndarray, s_idx: np.ndarray, labels: np.ndarray,
-                    n_obs: np.ndarray, config: PhaseConfig, phase: np.ndarray, conf: np.ndarray,
-                    reasons: list[list[str]], gis: np.ndarray | None = None, interval_s: float = 0.0) -> None:
-    """Phase-to-phase services: the two phases whose local signals together best explain the service's.
+def _identify_pairs(xp: Any, y: Any, u: Any, p_idx: np.ndarray, s_idx: np.ndarray, labels: np.ndarray,
+                    n_obs: np.ndarray, config: PhaseConfig, gis: np.ndarray | None = None,
+                    interval_s: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 5: phase-to-phase services ``p_idx``: the two phases whose local signals best explain theirs.
 
     A line-to-line voltage moves with both of its phases (to first order, with the mean of their changes).
-    For each phase, the pooled raw signal of the service's ``config.n_neighbours`` nearest single-phase
-    meters answered on it (searched in the denoised coordinates ``y``) is formed; the service's raw signal is
-    regressed on each pair of them (least squares, both weights positive: else the better one alone), and
-    the pair explaining the most wins (:func:`_pair_fit`). Confidence: the winner's correlation over the
-    runner-up's in standard errors (``1 / sqrt(n_obs)``), scaled by ``config.min_margin_se``, times its
-    strength over ``config.min_strength_se``. Fills ``phase``, ``conf`` and ``reasons`` in place for the rows
-    of ``pair``.
+    :func:`_pair_fit` regresses the service's raw signal on each pair of its phases' local signals and the
+    pair explaining the most wins. Confidence: the winner's multiple correlation over the runner-up's in
+    standard errors (``1 / sqrt(n_obs)``), scaled by ``config.min_margin_se``, times its strength over
+    ``config.min_strength_se``. A change from the GIS pair must also pass the margin test of single-phase
+    changes (:func:`_pair_margin`) and be backed by the raw signals (:func:`_pair_raw_backing`).
 
-    Before 2026-12-07 the two phases with most votes among the service's 20 nearest single-phase meters
-    won; on the generated regulator feeder (class 0.5, 0.1 V) that was right for 19 of its 31 services at 7
-    days and 17 at 30 (4 of the 6 wrong rows at 7 days, both at 30); the fit is right for all 31, and for
-    the 15 of ``regulators_pv`` (14 before). Over five realisations of both at 7 and 14 days, it is right for
-    all services but 2-3 of 12 of the third ``regulators_pv``, none of them confident; the votes had called
-    one of those confidently wrong, and taking the votes' confidence where they agree with the fit brought
-    that row back, so they are not used.
+    Returns
+    -------
+    phase : ndarray of object, shape (m,)
+        ``AB``, ``BC`` or ``CA`` for each row of ``p_idx``.
+    confidence : ndarray, shape (m,)
+    low_correlation : ndarray of bool, shape (m,)
+        The winner's strength is below ``config.min_strength_se``.
     """
-    p_idx = np.flatnonzero(pair)
-    if p_idx.size == 0:
-        return
-    names = {(0, 1): "AB", (1, 2): "BC", (0, 2): "CA"}
     top2, r_best, r_second = _pair_fit(xp, y, u, p_idx, s_idx, labels, config.n_neighbours)
     z_strength = r_best * np.sqrt(n_obs[p_idx])
     z_fit = (r_best - r_second) * np.sqrt(n_obs[p_idx])
     c = np.clip(z_fit / config.min_margin_se, 0.0, 1.0) * np.clip(z_strength / config.min_strength_se, 0.0, 1.0)
-    if gis is not None and interval_s > 0:
-        # the margin test of single-phase changes (:func:`_evidence_confidence`): the weaker of the answer's
-        # two phases must beat the third, nominally and as a batch-means t, by ``min_margin_se``
-        answer_ = np.array([names[(int(a), int(b))] for a, b in top2], dtype=object)
-        moved = np.flatnonzero((answer_ != gis[p_idx]) & np.isin(gis[p_idx], list(names.values())))
+    answer = np.array([_PAIR_NAMES[(int(a), int(b))] for a, b in top2], dtype=object)
+    if gis is not None:
+        moved = np.flatnonzero((answer != gis[p_idx]) & np.isin(gis[p_idx], list(_PAIR_NAMES.values())))
         n_batches = int(u.shape[1] * interval_s // config.margin_batch_s) if config.margin_batch_s > 0 else 0
-        if moved.size:
+        if moved.size and interval_s > 0:
+            # the weaker of the answer's two phases must beat the third, nominally and as a batch-means t
             z_margin = _pair_margin(xp, y, u, s_idx, labels, p_idx[moved], top2[moved], config.n_neighbours,
                                     n_obs[p_idx[moved]], n_batches)
             c[moved] = c[moved] * np.clip(np.nan_to_num(z_margin, nan=0.0) / config.min_margin_se, 0.0, 1.0)
-    if gis is not None:
-        # a change of pair must also be backed by the raw (not denoised) signals: the denoised space can
-        # mislead a service whose own load dominates its voltage. The two pairs share one phase; the one
-        # only the answer has must be at least as close, in raw similarity to the nearest meters GIS files
-        # under it, as the one only the GIS label has (``nearest_gis_raw_tolerance``)
-        answer = np.array([names[(int(a), int(b))] for a, b in top2], dtype=object)
-        letters = {v: k for k, v in names.items()}
-        changed = np.flatnonzero((answer != gis[p_idx]) & np.isin(gis[p_idx], list(names.values())))
-        if changed.size and np.isfinite(config.nearest_gis_raw_tolerance):
-            q = xp.take(u, xp.asarray(p_idx[changed]), axis=0)
-            near = np.full((changed.size, 3), np.nan)
-            codes = np.full(u.shape[0], -1, dtype=np.int64)  # single-phase meters by GIS phase; none excluded
-            codes[s_idx] = _phase_codes(gis[s_idx])
-            for p, _, _, sim_p in _nearest_by_gis_phase(xp, q, np.full(changed.size, -1), u,
-                                                         np.zeros(u.shape[0], np.int64), codes, config.nearest_gis_count):
-                near[:, p] = sim_p.mean(axis=1)
-            for j, k in enumerate(changed):
-                only_answer = set(top2[k]) - set(letters[gis[p_idx[k]]])
-                only_gis = set(letters[gis[p_idx[k]]]) - set(top2[k])
-                if len(only_answer) == 1 and len(only_gis) == 1:
-                    d = near[j, only_answer.pop()] - near[j, only_gis.pop()]
-                    if not d >= -config.nearest_gis_raw_tolerance:  # NaN too: no backing
-                        c[k] = min(c[k], 0.5 * config.suspect_threshold)
-    for j, i in enumerate(p_idx):
-        phase[i] = names[(int(top2[j, 0]), int(top2[j, 1]))]
-        conf[i] = c[j]
-        if z_strength[j] < config.min_strength_se:
-            reasons[i].append(contract.REASON_LOW_CORRELATION)
+        if moved.size and np.isfinite(config.nearest_gis_raw_tolerance):
+            backed = _pair_raw_backing(xp, u, p_idx[moved], top2[moved], gis, s_idx, config)
+            c[moved] = np.where(backed, c[moved], np.minimum(c[moved], 0.5 * config.suspect_threshold))
+    return answer, c, z_strength < config.min_strength_se
+
+
+def _pair_raw_backing(xp: Any, u: Any, rows: np.ndarray, top2: np.ndarray, gis: np.ndarray, s_idx: np.ndarray,
+                      config: PhaseConfig) -> np.ndarray:
+    """Whether each change of phase-to-phase service ``rows`` (answered ``top2``) has raw backing.
+
+    The answer and the GIS pair share one phase; the one only the answer has must be at least as close, in
+    raw similarity to the ``config.nearest_gis_count`` nearest single-phase meters GIS files under it, as the
+    one only the GIS label has (``config.nearest_gis_raw_tolerance``): the denoised space can mislead a
+    service whose own load dominates its voltage. NaN (no such meter) is no backing.
+    """
+    letters = {v: k for k, v in _PAIR_NAMES.items()}
+    near = np.full((rows.size, 3), np.nan)
+    codes = np.full(u.shape[0], -1, dtype=np.int64)  # single-phase meters by GIS phase; none excluded
+    codes[s_idx] = _phase_codes(gis[s_idx])
+    q = xp.take(u, xp.asarray(rows), axis=0)
+    everyone = np.zeros(u.shape[0], np.int64)
+    for p, _, _, sim_p in _nearest_by_gis_phase(xp, q, np.full(rows.size, -1), u, everyone, codes,
+                                                 config.nearest_gis_count):
+        near[:, p] = sim_p.mean(axis=1)
+    backed = np.ones(rows.size, dtype=bool)
+    for j in range(rows.size):
+        only_answer = set(top2[j].tolist()) - set(letters[gis[rows[j]]])
+        only_gis = set(letters[gis[rows[j]]]) - set(top2[j].tolist())
+        if len(only_answer) == 1 and len(only_gis) == 1:
+            d = near[j, only_answer.pop()] - near[j, only_gis.pop()]
+            backed[j] = bool(d >= -config.nearest_gis_raw_tolerance)
+    return backed
 
 
 def recommend(gis: Any, inferred: Any, phase_class: Any) -> np.ndarray:

@@ -631,11 +631,9 @@ def test_a_pair_is_the_two_phases_whose_signals_explain_it_and_a_change_needs_ra
     cfg = PhaseConfig(n_neighbours=4)
 
     def run(y, gis):
-        phase = np.full(25, None, dtype=object)
-        conf = np.zeros(25)
-        reasons = [[] for _ in range(25)]
-        _identify_pairs(np, y, u, pair, s_idx, labels, np.full(25, n_t), cfg, phase, conf, reasons, gis)
-        return phase[24], conf[24]
+        phase, conf, _ = _identify_pairs(np, y, u, np.flatnonzero(pair), s_idx, labels, np.full(25, n_t), cfg,
+                                         gis)
+        return phase[0], conf[0]
 
     # a denoised space that puts the service among the A and B meters (their votes would say AB): the
     # regression of its raw signal on each phase's local signal still finds B and C, with confidence
@@ -650,10 +648,9 @@ def test_a_pair_is_the_two_phases_whose_signals_explain_it_and_a_change_needs_ra
     answer, conf = run(y_bad, gis_no_c)
     assert answer == "BC" and conf < cfg.suspect_threshold
     # backed, the correction keeps the confidence it has without GIS
-    phase0 = np.full(25, None, dtype=object)
-    c0 = np.zeros(25)
-    _identify_pairs(np, y_bad, u, pair, s_idx, labels, np.full(25, n_t), cfg, phase0, c0, [[] for _ in range(25)])
-    assert phase0[24] == "BC" and c0[24] == run(y_bad, gis)[1]
+    phase0, c0, weak = _identify_pairs(np, y_bad, u, np.flatnonzero(pair), s_idx, labels, np.full(25, n_t),
+                                       cfg)
+    assert phase0[0] == "BC" and c0[0] == run(y_bad, gis)[1] and not weak[0]
     # a service whose signal follows one phase only gets no confident pair
     u[24] = _unit((s[1] + 0.4 * rng.normal(size=n_t))[None, :])[0]
     answer, conf = run(y_bad, gis)
