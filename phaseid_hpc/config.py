@@ -207,7 +207,7 @@ class PhaseConfig:
     #: its transformer's load explain added back, fitted on its voltage changes less those of this many of
     #: its most similar meters on other transformers (``kernels.load_compensation``); each meter takes the
     #: more confident of the two answers. 0 turns the second pass off. On the generated feeders (7 days)
-    #: accuracy rose from 98.9-99.9% to 99.4-100%, at about 4 times the phase stage's CPU [meters].
+    #: accuracy rose from 98.9-99.9% to 99.4-100%, at about 2.4 times the phase stage's CPU [meters].
     load_neighbours: int = 10
     #: Correlation with the voting neighbours' pooled signal, in standard errors (1 / sqrt(n_samples)),
     #: below which the evidence is scaled down (and reason ``Low Correlation Coefficient`` given) [-].
