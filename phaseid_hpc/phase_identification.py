@@ -212,7 +212,53 @@ def _feeder_passes(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, r
     res_c = _identify_feeder(xp, v, meters, config, ref_v, interval_s, kw, shared=shared)
     if coarse_factor:
         res_c = _coarse_second_look(xp, v, meters, config, ref_v, interval_s, coarse_factor, res_c, kw)
-    return _combine_passes(res, res_c, config, meters)
+    out = _combine_passes(res, res_c, config, meters)
+    if "check" not in shared:
+        return out
+    return _transformer_tiebreak(xp, shared["check"][1], shared["single"], res, res_c, out, meters, config)
+
+
+def _transformer_tiebreak(xp: Any, u: Any, s_idx: np.ndarray, raw: tuple, comp: tuple, combined: tuple,
+                          meters: pd.DataFrame, config: PhaseConfig) -> tuple:
+    """Where the two passes contradict each other on a single-phase meter (:func:`_combine_passes` put it at
+    most ``suspect``), the answer of the meter's transformer decides: if every other single-phase meter of
+    its GIS transformer (two or more) is confidently on one phase (the combined answer), the meter shares
+    their secondary voltage (its mean raw similarity ``u`` with them, as measured, at least
+    ``config.nearest_gis_sibling_ratio`` times theirs with each other: not a meter of another phase of a
+    three-phase bank) and exactly one pass answers that phase, that pass's answer and confidence stand.
+
+    ``u``: unit signals of the single-phase rows ``s_idx``. Returns ``combined`` with those rows replaced.
+    """
+    p0, c0, _, _, _, _, _, _ = raw
+    p1, c1, _, _, _, _, _, _ = comp
+    phase, conf, cls, reasons, zone, lag, free, cut = combined
+    contested = np.flatnonzero(pd.notna(p0) & pd.notna(p1) & (p0.astype(str) != p1.astype(str))
+                               & (np.minimum(c0, c1) >= config.suspect_threshold))
+    contested = contested[np.isin(contested, s_idx)]
+    if not contested.size:
+        return combined
+    tx = meters["transformer_id"].astype(str).to_numpy()
+    pos = np.full(len(meters), -1, dtype=np.int64)
+    pos[s_idx] = np.arange(s_idx.size)
+    sure = conf >= config.confident_threshold
+    p_all = phase.astype(str)
+    phase, conf, cls, free = phase.copy(), conf.copy(), cls.copy(), free.copy()
+    reasons = list(reasons)
+    for i in contested:
+        mates = s_idx[(tx[s_idx] == tx[i]) & (s_idx != i)]
+        if mates.size < 2 or not sure[mates].all() or len(set(p_all[mates])) != 1:
+            continue
+        q = p_all[mates[0]]
+        if (str(p0[i]) == q) == (str(p1[i]) == q):
+            continue
+        own = _pair_dots(xp, u, np.full(mates.size, pos[i]), pos[mates]).mean()
+        a, b = np.triu_indices(mates.size, 1)
+        if own < config.nearest_gis_sibling_ratio * _pair_dots(xp, u, pos[mates[a]], pos[mates[b]]).mean():
+            continue
+        src = raw if str(p0[i]) == q else comp
+        phase[i], conf[i], cls[i], reasons[i] = src[0][i], src[1][i], src[2][i], list(src[3][i])
+        free[i] = src[6][i]
+    return phase, conf, cls, reasons, zone, lag, free, cut
 
 
 def _combine_passes(raw: tuple, comp: tuple, config: PhaseConfig, meters: pd.DataFrame | None = None) -> tuple:
@@ -423,6 +469,7 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     y_s = _pool_groups(xp, xp.take(y, xp.asarray(s_idx), axis=0), group, config)
     if shared is not None and raw_feat is None:  # the measured pass: its signals are the checks' of the next
         shared["check"] = (y_s, xp.take(u, xp.asarray(s_idx), axis=0))
+        shared["single"] = s_idx
         shared["space"] = y
     # small feeders (an LV network of a dozen customers): a few meters per phase, so fewer voters
     k = min(config.n_neighbours, max(3, s_idx.size // 6))
@@ -563,7 +610,44 @@ def _evidence_confidence(xp: Any, y: Any, u: Any, group: np.ndarray, labels: np.
     c = _group_consensus(group, gis, labels, c * checks, config, held=(labels != gis) & (checks == 0))
     if tx_code is not None and changed.size:
         c = c * _stray_sibling_factor(xp, u, tx_code, gis, labels, c, config)
-    return c, z_strength, (c == evidence) & (c > 0), c < evidence
+    cut = c < evidence
+    if tx_group is not None and changed.size:
+        c = _transformer_consensus(xp, u, tx_group, gis, labels, c, cut, config)
+    return c, z_strength, (c == evidence) & (c > 0), cut
+
+
+def _transformer_consensus(xp: Any, u: Any, tx_group: np.ndarray, gis: np.ndarray, labels: np.ndarray,
+                           c: np.ndarray, cut: np.ndarray, config: PhaseConfig) -> np.ndarray:
+    """Step 4f: a lone change that the meter's whole transformer confirms is confident.
+
+    A meter whose GIS phase no other meter of its GIS transformer has (``tx_group``), whose answer is the
+    phase on which every other meter of that transformer (two or more) is confidently answered, and which
+    shares their secondary voltage (its mean raw similarity with them at least
+    ``config.nearest_gis_sibling_ratio`` times theirs with each other) is on their phase: one transformer's
+    single-phase meters are on one phase. Lifted to ``config.confident_threshold`` where its own evidence
+    is at least ``_CONSENSUS_FLOOR`` and no check or group rule cut it (``cut``).
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        ``c`` with such changes lifted.
+    """
+    out = c.copy()
+    cand = np.flatnonzero((gis >= 0) & (labels != gis) & ~cut & (c >= _CONSENSUS_FLOOR)
+                          & (c < config.confident_threshold))
+    for i in cand:
+        mates = np.flatnonzero(tx_group == tx_group[i])
+        mates = mates[mates != i]
+        if mates.size < 2 or np.any(gis[mates] == gis[i]):
+            continue
+        if not np.all((labels[mates] == labels[i]) & (c[mates] >= config.confident_threshold)):
+            continue
+        own = _pair_dots(xp, u, np.full(mates.size, i), mates).mean()
+        a, b = np.triu_indices(mates.size, 1)
+        theirs = _pair_dots(xp, u, mates[a], mates[b]).mean()
+        if own >= config.nearest_gis_sibling_ratio * theirs:
+            out[i] = config.confident_threshold
+    return out
 
 
 #: Raw neighbours of a changed meter searched for its physical siblings (:func:`_stray_sibling_factor`)

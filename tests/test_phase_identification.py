@@ -802,3 +802,67 @@ def test_combine_passes_takes_the_more_confident_answer_and_reviews_contradictio
     held = raw[:7] + (np.array([False, True, False, False, False]),)
     phase, conf, *_ = _combine_passes(held, comp, cfg)
     assert phase[1] == "B" and conf[1] == 0.2
+
+
+def _transformer_feeder(rng, n_t=600, lone_sibling=True):
+    """Four meters of one transformer (rows 0-3) and a fifth (row 4) GIS files under it on another phase;
+    unit signals: shared secondary voltage for rows 0-3 (and row 4 where ``lone_sibling``) plus own noise."""
+    secondary = rng.normal(size=n_t)
+    rows = [secondary + 0.6 * rng.normal(size=n_t) for _ in range(4)]
+    rows.append((secondary if lone_sibling else rng.normal(size=n_t)) + 0.6 * rng.normal(size=n_t))
+    return _unit(np.vstack(rows))
+
+
+def test_transformer_consensus_lifts_a_lone_change_its_transformer_confirms():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _transformer_consensus
+
+    cfg = PhaseConfig()
+    rng = np.random.default_rng(11)
+    tx_group = np.zeros(5, dtype=np.int64)
+    gis = np.array([0, 0, 0, 0, 1])  # the lone meter GIS files on B
+    labels = np.zeros(5, dtype=np.int64)  # everyone answered A
+    c = np.array([1.0, 1.0, 1.0, 1.0, 0.6])
+    cut = np.zeros(5, dtype=bool)
+    out = _transformer_consensus(np, _transformer_feeder(rng), tx_group, gis, labels, c, cut, cfg)
+    assert out[4] == cfg.confident_threshold and (out[:4] == 1.0).all()
+    # not a physical sibling (another phase of a three-phase bank): not lifted
+    stranger = _transformer_feeder(rng, lone_sibling=False)
+    out = _transformer_consensus(np, stranger, tx_group, gis, labels, c, cut, cfg)
+    assert out[4] == 0.6
+    # a rule cut it, or a mate is not confident, or another mate shares its GIS phase: not lifted
+    u = _transformer_feeder(rng)
+    was_cut = np.array([0, 0, 0, 0, 1], bool)
+    assert _transformer_consensus(np, u, tx_group, gis, labels, c, was_cut, cfg)[4] == 0.6
+    mate_unsure = np.array([1, 1, 1, 0.5, 0.6])
+    assert _transformer_consensus(np, u, tx_group, gis, labels, mate_unsure, cut, cfg)[4] == 0.6
+    assert _transformer_consensus(np, u, tx_group, np.array([0, 0, 0, 1, 1]), labels, c, cut, cfg)[4] == 0.6
+
+
+def test_transformer_tiebreak_settles_a_contradiction_between_the_passes():
+    from phaseid_hpc.config import PhaseConfig
+    from phaseid_hpc.phase_identification import _combine_passes, _transformer_tiebreak
+
+    cfg = PhaseConfig()
+    rng = np.random.default_rng(12)
+    meters = pd.DataFrame({"transformer_id": ["T1"] * 5, "phase_gis": ["A", "A", "A", "A", "B"]})
+
+    def res(phases, confs):
+        n = len(phases)
+        return (np.array(phases, dtype=object), np.array(confs, dtype=float),
+                np.array(["confident" if c >= cfg.confident_threshold else "low" for c in confs],
+                         dtype=object),
+                [[] for _ in range(n)], np.zeros(n, np.int64), np.zeros(n, np.int64), np.ones(n, bool),
+                np.zeros(n, bool))
+
+    raw = res(["A", "A", "A", "A", "A"], [1.0, 1.0, 1.0, 1.0, 1.0])  # the lone meter moved to A
+    comp = res(["B", "B", "B", "B", "B"], [0.0, 0.0, 0.0, 0.0, 1.0])  # it confirms B; the move to B held
+    combined = _combine_passes(raw, comp, cfg, meters)
+    assert combined[0][4] == "A" and combined[1][4] == cfg.suspect_threshold  # contested
+    s_idx = np.arange(5)
+    out = _transformer_tiebreak(np, _transformer_feeder(rng), s_idx, raw, comp, combined, meters, cfg)
+    assert out[0][4] == "A" and out[1][4] == 1.0 and out[2][4] == "confident"
+    # not their physical sibling: it stays contested
+    out = _transformer_tiebreak(np, _transformer_feeder(rng, lone_sibling=False), s_idx, raw, comp, combined,
+                                meters, cfg)
+    assert out[1][4] == cfg.suspect_threshold
