@@ -251,9 +251,7 @@ def _transformer_tiebreak(xp: Any, u: Any, s_idx: np.ndarray, raw: tuple, comp: 
         q = p_all[mates[0]]
         if (str(p0[i]) == q) == (str(p1[i]) == q):
             continue
-        own = _pair_dots(xp, u, np.full(mates.size, pos[i]), pos[mates]).mean()
-        a, b = np.triu_indices(mates.size, 1)
-        if own < config.nearest_gis_sibling_ratio * _pair_dots(xp, u, pos[mates[a]], pos[mates[b]]).mean():
+        if not _shares_secondary(xp, u, int(pos[i]), pos[mates], config):
             continue
         src = raw if str(p0[i]) == q else comp
         phase[i], conf[i], cls[i], reasons[i] = src[0][i], src[1][i], src[2][i], list(src[3][i])
@@ -642,12 +640,18 @@ def _transformer_consensus(xp: Any, u: Any, tx_group: np.ndarray, gis: np.ndarra
             continue
         if not np.all((labels[mates] == labels[i]) & (c[mates] >= config.confident_threshold)):
             continue
-        own = _pair_dots(xp, u, np.full(mates.size, i), mates).mean()
-        a, b = np.triu_indices(mates.size, 1)
-        theirs = _pair_dots(xp, u, mates[a], mates[b]).mean()
-        if own >= config.nearest_gis_sibling_ratio * theirs:
+        if _shares_secondary(xp, u, i, mates, config):
             out[i] = config.confident_threshold
     return out
+
+
+def _shares_secondary(xp: Any, u: Any, row: int, mates: np.ndarray, config: PhaseConfig) -> bool:
+    """Whether row ``row`` of the unit signals ``u`` shares the secondary voltage of ``mates`` (two or more):
+    its mean raw similarity with them is at least ``config.nearest_gis_sibling_ratio`` times theirs with
+    each other."""
+    own = _pair_dots(xp, u, np.full(mates.size, row), mates).mean()
+    a, b = np.triu_indices(mates.size, 1)
+    return bool(own >= config.nearest_gis_sibling_ratio * _pair_dots(xp, u, mates[a], mates[b]).mean())
 
 
 #: Raw neighbours of a changed meter searched for its physical siblings (:func:`_stray_sibling_factor`)
