@@ -135,30 +135,9 @@ def identify_phases(
         meter's clock was found late, positive, or early, and undone before identification; see
         :func:`shift_rows`).
     """
-    missing = [c for c in _REQUIRED if c not in meters.columns]
-    if missing:
-        raise ContractError(f"identify_phases: meters table lacks column(s) {missing}; expected {list(_REQUIRED)}")
     xp = array_namespace(voltage) if xp is None else xp
-    v = xp.asarray(voltage, dtype=xp.float64)
+    v, kw, refs = _checked_inputs(xp, voltage, meters, kw, references)
     n_m = len(meters)
-    if v.ndim != 2 or v.shape[0] != n_m:
-        raise ContractError(
-            f"identify_phases: voltage must have shape (n_meters={n_m}, n_time), got {tuple(v.shape)}"
-        )
-    if kw is not None:
-        kw = xp.asarray(kw, dtype=xp.float64)
-        if tuple(kw.shape) != tuple(v.shape):
-            raise ContractError(f"identify_phases: kw must have the shape of voltage {tuple(v.shape)}, "
-                                f"got {tuple(kw.shape)}")
-    if references is not None:
-        if not (isinstance(references, tuple) and len(references) == 2):
-            raise ContractError("identify_phases: references must be a tuple (table, reference_voltage)")
-        ref_table, reference_voltage = references
-        if len(ref_table) != reference_voltage.shape[0] or reference_voltage.shape[-1] != v.shape[1]:
-            raise ContractError(
-                f"identify_phases: reference_voltage must have shape (n_refs={len(ref_table)}, "
-                f"n_time={v.shape[1]}), got {tuple(reference_voltage.shape)}"
-            )
 
     out_phase = np.full(n_m, None, dtype=object)
     out_conf = np.zeros(n_m)
@@ -171,13 +150,7 @@ def identify_phases(
     coarse = _coarse_feeders(v, meters, config, interval_s)
     for feeder in sorted(set(feeders)):
         rows = np.flatnonzero(feeders == feeder)
-        ref_v = None
-        if references is not None:
-            rsel = np.flatnonzero(ref_table["feeder_id"].astype(str).to_numpy() == feeder)
-            phases = ref_table["phase"].to_numpy()[rsel].tolist()
-            if sorted(phases) == sorted(_PHASES):
-                rv = xp.asarray(reference_voltage, dtype=xp.float64)
-                ref_v = xp.stack([rv[int(rsel[phases.index(p)]), :] for p in _PHASES], axis=0)
+        ref_v = None if refs is None else _feeder_references(xp, refs[0], refs[1], feeder)
         res = _feeder_passes(xp, _take_rows(xp, v, rows), meters.iloc[rows], config, ref_v, interval_s,
                              coarse.get(feeder), None if kw is None else _take_rows(xp, kw, rows))
         out_phase[rows], out_conf[rows], out_class[rows] = res[0], res[1], res[2]
@@ -195,6 +168,49 @@ def identify_phases(
         },
         index=meters.index,
     )
+
+
+def _checked_inputs(xp: Any, voltage: Any, meters: pd.DataFrame, kw: Any | None,
+                    references: tuple[pd.DataFrame, Any] | None) -> tuple[Any, Any | None, tuple | None]:
+    """:func:`identify_phases`'s inputs checked against the contract: ``(voltage, kw, (table, reference
+    voltage))`` as float64 arrays of ``xp`` (kW and references None where not given); a
+    :class:`~phaseid_hpc.errors.ContractError` names what does not fit."""
+    missing = [c for c in _REQUIRED if c not in meters.columns]
+    if missing:
+        raise ContractError(f"identify_phases: meters table lacks column(s) {missing}; "
+                            f"expected {list(_REQUIRED)}")
+    v = xp.asarray(voltage, dtype=xp.float64)
+    n_m = len(meters)
+    if v.ndim != 2 or v.shape[0] != n_m:
+        raise ContractError(
+            f"identify_phases: voltage must have shape (n_meters={n_m}, n_time), got {tuple(v.shape)}"
+        )
+    if kw is not None:
+        kw = xp.asarray(kw, dtype=xp.float64)
+        if tuple(kw.shape) != tuple(v.shape):
+            raise ContractError(f"identify_phases: kw must have the shape of voltage {tuple(v.shape)}, "
+                                f"got {tuple(kw.shape)}")
+    if references is None:
+        return v, kw, None
+    if not (isinstance(references, tuple) and len(references) == 2):
+        raise ContractError("identify_phases: references must be a tuple (table, reference_voltage)")
+    ref_table, reference_voltage = references
+    if len(ref_table) != reference_voltage.shape[0] or reference_voltage.shape[-1] != v.shape[1]:
+        raise ContractError(
+            f"identify_phases: reference_voltage must have shape (n_refs={len(ref_table)}, "
+            f"n_time={v.shape[1]}), got {tuple(reference_voltage.shape)}"
+        )
+    return v, kw, (ref_table, xp.asarray(reference_voltage, dtype=xp.float64))
+
+
+def _feeder_references(xp: Any, ref_table: pd.DataFrame, reference_voltage: Any, feeder: str) -> Any | None:
+    """The feeder's A, B and C head references as rows of one array (3, n_time), or None unless it has
+    exactly those three."""
+    rsel = np.flatnonzero(ref_table["feeder_id"].astype(str).to_numpy() == feeder)
+    phases = ref_table["phase"].to_numpy()[rsel].tolist()
+    if sorted(phases) != sorted(_PHASES):
+        return None
+    return xp.stack([reference_voltage[int(rsel[phases.index(p)]), :] for p in _PHASES], axis=0)
 
 
 def _feeder_passes(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, ref_v: Any | None,
