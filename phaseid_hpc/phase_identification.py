@@ -53,7 +53,7 @@ from .confidence import confidence_class
 from .config import PhaseConfig
 from .errors import ContractError
 from .kernels.kmeans import batched_kmeans
-from .kernels.load_compensation import fit_load_coefficients, load_drop, neighbour_mean, sibling_load
+from .kernels.load_compensation import compensated_differences
 from .kernels.neighbours import (
     clock_lag,
     neighbour_sums,
@@ -64,7 +64,6 @@ from .kernels.neighbours import (
 )
 from .kernels.preprocess import (
     common_mode_residual,
-    per_unit_differences,
     standardized_differences,
     unit_rows,
     zero_step_share,
@@ -1155,14 +1154,10 @@ def _compensate_load(xp: Any, v: Any, kw: Any, lag: np.ndarray, nominal: np.ndar
     idx, sim = top_k_neighbours(space, xp.asarray(excl), k, candidates=xp.take(space, xp.asarray(s_idx), axis=0),
                                 candidate_group=xp.asarray(excl[s_idx]))
     present = ~xp.isinf(sim)  # fewer candidates than k on other transformers: padding, weight 0
-    nom = xp.asarray(nominal)
-    dv = per_unit_differences(v, nom)
-    target = dv - neighbour_mean(xp.take(dv, xp.asarray(s_idx), axis=0), xp.where(present, idx, 0),
-                                 xp.astype(present, dv.dtype))
-    own, sib = sibling_load(kw, tx)
-    a, c = fit_load_coefficients(target, kw[:, 1:] - kw[:, :-1], sib[:, 1:] - sib[:, :-1], config.min_samples)
-    c = c * xp.asarray(sib_rows.astype(np.float64))
-    return standardized_differences(v, nom, dtype=xp.float32, less=load_drop(own, sib, a, c))
+    rows = xp.take(xp.asarray(s_idx), xp.reshape(xp.where(present, idx, 0), (-1,)), axis=0)
+    return compensated_differences(v, xp.asarray(nominal), kw, tx, xp.reshape(rows, idx.shape),
+                                   xp.astype(present, xp.float64), sib_rows.astype(np.float64),
+                                   min_samples=config.min_samples, dtype=xp.float32)
 
 
 def _sibling_term_rows(meters: pd.DataFrame, single: np.ndarray,
@@ -1318,7 +1313,10 @@ def _pool_agreeing(xp: Any, u: Any, group: np.ndarray, labels: np.ndarray) -> An
     from scipy import sparse
 
     if isinstance(u, np.ndarray):
-        w = sparse.csr_matrix((np.ones(key.size), (inv, np.arange(key.size))), shape=(codes.size, key.size))
+        # in u's dtype: float32 unit signals give float32 virtual meters (a float64 one would make every
+        # product with the signals convert them to float64 first)
+        w = sparse.csr_matrix((np.ones(key.size, dtype=u.dtype), (inv, np.arange(key.size))),
+                              shape=(codes.size, key.size))
         sums = np.asarray(w @ u)
         return unit_rows(sums[inv])
     onehot = xp.asarray((inv[None, :] == np.arange(codes.size)[:, None]).astype(np.float64))

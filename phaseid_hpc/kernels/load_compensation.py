@@ -25,7 +25,7 @@ import numpy as np
 
 from .._compat import array_namespace
 
-__all__ = ["fit_load_coefficients", "load_drop", "neighbour_mean", "sibling_load"]
+__all__ = ["compensated_differences", "fit_load_coefficients", "load_drop", "neighbour_mean", "sibling_load"]
 
 
 def sibling_load(kw: Any, group: Any) -> tuple[Any, Any]:
@@ -166,3 +166,75 @@ def load_drop(own: Any, siblings: Any, a: Any, c: Any) -> Any:
     drop = a[:, None] * own
     drop += c[:, None] * siblings
     return drop
+
+
+def compensated_differences(voltage: Any, nominal_v: Any, kw: Any, group: Any, index: Any, weights: Any,
+                            sibling_rows: Any, *, min_samples: int = 48, dtype: Any | None = None,
+                            chunk: int = 128) -> tuple[Any, Any, Any]:
+    """Standardised differences of each meter's per-unit voltage less the drops its own load and its
+    group's load explain: the whole compensation in one call, row chunk by row chunk.
+
+    For each meter: the coefficients of :func:`fit_load_coefficients`, fitted on its per-unit voltage
+    changes less the mean of its neighbours' (``index``, :func:`neighbour_mean`), its own load changes and
+    its siblings' (:func:`sibling_load` over ``group``); then
+    :func:`~phaseid_hpc.kernels.preprocess.standardized_differences` of its voltage with
+    :func:`load_drop` as ``less``. The same values as those calls on whole arrays; the row chunks keep the
+    float64 temporaries in cache (only the per-unit differences, the neighbours' rows, are whole arrays).
+
+    Parameters
+    ----------
+    voltage : array, shape (n_meters, n_time)
+        Meter voltage, NaN where missing. [V]
+    nominal_v : array, shape (n_meters,)
+        Nominal voltage; NaN or <= 0 uses the meter's own mean. [V]
+    kw : array, shape (n_meters, n_time)
+        Active power, NaN where missing. [kW]
+    group : array of int, shape (n_meters,)
+        Group code per meter (its transformer).
+    index : array of int, shape (n_meters, k)
+        Rows (of ``voltage``) whose differences are averaged for each meter.
+    weights : array, shape (n_meters, k)
+        1 for a neighbour, 0 for padding. [-]
+    sibling_rows : array, shape (n_meters,)
+        1 where the siblings' load is compensated, 0 where only the meter's own is. [-]
+    min_samples : int
+        Fewest jointly observed samples to fit coefficients (else none). [samples]
+    dtype : dtype, optional
+        Of ``z`` (default float64).
+    chunk : int
+        Rows per chunk.
+
+    Returns
+    -------
+    z, observed, n_obs
+        As :func:`~phaseid_hpc.kernels.preprocess.standardized_differences`.
+    """
+    from .neighbours import neighbour_sums
+    from .preprocess import per_unit_differences, standardized_differences
+
+    xp = array_namespace(voltage)
+    n = voltage.shape[0]
+    nom = xp.asarray(nominal_v, dtype=xp.float64)
+    dv = per_unit_differences(voltage, nom)
+    seen = ~xp.isnan(dv)
+    dv0 = xp.where(seen, dv, 0.0)
+    # counts of observed neighbour samples: small integers, exact in float32 (half the bytes to gather)
+    seen = xp.astype(seen, xp.float32)
+    own, sib = sibling_load(kw, group)
+    kw = xp.asarray(kw, dtype=xp.float64)
+    index = xp.asarray(index)
+    weights = xp.asarray(weights, dtype=dv.dtype)
+    sibling_rows = xp.asarray(sibling_rows, dtype=xp.float64)
+    parts = []
+    for a in range(0, max(n, 1), chunk):
+        b = min(a + chunk, n)
+        acc = neighbour_sums(dv0, index[a:b, :], weights[a:b, :])
+        cnt = xp.astype(neighbour_sums(seen, index[a:b, :], weights[a:b, :]), dv.dtype)
+        target = dv[a:b, :] - xp.where(cnt > 0, acc / xp.where(cnt > 0, cnt, 1.0), xp.nan)
+        k, s = kw[a:b, :], sib[a:b, :]
+        a_own, c_sib = fit_load_coefficients(target, k[:, 1:] - k[:, :-1], s[:, 1:] - s[:, :-1], min_samples)
+        drop = load_drop(own[a:b, :], s, a_own, c_sib * sibling_rows[a:b])
+        parts.append(standardized_differences(voltage[a:b, :], nom[a:b], dtype=dtype, less=drop))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(xp.concat([p[i] for p in parts], axis=0) for i in range(3))

@@ -117,7 +117,11 @@ def top_k_neighbours(
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         s = y[a:b, :] @ ct
-        s = xp.where(group[a:b, None] == candidate_group[None, :], neg, s)
+        own = group[a:b, None] == candidate_group[None, :]
+        if isinstance(s, np.ndarray):
+            np.putmask(s, own, -np.inf)  # in place: no second (rows, candidates) block
+        else:
+            s = xp.where(own, neg, s)
         idx = _top_k_columns(xp, s, k)
         idx_parts.append(idx)
         sim_parts.append(xp.take_along_axis(s, idx, axis=1))

@@ -1,12 +1,13 @@
 import numpy as np
 
 from phaseid_hpc.kernels.load_compensation import (
+    compensated_differences,
     fit_load_coefficients,
     load_drop,
     neighbour_mean,
     sibling_load,
 )
-from phaseid_hpc.kernels.preprocess import standardized_differences
+from phaseid_hpc.kernels.preprocess import per_unit_differences, standardized_differences
 from tests.kernels.backends import BACKENDS, array_api_strict, to_np  # noqa: F401
 
 
@@ -94,3 +95,38 @@ def test_compensation_removes_a_transformer_drop_and_keeps_the_primary(xp):
     np.testing.assert_allclose(to_np(z), np.broadcast_to(to_np(z_primary), (3, n_t - 1)), atol=1e-6)
     z_raw, _, _ = standardized_differences(xp.asarray(v), xp.full((3,), 240.0, dtype=xp.float64))
     assert np.abs(to_np(z_raw)[0] - to_np(z_primary)[0]).max() > 0.1  # without it, they differ
+
+
+@BACKENDS
+def test_compensated_differences_equal_the_kernels_one_by_one(xp):
+    """The one-call compensation (row chunks, neighbours' counts in float32) gives exactly what the kernels
+    give called one after the other on whole arrays, gaps, padding and a meter without siblings' term
+    included."""
+    rng = np.random.default_rng(5)
+    n, n_t = 23, 300
+    v = 240.0 + np.cumsum(0.1 * rng.standard_normal((n, n_t)), axis=1)
+    kw = np.abs(2.0 + np.cumsum(0.2 * rng.standard_normal((n, n_t)), axis=1))
+    v[rng.random(v.shape) < 0.02] = np.nan
+    kw[rng.random(kw.shape) < 0.02] = np.nan
+    v[3, :] = np.nan  # a meter with no reading
+    nominal = np.full(n, 240.0)
+    nominal[5] = np.nan  # its own mean as base
+    group = np.repeat(np.arange(8), 3)[:n]
+    index = rng.integers(0, n, (n, 4))
+    weights = np.ones((n, 4))
+    weights[::4, -1] = 0.0  # padding
+    sibling_rows = (np.arange(n) % 5 != 0).astype(np.float64)
+    xv, xk = xp.asarray(v), xp.asarray(kw)
+    dv = per_unit_differences(xv, xp.asarray(nominal))
+    target = dv - neighbour_mean(dv, xp.asarray(index), xp.asarray(weights))
+    own, sib = sibling_load(xk, group)
+    a, c = fit_load_coefficients(target, xk[:, 1:] - xk[:, :-1], sib[:, 1:] - sib[:, :-1], min_samples=48)
+    want = standardized_differences(xv, xp.asarray(nominal), dtype=xp.float32,
+                                    less=load_drop(own, sib, a, c * xp.asarray(sibling_rows)))
+    for chunk in (4, 7, 256):
+        got = compensated_differences(xv, xp.asarray(nominal), xk, group, xp.asarray(index), xp.asarray(weights),
+                                      xp.asarray(sibling_rows), min_samples=48, dtype=xp.float32, chunk=chunk)
+        for g, w in zip(got, want):
+            assert np.array_equal(to_np(g), to_np(w))
+    assert np.abs(to_np(want[0]) - to_np(standardized_differences(xv, xp.asarray(nominal),
+                                                                   dtype=xp.float32)[0])).max() > 0.01
