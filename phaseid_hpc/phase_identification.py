@@ -224,7 +224,7 @@ def _feeder_passes(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, r
         res = _coarse_second_look(xp, v, meters, config, ref_v, interval_s, coarse_factor, res)
     if not two:
         return res
-    res_c = _identify_feeder(xp, v, meters, config, ref_v, interval_s, kw, shared=shared)
+    res_c = _identify_feeder(xp, v, meters, config, ref_v, interval_s, kw, shared=shared, zones=False)
     if coarse_factor:
         res_c = _coarse_second_look(xp, v, meters, config, ref_v, interval_s, coarse_factor, res_c, kw)
     out = _combine_passes(res, res_c, config, meters)
@@ -353,7 +353,7 @@ def _coarse_second_look(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConf
     ref_c = None if ref_v is None else aggregate_means(ref_v, factor)
     kw_c = None if kw is None else aggregate_means(shift_rows(kw, lag) if np.any(lag) else kw, factor)
     p2, c2, k2, _, _, _, _, _ = _identify_feeder(xp, vc, meters, dataclasses.replace(config, clock_lag_se=0.0),
-                                              ref_c, interval_s * factor, kw_c)
+                                              ref_c, interval_s * factor, kw_c, zones=False)
     # in the load-compensated pass, a meter that does not correlate significantly with its phase's
     # neighbourhood at full resolution is not lifted (ckt7, class 1.0, 1 V, 30 days: a lone meter with a
     # 134 s clock offset, 0.006 there, confident on its compensated hourly means, on the wrong phase; in the
@@ -422,7 +422,8 @@ def _service_kinds(meters: pd.DataFrame) -> np.ndarray:
 
 
 def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig, ref_v: Any | None = None,
-                     interval_s: float = 900.0, kw: Any | None = None, shared: dict | None = None):
+                     interval_s: float = 900.0, kw: Any | None = None, shared: dict | None = None,
+                     zones: bool = True):
     """Phase of every meter of one feeder: the named steps of the module docstring.
 
     Returns ``(phase, confidence, class, reasons, zone, lag, free, cut)`` arrays of the raw inference (no
@@ -430,6 +431,8 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
     ``cut``: those whose confidence a check or group rule lowered. ``shared``
     (a dict, for two passes over one feeder): the pass on the measured voltage leaves its clock alignment
     and its signals there, and the load-compensated pass (``kw``) takes them instead of computing them again.
+    ``zones=False`` leaves every zone -1 (passes whose zones nobody reads: the combined answer keeps the
+    measured pass's).
     """
     n = len(meters)
     gis = meters["phase_gis"].to_numpy(dtype=object)
@@ -516,7 +519,8 @@ def _identify_feeder(xp: Any, v: Any, meters: pd.DataFrame, config: PhaseConfig,
 
     scored = ok & pd.notna(phase)
     cls[scored] = _confidence_class(conf[scored], config)
-    zone[s_idx] = _zones(xp, y_s, labels, config)
+    if zones:
+        zone[s_idx] = _zones(xp, y_s, labels, config)
     return phase, conf, cls, reasons, zone, lag, free, cut
 
 
@@ -1087,7 +1091,7 @@ def _align_clocks(xp: Any, v: Any, nominal: np.ndarray, label: np.ndarray, confi
     if not refs:
         refs = [xp.mean(xp.take(z, xp.asarray(np.flatnonzero(label >= 0)), axis=0), axis=0)]
     zero = _MAX_CLOCK_LAG
-    corr = np.stack([to_numpy(clock_lag(z, r, max_lag=_MAX_CLOCK_LAG)[0]) for r in refs])  # (refs, n, lags)
+    corr = to_numpy(clock_lag(z, xp.stack(refs), max_lag=_MAX_CLOCK_LAG)[0])  # (refs, n, lags)
     rho = np.stack([to_numpy(clock_lag(r[None, :], r, max_lag=_MAX_CLOCK_LAG)[0])[0] for r in refs])
     which = np.argmax(corr.max(axis=2), axis=0)  # the reference each row follows best, at any lag
     c = corr[which, np.arange(n), :]
@@ -1346,8 +1350,10 @@ def _phase_neighbourhood_correlation(xp: Any, y: Any, u: Any, group: np.ndarray,
                                     candidates=xp.take(y, xp.asarray(cand), axis=0),
                                     candidate_group=xp.asarray(group[cand]))
         w = np.maximum(to_numpy(sim), 0.0)
-        out[:, p] = to_numpy(pooled_neighbour_correlation(u if u_eval is None else u_eval, idx, xp.asarray(w),
-                                                          candidates=xp.take(u, xp.asarray(cand), axis=0)))
+        # the neighbours as rows of u itself (the same rows, no copy of the phase's signals)
+        rows = xp.reshape(xp.take(xp.asarray(cand), xp.reshape(idx, (-1,)), axis=0), idx.shape)
+        out[:, p] = to_numpy(pooled_neighbour_correlation(u if u_eval is None else u_eval, rows, xp.asarray(w),
+                                                          candidates=u))
     return out
 
 

@@ -220,27 +220,30 @@ def clock_lag(z: Any, reference: Any, max_lag: int = 2) -> tuple[Any, Any]:
     ----------
     z : array, shape (n_meters, n_time)
         Standardised differenced signals, 0 where missing [-].
-    reference : array, shape (n_time,)
-        The feeder's common signal (e.g. the mean of ``z`` over its meters) [-].
+    reference : array, shape (n_time,) or (n_refs, n_time)
+        The feeder's common signal (e.g. the mean of ``z`` over its meters), or several (e.g. one per
+        phase: each row's norms at each lag are then computed once for all of them) [-].
     max_lag : int
         Lags ``-max_lag .. max_lag`` are tried [samples].
 
     Returns
     -------
-    corr : array, shape (n_meters, 2 * max_lag + 1)
+    corr : array, shape (n_meters, 2 * max_lag + 1), or (n_refs, n_meters, 2 * max_lag + 1)
         Cosine of each row with the reference delayed by ``lag`` (column ``lag + max_lag``) [-]. A row
         whose clock is one interval late (it stamps the start of the interval) peaks at ``lag = +1``.
     lags : array of int, shape (2 * max_lag + 1,)
     """
     xp = array_namespace(z)
     t = z.shape[1]
-    cols = []
+    refs = reference[None, :] if reference.ndim == 1 else reference
+    cols: list[list[Any]] = [[] for _ in range(refs.shape[0])]
     for lag in range(-max_lag, max_lag + 1):
-        if lag >= 0:
-            a, r = z[:, lag:], reference[: t - lag]
-        else:
-            a, r = z[:, : t + lag], reference[-lag:]
-        num = a @ r
-        den = xp.sqrt(xp.vecdot(a, a, axis=-1) * xp.vecdot(r, r))
-        cols.append(xp.where(den > 0, num / xp.where(den > 0, den, xp.ones_like(den)), xp.zeros_like(den)))
-    return xp.stack(cols, axis=1), xp.arange(-max_lag, max_lag + 1)
+        a = z[:, lag:] if lag >= 0 else z[:, : t + lag]
+        aa = xp.vecdot(a, a, axis=-1)
+        for j in range(refs.shape[0]):
+            r = refs[j, : t - lag] if lag >= 0 else refs[j, -lag:]
+            num = a @ r
+            den = xp.sqrt(aa * xp.vecdot(r, r))
+            cols[j].append(xp.where(den > 0, num / xp.where(den > 0, den, xp.ones_like(den)), xp.zeros_like(den)))
+    corr = xp.stack([xp.stack(c, axis=1) for c in cols])
+    return (corr[0, ...] if reference.ndim == 1 else corr), xp.arange(-max_lag, max_lag + 1)

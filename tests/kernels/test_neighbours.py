@@ -65,6 +65,12 @@ def test_clock_lag_finds_a_late_row(xp):
     corr, lags = clock_lag(xp.asarray(z), xp.asarray(ref), max_lag=2)
     best = to_np(lags)[np.argmax(to_np(corr), axis=1)]
     np.testing.assert_array_equal(best, [0, 1])
+    # several references at once: each one's correlations exactly as alone
+    refs = np.vstack([ref, rng.standard_normal(400), np.r_[ref[1:], 0.0]])
+    many, _ = clock_lag(xp.asarray(z), xp.asarray(refs), max_lag=2)
+    assert to_np(many).shape == (3, 2, 5)
+    for j in range(3):
+        np.testing.assert_array_equal(to_np(many)[j], to_np(clock_lag(xp.asarray(z), xp.asarray(refs[j]), max_lag=2)[0]))
 
 
 @BACKENDS
