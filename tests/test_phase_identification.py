@@ -866,3 +866,23 @@ def test_transformer_tiebreak_settles_a_contradiction_between_the_passes():
     out = _transformer_tiebreak(np, _transformer_feeder(rng, lone_sibling=False), s_idx, raw, comp, combined,
                                 meters, cfg)
     assert out[1][4] == cfg.suspect_threshold
+
+
+def test_virtual_meters_pool_agreeing_group_mates_in_the_signals_dtype():
+    """Meters of one GIS group that the vote puts on one phase are averaged (unit norm); a member answered
+    another phase is pooled only with those sharing its answer; float32 signals give float32 virtual meters
+    (a float64 result would make every later product convert the signals)."""
+    from phaseid_hpc.phase_identification import _pool_agreeing
+
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((5, 50)).astype(np.float32)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    group = np.array([0, 0, 0, 1, 2])
+    labels = np.array([1, 1, 2, 0, 0])
+    out = _pool_agreeing(np, u, group, labels)
+    assert out.dtype == np.float32
+    pooled = (u[0] + u[1]) / np.linalg.norm(u[0] + u[1])
+    np.testing.assert_allclose(out[0], pooled, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[1], pooled, rtol=1e-5, atol=1e-6)
+    for i in (2, 3, 4):  # alone with its answer: itself
+        np.testing.assert_allclose(out[i], u[i], rtol=1e-5, atol=1e-6)
