@@ -1158,10 +1158,15 @@ def _compensate_load(xp: Any, v: Any, kw: Any, lag: np.ndarray, nominal: np.ndar
     idx, sim = top_k_neighbours(space, xp.asarray(excl), k, candidates=xp.take(space, xp.asarray(s_idx), axis=0),
                                 candidate_group=xp.asarray(excl[s_idx]))
     present = ~xp.isinf(sim)  # fewer candidates than k on other transformers: padding, weight 0
-    rows = xp.take(xp.asarray(s_idx), xp.reshape(xp.where(present, idx, 0), (-1,)), axis=0)
-    return compensated_differences(v, xp.asarray(nominal), kw, tx, xp.reshape(rows, idx.shape),
+    rows = _candidate_rows(xp, s_idx, xp.where(present, idx, 0))
+    return compensated_differences(v, xp.asarray(nominal), kw, tx, rows,
                                    xp.astype(present, xp.float64), sib_rows.astype(np.float64),
                                    min_samples=config.min_samples, dtype=xp.float32)
+
+
+def _candidate_rows(xp: Any, cand: np.ndarray, idx: Any) -> Any:
+    """Neighbour indices ``idx`` (n, k) into the rows ``cand`` of an array, as rows of the array itself."""
+    return xp.reshape(xp.take(xp.asarray(cand), xp.reshape(idx, (-1,)), axis=0), idx.shape)
 
 
 def _sibling_term_rows(meters: pd.DataFrame, single: np.ndarray,
@@ -1323,7 +1328,7 @@ def _pool_agreeing(xp: Any, u: Any, group: np.ndarray, labels: np.ndarray) -> An
                               shape=(codes.size, key.size))
         sums = np.asarray(w @ u)
         return unit_rows(sums[inv])
-    onehot = xp.asarray((inv[None, :] == np.arange(codes.size)[:, None]).astype(np.float64))
+    onehot = xp.astype(xp.asarray(inv[None, :] == np.arange(codes.size)[:, None]), u.dtype)
     sums = onehot @ u
     return unit_rows(xp.take(sums, xp.asarray(inv), axis=0))
 
@@ -1350,8 +1355,7 @@ def _phase_neighbourhood_correlation(xp: Any, y: Any, u: Any, group: np.ndarray,
                                     candidates=xp.take(y, xp.asarray(cand), axis=0),
                                     candidate_group=xp.asarray(group[cand]))
         w = np.maximum(to_numpy(sim), 0.0)
-        # the neighbours as rows of u itself (the same rows, no copy of the phase's signals)
-        rows = xp.reshape(xp.take(xp.asarray(cand), xp.reshape(idx, (-1,)), axis=0), idx.shape)
+        rows = _candidate_rows(xp, cand, idx)  # rows of u itself: no copy of the phase's signals
         out[:, p] = to_numpy(pooled_neighbour_correlation(u if u_eval is None else u_eval, rows, xp.asarray(w),
                                                           candidates=u))
     return out

@@ -89,14 +89,24 @@ def neighbour_mean(x: Any, index: Any, weights: Any | None = None) -> Any:
     array, shape (n_meters, n_samples)
         The mean of the observed neighbour samples; NaN where none is observed.
     """
-    from .neighbours import neighbour_sums
-
     xp = array_namespace(x)
     idx = xp.asarray(index)
     w = xp.ones(idx.shape, dtype=x.dtype) if weights is None else xp.asarray(weights, dtype=x.dtype)
+    return _mean_of_filled(xp, *_filled(xp, x), idx, w)
+
+
+def _filled(xp: Any, x: Any) -> tuple[Any, Any]:
+    """``x`` with NaN as 0, and its observed mask as float32 (counts of it are small integers: exact)."""
     obs = ~xp.isnan(x)
-    acc = neighbour_sums(xp.where(obs, x, 0.0), idx, w)
-    cnt = neighbour_sums(xp.astype(obs, x.dtype), idx, w)
+    return xp.where(obs, x, 0.0), xp.astype(obs, xp.float32)
+
+
+def _mean_of_filled(xp: Any, x0: Any, seen: Any, index: Any, weights: Any) -> Any:
+    """:func:`neighbour_mean` from :func:`_filled`'s arrays (rows ``index`` of them, ``weights`` 0/1)."""
+    from .neighbours import neighbour_sums
+
+    acc = neighbour_sums(x0, index, weights)
+    cnt = xp.astype(neighbour_sums(seen, index, weights), x0.dtype)
     return xp.where(cnt > 0, acc / xp.where(cnt > 0, cnt, 1.0), xp.nan)
 
 
@@ -209,17 +219,13 @@ def compensated_differences(voltage: Any, nominal_v: Any, kw: Any, group: Any, i
     z, observed, n_obs
         As :func:`~phaseid_hpc.kernels.preprocess.standardized_differences`.
     """
-    from .neighbours import neighbour_sums
     from .preprocess import per_unit_differences, standardized_differences
 
     xp = array_namespace(voltage)
     n = voltage.shape[0]
     nom = xp.asarray(nominal_v, dtype=xp.float64)
     dv = per_unit_differences(voltage, nom)
-    seen = ~xp.isnan(dv)
-    dv0 = xp.where(seen, dv, 0.0)
-    # counts of observed neighbour samples: small integers, exact in float32 (half the bytes to gather)
-    seen = xp.astype(seen, xp.float32)
+    dv0, seen = _filled(xp, dv)  # once: every chunk gathers its neighbours' rows from them
     own, sib = sibling_load(kw, group)
     kw = xp.asarray(kw, dtype=xp.float64)
     index = xp.asarray(index)
@@ -228,9 +234,7 @@ def compensated_differences(voltage: Any, nominal_v: Any, kw: Any, group: Any, i
     parts = []
     for a in range(0, max(n, 1), chunk):
         b = min(a + chunk, n)
-        acc = neighbour_sums(dv0, index[a:b, :], weights[a:b, :])
-        cnt = xp.astype(neighbour_sums(seen, index[a:b, :], weights[a:b, :]), dv.dtype)
-        target = dv[a:b, :] - xp.where(cnt > 0, acc / xp.where(cnt > 0, cnt, 1.0), xp.nan)
+        target = dv[a:b, :] - _mean_of_filled(xp, dv0, seen, index[a:b, :], weights[a:b, :])
         k, s = kw[a:b, :], sib[a:b, :]
         a_own, c_sib = fit_load_coefficients(target, k[:, 1:] - k[:, :-1], s[:, 1:] - s[:, :-1], min_samples)
         drop = load_drop(own[a:b, :], s, a_own, c_sib * sibling_rows[a:b])
