@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from phaseid_hpc.kernels.neighbours import (
+    _top_k_by_groups,
+    _top_k_by_partition,
     clock_lag,
     neighbour_votes,
     pooled_neighbour_correlation,
@@ -34,6 +36,26 @@ def test_top_k_matches_brute_force_and_excludes_own_group(xp, chunk):
     np.testing.assert_array_equal(idx, expect)
     np.testing.assert_allclose(sim, np.take_along_axis(s, expect, axis=1), atol=1e-12)
     assert not (group[idx] == group[:, None]).any()
+
+
+@pytest.mark.parametrize("n", [100, 797, 2901])
+@pytest.mark.parametrize("k", [1, 3, 11, 20])
+def test_top_k_by_groups_gives_exactly_the_argpartition_selection(n, k):
+    """The grouped selection returns the rows' selection by ``argpartition``, ties and non-finite included."""
+    rng = np.random.default_rng(n + k)
+    s = rng.standard_normal((300, n)).astype(np.float32)
+    s[:40] = rng.integers(0, 4, (40, n))  # ties everywhere
+    s[40:60, rng.integers(0, n, 30)] = -np.inf  # an own group masked
+    s[60:70, : n - k // 2] = -np.inf  # fewer than k finite entries
+    s[70, 3] = np.nan
+    s[80:90, ::7] = s[80:90, 1::7][:, : s[80:90, ::7].shape[1]]  # equal pairs (pooled rows)
+    expect = _top_k_by_partition(np, s, k)
+    got = _top_k_by_groups(s, k)
+    np.testing.assert_array_equal(got, expect)
+    top = -np.sort(-s, axis=1)[:, : k + 1]
+    finite = np.isfinite(s).all(axis=1) & (top[:, 1:] != top[:, :-1]).all(axis=1)
+    assert finite.sum() > 150  # most rows took the grouped path
+    np.testing.assert_array_equal(got[finite], np.argsort(-s[finite], axis=1, kind="stable")[:, :k])
 
 
 @BACKENDS
