@@ -66,7 +66,7 @@ def store_fingerprint(store: str | os.PathLike[str]) -> str:
         if not p.is_file():
             continue
         rel = p.relative_to(root).as_posix()
-        if rel.startswith("quarantine/") or rel.startswith("."):
+        if rel.startswith(("quarantine/", ".")):
             continue
         h.update(rel.encode())
         if p.name in ("zarr.json", ".zattrs", ".zarray", ".zgroup"):
@@ -402,7 +402,7 @@ def run_job(
     files["run_log"] = str(out_dir / "run.log")
     if report:
         t_report = time.perf_counter()
-        path = _write_report(out_dir, store, logger, say)
+        path = _write_report(out_dir, store, logger, say, client)
         if path is not None:
             files["report"] = path
         timings["report"] = time.perf_counter() - t_report
@@ -565,12 +565,14 @@ def _delta_blocks(blocks: Sequence[Any], meter_table: pd.DataFrame, feeders: set
     return affected_blocks(meter_table, blocks, feeders)
 
 
-def _write_report(out_dir: Path, store: str, logger: logging.Logger, say: Callable[[str], None]) -> str | None:
-    """``report.html`` from the written results; a failure is logged and said, never fatal (``None``)."""
+def _write_report(out_dir: Path, store: str, logger: logging.Logger, say: Callable[[str], None],
+                  client: Any = None) -> str | None:
+    """``report.html`` from the written results (feeder figures drawn on the ``client``'s workers where one
+    is given); a failure is logged and said, never fatal (``None``)."""
     try:
         from .report import write_report
 
-        return str(write_report(out_dir, store=store))
+        return str(write_report(out_dir, store=store, client=client))
     except Exception as exc:  # noqa: BLE001 - the report is a view of written results: never fatal
         log_event(logger, "report_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
         say(f"report.html not written ({type(exc).__name__}: {exc}); the results are complete, "

@@ -508,15 +508,87 @@ def _worklist_parts(rdir: Path, corr: pd.DataFrame | None, review: pd.DataFrame 
     return parts
 
 
-def _maps_parts(meters: pd.DataFrame, mloc: pd.DataFrame | None, corr: pd.DataFrame | None,
-                review: pd.DataFrame | None, chosen: list[str]) -> list[str]:
-    """The maps section (empty where no meter has coordinates)."""
+def _feeder_inputs(ds: Any, meters: pd.DataFrame, mloc: pd.DataFrame | None, corr: pd.DataFrame | None,
+                   review: pd.DataFrame | None, chosen: list[str]) -> list[dict[str, Any]]:
+    """What :func:`_feeder_figures` needs for each of the ``chosen`` feeders (small tables, no data).
+
+    ``map`` holds the feeder's located meters with its corrections and review items (None without
+    coordinates); ``projection`` its meters found in the store, in store order, with their store positions
+    (None without a store holding voltage, or under 3 such meters).
+    """
     corr_ids = set() if corr is None else set(corr["meter_id"].astype(str))
     review_ids = set() if review is None else set(review["meter_id"].astype(str))
-    if mloc is None or "lat" not in mloc or not mloc["lat"].notna().any():
-        return []
-    at = mloc["feeder_id"].astype(str).groupby(mloc["feeder_id"].astype(str).to_numpy()).indices
-    maps = [_feeder_map(fid, mloc.iloc[at.get(fid, [])], corr_ids, review_ids) for fid in chosen]
+    has_map = mloc is not None and "lat" in mloc and mloc["lat"].notna().any()
+    loc_at = mloc["feeder_id"].astype(str).groupby(mloc["feeder_id"].astype(str).to_numpy()).indices \
+        if has_map else {}
+    has_v = ds is not None and "voltage" in ds
+    if has_v:
+        ids = ds["meter"].values.astype(str)
+        pos = pd.Series(np.arange(len(ids)), index=ids)
+        # each feeder's rows by one grouping, meters found in the store by one hash lookup (not per feeder)
+        feeder_str = meters["feeder_id"].astype(str).to_numpy()
+        at = pd.Series(feeder_str).groupby(feeder_str).indices
+        store_pos = pos.reindex(meters["meter_id"].astype(str).to_numpy()).to_numpy()
+    out = []
+    for fid in chosen:
+        item: dict[str, Any] = {"fid": fid, "map": None, "projection": None}
+        if has_map:
+            rows = mloc.iloc[loc_at.get(fid, [])]
+            m_ids = set(rows["meter_id"].astype(str))
+            item["map"] = (rows, corr_ids & m_ids, review_ids & m_ids)
+        if has_v:
+            sel = np.asarray(at.get(fid, []), dtype=np.int64)
+            sel = sel[np.isfinite(store_pos[sel])]
+            if sel.size >= 3:
+                rows = meters.iloc[sel]
+                idx = np.sort(store_pos[sel].astype(np.int64))
+                rows = rows.set_index(rows["meter_id"].astype(str)).loc[ids[idx]].reset_index(drop=True)
+                item["projection"] = (rows[["phase", "changed"]], idx)
+        out.append(item)
+    return out
+
+
+def _feeder_figures(store: str, item: dict[str, Any]) -> tuple[str | None, str | None]:
+    """One feeder's map and projection (HTML ``<img>`` elements, None where not drawn).
+
+    Self-contained (reads its own rows of the store, draws with Agg), so that a cluster's workers draw the
+    feeders side by side: :func:`write_report` with a ``client``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    fmap = proj = None
+    if item["map"] is not None:
+        fmap = _feeder_map(item["fid"], *item["map"])
+    if item["projection"] is not None:
+        from .store import read_meter_block
+
+        rows, idx = item["projection"]
+        lo = int(idx.min())
+        v = read_meter_block(store, lo, int(idx.max()) + 1, ("voltage",), last=_PROJECTION_SAMPLES)["voltage"]
+        v = v[idx - lo]
+        proj = _feeder_plot(item["fid"], feeder_projection(v), rows)
+    return fmap, proj
+
+
+def _start_feeder_figures(store: Any, inputs: list[dict[str, Any]], client: Any = None) -> Any:
+    """:func:`_feeder_figures` of every feeder, in order: drawn here, or started on the ``client``'s workers
+    (futures, gathered by :func:`_finish_feeder_figures` once the rest of the page is written)."""
+    if client is None or not inputs:
+        return [_feeder_figures(str(store), item) for item in inputs]
+    import uuid
+
+    run = uuid.uuid4().hex[:12]  # keys of this page only: never another call's results
+    return [client.submit(_feeder_figures, str(store), item, pure=False, key=f"phaseid-report-{run}-{i}")
+            for i, item in enumerate(inputs)]
+
+
+def _finish_feeder_figures(started: Any, client: Any = None) -> list[tuple[str | None, str | None]]:
+    return started if client is None else client.gather(started)
+
+
+def _maps_parts(meters: pd.DataFrame, maps: list[str | None]) -> list[str]:
+    """The maps section (empty where no meter has coordinates)."""
     maps = [m for m in maps if m]
     if not maps:
         return []
@@ -534,35 +606,9 @@ def _confidence_part(meters: pd.DataFrame, summary: dict) -> str:
                                                                                  _thresholds(summary)))
 
 
-def _feeder_plots(ds: Any, meters: pd.DataFrame, chosen: list[str]) -> list[str]:
-    """Projection plots of the ``chosen`` feeders with at least 3 meters in the store."""
-    ids = ds["meter"].values.astype(str)
-    pos = pd.Series(np.arange(len(ids)), index=ids)
-    plots = []
-    # each feeder's rows by one grouping, meters found in the store by one hash lookup (not per feeder)
-    feeder_str = meters["feeder_id"].astype(str).to_numpy()
-    at = pd.Series(feeder_str).groupby(feeder_str).indices
-    store_pos = pos.reindex(meters["meter_id"].astype(str).to_numpy()).to_numpy()
-    for fid in chosen:
-        sel = np.asarray(at.get(fid, []), dtype=np.int64)
-        sel = sel[np.isfinite(store_pos[sel])]
-        rows = meters.iloc[sel]
-        if len(rows) < 3:
-            continue
-        idx = np.sort(store_pos[sel].astype(np.int64))
-        v = ds["voltage"].isel(meter=slice(int(idx.min()), int(idx.max()) + 1),
-                               time=slice(-_PROJECTION_SAMPLES, None)).values
-        v = v[idx - idx.min()]
-        rows = rows.set_index(rows["meter_id"].astype(str)).loc[ids[idx]].reset_index(drop=True)
-        plots.append(_feeder_plot(fid, feeder_projection(v), rows))
-    return plots
-
-
-def _feeders_parts(ds: Any, meters: pd.DataFrame, chosen: list[str]) -> list[str]:
+def _feeders_parts(ds: Any, meters: pd.DataFrame, plots: list[str | None]) -> list[str]:
     """The feeder-projection section (empty without a store holding voltage)."""
-    if ds is None or "voltage" not in ds:
-        return []
-    plots = _feeder_plots(ds, meters, chosen)
+    plots = [p for p in plots if p]
     if not plots:
         return []
     return [f"<h2>Feeders ({len(plots)} of {meters['feeder_id'].nunique()} shown)</h2>"
@@ -605,6 +651,7 @@ def write_report(
     store: str | os.PathLike[str] | None = None,
     max_feeders: int = 12,
     max_rows: int = 5000,
+    client: Any = None,
 ) -> Path:
     """Write ``results/report.html``.
 
@@ -619,6 +666,9 @@ def write_report(
         Feeders shown with a map and a projection (those with most corrections first, then by id).
     max_rows : int
         Rows of each worklist table shown in the page (the full lists are the CSV files).
+    client : distributed.Client, optional
+        Draw the feeders' maps and projections on its workers, side by side (each reads its own rows of
+        the store); the page is the same.
 
     Returns
     -------
@@ -635,16 +685,23 @@ def write_report(
     ds, facts, locations = _store_facts(store)
     corr, review, mloc = (_located(df, locations) for df in (corr, review, meters))
     chosen = _chosen_feeders(meters, max_feeders)
-    parts = [
+    started = _start_feeder_figures(store, _feeder_inputs(ds, meters, mloc, corr, review, chosen), client)
+    head = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>phaseid-hpc report</title>",
         f"<style>{_CSS}</style><script>{_JS}</script></head><body>",
         "<h1>phaseid-hpc: phase and transformer identification</h1>",
         _summary_html(rdir, summary, meters, corr, review, xf, facts, store),
         *_worklist_parts(rdir, corr, review, max_rows),
-        *_maps_parts(meters, mloc, corr, review, chosen),
-        _confidence_part(meters, summary),
-        *_feeders_parts(ds, meters, chosen),
-        *_transformers_parts(xf, summary, max_rows),
+    ]
+    confidence = _confidence_part(meters, summary)
+    transformers = _transformers_parts(xf, summary, max_rows)
+    figures = _finish_feeder_figures(started, client)
+    parts = [
+        *head,
+        *_maps_parts(meters, [m for m, _ in figures]),
+        confidence,
+        *_feeders_parts(ds, meters, [p for _, p in figures]),
+        *transformers,
         "</body></html>",
     ]
     return _write_atomically(rdir / "report.html", "\n".join(parts))

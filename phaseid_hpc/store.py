@@ -728,6 +728,7 @@ def read_meter_block(
     meter_start: int,
     meter_stop: int,
     variables: Sequence[str] = DATA_VARIABLES,
+    last: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Read rows ``meter_start:meter_stop`` of the data variables straight from Zarr, decoded.
 
@@ -742,6 +743,8 @@ def read_meter_block(
         Row range along ``meter``.
     variables : sequence of str
         Data variables to read; those absent from the store are skipped.
+    last : int, optional
+        Read only the last ``last`` intervals (default: all).
 
     Returns
     -------
@@ -764,7 +767,7 @@ def read_meter_block(
                 if not (path / name / key).is_file():
                     raise StoreError(_damaged(path, f"chunk {name}/{key} is missing"))
         try:
-            raw = arr[meter_start:meter_stop]
+            raw = arr[meter_start:meter_stop] if last is None else arr[meter_start:meter_stop, -last:]
         except Exception as exc:  # noqa: BLE001 - named below: which chunk, what is wrong
             bad = _bad_chunks(path, name, arr, chunks, require=complete, first_only=True)
             raise StoreError(
@@ -978,8 +981,8 @@ def _leftover_problems(path: Path) -> list[str]:
     leftovers = sorted(q.name for q in path.parent.glob(f"{glob.escape(path.name)}.init-*"))
     if not leftovers:
         return []
-    return [f"leftover(s) of a killed store creation beside the store: {leftovers} "
-            "(removed by the next ingest)"]
+    return [(f"leftover(s) of a killed store creation beside the store: {leftovers} "
+             "(removed by the next ingest)")]
 
 
 def _pending_transaction_problems(path: Path) -> list[str]:

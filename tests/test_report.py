@@ -97,6 +97,21 @@ def test_plots_maps_and_transformer_table(run):
         assert "phases_x" not in page and "1.000</td><td class='num' data-v='1'" not in page
 
 
+def test_feeder_figures_drawn_on_a_cluster_give_the_same_page(run):
+    """With a client, the workers draw the feeders' maps and projections: the page is byte for byte the same."""
+    from distributed import Client, LocalCluster
+
+    from phaseid_hpc.report import write_report
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        path = write_report(run["out"], store=run["store"], client=client)
+        tasks = client.run_on_scheduler(
+            lambda dask_scheduler: [k for k in dask_scheduler.task_prefixes if "phaseid-report" in str(k)])
+    assert tasks  # the figures were drawn there
+    assert path.read_text(encoding="utf-8") == run["html"]
+
+
 def test_report_failure_is_logged_not_fatal(run, monkeypatch):
     import phaseid_hpc.report
 
