@@ -175,7 +175,9 @@ def top_k_neighbours(
     Returns
     -------
     index : array of int, shape (n_meters, k)
-        Neighbour rows (of ``candidates``), most similar first (ties: lowest row first).
+        Neighbour rows (of ``candidates``), most similar first. Equal similarities are taken and ordered as
+        NumPy's ``argpartition`` leaves them (:func:`_top_k_by_partition`): the same for the same input,
+        not necessarily lowest row first.
     similarity : array, shape (n_meters, k)
         Their similarity [-]; ``-inf`` where a row has fewer than ``k`` candidates.
     """
