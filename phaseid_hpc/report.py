@@ -533,7 +533,7 @@ def _feeder_inputs(ds: Any, meters: pd.DataFrame, mloc: pd.DataFrame | None, cor
     for fid in chosen:
         item: dict[str, Any] = {"fid": fid, "map": None, "projection": None}
         if has_map:
-            rows = mloc.iloc[loc_at.get(fid, [])]
+            rows = mloc.iloc[loc_at.get(fid, [])][["meter_id", "phase", "lat", "lon"]]  # what a map draws
             m_ids = set(rows["meter_id"].astype(str))
             item["map"] = (rows, corr_ids & m_ids, review_ids & m_ids)
         if has_v:
