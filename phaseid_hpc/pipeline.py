@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import pandas as pd
 
@@ -464,12 +465,16 @@ def _plan_and_run_blocks(
 
     with read_lock(store, on_wait=busy):
         ds = open_store(store)
-        plan, todo = _plan_run(ds, store, part_dir, config, client, logger, say, wanted, previous)
+        # the store's small tables are read here, by threads of this process: not as graphs shipped to the
+        # cluster (at 1 M meters each such graph carried the 15 MB meter index)
+        with dask.config.set(scheduler="threads"):
+            plan, todo = _plan_run(ds, store, part_dir, config, client, logger, say, wanted, previous)
         t_blocks = time.perf_counter()
         if todo:
             say(f"Processing {len(todo)} of {len(plan.blocks)} blocks "
                 f"({plan.reused} reused from an earlier run)")
-        tables = StoreTables.from_dataset(ds) if todo else None
+        with dask.config.set(scheduler="threads"):
+            tables = StoreTables.from_dataset(ds) if todo else None
         results = _execute(todo, store, config, client, progress, tables)
     return plan, results, t_blocks
 

@@ -198,6 +198,8 @@ def _store_facts(store: str | os.PathLike[str] | None) -> tuple[Any, dict[str, A
     """The opened store (or None), its period and version, and its per-meter location table."""
     if store is None or not Path(store).exists():
         return None, {}, None
+    import dask
+
     from .store import open_store
 
     ds = open_store(store)
@@ -206,9 +208,10 @@ def _store_facts(store: str | os.PathLike[str] | None) -> tuple[Any, dict[str, A
     if len(times):
         facts.update(start=times[0], end=times[-1], n_time=len(times), interval_s=ds.attrs.get("interval_s"))
     cols = {"meter_id": np.asarray(ds["meter"].values).astype(str)}
-    for c in ("service_type", "lat", "lon"):
-        if c in ds.coords:
-            cols[c] = np.asarray(ds[c].values)
+    with dask.config.set(scheduler="threads"):  # small coordinates: read here, not shipped to a cluster
+        for c in ("service_type", "lat", "lon"):
+            if c in ds.coords:
+                cols[c] = np.asarray(ds[c].values)
     return ds, facts, pd.DataFrame(cols)
 
 
