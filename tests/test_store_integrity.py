@@ -347,6 +347,17 @@ def test_every_chunk_exists_after_the_time_axis_grows(base):
     assert S.read_meter_block(store, 0, 5)["voltage"].shape == (5, arr.shape[1])
 
 
+def test_read_meter_block_reads_the_last_intervals_only(base):
+    """``last=``: the record's most recent intervals, across chunk columns, and all of it when longer."""
+    store, _, _ = base
+    ingest_frame(store, _shifted(4, 3000, 7))  # two chunk columns along time
+    full = S.read_meter_block(store, 0, 5)
+    for last in (1, 30, full["voltage"].shape[1], full["voltage"].shape[1] + 100):
+        got = S.read_meter_block(store, 0, 5, last=last)
+        for name, values in full.items():
+            np.testing.assert_array_equal(got[name], values[:, -last:])
+
+
 def test_run_fails_with_one_line_naming_the_damaged_chunk(base, tmp_path, capsys):
     store, _, _ = base
     f = store / "voltage" / "c" / "0" / "0"
