@@ -92,9 +92,9 @@ def _top_k_by_groups(s: np.ndarray, k: int) -> np.ndarray:
 
     Column ``j + L i`` (``i < 8``, ``L = n // 8``) belongs to group ``j``. Where the ``k``-th largest group
     maximum is strictly above the ``k + 1``-th, every column of another group is below ``k`` columns of
-    these groups, so the row's ``k`` largest entries are among their ``8 k`` columns (and the last ``n - 8 L``
-    columns, always candidates): one pass for the maxima, then selections over ``n / 8`` and ``8 k + 7``
-    entries instead of ``n``. A row where that does not hold, where any of its ``k + 1`` largest candidates
+    these groups, so the row's ``k`` largest entries are among the ``8 (k + 1)`` columns of the ``k + 1``
+    best groups (and the last ``n - 8 L`` columns, always candidates): one pass for the maxima, then
+    selections over ``n / 8`` and ``8 k + 15`` entries instead of ``n``. A row where that does not hold, where any of its ``k + 1`` largest candidates
     are equal (whose order ``argpartition`` decides) or that holds a non-finite one goes to
     :func:`_top_k_by_partition`, so the result is the same on every row.
     """
@@ -104,15 +104,11 @@ def _top_k_by_groups(s: np.ndarray, k: int) -> np.ndarray:
     if r == 0 or L < 4 * (k + 1):
         return _top_k_by_partition(np, s, k)
     gmax = s[:, : g * L].reshape(r, g, L).max(axis=1)  # (r, L)
-    top = np.argpartition(gmax, L - k - 1, axis=1)[:, L - k - 1 :]  # the k + 1 best groups
+    top = np.argpartition(gmax, L - k - 1, axis=1)[:, L - k - 1 :]  # the k + 1 best groups (all candidates)
     top_max = np.take_along_axis(gmax, top, axis=1)
-    j = np.argmin(top_max, axis=1)[:, None]  # the (k + 1)-th best: not a candidate
-    kth_next = np.take_along_axis(top_max, j, axis=1)[:, 0]
-    keep = np.ones(top.shape, dtype=bool)
-    np.put_along_axis(keep, j, False, axis=1)
-    top, top_max = top[keep].reshape(r, k), top_max[keep].reshape(r, k)
-    redo = ~(kth_next < top_max.min(axis=1)) | ~np.isfinite(top_max).all(axis=1) | ~np.isfinite(kth_next)
-    cols = (top[:, None, :] + L * np.arange(g)[None, :, None]).reshape(r, g * k)
+    two_lowest = np.partition(top_max, 1, axis=1)[:, :2]  # the (k + 1)-th and k-th best group maxima
+    redo = ~(two_lowest[:, 0] < two_lowest[:, 1]) | ~np.isfinite(top_max).all(axis=1)
+    cols = (top[:, None, :] + L * np.arange(g)[None, :, None]).reshape(r, g * (k + 1))
     if g * L < n:
         cols = np.concatenate([cols, np.broadcast_to(np.arange(g * L, n), (r, n - g * L))], axis=1)
     vals = np.take_along_axis(s, cols, axis=1)
